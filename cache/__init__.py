@@ -1,0 +1,1 @@
+"""pdserve.cache: block hashing, the KV block codec and the RocksDB block store."""

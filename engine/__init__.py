@@ -1,0 +1,1 @@
+"""pdserve.engine: torch models, the paged KV pool, sampling and the single-process engine."""

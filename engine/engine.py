@@ -1,0 +1,119 @@
+"""The engine loop: schedule -> run -> postprocess, with continuous batching.
+
+Used whole as the single-process engine (the reference every disaggregated result must equal),
+and in parts by the workers: a prefill worker calls `ModelRunner.prefill`; a decode worker adds
+sequences whose KV arrived over NIXL with `add_prefilled` and calls `step`.
+
+Lifecycle of a sequence:
+1. `add_request` reserves pages for prompt + max_tokens (or raises OutOfPages) and queues it.
+2. `step` prefills waiting sequences (one per step), samples their first token.
+3. `step` decodes every running sequence by one token, in one batch.
+4. A sequence that hits a stop token or max_tokens leaves the batch; its pages are released.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams, finish_reason, sample
+from pdserve.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token: int
+    finish_reason: str | None
+
+
+def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
+    # KV is stored for every token but the last generated one.
+    return pool.layout.pages_for(prompt_tokens + max_tokens - 1)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, max_batch: int = 64) -> None:
+        self.runner = runner
+        self.pool = runner.pool
+        self.max_batch = max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # -- admission ------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(request_id, list(prompt), params)
+        seq.pages = self.pool.reserve(pages_needed(self.pool, len(prompt), params.max_tokens))
+        self.waiting.append(seq)
+        return seq
+
+    def add_prefilled(self, seq: Sequence) -> TokenEvent | None:
+        """Joins a sequence whose prompt KV is already in its pages and whose first token
+        (seq.output[0]) was sampled elsewhere. Returns a finish event if it is already done."""
+        reason = finish_reason(seq.output[-1], len(seq.output), seq.params)
+        if reason is not None:
+            seq.finish_reason = reason
+            self._free(seq)
+            return TokenEvent(seq.request_id, -1, reason)
+        self.running.append(seq)
+        return None
+
+    def abort(self, request_id: str) -> bool:
+        for q in (self.waiting, self.running):
+            for seq in q:
+                if seq.request_id == request_id:
+                    q.remove(seq)
+                    seq.finish_reason = "abort"
+                    self._free(seq)
+                    return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        if self.waiting and len(self.running) < self.max_batch:
+            events.append(self._prefill(self.waiting.popleft()))
+        elif self.running:
+            events.extend(self._decode(self.running[: self.max_batch]))
+        self.running = [s for s in self.running if not s.finished]
+        return events
+
+    def _prefill(self, seq: Sequence) -> TokenEvent:
+        logits = self.runner.prefill(seq.prompt, seq.pages)
+        return self._append(seq, sample(logits, seq.params, 0), new=True)
+
+    def _decode(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        logits = self.runner.decode(
+            [s.last_token for s in seqs], [s.num_tokens for s in seqs], [s.pages for s in seqs]
+        )
+        return [
+            self._append(s, sample(logits[i], s.params, len(s.output)), new=False)
+            for i, s in enumerate(seqs)
+        ]
+
+    def _append(self, seq: Sequence, token: int, new: bool) -> TokenEvent:
+        seq.output.append(token)
+        seq.finish_reason = finish_reason(token, len(seq.output), seq.params)
+        if seq.finished:
+            self._free(seq)
+        elif new:
+            self.running.append(seq)
+        return TokenEvent(seq.request_id, token, seq.finish_reason)
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.pool.release(seq.pages)
+            seq.pages = []
+
+    # -- convenience ------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        seqs = [self.add_request(f"req-{i}", p, params) for i, p in enumerate(prompts)]
+        while self.has_work:
+            self.step()
+        return [s.output for s in seqs]

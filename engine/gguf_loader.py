@@ -1,0 +1,115 @@
+"""Read a Llama-family GGUF file: config, dequantized weights (HF layout) and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pdserve.engine.model_config import LlamaConfig
+from pdserve.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def read_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001 - exotic field types we do not need
+            continue
+    return out
+
+
+def config_from_fields(fields: dict[str, Any]) -> LlamaConfig:
+    arch = fields.get("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; expected a Llama-family model")
+    a = arch
+    n_heads = int(fields[f"{a}.attention.head_count"])
+    hidden = int(fields[f"{a}.embedding_length"])
+    vocab = fields.get(f"{a}.vocab_size") or len(fields["tokenizer.ggml.tokens"])
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(fields[f"{a}.feed_forward_length"]),
+        num_hidden_layers=int(fields[f"{a}.block_count"]),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(fields.get(f"{a}.attention.head_count_kv", n_heads)),
+        head_dim=int(fields.get(f"{a}.rope.dimension_count", hidden // n_heads)),
+        rms_norm_eps=float(fields[f"{a}.attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(fields.get(f"{a}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(fields.get(f"{a}.context_length", 2048)),
+        tie_word_embeddings=True,  # fixed below once we know whether output.weight exists
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's converter interleaves the two RoPE halves of Q and K rows; undo it so that
+    # the weights match Hugging Face's rotate_half convention.
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Returns (config, state dict with Hugging Face Llama names, tokenizer)."""
+    t0 = time.perf_counter()
+    reader = gguf.GGUFReader(str(path))
+    fields = read_fields(reader)
+    cfg = config_from_fields(fields)
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    state: dict[str, torch.Tensor] = {}
+    bar = tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor",
+               disable=not progress, leave=False)
+    for t in bar:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        name = t.name
+        if name == "token_embd.weight":
+            key = "model.embed_tokens.weight"
+        elif name == "output_norm.weight":
+            key = "model.norm.weight"
+        elif name == "output.weight":
+            key = "lm_head.weight"
+        elif name.startswith("blk."):
+            _, idx, kind, _ = name.split(".", 3)
+            if kind not in _LAYER_NAMES:
+                raise ValueError(f"unexpected tensor {name} in {path}")
+            if kind == "attn_q":
+                w = _unpermute(w, cfg.num_attention_heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, cfg.num_key_value_heads)
+            key = f"model.layers.{idx}.{_LAYER_NAMES[kind]}.weight"
+        else:
+            continue  # e.g. rope_freqs: recomputed from the config
+        state[key] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+    tied = "lm_head.weight" not in state
+    cfg = LlamaConfig(**{**cfg.__dict__, "tie_word_embeddings": tied})
+    log.info("model loaded", extra={"path": str(path), "tensors": len(state),
+                                    "seconds": round(time.perf_counter() - t0, 2)})
+    return cfg, state, tokenizer

@@ -1,0 +1,84 @@
+"""Page-major paged KV pool and its page allocator (DESIGN §3).
+
+One page = `block_tokens` tokens of every layer = one contiguous region = one NIXL descriptor
+= one store block, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import NewType
+
+import torch
+
+from pdserve.engine.errors import OutOfPages
+from pdserve.engine.layout import KVLayout
+
+PageId = NewType("PageId", int)
+
+
+class KVPool:
+    """kv[num_pages, num_layers, block_tokens, kv_dim] plus a free list of pages."""
+
+    def __init__(self, layout: KVLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
+        if num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {num_pages}")
+        self.layout = layout
+        self.num_pages = num_pages
+        self.kv = torch.zeros(
+            (num_pages, layout.num_layers, layout.block_tokens, layout.kv_dim),
+            dtype=layout.torch_dtype, device=device,
+        )
+        self._free: deque[PageId] = deque(PageId(i) for i in range(num_pages))
+        self._used: set[PageId] = set()
+
+    # -- allocation ---------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def reserve(self, n: int) -> list[PageId]:
+        if n > len(self._free):
+            raise OutOfPages(n, len(self._free))
+        pages = [self._free.popleft() for _ in range(n)]
+        self._used.update(pages)
+        return pages
+
+    def release(self, pages: Iterable[PageId]) -> None:
+        for p in pages:
+            if p not in self._used:
+                raise ValueError(f"page {p} released but not reserved")
+            self._used.remove(p)
+            self._free.append(p)
+
+    def check_integrity(self) -> None:
+        free = set(self._free)
+        assert len(free) == len(self._free), "page on the free list twice"
+        assert not (free & self._used), "page both free and used"
+        assert len(free) + len(self._used) == self.num_pages, "pages lost"
+
+    # -- bytes ----------------------------------------------------------------------
+    def page_bytes(self, page: int) -> torch.Tensor:
+        """A uint8 view of one page (contiguous)."""
+        return self.kv[page].view(-1).view(torch.uint8)
+
+    def page_addr(self, page: int) -> int:
+        return self.kv[page].data_ptr()
+
+    @property
+    def page_nbytes(self) -> int:
+        return self.layout.bytes_per_block
+
+    def read_pages(self, pages: Iterable[int]) -> bytes:
+        return b"".join(self.page_bytes(p).cpu().numpy().tobytes() for p in pages)
+
+    def write_page(self, page: int, data: bytes | memoryview) -> None:
+        if len(data) != self.page_nbytes:
+            raise ValueError(f"page payload is {len(data)} bytes, expected {self.page_nbytes}")
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.page_bytes(page).copy_(src)

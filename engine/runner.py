@@ -1,0 +1,49 @@
+"""Model execution over the paged pool: prefill (chunked) and batched decode steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.engine.attention import AttnBatch
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, prefill_chunk_tokens: int = 2048) -> None:
+        self.model = model
+        self.pool = pool
+        self.chunk = prefill_chunk_tokens
+        self.device = pool.kv.device
+
+    @property
+    def block_tokens(self) -> int:
+        return self.pool.layout.block_tokens
+
+    def prefill(self, tokens: Sequence[int], pages: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Computes KV of tokens[start:] into `pages` (KV of tokens[:start] must already be
+        there) and returns the logits [vocab] after the last token."""
+        n = len(tokens)
+        if not 0 <= start < n:
+            raise ValueError(f"prefill start {start} outside a prompt of {n} tokens")
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        logits = None
+        for s in range(start, n, self.chunk):
+            e = min(s + self.chunk, n)
+            batch = AttnBatch.build([e - s], [e], [list(pages)], self.block_tokens)
+            logits = self.model(ids[s:e], self.pool.kv, batch)
+        assert logits is not None
+        return logits[0]
+
+    def decode(
+        self, last_tokens: Sequence[int], ctx_lens: Sequence[int], page_tables: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """One token for each sequence: last_tokens[i] sits at position ctx_lens[i] - 1.
+        Returns logits [B, vocab]."""
+        batch = AttnBatch.build(
+            [1] * len(last_tokens), list(ctx_lens), [list(t) for t in page_tables], self.block_tokens
+        )
+        ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
+        return self.model(ids, self.pool.kv, batch)

@@ -1,0 +1,104 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from pdserve import config
+from pdserve.log import setup_logging
+
+SERVICES = {
+    "gateway": config.GatewaySettings,
+    "prefill": config.PrefillSettings,
+    "decode": config.DecodeSettings,
+    "kvstore": config.KVStoreSettings,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole cluster on this machine, serve until Ctrl-C")
+    config.add_flags(up, config.UpSettings)
+    for name, cls in SERVICES.items():
+        config.add_flags(sub.add_parser(name, help=f"run one {name} service"), cls)
+    demo = sub.add_parser("demo", help="the main job: cluster + a short chat workload + summary")
+    config.add_flags(demo, config.UpSettings)
+    demo.add_argument("--max-tokens", type=int, default=48, help="tokens per answer")
+    demo.add_argument("--keep-data", action="store_true",
+                      help="use --data-dir instead of a temporary directory")
+    gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
+    gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
+    gen.add_argument("--token-ids", default="", help="comma-separated token ids instead of text")
+    gen.add_argument("--system", default="", help="system message")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--cache-salt", default="")
+    gen.add_argument("--request-id", default="")
+    gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.client import Client
+
+    ids = [int(t) for t in args.token_ids.split(",") if t.strip()] if args.token_ids else None
+    messages = None
+    prompt = args.prompt or None
+    if args.system and prompt:
+        messages, prompt = [("system", args.system), ("user", prompt)], None
+    stream = None if args.json else (lambda t: print(t, end="", flush=True))
+    with Client(args.address) as c:
+        try:
+            r = c.generate(prompt=prompt, token_ids=ids, messages=messages,
+                           max_tokens=args.max_tokens, temperature=args.temperature,
+                           seed=args.seed, cache_salt=args.cache_salt,
+                           request_id=args.request_id, on_text=stream)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(r.__dict__))
+    else:
+        print(f"\n[{r.finish_reason}; prompt {r.prompt_tokens} tokens, {r.cached_tokens} cached; "
+              f"{r.completion_tokens} generated; TTFT {r.ttft_s * 1000:.0f} ms; "
+              f"{r.e2e_s:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cmd = args.command
+    try:
+        if cmd == "generate":
+            return _generate(args)
+        cls = config.UpSettings if cmd in ("up", "demo") else SERVICES[cmd]
+        settings = config.load_settings(cls, args)
+    except config.SettingsError as e:
+        print(f"pdserve {cmd}: {e}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, service=cmd)
+    if cmd == "up":
+        from pdserve.cluster import run_up
+
+        return run_up(settings)
+    if cmd == "demo":
+        from pdserve.demo import main as demo_main
+
+        return demo_main(settings, args.max_tokens, args.keep_data)
+    from importlib import import_module
+
+    module = import_module(f"pdserve.services.{cmd}")
+    try:
+        asyncio.run(module.run(settings))
+    except FileNotFoundError as e:  # e.g. the model file
+        print(f"pdserve {cmd}: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,81 @@
+"""A small synchronous client of the public API (used by `pdserve generate`, the demo, tests
+and benchmarks)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+@dataclass
+class Result:
+    request_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0       # measured by the client
+    e2e_s: float = 0.0
+    server_ttft_s: float = 0.0
+
+
+class Client:
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        token_ids: Sequence[int] | None = None,
+        messages: Sequence[tuple[str, str]] | None = None,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        cache_salt: str = "",
+        request_id: str = "",
+        seed: int = 0,
+        timeout: float | None = 600,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Result:
+        req = gateway_pb2.GenerateRequest(
+            prompt=prompt or "", prompt_token_ids=list(token_ids or []),
+            messages=[gateway_pb2.ChatMessage(role=r, content=c) for r, c in (messages or [])],
+            max_tokens=max_tokens, temperature=temperature, cache_salt=cache_salt,
+            request_id=request_id, seed=seed)
+        res = Result()
+        t0 = time.perf_counter()
+        for msg in self.stub.Generate(req, timeout=timeout):
+            if msg.token_ids and not res.token_ids:
+                res.ttft_s = time.perf_counter() - t0
+            res.request_id = msg.request_id or res.request_id
+            res.token_ids.extend(msg.token_ids)
+            res.text += msg.text
+            if on_text and msg.text:
+                on_text(msg.text)
+            if msg.finish_reason:
+                res.finish_reason = msg.finish_reason
+                u = msg.usage
+                res.prompt_tokens, res.cached_tokens = u.prompt_tokens, u.cached_tokens
+                res.completion_tokens = u.completion_tokens
+                res.server_ttft_s = msg.timing.ttft_s
+        res.e2e_s = time.perf_counter() - t0
+        return res
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(gateway_pb2.AbortRequest(request_id=request_id)).found

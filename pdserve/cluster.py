@@ -1,0 +1,197 @@
+"""`pdserve up`: the whole cluster on one machine, one process per service on loopback.
+
+Start order: kvstore -> gateway -> prefill and decode workers (which join the gateway). Ready
+when the gateway's overall health says SERVING. Stop order is the reverse, each with SIGTERM
+(graceful: drain, then exit) and SIGKILL only after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.config import UpSettings
+
+
+class ClusterError(RuntimeError):
+    """A service failed to start; the message carries the tail of its log."""
+
+
+class Service:
+    def __init__(self, name: str, args: list[str], run_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.ready_file = run_dir / f"{name}.ready.json"
+        self.log_path = run_dir / f"{name}.log"
+        self.ready_file.unlink(missing_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve", *args, "--ready-file", str(self.ready_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.port: int | None = None
+
+    def poll_ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise ClusterError(f"{self.name} exited with code {self.proc.returncode}:\n"
+                               + self.log_tail())
+        if self.ready_file.exists():
+            self.port = json.loads(self.ready_file.read_text())["port"]
+            return True
+        return False
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class LocalCluster:
+    def __init__(self, settings: UpSettings, progress: bool = True, extra_env: dict | None = None):
+        self.s = settings
+        self.progress = progress
+        self.data_dir = settings.data_dir.resolve()
+        self.run_dir = self.data_dir / "run"
+        self.services: list[Service] = []
+        self.gateway_address = ""
+        self.kvstore_address = ""
+        self.env = {**os.environ, **(extra_env or {})}
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _spawn(self, name: str, args: list[str]) -> Service:
+        svc = Service(name, args, self.run_dir, self.env)
+        self.services.append(svc)
+        return svc
+
+    def _wait_ready(self, svcs: list[Service], deadline: float) -> None:
+        pending = list(svcs)
+        while pending:
+            pending = [s for s in pending if not s.poll_ready()]
+            if time.monotonic() > deadline:
+                raise ClusterError("timed out starting " + ", ".join(s.name for s in pending))
+            time.sleep(0.05)
+
+    def start(self) -> LocalCluster:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        deadline = t0 + self.s.startup_timeout_s
+        common = ["--log-level", self.s.log_level]
+        model = ["--model", str(self.s.model)] if self.s.model else []
+        threads = ["--threads", str(self.s.threads)] if self.s.threads else []
+        try:
+            self._say("starting kvstore ...")
+            kv = self._spawn("kvstore", ["kvstore", "--port", "0", "--data-dir", str(self.data_dir),
+                                         *common])
+            self._wait_ready([kv], deadline)
+            self.kvstore_address = f"127.0.0.1:{kv.port}"
+            self._say("starting gateway ...")
+            gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port", str(self.s.port),
+                                         "--kvstore", self.kvstore_address, *model, *common])
+            self._wait_ready([gw], deadline)
+            host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
+            self.gateway_address = f"{host}:{gw.port}"
+            self._say(f"loading the model in {self.s.num_prefill} prefill and "
+                      f"{self.s.num_decode} decode workers ...")
+            workers = []
+            for i in range(self.s.num_prefill):
+                workers.append(self._spawn(f"prefill-{i}", [
+                    "prefill", "--port", "0", "--gateway", self.gateway_address,
+                    "--kvstore", self.kvstore_address, "--worker-id", f"prefill-{i}",
+                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *common]))
+            for i in range(self.s.num_decode):
+                workers.append(self._spawn(f"decode-{i}", [
+                    "decode", "--port", "0", "--gateway", self.gateway_address,
+                    "--worker-id", f"decode-{i}", "--num-pages", str(self.s.decode_pages),
+                    *model, *threads, *common]))
+            self._wait_ready(workers, deadline)
+            self._wait_serving(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self._say(f"pdserve up: gateway on {self.gateway_address} "
+                  f"(ready in {time.monotonic() - t0:.1f} s, data in {self.data_dir})")
+        return self
+
+    def _wait_serving(self, deadline: float) -> None:
+        with grpc.insecure_channel(self.gateway_address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                for s in self.services:
+                    s.poll_ready()  # raises if a service died
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError("gateway never became SERVING")
+                time.sleep(0.1)
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        # Workers first (they drain), then the gateway, then the store.
+        order = sorted(self.services, key=lambda s: {"gateway": 1, "kvstore": 2}.get(s.name, 0))
+        for group in (0, 1, 2):
+            members = [s for s in order
+                       if {"gateway": 1, "kvstore": 2}.get(s.name, 0) == group]
+            for s in members:
+                s.terminate()
+            for s in members:
+                s.wait(grace_s)
+        self.services.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_up(settings: UpSettings) -> int:
+    cluster = LocalCluster(settings)
+    stop = {"now": False}
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    cluster.start()
+    print(f"serving on {cluster.gateway_address}; Ctrl-C stops", flush=True)
+    try:
+        while not stop["now"]:
+            for s in cluster.services:
+                if s.proc.poll() is not None:
+                    print(f"{s.name} exited ({s.proc.returncode}); stopping\n{s.log_tail()}",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+    finally:
+        print("stopping ...", file=sys.stderr, flush=True)
+        cluster.stop()
+    return 0

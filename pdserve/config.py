@@ -1,0 +1,120 @@
+"""Typed settings, one object per service, validated once at start-up.
+
+Every field has a default, an environment variable (`PDSERVE_<FIELD>`) and a CLI flag
+(`--field-name`); precedence is flag > environment > default. The field description is the
+flag's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Address = str  # "host:port"
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PDSERVE_", extra="forbid")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning", description="log level (structured logs on stderr)")
+    ready_file: Path | None = Field(
+        None, description="write {port, pid} as JSON here once serving (used by `pdserve up`)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="reserved; 0 = off")
+
+
+class _ModelSettings(BaseSettings):
+    model: Path | None = Field(
+        None, description="model to serve: a GGUF file (default: SmolLM2-135M-Instruct)")
+    device: str = Field("cpu", description="torch device: cpu or cuda[:N]")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and KV dtype")
+    block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
+
+
+class KVStoreSettings(_Base):
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(50060, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    data_dir: Path = Field(Path("data"), description="directory holding all state")
+    sync: Literal["every_write", "off"] = Field(
+        "every_write", description="WAL sync policy for block writes")
+
+
+class PrefillSettings(_Base, _ModelSettings):
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
+    kvstore: Address = Field("127.0.0.1:50060", description="kvstore address ('' = no store)")
+    num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
+    prefill_chunk_tokens: int = Field(2048, ge=16, description="tokens per prefill forward")
+    kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
+    transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
+    worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
+
+
+class DecodeSettings(_Base, _ModelSettings):
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
+    num_pages: int = Field(512, ge=1, description="KV pages in this worker's pool")
+    max_batch: int = Field(64, ge=1, description="most requests decoded in one step")
+    lease_s: float = Field(60.0, gt=0, description="free reserved pages if no KV lands by then")
+    worker_id: str = Field("", description="worker id (default: decode-<pid>)")
+
+
+class GatewaySettings(_Base):
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(50051, ge=0, le=65535, description="public gRPC port (0 = any free port)")
+    kvstore: Address = Field("127.0.0.1:50060", description="kvstore address ('' = no store)")
+    model: Path | None = Field(None, description="model whose tokenizer serves text prompts")
+    lookup_timeout_s: float = Field(1.0, gt=0, description="deadline of a kvstore Lookup")
+    worker_timeout_s: float = Field(3.0, gt=0, description="drop a worker silent this long")
+    rpc_timeout_s: float = Field(120.0, gt=0, description="deadline of internal calls")
+
+
+class UpSettings(_Base):
+    host: str = Field("127.0.0.1", description="gateway listen address")
+    port: int = Field(50051, ge=0, le=65535, description="gateway port (0 = any free port)")
+    data_dir: Path = Field(Path("data"), description="directory holding all state")
+    model: Path | None = Field(None, description="model to serve (default: SmolLM2-135M-Instruct)")
+    num_prefill: int = Field(1, ge=1, le=64, description="prefill workers")
+    num_decode: int = Field(1, ge=1, le=64, description="decode workers")
+    decode_pages: int = Field(512, ge=1, description="KV pages per decode worker")
+    prefill_pages: int = Field(256, ge=1, description="KV pages per prefill worker")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per worker (0 = default)")
+    startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"{field.description} [env PDSERVE_{name.upper()}, default {field.default!r}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_)
+
+
+class SettingsError(Exception):
+    """A bad setting; the message names it."""
+
+
+def load_settings(cls: type[BaseSettings], args: argparse.Namespace | None = None, **overrides: Any):
+    values = {k: v for k, v in vars(args or argparse.Namespace()).items()
+              if k in cls.model_fields and v is not None}
+    values.update(overrides)
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"--{name.replace('_', '-')} (PDSERVE_{name.upper()}): {err['msg']}"
+                         f" (got {err.get('input')!r})")
+        raise SettingsError("invalid setting: " + "; ".join(lines)) from None

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Regenerates the committed _pb2 / _pb2_grpc modules from the .proto files.
+# Usage: proto/gen.sh [OUT_DIR]   (default: proto/, in place)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here}
+mkdir -p "$out/pdserve/v1"
+python -m grpc_tools.protoc -I "$here" --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  "$here"/pdserve/v1/*.proto

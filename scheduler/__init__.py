@@ -1,0 +1,1 @@
+"""pdserve.scheduler: worker registry state and load balancers, as pure functions (no I/O)."""

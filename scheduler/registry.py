@@ -1,0 +1,101 @@
+"""The gateway's view of its workers: who is in rotation and how loaded each one is.
+
+Pure state; the caller passes the clock. A worker is keyed by its id; a re-join with a newer
+epoch replaces the old entry (a restarted process: anything held for the old epoch is void).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    address: str
+    epoch: int
+    hash_namespace: str
+    layout_fingerprint: str
+    block_tokens: int
+    total_pages: int
+    max_context: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Load:
+    free_pages: int = 0
+    total_pages: int = 0
+    running: int = 0
+    waiting: int = 0
+    queued_tokens: int = 0
+    queued_attention: float = 0.0
+    draining: bool = False
+
+
+@dataclass
+class WorkerState:
+    spec: WorkerSpec
+    load: Load
+    last_report: float
+    in_rotation: bool = True
+
+
+class RegistryError(Exception):
+    """A worker cannot join (its model or layout differs from the cluster's)."""
+
+
+@dataclass
+class WorkerRegistry:
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+
+    def join(self, spec: WorkerSpec, now: float) -> WorkerState:
+        for w in self.workers.values():
+            if w.spec.worker_id != spec.worker_id and w.spec.hash_namespace != spec.hash_namespace:
+                raise RegistryError(
+                    f"worker {spec.worker_id} serves {spec.hash_namespace!r}, the cluster "
+                    f"serves {w.spec.hash_namespace!r}")
+        old = self.workers.get(spec.worker_id)
+        if old is not None and old.spec.epoch > spec.epoch:
+            raise RegistryError(f"worker {spec.worker_id} epoch {spec.epoch} is older than "
+                                f"the registered {old.spec.epoch}")
+        state = WorkerState(spec, Load(free_pages=spec.total_pages, total_pages=spec.total_pages),
+                            now)
+        self.workers[spec.worker_id] = state
+        return state
+
+    def report(self, worker_id: str, epoch: int, load: Load, now: float) -> bool:
+        w = self.workers.get(worker_id)
+        if w is None or w.spec.epoch != epoch:
+            return False
+        w.load, w.last_report = load, now
+        w.in_rotation = not load.draining
+        return True
+
+    def leave(self, worker_id: str, epoch: int) -> bool:
+        w = self.workers.get(worker_id)
+        if w is None or w.spec.epoch != epoch:
+            return False
+        del self.workers[worker_id]
+        return True
+
+    def expire(self, now: float, timeout_s: float) -> list[str]:
+        """Takes workers silent for longer than timeout_s out of rotation; returns their ids."""
+        out = []
+        for w in self.workers.values():
+            if w.in_rotation and now - w.last_report > timeout_s:
+                w.in_rotation = False
+                out.append(w.spec.worker_id)
+        return out
+
+    def active(self, role: str) -> list[WorkerState]:
+        return sorted((w for w in self.workers.values() if w.spec.role == role and w.in_rotation),
+                      key=lambda w: w.spec.worker_id)
+
+    def bump(self, worker_id: str, **delta: float) -> None:
+        """Optimistic update between reports, so a burst does not all land on one worker."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        w.load = replace(w.load, **{k: getattr(w.load, k) + v for k, v in delta.items()})

@@ -1,0 +1,64 @@
+"""Validation of public requests: every refusal names the field and the limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.tokenizer import Tokenizer
+
+MAX_REQUEST_ID = 256
+MAX_SALT = 1024
+
+
+class InvalidRequest(ValueError):
+    """INVALID_ARGUMENT; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+
+
+def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -> Admitted:  # type: ignore[no-untyped-def]
+    has_ids = len(req.prompt_token_ids) > 0
+    has_text = bool(req.prompt)
+    has_msgs = len(req.messages) > 0
+    given = sum((has_ids, has_text, has_msgs))
+    if given == 0:
+        raise InvalidRequest("prompt: empty; send exactly one of prompt, prompt_token_ids, messages")
+    if given > 1:
+        raise InvalidRequest("prompt, prompt_token_ids, messages: send exactly one of them")
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest(f"request_id: {len(req.request_id)} characters, limit {MAX_REQUEST_ID}")
+    if len(req.cache_salt) > MAX_SALT:
+        raise InvalidRequest(f"cache_salt: {len(req.cache_salt)} characters, limit {MAX_SALT}")
+    if req.temperature < 0 or req.temperature != req.temperature:
+        raise InvalidRequest(f"temperature: {req.temperature}, must be >= 0")
+    if req.max_tokens <= 0:
+        raise InvalidRequest(f"max_tokens: {req.max_tokens}, must be > 0")
+    if has_ids:
+        prompt = list(req.prompt_token_ids)
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"prompt_token_ids: token id {bad} outside the vocabulary [0, {vocab_size})")
+    else:
+        if tokenizer is None:
+            raise InvalidRequest("prompt: this server has no tokenizer; send prompt_token_ids")
+        if has_text:
+            messages = [{"role": "user", "content": req.prompt}]
+        else:
+            messages = []
+            for i, m in enumerate(req.messages):
+                if m.role not in ("system", "user", "assistant"):
+                    raise InvalidRequest(f"messages[{i}].role: {m.role!r}, must be system, "
+                                         "user or assistant")
+                messages.append({"role": m.role, "content": m.content})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if len(prompt) + req.max_tokens > max_context:
+        raise InvalidRequest(
+            f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) = "
+            f"{len(prompt) + req.max_tokens}, context limit {max_context}")
+    return Admitted(prompt, req.max_tokens, float(req.temperature))

@@ -1,0 +1,97 @@
+"""The gateway's Registry service: workers join, stream load reports, and leave by hanging up.
+
+Also owns cluster readiness: the gateway reports SERVING (service "" and pdserve.v1.Gateway)
+only while at least one prefill and one decode worker are in rotation and the kvstore answered
+at least once (a kvstore outage later only turns hits into misses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health
+
+from pdserve.scheduler.registry import Load, RegistryError, WorkerRegistry, WorkerSpec
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.server import NOT_SERVING, SERVING
+from pdserve.v1 import registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def spec_of(info) -> WorkerSpec:  # type: ignore[no-untyped-def]
+    return WorkerSpec(
+        worker_id=info.worker_id, role=info.role, address=info.address, epoch=info.epoch,
+        hash_namespace=info.hash_namespace, layout_fingerprint=info.layout_fingerprint,
+        block_tokens=info.block_tokens, total_pages=info.total_pages,
+        max_context=info.max_context, vocab_size=info.vocab_size)
+
+
+def load_of(r) -> Load:  # type: ignore[no-untyped-def]
+    return Load(free_pages=r.free_pages, total_pages=r.total_pages, running=r.running,
+                waiting=r.waiting, queued_tokens=r.queued_tokens,
+                queued_attention=r.queued_attention, draining=r.draining)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, registry: WorkerRegistry) -> None:
+        self.registry = registry
+        self.changed = asyncio.Event()
+
+    async def Join(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("register"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "first message: must be `register` (WorkerInfo)")
+        info = first.register
+        if info.role not in ("prefill", "decode"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"register.role: {info.role!r}, must be 'prefill' or 'decode'")
+        try:
+            self.registry.join(spec_of(info), time.monotonic())
+        except RegistryError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        log.info("worker joined", extra={"worker_id": info.worker_id, "role": info.role})
+        self.changed.set()
+        try:
+            async for msg in request_iterator:
+                if msg.HasField("load"):
+                    if not self.registry.report(info.worker_id, info.epoch, load_of(msg.load),
+                                                time.monotonic()):
+                        break  # replaced by a newer epoch
+                    self.changed.set()
+        finally:
+            if self.registry.leave(info.worker_id, info.epoch):
+                log.info("worker left", extra={"worker_id": info.worker_id})
+            self.changed.set()
+        return registry_pb2.JoinResponse(reason="stream closed")
+
+
+async def watch_readiness(registry: WorkerRegistry, health_servicer: health.aio.HealthServicer,
+                          kvstore: KVStoreClient, worker_timeout_s: float,
+                          stop: asyncio.Event) -> None:
+    """Keeps the health status in step with the registry; expires silent workers."""
+    store_ok = not kvstore.enabled  # no store configured: nothing to wait for
+    last = None
+    next_store_check = 0.0
+    while not stop.is_set():
+        now = time.monotonic()
+        for wid in registry.expire(now, worker_timeout_s):
+            log.warning("worker silent, out of rotation", extra={"worker_id": wid})
+        if not store_ok and now >= next_store_check:
+            store_ok = await kvstore.ready()
+            next_store_check = now + 0.5
+        ready = store_ok and bool(registry.active("prefill")) and bool(registry.active("decode"))
+        if ready != last:
+            status = SERVING if ready else NOT_SERVING
+            await health_servicer.set("", status)
+            await health_servicer.set("pdserve.v1.Gateway", status)
+            log.info("readiness changed", extra={"ready": ready})
+            last = ready
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,218 @@
+"""The prefill service: computes a prompt's KV (reusing cached blocks) and pushes it to decode.
+
+Lifecycle of one request:
+1. The gateway calls `Prefill` with the prompt, its cache salt, how many leading blocks the
+   kvstore holds (a hint), the sampling parameters and a decode worker's `Reservation`.
+2. Pages for the prompt are taken from this worker's pool; the cached leading blocks are fetched
+   from the kvstore, verified (checksum, key and layout) and copied into them. Whatever could not
+   be fetched is computed: a store that is down or slow only costs recompute.
+3. The rest of the prompt is computed (chunked); the first token is sampled.
+4. The prompt's pages are WRITten into the reserved decode pages over NIXL with a notice
+   carrying the first token and a checksum; the call returns once the WRITE completed.
+5. New full blocks go to the kvstore in the background (best effort); the pages are freed.
+
+Startup: load model, allocate and register the pool, serve, join the gateway.
+Shutdown: NOT_SERVING, finish in-flight prefills, wait for pending block writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from pdserve.cache.block_hash import block_hashes, cacheable_blocks, hash_namespace
+from pdserve.cache.codec import encode_block, verify_block
+from pdserve.cache.errors import CorruptBlock
+from pdserve.config import PrefillSettings
+from pdserve.engine.errors import OutOfPages
+from pdserve.engine.kv_pool import KVPool, PageId
+from pdserve.engine.loader import LoadedModel
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams, sample
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.registration import join_gateway
+from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
+from pdserve.services.worker import load_for, new_epoch, worker_info
+from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
+                 chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
+                 device: str = "cpu", agent_name: str = "prefill") -> None:
+        self.loaded = loaded
+        self.layout = loaded.layout
+        self.fingerprint = loaded.layout.fingerprint()
+        self.namespace = hash_namespace(loaded.model_id, self.fingerprint)
+        self.epoch = new_epoch()
+        self.pool = KVPool(loaded.layout, num_pages, device)
+        self.runner = ModelRunner(loaded.model, self.pool, chunk_tokens)
+        self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
+        self.kvstore = kvstore
+        self.transfer_timeout_s = transfer_timeout_s
+        self._compute = asyncio.Lock()  # one prefill on the model at a time
+        self._puts: set[asyncio.Task] = set()
+        self.num_prefills = 0
+        self.queued_tokens = 0
+        self.queued_attention = 0.0
+        self.running = 0
+
+    def load(self) -> common_pb2.LoadReport:
+        return common_pb2.LoadReport(
+            free_pages=self.pool.num_free, total_pages=self.pool.num_pages, running=self.running,
+            queued_tokens=self.queued_tokens, queued_attention=self.queued_attention,
+            num_finished=self.num_prefills)
+
+    async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        prompt = list(req.prompt_token_ids)
+        bt = self.layout.block_tokens
+        keys = block_hashes(self.namespace, req.cache_salt, prompt, bt)
+        want = min(max(req.cached_blocks_hint, 0), cacheable_blocks(len(prompt), bt))
+        # Queue accounting assumes the hint holds; corrected when the work is done.
+        n_new, c = len(prompt) - want * bt, want * bt
+        work = n_new * (c + n_new / 2)
+        self.queued_tokens += n_new
+        self.queued_attention += work
+        try:
+            async with self._compute:
+                self.running += 1
+                try:
+                    return await self._run(req, prompt, keys, want)
+                finally:
+                    self.running -= 1
+        finally:
+            self.queued_tokens -= n_new
+            self.queued_attention -= work
+
+    async def _run(self, req, prompt: list[int], keys, want: int) -> prefill_pb2.PrefillResponse:
+        bt = self.layout.block_tokens
+        sp = req.sampling
+        params = SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                seed=sp.seed, stop_token_ids=frozenset(sp.stop_token_ids))
+        pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
+        try:
+            t0 = time.perf_counter()
+            blocks = await self.kvstore.get(keys[:want]) if want else []
+            n_cached = await asyncio.to_thread(self._load_blocks, pages, keys, blocks)
+            t1 = time.perf_counter()
+            logits = await asyncio.to_thread(self.runner.prefill, prompt, pages, n_cached * bt)
+            first = sample(logits, params, 0)
+            checksum = await asyncio.to_thread(pages_checksum, self.pool, pages)
+            t2 = time.perf_counter()
+            notice = common_pb2.TransferNotice(
+                request_id=req.request_id, epoch=req.reservation.epoch, first_token=first,
+                num_prompt_tokens=len(prompt), kv_checksum=checksum)
+            nbytes = await self.endpoint.write(pages, req.reservation, notice,
+                                               self.transfer_timeout_s)
+            t3 = time.perf_counter()
+            start = max(n_cached, want) if n_cached == want else n_cached
+            new_blocks = await asyncio.to_thread(self._encode_blocks, pages, keys, start)
+        finally:
+            self.pool.release(pages)
+        self._put_later(new_blocks)
+        self.num_prefills += 1
+        return prefill_pb2.PrefillResponse(
+            first_token=first, cached_tokens=n_cached * bt,
+            computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
+            fetch_s=t1 - t0, compute_s=t2 - t1, transfer_s=t3 - t2)
+
+    def _load_blocks(self, pages: Sequence[PageId], keys, blocks: Sequence[bytes]) -> int:
+        """Copies verified blocks into the leading pages; returns how many were usable."""
+        for i, value in enumerate(blocks):
+            try:
+                payload = verify_block(keys[i], value, self.fingerprint)
+            except CorruptBlock as e:
+                log.warning("fetched block rejected", extra={"index": i, "why": str(e)})
+                return i
+            self.pool.write_page(pages[i], payload)
+        return len(blocks)
+
+    def _encode_blocks(self, pages: Sequence[PageId], keys, start: int) -> list[tuple[bytes, bytes]]:
+        bt = self.layout.block_tokens
+        return [(keys[i], encode_block(keys[i], self.fingerprint, bt,
+                                       self.pool.page_bytes(pages[i]).numpy().tobytes()))
+                for i in range(start, len(keys))]
+
+    def _put_later(self, blocks: list[tuple[bytes, bytes]]) -> None:
+        if not blocks or not self.kvstore.enabled:
+            return
+        task = asyncio.create_task(self.kvstore.put(blocks))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    async def drain(self) -> None:
+        if self._puts:
+            await asyncio.wait(list(self._puts), timeout=10)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: PrefillWorker) -> None:
+        self.worker = worker
+
+    def _invalid(self, req: prefill_pb2.PrefillRequest) -> str | None:
+        w = self.worker
+        n = len(req.prompt_token_ids)
+        if not req.request_id:
+            return "request_id: empty"
+        if n == 0:
+            return "prompt_token_ids: empty"
+        if n > w.loaded.max_context:
+            return f"prompt_token_ids: {n} tokens, context limit {w.loaded.max_context}"
+        vocab = w.loaded.config.vocab_size
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"prompt_token_ids: token id {bad} outside the vocabulary [0, {vocab})"
+        res = req.reservation
+        if res.layout_fingerprint != w.fingerprint:
+            return (f"reservation.layout_fingerprint: {res.layout_fingerprint!r}, "
+                    f"this worker's is {w.fingerprint!r}")
+        if len(res.pages) < w.layout.pages_for(n):
+            return f"reservation.pages: {len(res.pages)}, the prompt needs {w.layout.pages_for(n)}"
+        return None
+
+    async def Prefill(self, request, context):
+        if (err := self._invalid(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        try:
+            return await self.worker.prefill(request)
+        except OutOfPages as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill KV pages: {e}")
+        except TransferError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+async def run(settings: PrefillSettings) -> None:
+    loaded = load_for(settings)
+    kvstore = KVStoreClient(settings.kvstore, settings.kvstore_timeout_s)
+    worker = PrefillWorker(loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
+                           settings.transfer_timeout_s, settings.device,
+                           agent_name=settings.worker_id or "prefill")
+    servicer = PrefillServicer(worker)
+    server, port, health = await create_server(
+        [lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s)],
+        [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name],
+        settings.host, settings.port,
+    )
+    await health.set("", SERVING)
+    await health.set("pdserve.v1.Prefill", SERVING)
+    info = worker_info("prefill", settings, loaded, f"{settings.host}:{port}", worker.epoch,
+                       worker.pool.num_pages)
+    stop = asyncio.Event()
+    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.load, stop))
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id)
+    log.info("prefill serving", extra={"port": port, "worker_id": info.worker_id})
+
+    async def cleanup() -> None:
+        stop.set()
+        joiner.cancel()
+        await worker.drain()
+        await kvstore.close()
+
+    await serve_until_signal(server, health, cleanup)

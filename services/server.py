@@ -1,0 +1,89 @@
+"""Shared gRPC server bootstrap: health, reflection, message limits, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one KV block of a large model must fit in a message
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def create_server(
+    register: Iterable[Callable[[grpc.aio.Server], None]],
+    service_names: Iterable[str],
+    host: str,
+    port: int,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Builds and starts a server; returns (server, bound port, health servicer)."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", NOT_SERVING)  # each service says SERVING once it is ready
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound, health_servicer
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:
+    if path is None:
+        return
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), **extra}))
+    tmp.replace(path)  # atomic: readers never see half a file
+
+
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Runs until SIGINT/SIGTERM, then: NOT_SERVING, stop accepting, finish in-flight, cleanup."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    wait = asyncio.ensure_future(server.wait_for_termination())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), wait],
+                       return_when=asyncio.FIRST_COMPLETED)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    if cleanup is not None:
+        await cleanup()
+    log.info("stopped")
+
+
+def abort_code(e: BaseException) -> grpc.StatusCode:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return e.code()
+    return grpc.StatusCode.INTERNAL

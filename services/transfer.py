@@ -1,0 +1,153 @@
+"""KV page transfer over NIXL (UCX backend): the decode side exposes pages, the prefill side
+WRITEs into them and notifies.
+
+Descriptors travel as protobuf fields (`PageDescriptor`); the notification is a serialized
+`TransferNotice`. NIXL's own `get_serialized_descs` pickles, so it is never used, and nothing
+received here is ever unpickled.
+
+A sender's transfer is a small state machine polled without blocking:
+    POSTED -> DONE | FAILED (NIXL error) | TIMED_OUT (deadline passed; handle released)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import xxhash
+from google.protobuf.message import DecodeError
+
+from pdserve.engine.kv_pool import KVPool
+from pdserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(Exception):
+    """A KV transfer could not be posted or did not complete."""
+
+
+class TransferState(enum.Enum):
+    POSTED = "posted"
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+def _quiet_nixl() -> None:
+    logging.getLogger("NIXL").setLevel(logging.WARNING)
+    os.environ.setdefault("UCX_LOG_LEVEL", "error")
+
+
+def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
+    h = xxhash.xxh3_64()
+    for p in pages:
+        h.update(pool.page_bytes(p).numpy())
+    return h.intdigest()
+
+
+class NixlEndpoint:
+    """One NIXL agent with the whole KV pool registered."""
+
+    def __init__(self, name: str, pool: KVPool) -> None:
+        _quiet_nixl()
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.name = name
+        self.pool = pool
+        self.mem_type = "VRAM" if pool.kv.is_cuda else "DRAM"
+        # No progress thread: it spins a whole core. Transfers progress when polled
+        # (check_xfer_state on the sender, get_new_notifs on the receiver).
+        self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self._reg = self.agent.register_memory(self.agent.get_reg_descs(pool.kv))
+        self._remote_md: dict[str, bytes] = {}
+
+    @property
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def descriptors(self, pages: Sequence[int]) -> list[common_pb2.PageDescriptor]:
+        dev = max(self.pool.kv.get_device(), 0)
+        n = self.pool.page_nbytes
+        return [common_pb2.PageDescriptor(addr=self.pool.page_addr(p), length=n, device_id=dev)
+                for p in pages]
+
+    # -- sender --------------------------------------------------------------------------
+    def _remote(self, res: common_pb2.Reservation) -> str:
+        known = self._remote_md.get(res.agent_name)
+        if known != res.agent_metadata:
+            if known is not None:  # the decode worker restarted: forget its old memory
+                self.agent.remove_remote_agent(res.agent_name)
+            name = self.agent.add_remote_agent(res.agent_metadata)
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != res.agent_name:
+                raise TransferError(f"reservation names agent {res.agent_name!r}, "
+                                    f"its metadata is for {name!r}")
+            self._remote_md[res.agent_name] = res.agent_metadata
+        return res.agent_name
+
+    async def write(
+        self,
+        local_pages: Sequence[int],
+        res: common_pb2.Reservation,
+        notice: common_pb2.TransferNotice,
+        timeout_s: float,
+    ) -> int:
+        """WRITEs local pages into the reservation's first pages, then notifies. Returns bytes."""
+        n = len(local_pages)
+        if n > len(res.pages):
+            raise TransferError(f"{n} pages to send, reservation holds {len(res.pages)}")
+        size = self.pool.page_nbytes
+        for i, d in enumerate(res.pages[:n]):
+            if d.length != size:
+                raise TransferError(f"reservation page {i} is {d.length} bytes, pages are {size}")
+        remote = self._remote(res)
+        local = self.agent.get_xfer_descs(
+            [(self.pool.page_addr(p), size, max(self.pool.kv.get_device(), 0)) for p in local_pages],
+            self.mem_type)
+        remote_descs = self.agent.get_xfer_descs(
+            [(d.addr, d.length, d.device_id) for d in res.pages[:n]], res.mem_type or "DRAM")
+        handle = self.agent.initialize_xfer("WRITE", local, remote_descs, remote,
+                                            notice.SerializeToString())
+        try:
+            state = self._post(handle)
+            deadline = time.monotonic() + timeout_s
+            while state is TransferState.POSTED:
+                if time.monotonic() > deadline:
+                    state = TransferState.TIMED_OUT
+                    break
+                await asyncio.sleep(0.0005)
+                state = self._state(self.agent.check_xfer_state(handle))
+        finally:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception:  # noqa: BLE001 - a still-running handle may refuse release
+                log.warning("transfer handle not released", extra={"request_id": notice.request_id})
+        if state is not TransferState.DONE:
+            raise TransferError(f"KV transfer {state.value} for request {notice.request_id}")
+        return n * size
+
+    def _post(self, handle) -> TransferState:  # type: ignore[no-untyped-def]
+        return self._state(self.agent.transfer(handle))
+
+    @staticmethod
+    def _state(s: str) -> TransferState:
+        return {"DONE": TransferState.DONE, "PROC": TransferState.POSTED}.get(s, TransferState.FAILED)
+
+    # -- receiver --------------------------------------------------------------------------
+    def poll_notices(self) -> list[common_pb2.TransferNotice]:
+        out: list[common_pb2.TransferNotice] = []
+        for _agent, msgs in self.agent.get_new_notifs().items():
+            for raw in msgs:
+                notice = common_pb2.TransferNotice()
+                try:
+                    notice.ParseFromString(bytes(raw))
+                except DecodeError:
+                    log.warning("malformed transfer notice dropped", extra={"bytes": len(raw)})
+                    continue
+                out.append(notice)
+        return out

@@ -1,0 +1,37 @@
+"""What prefill and decode workers share: model loading from settings and their identity."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pdserve.cache.block_hash import hash_namespace
+from pdserve.engine.layout import parse_dtype
+from pdserve.engine.loader import LoadedModel, load_model
+from pdserve.v1 import common_pb2
+
+
+def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
+                      block_tokens=settings.block_tokens, progress=False)
+
+
+def new_epoch() -> int:
+    """A restarted worker gets a new epoch; anything held for its old one is void."""
+    return time.time_ns()
+
+
+def worker_info(role: str, settings, loaded: LoadedModel, address: str, epoch: int,
+                total_pages: int) -> common_pb2.WorkerInfo:  # type: ignore[no-untyped-def]
+    wid = settings.worker_id or f"{role}-{os.getpid()}"
+    fp = loaded.layout.fingerprint()
+    return common_pb2.WorkerInfo(
+        worker_id=wid, role=role, address=address, epoch=epoch, model_id=loaded.model_id,
+        layout_fingerprint=fp, hash_namespace=hash_namespace(loaded.model_id, fp),
+        block_tokens=loaded.layout.block_tokens, total_pages=total_pages,
+        max_context=loaded.max_context, vocab_size=loaded.config.vocab_size,
+    )
