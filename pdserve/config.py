@@ -27,7 +27,7 @@ class _Base(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535, description="reserved; 0 = off")
 
 
-class _ModelSettings(BaseSettings):
+class _ModelSettings(_Base):
     model: Path | None = Field(
         None, description="model to serve: a GGUF file (default: SmolLM2-135M-Instruct)")
     device: str = Field("cpu", description="torch device: cpu or cuda[:N]")
@@ -45,7 +45,7 @@ class KVStoreSettings(_Base):
         "every_write", description="WAL sync policy for block writes")
 
 
-class PrefillSettings(_Base, _ModelSettings):
+class PrefillSettings(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
@@ -57,7 +57,7 @@ class PrefillSettings(_Base, _ModelSettings):
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
 
 
-class DecodeSettings(_Base, _ModelSettings):
+class DecodeSettings(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")

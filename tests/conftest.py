@@ -72,8 +72,9 @@ def agree_until_near_tie(ours: list[int], ref: list[int], gaps: list[float],
     return n
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """A fresh `pdserve up` per test module (a module may stop parts of it)."""
     from pdserve.cluster import LocalCluster
     from pdserve.config import UpSettings
 

@@ -1,0 +1,169 @@
+"""The whole disaggregated system as real processes (`pdserve up`): kvstore, gateway, prefill
+and decode on loopback, the real model, NIXL over UCX."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pdserve.client import Client
+from pdserve.demo import SYSTEM_PROMPT
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
+
+N_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.gateway_address) as c:
+        yield c
+
+
+def single_process(loaded, prompt, max_tokens, stops=frozenset()):
+    eng = LLMEngine(ModelRunner(loaded.model, KVPool(loaded.layout, 64)))
+    return eng.generate([prompt], SamplingParams(max_tokens=max_tokens, stop_token_ids=stops))[0]
+
+
+def chat(tokenizer, text, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else [])
+    return tokenizer.apply_chat_template(msgs + [{"role": "user", "content": text}])
+
+
+def test_every_service_is_serving_and_reflection_lists_the_gateway(cluster):
+    for svc in cluster.services:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            assert r.status == health_pb2.HealthCheckResponse.SERVING, svc.name
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert "pdserve.v1.Gateway" in names
+        r = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="pdserve.v1.Gateway"))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("text", CHAT_PROMPTS)
+def test_greedy_tokens_equal_transformers_and_single_process(client, loaded, tokenizer, hf, text):
+    ids = chat(tokenizer, text)
+    r = client.generate(token_ids=ids, max_tokens=N_TOKENS, cache_salt=f"ref-{text}")
+    ref, gaps = hf_greedy(hf, ids, N_TOKENS)
+    ours = r.token_ids
+    # The gateway stops at end-of-turn; the reference may go on past it.
+    n = agree_until_near_tie(ours, ref, gaps)
+    assert ours[:n] == ref[:n]
+    assert n >= min(len(ours), 8)
+    assert ours == single_process(loaded, ids, N_TOKENS, tokenizer.stop_token_ids)
+    assert r.completion_tokens == len(ours)
+    assert r.finish_reason == ("stop" if ours[-1] in tokenizer.stop_token_ids else "length")
+
+
+def test_text_prompt_is_templated_and_streamed_as_text(client):
+    r = client.generate(prompt="What is the capital of France?", max_tokens=20)
+    assert r.text == "The capital of France is Paris."
+    assert r.finish_reason == "stop"
+
+
+def test_same_prompt_twice_hits_the_store(client, tokenizer):
+    ids = chat(tokenizer, "Summarise the rules in one sentence.", system=SYSTEM_PROMPT)
+    full = len(ids) // 64
+    first = client.generate(token_ids=ids, max_tokens=12, cache_salt="twice")
+    second = client.generate(token_ids=ids, max_tokens=12, cache_salt="twice")
+    assert first.cached_tokens == 0
+    assert second.cached_tokens >= 64 * (full - 1) and second.cached_tokens % 64 == 0
+    assert second.token_ids == first.token_ids
+    assert second.prompt_tokens == first.prompt_tokens == len(ids)
+
+
+def test_shared_system_prompt_hits_only_the_shared_blocks(client, tokenizer):
+    a = chat(tokenizer, "When does the first train leave?", system=SYSTEM_PROMPT)
+    b = chat(tokenizer, "Can I take my cat?", system=SYSTEM_PROMPT)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    client.generate(token_ids=a, max_tokens=4, cache_salt="shared")
+    r = client.generate(token_ids=b, max_tokens=4, cache_salt="shared")
+    assert r.cached_tokens == 64 * (shared // 64)
+    assert r.cached_tokens > 0
+
+
+def test_other_salt_gets_no_hits(client, tokenizer):
+    ids = chat(tokenizer, "What does a monthly pass cost?", system=SYSTEM_PROMPT)
+    client.generate(token_ids=ids, max_tokens=4, cache_salt="tenant-a")
+    assert client.generate(token_ids=ids, max_tokens=4, cache_salt="tenant-a").cached_tokens > 0
+    assert client.generate(token_ids=ids, max_tokens=4, cache_salt="tenant-b").cached_tokens == 0
+
+
+BAD = [
+    (dict(max_tokens=4), "prompt: empty"),
+    (dict(prompt="hi", prompt_token_ids=[1, 2], max_tokens=4), "exactly one"),
+    (dict(prompt_token_ids=[1, 49152], max_tokens=4), "token id 49152 outside the vocabulary"),
+    (dict(prompt_token_ids=[1, -3], max_tokens=4), "token id -3 outside the vocabulary"),
+    (dict(prompt="hi", max_tokens=0), "max_tokens: 0, must be > 0"),
+    (dict(prompt="hi", max_tokens=-5), "max_tokens: -5"),
+    (dict(prompt="hi", max_tokens=9000), "context limit 8192"),
+    (dict(prompt="hi", max_tokens=4, temperature=-0.5), "temperature: -0.5"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD)
+def test_bad_requests_are_invalid_argument_naming_the_problem(cluster, fields, message):
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(gateway_pb2.GenerateRequest(**fields)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+
+
+def test_temperature_sampling_is_reproducible_with_a_seed(client, tokenizer):
+    ids = chat(tokenizer, "Invent a name for a train.")
+    a = client.generate(token_ids=ids, max_tokens=12, temperature=1.0, seed=42)
+    b = client.generate(token_ids=ids, max_tokens=12, temperature=1.0, seed=42)
+    assert a.token_ids == b.token_ids
+
+
+def test_abort_ends_the_stream(cluster, tokenizer):
+    import threading
+
+    ids = chat(tokenizer, "Write a long story about a railway.")
+    with Client(cluster.gateway_address) as c:
+        got = {}
+
+        def run():
+            got["r"] = c.generate(token_ids=ids, max_tokens=400, request_id="to-abort")
+
+        t = threading.Thread(target=run)
+        t.start()
+        import time
+
+        deadline = time.monotonic() + 60
+        found = False
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = c.abort("to-abort")
+        t.join(60)
+    assert found
+    assert got["r"].finish_reason == "abort"
+    assert 0 < got["r"].completion_tokens < 400
+
+
+def test_store_down_means_misses_not_failures(cluster, client, tokenizer):
+    """Runs last in this module: stops the kvstore process."""
+    ids = chat(tokenizer, "Is the quiet carriage at the front?", system=SYSTEM_PROMPT)
+    warm = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
+    assert client.generate(token_ids=ids, max_tokens=8, cache_salt="down").cached_tokens > 0
+    kv = cluster.service("kvstore")
+    kv.terminate()
+    kv.wait(15)
+    r = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
+    assert r.cached_tokens == 0
+    assert r.token_ids == warm.token_ids
+    assert r.finish_reason in ("stop", "length")

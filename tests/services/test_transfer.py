@@ -1,0 +1,144 @@
+"""Prefill -> decode over real NIXL agents (UCX), in one process: the bytes that land are the
+bytes prefill computed, and a transfer that is wrong or missing never starts decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import grpc
+import torch
+import pytest
+
+from pdserve.engine.sampling import SamplingParams
+from pdserve.services.decode import DecodeWorker
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.prefill import PrefillWorker
+from pdserve.services.transfer import TransferError, pages_checksum
+from pdserve.v1 import common_pb2, prefill_pb2
+
+
+@pytest.fixture(scope="module")
+def workers(loaded):
+    dec = DecodeWorker(loaded, num_pages=32, max_batch=8, lease_s=1.0, agent_name="t-decode")
+    pre = PrefillWorker(loaded, num_pages=16, kvstore=KVStoreClient("", 1.0), agent_name="t-prefill")
+    dec.start()  # the real engine thread: polls notices, expires leases, decodes
+    yield pre, dec
+    dec.stop()
+
+
+async def drain(outbox, until_s: float = 30.0) -> list[tuple]:
+    items = []
+    while True:
+        item = await asyncio.wait_for(outbox.queue.get(), until_s)
+        items.append(item)
+        if item[0] == "error" or item[2]:
+            return items
+
+
+def prompt_rows(pool, pages, n_tokens):
+    """The KV rows of the prompt's tokens (decode later writes the rows after them)."""
+    bt = pool.layout.block_tokens
+    rows = []
+    for i, p in enumerate(pages):
+        valid = min(bt, n_tokens - i * bt)
+        rows.append(pool.kv[p, :, :valid].contiguous().view(torch.int32).clone())
+    return rows
+
+
+def request(rid, prompt, res, max_tokens=6):
+    return prefill_pb2.PrefillRequest(
+        request_id=rid, prompt_token_ids=prompt, cached_blocks_hint=0, reservation=res,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+
+
+async def test_kv_bytes_arrive_identical_and_decode_continues(workers, tokenizer):
+    pre, dec = workers
+    loop = asyncio.get_running_loop()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story. " * 12}])
+    params = SamplingParams(max_tokens=6)
+    res = dec.reserve("r1", prompt, params, loop)
+    n = pre.layout.pages_for(len(prompt))
+    assert len(res.pages) >= n and res.pages[0].length == pre.pool.page_nbytes
+    resp = await pre.prefill(request("r1", prompt, res))
+    assert resp.bytes_transferred == n * pre.pool.page_nbytes
+    outbox = dec.outbox("r1")
+    items = await drain(outbox)
+    # Prefill's pool is fresh, so its pages were 0..n-1; compare with decode's bit for bit.
+    sent = prompt_rows(pre.pool, range(n), len(prompt))
+    arrived = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
+    assert all(torch.equal(a, b) for a, b in zip(sent, arrived))
+    assert sum(t.numel() for t in sent) * 4 == len(prompt) * pre.layout.bytes_per_token
+    assert [i[0] for i in items] == ["token"] * 5 and items[-1][2] == "length"
+    assert dec.pool.num_free == dec.pool.num_pages
+    dec.pool.check_integrity()
+    pre.pool.check_integrity()
+
+
+async def test_checksum_mismatch_fails_closed_and_frees_pages(workers, tokenizer):
+    pre, dec = workers
+    prompt = list(range(100, 200))
+    res = dec.reserve("r2", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
+    outbox = dec.outbox("r2")
+    pages = pre.pool.reserve(2)
+    try:
+        notice = common_pb2.TransferNotice(request_id="r2", epoch=res.epoch, first_token=5,
+                                           num_prompt_tokens=len(prompt),
+                                           kv_checksum=pages_checksum(pre.pool, pages) ^ 1)
+        await pre.endpoint.write(pages, res, notice, timeout_s=10)
+    finally:
+        pre.pool.release(pages)
+    items = await drain(outbox)
+    assert items == [("error", grpc.StatusCode.DATA_LOSS, "KV transfer checksum mismatch")]
+    assert dec.pool.num_free == dec.pool.num_pages
+    assert not dec.engine.running
+
+
+async def test_missing_transfer_expires_and_late_notice_is_dropped(workers):
+    pre, dec = workers
+    prompt = list(range(10, 80))
+    res = dec.reserve("r3", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
+    outbox = dec.outbox("r3")
+    items = await drain(outbox, until_s=5)  # lease is 1 s
+    assert items[0][:2] == ("error", grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert "lease" in items[0][2]
+    assert dec.pool.num_free == dec.pool.num_pages
+    # The transfer lands after the lease: it is dropped, nothing is decoded.
+    pages = pre.pool.reserve(2)
+    try:
+        notice = common_pb2.TransferNotice(request_id="r3", epoch=res.epoch, first_token=5,
+                                           num_prompt_tokens=len(prompt),
+                                           kv_checksum=pages_checksum(pre.pool, pages))
+        await pre.endpoint.write(pages, res, notice, timeout_s=10)
+    finally:
+        pre.pool.release(pages)
+    await asyncio.sleep(0.3)
+    assert not dec.engine.running and dec.pool.num_free == dec.pool.num_pages
+
+
+async def test_stale_epoch_notice_is_dropped(workers):
+    pre, dec = workers
+    prompt = list(range(10, 80))
+    res = dec.reserve("r4", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
+    pages = pre.pool.reserve(2)
+    try:
+        notice = common_pb2.TransferNotice(request_id="r4", epoch=res.epoch - 1, first_token=5,
+                                           num_prompt_tokens=len(prompt),
+                                           kv_checksum=pages_checksum(pre.pool, pages))
+        await pre.endpoint.write(pages, res, notice, timeout_s=10)
+    finally:
+        pre.pool.release(pages)
+    await asyncio.sleep(0.3)
+    assert "r4" in dec._pending and not dec.engine.running  # still waiting for a valid transfer
+    assert dec.release("r4")
+    assert dec.pool.num_free == dec.pool.num_pages
+
+
+async def test_reservation_too_small_is_refused(workers):
+    pre, dec = workers
+    res = dec.reserve("r5", list(range(10)), SamplingParams(max_tokens=2), asyncio.get_running_loop())
+    pages = pre.pool.reserve(3)
+    try:
+        with pytest.raises(TransferError, match="reservation holds"):
+            await pre.endpoint.write(pages, res, common_pb2.TransferNotice(request_id="r5"), 5)
+    finally:
+        pre.pool.release(pages)
+        dec.release("r5")
