@@ -153,6 +153,16 @@ class LocalCluster:
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
+    def restart_kvstore(self, timeout_s: float = 60.0) -> None:
+        """Stops the kvstore (SIGTERM) and starts a new one on the same port and data dir."""
+        old = self.service("kvstore")
+        old.terminate()
+        old.wait(15)
+        self.services.remove(old)
+        kv = self._spawn("kvstore", ["kvstore", "--port", str(old.port), "--data-dir",
+                                     str(self.data_dir), "--log-level", self.s.log_level])
+        self._wait_ready([kv], time.monotonic() + timeout_s)
+
     def stop(self, grace_s: float = 15.0) -> None:
         # Workers first (they drain), then the gateway, then the store.
         order = sorted(self.services, key=lambda s: {"gateway": 1, "kvstore": 2}.get(s.name, 0))

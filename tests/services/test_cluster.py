@@ -3,6 +3,8 @@ and decode on loopback, the real model, NIXL over UCX."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -142,8 +144,6 @@ def test_abort_ends_the_stream(cluster, tokenizer):
 
         t = threading.Thread(target=run)
         t.start()
-        import time
-
         deadline = time.monotonic() + 60
         found = False
         while not found and time.monotonic() < deadline:
@@ -155,15 +155,34 @@ def test_abort_ends_the_stream(cluster, tokenizer):
     assert 0 < got["r"].completion_tokens < 400
 
 
+def test_generate_cli_streams_text_and_prints_usage(cluster):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--address",
+                        cluster.gateway_address, "What is the capital of France?"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."
+    assert "[stop; prompt 37 tokens" in r.stderr and "8 generated" in r.stderr
+
+
 def test_store_down_means_misses_not_failures(cluster, client, tokenizer):
-    """Runs last in this module: stops the kvstore process."""
+    """Stops the kvstore process, then starts a new one on the same data directory."""
     ids = chat(tokenizer, "Is the quiet carriage at the front?", system=SYSTEM_PROMPT)
     warm = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
     assert client.generate(token_ids=ids, max_tokens=8, cache_salt="down").cached_tokens > 0
     kv = cluster.service("kvstore")
     kv.terminate()
     kv.wait(15)
+    assert kv.proc.returncode == 0  # graceful stop
     r = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
     assert r.cached_tokens == 0
     assert r.token_ids == warm.token_ids
     assert r.finish_reason in ("stop", "length")
+    # A new store process on the same directory serves the blocks written before.
+    cluster.restart_kvstore()
+    time.sleep(1.5)  # clients reconnect within a second (reconnect backoff capped at 1 s)
+    again = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
+    assert again.cached_tokens == 64 * ((len(ids) - 1) // 64)
+    assert again.token_ids == warm.token_ids
