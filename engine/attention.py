@@ -7,8 +7,9 @@ A batch is a list of sequences, each contributing `q_len` new tokens to a flat t
     flat tokens  | seq 0: q_len 5 | seq 1: q_len 1 | seq 2: q_len 1 |
     context      | ctx 5 (fresh)  | ctx 130        | ctx 64         |
 
-The new tokens' K/V are written to their slots first, then each sequence attends over its
-first `ctx_len` cached tokens, gathered through its page table. No padding to the longest.
+The new tokens' K/V are written to their slots first; then every sequence's context rows are
+gathered from the pool in one indexed read per layer (token-level indices built once per step),
+and each sequence attends over its own slice of them. No padding to the longest sequence.
 """
 
 from __future__ import annotations
@@ -23,40 +24,56 @@ import torch.nn.functional as F
 class AttnBatch:
     q_lens: list[int]
     ctx_lens: list[int]           # context length of each sequence including its new tokens
-    page_tables: list[torch.Tensor]  # [pages_i] int64, pages covering ctx_lens[i]
     slot_pages: torch.Tensor      # [T] page of each new token
     slot_offsets: torch.Tensor    # [T] offset inside that page
     positions: torch.Tensor       # [T] absolute position of each new token
     last_indices: torch.Tensor    # [B] flat index of each sequence's last new token
+    ctx_pages: torch.Tensor       # [sum(ctx)] page of every context token, sequence after sequence
+    ctx_offsets: torch.Tensor     # [sum(ctx)]
+    masks: list[torch.Tensor | None]  # per sequence: causal mask [q, ctx], None when q_len == 1
 
     @classmethod
-    def build(
-        cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]], block_tokens: int
-    ) -> AttnBatch:
-        positions: list[int] = []
-        pages: list[int] = []
-        offsets: list[int] = []
-        last: list[int] = []
+    def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
+              block_tokens: int, device: torch.device | str = "cpu") -> AttnBatch:
+        slot_pages, slot_offsets, positions, last = [], [], [], []
+        ctx_pages, ctx_offsets = [], []
+        masks: list[torch.Tensor | None] = []
         flat = 0
         for q, ctx, table in zip(q_lens, ctx_lens, page_tables):
             if q <= 0 or q > ctx or len(table) * block_tokens < ctx:
                 raise ValueError(f"bad sequence in batch: q_len={q} ctx={ctx} pages={len(table)}")
-            for pos in range(ctx - q, ctx):
-                positions.append(pos)
-                pages.append(table[pos // block_tokens])
-                offsets.append(pos % block_tokens)
+            pos = torch.arange(ctx)
+            pages = torch.as_tensor(table[: -(-ctx // block_tokens)], dtype=torch.long)
+            page_of = pages.repeat_interleave(block_tokens)[:ctx]
+            ctx_pages.append(page_of)
+            ctx_offsets.append(pos % block_tokens)
+            slot_pages.append(page_of[ctx - q:])
+            slot_offsets.append(pos[ctx - q:] % block_tokens)
+            positions.append(pos[ctx - q:])
             flat += q
             last.append(flat - 1)
-        n_pages = [-(-c // block_tokens) for c in ctx_lens]
-        return cls(
-            q_lens=list(q_lens),
-            ctx_lens=list(ctx_lens),
-            page_tables=[torch.tensor(t[:n], dtype=torch.long) for t, n in zip(page_tables, n_pages)],
-            slot_pages=torch.tensor(pages, dtype=torch.long),
-            slot_offsets=torch.tensor(offsets, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            last_indices=torch.tensor(last, dtype=torch.long),
-        )
+            masks.append(None if q == 1 else
+                         (pos.unsqueeze(0) <= pos[ctx - q:].unsqueeze(1)).to(device))
+        cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
+        return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
+                   cat(positions), torch.tensor(last, dtype=torch.long, device=device),
+                   cat(ctx_pages), cat(ctx_offsets), masks)
+
+    def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
+        """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
+        kv[self.slot_pages, layer, self.slot_offsets] = rows.to(kv.dtype)
+
+    def gather(self, kv: torch.Tensor, layer: int) -> torch.Tensor:
+        """Every sequence's context rows of one layer, concatenated: [sum(ctx), kv_dim]."""
+        return kv[self.ctx_pages, layer, self.ctx_offsets]
+
+    def sequences(self):  # type: ignore[no-untyped-def]
+        """Yields (query slice, context slice, q_len, ctx_len, mask) per sequence."""
+        q0 = c0 = 0
+        for q, ctx, mask in zip(self.q_lens, self.ctx_lens, self.masks):
+            yield slice(q0, q0 + q), slice(c0, c0 + ctx), q, ctx, mask
+            q0 += q
+            c0 += ctx
 
 
 def paged_attention(
@@ -71,26 +88,15 @@ def paged_attention(
     n_kv, hd = k.shape[1], k.shape[2]
     half = n_kv * hd
     # Step 1: store the new tokens' K/V in their slots.
-    kv[batch.slot_pages, layer, batch.slot_offsets] = torch.cat(
-        [k.reshape(-1, half), v.reshape(-1, half)], dim=-1
-    ).to(kv.dtype)
-    # Step 2: per sequence, attend over its gathered context.
+    batch.write(kv, layer, torch.cat([k.reshape(-1, half), v.reshape(-1, half)], dim=-1))
+    # Step 2: one gather of all context rows, then attention per sequence over its slice.
+    ctx_kv = batch.gather(kv, layer).to(q.dtype)                  # [N, 2*half]
+    keys = ctx_kv[:, :half].view(-1, n_kv, hd).transpose(0, 1)     # [KVH, N, hd]
+    values = ctx_kv[:, half:].view(-1, n_kv, hd).transpose(0, 1)
     out = torch.empty_like(q)
-    start = 0
-    for q_len, ctx, table in zip(batch.q_lens, batch.ctx_lens, batch.page_tables):
-        ctx_kv = kv[table, layer].reshape(-1, 2 * half)[:ctx].to(q.dtype)  # [ctx, 2*half]
-        ks = ctx_kv[:, :half].view(ctx, n_kv, hd).transpose(0, 1)          # [KVH, ctx, hd]
-        vs = ctx_kv[:, half:].view(ctx, n_kv, hd).transpose(0, 1)
-        qs = q[start:start + q_len].transpose(0, 1)                         # [H, q, hd]
-        if q_len == 1:
-            mask = None
-        else:
-            q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-            mask = torch.arange(ctx).unsqueeze(0) <= q_pos                   # [q, ctx]
+    for qs, cs, _, _, mask in batch.sequences():
         o = F.scaled_dot_product_attention(
-            qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
-        out[start:start + q_len] = o[0].transpose(0, 1)
-        start += q_len
+            q[qs].transpose(0, 1).unsqueeze(0), keys[:, cs].unsqueeze(0),
+            values[:, cs].unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
+        out[qs] = o[0].transpose(0, 1)
     return out

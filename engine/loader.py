@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.layout import KVLayout, dtype_name
-from pdserve.engine.llama import LlamaForCausalLM, rope_inv_freq
-from pdserve.engine.model_config import LlamaConfig
+from pdserve.engine.deepseek import DeepseekV3ForCausalLM
+from pdserve.engine.llama import LlamaForCausalLM
+from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,27 +37,36 @@ def default_model_path() -> Path:
 
 
 def model_id_of(path: Path) -> str:
+    """Name + content digest: two different weight sets never share KV blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     return f"{path.name}@{h.hexdigest()[:16]}"
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer | None:
+    p = Path(path) if path else default_model_path()
+    if p.is_dir():
+        from pdserve.engine.hf_loader import load_hf_tokenizer
+
+        return load_hf_tokenizer(p)
     import gguf
 
     from pdserve.engine.gguf_loader import read_fields
 
-    p = Path(path) if path else default_model_path()
     return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(p))))
 
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
-    config: LlamaConfig
-    tokenizer: Tokenizer
+    model: LlamaForCausalLM | DeepseekV3ForCausalLM
+    config: LlamaConfig | DeepseekV3Config
+    tokenizer: Tokenizer | None  # None: a directory without tokenizer serves token ids only
     model_id: str
     layout: KVLayout
 
@@ -76,14 +86,24 @@ def load_model(
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
-    if p.suffix != ".gguf":
-        raise ValueError(f"unsupported model format {p}: expected a .gguf file")
-    from pdserve.engine.gguf_loader import load_gguf
-
     t0 = time.perf_counter()
-    cfg, state, tokenizer = load_gguf(p, dtype=dtype, progress=progress)
+    cfg: LlamaConfig | DeepseekV3Config
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ValueError(f"unsupported model directory {p}: no config.json")
+        from pdserve.engine.hf_loader import load_hf_dir
+
+        cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress)
+    elif p.suffix == ".gguf":
+        from pdserve.engine.gguf_loader import load_gguf
+
+        cfg, state, tokenizer = load_gguf(p, dtype=dtype, progress=progress)
+    else:
+        raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
+                         "Hugging Face directory")
+    cls = DeepseekV3ForCausalLM if isinstance(cfg, DeepseekV3Config) else LlamaForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = cls(cfg)  # type: ignore[arg-type]
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
@@ -91,8 +111,8 @@ def load_model(
         raise ValueError(f"weights do not fit the model: missing={missing} unexpected={unexpected}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers were made on the meta device; recompute (not stored in checkpoints).
-    model.rope.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
+    # Buffers were made on the meta device; recompute them (checkpoints do not store them).
+    model.reset_buffers(device)
     model.eval()
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "seconds": round(time.perf_counter() - t0, 2)})

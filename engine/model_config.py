@@ -1,4 +1,4 @@
-"""Model hyper-parameters, named as in Hugging Face's `LlamaConfig`."""
+"""Model hyper-parameters, named as in Hugging Face's configs."""
 
 from __future__ import annotations
 
@@ -22,8 +22,106 @@ class LlamaConfig:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False
 
     def kv_layout(self, dtype: str, block_tokens: int) -> KVLayout:
         # GQA: K and V of every KV head side by side (DESIGN §3).
         kv_dim = 2 * self.num_key_value_heads * self.head_dim
         return KVLayout(self.num_hidden_layers, kv_dim, dtype, block_tokens)
+
+
+@dataclass(frozen=True)
+class DeepseekV3Config:
+    """DeepSeek-V2/V3: multi-head latent attention (MLA) and a mixture of experts."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    scoring_func: str = "sigmoid"  # V3; V2 uses softmax
+    topk_method: str = "noaux_tc"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def kv_layout(self, dtype: str, block_tokens: int) -> KVLayout:
+        # MLA caches one compressed latent plus the shared RoPE key per token (DESIGN §3).
+        return KVLayout(self.num_hidden_layers, self.kv_lora_rank + self.qk_rope_head_dim,
+                        dtype, block_tokens)
+
+
+def _rope_theta(d: dict) -> tuple[float, str]:
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    return theta, kind
+
+
+def _first_id(v):  # eos may be a list in generation configs
+    return v[0] if isinstance(v, list) and v else v
+
+
+def config_from_hf(d: dict) -> LlamaConfig | DeepseekV3Config:
+    """Our config from a Hugging Face `config.json` dict."""
+    mt = d.get("model_type")
+    theta, rope = _rope_theta(d)
+    if rope != "default":
+        raise ValueError(f"config.json: rope type {rope!r} is not supported yet (only 'default')")
+    common = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                  intermediate_size=d["intermediate_size"],
+                  num_hidden_layers=d["num_hidden_layers"],
+                  num_attention_heads=d["num_attention_heads"],
+                  rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                  max_position_embeddings=d.get("max_position_embeddings", 4096),
+                  tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                  bos_token_id=_first_id(d.get("bos_token_id")),
+                  eos_token_id=_first_id(d.get("eos_token_id")))
+    if mt in ("llama", "mistral", "qwen2"):
+        heads = d["num_attention_heads"]
+        return LlamaConfig(
+            **common, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            qkv_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
+            o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)))
+    if mt in ("deepseek_v3", "deepseek_v2"):
+        return DeepseekV3Config(
+            **common, moe_intermediate_size=d["moe_intermediate_size"],
+            n_routed_experts=d["n_routed_experts"], n_shared_experts=d.get("n_shared_experts") or 0,
+            num_experts_per_tok=d["num_experts_per_tok"], kv_lora_rank=d["kv_lora_rank"],
+            qk_rope_head_dim=d["qk_rope_head_dim"], qk_nope_head_dim=d["qk_nope_head_dim"],
+            v_head_dim=d["v_head_dim"], q_lora_rank=d.get("q_lora_rank"),
+            n_group=d.get("n_group") or 1, topk_group=d.get("topk_group") or 1,
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(d.get("norm_topk_prob", mt == "deepseek_v3")),
+            first_k_dense_replace=d.get("first_k_dense_replace", 0),
+            scoring_func=d.get("scoring_func", "sigmoid" if mt == "deepseek_v3" else "softmax"),
+            topk_method=d.get("topk_method", "noaux_tc" if mt == "deepseek_v3" else "greedy"),
+            rope_interleave=bool(d.get("rope_interleave", True)),
+            attention_bias=bool(d.get("attention_bias", False)))
+    raise ValueError(f"config.json: model_type {mt!r} is not supported "
+                     "(llama, mistral, qwen2, deepseek_v2, deepseek_v3)")

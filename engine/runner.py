@@ -32,7 +32,7 @@ class ModelRunner:
         logits = None
         for s in range(start, n, self.chunk):
             e = min(s + self.chunk, n)
-            batch = AttnBatch.build([e - s], [e], [list(pages)], self.block_tokens)
+            batch = AttnBatch.build([e - s], [e], [list(pages)], self.block_tokens, self.device)
             logits = self.model(ids[s:e], self.pool.kv, batch)
         assert logits is not None
         return logits[0]
@@ -42,8 +42,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token for each sequence: last_tokens[i] sits at position ctx_lens[i] - 1.
         Returns logits [B, vocab]."""
-        batch = AttnBatch.build(
-            [1] * len(last_tokens), list(ctx_lens), [list(t) for t in page_tables], self.block_tokens
-        )
+        batch = AttnBatch.build([1] * len(last_tokens), list(ctx_lens),
+                                [list(t) for t in page_tables], self.block_tokens, self.device)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
         return self.model(ids, self.pool.kv, batch)

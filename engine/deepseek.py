@@ -1,0 +1,210 @@
+"""DeepSeek-V2/V3 decoder in plain torch: multi-head latent attention (MLA) over the paged pool,
+and a mixture of experts with group-limited routing and shared experts.
+
+Parameter names mirror Hugging Face's `DeepseekV3ForCausalLM` (per-expert checkpoint format).
+
+The pool caches, per token and layer, only [c_kv (kv_lora_rank) | k_rope (qk_rope_head_dim)]:
+the RMS-normed compressed latent and the shared, already rotated RoPE key.
+
+- Prefill (several new tokens): keys and values are expanded from the latents through
+  kv_b_proj, then ordinary attention runs per sequence.
+- Decode (one new token): the "absorbed" form. kv_b_proj = [W_UK | W_UV] per head; the query's
+  no-RoPE part is folded into latent space (q_lat = q_nope · W_UK), attention scores are
+  q_lat · c_kv + q_rope · k_rope, and the latent output goes through W_UV: attention runs against
+  the cached latent, never against expanded keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.attention import AttnBatch
+from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
+from pdserve.engine.model_config import DeepseekV3Config
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+               interleave: bool) -> torch.Tensor:
+    # x: [T, heads, d]
+    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, d/2]
+    if interleave:
+        cos = freqs.cos().to(x.dtype).unsqueeze(1)
+        sin = freqs.sin().to(x.dtype).unsqueeze(1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype).unsqueeze(1), emb.sin().to(x.dtype).unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads = h
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                            bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        self.scale = cfg.qk_head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
+                batch: AttnBatch) -> torch.Tensor:
+        c = self.cfg
+        t, h = x.shape[0], self.n_heads
+        dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, h, dn + dr)
+        q_nope, q_rope = q[..., :dn], q[..., dn:]
+        ckv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(ckv[:, :r])                                  # [T, r]
+        k_rope = ckv[:, r:].view(t, 1, dr)
+        q_rope = apply_rope(q_rope, batch.positions, inv_freq, c.rope_interleave)
+        k_rope = apply_rope(k_rope, batch.positions, inv_freq, c.rope_interleave)
+        # Step 1: cache [latent | k_rope] of the new tokens.
+        batch.write(kv, self.layer, torch.cat([latent, k_rope.view(t, dr)], dim=-1))
+        w = self.kv_b_proj.weight.view(h, dn + dv, r)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]                                         # [H, dn|dv, r]
+        # Step 2: attend, per sequence, over its cached latents.
+        cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
+        out = torch.empty(t, h, dv, dtype=x.dtype, device=x.device)
+        for qs, cs, q_len, ctx, mask in batch.sequences():
+            c_ctx, kr_ctx = cached_all[cs, :r], cached_all[cs, r:]
+            if q_len == 1:
+                q_lat = torch.einsum("hd,hdr->hr", q_nope[qs][0], w_uk)           # [H, r]
+                scores = (q_lat @ c_ctx.T + q_rope[qs][0] @ kr_ctx.T) * self.scale  # [H, N]
+                o_lat = torch.softmax(scores.float(), dim=-1).to(x.dtype) @ c_ctx  # [H, r]
+                out[qs] = torch.einsum("hr,hvr->hv", o_lat, w_uv).unsqueeze(0)
+            else:
+                kvb = self.kv_b_proj(c_ctx).view(ctx, h, dn + dv)
+                k = torch.cat([kvb[..., :dn], kr_ctx.unsqueeze(1).expand(ctx, h, dr)], dim=-1)
+                v = kvb[..., dn:]
+                qq = torch.cat([q_nope[qs], q_rope[qs]], dim=-1)
+                o = F.scaled_dot_product_attention(
+                    qq.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=self.scale)
+                out[qs] = o[0].transpose(0, 1)
+        return self.o_proj(out.reshape(t, h * dv))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts),
+                                                    requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, k], weights [T, k])."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(-1)
+        choice = scores + self.e_score_correction_bias.float() if c.topk_method == "noaux_tc" \
+            else scores
+        if c.n_group > 1:
+            # Group-limited routing: keep the topk_group best groups (V3 ranks a group by the
+            # sum of its two best experts; V2 by its best), choose experts only inside them.
+            grouped = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)
+            group_scores = (grouped.topk(2, dim=-1)[0].sum(-1) if c.topk_method == "noaux_tc"
+                            else grouped.max(-1).values)
+            keep = torch.zeros_like(group_scores).scatter_(
+                1, torch.topk(group_scores, c.topk_group, dim=-1, sorted=False)[1], 1)
+            mask = keep.unsqueeze(-1).expand_as(grouped).reshape(choice.shape).bool()
+            choice = choice.masked_fill(~mask, float("-inf"))
+        idx = torch.topk(choice, c.num_experts_per_tok, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if c.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * c.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config) -> None:
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x)
+        counts += torch.bincount(idx.flatten(), minlength=counts.numel())
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, pos = torch.where(idx == e)
+            y = self.experts[e](x[tok]) * w[tok, pos, None].to(x.dtype)
+            out.index_add_(0, tok, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = (MoE(cfg) if layer >= cfg.first_k_dense_replace
+                               else MLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, h, inv_freq, kv, batch, counts):  # type: ignore[no-untyped-def]
+        h = h + self.self_attn(self.input_layernorm(h), inv_freq, kv, batch)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, counts[self.layer]) if isinstance(self.mlp, MoE) else self.mlp(x))
+
+
+class DeepseekBody(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta),
+                             persistent=False)
+        # Tokens routed to each expert, per layer: the expert-parallel balancer's input.
+        self.register_buffer("expert_counts", torch.zeros(
+            cfg.num_hidden_layers, cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    def reset_buffers(self, device: str | torch.device) -> None:
+        c = self.config
+        self.inv_freq = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta).to(device)
+        self.expert_counts = torch.zeros(c.num_hidden_layers, c.n_routed_experts,
+                                         dtype=torch.int64, device=device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, self.inv_freq, kv, batch, self.expert_counts)
+        h = self.model.norm(h[batch.last_indices])
+        return self.lm_head(h).float()
