@@ -6,8 +6,9 @@ sequences whose KV arrived over NIXL with `add_prefilled` and calls `step`.
 
 Lifecycle of a sequence:
 1. `add_request` reserves pages for prompt + max_tokens (or raises OutOfPages) and queues it.
-2. `step` prefills waiting sequences (one per step), samples their first token.
-3. `step` decodes every running sequence by one token, in one batch.
+2. A prefill step runs prompt chunks of several waiting sequences within a token budget
+   (chunked prefill); a sequence whose prompt is done samples its first token and runs.
+3. Otherwise a decode step advances every running sequence by one token, in one batch.
 4. A sequence that hits a stop token or max_tokens leaves the batch; its pages are released.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling import SamplingParams, finish_reason, sample
+from pdserve.engine.sampling import SamplingParams, finish_reason, logprob_of, sample
 from pdserve.engine.sequence import Sequence
 
 
@@ -27,6 +28,20 @@ class TokenEvent:
     request_id: str
     token: int
     finish_reason: str | None
+    logprob: float | None = None
+
+
+def schedule_chunks(seqs, budget: int) -> list[tuple[object, int]]:  # type: ignore[no-untyped-def]
+    """FIFO chunked-prefill plan: (sequence, tokens this step) within `budget` tokens."""
+    plan = []
+    for seq in seqs:
+        if budget <= 0:
+            break
+        n = min(len(seq.prompt) - seq.num_computed, budget)
+        if n > 0:
+            plan.append((seq, n))
+            budget -= n
+    return plan
 
 
 def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
@@ -35,10 +50,12 @@ def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, max_batch: int = 64) -> None:
+    def __init__(self, runner: ModelRunner, max_batch: int = 64,
+                 max_prefill_tokens: int = 2048) -> None:
         self.runner = runner
         self.pool = runner.pool
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -77,34 +94,45 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
-        if self.waiting and len(self.running) < self.max_batch:
-            events.append(self._prefill(self.waiting.popleft()))
+        room = self.max_batch - len(self.running)
+        if self.waiting and room > 0:
+            events.extend(self._prefill(list(self.waiting)[:room]))
         elif self.running:
             events.extend(self._decode(self.running[: self.max_batch]))
         self.running = [s for s in self.running if not s.finished]
         return events
 
-    def _prefill(self, seq: Sequence) -> TokenEvent:
-        logits = self.runner.prefill(seq.prompt, seq.pages)
-        return self._append(seq, sample(logits, seq.params, 0), new=True)
+    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        plan = schedule_chunks(seqs, self.max_prefill_tokens)
+        logits = self.runner.forward_chunks(
+            [(s.prompt[s.num_computed:s.num_computed + n], s.num_computed, s.pages)
+             for s, n in plan])
+        events = []
+        for i, (seq, n) in enumerate(plan):
+            seq.num_computed += n
+            if seq.num_computed == len(seq.prompt):
+                self.waiting.remove(seq)
+                events.append(self._append(seq, logits[i], new=True))
+        return events
 
     def _decode(self, seqs: list[Sequence]) -> list[TokenEvent]:
         logits = self.runner.decode(
             [s.last_token for s in seqs], [s.num_tokens for s in seqs], [s.pages for s in seqs]
         )
-        return [
-            self._append(s, sample(logits[i], s.params, len(s.output)), new=False)
-            for i, s in enumerate(seqs)
-        ]
+        return [self._append(s, logits[i], new=False) for i, s in enumerate(seqs)]
 
-    def _append(self, seq: Sequence, token: int, new: bool) -> TokenEvent:
+    def _append(self, seq: Sequence, logits, new: bool) -> TokenEvent:  # type: ignore[no-untyped-def]
+        token = sample(logits, seq.params, len(seq.output))
+        lp = logprob_of(logits, token) if seq.params.logprobs else None
         seq.output.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
         seq.finish_reason = finish_reason(token, len(seq.output), seq.params)
         if seq.finished:
             self._free(seq)
         elif new:
             self.running.append(seq)
-        return TokenEvent(seq.request_id, token, seq.finish_reason)
+        return TokenEvent(seq.request_id, token, seq.finish_reason, lp)
 
     def _free(self, seq: Sequence) -> None:
         if seq.pages:

@@ -37,6 +37,16 @@ class ModelRunner:
         assert logits is not None
         return logits[0]
 
+    def forward_chunks(self, chunks: Sequence[tuple[Sequence[int], int, Sequence[int]]]) -> torch.Tensor:
+        """One forward over prompt chunks of several sequences: each chunk is (token ids, start
+        position, page table); KV of positions < start must already be in the pages. Returns the
+        logits [B, vocab] after each chunk's last token."""
+        ids = torch.tensor([t for toks, _, _ in chunks for t in toks], dtype=torch.long,
+                           device=self.device)
+        batch = AttnBatch.build([len(t) for t, _, _ in chunks], [s + len(t) for t, s, _ in chunks],
+                                [list(p) for _, _, p in chunks], self.block_tokens, self.device)
+        return self.model(ids, self.pool.kv, batch)
+
     def decode(
         self, last_tokens: Sequence[int], ctx_lens: Sequence[int], page_tables: Sequence[Sequence[int]]
     ) -> torch.Tensor:

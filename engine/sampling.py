@@ -1,4 +1,5 @@
-"""Token sampling: greedy and temperature, reproducible per request and per position."""
+"""Token sampling: greedy, temperature, top-k, top-p; reproducible per request and position;
+optional log-probability of the chosen token."""
 
 from __future__ import annotations
 
@@ -13,10 +14,29 @@ class SamplingParams:
     temperature: float = 0.0
     seed: int = 0
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    top_k: int = 0        # 0 = no limit
+    top_p: float = 1.0    # nucleus mass kept; 1 = no limit
+    logprobs: bool = False
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Masks logits outside the top-k and the top-p nucleus (both keep at least one token)."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p.
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[0] = False
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
-    """Pick the token at output position `index` from logits [vocab].
+    """Picks the token at output position `index` from logits [vocab].
 
     The random stream is seeded by (seed, index), so the prefill worker (token 0) and a decode
     worker (tokens 1..) draw exactly what one process would.
@@ -25,8 +45,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
         return int(torch.argmax(logits).item())
     gen = torch.Generator(device="cpu")
     gen.manual_seed((params.seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    scaled = _filter(logits.float().cpu() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def logprob_of(logits: torch.Tensor, token: int) -> float:
+    """Log-probability of `token` under the model's raw distribution (before temperature)."""
+    return float(torch.log_softmax(logits.float(), dim=-1)[token].item())
 
 
 def finish_reason(token: int, num_generated: int, params: SamplingParams) -> str | None:

@@ -15,7 +15,9 @@ class Sequence:
     params: SamplingParams
     pages: list[PageId] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    num_computed: int = 0  # prompt tokens whose KV is in the pages
 
     @property
     def num_tokens(self) -> int:

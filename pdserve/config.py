@@ -51,7 +51,8 @@ class PrefillSettings(_ModelSettings):
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
     kvstore: Address = Field("127.0.0.1:50060", description="kvstore address ('' = no store)")
     num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
-    prefill_chunk_tokens: int = Field(2048, ge=16, description="tokens per prefill forward")
+    prefill_chunk_tokens: int = Field(
+        2048, ge=16, description="token budget of one prefill step, over all its requests")
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")

@@ -8,6 +8,9 @@ from pdserve.engine.tokenizer import Tokenizer
 
 MAX_REQUEST_ID = 256
 MAX_SALT = 1024
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKENS = 64
 
 
 class InvalidRequest(ValueError):
@@ -19,6 +22,10 @@ class Admitted:
     prompt: list[int]
     max_tokens: int
     temperature: float
+    top_k: int
+    top_p: float
+    stop_token_ids: list[int]
+    stop: list[str]
 
 
 def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -> Admitted:  # type: ignore[no-untyped-def]
@@ -38,6 +45,22 @@ def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -
         raise InvalidRequest(f"temperature: {req.temperature}, must be >= 0")
     if req.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens: {req.max_tokens}, must be > 0")
+    if not 0 <= req.top_k <= vocab_size:
+        raise InvalidRequest(f"top_k: {req.top_k}, must be in [0, {vocab_size}] (0 = no limit)")
+    if not 0.0 <= req.top_p <= 1.0 or req.top_p != req.top_p:
+        raise InvalidRequest(f"top_p: {req.top_p}, must be in (0, 1] (0 = no limit)")
+    if len(req.stop_token_ids) > MAX_STOP_TOKENS:
+        raise InvalidRequest(f"stop_token_ids: {len(req.stop_token_ids)} ids, limit {MAX_STOP_TOKENS}")
+    bad = next((t for t in req.stop_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"stop_token_ids: token id {bad} outside the vocabulary [0, {vocab_size})")
+    if len(req.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop: {len(req.stop)} strings, limit {MAX_STOP_STRINGS}")
+    for i, st in enumerate(req.stop):
+        if not st or len(st) > MAX_STOP_CHARS:
+            raise InvalidRequest(f"stop[{i}]: {len(st)} characters, must be 1..{MAX_STOP_CHARS}")
+    if req.stop and tokenizer is None:
+        raise InvalidRequest("stop: this server has no tokenizer; use stop_token_ids")
     if has_ids:
         prompt = list(req.prompt_token_ids)
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
@@ -61,4 +84,6 @@ def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -
         raise InvalidRequest(
             f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) = "
             f"{len(prompt) + req.max_tokens}, context limit {max_context}")
-    return Admitted(prompt, req.max_tokens, float(req.temperature))
+    return Admitted(prompt, req.max_tokens, float(req.temperature), req.top_k,
+                    float(req.top_p) if 0.0 < req.top_p < 1.0 else 1.0,
+                    list(req.stop_token_ids), list(req.stop))

@@ -37,7 +37,7 @@ from pdserve.engine.sequence import Sequence
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
-from pdserve.services.worker import load_for, new_epoch, worker_info
+from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class DecodeWorker:
         else:
             found = self.engine.abort(request_id)
         if outbox is not None:
-            outbox.put(("token", -1, "abort"))
+            outbox.put(("token", -1, "abort", None))
         self._notify_change()
         return found
 
@@ -202,7 +202,7 @@ class DecodeWorker:
                 self.num_finished += 1
                 self._notify_change()
             if outbox is not None:
-                outbox.put(("token", ev.token, ev.finish_reason))
+                outbox.put(("token", ev.token, ev.finish_reason, ev.logprob))
 
     def _notify_change(self) -> None:
         if self.on_change is not None:
@@ -227,8 +227,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if total > w.loaded.max_context:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt + max_tokens = {total}, context limit {w.loaded.max_context}")
-        params = SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature,
-                                seed=sp.seed, stop_token_ids=frozenset(sp.stop_token_ids))
+        params = sampling_from_proto(sp)
         try:
             res = w.reserve(request.request_id, list(request.prompt_token_ids), params,
                             asyncio.get_running_loop())
@@ -251,9 +250,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if item[0] == "error":
                     finished = True
                     await context.abort(item[1], item[2])
-                _, token, reason = item
+                _, token, reason, logprob = item
                 if token >= 0:
-                    yield decode_pb2.TokenChunk(token_ids=[token], finish_reason=reason or "")
+                    yield decode_pb2.TokenChunk(token_ids=[token], finish_reason=reason or "",
+                                                logprobs=[] if logprob is None else [logprob])
                 elif reason:
                     yield decode_pb2.TokenChunk(finish_reason=reason)
                 if reason:

@@ -26,19 +26,25 @@ import grpc
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.config import GatewaySettings
 from pdserve.engine.loader import load_tokenizer
-from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.scheduler.balancers import (
     DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill)
 from pdserve.scheduler.registry import WorkerRegistry, WorkerState
 from pdserve.services.admission import InvalidRequest, admit
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.membership import RegistryServicer, watch_readiness
+from pdserve.services.output import OutputText
 from pdserve.services.server import channel, create_server, serve_until_signal, write_ready_file
 from pdserve.v1 import (
     common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
     prefill_pb2_grpc, registry_pb2, registry_pb2_grpc)
 
 log = logging.getLogger(__name__)
+
+
+async def _empty():
+    return
+    yield
 
 
 @dataclass
@@ -95,10 +101,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if rid in self._inflight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is running")
         seed = request.seed or int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little")
-        stops = sorted(self.tokenizer.stop_token_ids) if self.tokenizer else []
-        sampling = common_pb2.SamplingParams(max_tokens=adm.max_tokens,
-                                             temperature=adm.temperature, seed=seed,
-                                             stop_token_ids=stops)
+        stops = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
+        sampling = common_pb2.SamplingParams(
+            max_tokens=adm.max_tokens, temperature=adm.temperature, seed=seed,
+            stop_token_ids=sorted(stops | set(adm.stop_token_ids)), top_k=adm.top_k,
+            top_p=adm.top_p, logprobs=request.logprobs)
         prompt = adm.prompt
         bt = spec.block_tokens
         # Step 2: how much of the prompt the store holds.
@@ -145,20 +152,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, f"prefill: {e.details()}")
             ttft = time.monotonic() - t0
-            detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+            text = OutputText(self.tokenizer, adm.stop)
             out = [pre.first_token]
             yield gateway_pb2.GenerateResponse(
-                request_id=rid, token_ids=[pre.first_token],
-                text=detok.push([pre.first_token]) if detok else "")
+                request_id=rid, token_ids=[pre.first_token], text=text.push([pre.first_token]),
+                logprobs=[pre.first_logprob] if request.logprobs else [])
             # Step 5: relay the rest.
             reason = ""
             try:
-                async for chunk in stream:
+                async for chunk in (_empty() if text.stopped else stream):
                     if chunk.token_ids:
                         out.extend(chunk.token_ids)
                         yield gateway_pb2.GenerateResponse(
                             request_id=rid, token_ids=list(chunk.token_ids),
-                            text=detok.push(chunk.token_ids) if detok else "")
+                            text=text.push(chunk.token_ids), logprobs=list(chunk.logprobs))
+                    if text.stopped:
+                        break
                     if chunk.finish_reason:
                         reason = chunk.finish_reason
                         break
@@ -170,14 +179,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if code not in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED):
                         code = grpc.StatusCode.UNAVAILABLE
                     await context.abort(code, f"decode: {e.details()}")
-            if not reason:
-                reason = "abort" if flight.aborted.is_set() else ""
-                if not reason:
+            if text.stopped:  # a stop string ended the text: the decode side stops too
+                reason = "stop"
+                stream.cancel()
+                await self._release(decode, rid)
+            elif not reason:
+                if not flight.aborted.is_set():
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         "decode: stream ended without a finish reason")
+                reason = "abort"
             finished = True
             yield gateway_pb2.GenerateResponse(
-                request_id=rid, finish_reason=reason, text=detok.flush() if detok else "",
+                request_id=rid, finish_reason=reason, text=text.flush(),
                 usage=gateway_pb2.Usage(prompt_tokens=len(prompt), cached_tokens=pre.cached_tokens,
                                         completion_tokens=len(out)),
                 timing=gateway_pb2.Timing(ttft_s=ttft, e2e_s=time.monotonic() - t0))

@@ -6,7 +6,9 @@ Lifecycle of one request:
 2. Pages for the prompt are taken from this worker's pool; the cached leading blocks are fetched
    from the kvstore, verified (checksum, key and layout) and copied into them. Whatever could not
    be fetched is computed: a store that is down or slow only costs recompute.
-3. The rest of the prompt is computed (chunked); the first token is sampled.
+3. The rest of the prompt joins the compute loop, which runs prompt chunks of several requests
+   per step within a token budget (chunked prefill); when its last chunk is done the first
+   token is sampled.
 4. The prompt's pages are WRITten into the reserved decode pages over NIXL with a notice
    carrying the first token and a checksum; the call returns once the WRITE completed.
 5. New full blocks go to the kvstore in the background (best effort); the pages are freed.
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -32,15 +35,27 @@ from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling import SamplingParams, sample
+from pdserve.engine.engine import schedule_chunks
+from pdserve.engine.sampling import logprob_of, sample
+from pdserve.scheduler.balancers import attention_work
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
-from pdserve.services.worker import load_for, new_epoch, worker_info
+from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillJob:
+    """A prompt being prefilled: its pages, how far its KV is done, and who waits for it."""
+
+    prompt: list[int]
+    pages: list[PageId]
+    num_computed: int
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class PrefillWorker:
@@ -54,55 +69,90 @@ class PrefillWorker:
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
         self.runner = ModelRunner(loaded.model, self.pool, chunk_tokens)
+        self.step_tokens = chunk_tokens  # token budget of one prefill step, over all requests
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self.kvstore = kvstore
         self.transfer_timeout_s = transfer_timeout_s
-        self._compute = asyncio.Lock()  # one prefill on the model at a time
+        self._queue: list[PrefillJob] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
         self._puts: set[asyncio.Task] = set()
         self.num_prefills = 0
+        self.num_steps = 0
         self.queued_tokens = 0
         self.queued_attention = 0.0
-        self.running = 0
 
     def load(self) -> common_pb2.LoadReport:
         return common_pb2.LoadReport(
-            free_pages=self.pool.num_free, total_pages=self.pool.num_pages, running=self.running,
-            queued_tokens=self.queued_tokens, queued_attention=self.queued_attention,
-            num_finished=self.num_prefills)
+            free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
+            running=len(self._queue), queued_tokens=self.queued_tokens,
+            queued_attention=self.queued_attention, num_finished=self.num_prefills)
 
+    # -- the compute loop: chunked prefill of several requests per step -----------------------
+    async def _compute_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = schedule_chunks(self._queue, self.step_tokens)
+            chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
+                      for j, n in plan]
+            try:
+                logits = await asyncio.to_thread(self.runner.forward_chunks, chunks)
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                for j, _ in plan:
+                    self._queue.remove(j)
+                    if not j.done.done():
+                        j.done.set_exception(e)
+                continue
+            self.num_steps += 1
+            for i, (j, n) in enumerate(plan):
+                j.num_computed += n
+                if j.num_computed == len(j.prompt):
+                    self._queue.remove(j)
+                    if not j.done.done():
+                        j.done.set_result(logits[i])
+
+    async def _compute(self, prompt: list[int], pages: list[PageId], start: int):  # type: ignore[no-untyped-def]
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._compute_loop())
+        job = PrefillJob(prompt, pages, start)
+        self._queue.append(job)
+        self._wake.set()
+        try:
+            return await job.done
+        finally:
+            if job in self._queue:  # cancelled while queued
+                self._queue.remove(job)
+
+    # -- one request -------------------------------------------------------------------------
     async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         prompt = list(req.prompt_token_ids)
         bt = self.layout.block_tokens
         keys = block_hashes(self.namespace, req.cache_salt, prompt, bt)
         want = min(max(req.cached_blocks_hint, 0), cacheable_blocks(len(prompt), bt))
-        # Queue accounting assumes the hint holds; corrected when the work is done.
+        # Queue accounting assumes the hint holds.
         n_new, c = len(prompt) - want * bt, want * bt
-        work = n_new * (c + n_new / 2)
+        work = attention_work(c, n_new)
         self.queued_tokens += n_new
         self.queued_attention += work
         try:
-            async with self._compute:
-                self.running += 1
-                try:
-                    return await self._run(req, prompt, keys, want)
-                finally:
-                    self.running -= 1
+            return await self._run(req, prompt, keys, want)
         finally:
             self.queued_tokens -= n_new
             self.queued_attention -= work
 
     async def _run(self, req, prompt: list[int], keys, want: int) -> prefill_pb2.PrefillResponse:
         bt = self.layout.block_tokens
-        sp = req.sampling
-        params = SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature,
-                                seed=sp.seed, stop_token_ids=frozenset(sp.stop_token_ids))
+        params = sampling_from_proto(req.sampling)
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         try:
             t0 = time.perf_counter()
             blocks = await self.kvstore.get(keys[:want]) if want else []
             n_cached = await asyncio.to_thread(self._load_blocks, pages, keys, blocks)
             t1 = time.perf_counter()
-            logits = await asyncio.to_thread(self.runner.prefill, prompt, pages, n_cached * bt)
+            logits = await self._compute(prompt, pages, n_cached * bt)
             first = sample(logits, params, 0)
             checksum = await asyncio.to_thread(pages_checksum, self.pool, pages)
             t2 = time.perf_counter()
@@ -121,7 +171,8 @@ class PrefillWorker:
         return prefill_pb2.PrefillResponse(
             first_token=first, cached_tokens=n_cached * bt,
             computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
-            fetch_s=t1 - t0, compute_s=t2 - t1, transfer_s=t3 - t2)
+            fetch_s=t1 - t0, compute_s=t2 - t1, transfer_s=t3 - t2,
+            first_logprob=logprob_of(logits, first) if params.logprobs else 0.0)
 
     def _load_blocks(self, pages: Sequence[PageId], keys, blocks: Sequence[bytes]) -> int:
         """Copies verified blocks into the leading pages; returns how many were usable."""
@@ -150,6 +201,8 @@ class PrefillWorker:
     async def drain(self) -> None:
         if self._puts:
             await asyncio.wait(list(self._puts), timeout=10)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):

@@ -71,16 +71,21 @@ def test_chunked_prefill_and_cached_prefix_give_the_same_logits(loaded, tokenize
 
 
 def test_batching_does_not_change_greedy_tokens(loaded, tokenizer):
-    prompts = [chat_ids(tokenizer, f"Count from {i} to {i + 5}.") for i in range(5)]
-    prompts.append(chat_ids(tokenizer, "Describe a long train journey. " * 12))
-    params = SamplingParams(max_tokens=12)
+    """16 concurrent greedy requests of different lengths, prefilled in shared chunked steps and
+    decoded in one continuous batch, each get the tokens they get alone."""
+    prompts = [chat_ids(tokenizer, f"Count from {i} to {i + 5}." + " Slowly." * (3 * i))
+               for i in range(16)]
+    assert len({len(p) for p in prompts}) == 16
+    params = SamplingParams(max_tokens=10)
     alone = []
+    eng, _ = make_engine(loaded, num_pages=8)
     for p in prompts:
-        eng, _ = make_engine(loaded)
         alone.append(eng.generate([p], params)[0])
-    eng, pool = make_engine(loaded)
+    eng, pool = make_engine(loaded, num_pages=96)
+    eng.max_prefill_tokens = 300  # several requests per prefill step, some split across steps
     together = eng.generate(prompts, params)
     assert together == alone
+    assert pool.num_free == pool.num_pages
     pool.check_integrity()
 
 

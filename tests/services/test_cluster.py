@@ -112,6 +112,12 @@ BAD = [
     (dict(prompt="hi", max_tokens=-5), "max_tokens: -5"),
     (dict(prompt="hi", max_tokens=9000), "context limit 8192"),
     (dict(prompt="hi", max_tokens=4, temperature=-0.5), "temperature: -0.5"),
+    (dict(prompt="hi", max_tokens=4, top_p=1.5), "top_p: 1.5"),
+    (dict(prompt="hi", max_tokens=4, top_k=-1), "top_k: -1"),
+    (dict(prompt="hi", max_tokens=4, stop=[""]), "stop[0]: 0 characters"),
+    (dict(prompt="hi", max_tokens=4, stop_token_ids=[60000]), "stop_token_ids: token id 60000"),
+    (dict(messages=[gateway_pb2.ChatMessage(role="robot", content="x")], max_tokens=4),
+     "messages[0].role: 'robot'"),
 ]
 
 
@@ -123,6 +129,34 @@ def test_bad_requests_are_invalid_argument_naming_the_problem(cluster, fields, m
             list(stub.Generate(gateway_pb2.GenerateRequest(**fields)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.details()
+
+
+def test_stop_strings_and_logprobs(cluster, loaded, tokenizer):
+    ids = chat(tokenizer, "What is the capital of France?")
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        msgs = list(gateway_pb2_grpc.GatewayStub(ch).Generate(gateway_pb2.GenerateRequest(
+            prompt_token_ids=ids, max_tokens=20, stop=[" Paris"], logprobs=True)))
+    text = "".join(m.text for m in msgs)
+    tokens = [t for m in msgs for t in m.token_ids]
+    logprobs = [lp for m in msgs for lp in m.logprobs]
+    assert text == "The capital of France is"
+    assert msgs[-1].finish_reason == "stop"
+    assert len(logprobs) == len(tokens) and all(lp <= 0 for lp in logprobs)
+    eng = LLMEngine(ModelRunner(loaded.model, KVPool(loaded.layout, 64)))
+    seq = eng.add_request("ref", ids, SamplingParams(max_tokens=len(tokens), logprobs=True))
+    while eng.has_work:
+        eng.step()
+    assert seq.output == tokens
+    assert logprobs == pytest.approx(seq.logprobs, abs=1e-4)
+
+
+def test_top_k_one_is_greedy(cluster, client, tokenizer):
+    ids = chat(tokenizer, "Name a colour.")
+    greedy = client.generate(token_ids=ids, max_tokens=8)
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        msgs = list(gateway_pb2_grpc.GatewayStub(ch).Generate(gateway_pb2.GenerateRequest(
+            prompt_token_ids=ids, max_tokens=8, temperature=1.5, top_k=1, seed=9)))
+    assert [t for m in msgs for t in m.token_ids] == greedy.token_ids
 
 
 def test_temperature_sampling_is_reproducible_with_a_seed(client, tokenizer):

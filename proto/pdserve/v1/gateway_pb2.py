@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/gateway.proto\x12\npdserve.v1\"\xc5\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12)\n\x08messages\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\'\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\xa4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x90\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/gateway.proto\x12\npdserve.v1\"\x9b\x02\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12)\n\x08messages\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\r\n\x05top_k\x18\t \x01(\x05\x12\r\n\x05top_p\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\'\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\xb6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x90\x01\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.gateway_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=238
-  _globals['_CHATMESSAGE']._serialized_start=240
-  _globals['_CHATMESSAGE']._serialized_end=284
-  _globals['_USAGE']._serialized_start=286
-  _globals['_USAGE']._serialized_end=366
-  _globals['_TIMING']._serialized_start=368
-  _globals['_TIMING']._serialized_end=407
-  _globals['_GENERATERESPONSE']._serialized_start=410
-  _globals['_GENERATERESPONSE']._serialized_end=574
-  _globals['_ABORTREQUEST']._serialized_start=576
-  _globals['_ABORTREQUEST']._serialized_end=610
-  _globals['_ABORTRESPONSE']._serialized_start=612
-  _globals['_ABORTRESPONSE']._serialized_end=642
-  _globals['_GATEWAY']._serialized_start=645
-  _globals['_GATEWAY']._serialized_end=789
+  _globals['_GENERATEREQUEST']._serialized_end=324
+  _globals['_CHATMESSAGE']._serialized_start=326
+  _globals['_CHATMESSAGE']._serialized_end=370
+  _globals['_USAGE']._serialized_start=372
+  _globals['_USAGE']._serialized_end=452
+  _globals['_TIMING']._serialized_start=454
+  _globals['_TIMING']._serialized_end=493
+  _globals['_GENERATERESPONSE']._serialized_start=496
+  _globals['_GENERATERESPONSE']._serialized_end=678
+  _globals['_ABORTREQUEST']._serialized_start=680
+  _globals['_ABORTREQUEST']._serialized_end=714
+  _globals['_ABORTRESPONSE']._serialized_start=716
+  _globals['_ABORTRESPONSE']._serialized_end=746
+  _globals['_GATEWAY']._serialized_start=749
+  _globals['_GATEWAY']._serialized_end=893
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xca\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_blocks_hint\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.Reservation\"\xa9\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x0f\n\x07\x66\x65tch_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x32M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xca\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_blocks_hint\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.Reservation\"\xc0\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x0f\n\x07\x66\x65tch_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x15\n\rfirst_logprob\x18\x08 \x01(\x02\x32M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=66
   _globals['_PREFILLREQUEST']._serialized_end=268
   _globals['_PREFILLRESPONSE']._serialized_start=271
-  _globals['_PREFILLRESPONSE']._serialized_end=440
-  _globals['_PREFILL']._serialized_start=442
-  _globals['_PREFILL']._serialized_end=519
+  _globals['_PREFILLRESPONSE']._serialized_end=463
+  _globals['_PREFILL']._serialized_start=465
+  _globals['_PREFILL']._serialized_end=542
 # @@protoc_insertion_point(module_scope)
