@@ -7,9 +7,12 @@ A batch is a list of sequences, each contributing `q_len` new tokens to a flat t
     flat tokens  | seq 0: q_len 5 | seq 1: q_len 1 | seq 2: q_len 1 |
     context      | ctx 5 (fresh)  | ctx 130        | ctx 64         |
 
-The new tokens' K/V are written to their slots first; then every sequence's context rows are
-gathered from the pool in one indexed read per layer (token-level indices built once per step),
-and each sequence attends over its own slice of them. No padding to the longest sequence.
+The new tokens' K/V are written to their slots first. Then:
+- decode sequences (one new token) with the same number of pages form a group: their pages are
+  gathered whole and one batched attention call serves the group, the unused tail of each last
+  page masked (at most block_tokens - 1 wasted rows per sequence, never padding to the longest);
+- prefill chunks gather their context rows (token-level indices built once per step) and attend
+  one sequence at a time, with a causal mask.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class AttnBatch:
     ctx_pages: torch.Tensor       # [sum(ctx)] page of every context token, sequence after sequence
     ctx_offsets: torch.Tensor     # [sum(ctx)]
     masks: list[torch.Tensor | None]  # per sequence: causal mask [q, ctx], None when q_len == 1
+    # Decode sequences grouped by page count: (flat query indices [G], page tables [G, n],
+    # valid rows [G, n * block_tokens]).
+    decode_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
@@ -54,10 +60,21 @@ class AttnBatch:
             last.append(flat - 1)
             masks.append(None if q == 1 else
                          (pos.unsqueeze(0) <= pos[ctx - q:].unsqueeze(1)).to(device))
+        by_pages: dict[int, list[int]] = {}
+        for i, (q, ctx) in enumerate(zip(q_lens, ctx_lens)):
+            if q == 1:
+                by_pages.setdefault(-(-ctx // block_tokens), []).append(i)
+        groups = []
+        for n, members in sorted(by_pages.items()):
+            tables = torch.tensor([list(page_tables[i][:n]) for i in members], dtype=torch.long)
+            lens = torch.tensor([ctx_lens[i] for i in members]).unsqueeze(1)
+            valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
+            groups.append((torch.tensor([last[i] for i in members], dtype=torch.long).to(device),
+                           tables.to(device), valid.to(device)))
         cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
-                   cat(ctx_pages), cat(ctx_offsets), masks)
+                   cat(ctx_pages), cat(ctx_offsets), masks, groups)
 
     def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
         """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
@@ -89,12 +106,26 @@ def paged_attention(
     half = n_kv * hd
     # Step 1: store the new tokens' K/V in their slots.
     batch.write(kv, layer, torch.cat([k.reshape(-1, half), v.reshape(-1, half)], dim=-1))
-    # Step 2: one gather of all context rows, then attention per sequence over its slice.
+    out = torch.empty_like(q)
+    # Step 2: decode groups, one batched call each over whole pages.
+    for q_idx, tables, valid in batch.decode_groups:
+        g = q_idx.numel()
+        pages = kv[tables, layer].reshape(g, -1, 2 * half).to(q.dtype)       # [G, S, 2*half]
+        k_g = pages[..., :half].view(g, -1, n_kv, hd).transpose(1, 2)        # [G, KVH, S, hd]
+        v_g = pages[..., half:].view(g, -1, n_kv, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[q_idx].unsqueeze(2), k_g, v_g, attn_mask=valid[:, None, None, :], scale=scale,
+            enable_gqa=True)                                                  # [G, H, 1, hd]
+        out[q_idx] = o[:, :, 0]
+    if len(batch.decode_groups) and all(m is None for m in batch.masks):
+        return out
+    # Step 3: prefill chunks, one sequence at a time over its gathered context rows.
     ctx_kv = batch.gather(kv, layer).to(q.dtype)                  # [N, 2*half]
     keys = ctx_kv[:, :half].view(-1, n_kv, hd).transpose(0, 1)     # [KVH, N, hd]
     values = ctx_kv[:, half:].view(-1, n_kv, hd).transpose(0, 1)
-    out = torch.empty_like(q)
-    for qs, cs, _, _, mask in batch.sequences():
+    for qs, cs, q_len, _, mask in batch.sequences():
+        if q_len == 1:
+            continue
         o = F.scaled_dot_product_attention(
             q[qs].transpose(0, 1).unsqueeze(0), keys[:, cs].unsqueeze(0),
             values[:, cs].unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)

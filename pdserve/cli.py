@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    gen.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = no limit")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--stop-token-ids", default="", help="comma-separated stop token ids")
+    gen.add_argument("--logprobs", action="store_true", help="return each token's logprob")
     gen.add_argument("--cache-salt", default="")
     gen.add_argument("--request-id", default="")
     gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -59,7 +64,10 @@ def _generate(args: argparse.Namespace) -> int:
         try:
             r = c.generate(prompt=prompt, token_ids=ids, messages=messages,
                            max_tokens=args.max_tokens, temperature=args.temperature,
-                           seed=args.seed, cache_salt=args.cache_salt,
+                           seed=args.seed, cache_salt=args.cache_salt, top_k=args.top_k,
+                           top_p=args.top_p, stop=args.stop, logprobs=args.logprobs,
+                           stop_token_ids=[int(t) for t in args.stop_token_ids.split(",")
+                                           if t.strip()],
                            request_id=args.request_id, on_text=stream)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -16,6 +16,7 @@ from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 class Result:
     request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""
     prompt_tokens: int = 0
@@ -50,6 +51,11 @@ class Client:
         cache_salt: str = "",
         request_id: str = "",
         seed: int = 0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        logprobs: bool = False,
         timeout: float | None = 600,
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
@@ -57,7 +63,8 @@ class Client:
             prompt=prompt or "", prompt_token_ids=list(token_ids or []),
             messages=[gateway_pb2.ChatMessage(role=r, content=c) for r, c in (messages or [])],
             max_tokens=max_tokens, temperature=temperature, cache_salt=cache_salt,
-            request_id=request_id, seed=seed)
+            request_id=request_id, seed=seed, top_k=top_k, top_p=top_p, stop=list(stop),
+            stop_token_ids=list(stop_token_ids), logprobs=logprobs)
         res = Result()
         t0 = time.perf_counter()
         for msg in self.stub.Generate(req, timeout=timeout):
@@ -65,6 +72,7 @@ class Client:
                 res.ttft_s = time.perf_counter() - t0
             res.request_id = msg.request_id or res.request_id
             res.token_ids.extend(msg.token_ids)
+            res.logprobs.extend(msg.logprobs)
             res.text += msg.text
             if on_text and msg.text:
                 on_text(msg.text)

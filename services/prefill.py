@@ -188,7 +188,7 @@ class PrefillWorker:
     def _encode_blocks(self, pages: Sequence[PageId], keys, start: int) -> list[tuple[bytes, bytes]]:
         bt = self.layout.block_tokens
         return [(keys[i], encode_block(keys[i], self.fingerprint, bt,
-                                       self.pool.page_bytes(pages[i]).numpy().tobytes()))
+                                       self.pool.page_bytes(pages[i]).cpu().numpy().tobytes()))
                 for i in range(start, len(keys))]
 
     def _put_later(self, blocks: list[tuple[bytes, bytes]]) -> None:

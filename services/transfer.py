@@ -46,7 +46,7 @@ def _quiet_nixl() -> None:
 def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
     h = xxhash.xxh3_64()
     for p in pages:
-        h.update(pool.page_bytes(p).numpy())
+        h.update(pool.page_bytes(p).cpu().numpy())
     return h.intdigest()
 
 

@@ -1,0 +1,131 @@
+"""Engine throughput against Hugging Face transformers, same model, same batch, same run.
+
+1. decode tokens/s at batch 1, 16, 64 (prefill time subtracted on both sides);
+2. prefill tokens/s;
+3. the whole disaggregated system under 16 concurrent clients against the single-process
+   engine on the same requests.
+
+Usage: python bench/bench_engine.py [--prompt-tokens 128] [--new-tokens 16] [--batches 1,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, table  # noqa: E402
+
+from pdserve.engine.engine import LLMEngine  # noqa: E402
+from pdserve.engine.kv_pool import KVPool  # noqa: E402
+from pdserve.engine.loader import default_model_path, load_model  # noqa: E402
+from pdserve.engine.runner import ModelRunner  # noqa: E402
+from pdserve.engine.sampling import SamplingParams  # noqa: E402
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n, length), generator=g).tolist()
+
+
+def ours_generate(loaded, batch: list[list[int]], new: int) -> float:
+    pages = len(batch) * loaded.layout.pages_for(len(batch[0]) + new) + 4
+    pool = KVPool(loaded.layout, pages, device=next(loaded.model.parameters()).device)
+    eng = LLMEngine(ModelRunner(loaded.model, pool), max_batch=len(batch),
+                    max_prefill_tokens=4096)
+    t0 = time.perf_counter()
+    eng.generate(batch, SamplingParams(max_tokens=new))
+    return time.perf_counter() - t0
+
+
+def hf_generate(model, batch: list[list[int]], new: int) -> float:
+    ids = torch.tensor(batch, device=model.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                       min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def decode_rate(fn, batch, new: int) -> float:
+    """tokens/s of the decode phase: (time for 1+new tokens - time for 1 token)."""
+    t1 = fn(batch, 1)
+    tn = fn(batch, 1 + new)
+    return len(batch) * new / max(tn - t1, 1e-9)
+
+
+def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int) -> tuple[float, float]:
+    from pdserve.client import Client
+    from pdserve.cluster import LocalCluster
+    from pdserve.config import UpSettings
+
+    reqs = prompts(n_clients, length, seed=7)
+    t_single = ours_generate(loaded, reqs, new)
+    with tempfile.TemporaryDirectory() as d:
+        with LocalCluster(UpSettings(data_dir=Path(d), port=0), progress=False) as cluster:
+            with Client(cluster.gateway_address) as c:
+                c.generate(token_ids=reqs[0][:8], max_tokens=2)  # warm up
+
+                def one(p):
+                    with Client(cluster.gateway_address) as cc:
+                        return cc.generate(token_ids=p, max_tokens=new, cache_salt="bench")
+
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(n_clients) as pool:
+                    results = list(pool.map(one, reqs))
+                t_disagg = time.perf_counter() - t0
+    total = sum(r.completion_tokens for r in results)
+    return total / t_disagg, n_clients * new / t_single
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    print(f"machine: {machine()}")
+    print(f"settings: SmolLM2-135M-Instruct {args.dtype} on {args.device}, prompt "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy\n", flush=True)
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(device=args.device, dtype=dtype)
+    p = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    hf = hf.to(args.device).eval()
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        batch = prompts(b, args.prompt_tokens)
+        ours = decode_rate(lambda bb, n: ours_generate(loaded, bb, n), batch, args.new_tokens)
+        ref = decode_rate(lambda bb, n: hf_generate(hf, bb, n), batch, args.new_tokens)
+        rows.append((f"decode, batch {b}", f"{ours:.1f} tok/s", f"{ref:.1f} tok/s",
+                     f"{ours / ref:.2f}x"))
+        print(rows[-1], flush=True)
+    batch = prompts(8, args.prompt_tokens * 4)
+    ours_t = ours_generate(loaded, batch, 1)
+    ref_t = hf_generate(hf, batch, 1)
+    n = 8 * args.prompt_tokens * 4
+    rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens", f"{n / ours_t:.0f} tok/s",
+                 f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
+    print(table(rows, ("figure", "pdserve engine", "transformers", "ratio")))
+    if not args.skip_cluster and args.device == "cpu":
+        d, s = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32)
+        print()
+        print(table([("16 concurrent clients, 32 tokens each", f"{d:.1f} tok/s", f"{s:.1f} tok/s",
+                      f"{d / s:.2f}x")],
+                    ("figure", "disaggregated system", "single-process engine", "ratio")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The disaggregated system serving a DeepSeek-V3-architecture model (MLA + MoE, a small random
+checkpoint in a Hugging Face directory without tokenizer): cache hits, and tokens identical to
+the single-process engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.loader import load_model
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
+from tests.engine.test_hf_models import make_deepseek
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory):
+    torch.manual_seed(99)
+    path = tmp_path_factory.mktemp("dsv3")
+    _, model = make_deepseek(path)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ds_cluster(deepseek_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("ds-data")
+    c = LocalCluster(UpSettings(data_dir=Path(data), port=0, model=deepseek_dir), progress=False)
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_deepseek_served_disaggregated_with_hits(ds_cluster, deepseek_dir):
+    loaded = load_model(deepseek_dir)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 320, (150,), generator=g).tolist()
+    eng = LLMEngine(ModelRunner(loaded.model, KVPool(loaded.layout, 16)))
+    expect = eng.generate([prompt], SamplingParams(max_tokens=16))[0]
+    with Client(ds_cluster.gateway_address) as c:
+        first = c.generate(token_ids=prompt, max_tokens=16)
+        second = c.generate(token_ids=prompt, max_tokens=16)
+        assert first.token_ids == expect
+        assert first.cached_tokens == 0
+        assert second.cached_tokens == 128  # two full 64-token blocks of the 150
+        assert second.token_ids == expect
+        # No tokenizer in the directory: text is refused, naming why.
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(prompt="hello", max_tokens=4)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no tokenizer" in e.value.details()
