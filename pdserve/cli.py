@@ -24,7 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the whole cluster on this machine, serve until Ctrl-C")
     config.add_flags(up, config.UpSettings)
     for name, cls in SERVICES.items():
-        config.add_flags(sub.add_parser(name, help=f"run one {name} service"), cls)
+        sp = sub.add_parser(name, help=f"run one {name} service")
+        if name == "kvstore":
+            sp.add_argument("action", nargs="?", default="serve",
+                            choices=["serve", "stats", "verify"],
+                            help="serve (default), or on a stopped store: stats | verify")
+            sp.add_argument("--json", action="store_true", help="stats/verify: print JSON")
+        config.add_flags(sp, cls)
     demo = sub.add_parser("demo", help="the main job: cluster + a short chat workload + summary")
     config.add_flags(demo, config.UpSettings)
     demo.add_argument("--max-tokens", type=int, default=48, help="tokens per answer")
@@ -101,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from pdserve.demo import main as demo_main
 
         return demo_main(settings, args.max_tokens, args.keep_data)
+    if cmd == "kvstore" and args.action != "serve":
+        from pdserve.cache.offline import run_offline
+
+        return run_offline(settings, args.action, args.json)
     from importlib import import_module
 
     module = import_module(f"pdserve.services.{cmd}")

@@ -41,15 +41,21 @@ class KVStoreSettings(_Base):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50060, ge=0, le=65535, description="gRPC port (0 = any free port)")
     data_dir: Path = Field(Path("data"), description="directory holding all state")
-    sync: Literal["every_write", "off"] = Field(
+    sync: Literal["every_write", "interval", "off"] = Field(
         "every_write", description="WAL sync policy for block writes")
+    sync_interval_ms: int = Field(100, ge=1, le=60000, description="WAL sync period for 'interval'")
+    capacity_bytes: int = Field(0, ge=0, description="block byte budget (0 = unbounded)")
+    high_watermark: float = Field(0.95, gt=0, le=1, description="evict above this share of capacity")
+    low_watermark: float = Field(0.85, gt=0, le=1, description="evict down to this share")
+    max_age_s: float = Field(0.0, ge=0, description="expire blocks unused this long (0 = never)")
 
 
 class PrefillSettings(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
-    kvstore: Address = Field("127.0.0.1:50060", description="kvstore address ('' = no store)")
+    kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
+                         "('' = no store)")
     num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
     prefill_chunk_tokens: int = Field(
         2048, ge=16, description="token budget of one prefill step, over all its requests")
@@ -71,7 +77,8 @@ class DecodeSettings(_ModelSettings):
 class GatewaySettings(_Base):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50051, ge=0, le=65535, description="public gRPC port (0 = any free port)")
-    kvstore: Address = Field("127.0.0.1:50060", description="kvstore address ('' = no store)")
+    kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
+                         "('' = no store)")
     model: Path | None = Field(None, description="model whose tokenizer serves text prompts")
     lookup_timeout_s: float = Field(1.0, gt=0, description="deadline of a kvstore Lookup")
     worker_timeout_s: float = Field(3.0, gt=0, description="drop a worker silent this long")

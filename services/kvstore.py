@@ -21,9 +21,10 @@ import grpc
 
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock
-from pdserve.cache.store import BlockStore
+from pdserve.cache.store import BlockStore, StoreFull
 from pdserve.config import KVStoreSettings
-from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.server import (
+    NOT_SERVING, SERVING, create_server, serve_until_signal, write_ready_file)
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def Lookup(self, request, context):
         if (err := _check_keys(request.keys)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
-        n = await asyncio.to_thread(self.store.lookup, list(request.keys))
-        return kvstore_pb2.LookupResponse(num_prefix=n)
+        keys = list(request.keys)
+        if request.per_key:
+            present = self.store.present(keys)
+            n = next((i for i, p in enumerate(present) if not p), len(keys))
+            return kvstore_pb2.LookupResponse(num_prefix=n, present=present)
+        return kvstore_pb2.LookupResponse(num_prefix=self.store.lookup(keys))
 
     async def Get(self, request, context) -> AsyncIterator[kvstore_pb2.Block]:
         if (err := _check_keys(request.keys)) is not None:
@@ -65,7 +70,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 return
 
     async def Put(self, request_iterator, context):
+        if not self.store.accepting_writes:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "kvstore: not accepting writes (disk full); reads go on")
         items: list[tuple[bytes, bytes]] = []
+        depths: list[int] = []
         size = 0
         stored = 0
         async for block in request_iterator:
@@ -77,23 +86,64 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             except CorruptBlock as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"value: {e}")
             items.append((block.key, block.value))
+            depths.append(block.depth)
             size += len(block.value)
             if size >= 64 << 20:  # write in batches of ~64 MiB
-                stored += await asyncio.to_thread(self.store.put_many, items)
-                items, size = [], 0
+                stored += await self._put(items, depths, context)
+                items, depths, size = [], [], 0
         if items:
-            stored += await asyncio.to_thread(self.store.put_many, items)
+            stored += await self._put(items, depths, context)
         return kvstore_pb2.PutResponse(stored=stored)
+
+    async def _put(self, items, depths, context) -> int:  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.to_thread(self.store.put_many, items, depths)
+        except StoreFull as e:
+            await self.on_write_state(False)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"kvstore: {e}")
+            raise  # unreachable: abort raises
+
+    async def on_write_state(self, accepting: bool) -> None:
+        """Replaced at start-up to publish write health."""
 
     async def Stats(self, request, context):
         s = self.store.stats
-        return kvstore_pb2.StatsResponse(num_blocks=s.num_blocks, num_bytes=s.num_bytes,
-                                         hits=s.hits, misses=s.misses, puts=s.puts,
-                                         corrupt=s.corrupt)
+        return kvstore_pb2.StatsResponse(
+            num_blocks=s.num_blocks, num_bytes=s.num_bytes, hits=s.hits, misses=s.misses,
+            puts=s.puts, corrupt=s.corrupt, evicted=s.evicted, expired=s.expired,
+            write_errors=s.write_errors, accepting_writes=self.store.accepting_writes,
+            capacity_bytes=self.store.capacity_bytes)
+
+
+WRITE_HEALTH = "pdserve.v1.KVStore.Write"  # NOT_SERVING while puts are refused
+
+
+def open_store(settings: KVStoreSettings, read_only: bool = False) -> BlockStore:
+    return BlockStore(settings.data_dir / "kvstore", sync=settings.sync,
+                      sync_interval_ms=settings.sync_interval_ms,
+                      capacity_bytes=settings.capacity_bytes,
+                      high_watermark=settings.high_watermark,
+                      low_watermark=settings.low_watermark, max_age_s=settings.max_age_s,
+                      read_only=read_only)
+
+
+async def _watch_writes(store: BlockStore, health, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    last = None
+    while not stop.is_set():
+        ok = store.accepting_writes
+        if ok != last:
+            await health.set(WRITE_HEALTH, SERVING if ok else NOT_SERVING)
+            last = ok
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def run(settings: KVStoreSettings) -> None:
-    store = BlockStore(settings.data_dir / "kvstore", sync=settings.sync)
+    if settings.low_watermark > settings.high_watermark:
+        raise ValueError("--low-watermark must not exceed --high-watermark")
+    store = open_store(settings)
     servicer = KVStoreServicer(store)
     server, port, health = await create_server(
         [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)],
@@ -102,10 +152,19 @@ async def run(settings: KVStoreSettings) -> None:
     )
     await health.set("", SERVING)
     await health.set("pdserve.v1.KVStore", SERVING)
+
+    async def publish(accepting: bool) -> None:
+        await health.set(WRITE_HEALTH, SERVING if accepting else NOT_SERVING)
+
+    servicer.on_write_state = publish  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_writes(store, health, stop))
     write_ready_file(settings.ready_file, port)
     log.info("kvstore serving", extra={"port": port, "blocks": store.stats.num_blocks})
 
     async def cleanup() -> None:
-        store.close()
+        stop.set()
+        await watcher
+        await asyncio.to_thread(store.close)
 
     await serve_until_signal(server, health, cleanup)

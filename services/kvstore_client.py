@@ -1,12 +1,19 @@
-"""Client of the kvstore service. Every failure is a miss: an unreachable or slow store never
-fails a request, it only costs recompute."""
+"""Client of the kvstore service, sharded by rendezvous hashing.
+
+Each block key goes to the shard with the highest xxh64(shard name || key): adding a shard to N
+moves about 1/(N+1) of the keys, and nothing else. Every failure is a miss: a shard that is down
+or slow never fails a request, it only costs recompute of the blocks it holds.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
+import xxhash
 
 from pdserve.services.server import channel
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -14,72 +21,137 @@ from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def rendezvous(key: bytes, shards: Sequence[str]) -> int:
+    """Index of the shard that owns `key` (highest random weight)."""
+    best, arg = -1, 0
+    for i, name in enumerate(shards):
+        w = xxhash.xxh64_intdigest(name.encode() + b"\0" + key)
+        if w > best:
+            best, arg = w, i
+    return arg
+
+
+@dataclass
+class _Shard:
+    address: str
+    channel: grpc.aio.Channel
+    stub: kvstore_pb2_grpc.KVStoreStub
+
+
 class KVStoreClient:
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self.address = address
+    def __init__(self, addresses: str | Sequence[str], timeout_s: float) -> None:
+        if isinstance(addresses, str):
+            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         self.timeout_s = timeout_s
-        self._channel = channel(address) if address else None
-        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel) if self._channel else None
+        self.shards = []
+        for a in addresses:
+            ch = channel(a)
+            self.shards.append(_Shard(a, ch, kvstore_pb2_grpc.KVStoreStub(ch)))
+        self._names = [s.address for s in self.shards]
 
     @property
     def enabled(self) -> bool:
-        return self._stub is not None
+        return bool(self.shards)
+
+    def _group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(rendezvous(k, self._names) if len(self.shards) > 1 else 0, []).append(i)
+        return groups
 
     async def lookup(self, keys: Sequence[bytes]) -> int | None:
-        """Leading stored blocks, or None when the store could not answer."""
-        if self._stub is None or not keys:
-            return 0 if self._stub is not None else None
-        try:
-            r = await self._stub.Lookup(kvstore_pb2.LookupRequest(keys=list(keys)),
-                                        timeout=self.timeout_s)
-            return r.num_prefix
-        except grpc.aio.AioRpcError as e:
-            log.warning("kvstore lookup failed", extra={"code": e.code().name})
+        """Leading stored blocks, or None when no shard could answer."""
+        if not self.shards:
             return None
+        if not keys:
+            return 0
+        groups = self._group(keys)
+        present = [False] * len(keys)
+
+        async def ask(shard: int, idx: list[int]) -> bool:
+            try:
+                r = await self.shards[shard].stub.Lookup(
+                    kvstore_pb2.LookupRequest(keys=[keys[i] for i in idx], per_key=True),
+                    timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as e:
+                log.warning("kvstore lookup failed", extra={"shard": self._names[shard],
+                                                            "code": e.code().name})
+                return False
+            for i, p in zip(idx, r.present):
+                present[i] = p
+            return True
+
+        answered = await asyncio.gather(*(ask(s, idx) for s, idx in groups.items()))
+        if not any(answered):
+            return None
+        return next((i for i, p in enumerate(present) if not p), len(keys))
 
     async def get(self, keys: Sequence[bytes]) -> list[bytes]:
         """Blocks for the leading keys that could be fetched (possibly fewer, possibly none)."""
-        if self._stub is None or not keys:
+        if not self.shards or not keys:
             return []
+        values: list[bytes | None] = [None] * len(keys)
+
+        async def fetch(shard: int, idx: list[int]) -> None:
+            got = 0
+            try:
+                call = self.shards[shard].stub.Get(
+                    kvstore_pb2.GetRequest(keys=[keys[i] for i in idx]),
+                    timeout=self.timeout_s + 0.05 * len(idx))
+                async for block in call:
+                    i = idx[got]
+                    if block.key != keys[i]:
+                        break
+                    values[i] = block.value
+                    got += 1
+            except grpc.aio.AioRpcError as e:
+                log.warning("kvstore get failed", extra={"shard": self._names[shard],
+                                                         "code": e.code().name, "got": got})
+
+        await asyncio.gather(*(fetch(s, idx) for s, idx in self._group(keys).items()))
         out: list[bytes] = []
-        try:
-            call = self._stub.Get(kvstore_pb2.GetRequest(keys=list(keys)),
-                                  timeout=self.timeout_s + 0.05 * len(keys))
-            async for block in call:
-                if block.key != keys[len(out)]:
-                    break
-                out.append(block.value)
-        except grpc.aio.AioRpcError as e:
-            log.warning("kvstore get failed", extra={"code": e.code().name, "got": len(out)})
+        for v in values:
+            if v is None:
+                break
+            out.append(v)
         return out
 
-    async def put(self, blocks: Sequence[tuple[bytes, bytes]]) -> int:
-        if self._stub is None or not blocks:
+    async def put(self, blocks: Sequence[tuple[bytes, bytes, int]]) -> int:
+        """Stores (key, value, depth in chain) blocks; returns how many were new."""
+        if not self.shards or not blocks:
             return 0
 
-        async def gen():
-            for k, v in blocks:
-                yield kvstore_pb2.Block(key=k, value=v)
+        async def send(shard: int, idx: list[int]) -> int:
+            async def gen():
+                for i in idx:
+                    k, v, d = blocks[i]
+                    yield kvstore_pb2.Block(key=k, value=v, depth=d)
 
-        try:
-            r = await self._stub.Put(gen(), timeout=self.timeout_s + 0.05 * len(blocks))
-            return r.stored
-        except grpc.aio.AioRpcError as e:
-            log.warning("kvstore put failed", extra={"code": e.code().name})
-            return 0
+            try:
+                r = await self.shards[shard].stub.Put(gen(), timeout=self.timeout_s + 0.05 * len(idx))
+                return r.stored
+            except grpc.aio.AioRpcError as e:
+                log.warning("kvstore put failed", extra={"shard": self._names[shard],
+                                                         "code": e.code().name})
+                return 0
+
+        groups = self._group([b[0] for b in blocks])
+        return sum(await asyncio.gather(*(send(s, idx) for s, idx in groups.items())))
 
     async def ready(self) -> bool:
-        if self._channel is None:
-            return False
+        """True when at least one shard reports SERVING."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        try:
-            r = await health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            return False
+        for s in self.shards:
+            try:
+                r = await health_pb2_grpc.HealthStub(s.channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.aio.AioRpcError:
+                continue
+        return False
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for s in self.shards:
+            await s.channel.close()

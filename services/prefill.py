@@ -185,13 +185,13 @@ class PrefillWorker:
             self.pool.write_page(pages[i], payload)
         return len(blocks)
 
-    def _encode_blocks(self, pages: Sequence[PageId], keys, start: int) -> list[tuple[bytes, bytes]]:
+    def _encode_blocks(self, pages: Sequence[PageId], keys, start: int) -> list[tuple[bytes, bytes, int]]:
         bt = self.layout.block_tokens
         return [(keys[i], encode_block(keys[i], self.fingerprint, bt,
-                                       self.pool.page_bytes(pages[i]).cpu().numpy().tobytes()))
+                                       self.pool.page_bytes(pages[i]).cpu().numpy().tobytes()), i)
                 for i in range(start, len(keys))]
 
-    def _put_later(self, blocks: list[tuple[bytes, bytes]]) -> None:
+    def _put_later(self, blocks: list[tuple[bytes, bytes, int]]) -> None:
         if not blocks or not self.kvstore.enabled:
             return
         task = asyncio.create_task(self.kvstore.put(blocks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -24,7 +25,7 @@ def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]
     if settings.threads:
         torch.set_num_threads(settings.threads)
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
-                      block_tokens=settings.block_tokens, progress=False)
+                      block_tokens=settings.block_tokens, progress=sys.stderr.isatty())
 
 
 def new_epoch() -> int:

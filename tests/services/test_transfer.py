@@ -44,6 +44,19 @@ def prompt_rows(pool, pages, n_tokens):
     return rows
 
 
+async def send_raw(pre, res, prompt, epoch=None, checksum_xor=0):
+    """WRITEs two pages of prefill memory into a reservation with a hand-made notice."""
+    pages = pre.pool.reserve(2)
+    try:
+        notice = common_pb2.TransferNotice(
+            request_id=res.request_id, epoch=res.epoch if epoch is None else epoch, first_token=5,
+            num_prompt_tokens=len(prompt),
+            kv_checksum=pages_checksum(pre.pool, pages) ^ checksum_xor)
+        await pre.endpoint.write(pages, res, notice, timeout_s=10)
+    finally:
+        pre.pool.release(pages)
+
+
 def request(rid, prompt, res, max_tokens=6):
     return prefill_pb2.PrefillRequest(
         request_id=rid, prompt_token_ids=prompt, cached_blocks_hint=0, reservation=res,
@@ -78,14 +91,7 @@ async def test_checksum_mismatch_fails_closed_and_frees_pages(workers, tokenizer
     prompt = list(range(100, 200))
     res = dec.reserve("r2", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
     outbox = dec.outbox("r2")
-    pages = pre.pool.reserve(2)
-    try:
-        notice = common_pb2.TransferNotice(request_id="r2", epoch=res.epoch, first_token=5,
-                                           num_prompt_tokens=len(prompt),
-                                           kv_checksum=pages_checksum(pre.pool, pages) ^ 1)
-        await pre.endpoint.write(pages, res, notice, timeout_s=10)
-    finally:
-        pre.pool.release(pages)
+    await send_raw(pre, res, prompt, checksum_xor=1)
     items = await drain(outbox)
     assert items == [("error", grpc.StatusCode.DATA_LOSS, "KV transfer checksum mismatch")]
     assert dec.pool.num_free == dec.pool.num_pages
@@ -102,14 +108,7 @@ async def test_missing_transfer_expires_and_late_notice_is_dropped(workers):
     assert "lease" in items[0][2]
     assert dec.pool.num_free == dec.pool.num_pages
     # The transfer lands after the lease: it is dropped, nothing is decoded.
-    pages = pre.pool.reserve(2)
-    try:
-        notice = common_pb2.TransferNotice(request_id="r3", epoch=res.epoch, first_token=5,
-                                           num_prompt_tokens=len(prompt),
-                                           kv_checksum=pages_checksum(pre.pool, pages))
-        await pre.endpoint.write(pages, res, notice, timeout_s=10)
-    finally:
-        pre.pool.release(pages)
+    await send_raw(pre, res, prompt)
     await asyncio.sleep(0.3)
     assert not dec.engine.running and dec.pool.num_free == dec.pool.num_pages
 
@@ -118,14 +117,7 @@ async def test_stale_epoch_notice_is_dropped(workers):
     pre, dec = workers
     prompt = list(range(10, 80))
     res = dec.reserve("r4", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
-    pages = pre.pool.reserve(2)
-    try:
-        notice = common_pb2.TransferNotice(request_id="r4", epoch=res.epoch - 1, first_token=5,
-                                           num_prompt_tokens=len(prompt),
-                                           kv_checksum=pages_checksum(pre.pool, pages))
-        await pre.endpoint.write(pages, res, notice, timeout_s=10)
-    finally:
-        pre.pool.release(pages)
+    await send_raw(pre, res, prompt, epoch=res.epoch - 1)
     await asyncio.sleep(0.3)
     assert "r4" in dec._pending and not dec.engine.running  # still waiting for a valid transfer
     assert dec.release("r4")

@@ -7,16 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "per_key")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    PER_KEY_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    per_key: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., per_key: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_prefix",)
+    __slots__ = ("num_prefix", "present")
     NUM_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
     num_prefix: int
-    def __init__(self, num_prefix: _Optional[int] = ...) -> None: ...
+    present: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, num_prefix: _Optional[int] = ..., present: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("keys",)
@@ -25,12 +29,14 @@ class GetRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Block(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "depth")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+    depth: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored",)
@@ -43,17 +49,27 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("num_blocks", "num_bytes", "hits", "misses", "puts", "corrupt")
+    __slots__ = ("num_blocks", "num_bytes", "hits", "misses", "puts", "corrupt", "evicted", "expired", "write_errors", "accepting_writes", "capacity_bytes")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_WRITES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     num_bytes: int
     hits: int
     misses: int
     puts: int
     corrupt: int
-    def __init__(self, num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., corrupt: _Optional[int] = ...) -> None: ...
+    evicted: int
+    expired: int
+    write_errors: int
+    accepting_writes: bool
+    capacity_bytes: int
+    def __init__(self, num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., corrupt: _Optional[int] = ..., evicted: _Optional[int] = ..., expired: _Optional[int] = ..., write_errors: _Optional[int] = ..., accepting_writes: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
