@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--only-cluster", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
@@ -105,20 +106,21 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
     hf = hf.to(args.device).eval()
     rows = []
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in [int(x) for x in args.batches.split(",")] if not args.only_cluster else []:
         batch = prompts(b, args.prompt_tokens)
         ours = decode_rate(lambda bb, n: ours_generate(loaded, bb, n), batch, args.new_tokens)
         ref = decode_rate(lambda bb, n: hf_generate(hf, bb, n), batch, args.new_tokens)
         rows.append((f"decode, batch {b}", f"{ours:.1f} tok/s", f"{ref:.1f} tok/s",
                      f"{ours / ref:.2f}x"))
         print(rows[-1], flush=True)
-    batch = prompts(8, args.prompt_tokens * 4)
-    ours_t = ours_generate(loaded, batch, 1)
-    ref_t = hf_generate(hf, batch, 1)
-    n = 8 * args.prompt_tokens * 4
-    rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens", f"{n / ours_t:.0f} tok/s",
-                 f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
-    print(table(rows, ("figure", "pdserve engine", "transformers", "ratio")))
+    if not args.only_cluster:
+        batch = prompts(8, args.prompt_tokens * 4)
+        ours_t = ours_generate(loaded, batch, 1)
+        ref_t = hf_generate(hf, batch, 1)
+        n = 8 * args.prompt_tokens * 4
+        rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens", f"{n / ours_t:.0f} tok/s",
+                     f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
+        print(table(rows, ("figure", "pdserve engine", "transformers", "ratio")))
     if not args.skip_cluster and args.device == "cpu":
         d, s = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32)
         print()

@@ -1,0 +1,175 @@
+"""KV store throughput and latency, ratios against plain file I/O in the same run.
+
+1. put / get of 64-token blocks of the default model's layout (SmolLM2 float32: 2.95 MB a
+   block): the store directly and through the kvstore gRPC service, against sequential file
+   write (same fsync policy: one fsync per batch) and read of the same bytes on the same disk;
+2. Lookup latency of a 256-block chain through gRPC;
+3. warm / cold time to first token of a 2,048-token prompt (>= 1,920 tokens cached).
+
+Usage: python bench/bench_store.py [--blocks 64] [--batch 8] [--skip-ttft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, table  # noqa: E402
+
+from pdserve.cache.block_hash import block_hashes  # noqa: E402
+from pdserve.cache.codec import encode_block  # noqa: E402
+from pdserve.cache.store import BlockStore  # noqa: E402
+from pdserve.engine.layout import KVLayout  # noqa: E402
+
+LAYOUT = KVLayout(num_layers=30, kv_dim=384, dtype="float32", block_tokens=64)
+
+
+def make_blocks(n: int):
+    keys = block_hashes("bench", str(time.time_ns()), list(range(64 * n)), 64)
+    payload = os.urandom(LAYOUT.bytes_per_block)
+    return [(k, encode_block(k, LAYOUT.fingerprint(), 64, payload[:-8] + i.to_bytes(8, "little")))
+            for i, k in enumerate(keys)]
+
+
+def file_io(path: Path, blocks, batch: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for i in range(0, len(blocks), batch):
+            for _, v in blocks[i:i + batch]:
+                f.write(v)
+            f.flush()
+            os.fsync(f.fileno())
+    t_write = time.perf_counter() - t0
+    size = len(blocks[0][1])
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(size):
+            pass
+    return t_write, time.perf_counter() - t0
+
+
+def store_io(path: Path, blocks, batch: int) -> tuple[float, float]:
+    s = BlockStore(path, sync="every_write")
+    t0 = time.perf_counter()
+    for i in range(0, len(blocks), batch):
+        s.put_many(blocks[i:i + batch], depths=list(range(i, i + batch)))
+    t_put = time.perf_counter() - t0
+    keys = [k for k, _ in blocks]
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), batch):
+        assert len(s.get_many(keys[i:i + batch])) == len(keys[i:i + batch])
+    t_get = time.perf_counter() - t0
+    s.close()
+    return t_put, t_get
+
+
+async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[float]]:
+    from pdserve.services.kvstore import KVStoreServicer
+    from pdserve.services.kvstore_client import KVStoreClient
+    from pdserve.services.server import create_server
+    from pdserve.v1 import kvstore_pb2_grpc
+
+    store = BlockStore(path, sync="every_write")
+    servicer = KVStoreServicer(store)
+    server, port, _ = await create_server(
+        [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)], [],
+        "127.0.0.1", 0)
+    client = KVStoreClient(f"127.0.0.1:{port}", timeout_s=60)
+    t0 = time.perf_counter()
+    for i in range(0, len(blocks), batch):
+        await client.put([(k, v, i + j) for j, (k, v) in enumerate(blocks[i:i + batch])])
+    t_put = time.perf_counter() - t0
+    keys = [k for k, _ in blocks]
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), batch):
+        assert len(await client.get(keys[i:i + batch])) == len(keys[i:i + batch])
+    t_get = time.perf_counter() - t0
+    chain = block_hashes("bench", "lookup", list(range(64 * 256)), 64)
+    lat = []
+    for _ in range(200):
+        t = time.perf_counter()
+        await client.lookup(chain)
+        lat.append(time.perf_counter() - t)
+    await client.close()
+    await server.stop(0)
+    store.close()
+    return t_put, t_get, lat
+
+
+def ttft(repeats: int) -> tuple[float, float, int, int]:
+    from pdserve.client import Client
+    from pdserve.cluster import LocalCluster
+    from pdserve.config import UpSettings
+
+    import grpc
+
+    from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+    prompt = [100 + (i * 7919) % 40000 for i in range(2048)]
+    cold, warm = [], []
+    with tempfile.TemporaryDirectory() as d:
+        with LocalCluster(UpSettings(data_dir=Path(d), port=0), progress=False) as cluster:
+            kv = kvstore_pb2_grpc.KVStoreStub(grpc.insecure_channel(cluster.kvstore_address))
+            with Client(cluster.gateway_address) as c:
+                c.generate(token_ids=prompt[:8], max_tokens=1)
+                for i in range(repeats):
+                    salt = f"ttft-{i}"
+                    before = kv.Stats(kvstore_pb2.StatsRequest()).num_blocks
+                    a = c.generate(token_ids=prompt, max_tokens=1, cache_salt=salt)
+                    # Wait for the background block writes of the cold request to land.
+                    deadline = time.monotonic() + 60
+                    while (kv.Stats(kvstore_pb2.StatsRequest()).num_blocks < before + 32
+                           and time.monotonic() < deadline):
+                        time.sleep(0.1)
+                    b = c.generate(token_ids=prompt, max_tokens=1, cache_salt=salt)
+                    cold.append(a.ttft_s)
+                    warm.append(b.ttft_s)
+    return statistics.median(cold), statistics.median(warm), b.cached_tokens, len(prompt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-ttft", action="store_true")
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    print(f"settings: {args.blocks} blocks of {LAYOUT.bytes_per_block / 1e6:.2f} MB "
+          f"({LAYOUT.fingerprint()}), {args.batch} blocks per call, fsync per batch\n", flush=True)
+    blocks = make_blocks(args.blocks)
+    total = sum(len(v) for _, v in blocks)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        fw, fr = file_io(Path(d) / "plain.bin", blocks, args.batch)
+        sp, sg = store_io(Path(d) / "store", blocks, args.batch)
+        gp, gg, lat = asyncio.run(grpc_io(Path(d) / "grpc", make_blocks(args.blocks), args.batch))
+    gbps = lambda t: f"{total / t / 1e9:.2f} GB/s ({args.blocks / t:.0f} blocks/s)"  # noqa: E731
+    rows = [
+        ("put, store (RocksDB, synced batches)", gbps(sp), f"{fw / sp:.2f}x file write"),
+        ("put, through gRPC", gbps(gp), f"{fw / gp:.2f}x file write"),
+        ("plain file write + fsync per batch", gbps(fw), "1.00x"),
+        ("get, store (verified)", gbps(sg), f"{fr / sg:.2f}x file read"),
+        ("get, through gRPC", gbps(gg), f"{fr / gg:.2f}x file read"),
+        ("plain file read", gbps(fr), "1.00x"),
+        ("Lookup, 256-block chain, gRPC p50 / p99",
+         f"{statistics.median(lat) * 1e3:.2f} / {sorted(lat)[int(0.99 * len(lat))] * 1e3:.2f} ms", ""),
+    ]
+    print(table(rows, ("figure", "value", "ratio")), flush=True)
+    if not args.skip_ttft:
+        c, w, cached, n = ttft(args.repeats)
+        print()
+        print(table([(f"TTFT, {n}-token prompt, cold", f"{c * 1000:.0f} ms", ""),
+                     (f"TTFT, same prompt warm ({cached} tokens cached)", f"{w * 1000:.0f} ms",
+                      f"{w / c:.2f}x cold")], ("figure", "value", "ratio")))
+
+
+if __name__ == "__main__":
+    main()
