@@ -43,8 +43,8 @@ def test_bad_environment_value_stops_the_service_naming_it():
     assert "--sync (PDSERVE_SYNC)" in r.stderr and "sometimes" in r.stderr
 
 
-def test_unknown_setting_in_environment_is_ignored_but_unknown_flag_is_refused():
-    r = run_cli("kvstore", "--no-such-flag", "1")
+def test_unknown_flag_is_refused():
+    r = run_cli("decode", "--no-such-flag", "1")
     assert r.returncode == 2 and "--no-such-flag" in r.stderr
 
 
