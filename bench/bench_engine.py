@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table  # noqa: E402
-
 from pdserve.engine.engine import LLMEngine  # noqa: E402
 from pdserve.engine.kv_pool import KVPool  # noqa: E402
 from pdserve.engine.loader import default_model_path, load_model  # noqa: E402

@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table  # noqa: E402
-
 from pdserve.cache.block_hash import block_hashes  # noqa: E402
 from pdserve.cache.codec import encode_block  # noqa: E402
 from pdserve.cache.store import BlockStore  # noqa: E402
@@ -105,13 +104,12 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
 
 
 def ttft(repeats: int) -> tuple[float, float, int, int]:
+    import grpc
+    from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
     from pdserve.client import Client
     from pdserve.cluster import LocalCluster
     from pdserve.config import UpSettings
-
-    import grpc
-
-    from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
     prompt = [100 + (i * 7919) % 40000 for i in range(2048)]
     cold, warm = [], []

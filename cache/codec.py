@@ -19,7 +19,6 @@ import struct
 from dataclasses import dataclass
 
 import xxhash
-
 from pdserve.cache.errors import CorruptBlock
 
 MAGIC = b"PDKV"

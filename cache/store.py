@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rocksdict
-
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CacheError, CorruptBlock
 

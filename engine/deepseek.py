@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pdserve.engine.attention import AttnBatch
 from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
 from pdserve.engine.model_config import DeepseekV3Config
+from torch import nn
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,

@@ -10,10 +10,9 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ import logging
 from pathlib import Path
 
 import torch
+from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig, config_from_hf
+from pdserve.engine.tokenizer import Tokenizer
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
-
-from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig, config_from_hf
-from pdserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

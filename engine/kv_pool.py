@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from typing import NewType
 
 import torch
-
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.layout import KVLayout
 

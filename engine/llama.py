@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pdserve.engine.attention import AttnBatch, paged_attention
 from pdserve.engine.model_config import LlamaConfig
+from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from pdserve.engine.layout import KVLayout, dtype_name
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
+from pdserve.engine.layout import KVLayout, dtype_name
 from pdserve.engine.llama import LlamaForCausalLM
 from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
@@ -56,7 +55,6 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer | None:
 
         return load_hf_tokenizer(p)
     import gguf
-
     from pdserve.engine.gguf_loader import read_fields
 
     return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(p))))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from pdserve.engine.attention import AttnBatch
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.llama import LlamaForCausalLM

@@ -24,7 +24,6 @@ class _Base(BaseSettings):
         "warning", description="log level (structured logs on stderr)")
     ready_file: Path | None = Field(
         None, description="write {port, pid} as JSON here once serving (used by `pdserve up`)")
-    metrics_port: int = Field(0, ge=0, le=65535, description="reserved; 0 = off")
 
 
 class _ModelSettings(_Base):

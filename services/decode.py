@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-
-from pdserve.config import DecodeSettings
 from pdserve.engine.engine import LLMEngine, TokenEvent, pages_needed
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool
@@ -39,6 +37,8 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+from pdserve.config import DecodeSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
-from pdserve.config import GatewaySettings
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.scheduler.balancers import (
-    DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill)
+from pdserve.scheduler.balancers import DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill
 from pdserve.scheduler.registry import WorkerRegistry, WorkerState
 from pdserve.services.admission import InvalidRequest, admit
 from pdserve.services.kvstore_client import KVStoreClient
@@ -36,8 +33,18 @@ from pdserve.services.membership import RegistryServicer, watch_readiness
 from pdserve.services.output import OutputText
 from pdserve.services.server import channel, create_server, serve_until_signal, write_ready_file
 from pdserve.v1 import (
-    common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
-    prefill_pb2_grpc, registry_pb2, registry_pb2_grpc)
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+from pdserve.config import GatewaySettings
 
 log = logging.getLogger(__name__)
 

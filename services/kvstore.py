@@ -18,14 +18,19 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock
 from pdserve.cache.store import BlockStore, StoreFull
-from pdserve.config import KVStoreSettings
 from pdserve.services.server import (
-    NOT_SERVING, SERVING, create_server, serve_until_signal, write_ready_file)
+    NOT_SERVING,
+    SERVING,
+    create_server,
+    serve_until_signal,
+    write_ready_file,
+)
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+from pdserve.config import KVStoreSettings
 
 log = logging.getLogger(__name__)
 

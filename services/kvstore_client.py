@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import grpc
 import xxhash
-
 from pdserve.services.server import channel
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 

@@ -13,7 +13,6 @@ import time
 
 import grpc
 from grpc_health.v1 import health
-
 from pdserve.scheduler.registry import Load, RegistryError, WorkerRegistry, WorkerSpec
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.server import NOT_SERVING, SERVING

@@ -26,16 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
-
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks, hash_namespace
 from pdserve.cache.codec import encode_block, verify_block
 from pdserve.cache.errors import CorruptBlock
-from pdserve.config import PrefillSettings
+from pdserve.engine.engine import schedule_chunks
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.engine import schedule_chunks
 from pdserve.engine.sampling import logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services.kvstore_client import KVStoreClient
@@ -44,6 +42,8 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
 from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+from pdserve.config import PrefillSettings
 
 log = logging.getLogger(__name__)
 

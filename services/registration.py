@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable
 
 import grpc
-
 from pdserve.services.server import channel
 from pdserve.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 

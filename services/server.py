@@ -86,9 +86,3 @@ async def serve_until_signal(
     if cleanup is not None:
         await cleanup()
     log.info("stopped")
-
-
-def abort_code(e: BaseException) -> grpc.StatusCode:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return e.code()
-    return grpc.StatusCode.INTERNAL

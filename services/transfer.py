@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import xxhash
 from google.protobuf.message import DecodeError
-
 from pdserve.engine.kv_pool import KVPool
 from pdserve.v1 import common_pb2
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 import torch
-
 from pdserve.cache.block_hash import hash_namespace
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model

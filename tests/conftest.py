@@ -32,9 +32,8 @@ def tokenizer(loaded):
 def hf():
     """transformers running the same GGUF: the reference (test-only dependency)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pdserve.engine.loader import default_model_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

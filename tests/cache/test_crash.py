@@ -14,7 +14,6 @@ import threading
 import time
 
 import grpc
-
 from pdserve.cache.codec import encode_block
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 

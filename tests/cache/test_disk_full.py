@@ -7,16 +7,15 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from pdserve.cache.codec import encode_block
 from pdserve.services.kvstore import WRITE_HEALTH
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
 from tests.cache.test_crash import start_store
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import HEADER_SIZE, encode_block, verify_block
 from pdserve.cache.errors import CorruptBlock

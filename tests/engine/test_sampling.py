@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from pdserve.engine.sampling import SamplingParams, _filter, finish_reason, logprob_of, sample
 
 LOGITS = torch.tensor([0.0, 3.0, 2.0, 1.0, -1.0])

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import pytest
-
 from pdserve.scheduler.balancers import (
-    DecodeCandidate, PrefillCandidate, attention_work, pick_decode, pick_prefill)
+    DecodeCandidate,
+    PrefillCandidate,
+    attention_work,
+    pick_decode,
+    pick_prefill,
+)
 from pdserve.scheduler.registry import Load, RegistryError, WorkerRegistry, WorkerSpec
 
 

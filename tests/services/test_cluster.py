@@ -9,14 +9,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from pdserve.client import Client
-from pdserve.demo import SYSTEM_PROMPT
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+from pdserve.client import Client
+from pdserve.demo import SYSTEM_PROMPT
 from tests.conftest import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
 
 N_TOKENS = 24

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections import Counter
-
-import grpc
-import pytest
 
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import encode_block

@@ -4,10 +4,10 @@ bytes prefill computed, and a transfer that is wrong or missing never starts dec
 from __future__ import annotations
 
 import asyncio
-import grpc
-import torch
-import pytest
 
+import grpc
+import pytest
+import torch
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.decode import DecodeWorker
 from pdserve.services.kvstore_client import KVStoreClient
