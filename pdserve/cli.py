@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48, help="tokens per answer")
     demo.add_argument("--keep-data", action="store_true",
                       help="use --data-dir instead of a temporary directory")
+    ep = sub.add_parser("eplb", help="expert placement from per-layer expert loads (JSON)")
+    ep.add_argument("loads", help='JSON file {"weight": [[load per expert], ...per layer]}')
+    ep.add_argument("--replicas", type=int, required=True, help="physical expert slots")
+    ep.add_argument("--groups", type=int, default=1, help="expert groups")
+    ep.add_argument("--nodes", type=int, default=1, help="server nodes")
+    ep.add_argument("--gpus", type=int, required=True, help="GPUs (a multiple of --nodes)")
+    ep.add_argument("--json", action="store_true", help="print {phy2log, log2phy, logcnt}")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
@@ -93,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "generate":
             return _generate(args)
+        if cmd == "eplb":
+            from pdserve.scheduler.eplb_cli import run_eplb
+
+            return run_eplb(args)
         cls = config.UpSettings if cmd in ("up", "demo") else SERVICES[cmd]
         settings = config.load_settings(cls, args)
     except config.SettingsError as e:
