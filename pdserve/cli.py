@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--nodes", type=int, default=1, help="server nodes")
     ep.add_argument("--gpus", type=int, required=True, help="GPUs (a multiple of --nodes)")
     ep.add_argument("--json", action="store_true", help="print {phy2log, log2phy, logcnt}")
+    rp = sub.add_parser("replay", help="replay a Mooncake-format trace through the balancers "
+                                       "on a simulated clock, policy by policy")
+    rp.add_argument("trace", help="JSONL trace (timestamp ms, input_length, output_length, hash_ids)")
+    rp.add_argument("--prefill", type=int, default=4, help="prefill instances")
+    rp.add_argument("--decode", type=int, default=4, help="decode instances")
+    rp.add_argument("--limit", type=int, default=0, help="first N requests only (0 = all)")
+    rp.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times")
+    rp.add_argument("--store-blocks", type=int, default=0, help="KV store capacity in 512-token "
+                                                                "blocks (0 = unbounded)")
+    rp.add_argument("--policies", default="pdserve,round_robin,least_requests,cache_affinity")
+    rp.add_argument("--json", action="store_true", help="one JSON object per policy")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
@@ -94,12 +105,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from pdserve.scheduler.replay import load_trace, simulate
+
+    if args.prefill < 1 or args.decode < 1:
+        print("pdserve replay: --prefill and --decode must be >= 1", file=sys.stderr)
+        return 2
+    trace = load_trace(args.trace, args.limit, args.time_scale)
+    for policy in args.policies.split(","):
+        if not args.json:
+            print(f"replaying {len(trace)} requests with {policy} ...", file=sys.stderr)
+        r = simulate(trace, policy.strip(), args.prefill, args.decode,
+                     store_blocks=args.store_blocks)
+        print(json.dumps(r) if args.json else
+              "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = args.command
     try:
         if cmd == "generate":
             return _generate(args)
+        if cmd == "replay":
+            return _replay(args)
         if cmd == "eplb":
             from pdserve.scheduler.eplb_cli import run_eplb
 

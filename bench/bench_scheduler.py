@@ -1,0 +1,101 @@
+"""Scheduler figures, ratios in one run:
+
+1. replay of the Mooncake synthetic trace with 4 prefill + 4 decode instances, every policy,
+   ours against round robin;
+2. routing decision latency (prefill + decode balancer) at 1,000 workers;
+3. EPLB: max/mean GPU load with and without redundant experts, random and Zipf-skewed loads.
+
+Usage: python bench/bench_scheduler.py [--trace PATH] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, table  # noqa: E402
+
+from pdserve.scheduler.balancers import (  # noqa: E402
+    DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill)
+from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts  # noqa: E402
+from pdserve.scheduler.replay import POLICIES, load_trace, simulate  # noqa: E402
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+
+
+def replay(path: str, limit: int) -> None:
+    trace = load_trace(path, limit)
+    rows, res = [], {}
+    for policy in POLICIES:
+        print(f"replaying {len(trace)} requests with {policy} ...", file=sys.stderr, flush=True)
+        res[policy] = r = simulate(trace, policy, 4, 4)
+        rows.append((policy, f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
+                     f"{r['hit_share']:.3f}", r["rejected"], f"{r['prefill_load_max_over_mean']:.2f}",
+                     f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['decode_kv_max_over_mean']:.2f}",
+                     f"{r['decode_requests_max_over_mean']:.2f}"))
+    print(table(rows, ("policy", "TTFT p50 s", "TTFT p99 s", "hit share", "rejected",
+                       "prefill attn max/mean", "prefill tokens max/mean", "decode KV max/mean",
+                       "decode reqs max/mean")))
+    ours, rr = res["pdserve"], res["round_robin"]
+    print(f"\npdserve vs round_robin: p99 TTFT {ours['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x, "
+          f"p50 TTFT {ours['ttft_p50_s'] / max(rr['ttft_p50_s'], 1e-9):.2f}x\n")
+
+
+def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
+    rng = random.Random(0)
+    pre = [PrefillCandidate(str(i), rng.random() * 1e9, rng.randint(0, 100_000))
+           for i in range(workers)]
+    dec = [DecodeCandidate(str(i), rng.randint(0, 4000), rng.randint(0, 4000), rng.randint(0, 64))
+           for i in range(workers)]
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        pick_prefill(pre, rng.randint(0, 8000), rng.randint(1, 8000))
+        pick_decode(dec, rng.randint(1, 200))
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    return lat[len(lat) // 2], lat[int(0.99 * len(lat))]
+
+
+def eplb_rows() -> list[tuple]:
+    rng = random.Random(1)
+    experts, gpus, nodes, groups = 256, 32, 4, 8
+    rows = []
+    for name, gen in (("uniform random", lambda: [rng.randint(0, 1000) for _ in range(experts)]),
+                      ("Zipf s=1.1", lambda: [int(1e5 / (rank + 1) ** 1.1) for rank in
+                                              rng.sample(range(experts), experts)])):
+        weight = [gen() for _ in range(8)]
+        before = sum(max_over_mean(gpu_loads(w, list(range(experts)), [1] * experts, gpus))
+                     for w in weight) / len(weight)
+        for replicas in (288, 320):
+            p = rebalance_experts(weight, replicas, groups, nodes, gpus)
+            after = sum(max_over_mean(gpu_loads(w, p.phy2log[i], p.logcnt[i], gpus))
+                        for i, w in enumerate(weight)) / len(weight)
+            rows.append((name, f"{experts} experts on {gpus} GPUs", f"{before:.3f}",
+                         f"{replicas} slots", f"{after:.3f}"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trace", default=str(TRACE))
+    ap.add_argument("--limit", type=int, default=0)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\nsettings: 4 prefill + 4 decode instances, cost model defaults "
+          "(scheduler/replay.py), unbounded store\n")
+    replay(args.trace, args.limit)
+    p50, p99 = decision_latency()
+    print(table([("routing decision (prefill + decode balancer), 1,000 workers",
+                  f"p50 {p50 * 1e3:.3f} ms", f"p99 {p99 * 1e3:.3f} ms")],
+                ("figure", "p50", "p99")))
+    print()
+    print(table(eplb_rows(), ("loads", "shape", "max/mean, no redundancy", "with", "max/mean, EPLB")))
+
+
+if __name__ == "__main__":
+    main()

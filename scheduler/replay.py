@@ -1,0 +1,284 @@
+"""Trace replay on a simulated clock: the real balancer functions against simple policies.
+
+A Mooncake-format trace (timestamp ms, input_length, output_length, hash_ids of 512-token
+blocks) drives N prefill and M decode instances with a cost model:
+
+- prefill of n new tokens after c cached ones takes  n / prefill_tps + attention_s * n * (c + n/2)
+  seconds; each prefill instance serves its queue in order;
+- a decode instance advances all its running requests one token per step; a step takes
+  step_s + per_req_s * batch + per_kv_s * (KV tokens held);
+- a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
+  prefill computed it; a request's cached tokens are its leading stored blocks (never its last
+  token); a request whose KV does not fit any decode instance it may use is rejected.
+
+Policies: `pdserve` (DeepSeek's balancers, scheduler/balancers.py), `round_robin`,
+`least_requests`, and `cache_affinity` (SGLang-router style: the prefill instance that served the
+longest matching prefix, unless load is too uneven). Per policy: TTFT p50/p99, hit share, rejected,
+and for every balanced quantity the max/mean across instances averaged over 1-second windows
+(time-averaged outstanding prefill attention work and tokens; decode KV tokens and requests).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pdserve.scheduler.balancers import (
+    DecodeCandidate, PrefillCandidate, attention_work, pick_decode, pick_prefill)
+
+BLOCK = 512  # tokens per trace block
+POLICIES = ("pdserve", "round_robin", "least_requests", "cache_affinity")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def load_trace(path: str, limit: int = 0, time_scale: float = 1.0) -> list[TraceRequest]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            out.append(TraceRequest(d["timestamp"] / 1000 * time_scale, int(d["input_length"]),
+                                    max(1, int(d["output_length"])), tuple(d["hash_ids"])))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class CostModel:
+    prefill_tps: float = 12_000.0      # new tokens / s of one prefill instance (linear part)
+    attention_s: float = 2e-9          # seconds per unit of n * (c + n/2)
+    step_s: float = 0.015              # decode step, fixed part
+    per_req_s: float = 0.0002          # decode step, per running request
+    per_kv_s: float = 2e-8             # decode step, per KV token held
+    decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
+
+    def prefill_s(self, cached: int, new: int) -> float:
+        return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
+
+
+class LRUStore:
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def prefix(self, ids: Sequence[int]) -> int:
+        n = 0
+        for b in ids:
+            if b not in self._blocks:
+                break
+            n += 1
+        for b in ids[:n]:
+            self._blocks.move_to_end(b)
+        return n
+
+    def add(self, ids: Iterable[int]) -> None:
+        for b in ids:
+            self._blocks[b] = None
+            self._blocks.move_to_end(b)
+        while self.capacity and len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+
+@dataclass
+class _Prefill:
+    queue: list = field(default_factory=list)   # [(request index, cached, new, work)]
+    busy_until: float = 0.0
+    work: float = 0.0      # outstanding attention work (queued + running)
+    tokens: int = 0        # outstanding new tokens
+    served: set = field(default_factory=set)    # block ids this instance computed (affinity)
+
+
+@dataclass
+class _Decode:
+    running: dict = field(default_factory=dict)  # request index -> tokens still to generate
+    kv: int = 0
+    reserved: int = 0
+    stepping: bool = False
+
+
+class _Meter:
+    """Time-weighted per-instance values; max/mean per 1-second window; windows averaged with
+    the window's total load as weight, so that bursts count and idle windows (where no policy
+    can balance anything) do not."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.window = 0
+        self.acc = [0.0] * n
+        self.last_t = 0.0
+        self.ratios: list[tuple[float, float]] = []  # (max/mean, weight)
+
+    def advance(self, t: float, values: Sequence[float]) -> None:
+        while self.last_t < t:
+            edge = min(t, self.window + 1.0)
+            for i, v in enumerate(values):
+                self.acc[i] += v * (edge - self.last_t)
+            self.last_t = edge
+            if edge >= self.window + 1.0:
+                mean = sum(self.acc) / self.n
+                if mean > 0:
+                    self.ratios.append((max(self.acc) / mean, mean))
+                self.acc = [0.0] * self.n
+                self.window += 1
+
+    def result(self) -> float:
+        total = sum(w for _, w in self.ratios)
+        return sum(r * w for r, w in self.ratios) / total if total else 1.0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decode: int,
+             cost: CostModel = CostModel(), store_blocks: int = 0) -> dict:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}")
+    prefills = [_Prefill() for _ in range(n_prefill)]
+    decodes = [_Decode() for _ in range(n_decode)]
+    store = LRUStore(store_blocks)
+    events: list = []
+    seq = itertools.count()
+    for i, r in enumerate(trace):
+        heapq.heappush(events, (r.arrival_s, next(seq), "arrive", i, -1))
+    meters = {k: _Meter(n) for k, n in (("prefill_attention", n_prefill),
+                                         ("prefill_tokens", n_prefill),
+                                         ("decode_kv", n_decode), ("decode_requests", n_decode))}
+    rr = itertools.count()
+    ttft: list[float] = []
+    decode_of: dict[int, int] = {}
+    rejected = cached_total = input_total = 0
+
+    def sample(t: float) -> None:
+        meters["prefill_attention"].advance(t, [p.work for p in prefills])
+        meters["prefill_tokens"].advance(t, [p.tokens for p in prefills])
+        meters["decode_kv"].advance(t, [d.kv + d.reserved for d in decodes])
+        meters["decode_requests"].advance(t, [len(d.running) for d in decodes])
+
+    def start_next(w: int, t: float) -> None:
+        p = prefills[w]
+        if p.queue and p.busy_until <= t:
+            i, c, n, work = p.queue[0]
+            p.busy_until = t + cost.prefill_s(c, n)
+            heapq.heappush(events, (p.busy_until, next(seq), "prefill_done", i, w))
+
+    def step(d_idx: int, t: float) -> None:
+        d = decodes[d_idx]
+        if not d.running:
+            d.stepping = False
+            return
+        d.stepping = True
+        dt = cost.step_s + cost.per_req_s * len(d.running) + cost.per_kv_s * d.kv
+        heapq.heappush(events, (t + dt, next(seq), "step", -1, d_idx))
+
+    while events:
+        t, _, kind, i, w = heapq.heappop(events)
+        sample(t)
+        if kind == "arrive":
+            r = trace[i]
+            full = r.input_length // BLOCK
+            usable = min(full, (r.input_length - 1) // BLOCK)
+            hit = store.prefix(r.hash_ids[:usable])
+            c = hit * BLOCK
+            n = r.input_length - c
+            need = r.input_length + r.output_length
+            k = next(rr)
+            # Decode choice.
+            if policy == "pdserve":
+                pick = pick_decode([DecodeCandidate(str(j), d.kv + d.reserved,
+                                                    cost.decode_kv_tokens - d.kv - d.reserved,
+                                                    len(d.running)) for j, d in enumerate(decodes)],
+                                   need)
+                dj = None if pick is None else int(pick)
+            else:
+                if policy == "round_robin":
+                    dj = k % n_decode
+                else:
+                    dj = min(range(n_decode), key=lambda j: len(decodes[j].running))
+                if cost.decode_kv_tokens - decodes[dj].kv - decodes[dj].reserved < need:
+                    dj = None
+            if dj is None:
+                rejected += 1
+                continue
+            decodes[dj].reserved += need
+            decode_of[i] = dj
+            # Prefill choice.
+            if policy == "pdserve":
+                pw = int(pick_prefill([PrefillCandidate(str(j), p.work, p.tokens)
+                                       for j, p in enumerate(prefills)], c, n))
+            elif policy == "round_robin":
+                pw = k % n_prefill
+            elif policy == "least_requests":
+                pw = min(range(n_prefill), key=lambda j: len(prefills[j].queue))
+            else:  # cache_affinity, after SGLang's router: longest prefix match unless imbalanced
+                loads = [len(p.queue) for p in prefills]
+                match = [sum(1 for _ in itertools.takewhile(lambda b: b in p.served, r.hash_ids))
+                         for p in prefills]
+                best = max(range(n_prefill), key=lambda j: (match[j], -loads[j]))
+                imbalanced = max(loads) - min(loads) > 32 and max(loads) > 1.5 * min(loads)
+                if imbalanced or match[best] < 0.5 * len(r.hash_ids):
+                    best = min(range(n_prefill), key=lambda j: loads[j])
+                pw = best
+            work = attention_work(c, n)
+            p = prefills[pw]
+            p.queue.append((i, c, n, work))
+            p.work += work
+            p.tokens += n
+            cached_total += c
+            input_total += r.input_length
+            start_next(pw, t)
+        elif kind == "prefill_done":
+            p = prefills[w]
+            i2, c, n, work = p.queue.pop(0)
+            assert i2 == i
+            p.work -= work
+            p.tokens -= n
+            r = trace[i]
+            store.add(r.hash_ids[: r.input_length // BLOCK])
+            p.served.update(r.hash_ids)
+            ttft.append(t - r.arrival_s)
+            d = decodes[decode_of[i]]
+            need = r.input_length + r.output_length
+            d.reserved -= need
+            d.kv += need
+            d.running[i] = r.output_length - 1  # the first token came from prefill
+            if not d.stepping:
+                step(decode_of[i], t)
+            start_next(w, t)
+        else:  # decode step done
+            d = decodes[w]
+            for j in list(d.running):
+                d.running[j] -= 1
+                if d.running[j] <= 0:
+                    del d.running[j]
+                    r = trace[j]
+                    d.kv -= r.input_length + r.output_length
+            step(w, t)
+    return {
+        "policy": policy,
+        "requests": len(trace),
+        "ttft_p50_s": round(_pct(ttft, 0.5), 4),
+        "ttft_p99_s": round(_pct(ttft, 0.99), 4),
+        "hit_share": round(cached_total / input_total, 4) if input_total else 0.0,
+        "rejected": rejected,
+        "prefill_load_max_over_mean": round(meters["prefill_attention"].result(), 4),
+        "prefill_tokens_max_over_mean": round(meters["prefill_tokens"].result(), 4),
+        "decode_kv_max_over_mean": round(meters["decode_kv"].result(), 4),
+        "decode_requests_max_over_mean": round(meters["decode_requests"].result(), 4),
+    }
