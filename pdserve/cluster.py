@@ -28,6 +28,7 @@ class ClusterError(RuntimeError):
 class Service:
     def __init__(self, name: str, args: list[str], run_dir: Path, env: dict[str, str]) -> None:
         self.name = name
+        self.args = args
         self.ready_file = run_dir / f"{name}.ready.json"
         self.log_path = run_dir / f"{name}.log"
         self.ready_file.unlink(missing_ok=True)
@@ -153,15 +154,29 @@ class LocalCluster:
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
-    def restart_kvstore(self, timeout_s: float = 60.0) -> None:
-        """Stops the kvstore (SIGTERM) and starts a new one on the same port and data dir."""
-        old = self.service("kvstore")
+    def kill(self, name: str) -> None:
+        """SIGKILL, as a crash would."""
+        svc = self.service(name)
+        svc.proc.kill()
+        svc.wait(15)
+
+    def restart(self, name: str, timeout_s: float = 300.0) -> Service:
+        """Stops a service (SIGTERM; no-op if it is already dead) and starts it again with the
+        same arguments (the kvstore on the same port and data dir; workers as new processes,
+        hence new epochs)."""
+        old = self.service(name)
         old.terminate()
         old.wait(15)
         self.services.remove(old)
-        kv = self._spawn("kvstore", ["kvstore", "--port", str(old.port), "--data-dir",
-                                     str(self.data_dir), "--log-level", self.s.log_level])
-        self._wait_ready([kv], time.monotonic() + timeout_s)
+        args = list(old.args)
+        if name == "kvstore":
+            args[args.index("--port") + 1] = str(old.port)
+        svc = self._spawn(name, args)
+        self._wait_ready([svc], time.monotonic() + timeout_s)
+        return svc
+
+    def restart_kvstore(self, timeout_s: float = 60.0) -> None:
+        self.restart("kvstore", timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
         # Workers first (they drain), then the gateway, then the store.

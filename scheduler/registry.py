@@ -32,6 +32,7 @@ class Load:
     queued_tokens: int = 0
     queued_attention: float = 0.0
     draining: bool = False
+    num_finished: int = 0
 
 
 @dataclass

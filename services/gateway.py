@@ -222,6 +222,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await self._release(flight.decode, request.request_id)
         return gateway_pb2.AbortResponse(found=True)
 
+    async def Stats(self, request, context):
+        return gateway_pb2.ClusterStatsResponse(
+            requests_in_flight=len(self._inflight),
+            workers=[gateway_pb2.WorkerStats(
+                worker_id=w.spec.worker_id, role=w.spec.role, address=w.spec.address,
+                epoch=w.spec.epoch, in_rotation=w.in_rotation, free_pages=w.load.free_pages,
+                total_pages=w.load.total_pages, running=w.load.running,
+                queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished)
+                for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()

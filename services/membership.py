@@ -32,7 +32,8 @@ def spec_of(info) -> WorkerSpec:  # type: ignore[no-untyped-def]
 def load_of(r) -> Load:  # type: ignore[no-untyped-def]
     return Load(free_pages=r.free_pages, total_pages=r.total_pages, running=r.running,
                 waiting=r.waiting, queued_tokens=r.queued_tokens,
-                queued_attention=r.queued_attention, draining=r.draining)
+                queued_attention=r.queued_attention, draining=r.draining,
+                num_finished=r.num_finished)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):

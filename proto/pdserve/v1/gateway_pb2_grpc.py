@@ -44,6 +44,11 @@ class GatewayStub:
                 request_serializer=pdserve_dot_v1_dot_gateway__pb2.AbortRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_gateway__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/pdserve.v1.Gateway/Stats',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -63,6 +68,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The cluster as the gateway sees it: workers in rotation and their last load reports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pdserve_dot_v1_dot_gateway__pb2.AbortRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_gateway__pb2.AbortResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Gateway:
             '/pdserve.v1.Gateway/Abort',
             pdserve_dot_v1_dot_gateway__pb2.AbortRequest.SerializeToString,
             pdserve_dot_v1_dot_gateway__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/Stats',
+            pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

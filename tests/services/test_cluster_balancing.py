@@ -1,0 +1,74 @@
+"""Two prefill and two decode workers as real processes: a burst spreads over all of them (by
+the workers' own counters), a killed decode worker leaves rotation and later requests succeed,
+and a restarted worker (new epoch) serves again without anything stale from its old life."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory):
+    c = LocalCluster(UpSettings(data_dir=Path(tmp_path_factory.mktemp("c2")), port=0,
+                                num_prefill=2, num_decode=2, threads=1), progress=False)
+    c.start()
+    yield c
+    c.stop()
+
+
+def workers(cluster, role):
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        s = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
+    return {w.worker_id: w for w in s.workers if w.role == role}
+
+
+def ask(cluster, i, max_tokens=6):
+    with Client(cluster.gateway_address) as c:
+        return c.generate(token_ids=[1, 4093, 198] + [100 + i] * (40 + 10 * i) + [2, 198, 1, 520],
+                          max_tokens=max_tokens, cache_salt=f"burst-{i}")
+
+
+def wait_for(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+def test_a_burst_spreads_over_every_worker(cluster2):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: ask(cluster2, i), range(8)))
+    assert all(r.finish_reason in ("stop", "length") for r in results)
+    wait_for(lambda: sum(w.num_finished for w in workers(cluster2, "decode").values()) == 8)
+    for role in ("prefill", "decode"):
+        done = {wid: w.num_finished for wid, w in workers(cluster2, role).items()}
+        assert len(done) == 2 and sum(done.values()) == 8
+        assert min(done.values()) >= 2, f"{role} burst not spread: {done}"
+
+
+def test_killed_decode_leaves_rotation_and_restart_serves_again(cluster2):
+    old_epoch = workers(cluster2, "decode")["decode-0"].epoch
+    cluster2.kill("decode-0")
+    wait_for(lambda: "decode-0" not in workers(cluster2, "decode"))
+    results = [ask(cluster2, 20 + i) for i in range(3)]
+    assert all(r.completion_tokens > 0 for r in results)
+    cluster2.restart("decode-0")
+    wait_for(lambda: "decode-0" in workers(cluster2, "decode"))
+    new = workers(cluster2, "decode")["decode-0"]
+    assert new.in_rotation and new.epoch != old_epoch
+    before = new.num_finished
+    # Requests land on the restarted worker too, through its new agent and pages.
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: ask(cluster2, 40 + i), range(6)))
+    assert all(r.completion_tokens > 0 for r in results)
+    wait_for(lambda: workers(cluster2, "decode")["decode-0"].num_finished > before)
