@@ -61,6 +61,8 @@ class PrefillSettings(_ModelSettings):
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
+    drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "
+                                   "queued prefills to finish before stopping")
 
 
 class DecodeSettings(_ModelSettings):
@@ -71,6 +73,8 @@ class DecodeSettings(_ModelSettings):
     max_batch: int = Field(64, ge=1, description="most requests decoded in one step")
     lease_s: float = Field(60.0, gt=0, description="free reserved pages if no KV lands by then")
     worker_id: str = Field("", description="worker id (default: decode-<pid>)")
+    drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "
+                                   "running requests to finish before stopping")
 
 
 class GatewaySettings(_Base):

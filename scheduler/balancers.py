@@ -48,11 +48,11 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
     def resulting_max(loads: np.ndarray, add: float) -> np.ndarray:
         # max over workers after adding `add` to worker i: the larger of its new load and the
         # largest other load (the second largest where i holds the largest).
-        order = np.argsort(-loads, kind="stable")
-        first = loads[order[0]]
-        second = loads[order[1]] if n > 1 else -np.inf
+        top = int(np.argmax(loads))
+        first = loads[top]
+        second = np.max(np.delete(loads, top)) if n > 1 else -np.inf
         others = np.full(n, first)
-        others[order[0]] = second
+        others[top] = second
         return np.maximum(loads + add, others)
 
     score = np.maximum(resulting_max(loads_a, add_a) / mean_a,
@@ -69,9 +69,9 @@ def pick_prefill(cands: Sequence[PrefillCandidate], cached: int, new: int) -> st
     """Worker for a request with `cached` cached and `new` uncached prompt tokens."""
     if not cands:
         return None
-    i = _pick_min_max(np.fromiter((c.queued_attention for c in cands), float, len(cands)),
+    i = _pick_min_max(np.array([c.queued_attention for c in cands], dtype=float),
                       attention_work(cached, new),
-                      np.fromiter((c.queued_tokens for c in cands), float, len(cands)), float(new),
+                      np.array([c.queued_tokens for c in cands], dtype=float), float(new),
                       np.ones(len(cands), dtype=bool))
     return None if i is None else cands[i].worker_id
 
@@ -80,8 +80,8 @@ def pick_decode(cands: Sequence[DecodeCandidate], pages_needed: int) -> str | No
     """Worker for a request needing `pages_needed` KV pages; None when none can hold it."""
     if not cands:
         return None
-    n = len(cands)
-    i = _pick_min_max(np.fromiter((c.used_pages for c in cands), float, n), float(pages_needed),
-                      np.fromiter((c.running for c in cands), float, n), 1.0,
-                      np.fromiter((c.free_pages >= pages_needed for c in cands), bool, n))
+    free = np.array([c.free_pages for c in cands])
+    i = _pick_min_max(np.array([c.used_pages for c in cands], dtype=float), float(pages_needed),
+                      np.array([c.running for c in cands], dtype=float), 1.0,
+                      free >= pages_needed)
     return None if i is None else cands[i].worker_id

@@ -78,6 +78,7 @@ class DecodeWorker:
         self._thread: threading.Thread | None = None
         self.num_finished = 0
         self.num_failed = 0
+        self.draining = False
         self.on_change: Callable[[], None] | None = None  # thread-safe "report load now"
 
     # -- RPC side (event loop thread) ----------------------------------------------------------
@@ -125,7 +126,11 @@ class DecodeWorker:
         return common_pb2.LoadReport(
             free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
             running=len(self.engine.running), waiting=len(self._pending),
-            num_finished=self.num_finished)
+            num_finished=self.num_finished, draining=self.draining)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending or self.engine.running)
 
     # -- engine thread ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -290,9 +295,18 @@ async def run(settings: DecodeSettings) -> None:
     write_ready_file(settings.ready_file, port, worker_id=info.worker_id)
     log.info("decode serving", extra={"port": port, "worker_id": info.worker_id})
 
+    async def drain() -> None:
+        # Leave rotation first (the next report says so), then let accepted requests finish.
+        worker.draining = True
+        changed.set()
+        deadline = loop.time() + settings.drain_timeout_s
+        await asyncio.sleep(0.3)  # let the report reach the gateway
+        while worker.busy and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
     async def cleanup() -> None:
         stop.set()
         joiner.cancel()
         worker.stop()
 
-    await serve_until_signal(server, health, cleanup)
+    await serve_until_signal(server, health, cleanup, drain=drain)

@@ -48,6 +48,8 @@ from pdserve.config import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_MS = 500
+
 
 async def _empty():
     return
@@ -125,8 +127,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except LookupError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except MemoryError as e:
+            # Back-pressure instead of an unbounded queue, with a hint for well-behaved clients.
+            context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"KV pages: {e}; retry later or lower max_tokens")
+                                f"KV pages: {e}; retry in {RETRY_AFTER_MS} ms or lower max_tokens")
         new_tokens = len(prompt) - hint * bt
         self.registry.bump(dw.spec.worker_id, free_pages=-pages, running=1)
         self.registry.bump(pw.spec.worker_id, queued_tokens=new_tokens)

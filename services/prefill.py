@@ -81,12 +81,15 @@ class PrefillWorker:
         self.num_steps = 0
         self.queued_tokens = 0
         self.queued_attention = 0.0
+        self.in_flight = 0
+        self.draining = False
 
     def load(self) -> common_pb2.LoadReport:
         return common_pb2.LoadReport(
             free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
             running=len(self._queue), queued_tokens=self.queued_tokens,
-            queued_attention=self.queued_attention, num_finished=self.num_prefills)
+            queued_attention=self.queued_attention, num_finished=self.num_prefills,
+            draining=self.draining)
 
     # -- the compute loop: chunked prefill of several requests per step -----------------------
     async def _compute_loop(self) -> None:
@@ -137,9 +140,11 @@ class PrefillWorker:
         work = attention_work(c, n_new)
         self.queued_tokens += n_new
         self.queued_attention += work
+        self.in_flight += 1
         try:
             return await self._run(req, prompt, keys, want)
         finally:
+            self.in_flight -= 1
             self.queued_tokens -= n_new
             self.queued_attention -= work
 
@@ -262,10 +267,18 @@ async def run(settings: PrefillSettings) -> None:
     write_ready_file(settings.ready_file, port, worker_id=info.worker_id)
     log.info("prefill serving", extra={"port": port, "worker_id": info.worker_id})
 
+    async def drain() -> None:
+        worker.draining = True  # the next load report takes this worker out of rotation
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.drain_timeout_s
+        await asyncio.sleep(0.3)
+        while worker.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
     async def cleanup() -> None:
         stop.set()
         joiner.cancel()
         await worker.drain()
         await kvstore.close()
 
-    await serve_until_signal(server, health, cleanup)
+    await serve_until_signal(server, health, cleanup, drain=drain)

@@ -72,8 +72,10 @@ async def serve_until_signal(
     health_servicer: health.aio.HealthServicer,
     cleanup: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Runs until SIGINT/SIGTERM, then: NOT_SERVING, stop accepting, finish in-flight, cleanup."""
+    """Runs until SIGINT/SIGTERM, then: drain (leave rotation, finish accepted work), NOT_SERVING,
+    stop accepting, finish in-flight RPCs, cleanup."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,6 +83,8 @@ async def serve_until_signal(
     wait = asyncio.ensure_future(server.wait_for_termination())
     await asyncio.wait([asyncio.ensure_future(stop.wait()), wait],
                        return_when=asyncio.FIRST_COMPLETED)
+    if drain is not None:
+        await drain()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_s)
     if cleanup is not None:

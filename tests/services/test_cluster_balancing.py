@@ -72,3 +72,40 @@ def test_killed_decode_leaves_rotation_and_restart_serves_again(cluster2):
         results = list(pool.map(lambda i: ask(cluster2, 40 + i), range(6)))
     assert all(r.completion_tokens > 0 for r in results)
     wait_for(lambda: workers(cluster2, "decode")["decode-0"].num_finished > before)
+
+
+def test_sigterm_drains_a_decode_worker_before_it_stops(cluster2):
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, cluster2, 60 + i, 40) for i in range(4)]
+        wait_for(lambda: workers(cluster2, "decode").get("decode-1") is not None
+                 and workers(cluster2, "decode")["decode-1"].running >= 1)
+        svc = cluster2.service("decode-1")
+        svc.terminate()  # SIGTERM: leave rotation, finish what was accepted, then exit
+        results = [f.result(timeout=120) for f in futures]
+    # Nothing cut short: every request ended by its own stop token or max_tokens.
+    assert all((r.finish_reason, r.completion_tokens == 40) in (("stop", False), ("length", True))
+               for r in results)
+    assert svc.proc.wait(60) == 0
+    wait_for(lambda: "decode-1" not in workers(cluster2, "decode"))
+    assert ask(cluster2, 99).completion_tokens == 6  # the others still serve
+
+
+def test_no_decode_room_is_resource_exhausted_with_a_retry_hint(tmp_path):
+    """A decode pool of 8 pages (512 tokens): a request needing more is refused at once."""
+    c = LocalCluster(UpSettings(data_dir=tmp_path, port=0, decode_pages=8, threads=1),
+                     progress=False)
+    c.start()
+    try:
+        with grpc.insecure_channel(c.gateway_address) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(gateway_pb2.GenerateRequest(
+                    prompt_token_ids=[100] * 400, max_tokens=200)))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "KV pages" in e.value.details()
+            assert ("retry-after-ms", "500") in e.value.trailing_metadata()
+            ok = list(stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=[100] * 100,
+                                                                max_tokens=4)))
+            assert ok[-1].finish_reason in ("stop", "length")
+    finally:
+        c.stop()
