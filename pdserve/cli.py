@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "blocks (0 = unbounded)")
     rp.add_argument("--policies", default="pdserve,round_robin,least_requests,cache_affinity")
     rp.add_argument("--json", action="store_true", help="one JSON object per policy")
+    rp.add_argument("--live", action="store_true",
+                    help="send the (scaled) trace to a running gateway instead of simulating")
+    rp.add_argument("--address", default="127.0.0.1:50051", help="--live: gateway address")
+    rp.add_argument("--tokens-per-block", type=int, default=64,
+                    help="--live: tokens per trace block (the trace's 512, scaled down)")
+    rp.add_argument("--max-blocks", type=int, default=16, help="--live: cap on blocks per prompt")
+    rp.add_argument("--max-tokens", type=int, default=8, help="--live: tokens per answer")
+    rp.add_argument("--concurrency", type=int, default=4, help="--live: requests at once")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
@@ -112,6 +120,15 @@ def _replay(args: argparse.Namespace) -> int:
         print("pdserve replay: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
     trace = load_trace(args.trace, args.limit, args.time_scale)
+    if args.live:
+        from pdserve.replay_live import run_live
+
+        print(f"replaying {len(trace)} requests against {args.address} (time x{args.time_scale}, "
+              f"{args.tokens_per_block} tokens per trace block) ...", file=sys.stderr)
+        r = run_live(trace, args.address, args.tokens_per_block, args.max_blocks,
+                     args.max_tokens, concurrency=args.concurrency)
+        print(json.dumps(r) if args.json else "  ".join(f"{k}={v}" for k, v in r.items()))
+        return 0 if not r["failed"] else 1
     for policy in args.policies.split(","):
         if not args.json:
             print(f"replaying {len(trace)} requests with {policy} ...", file=sys.stderr)

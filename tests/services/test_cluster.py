@@ -220,3 +220,27 @@ def test_store_down_means_misses_not_failures(cluster, client, tokenizer):
     again = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
     assert again.cached_tokens == 64 * ((len(ids) - 1) // 64)
     assert again.token_ids == warm.token_ids
+
+
+def test_live_replay_of_a_trace_slice_hits_the_ideal_share(cluster, tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    # Three conversations of growing prefixes, arrivals spaced so each prefill lands first.
+    lines = []
+    for turn in range(3):
+        for conv in range(2):
+            ids = list(range(1000 * (conv + 1), 1000 * (conv + 1) + 2 + turn))
+            lines.append({"timestamp": (turn * 2 + conv) * 1500, "input_length": 512 * len(ids) - 100,
+                          "output_length": 4, "hash_ids": ids})
+    trace = tmp_path / "slice.jsonl"
+    trace.write_text("\n".join(_json.dumps(x) for x in lines))
+    r = subprocess.run([sys.executable, "-m", "pdserve", "replay", str(trace), "--live",
+                        "--address", cluster.gateway_address, "--concurrency", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = _json.loads(r.stdout)
+    assert out["succeeded"] == 6 and out["failed"] == {}
+    assert out["ideal_hit_share"] > 0.3
+    assert out["hit_share"] == out["ideal_hit_share"]
