@@ -60,7 +60,8 @@ def decode_rate(fn, batch, new: int) -> float:
     return len(batch) * new / max(tn - t1, 1e-9)
 
 
-def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int) -> tuple[float, float]:
+def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int,
+                            threads: int = 0) -> tuple[float, float]:
     from pdserve.client import Client
     from pdserve.cluster import LocalCluster
     from pdserve.config import UpSettings
@@ -68,7 +69,8 @@ def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int) -> tu
     reqs = prompts(n_clients, length, seed=7)
     t_single = ours_generate(loaded, reqs, new)
     with tempfile.TemporaryDirectory() as d:
-        with LocalCluster(UpSettings(data_dir=Path(d), port=0), progress=False) as cluster:
+        with LocalCluster(UpSettings(data_dir=Path(d), port=0, threads=threads),
+                          progress=False) as cluster:
             with Client(cluster.gateway_address) as c:
                 c.generate(token_ids=reqs[0][:8], max_tokens=2)  # warm up
 
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--skip-cluster", action="store_true")
     ap.add_argument("--only-cluster", action="store_true")
+    ap.add_argument("--worker-threads", type=int, default=0,
+                    help="torch threads per worker process (0 = pdserve up's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
@@ -121,7 +125,7 @@ def main() -> None:
                      f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
         print(table(rows, ("figure", "pdserve engine", "transformers", "ratio")))
     if not args.skip_cluster and args.device == "cpu":
-        d, s = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32)
+        d, s = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32, args.worker_threads)
         print()
         print(table([("16 concurrent clients, 32 tokens each", f"{d:.1f} tok/s", f"{s:.1f} tok/s",
                       f"{d / s:.2f}x")],
