@@ -19,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table  # noqa: E402
-
-from pdserve.scheduler.balancers import (  # noqa: E402
-    DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill)
+from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index  # noqa: E402
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts  # noqa: E402
+from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec  # noqa: E402
 from pdserve.scheduler.replay import POLICIES, load_trace, simulate  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
@@ -47,16 +46,27 @@ def replay(path: str, limit: int) -> None:
 
 
 def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
+    """One routing decision as the gateway makes it: both balancers over the registry's load
+    tables (kept up to date by reports), plus the optimistic bump of the chosen workers."""
     rng = random.Random(0)
-    pre = [PrefillCandidate(str(i), rng.random() * 1e9, rng.randint(0, 100_000))
-           for i in range(workers)]
-    dec = [DecodeCandidate(str(i), rng.randint(0, 4000), rng.randint(0, 4000), rng.randint(0, 64))
-           for i in range(workers)]
+    reg = WorkerRegistry()
+    for role in ("prefill", "decode"):
+        for i in range(workers):
+            wid = f"{role}-{i}"
+            reg.join(WorkerSpec(wid, role, "", 1, "ns", "fp", 64, 4000, 8192, 1000), 0.0)
+            reg.report(wid, 1, Load(free_pages=rng.randint(0, 4000), total_pages=4000,
+                                    running=rng.randint(0, 64),
+                                    queued_tokens=rng.randint(0, 100_000),
+                                    queued_attention=rng.random() * 1e9), 0.0)
     lat = []
     for _ in range(n):
         t = time.perf_counter()
-        pick_prefill(pre, rng.randint(0, 8000), rng.randint(1, 8000))
-        pick_decode(dec, rng.randint(1, 200))
+        pt, dt = reg.table("prefill"), reg.table("decode")
+        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, rng.randint(1, 200))
+        p = pick_prefill_index(pt.attention, pt.tokens, rng.randint(0, 8000), rng.randint(1, 8000))
+        if d is not None:
+            reg.bump(dt.ids[d], free_pages=-1, running=1)
+        reg.bump(pt.ids[p], queued_tokens=1)
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2], lat[int(0.99 * len(lat))]

@@ -65,23 +65,33 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
     return int(candidates[np.argmin(tie[candidates])])
 
 
+def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
+                       new: int) -> int | None:
+    """Array form of pick_prefill: queued attention work and tokens per worker -> row."""
+    if len(attention) == 0:
+        return None
+    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new),
+                         np.ones(len(attention), dtype=bool))
+
+
+def pick_decode_index(used: np.ndarray, free: np.ndarray, running: np.ndarray,
+                      pages_needed: int) -> int | None:
+    """Array form of pick_decode: used / free pages and running requests per worker -> row."""
+    if len(used) == 0:
+        return None
+    return _pick_min_max(used, float(pages_needed), running, 1.0, free >= pages_needed)
+
+
 def pick_prefill(cands: Sequence[PrefillCandidate], cached: int, new: int) -> str | None:
     """Worker for a request with `cached` cached and `new` uncached prompt tokens."""
-    if not cands:
-        return None
-    i = _pick_min_max(np.array([c.queued_attention for c in cands], dtype=float),
-                      attention_work(cached, new),
-                      np.array([c.queued_tokens for c in cands], dtype=float), float(new),
-                      np.ones(len(cands), dtype=bool))
+    i = pick_prefill_index(np.array([c.queued_attention for c in cands], dtype=float),
+                           np.array([c.queued_tokens for c in cands], dtype=float), cached, new)
     return None if i is None else cands[i].worker_id
 
 
 def pick_decode(cands: Sequence[DecodeCandidate], pages_needed: int) -> str | None:
     """Worker for a request needing `pages_needed` KV pages; None when none can hold it."""
-    if not cands:
-        return None
-    free = np.array([c.free_pages for c in cands])
-    i = _pick_min_max(np.array([c.used_pages for c in cands], dtype=float), float(pages_needed),
-                      np.array([c.running for c in cands], dtype=float), 1.0,
-                      free >= pages_needed)
+    i = pick_decode_index(np.array([c.used_pages for c in cands], dtype=float),
+                          np.array([c.free_pages for c in cands], dtype=float),
+                          np.array([c.running for c in cands], dtype=float), pages_needed)
     return None if i is None else cands[i].worker_id

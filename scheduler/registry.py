@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -43,6 +45,35 @@ class WorkerState:
     in_rotation: bool = True
 
 
+@dataclass
+class LoadTable:
+    """Struct-of-arrays view of one role's workers in rotation, in worker-id order: what the
+    balancers read. Rebuilt when membership changes, updated in place by reports."""
+
+    ids: list[str]
+    attention: np.ndarray
+    tokens: np.ndarray
+    used_pages: np.ndarray
+    free_pages: np.ndarray
+    running: np.ndarray
+    row: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, states: list[WorkerState]) -> LoadTable:
+        t = cls([w.spec.worker_id for w in states], *(np.zeros(len(states)) for _ in range(5)))
+        t.row = {wid: i for i, wid in enumerate(t.ids)}
+        for i, w in enumerate(states):
+            t.set(i, w.load)
+        return t
+
+    def set(self, i: int, load: Load) -> None:
+        self.attention[i] = load.queued_attention
+        self.tokens[i] = load.queued_tokens
+        self.used_pages[i] = load.total_pages - load.free_pages
+        self.free_pages[i] = load.free_pages
+        self.running[i] = load.running
+
+
 class RegistryError(Exception):
     """A worker cannot join (its model or layout differs from the cluster's)."""
 
@@ -50,6 +81,26 @@ class RegistryError(Exception):
 @dataclass
 class WorkerRegistry:
     workers: dict[str, WorkerState] = field(default_factory=dict)
+    _tables: dict[str, LoadTable] = field(default_factory=dict)
+
+    def table(self, role: str) -> LoadTable:
+        t = self._tables.get(role)
+        if t is None:
+            t = self._tables[role] = LoadTable.of(self.active(role))
+        return t
+
+    def _changed(self, role: str) -> None:
+        self._tables.pop(role, None)
+
+    def _refresh(self, w: WorkerState) -> None:
+        t = self._tables.get(w.spec.role)
+        if t is None:
+            return
+        i = t.row.get(w.spec.worker_id)
+        if i is None:
+            self._changed(w.spec.role)
+        else:
+            t.set(i, w.load)
 
     def join(self, spec: WorkerSpec, now: float) -> WorkerState:
         for w in self.workers.values():
@@ -64,14 +115,20 @@ class WorkerRegistry:
         state = WorkerState(spec, Load(free_pages=spec.total_pages, total_pages=spec.total_pages),
                             now)
         self.workers[spec.worker_id] = state
+        self._changed(spec.role)
         return state
 
     def report(self, worker_id: str, epoch: int, load: Load, now: float) -> bool:
         w = self.workers.get(worker_id)
         if w is None or w.spec.epoch != epoch:
             return False
+        was = w.in_rotation
         w.load, w.last_report = load, now
         w.in_rotation = not load.draining
+        if was != w.in_rotation:
+            self._changed(w.spec.role)
+        else:
+            self._refresh(w)
         return True
 
     def leave(self, worker_id: str, epoch: int) -> bool:
@@ -79,6 +136,7 @@ class WorkerRegistry:
         if w is None or w.spec.epoch != epoch:
             return False
         del self.workers[worker_id]
+        self._changed(w.spec.role)
         return True
 
     def expire(self, now: float, timeout_s: float) -> list[str]:
@@ -87,6 +145,7 @@ class WorkerRegistry:
         for w in self.workers.values():
             if w.in_rotation and now - w.last_report > timeout_s:
                 w.in_rotation = False
+                self._changed(w.spec.role)
                 out.append(w.spec.worker_id)
         return out
 
@@ -100,3 +159,4 @@ class WorkerRegistry:
         if w is None:
             return
         w.load = replace(w.load, **{k: getattr(w.load, k) + v for k, v in delta.items()})
+        self._refresh(w)

@@ -28,7 +28,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.scheduler.balancers import (
-    DecodeCandidate, PrefillCandidate, attention_work, pick_decode, pick_prefill)
+    DecodeCandidate,
+    PrefillCandidate,
+    attention_work,
+    pick_decode,
+    pick_prefill,
+)
 
 BLOCK = 512  # tokens per trace block
 POLICIES = ("pdserve", "round_robin", "least_requests", "cache_affinity")

@@ -25,7 +25,7 @@ import grpc
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.scheduler.balancers import DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill
+from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
 from pdserve.scheduler.registry import WorkerRegistry, WorkerState
 from pdserve.services.admission import InvalidRequest, admit
 from pdserve.services.kvstore_client import KVStoreClient
@@ -79,21 +79,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return ch
 
     def _pick(self, cached_blocks: int, n_prompt: int, pages: int) -> tuple[WorkerState, WorkerState]:
-        prefills, decodes = self.registry.active("prefill"), self.registry.active("decode")
-        if not prefills or not decodes:
+        pt, dt = self.registry.table("prefill"), self.registry.table("decode")
+        if not pt.ids or not dt.ids:
             raise LookupError("no prefill or decode worker in rotation")
-        bt = prefills[0].spec.block_tokens
+        bt = self.registry.workers[pt.ids[0]].spec.block_tokens
         cached = cached_blocks * bt
-        d_id = pick_decode([DecodeCandidate(w.spec.worker_id, w.load.total_pages - w.load.free_pages,
-                                            w.load.free_pages, w.load.running) for w in decodes],
-                           pages)
-        if d_id is None:
+        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages)
+        if d is None:
             raise MemoryError(f"no decode worker has {pages} free KV pages")
-        p_id = pick_prefill([PrefillCandidate(w.spec.worker_id, w.load.queued_attention,
-                                              w.load.queued_tokens) for w in prefills],
-                            cached, n_prompt - cached)
-        assert p_id is not None
-        return self.registry.workers[p_id], self.registry.workers[d_id]
+        p = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached)
+        assert p is not None
+        return self.registry.workers[pt.ids[p]], self.registry.workers[dt.ids[d]]
 
     async def Generate(self, request, context):
         t0 = time.monotonic()

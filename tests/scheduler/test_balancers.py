@@ -69,3 +69,20 @@ def test_registry_rotation_expiry_and_epochs():
         r.join(spec("d1", ns="other-model"), now=3.0)
     r.report("d0", 5, Load(free_pages=10, total_pages=100, draining=True), now=4.0)
     assert r.active("decode") == []  # draining: out of rotation
+
+
+def test_load_table_follows_reports_bumps_and_membership():
+    r = WorkerRegistry()
+    r.join(spec("d1"), now=0.0)
+    r.join(spec("d0"), now=0.0)
+    t = r.table("decode")
+    assert t.ids == ["d0", "d1"] and t.free_pages.tolist() == [100, 100]
+    r.report("d1", 1, Load(free_pages=40, total_pages=100, running=3), now=1.0)
+    assert r.table("decode") is t  # updated in place, no rebuild
+    assert t.used_pages.tolist() == [0, 60] and t.running.tolist() == [0, 3]
+    r.bump("d0", free_pages=-10, running=1)
+    assert t.free_pages.tolist() == [90, 40] and t.running.tolist() == [1, 3]
+    r.report("d1", 1, Load(free_pages=40, total_pages=100, draining=True), now=2.0)
+    assert r.table("decode").ids == ["d0"]  # membership changed: rebuilt
+    r.leave("d0", 1)
+    assert r.table("decode").ids == []

@@ -7,9 +7,12 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from pdserve.scheduler.eplb import (
-    balanced_packing, gpu_loads, max_over_mean, rebalance_experts, replicate)
+    balanced_packing,
+    gpu_loads,
+    rebalance_experts,
+    replicate,
+)
 
 README_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]

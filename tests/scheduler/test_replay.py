@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pdserve.scheduler.replay import CostModel, TraceRequest, load_trace, simulate
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 from pdserve.client import Client
 from pdserve.cluster import LocalCluster
 from pdserve.config import UpSettings
-from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 @pytest.fixture(scope="module")
