@@ -31,35 +31,36 @@ class AttnBatch:
     slot_offsets: torch.Tensor    # [T] offset inside that page
     positions: torch.Tensor       # [T] absolute position of each new token
     last_indices: torch.Tensor    # [B] flat index of each sequence's last new token
-    ctx_pages: torch.Tensor       # [sum(ctx)] page of every context token, sequence after sequence
-    ctx_offsets: torch.Tensor     # [sum(ctx)]
     masks: list[torch.Tensor | None]  # per sequence: causal mask [q, ctx], None when q_len == 1
     # Decode sequences grouped by page count: (flat query indices [G], page tables [G, n],
     # valid rows [G, n * block_tokens]).
     decode_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    page_tables: list[torch.Tensor]  # per sequence: the pages covering its context
+    block_tokens: int
+    # Token-level gather indices of every context row, built on the first gather() only: the
+    # GQA decode path reads whole pages and never needs them.
+    _ctx_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
               block_tokens: int, device: torch.device | str = "cpu") -> AttnBatch:
         slot_pages, slot_offsets, positions, last = [], [], [], []
-        ctx_pages, ctx_offsets = [], []
+        tables: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
         flat = 0
         for q, ctx, table in zip(q_lens, ctx_lens, page_tables):
             if q <= 0 or q > ctx or len(table) * block_tokens < ctx:
                 raise ValueError(f"bad sequence in batch: q_len={q} ctx={ctx} pages={len(table)}")
-            pos = torch.arange(ctx)
             pages = torch.as_tensor(table[: -(-ctx // block_tokens)], dtype=torch.long)
-            page_of = pages.repeat_interleave(block_tokens)[:ctx]
-            ctx_pages.append(page_of)
-            ctx_offsets.append(pos % block_tokens)
-            slot_pages.append(page_of[ctx - q:])
-            slot_offsets.append(pos[ctx - q:] % block_tokens)
-            positions.append(pos[ctx - q:])
+            tables.append(pages)
+            new = torch.arange(ctx - q, ctx)  # positions of the new tokens: O(q), not O(ctx)
+            slot_pages.append(pages[new // block_tokens])
+            slot_offsets.append(new % block_tokens)
+            positions.append(new)
             flat += q
             last.append(flat - 1)
             masks.append(None if q == 1 else
-                         (pos.unsqueeze(0) <= pos[ctx - q:].unsqueeze(1)).to(device))
+                         (torch.arange(ctx).unsqueeze(0) <= new.unsqueeze(1)).to(device))
         by_pages: dict[int, list[int]] = {}
         for i, (q, ctx) in enumerate(zip(q_lens, ctx_lens)):
             if q == 1:
@@ -74,7 +75,7 @@ class AttnBatch:
         cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
-                   cat(ctx_pages), cat(ctx_offsets), masks, groups)
+                   masks, groups, [t.to(device) for t in tables], block_tokens)
 
     def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
         """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
@@ -82,7 +83,16 @@ class AttnBatch:
 
     def gather(self, kv: torch.Tensor, layer: int) -> torch.Tensor:
         """Every sequence's context rows of one layer, concatenated: [sum(ctx), kv_dim]."""
-        return kv[self.ctx_pages, layer, self.ctx_offsets]
+        if self._ctx_index is None:
+            bt = self.block_tokens
+            pages, offsets = [], []
+            for table, ctx in zip(self.page_tables, self.ctx_lens):
+                pos = torch.arange(ctx, device=table.device)
+                pages.append(table[pos // bt])
+                offsets.append(pos % bt)
+            self._ctx_index = (torch.cat(pages), torch.cat(offsets))
+        ctx_pages, ctx_offsets = self._ctx_index
+        return kv[ctx_pages, layer, ctx_offsets]
 
     def sequences(self):  # type: ignore[no-untyped-def]
         """Yields (query slice, context slice, q_len, ctx_len, mask) per sequence."""

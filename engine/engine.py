@@ -44,9 +44,14 @@ def schedule_chunks(seqs, budget: int) -> list[tuple[object, int]]:  # type: ign
     return plan
 
 
+def request_pages(block_tokens: int, prompt_tokens: int, max_tokens: int) -> int:
+    """Pages a request reserves up front: KV is stored for every token but the last generated
+    one. The gateway and the decode worker both size reservations with this."""
+    return -(-(prompt_tokens + max_tokens - 1) // block_tokens)
+
+
 def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
-    # KV is stored for every token but the last generated one.
-    return pool.layout.pages_for(prompt_tokens + max_tokens - 1)
+    return request_pages(pool.layout.block_tokens, prompt_tokens, max_tokens)
 
 
 class LLMEngine:

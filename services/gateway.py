@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
+from pdserve.engine.engine import request_pages
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
@@ -117,7 +118,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         keys = block_hashes(spec.hash_namespace, request.cache_salt, prompt, bt)
         hint = await self.kvstore.lookup(keys[:cacheable_blocks(len(prompt), bt)]) or 0
         # Step 3: choose workers, reserve decode pages.
-        pages = -(-(len(prompt) + adm.max_tokens - 1) // bt)
+        pages = request_pages(bt, len(prompt), adm.max_tokens)
         try:
             pw, dw = self._pick(hint, len(prompt), pages)
         except LookupError as e:

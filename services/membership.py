@@ -39,7 +39,6 @@ def load_of(r) -> Load:  # type: ignore[no-untyped-def]
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, registry: WorkerRegistry) -> None:
         self.registry = registry
-        self.changed = asyncio.Event()
 
     async def Join(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
@@ -55,18 +54,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         except RegistryError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         log.info("worker joined", extra={"worker_id": info.worker_id, "role": info.role})
-        self.changed.set()
         try:
             async for msg in request_iterator:
                 if msg.HasField("load"):
                     if not self.registry.report(info.worker_id, info.epoch, load_of(msg.load),
                                                 time.monotonic()):
                         break  # replaced by a newer epoch
-                    self.changed.set()
         finally:
             if self.registry.leave(info.worker_id, info.epoch):
                 log.info("worker left", extra={"worker_id": info.worker_id})
-            self.changed.set()
         return registry_pb2.JoinResponse(reason="stream closed")
 
 
