@@ -25,6 +25,7 @@ import logging
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ _STATS_KEY = b"pdserve:stats"  # lifetime counters, in the default column family
 _COUNTERS = ("hits", "misses", "puts", "corrupt", "evicted", "expired", "write_errors")
 SYNC_POLICIES = ("every_write", "interval", "off")
 EVICT_BATCH = 256
+GONE_MEMORY = 1 << 20  # evicted-key prefixes remembered (about 100 MiB at most)
 
 
 class StoreFull(CacheError):
@@ -115,6 +117,9 @@ class BlockStore:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()        # guards stats and the metadata index
         self._meta: dict[bytes, _Meta] = {}  # in-memory copy of the access column family
+        # Keys evicted or expired since start (8-byte prefixes, bounded): lets a Lookup tell a
+        # miss on an evicted block from one on a block never stored, for the request ledger.
+        self._gone: OrderedDict[bytes, None] = OrderedDict()
         self.stats = StoreStats()
         self._refuse_until = 0.0
         self._stop = threading.Event()
@@ -187,6 +192,17 @@ class BlockStore:
     def present(self, keys: Sequence[bytes]) -> list[bool]:
         with self._lock:
             return [k in self._meta for k in keys]
+
+    def was_removed(self, keys: Sequence[bytes]) -> list[bool]:
+        """Per key: absent now, and evicted or expired earlier in this process's life."""
+        with self._lock:
+            return [k not in self._meta and k[:8] in self._gone for k in keys]
+
+    def _remember_gone(self, keys: Sequence[bytes]) -> None:  # caller holds self._lock
+        for k in keys:
+            self._gone[k[:8]] = None
+        while len(self._gone) > GONE_MEMORY:
+            self._gone.popitem(last=False)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes]:
         """Verified blocks for the leading keys; stops at the first missing or corrupt one."""
@@ -314,6 +330,8 @@ class BlockStore:
                     keep.append(k)
                     size -= m.size
             self._delete(keep)
+            with self._lock:
+                self._remember_gone(keep)
             n += len(keep)
         with self._lock:
             self.stats.evicted += n
@@ -330,6 +348,7 @@ class BlockStore:
             self._delete(old[i:i + EVICT_BATCH])
         with self._lock:
             self.stats.expired += len(old)
+            self._remember_gone(old)
         return len(old)
 
     def _maintain(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from pdserve import config
 from pdserve.log import setup_logging
@@ -62,6 +63,31 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-blocks", type=int, default=16, help="--live: cap on blocks per prompt")
     rp.add_argument("--max-tokens", type=int, default=8, help="--live: tokens per answer")
     rp.add_argument("--concurrency", type=int, default=4, help="--live: requests at once")
+    an = sub.add_parser("analytics", help="SQL over the request ledger (tables `requests`, "
+                                          "`workers`), or a named query")
+    an.add_argument("query", nargs="?", default="",
+                    help="a SELECT statement, or a named query (see --list)")
+    an.add_argument("--data-dir", default="data", help="the gateway's --data-dir")
+    an.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    an.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="named query parameter: since, until, tenant, limit (repeatable)")
+    an.add_argument("--list", action="store_true", help="list the named queries")
+    rep = sub.add_parser("report", help="the period's serving statistics and cost, in the shape "
+                                        "of DeepSeek's daily report")
+    rep.add_argument("--data-dir", default="data", help="the gateway's --data-dir")
+    rep.add_argument("--since", default=None, help="ISO-8601 time or Unix seconds (inclusive)")
+    rep.add_argument("--until", default=None, help="ISO-8601 time or Unix seconds (exclusive)")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--plot", default=None, metavar="OUT.png",
+                     help="also draw hit share, tokens/s and busy workers over time")
+    rep.add_argument("--gpu-hour-cost", type=float, default=2.0, help="USD per GPU-hour")
+    rep.add_argument("--gpus-per-worker", type=int, default=1)
+    rep.add_argument("--price-input-hit", type=float, default=0.14,
+                     help="USD per million input tokens served from the KV cache")
+    rep.add_argument("--price-input-miss", type=float, default=0.55,
+                     help="USD per million input tokens computed")
+    rep.add_argument("--price-output", type=float, default=2.19,
+                     help="USD per million output tokens")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
@@ -139,10 +165,81 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analytics(args: argparse.Namespace) -> int:
+    import csv
+
+    from pdserve.cache.analytics import NAMED_QUERIES, run_named
+    from pdserve.cache.ledger import QueryError, run_query
+
+    if args.list or not args.query:
+        for name, (what, _) in NAMED_QUERIES.items():
+            print(f"{name:28s} {what}")
+        return 0
+    params = {}
+    for p in args.param:
+        name, eq, value = p.partition("=")
+        if not eq:
+            print(f"pdserve analytics: --param {p!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        params[name] = value
+    if not Path(args.data_dir, "ledger").is_dir():
+        print(f"pdserve analytics: no ledger under --data-dir {args.data_dir}", file=sys.stderr)
+        return 2
+    try:
+        if args.query in NAMED_QUERIES:
+            columns, rows = run_named(Path(args.data_dir), args.query, params)
+        else:
+            if params:
+                raise QueryError("--param: only named queries take parameters")
+            columns, rows = run_query(Path(args.data_dir), args.query)
+    except QueryError as e:
+        print(f"pdserve analytics: {e}", file=sys.stderr)
+        return 2
+    if args.format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows(rows)
+    elif args.format == "json":
+        for r in rows:
+            print(json.dumps(dict(zip(columns, r)), default=str))
+    else:
+        cells = [columns] + [["" if v is None else str(v) for v in r] for r in rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+        for c in cells:
+            print("  ".join(v.ljust(n) for v, n in zip(c, widths)).rstrip())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pdserve.cache.analytics import Prices, format_report, plot, report
+    from pdserve.cache.ledger import QueryError
+
+    if not Path(args.data_dir, "ledger").is_dir():
+        print(f"pdserve report: no ledger under --data-dir {args.data_dir}", file=sys.stderr)
+        return 2
+    prices = Prices(args.gpu_hour_cost, args.gpus_per_worker, args.price_input_hit,
+                    args.price_input_miss, args.price_output)
+    try:
+        r = report(Path(args.data_dir), args.since, args.until, prices)
+        if args.plot:
+            plot(Path(args.data_dir), Path(args.plot), args.since, args.until)
+    except QueryError as e:
+        print(f"pdserve report: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r.as_dict()) if args.json else format_report(r))
+    if args.plot:
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cmd = args.command
     try:
+        if cmd == "analytics":
+            return _analytics(args)
+        if cmd == "report":
+            return _report(args)
         if cmd == "generate":
             return _generate(args)
         if cmd == "replay":

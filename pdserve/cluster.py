@@ -37,13 +37,15 @@ class Service:
             [sys.executable, "-m", "pdserve", *args, "--ready-file", str(self.ready_file)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     def poll_ready(self) -> bool:
         if self.proc.poll() is not None:
             raise ClusterError(f"{self.name} exited with code {self.proc.returncode}:\n"
                                + self.log_tail())
         if self.ready_file.exists():
-            self.port = json.loads(self.ready_file.read_text())["port"]
+            ready = json.loads(self.ready_file.read_text())
+            self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
             return True
         return False
 
@@ -99,6 +101,8 @@ class LocalCluster:
         t0 = time.monotonic()
         deadline = t0 + self.s.startup_timeout_s
         common = ["--log-level", self.s.log_level]
+        if self.s.metrics:
+            common += ["--metrics-port", "0"]
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
         try:
@@ -109,7 +113,8 @@ class LocalCluster:
             self.kvstore_address = f"127.0.0.1:{kv.port}"
             self._say("starting gateway ...")
             gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port", str(self.s.port),
-                                         "--kvstore", self.kvstore_address, *model, *common])
+                                         "--kvstore", self.kvstore_address,
+                                         "--data-dir", str(self.data_dir), *model, *common])
             self._wait_ready([gw], deadline)
             host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
             self.gateway_address = f"{host}:{gw.port}"
@@ -133,7 +138,14 @@ class LocalCluster:
             raise
         self._say(f"pdserve up: gateway on {self.gateway_address} "
                   f"(ready in {time.monotonic() - t0:.1f} s, data in {self.data_dir})")
+        if self.s.metrics:
+            self._say("metrics: " + ", ".join(
+                f"{s.name} http://127.0.0.1:{s.metrics_port}/metrics" for s in self.services))
         return self
+
+    def metrics_urls(self) -> dict[str, str]:
+        return {s.name: f"http://127.0.0.1:{s.metrics_port}/metrics"
+                for s in self.services if s.metrics_port}
 
     def _wait_serving(self, deadline: float) -> None:
         with grpc.insecure_channel(self.gateway_address) as ch:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Address = str  # "host:port"
@@ -26,7 +26,12 @@ class _Base(BaseSettings):
         None, description="write {port, pid} as JSON here once serving (used by `pdserve up`)")
 
 
-class _ModelSettings(_Base):
+class _Served(_Base):
+    metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus /metrics HTTP port "
+                              "(0 = any free port, -1 = off)")
+
+
+class _ModelSettings(_Served):
     model: Path | None = Field(
         None, description="model to serve: a GGUF file (default: SmolLM2-135M-Instruct)")
     device: str = Field("cpu", description="torch device: cpu or cuda[:N]")
@@ -36,7 +41,7 @@ class _ModelSettings(_Base):
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
 
 
-class KVStoreSettings(_Base):
+class KVStoreSettings(_Served):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50060, ge=0, le=65535, description="gRPC port (0 = any free port)")
     data_dir: Path = Field(Path("data"), description="directory holding all state")
@@ -77,7 +82,7 @@ class DecodeSettings(_ModelSettings):
                                    "running requests to finish before stopping")
 
 
-class GatewaySettings(_Base):
+class GatewaySettings(_Served):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50051, ge=0, le=65535, description="public gRPC port (0 = any free port)")
     kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
@@ -86,6 +91,26 @@ class GatewaySettings(_Base):
     lookup_timeout_s: float = Field(1.0, gt=0, description="deadline of a kvstore Lookup")
     worker_timeout_s: float = Field(3.0, gt=0, description="drop a worker silent this long")
     rpc_timeout_s: float = Field(120.0, gt=0, description="deadline of internal calls")
+    data_dir: Path = Field(Path("data"), description="directory holding the request ledger "
+                           "(DATA_DIR/ledger)")
+    ledger: bool = Field(True, description="write one ledger row per request")
+    ledger_flush_records: int = Field(256, ge=1, le=1_000_000, description="write a ledger "
+                                      "segment once this many rows wait (at most this many, or "
+                                      "--ledger-flush-s of rows, are lost on SIGKILL)")
+    ledger_flush_s: float = Field(1.0, gt=0, le=3600, description="write waiting ledger rows at "
+                                  "least this often")
+    ledger_max_pending: int = Field(100_000, ge=1, description="rows held in memory at most; "
+                                    "beyond, rows are dropped and counted")
+    worker_sample_s: float = Field(10.0, gt=0, description="record every worker's load in the "
+                                   "ledger this often (worker-hours, busy workers)")
+
+    @model_validator(mode="after")
+    def _ledger_bounds(self) -> GatewaySettings:
+        if self.ledger_max_pending < self.ledger_flush_records:
+            raise ValueError(f"--ledger-max-pending (PDSERVE_LEDGER_MAX_PENDING) "
+                             f"{self.ledger_max_pending} must be >= --ledger-flush-records "
+                             f"(PDSERVE_LEDGER_FLUSH_RECORDS) {self.ledger_flush_records}")
+        return self
 
 
 class UpSettings(_Base):
@@ -99,6 +124,8 @@ class UpSettings(_Base):
     prefill_pages: int = Field(256, ge=1, description="KV pages per prefill worker")
     threads: int = Field(0, ge=0, le=1024, description="torch threads per worker (0 = default)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
+    metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
+                          "each on a free port (listed at start-up)")
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
@@ -125,7 +152,10 @@ def load_settings(cls: type[BaseSettings], args: argparse.Namespace | None = Non
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a check across settings; its message names them
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             lines.append(f"--{name.replace('_', '-')} (PDSERVE_{name.upper()}): {err['msg']}"
                          f" (got {err.get('input')!r})")
         raise SettingsError("invalid setting: " + "; ".join(lines)) from None

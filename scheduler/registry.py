@@ -23,6 +23,7 @@ class WorkerSpec:
     total_pages: int
     max_context: int
     vocab_size: int
+    model_id: str = ""
 
 
 @dataclass(frozen=True)

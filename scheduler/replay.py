@@ -48,13 +48,18 @@ class TraceRequest:
 
 
 def load_trace(path: str, limit: int = 0, time_scale: float = 1.0) -> list[TraceRequest]:
+    """Reads a Mooncake-format JSONL trace; arrival times count from its first request, so a
+    slice cut from the middle of a trace replays from time 0."""
     out = []
+    t0 = None
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             d = json.loads(line)
-            out.append(TraceRequest(d["timestamp"] / 1000 * time_scale, int(d["input_length"]),
+            t0 = d["timestamp"] if t0 is None else t0
+            out.append(TraceRequest((d["timestamp"] - t0) / 1000 * time_scale,
+                                    int(d["input_length"]),
                                     max(1, int(d["output_length"])), tuple(d["hash_ids"])))
             if limit and len(out) >= limit:
                 break

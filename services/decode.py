@@ -37,8 +37,10 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from pdserve.config import DecodeSettings
+from pdserve.metrics import WorkerMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Pending:
     seq: Sequence
     deadline: float
     outbox: Outbox
+    reserved_at: float = 0.0
 
 
 class DecodeWorker:
@@ -80,6 +83,14 @@ class DecodeWorker:
         self.num_failed = 0
         self.draining = False
         self.on_change: Callable[[], None] | None = None  # thread-safe "report load now"
+        self.metrics: WorkerMetrics | None = None
+
+    def export_metrics(self, m: WorkerMetrics) -> None:
+        self.metrics = m
+        m.pages_total.set_function(lambda: self.pool.num_pages)
+        m.pages_used.set_function(lambda: self.pool.num_pages - self.pool.num_free)
+        m.running.set_function(lambda: len(self.engine.running))
+        m.waiting.set_function(lambda: len(self._pending))
 
     # -- RPC side (event loop thread) ----------------------------------------------------------
     def reserve(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -90,7 +101,8 @@ class DecodeWorker:
                 raise ValueError(f"request_id {request_id!r} is already reserved here")
             seq.pages = self.pool.reserve(pages_needed(self.pool, len(prompt), params.max_tokens))
             outbox = Outbox(loop)
-            self._pending[request_id] = Pending(seq, time.monotonic() + self.lease_s, outbox)
+            self._pending[request_id] = Pending(seq, time.monotonic() + self.lease_s, outbox,
+                                                time.monotonic())
             self._outboxes[request_id] = outbox
         return common_pb2.Reservation(
             request_id=request_id, epoch=self.epoch, agent_name=self.endpoint.name,
@@ -165,6 +177,8 @@ class DecodeWorker:
         p.seq.pages = []
         self._outboxes.pop(p.seq.request_id, None)
         self.num_failed += 1
+        if self.metrics is not None:
+            self.metrics.failed.labels(code.name).inc()
         p.outbox.put(("error", code, message))
         self._notify_change()
 
@@ -187,6 +201,9 @@ class DecodeWorker:
                 self._fail(p, grpc.StatusCode.DATA_LOSS, "KV transfer checksum mismatch")
                 return
             seq.output.append(notice.first_token)
+            if (m := self.metrics) is not None:
+                m.transfer_bytes.inc(n * self.pool.page_nbytes)
+                m.transfer_seconds.observe(time.monotonic() - p.reserved_at)
             done = self.engine.add_prefilled(seq)
         if done is not None:
             self._dispatch([done])
@@ -200,6 +217,8 @@ class DecodeWorker:
                                f"KV transfer did not arrive within the {self.lease_s:g} s lease")
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens.inc(len(events))
         for ev in events:
             outbox = self._outboxes.get(ev.request_id)
             if ev.finish_reason is not None:
@@ -279,6 +298,8 @@ async def run(settings: DecodeSettings) -> None:
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
     worker.on_change = lambda: loop.call_soon_threadsafe(changed.set)
+    prom = CollectorRegistry()
+    worker.export_metrics(WorkerMetrics(prom, "decode"))
     worker.start()
     servicer = DecodeServicer(worker)
     server, port, health = await create_server(
@@ -292,7 +313,9 @@ async def run(settings: DecodeSettings) -> None:
                        worker.pool.num_pages)
     stop = asyncio.Event()
     joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.load, stop, changed))
-    write_ready_file(settings.ready_file, port, worker_id=info.worker_id)
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
+                     metrics_port=metrics_port)
     log.info("decode serving", extra={"port": port, "worker_id": info.worker_id})
 
     async def drain() -> None:

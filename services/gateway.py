@@ -10,26 +10,31 @@ Lifecycle of one `Generate`:
    carries the first token, which is streamed at once (time to first token).
 5. Relay the decode worker's tokens as text deltas; close with finish_reason, usage and timing.
 6. On any failure or client cancellation the decode reservation is released.
+7. One ledger row (and the Prometheus counters) records the outcome, whatever it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
+from pdserve.cache.analytics import NAMED_QUERIES, run_named
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
+from pdserve.cache.ledger import Ledger, QueryError
 from pdserve.engine.engine import request_pages
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
 from pdserve.scheduler.registry import WorkerRegistry, WorkerState
 from pdserve.services.admission import InvalidRequest, admit
-from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.kvstore_client import KVStoreClient, LookupResult
 from pdserve.services.membership import RegistryServicer, watch_readiness
 from pdserve.services.output import OutputText
 from pdserve.services.server import channel, create_server, serve_until_signal, write_ready_file
@@ -44,8 +49,10 @@ from pdserve.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
+from prometheus_client import CollectorRegistry
 
 from pdserve.config import GatewaySettings
+from pdserve.metrics import GatewayMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +64,65 @@ async def _empty():
     yield
 
 
+TENANT_MEMORY = 1 << 20  # unsalted block prefixes remembered for the different_salt reason
+
+
 @dataclass
 class InFlight:
     decode: decode_pb2_grpc.DecodeStub | None = None
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def tenant_of(cache_salt: str) -> str:
+    """The ledger's tenant: a hash of the cache salt (never the salt itself); '' = no salt."""
+    return hashlib.sha256(cache_salt.encode()).hexdigest()[:16] if cache_salt else ""
+
+
+@dataclass
+class Outcome:
+    """What the ledger row of one request says; filled in as the request goes."""
+
+    ts: float
+    t0: float
+    request_id: str
+    tenant: str
+    status: str | None = None
+    error: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    kv_bytes: int = 0
+    fetch_s: float = 0.0
+    compute_s: float = 0.0
+    miss_reason: str = ""
+
+
+def _kv_usage(registry: WorkerRegistry) -> float:
+    ws = registry.active("decode")
+    total = sum(w.load.total_pages for w in ws)
+    return sum(w.load.total_pages - w.load.free_pages for w in ws) / total if total else 0.0
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, registry: WorkerRegistry, kvstore: KVStoreClient,
-                 tokenizer: Tokenizer | None, rpc_timeout_s: float) -> None:
+                 tokenizer: Tokenizer | None, rpc_timeout_s: float,
+                 ledger: Ledger | None = None, metrics: GatewayMetrics | None = None,
+                 data_dir=None) -> None:  # type: ignore[no-untyped-def]
         self.registry = registry
         self.kvstore = kvstore
         self.tokenizer = tokenizer
         self.rpc_timeout_s = rpc_timeout_s
+        self.ledger = ledger
+        self.metrics = metrics
+        self.data_dir = data_dir
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._inflight: dict[str, InFlight] = {}
+        # unsalted block-prefix hash (8 bytes) -> tenant that last sent it
+        self._prefix_tenants: OrderedDict[bytes, str] = OrderedDict()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -93,19 +144,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.registry.workers[pt.ids[p]], self.registry.workers[dt.ids[d]]
 
     async def Generate(self, request, context):
-        t0 = time.monotonic()
+        rec = Outcome(time.time(), time.monotonic(), request.request_id or uuid.uuid4().hex,
+                      tenant_of(request.cache_salt))
+        if self.metrics:
+            self.metrics.in_flight.inc()
+        try:
+            async for msg in self._generate(request, context, rec):
+                yield msg
+            rec.status = rec.status or "OK"
+        except asyncio.CancelledError:
+            rec.status = rec.status or "CANCELLED"
+            raise
+        except BaseException as e:
+            if rec.status is None:
+                rec.status, rec.error = "INTERNAL", repr(e)[:200]
+            raise
+        finally:
+            if self.metrics:
+                self.metrics.in_flight.dec()
+            self._record(rec)
+
+    async def _abort(self, context, rec: Outcome, code: grpc.StatusCode, message: str):  # type: ignore[no-untyped-def]
+        rec.status, rec.error = code.name, message[:200]
+        await context.abort(code, message)
+
+    async def _generate(self, request, context, rec: Outcome):  # type: ignore[no-untyped-def]
+        t0 = rec.t0
         prefills = self.registry.active("prefill")
         if not prefills or not self.registry.active("decode"):
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "no prefill or decode worker is ready; retry shortly")
+            await self._abort(context, rec, grpc.StatusCode.UNAVAILABLE,
+                              "no prefill or decode worker is ready; retry shortly")
         spec = prefills[0].spec
         try:
             adm = admit(request, self.tokenizer, spec.vocab_size, spec.max_context)
         except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rid = request.request_id or uuid.uuid4().hex
+            await self._abort(context, rec, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = rec.request_id
         if rid in self._inflight:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is running")
+            await self._abort(context, rec, grpc.StatusCode.ALREADY_EXISTS,
+                              f"request_id: {rid!r} is running")
         seed = request.seed or int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little")
         stops = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
         sampling = common_pb2.SamplingParams(
@@ -113,21 +190,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             stop_token_ids=sorted(stops | set(adm.stop_token_ids)), top_k=adm.top_k,
             top_p=adm.top_p, logprobs=request.logprobs)
         prompt = adm.prompt
+        rec.prompt_tokens = len(prompt)
         bt = spec.block_tokens
         # Step 2: how much of the prompt the store holds.
         keys = block_hashes(spec.hash_namespace, request.cache_salt, prompt, bt)
-        hint = await self.kvstore.lookup(keys[:cacheable_blocks(len(prompt), bt)]) or 0
+        cacheable = cacheable_blocks(len(prompt), bt)
+        found = await self.kvstore.lookup_detail(keys[:cacheable])
+        hint = found.prefix or 0
         # Step 3: choose workers, reserve decode pages.
         pages = request_pages(bt, len(prompt), adm.max_tokens)
         try:
             pw, dw = self._pick(hint, len(prompt), pages)
         except LookupError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await self._abort(context, rec, grpc.StatusCode.UNAVAILABLE, str(e))
         except MemoryError as e:
             # Back-pressure instead of an unbounded queue, with a hint for well-behaved clients.
             context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"KV pages: {e}; retry in {RETRY_AFTER_MS} ms or lower max_tokens")
+            await self._abort(context, rec, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"KV pages: {e}; retry in {RETRY_AFTER_MS} ms or lower max_tokens")
+        rec.prefill_worker, rec.decode_worker = pw.spec.worker_id, dw.spec.worker_id
         new_tokens = len(prompt) - hint * bt
         self.registry.bump(dw.spec.worker_id, free_pages=-pages, running=1)
         self.registry.bump(pw.spec.worker_id, queued_tokens=new_tokens)
@@ -145,7 +226,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 code = e.code()
                 if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
                     code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"decode reserve: {e.details()}")
+                await self._abort(context, rec, code, f"decode reserve: {e.details()}")
             # Step 4: open the decode stream first, so no token can be missed.
             stream = decode.Stream(decode_pb2.StreamRequest(request_id=rid),
                                    timeout=self.rpc_timeout_s * 10)
@@ -158,10 +239,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 code = e.code()
                 if code != grpc.StatusCode.INVALID_ARGUMENT:
                     code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"prefill: {e.details()}")
-            ttft = time.monotonic() - t0
+                await self._abort(context, rec, code, f"prefill: {e.details()}")
+            ttft = rec.ttft_s = time.monotonic() - t0
+            rec.cached_tokens, rec.kv_bytes = pre.cached_tokens, pre.bytes_transferred
+            rec.fetch_s, rec.compute_s = pre.fetch_s, pre.compute_s
+            rec.miss_reason = self._miss_reason(spec, request.cache_salt, prompt, keys, cacheable,
+                                                found, pre.cached_tokens // bt, rec.tenant)
             text = OutputText(self.tokenizer, adm.stop)
             out = [pre.first_token]
+            rec.completion_tokens = 1
+            last = time.monotonic()
             yield gateway_pb2.GenerateResponse(
                 request_id=rid, token_ids=[pre.first_token], text=text.push([pre.first_token]),
                 logprobs=[pre.first_logprob] if request.logprobs else [])
@@ -171,6 +258,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in (_empty() if text.stopped else stream):
                     if chunk.token_ids:
                         out.extend(chunk.token_ids)
+                        rec.completion_tokens = len(out)
+                        if self.metrics:
+                            now = time.monotonic()
+                            for _ in chunk.token_ids:
+                                self.metrics.itl.observe((now - last) / len(chunk.token_ids))
+                            last = now
                         yield gateway_pb2.GenerateResponse(
                             request_id=rid, token_ids=list(chunk.token_ids),
                             text=text.push(chunk.token_ids), logprobs=list(chunk.logprobs))
@@ -186,17 +279,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 else:
                     if code not in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED):
                         code = grpc.StatusCode.UNAVAILABLE
-                    await context.abort(code, f"decode: {e.details()}")
+                    await self._abort(context, rec, code, f"decode: {e.details()}")
             if text.stopped:  # a stop string ended the text: the decode side stops too
                 reason = "stop"
                 stream.cancel()
                 await self._release(decode, rid)
             elif not reason:
                 if not flight.aborted.is_set():
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        "decode: stream ended without a finish reason")
+                    await self._abort(context, rec, grpc.StatusCode.UNAVAILABLE,
+                                      "decode: stream ended without a finish reason")
                 reason = "abort"
             finished = True
+            rec.finish_reason = reason
+            if reason == "abort":
+                rec.status = "CANCELLED"
             yield gateway_pb2.GenerateResponse(
                 request_id=rid, finish_reason=reason, text=text.flush(),
                 usage=gateway_pb2.Usage(prompt_tokens=len(prompt), cached_tokens=pre.cached_tokens,
@@ -208,6 +304,99 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if stream is not None:
                     stream.cancel()
                 await self._release(decode, rid)
+
+    def _miss_reason(self, spec, salt: str, prompt: list[int], keys: list[bytes],  # type: ignore[no-untyped-def]
+                     cacheable: int, found: LookupResult, cached_blocks: int, tenant: str) -> str:
+        """Why the first uncached token was not a hit (cache/ledger.py MISS_REASONS); also
+        remembers this prompt's blocks for the different_salt answer of later requests."""
+        unsalted = keys if not salt else block_hashes(spec.hash_namespace, "", prompt,
+                                                      spec.block_tokens)
+        if cached_blocks >= cacheable:
+            reason = "partial_block"
+        elif found.prefix is None:
+            reason = "store_unavailable"
+        elif cached_blocks < found.prefix:
+            reason = "fetch_failed"
+        elif found.first_miss_evicted:
+            reason = "evicted"
+        elif self._prefix_tenants.get(unsalted[cached_blocks][:8], tenant) != tenant:
+            reason = "different_salt"
+        else:
+            reason = "never_seen"
+        for k in unsalted[:cacheable]:
+            self._prefix_tenants[k[:8]] = tenant
+            self._prefix_tenants.move_to_end(k[:8])
+        while len(self._prefix_tenants) > TENANT_MEMORY:
+            self._prefix_tenants.popitem(last=False)
+        return reason
+
+    def _record(self, rec: Outcome) -> None:
+        e2e = time.monotonic() - rec.t0
+        n = rec.completion_tokens
+        tpot = (e2e - rec.ttft_s) / (n - 1) if n > 1 else 0.0
+        m = self.metrics
+        if m is not None:
+            m.requests.labels(rec.status).inc()
+            m.prompt_tokens.inc(rec.prompt_tokens)
+            m.cached_tokens.labels("store").inc(rec.cached_tokens)
+            if rec.prompt_tokens > rec.cached_tokens and rec.miss_reason:
+                m.uncached_tokens.labels(rec.miss_reason).inc(rec.prompt_tokens - rec.cached_tokens)
+            m.completion_tokens.inc(n)
+            m.kv_bytes.inc(rec.kv_bytes)
+            if rec.status == "OK":
+                m.ttft.observe(rec.ttft_s)
+                m.e2e.observe(e2e)
+        if self.ledger is not None:
+            self.ledger.record_request(
+                ts=rec.ts, request_id=rec.request_id, tenant=rec.tenant,
+                model=self._model_id(), status=rec.status or "INTERNAL",
+                finish_reason=rec.finish_reason, prompt_tokens=rec.prompt_tokens,
+                cached_tokens=rec.cached_tokens, completion_tokens=n, ttft_s=rec.ttft_s,
+                tpot_s=tpot, e2e_s=e2e, prefill_worker=rec.prefill_worker,
+                decode_worker=rec.decode_worker, kv_bytes=rec.kv_bytes, fetch_s=rec.fetch_s,
+                compute_s=rec.compute_s, miss_reason=rec.miss_reason, error=rec.error)
+            if m is not None:
+                m.ledger_pending.set(self.ledger.requests.pending)
+                m.ledger_dropped.set(self.ledger.requests.dropped)
+
+    def _model_id(self) -> str:
+        return next((w.spec.model_id for w in self.registry.workers.values()), "")
+
+    async def sample_workers(self, every_s: float, stop: asyncio.Event) -> None:
+        """Writes every worker's last load report into the ledger's `workers` table."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except asyncio.TimeoutError:
+                pass
+            now = time.time()
+            for w in list(self.registry.workers.values()):
+                ld = w.load
+                self.ledger.record_worker(  # type: ignore[union-attr]
+                    ts=now, worker_id=w.spec.worker_id, role=w.spec.role,
+                    in_rotation=w.in_rotation, running=ld.running,
+                    queued_tokens=ld.queued_tokens, used_pages=ld.total_pages - ld.free_pages,
+                    total_pages=ld.total_pages, interval_s=every_s)
+
+    async def QueryAnalytics(self, request, context):
+        if not request.query:
+            return gateway_pb2.AnalyticsResponse(
+                queries={k: v[0] for k, v in NAMED_QUERIES.items()})
+        if self.ledger is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the ledger is off on this gateway (--ledger)")
+
+        def run() -> tuple[list[str], list[tuple]]:
+            self.ledger.flush()  # type: ignore[union-attr] # answer includes requests just ended
+            return run_named(self.data_dir, request.query, dict(request.params))
+
+        try:
+            columns, rows = await asyncio.to_thread(run)
+        except QueryError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return gateway_pb2.AnalyticsResponse(
+            columns=columns, rows=[gateway_pb2.AnalyticsRow(values=[_value(v) for v in r])
+                                   for r in rows])
 
     async def _release(self, decode: decode_pb2_grpc.DecodeStub, rid: str) -> None:
         try:
@@ -238,11 +427,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await ch.close()
 
 
+def _value(v) -> gateway_pb2.AnalyticsValue:  # type: ignore[no-untyped-def]
+    if v is None:
+        return gateway_pb2.AnalyticsValue()
+    if isinstance(v, bool):
+        return gateway_pb2.AnalyticsValue(b=v)
+    if isinstance(v, int) and -(1 << 63) <= v < (1 << 63):
+        return gateway_pb2.AnalyticsValue(i=v)
+    if isinstance(v, float):
+        return gateway_pb2.AnalyticsValue(d=v)
+    if isinstance(v, (dt.datetime, dt.date)):
+        return gateway_pb2.AnalyticsValue(s=v.isoformat())
+    try:  # Decimal and friends
+        return gateway_pb2.AnalyticsValue(d=float(v))
+    except (TypeError, ValueError):
+        return gateway_pb2.AnalyticsValue(s=str(v))
+
+
 async def run(settings: GatewaySettings) -> None:
     tokenizer = load_tokenizer(settings.model)
     registry = WorkerRegistry()
     kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
-    gateway = GatewayServicer(registry, kvstore, tokenizer, settings.rpc_timeout_s)
+    ledger = (Ledger(settings.data_dir, settings.ledger_flush_records, settings.ledger_flush_s,
+                     settings.ledger_max_pending) if settings.ledger else None)
+    prom = CollectorRegistry()
+    metrics = GatewayMetrics(prom)
+    for role in ("prefill", "decode"):
+        metrics.workers.labels(role).set_function(lambda r=role: len(registry.active(r)))
+    metrics.queued_tokens.set_function(
+        lambda: sum(w.load.queued_tokens for w in registry.active("prefill")))
+    metrics.kv_usage.set_function(lambda: _kv_usage(registry))
+    gateway = GatewayServicer(registry, kvstore, tokenizer, settings.rpc_timeout_s, ledger,
+                              metrics, settings.data_dir)
     reg = RegistryServicer(registry)
     server, port, health = await create_server(
         [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, s),
@@ -254,13 +470,20 @@ async def run(settings: GatewaySettings) -> None:
     stop = asyncio.Event()
     watcher = asyncio.create_task(
         watch_readiness(registry, health, kvstore, settings.worker_timeout_s, stop))
-    write_ready_file(settings.ready_file, port)
+    sampler = (asyncio.create_task(gateway.sample_workers(settings.worker_sample_s, stop))
+               if ledger is not None else None)
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, metrics_port=metrics_port)
     log.info("gateway listening", extra={"port": port})
 
     async def cleanup() -> None:
         stop.set()
         await watcher
+        if sampler is not None:
+            await sampler
         await gateway.close()
         await kvstore.close()
+        if ledger is not None:
+            await asyncio.to_thread(ledger.close)  # every queued row is written
 
     await serve_until_signal(server, health, cleanup)

@@ -29,8 +29,10 @@ from pdserve.services.server import (
     write_ready_file,
 )
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from pdserve.config import KVStoreSettings
+from pdserve.metrics import StoreCollector, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         if request.per_key:
             present = self.store.present(keys)
             n = next((i for i, p in enumerate(present) if not p), len(keys))
-            return kvstore_pb2.LookupResponse(num_prefix=n, present=present)
+            return kvstore_pb2.LookupResponse(num_prefix=n, present=present,
+                                              evicted=self.store.was_removed(keys))
         return kvstore_pb2.LookupResponse(num_prefix=self.store.lookup(keys))
 
     async def Get(self, request, context) -> AsyncIterator[kvstore_pb2.Block]:
@@ -164,7 +167,10 @@ async def run(settings: KVStoreSettings) -> None:
     servicer.on_write_state = publish  # type: ignore[method-assign]
     stop = asyncio.Event()
     watcher = asyncio.create_task(_watch_writes(store, health, stop))
-    write_ready_file(settings.ready_file, port)
+    prom = CollectorRegistry()
+    prom.register(StoreCollector(lambda: store.stats))
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, metrics_port=metrics_port)
     log.info("kvstore serving", extra={"port": port, "blocks": store.stats.num_blocks})
 
     async def cleanup() -> None:

@@ -31,6 +31,12 @@ def rendezvous(key: bytes, shards: Sequence[str]) -> int:
 
 
 @dataclass
+class LookupResult:
+    prefix: int | None            # leading stored blocks; None = no shard answered
+    first_miss_evicted: bool = False
+
+
+@dataclass
 class _Shard:
     address: str
     channel: grpc.aio.Channel
@@ -60,12 +66,18 @@ class KVStoreClient:
 
     async def lookup(self, keys: Sequence[bytes]) -> int | None:
         """Leading stored blocks, or None when no shard could answer."""
+        return (await self.lookup_detail(keys)).prefix
+
+    async def lookup_detail(self, keys: Sequence[bytes]) -> LookupResult:
+        """Leading stored blocks (None when no shard could answer), and whether the first
+        missing block was evicted or expired (rather than never stored)."""
         if not self.shards:
-            return None
+            return LookupResult(None)
         if not keys:
-            return 0
+            return LookupResult(0)
         groups = self._group(keys)
         present = [False] * len(keys)
+        evicted = [False] * len(keys)
 
         async def ask(shard: int, idx: list[int]) -> bool:
             try:
@@ -78,12 +90,15 @@ class KVStoreClient:
                 return False
             for i, p in zip(idx, r.present):
                 present[i] = p
+            for i, ev in zip(idx, r.evicted):
+                evicted[i] = ev
             return True
 
         answered = await asyncio.gather(*(ask(s, idx) for s, idx in groups.items()))
         if not any(answered):
-            return None
-        return next((i for i, p in enumerate(present) if not p), len(keys))
+            return LookupResult(None)
+        n = next((i for i, p in enumerate(present) if not p), len(keys))
+        return LookupResult(n, n < len(keys) and evicted[n])
 
     async def get(self, keys: Sequence[bytes]) -> list[bytes]:
         """Blocks for the leading keys that could be fetched (possibly fewer, possibly none)."""

@@ -26,7 +26,7 @@ def spec_of(info) -> WorkerSpec:  # type: ignore[no-untyped-def]
         worker_id=info.worker_id, role=info.role, address=info.address, epoch=info.epoch,
         hash_namespace=info.hash_namespace, layout_fingerprint=info.layout_fingerprint,
         block_tokens=info.block_tokens, total_pages=info.total_pages,
-        max_context=info.max_context, vocab_size=info.vocab_size)
+        max_context=info.max_context, vocab_size=info.vocab_size, model_id=info.model_id)
 
 
 def load_of(r) -> Load:  # type: ignore[no-untyped-def]

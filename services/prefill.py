@@ -42,8 +42,10 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
 from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from pdserve.config import PrefillSettings
+from pdserve.metrics import WorkerMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,14 @@ class PrefillWorker:
         self.queued_attention = 0.0
         self.in_flight = 0
         self.draining = False
+        self.metrics: WorkerMetrics | None = None
+
+    def export_metrics(self, m: WorkerMetrics) -> None:
+        self.metrics = m
+        m.pages_total.set_function(lambda: self.pool.num_pages)
+        m.pages_used.set_function(lambda: self.pool.num_pages - self.pool.num_free)
+        m.queue.set_function(lambda: len(self._queue))
+        m.queued_tokens.set_function(lambda: self.queued_tokens)
 
     def load(self) -> common_pb2.LoadReport:
         return common_pb2.LoadReport(
@@ -173,6 +183,12 @@ class PrefillWorker:
             self.pool.release(pages)
         self._put_later(new_blocks)
         self.num_prefills += 1
+        if (m := self.metrics) is not None:
+            m.computed_tokens.inc(len(prompt) - n_cached * bt)
+            m.fetched_tokens.inc(n_cached * bt)
+            m.fetch_seconds.observe(t1 - t0)
+            m.transfer_bytes.inc(nbytes)
+            m.transfer_seconds.observe(t3 - t2)
         return prefill_pb2.PrefillResponse(
             first_token=first, cached_tokens=n_cached * bt,
             computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
@@ -252,6 +268,8 @@ async def run(settings: PrefillSettings) -> None:
     worker = PrefillWorker(loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
                            settings.transfer_timeout_s, settings.device,
                            agent_name=settings.worker_id or "prefill")
+    prom = CollectorRegistry()
+    worker.export_metrics(WorkerMetrics(prom, "prefill"))
     servicer = PrefillServicer(worker)
     server, port, health = await create_server(
         [lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s)],
@@ -264,7 +282,9 @@ async def run(settings: PrefillSettings) -> None:
                        worker.pool.num_pages)
     stop = asyncio.Event()
     joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.load, stop))
-    write_ready_file(settings.ready_file, port, worker_id=info.worker_id)
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
+                     metrics_port=metrics_port)
     log.info("prefill serving", extra={"port": port, "worker_id": info.worker_id})
 
     async def drain() -> None:

@@ -6,6 +6,56 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AnalyticsRequest(_message.Message):
+    __slots__ = ("query", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, query: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AnalyticsValue(_message.Message):
+    __slots__ = ("s", "i", "d", "b")
+    S_FIELD_NUMBER: _ClassVar[int]
+    I_FIELD_NUMBER: _ClassVar[int]
+    D_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    s: str
+    i: int
+    d: float
+    b: bool
+    def __init__(self, s: _Optional[str] = ..., i: _Optional[int] = ..., d: _Optional[float] = ..., b: _Optional[bool] = ...) -> None: ...
+
+class AnalyticsRow(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[AnalyticsValue]
+    def __init__(self, values: _Optional[_Iterable[_Union[AnalyticsValue, _Mapping]]] = ...) -> None: ...
+
+class AnalyticsResponse(_message.Message):
+    __slots__ = ("columns", "rows", "queries")
+    class QueriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedCompositeFieldContainer[AnalyticsRow]
+    queries: _containers.ScalarMap[str, str]
+    def __init__(self, columns: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[AnalyticsRow, _Mapping]]] = ..., queries: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class ClusterStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -49,6 +49,11 @@ class GatewayStub:
                 request_serializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.FromString,
                 _registered_method=True)
+        self.QueryAnalytics = channel.unary_unary(
+                '/pdserve.v1.Gateway/QueryAnalytics',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.AnalyticsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.AnalyticsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -75,6 +80,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryAnalytics(self, request, context):
+        """Runs one named, read-only query over the request ledger (arbitrary SQL only from the local
+        CLI). An empty query lists the named queries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.SerializeToString,
+            ),
+            'QueryAnalytics': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryAnalytics,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.AnalyticsRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.AnalyticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Gateway:
             '/pdserve.v1.Gateway/Stats',
             pdserve_dot_v1_dot_gateway__pb2.ClusterStatsRequest.SerializeToString,
             pdserve_dot_v1_dot_gateway__pb2.ClusterStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryAnalytics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/QueryAnalytics',
+            pdserve_dot_v1_dot_gateway__pb2.AnalyticsRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.AnalyticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,12 +15,14 @@ class LookupRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., per_key: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_prefix", "present")
+    __slots__ = ("num_prefix", "present", "evicted")
     NUM_PREFIX_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     num_prefix: int
     present: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, num_prefix: _Optional[int] = ..., present: _Optional[_Iterable[bool]] = ...) -> None: ...
+    evicted: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, num_prefix: _Optional[int] = ..., present: _Optional[_Iterable[bool]] = ..., evicted: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("keys",)

@@ -1,0 +1,146 @@
+"""Prometheus metrics: one registry per process, served on `--metrics-port` at /metrics.
+
+Token counters of requests (prompt, cached by source, completion) live only on the gateway, which
+sees each request exactly once: summing `pdserve_cached_tokens_total` over every service counts
+each hit once. Workers export the work they did under their own names (`pdserve_prefill_*`,
+`pdserve_decode_*`), and the kvstore its block counters (`pdserve_store_*`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int | None:
+    """Starts the /metrics HTTP server (port 0 = any free port); None when port < 0 (off)."""
+    if port < 0:
+        return None
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    actual = server.server_port
+    log.info("metrics serving", extra={"port": actual})
+    return actual
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter("pdserve_requests", "requests by final status", ["status"],
+                                registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "prompt tokens of admitted requests",
+                                     registry=r)
+        self.cached_tokens = Counter("pdserve_cached_tokens",
+                                     "prompt tokens served from a KV cache instead of computed",
+                                     ["source"], registry=r)
+        self.uncached_tokens = Counter("pdserve_uncached_tokens",
+                                       "prompt tokens computed, by the reason they missed",
+                                       ["reason"], registry=r)
+        self.completion_tokens = Counter("pdserve_completion_tokens", "generated tokens",
+                                         registry=r)
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode",
+                                registry=r)
+        self.ttft = Histogram("pdserve_ttft_seconds", "time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds",
+                             "time between streamed tokens", buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve_e2e_seconds", "request time, arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("pdserve_requests_in_flight", "requests being served", registry=r)
+        self.workers = Gauge("pdserve_workers_in_rotation", "workers taking requests", ["role"],
+                             registry=r)
+        self.queued_tokens = Gauge("pdserve_cluster_queued_tokens",
+                                   "prompt tokens waiting on prefill workers (last reports)",
+                                   registry=r)
+        self.kv_usage = Gauge("pdserve_cluster_decode_kv_usage",
+                              "share of decode KV pages in use (last reports)", registry=r)
+        self.ledger_pending = Gauge("pdserve_ledger_pending_rows", "ledger rows not yet written",
+                                    registry=r)
+        self.ledger_dropped = Gauge("pdserve_ledger_dropped_rows",
+                                    "ledger rows dropped because the writer fell behind",
+                                    registry=r)
+
+
+class WorkerMetrics:
+    """Prefill and decode workers: pool occupancy, queues, transfers."""
+
+    def __init__(self, registry: CollectorRegistry, role: str) -> None:
+        r = registry
+        self.pages_used = Gauge("pdserve_kv_pages_used", "KV pages in use", registry=r)
+        self.pages_total = Gauge("pdserve_kv_pages_total", "KV pages in the pool", registry=r)
+        self.transfer_bytes = Counter(f"pdserve_{role}_transfer_bytes",
+                                      "KV bytes sent (prefill) or received (decode) over NIXL",
+                                      registry=r)
+        self.transfer_seconds = Histogram(f"pdserve_{role}_transfer_seconds",
+                                          "KV transfer time per request" if role == "prefill"
+                                          else "reservation to KV landed, per request",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        if role == "prefill":
+            self.queue = Gauge("pdserve_prefill_queue_requests", "prompts in the compute queue",
+                               registry=r)
+            self.queued_tokens = Gauge("pdserve_prefill_queued_tokens",
+                                       "prompt tokens still to compute", registry=r)
+            self.computed_tokens = Counter("pdserve_prefill_computed_tokens",
+                                           "prompt tokens computed", registry=r)
+            self.fetched_tokens = Counter("pdserve_prefill_fetched_tokens",
+                                          "prompt tokens read from the kvstore", registry=r)
+            self.fetch_seconds = Histogram("pdserve_prefill_fetch_seconds",
+                                           "time reading cached blocks per request",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        else:
+            self.running = Gauge("pdserve_decode_running", "requests decoding", registry=r)
+            self.waiting = Gauge("pdserve_decode_waiting_kv",
+                                 "requests with pages reserved, waiting for their KV", registry=r)
+            self.tokens = Counter("pdserve_decode_tokens", "tokens decoded", registry=r)
+            self.failed = Counter("pdserve_decode_failed", "requests failed on this worker",
+                                  ["reason"], registry=r)
+
+
+class StoreCollector(Collector):
+    """Reads the store's own (persisted) counters at scrape time."""
+
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self._stats = stats
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        s = self._stats()
+        for name, help_ in (("hits", "blocks found by lookups and gets"),
+                            ("misses", "blocks asked for and not found"),
+                            ("puts", "blocks stored"),
+                            ("evicted", "blocks evicted (capacity)"),
+                            ("expired", "blocks expired (age)"),
+                            ("corrupt", "corrupt blocks found and deleted"),
+                            ("write_errors", "writes the disk refused")):
+            c = CounterMetricFamily(f"pdserve_store_{name}", help_)
+            c.add_metric([], getattr(s, name))
+            yield c
+        for name, help_, value in (("blocks", "blocks stored", s.num_blocks),
+                                   ("bytes", "bytes stored", s.num_bytes)):
+            g = GaugeMetricFamily(f"pdserve_store_{name}", help_)
+            g.add_metric([], value)
+            yield g
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """{'name{labels}': value} from the Prometheus text format (for tests and `up`)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
