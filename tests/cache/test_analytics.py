@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from pdserve import cli
 from pdserve.cache.analytics import NAMED_QUERIES, Prices, plot, report, run_named
 from pdserve.cache.ledger import Ledger, QueryError
 
+from pdserve import cli
 from tests.cache.test_ledger import row
 
 H = 3600.0
