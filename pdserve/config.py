@@ -58,6 +58,9 @@ class PrefillSettings(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
+    advertise_host: str = Field("", description="host the gateway and peers use to reach this "
+                                "worker (default: --host, or the hostname when --host is "
+                                "0.0.0.0); on Kubernetes, the pod IP")
     kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
                          "('' = no store)")
     num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
@@ -74,6 +77,9 @@ class DecodeSettings(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
     gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
+    advertise_host: str = Field("", description="host the gateway and peers use to reach this "
+                                "worker (default: --host, or the hostname when --host is "
+                                "0.0.0.0); on Kubernetes, the pod IP")
     num_pages: int = Field(512, ge=1, description="KV pages in this worker's pool")
     max_batch: int = Field(64, ge=1, description="most requests decoded in one step")
     lease_s: float = Field(60.0, gt=0, description="free reserved pages if no KV lands by then")

@@ -82,6 +82,8 @@ class WorkerMetrics:
         r = registry
         self.pages_used = Gauge("pdserve_kv_pages_used", "KV pages in use", registry=r)
         self.pages_total = Gauge("pdserve_kv_pages_total", "KV pages in the pool", registry=r)
+        self.pages_usage = Gauge("pdserve_kv_usage_ratio", "share of KV pages in use (an "
+                                 "autoscaling signal)", registry=r)
         self.transfer_bytes = Counter(f"pdserve_{role}_transfer_bytes",
                                       "KV bytes sent (prefill) or received (decode) over NIXL",
                                       registry=r)

@@ -35,7 +35,13 @@ from pdserve.engine.sequence import Sequence
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
-from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
+from pdserve.services.worker import (
+    advertised_address,
+    load_for,
+    new_epoch,
+    sampling_from_proto,
+    worker_info,
+)
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -89,6 +95,7 @@ class DecodeWorker:
         self.metrics = m
         m.pages_total.set_function(lambda: self.pool.num_pages)
         m.pages_used.set_function(lambda: self.pool.num_pages - self.pool.num_free)
+        m.pages_usage.set_function(lambda: 1 - self.pool.num_free / self.pool.num_pages)
         m.running.set_function(lambda: len(self.engine.running))
         m.waiting.set_function(lambda: len(self._pending))
 
@@ -309,8 +316,8 @@ async def run(settings: DecodeSettings) -> None:
     )
     await health.set("", SERVING)
     await health.set("pdserve.v1.Decode", SERVING)
-    info = worker_info("decode", settings, loaded, f"{settings.host}:{port}", worker.epoch,
-                       worker.pool.num_pages)
+    info = worker_info("decode", settings, loaded, advertised_address(settings, port),
+                       worker.epoch, worker.pool.num_pages)
     stop = asyncio.Event()
     joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.load, stop, changed))
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)

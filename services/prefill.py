@@ -40,7 +40,13 @@ from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
-from pdserve.services.worker import load_for, new_epoch, sampling_from_proto, worker_info
+from pdserve.services.worker import (
+    advertised_address,
+    load_for,
+    new_epoch,
+    sampling_from_proto,
+    worker_info,
+)
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -91,6 +97,7 @@ class PrefillWorker:
         self.metrics = m
         m.pages_total.set_function(lambda: self.pool.num_pages)
         m.pages_used.set_function(lambda: self.pool.num_pages - self.pool.num_free)
+        m.pages_usage.set_function(lambda: 1 - self.pool.num_free / self.pool.num_pages)
         m.queue.set_function(lambda: len(self._queue))
         m.queued_tokens.set_function(lambda: self.queued_tokens)
 
@@ -278,8 +285,8 @@ async def run(settings: PrefillSettings) -> None:
     )
     await health.set("", SERVING)
     await health.set("pdserve.v1.Prefill", SERVING)
-    info = worker_info("prefill", settings, loaded, f"{settings.host}:{port}", worker.epoch,
-                       worker.pool.num_pages)
+    info = worker_info("prefill", settings, loaded, advertised_address(settings, port),
+                       worker.epoch, worker.pool.num_pages)
     stop = asyncio.Event()
     joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.load, stop))
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)

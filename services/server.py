@@ -28,6 +28,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
+LIVENESS = "liveness"  # health service name for liveness probes: SERVING while the loop runs
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -43,6 +44,7 @@ async def create_server(
         add(server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", NOT_SERVING)  # each service says SERVING once it is ready
+    await health_servicer.set(LIVENESS, SERVING)  # the event loop answers: the process is alive
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -30,6 +31,15 @@ def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]
 def new_epoch() -> int:
     """A restarted worker gets a new epoch; anything held for its old one is void."""
     return time.time_ns()
+
+
+def advertised_address(settings, port: int) -> str:  # type: ignore[no-untyped-def]
+    """host:port others use to reach this worker: --advertise-host, else --host, else (listening
+    on every interface) this machine's hostname."""
+    host = settings.advertise_host or settings.host
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 def worker_info(role: str, settings, loaded: LoadedModel, address: str, epoch: int,

@@ -1,0 +1,222 @@
+"""Kubernetes manifests: both overlays render, validate against the Kubernetes schema, follow
+our policies, and the dev overlay's containers really start the services."""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdserve.client import Client
+from tests.k8s.render import (
+    WORKLOADS,
+    local_pods,
+    of_kind,
+    pod_labels,
+    render,
+    selects,
+    start,
+    stop,
+)
+
+K8S_VERSION = "1.35.0"  # a current release; kubernetes-validate ships its schemas offline
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", params=["dev", "gpu"])
+def overlay(request):
+    return request.param, render(request.param)
+
+
+def containers(w: dict) -> list[dict]:
+    return w["spec"]["template"]["spec"]["containers"]
+
+
+def test_every_rendered_object_validates_against_the_schema(overlay):
+    name, docs = overlay
+    assert len(docs) >= 15
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    # The check can fail: a misspelled field is refused.
+    bad = copy.deepcopy(of_kind(docs, "Deployment")[0])
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_every_container_has_resources_probes_and_a_locked_down_security_context(overlay):
+    _, docs = overlay
+    workloads = of_kind(docs, *WORKLOADS)
+    assert {w["metadata"]["name"] for w in workloads} == {
+        "pdserve-gateway", "pdserve-prefill", "pdserve-decode", "pdserve-kvstore"}
+    for w in workloads:
+        pod = w["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False, w["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert not pod.get("hostNetwork") and not pod.get("hostPID")
+        for c in containers(w):
+            where = f"{w['metadata']['name']}/{c['name']}"
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
+            assert "memory" in c["resources"]["limits"], where
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                assert "grpc" in c[probe], (where, probe)
+            assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+            assert c["readinessProbe"]["grpc"].get("service", "") == ""
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert "ALL" in sc["capabilities"]["drop"]
+            assert "preStop" in c["lifecycle"]
+            assert not any("hostPort" in p for p in c.get("ports", []))
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert "/tmp" in mounts  # the only writable places are volumes
+        if w["metadata"]["name"] in ("pdserve-prefill", "pdserve-decode"):
+            env = {e["name"]: e.get("value") for e in containers(w)[0]["env"]}
+            drain = float(env["PDSERVE_DRAIN_TIMEOUT_S"])
+            assert pod["terminationGracePeriodSeconds"] > drain + 10  # drain, then exit
+            assert "/dev/shm" in {m["mountPath"] for m in containers(w)[0]["volumeMounts"]}
+
+
+def test_every_workload_has_a_pdb_and_network_policies_select_every_pod(overlay):
+    _, docs = overlay
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    policies = of_kind(docs, "NetworkPolicy")
+    for w in of_kind(docs, *WORKLOADS):
+        labels = pod_labels(w)
+        assert [p for p in pdbs if selects(p["spec"]["selector"], labels)], w["metadata"]["name"]
+        own = [p for p in policies if p["spec"]["podSelector"]
+               and selects(p["spec"]["podSelector"], labels)]
+        assert own, f"no NetworkPolicy of its own selects {w['metadata']['name']}"
+    [deny] = [p for p in policies if p["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+
+
+def test_network_policies_open_only_what_each_role_needs(overlay):
+    _, docs = overlay
+    pol = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
+
+    def sources(name: str, port: int) -> list:
+        out = []
+        for rule in pol[name]["ingress"]:
+            if any(p["port"] <= port <= p.get("endPort", p["port"]) for p in rule["ports"]):
+                out.append([f.get("podSelector", {}).get("matchLabels", {}).get(
+                    "app.kubernetes.io/name") or f.get("namespaceSelector", {}).get(
+                    "matchLabels", {}).get("kubernetes.io/metadata.name")
+                    for f in rule.get("from", [])] or ["anyone"])
+        return out
+
+    assert sources("pdserve-gateway", 50051) == [["anyone"]]  # clients reach only the gateway
+    assert sources("pdserve-prefill", 50070) == [["pdserve-gateway"]]
+    assert sources("pdserve-decode", 50080) == [["pdserve-gateway"]]
+    assert sources("pdserve-kvstore", 50060) == [["pdserve-gateway", "pdserve-prefill"]]
+    assert sources("pdserve-decode", 20050) == [["pdserve-prefill"]]  # KV only between workers
+    assert sources("pdserve-prefill", 20050) == [["pdserve-decode"]]
+    for name in ("pdserve-gateway", "pdserve-prefill", "pdserve-decode", "pdserve-kvstore"):
+        assert sources(name, 9400) == [["monitoring"]]
+
+
+def test_overlay_specifics(overlay):
+    name, docs = overlay
+    services = of_kind(docs, "Service")
+    workers = [w for w in of_kind(docs, "Deployment")
+               if w["metadata"]["name"] in ("pdserve-prefill", "pdserve-decode")]
+    limits = [c["resources"]["limits"] for w in workers for c in containers(w)]
+    images = {c["image"] for w in of_kind(docs, *WORKLOADS) for c in containers(w)}
+    assert len(images) == 1  # one image, set in one place (base/kustomization.yaml)
+    [kvstore] = of_kind(docs, "StatefulSet")
+    assert kvstore["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    [headless] = [s for s in services if s["metadata"]["name"] == kvstore["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    if name == "dev":
+        assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
+        assert not any("nvidia.com/gpu" in lim for lim in limits)
+        assert all(w["spec"]["replicas"] == 1 for w in of_kind(docs, *WORKLOADS))
+        assert not of_kind(docs, "HorizontalPodAutoscaler")
+    else:
+        exposed = [s["metadata"]["name"] for s in services
+                   if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+        assert exposed == ["pdserve-gateway"]  # the only thing exposed
+        for lim in limits:
+            assert lim["nvidia.com/gpu"] == "1"
+            assert any(k.startswith("rdma/") for k in lim)
+        hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in
+                of_kind(docs, "HorizontalPodAutoscaler")}
+        assert set(hpas) == {"pdserve-prefill", "pdserve-decode"}
+        metrics = {h["spec"]["metrics"][0]["pods"]["metric"]["name"] for h in hpas.values()}
+        assert metrics == {"pdserve_prefill_queued_tokens", "pdserve_kv_usage_ratio"}
+        [cm] = of_kind(docs, "ConfigMap")
+        shards = cm["data"]["PDSERVE_KVSTORE"].split(",")
+        assert len(shards) == kvstore["spec"]["replicas"] == 4
+        assert all(re.fullmatch(rf"pdserve-kvstore-{i}\.pdserve-kvstore:50060", s)
+                   for i, s in enumerate(shards))
+
+
+def test_hpa_metrics_are_ones_the_workers_export():
+    from prometheus_client import CollectorRegistry
+
+    from pdserve.metrics import WorkerMetrics
+
+    names = set()
+    for role in ("prefill", "decode"):
+        reg = CollectorRegistry()
+        WorkerMetrics(reg, role)
+        names |= {m.name for m in reg.collect()}
+    assert {"pdserve_prefill_queued_tokens", "pdserve_kv_usage_ratio"} <= names
+
+
+def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entry_point():
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.M)  # a CUDA base is a build argument
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r'^ENTRYPOINT \["pdserve"\]', text, re.M)
+
+
+def health(port: int, service: str) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1).status
+        except grpc.RpcError:
+            return -1
+
+
+def test_the_dev_overlay_runs(tmp_path):
+    """Each workload's rendered command, arguments and environment, started as a local
+    process; every readiness probe passes; a Generate through the gateway answers."""
+    pods = local_pods(render("dev"), tmp_path)
+    assert {p.workload for p in pods} == {"pdserve-gateway", "pdserve-prefill",
+                                          "pdserve-decode", "pdserve-kvstore"}
+    start(pods, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        waiting = list(pods)
+        while waiting:
+            for p in pods:
+                if p.proc.poll() is not None:
+                    pytest.fail(f"{p.workload} exited {p.proc.returncode}:\n"
+                                + p.log.read_text()[-3000:])
+            waiting = [p for p in waiting
+                       if health(*p.readiness) != health_pb2.HealthCheckResponse.SERVING]
+            assert time.monotonic() < deadline, [p.workload for p in waiting]
+            time.sleep(0.2)
+        for p in pods:
+            assert health(*p.liveness) == health_pb2.HealthCheckResponse.SERVING, p.workload
+        [gw] = [p for p in pods if p.workload == "pdserve-gateway"]
+        with Client(f"127.0.0.1:{gw.readiness[0]}") as c:
+            r = c.generate(prompt="What is the capital of France?", max_tokens=8)
+        assert r.completion_tokens > 0 and r.text
+        # The ledger went where the gateway's volume is mounted.
+        assert (tmp_path / "pdserve-gateway" / "ledger").is_dir()
+        assert any((tmp_path / "pdserve-kvstore" / "data").iterdir())
+    finally:
+        stop(pods)
+    for p in pods:
+        assert p.proc.returncode == 0, (p.workload, p.log.read_text()[-2000:])
