@@ -30,7 +30,7 @@ def row(i: int) -> dict:
                 completion_tokens=1 + i % 300, ttft_s=0.1, tpot_s=0.02, e2e_s=3.0,
                 prefill_worker=f"prefill-{i % 4}", decode_worker=f"decode-{i % 18}",
                 kv_bytes=1 << 20, fetch_s=0.001, compute_s=0.05,
-                miss_reason=("never_seen", "partial_block", "evicted")[i % 3], error="")
+                miss_reason=("never_seen", "partial_block", "evicted")[i % 3], error="", attempts=1)
 
 
 def main() -> None:

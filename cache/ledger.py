@@ -56,6 +56,7 @@ REQUEST_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("compute_s", "DOUBLE", np.float64),     # prefill: computing the uncached part
     ("miss_reason", "VARCHAR", object),      # see MISS_REASONS; '' = nothing to explain
     ("error", "VARCHAR", object),
+    ("attempts", "BIGINT", np.int64),        # 1, or more after retries / migrations
 )
 
 WORKER_COLUMNS: tuple[tuple[str, str, Any], ...] = (
@@ -298,7 +299,8 @@ def connect_ledger(data_dir: Path) -> duckdb.DuckDBPyConnection:
         live, _ = live_files(root / table)
         if live:
             files = ", ".join(f"'{p}'" for p in live)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}])")
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], "
+                        "union_by_name = true)")
         else:
             empty = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t, _ in columns)
             con.execute(f"CREATE VIEW {table} AS SELECT {empty} WHERE false")

@@ -17,6 +17,7 @@ class SamplingParams:
     top_k: int = 0        # 0 = no limit
     top_p: float = 1.0    # nucleus mass kept; 1 = no limit
     logprobs: bool = False
+    position_offset: int = 0  # output position of this request's first token (migration)
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -44,6 +45,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     if params.temperature <= 0.0:
         return int(torch.argmax(logits).item())
     gen = torch.Generator(device="cpu")
+    index += params.position_offset
     gen.manual_seed((params.seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
     scaled = _filter(logits.float().cpu() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scaled, dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-salt", default="")
     gen.add_argument("--request-id", default="")
     gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    gen.add_argument("--tls-ca-file", default=None, help="CA of the gateway's TLS certificate")
+    gen.add_argument("--token-file", default=None,
+                     help="file holding the bearer token (or set PDSERVE_TOKEN)")
     return p
 
 
@@ -118,7 +122,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system and prompt:
         messages, prompt = [("system", args.system), ("user", prompt)], None
     stream = None if args.json else (lambda t: print(t, end="", flush=True))
-    with Client(args.address) as c:
+    token = (Path(args.token_file).read_text().strip() if args.token_file
+             else os.environ.get("PDSERVE_TOKEN") or None)
+    with Client(args.address, tls_ca=args.tls_ca_file, token=token) as c:
         try:
             r = c.generate(prompt=prompt, token_ids=ids, messages=messages,
                            max_tokens=args.max_tokens, temperature=args.temperature,
@@ -268,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_offline(settings, args.action, args.json)
     from importlib import import_module
 
+    from pdserve.services.auth import AuthError
+    from pdserve.services.security import SecurityError
+
     module = import_module(f"pdserve.services.{cmd}")
     try:
         asyncio.run(module.run(settings))
-    except FileNotFoundError as e:  # e.g. the model file
+    except (FileNotFoundError, SecurityError, AuthError) as e:  # e.g. the model file
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     return 0

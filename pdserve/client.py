@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -28,8 +29,18 @@ class Result:
 
 
 class Client:
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    """`tls_ca`: PEM file of the CA that signed the gateway's certificate (TLS on); `token`: the
+    tenant's bearer token (auth on). Neither belongs on a command line: `pdserve generate` reads
+    them from files or PDSERVE_TOKEN."""
+
+    def __init__(self, address: str, tls_ca: str | Path | None = None,
+                 token: str | None = None) -> None:
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def close(self) -> None:
@@ -67,7 +78,7 @@ class Client:
             stop_token_ids=list(stop_token_ids), logprobs=logprobs)
         res = Result()
         t0 = time.perf_counter()
-        for msg in self.stub.Generate(req, timeout=timeout):
+        for msg in self.stub.Generate(req, timeout=timeout, metadata=self.metadata):
             if msg.token_ids and not res.token_ids:
                 res.ttft_s = time.perf_counter() - t0
             res.request_id = msg.request_id or res.request_id
@@ -86,4 +97,5 @@ class Client:
         return res
 
     def abort(self, request_id: str) -> bool:
-        return self.stub.Abort(gateway_pb2.AbortRequest(request_id=request_id)).found
+        return self.stub.Abort(gateway_pb2.AbortRequest(request_id=request_id),
+                               metadata=self.metadata).found

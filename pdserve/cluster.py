@@ -78,6 +78,15 @@ class LocalCluster:
         self.gateway_address = ""
         self.kvstore_address = ""
         self.env = {**os.environ, **(extra_env or {})}
+        from pdserve.services.security import load_tls
+
+        self.tls = load_tls(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,
+                            settings.tls_server_name)
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):  # every service gets them
+            if getattr(settings, name) is not None:
+                self.env[f"PDSERVE_{name.upper()}"] = str(Path(getattr(settings, name)).resolve())
+        self.env["PDSERVE_TLS_SERVER_NAME"] = settings.tls_server_name
+        self.gateway_internal_address = ""
 
     def _say(self, msg: str) -> None:
         if self.progress:
@@ -113,22 +122,25 @@ class LocalCluster:
             self.kvstore_address = f"127.0.0.1:{kv.port}"
             self._say("starting gateway ...")
             gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port", str(self.s.port),
-                                         "--kvstore", self.kvstore_address,
+                                         "--kvstore", self.kvstore_address, "--internal-port", "0",
                                          "--data-dir", str(self.data_dir), *model, *common])
             self._wait_ready([gw], deadline)
             host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
             self.gateway_address = f"{host}:{gw.port}"
+            internal = json.loads(gw.ready_file.read_text()).get("internal_port")
+            # With mutual TLS workers join on the gateway's internal port.
+            self.gateway_internal_address = f"{host}:{internal}" if internal else self.gateway_address
             self._say(f"loading the model in {self.s.num_prefill} prefill and "
                       f"{self.s.num_decode} decode workers ...")
             workers = []
             for i in range(self.s.num_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
-                    "prefill", "--port", "0", "--gateway", self.gateway_address,
+                    "prefill", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--kvstore", self.kvstore_address, "--worker-id", f"prefill-{i}",
                     "--num-pages", str(self.s.prefill_pages), *model, *threads, *common]))
             for i in range(self.s.num_decode):
                 workers.append(self._spawn(f"decode-{i}", [
-                    "decode", "--port", "0", "--gateway", self.gateway_address,
+                    "decode", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--worker-id", f"decode-{i}", "--num-pages", str(self.s.decode_pages),
                     *model, *threads, *common]))
             self._wait_ready(workers, deadline)
@@ -148,7 +160,9 @@ class LocalCluster:
                 for s in self.services if s.metrics_port}
 
     def _wait_serving(self, deadline: float) -> None:
-        with grpc.insecure_channel(self.gateway_address) as ch:
+        from pdserve.services.security import sync_channel
+
+        with sync_channel(self.gateway_address, self.tls) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 for s in self.services:
@@ -172,18 +186,23 @@ class LocalCluster:
         svc.proc.kill()
         svc.wait(15)
 
-    def restart(self, name: str, timeout_s: float = 300.0) -> Service:
+    def restart(self, name: str, timeout_s: float = 300.0, extra_args: list[str] = ()) -> Service:  # type: ignore[assignment]
         """Stops a service (SIGTERM; no-op if it is already dead) and starts it again with the
-        same arguments (the kvstore on the same port and data dir; workers as new processes,
-        hence new epochs)."""
+        same arguments plus `extra_args` (the kvstore and the gateway on the same ports, so
+        their peers reconnect; workers as new processes, hence new epochs)."""
         old = self.service(name)
+        internal = None
+        if name == "gateway" and old.ready_file.exists():
+            internal = json.loads(old.ready_file.read_text()).get("internal_port")
         old.terminate()
-        old.wait(15)
+        old.wait(30)
         self.services.remove(old)
         args = list(old.args)
-        if name == "kvstore":
+        if name in ("kvstore", "gateway"):
             args[args.index("--port") + 1] = str(old.port)
-        svc = self._spawn(name, args)
+        if internal:
+            args[args.index("--internal-port") + 1] = str(internal)
+        svc = self._spawn(name, args + list(extra_args))
         self._wait_ready([svc], time.monotonic() + timeout_s)
         return svc
 

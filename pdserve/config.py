@@ -26,7 +26,18 @@ class _Base(BaseSettings):
         None, description="write {port, pid} as JSON here once serving (used by `pdserve up`)")
 
 
-class _Served(_Base):
+class _Secured(_Base):
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve TLS (and, with "
+                                       "--tls-ca-file, present it to peers)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file")
+    tls_ca_file: Path | None = Field(None, description="PEM cluster CA: mutual TLS; internal "
+                                     "ports accept only peers with a certificate it signed")
+    tls_server_name: str = Field("pdserve-internal", min_length=1, max_length=253,
+                                 description="name internal certificates are issued for "
+                                 "(verified instead of host names and pod IPs)")
+
+
+class _Served(_Secured):
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus /metrics HTTP port "
                               "(0 = any free port, -1 = off)")
 
@@ -83,6 +94,9 @@ class DecodeSettings(_ModelSettings):
     num_pages: int = Field(512, ge=1, description="KV pages in this worker's pool")
     max_batch: int = Field(64, ge=1, description="most requests decoded in one step")
     lease_s: float = Field(60.0, gt=0, description="free reserved pages if no KV lands by then")
+    quarantine_s: float = Field(60.0, ge=0, description="pages of a reservation that ended "
+                                "before its KV landed are reused only this long after the lease "
+                                "(keep it above the prefill's --transfer-timeout-s)")
     worker_id: str = Field("", description="worker id (default: decode-<pid>)")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "
                                    "running requests to finish before stopping")
@@ -109,6 +123,33 @@ class GatewaySettings(_Served):
                                     "beyond, rows are dropped and counted")
     worker_sample_s: float = Field(10.0, gt=0, description="record every worker's load in the "
                                    "ledger this often (worker-hours, busy workers)")
+    internal_port: int = Field(50052, ge=0, le=65535, description="with mutual TLS: port of the "
+                               "internal server workers join (needs the cluster credential); "
+                               "0 = any free port")
+    auth_tokens_file: Path | None = Field(None, description="JSON bearer-token table "
+                                          "(token -> tenant); requests without a known token "
+                                          "are UNAUTHENTICATED")
+    auth_tokens: str = Field("", description="the token table as JSON (environment only)",
+                             json_schema_extra={"env_only": True})
+    max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted, in tokens "
+                                   "(0 = the model's context)")
+    max_tokens_limit: int = Field(0, ge=0, description="largest max_tokens accepted "
+                                  "(0 = the model's context)")
+    max_message_bytes: int = Field(4 << 20, ge=1024, le=1 << 30, description="largest request "
+                                   "message on the public port")
+    max_streams_per_client: int = Field(64, ge=0, description="concurrent Generate streams per "
+                                        "client (tenant, or peer address without auth; 0 = no "
+                                        "limit)")
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests per second per client "
+                                  "(token bucket; 0 = no limit)")
+    rate_limit_burst: int = Field(20, ge=1, description="requests a client may send at once "
+                                  "above --rate-limit-rps")
+    prefill_retries: int = Field(1, ge=0, le=8, description="when a prefill worker fails or "
+                                 "dies, retry the request on another one this many times")
+    migrate: bool = Field(False, description="when a decode worker dies mid-stream, resume on "
+                          "another one (re-prefill prompt + tokens sent) instead of failing "
+                          "with UNAVAILABLE")
+    migrate_retries: int = Field(2, ge=1, le=8, description="migrations per request at most")
 
     @model_validator(mode="after")
     def _ledger_bounds(self) -> GatewaySettings:
@@ -119,7 +160,7 @@ class GatewaySettings(_Served):
         return self
 
 
-class UpSettings(_Base):
+class UpSettings(_Secured):
     host: str = Field("127.0.0.1", description="gateway listen address")
     port: int = Field(50051, ge=0, le=65535, description="gateway port (0 = any free port)")
     data_dir: Path = Field(Path("data"), description="directory holding all state")
@@ -136,6 +177,8 @@ class UpSettings(_Base):
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
     for name, field in cls.model_fields.items():
+        if (field.json_schema_extra or {}).get("env_only"):  # secrets: never on a command line
+            continue
         flag = "--" + name.replace("_", "-")
         help_ = f"{field.description} [env PDSERVE_{name.upper()}, default {field.default!r}]"
         if field.annotation is bool:

@@ -61,6 +61,9 @@ class GatewayMetrics:
         self.e2e = Histogram("pdserve_e2e_seconds", "request time, arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("pdserve_requests_in_flight", "requests being served", registry=r)
+        self.retries = Counter("pdserve_request_retries", "attempts restarted on another worker "
+                               "(stage: prefill = before any token, decode = migration)",
+                               ["stage"], registry=r)
         self.workers = Gauge("pdserve_workers_in_rotation", "workers taking requests", ["role"],
                              registry=r)
         self.queued_tokens = Gauge("pdserve_cluster_queued_tokens",
@@ -108,6 +111,9 @@ class WorkerMetrics:
             self.waiting = Gauge("pdserve_decode_waiting_kv",
                                  "requests with pages reserved, waiting for their KV", registry=r)
             self.tokens = Counter("pdserve_decode_tokens", "tokens decoded", registry=r)
+            self.quarantined = Gauge("pdserve_decode_quarantined_pages", "pages of abandoned "
+                                     "reservations held until no late WRITE can reach them",
+                                     registry=r)
             self.failed = Counter("pdserve_decode_failed", "requests failed on this worker",
                                   ["reason"], registry=r)
 

@@ -32,6 +32,7 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence
+from pdserve.services import security
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
@@ -72,7 +73,8 @@ class Pending:
 
 class DecodeWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, max_batch: int, lease_s: float,
-                 device: str = "cpu", agent_name: str = "decode") -> None:
+                 device: str = "cpu", agent_name: str = "decode",
+                 quarantine_s: float = 60.0) -> None:
         self.loaded = loaded
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
@@ -90,6 +92,11 @@ class DecodeWorker:
         self.draining = False
         self.on_change: Callable[[], None] | None = None  # thread-safe "report load now"
         self.metrics: WorkerMetrics | None = None
+        # Pages of reservations that ended before their KV landed: a slow prefill may still be
+        # WRITing into them, so they are reused only after the writer's deadline has passed.
+        self.quarantine_s = quarantine_s
+        self._quarantine: list[tuple[float, list[int]]] = []
+        self.quarantined_pages = 0
 
     def export_metrics(self, m: WorkerMetrics) -> None:
         self.metrics = m
@@ -98,6 +105,7 @@ class DecodeWorker:
         m.pages_usage.set_function(lambda: 1 - self.pool.num_free / self.pool.num_pages)
         m.running.set_function(lambda: len(self.engine.running))
         m.waiting.set_function(lambda: len(self._pending))
+        m.quarantined.set_function(lambda: self.quarantined_pages)
 
     # -- RPC side (event loop thread) ----------------------------------------------------------
     def reserve(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -131,8 +139,7 @@ class DecodeWorker:
         outbox = self._outboxes.pop(request_id, None)
         p = self._pending.pop(request_id, None)
         if p is not None:
-            self.pool.release(p.seq.pages)
-            p.seq.pages = []
+            self._hold(p)
             found = True
         else:
             found = self.engine.abort(request_id)
@@ -220,8 +227,30 @@ class DecodeWorker:
             for rid, p in list(self._pending.items()):
                 if now > p.deadline:
                     del self._pending[rid]
+                    self._hold(p)
                     self._fail(p, grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"KV transfer did not arrive within the {self.lease_s:g} s lease")
+            if self._quarantine and self._quarantine[0][0] <= now:
+                keep = []
+                for until, pages in self._quarantine:
+                    if until <= now:
+                        self.pool.release(pages)
+                        self.quarantined_pages -= len(pages)
+                    else:
+                        keep.append((until, pages))
+                self._quarantine = keep
+                self._notify_change()
+
+    def _hold(self, p: Pending) -> None:
+        """Quarantines a pending reservation's pages until no prefill may write them any more:
+        a prefill starts a WRITE only within the lease and gives up after its transfer timeout.
+        Caller holds the lock."""
+        if p.seq.pages:
+            until = p.reserved_at + self.lease_s + self.quarantine_s
+            self._quarantine.append((until, p.seq.pages))
+            self._quarantine.sort(key=lambda q: q[0])
+            self.quarantined_pages += len(p.seq.pages)
+            p.seq.pages = []
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         if self.metrics is not None:
@@ -299,9 +328,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def run(settings: DecodeSettings) -> None:
+    security.configure(settings)  # before any server or channel exists
     loaded = load_for(settings)
     worker = DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
-                          settings.device, agent_name=settings.worker_id or "decode")
+                          settings.device, agent_name=settings.worker_id or "decode",
+                          quarantine_s=settings.quarantine_s)
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
     worker.on_change = lambda: loop.call_soon_threadsafe(changed.set)

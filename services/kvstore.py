@@ -21,6 +21,7 @@ import grpc
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock
 from pdserve.cache.store import BlockStore, StoreFull
+from pdserve.services import security
 from pdserve.services.server import (
     NOT_SERVING,
     SERVING,
@@ -149,6 +150,7 @@ async def _watch_writes(store: BlockStore, health, stop: asyncio.Event) -> None:
 
 
 async def run(settings: KVStoreSettings) -> None:
+    security.configure(settings)  # before any server or channel exists
     if settings.low_watermark > settings.high_watermark:
         raise ValueError("--low-watermark must not exceed --high-watermark")
     store = open_store(settings)

@@ -36,6 +36,7 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
+from pdserve.services import security
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
@@ -168,6 +169,8 @@ class PrefillWorker:
     async def _run(self, req, prompt: list[int], keys, want: int) -> prefill_pb2.PrefillResponse:
         bt = self.layout.block_tokens
         params = sampling_from_proto(req.sampling)
+        # Decode may reuse the reserved pages after its lease: never start a WRITE after it.
+        lease_end = time.monotonic() + req.reservation.lease_s if req.reservation.lease_s else None
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         try:
             t0 = time.perf_counter()
@@ -178,6 +181,9 @@ class PrefillWorker:
             first = sample(logits, params, 0)
             checksum = await asyncio.to_thread(pages_checksum, self.pool, pages)
             t2 = time.perf_counter()
+            if lease_end is not None and time.monotonic() > lease_end:
+                raise TransferError(f"KV transfer not started: the decode reservation's "
+                                    f"{req.reservation.lease_s:g} s lease ended first")
             notice = common_pb2.TransferNotice(
                 request_id=req.request_id, epoch=req.reservation.epoch, first_token=first,
                 num_prompt_tokens=len(prompt), kv_checksum=checksum)
@@ -270,6 +276,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 async def run(settings: PrefillSettings) -> None:
+    security.configure(settings)  # before any server or channel exists
     loaded = load_for(settings)
     kvstore = KVStoreClient(settings.kvstore, settings.kvstore_timeout_s)
     worker = PrefillWorker(loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,

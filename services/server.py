@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pdserve.services import security
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,17 @@ async def create_server(
     service_names: Iterable[str],
     host: str,
     port: int,
+    internal: bool = True,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Builds and starts a server; returns (server, bound port, health servicer)."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    """Builds and starts a server; returns (server, bound port, health servicer). With TLS
+    configured (services/security.py) the port is TLS, and an internal one requires the
+    cluster credential (a client certificate signed by the cluster CA)."""
+    options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    server = grpc.aio.server(options=options + [
+        ("grpc.max_receive_message_length", max_message_bytes)],
+        interceptors=list(interceptors))
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
@@ -50,7 +59,10 @@ async def create_server(
     reflection.enable_server_reflection(
         names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = security.server_credentials(internal)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, creds) if creds is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
@@ -58,7 +70,11 @@ async def create_server(
 
 
 def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to another pdserve service (TLS with the cluster credential when configured)."""
+    creds, extra = security.channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS + extra)
 
 
 def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:

@@ -18,7 +18,8 @@ from pdserve.v1 import common_pb2
 def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, seed=sp.seed,
                           stop_token_ids=frozenset(sp.stop_token_ids), top_k=sp.top_k,
-                          top_p=sp.top_p if 0.0 < sp.top_p < 1.0 else 1.0, logprobs=sp.logprobs)
+                          top_p=sp.top_p if 0.0 < sp.top_p < 1.0 else 1.0, logprobs=sp.logprobs,
+                          position_offset=sp.position_offset)
 
 
 def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ def row(i: int, **kw) -> dict:
                 finish_reason="stop", prompt_tokens=100, cached_tokens=64, completion_tokens=5,
                 ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prefill_worker="p0", decode_worker="d0",
                 kv_bytes=1000, fetch_s=0.001, compute_s=0.05, miss_reason="partial_block",
-                error="")
+                error="", attempts=1)
     base.update(kw)
     return base
 

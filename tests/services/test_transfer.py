@@ -18,7 +18,8 @@ from pdserve.v1 import common_pb2, prefill_pb2
 
 @pytest.fixture(scope="module")
 def workers(loaded):
-    dec = DecodeWorker(loaded, num_pages=32, max_batch=8, lease_s=1.0, agent_name="t-decode")
+    dec = DecodeWorker(loaded, num_pages=32, max_batch=8, lease_s=1.0, agent_name="t-decode",
+                       quarantine_s=0.5)
     pre = PrefillWorker(loaded, num_pages=16, kvstore=KVStoreClient("", 1.0), agent_name="t-prefill")
     dec.start()  # the real engine thread: polls notices, expires leases, decodes
     yield pre, dec
@@ -106,11 +107,14 @@ async def test_missing_transfer_expires_and_late_notice_is_dropped(workers):
     items = await drain(outbox, until_s=5)  # lease is 1 s
     assert items[0][:2] == ("error", grpc.StatusCode.DEADLINE_EXCEEDED)
     assert "lease" in items[0][2]
-    assert dec.pool.num_free == dec.pool.num_pages
-    # The transfer lands after the lease: it is dropped, nothing is decoded.
+    # The pages wait out the quarantine: a late WRITE may still be on its way.
+    held = len(res.page_ids)
+    assert dec.quarantined_pages == held and dec.pool.num_free == dec.pool.num_pages - held
+    # The transfer lands after the lease (into quarantined pages): dropped, nothing decoded.
     await send_raw(pre, res, prompt)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)  # lease 1 s + quarantine 0.5 s after the reservation
     assert not dec.engine.running and dec.pool.num_free == dec.pool.num_pages
+    assert dec.quarantined_pages == 0
 
 
 async def test_stale_epoch_notice_is_dropped(workers):
@@ -121,7 +125,9 @@ async def test_stale_epoch_notice_is_dropped(workers):
     await asyncio.sleep(0.3)
     assert "r4" in dec._pending and not dec.engine.running  # still waiting for a valid transfer
     assert dec.release("r4")
-    assert dec.pool.num_free == dec.pool.num_pages
+    assert dec.quarantined_pages == len(res.page_ids)  # released before its KV landed
+    await asyncio.sleep(1.7)
+    assert dec.pool.num_free == dec.pool.num_pages and dec.quarantined_pages == 0
 
 
 async def test_reservation_too_small_is_refused(workers):
