@@ -26,15 +26,17 @@ class ClusterError(RuntimeError):
 
 
 class Service:
-    def __init__(self, name: str, args: list[str], run_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, args: list[str], run_dir: Path, env: dict[str, str],
+                 extra_args: list[str] = ()) -> None:  # type: ignore[assignment]
         self.name = name
-        self.args = args
+        self.base_args = list(args)  # what `restart` starts again; extra_args are one-off
+        self.args = list(args) + list(extra_args)
         self.ready_file = run_dir / f"{name}.ready.json"
         self.log_path = run_dir / f"{name}.log"
         self.ready_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve", *args, "--ready-file", str(self.ready_file)],
+            [sys.executable, "-m", "pdserve", *self.args, "--ready-file", str(self.ready_file)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -92,8 +94,8 @@ class LocalCluster:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def _spawn(self, name: str, args: list[str]) -> Service:
-        svc = Service(name, args, self.run_dir, self.env)
+    def _spawn(self, name: str, args: list[str], extra_args: list[str] = ()) -> Service:  # type: ignore[assignment]
+        svc = Service(name, args, self.run_dir, self.env, extra_args)
         self.services.append(svc)
         return svc
 
@@ -197,12 +199,12 @@ class LocalCluster:
         old.terminate()
         old.wait(30)
         self.services.remove(old)
-        args = list(old.args)
+        args = list(old.base_args)
         if name in ("kvstore", "gateway"):
             args[args.index("--port") + 1] = str(old.port)
         if internal:
             args[args.index("--internal-port") + 1] = str(internal)
-        svc = self._spawn(name, args + list(extra_args))
+        svc = self._spawn(name, args, list(extra_args))
         self._wait_ready([svc], time.monotonic() + timeout_s)
         return svc
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +94,32 @@ class PrefillWorker:
         self.in_flight = 0
         self.draining = False
         self.metrics: WorkerMetrics | None = None
+        self._busy: Counter[PageId] = Counter()  # pages a worker thread is using right now
+        self._deferred: list[list[PageId]] = []  # freed while busy: released when not
+
+    async def _in_thread(self, fn, *args, touches: Sequence[PageId]):  # type: ignore[no-untyped-def]
+        """Runs fn in a thread. A cancelled caller stops waiting, but the thread runs on: the
+        pages it touches cannot be freed (and reused) until it is done (_free)."""
+        touched = list(touches)
+        self._busy.update(touched)
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        fut.add_done_callback(lambda _: self._thread_done(touched))
+        return await asyncio.shield(fut)
+
+    def _thread_done(self, touched: list[PageId]) -> None:
+        self._busy.subtract(touched)
+        self._busy += Counter()  # drop zero counts
+        if self._deferred:
+            ready = [p for p in self._deferred if not any(self._busy[x] for x in p)]
+            for pages in ready:
+                self._deferred.remove(pages)
+                self.pool.release(pages)
+
+    def _free(self, pages: list[PageId]) -> None:
+        if any(self._busy[p] for p in pages):
+            self._deferred.append(pages)
+        else:
+            self.pool.release(pages)
 
     def export_metrics(self, m: WorkerMetrics) -> None:
         self.metrics = m
@@ -120,7 +147,8 @@ class PrefillWorker:
             chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
                       for j, n in plan]
             try:
-                logits = await asyncio.to_thread(self.runner.forward_chunks, chunks)
+                logits = await self._in_thread(self.runner.forward_chunks, chunks,
+                                               touches=[p for j, _ in plan for p in j.pages])
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 for j, _ in plan:
                     self._queue.remove(j)
@@ -129,6 +157,8 @@ class PrefillWorker:
                 continue
             self.num_steps += 1
             for i, (j, n) in enumerate(plan):
+                if j not in self._queue:  # cancelled while its chunk ran
+                    continue
                 j.num_computed += n
                 if j.num_computed == len(j.prompt):
                     self._queue.remove(j)
@@ -175,11 +205,11 @@ class PrefillWorker:
         try:
             t0 = time.perf_counter()
             blocks = await self.kvstore.get(keys[:want]) if want else []
-            n_cached = await asyncio.to_thread(self._load_blocks, pages, keys, blocks)
+            n_cached = await self._in_thread(self._load_blocks, pages, keys, blocks, touches=pages)
             t1 = time.perf_counter()
             logits = await self._compute(prompt, pages, n_cached * bt)
             first = sample(logits, params, 0)
-            checksum = await asyncio.to_thread(pages_checksum, self.pool, pages)
+            checksum = await self._in_thread(pages_checksum, self.pool, pages, touches=pages)
             t2 = time.perf_counter()
             if lease_end is not None and time.monotonic() > lease_end:
                 raise TransferError(f"KV transfer not started: the decode reservation's "
@@ -191,9 +221,10 @@ class PrefillWorker:
                                                self.transfer_timeout_s)
             t3 = time.perf_counter()
             start = max(n_cached, want) if n_cached == want else n_cached
-            new_blocks = await asyncio.to_thread(self._encode_blocks, pages, keys, start)
+            new_blocks = await self._in_thread(self._encode_blocks, pages, keys, start,
+                                               touches=pages)
         finally:
-            self.pool.release(pages)
+            self._free(pages)
         self._put_later(new_blocks)
         self.num_prefills += 1
         if (m := self.metrics) is not None:
