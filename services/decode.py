@@ -277,8 +277,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         w = self.worker
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: empty")
+        if len(request.request_id) > 512:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id: {len(request.request_id)} characters, limit 512")
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: empty")
+        vocab = w.loaded.config.vocab_size
+        bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt_token_ids: token id {bad} outside the vocabulary "
+                                f"[0, {vocab})")
         sp = request.sampling
         if sp.max_tokens <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

@@ -36,6 +36,20 @@ def load_of(r) -> Load:  # type: ignore[no-untyped-def]
                 num_finished=r.num_finished)
 
 
+def _invalid_info(info) -> str | None:  # type: ignore[no-untyped-def]
+    if info.role not in ("prefill", "decode"):
+        return f"register.role: {info.role!r}, must be 'prefill' or 'decode'"
+    if not 0 < len(info.worker_id) <= 128:
+        return f"register.worker_id: {len(info.worker_id)} characters, must be 1..128"
+    host, _, port = info.address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or len(info.address) > 300:
+        return f"register.address: {info.address[:80]!r}, expected host:port"
+    for name in ("block_tokens", "total_pages", "max_context", "vocab_size"):
+        if getattr(info, name) <= 0:
+            return f"register.{name}: {getattr(info, name)}, must be > 0"
+    return None
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, registry: WorkerRegistry) -> None:
         self.registry = registry
@@ -46,9 +60,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "first message: must be `register` (WorkerInfo)")
         info = first.register
-        if info.role not in ("prefill", "decode"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"register.role: {info.role!r}, must be 'prefill' or 'decode'")
+        if (err := _invalid_info(info)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
         try:
             self.registry.join(spec_of(info), time.monotonic())
         except RegistryError as e:

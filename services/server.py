@@ -33,6 +33,71 @@ LIVENESS = "liveness"  # health service name for liveness probes: SERVING while 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Malformed:
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Bytes that do not parse as the method's request message get INVALID_ARGUMENT naming the
+    message type (gRPC would answer UNKNOWN with an internal exception text)."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        deser = getattr(handler, "request_deserializer", None)
+        if handler is None or deser is None:
+            return handler
+        cls = getattr(deser, "__self__", None)
+        what = getattr(getattr(cls, "DESCRIPTOR", None), "full_name", "request message")
+
+        def lenient(data: bytes):  # type: ignore[no-untyped-def]
+            try:
+                return deser(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError and friends
+                return _Malformed(str(e)[:200])
+
+        async def refuse(context, bad: _Malformed) -> None:  # type: ignore[no-untyped-def]
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid {what} ({bad.why})")
+
+        async def checked(it, context):  # type: ignore[no-untyped-def]
+            async for r in it:
+                if isinstance(r, _Malformed):
+                    await refuse(context, r)
+                yield r
+
+        out = handler.response_serializer
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def uu(request, context):  # type: ignore[no-untyped-def]
+                if isinstance(request, _Malformed):
+                    await refuse(context, request)
+                return await inner_uu(request, context)
+            return grpc.unary_unary_rpc_method_handler(uu, lenient, out)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def us(request, context):  # type: ignore[no-untyped-def]
+                if isinstance(request, _Malformed):
+                    await refuse(context, request)
+                async for r in inner_us(request, context):
+                    yield r
+            return grpc.unary_stream_rpc_method_handler(us, lenient, out)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def su(it, context):  # type: ignore[no-untyped-def]
+                return await inner_su(checked(it, context), context)
+            return grpc.stream_unary_rpc_method_handler(su, lenient, out)
+        inner_ss = handler.stream_stream
+
+        async def ss(it, context):  # type: ignore[no-untyped-def]
+            async for r in inner_ss(checked(it, context), context):
+                yield r
+        return grpc.stream_stream_rpc_method_handler(ss, lenient, out)
+
+
 async def create_server(
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: Iterable[str],
@@ -48,7 +113,7 @@ async def create_server(
     options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"]
     server = grpc.aio.server(options=options + [
         ("grpc.max_receive_message_length", max_message_bytes)],
-        interceptors=list(interceptors))
+        interceptors=[MalformedRequests(), *interceptors])
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
