@@ -66,20 +66,23 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
 
 
 def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
-                       new: int) -> int | None:
-    """Array form of pick_prefill: queued attention work and tokens per worker -> row."""
+                       new: int, allowed: np.ndarray | None = None) -> int | None:
+    """Array form of pick_prefill: queued attention work and tokens per worker -> row
+    (`allowed`: rows that may be picked; default all)."""
     if len(attention) == 0:
         return None
-    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new),
-                         np.ones(len(attention), dtype=bool))
+    ok = np.ones(len(attention), dtype=bool) if allowed is None else allowed
+    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok)
 
 
 def pick_decode_index(used: np.ndarray, free: np.ndarray, running: np.ndarray,
-                      pages_needed: int) -> int | None:
+                      pages_needed: int, allowed: np.ndarray | None = None) -> int | None:
     """Array form of pick_decode: used / free pages and running requests per worker -> row."""
     if len(used) == 0:
         return None
-    return _pick_min_max(used, float(pages_needed), running, 1.0, free >= pages_needed)
+    ok = free >= pages_needed
+    return _pick_min_max(used, float(pages_needed), running, 1.0,
+                         ok if allowed is None else ok & allowed)
 
 
 def pick_prefill(cands: Sequence[PrefillCandidate], cached: int, new: int) -> str | None:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from pdserve.cache.analytics import NAMED_QUERIES, run_named
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.cache.ledger import Ledger, QueryError
@@ -176,26 +177,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _pick(self, cached_blocks: int, n_prompt: int, pages: int,
               excluded: set[str] = frozenset()) -> tuple[WorkerState, WorkerState]:  # type: ignore[assignment]
+        """(prefill, decode) for a request; workers in `excluded` (they failed this request)
+        are no candidates."""
         pt, dt = self.registry.table("prefill"), self.registry.table("decode")
-        p_ok = [i for i, w in enumerate(pt.ids) if w not in excluded]
-        d_ok = [i for i, w in enumerate(dt.ids) if w not in excluded]
-        if not p_ok or not d_ok:
+        p_ok = np.array([w not in excluded for w in pt.ids], dtype=bool)
+        d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
+        if not p_ok.any() or not d_ok.any():
             raise LookupError("no prefill or decode worker in rotation"
                               + (" (besides the ones that failed this request)" if excluded else ""))
         bt = self.registry.workers[pt.ids[0]].spec.block_tokens
         cached = cached_blocks * bt
-        free = dt.free_pages
-        if len(d_ok) < len(dt.ids):  # a failed worker is no candidate for this request
-            free = free.copy()
-            free[[i for i in range(len(dt.ids)) if i not in d_ok]] = -1
-        d = pick_decode_index(dt.used_pages, free, dt.running, pages)
+        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
         if d is None:
             raise MemoryError(f"no decode worker has {pages} free KV pages")
-        attention = pt.attention
-        if len(p_ok) < len(pt.ids):
-            attention = attention.copy()
-            attention[[i for i in range(len(pt.ids)) if i not in p_ok]] = float("inf")
-        p = pick_prefill_index(attention, pt.tokens, cached, n_prompt - cached)
+        p = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok)
         assert p is not None
         return self.registry.workers[pt.ids[p]], self.registry.workers[dt.ids[d]]
 
@@ -233,10 +228,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except asyncio.CancelledError:
             rec.status = rec.status or "CANCELLED"
             raise
-        except BaseException as e:
-            if rec.status is None:
-                rec.status, rec.error = "INTERNAL", repr(e)[:200]
+        except grpc.aio.AbortError:
             raise
+        except Exception as e:  # a bug: fail closed with a status, never UNKNOWN
+            log.exception("generate failed", extra={"request_id": rec.request_id})
+            await self._abort(context, rec, grpc.StatusCode.INTERNAL,
+                              f"internal error ({type(e).__name__}); the request was not served")
         finally:
             if client is not None:
                 self.limits.release(client)

@@ -104,6 +104,15 @@ class NixlEndpoint:
         for i, d in enumerate(res.pages[:n]):
             if d.length != size:
                 raise TransferError(f"reservation page {i} is {d.length} bytes, pages are {size}")
+        try:
+            return await self._write(local_pages, res, notice, timeout_s, n, size)
+        except TransferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
+            raise TransferError(f"KV transfer failed for request {notice.request_id}: "
+                                f"{type(e).__name__}: {e}") from e
+
+    async def _write(self, local_pages, res, notice, timeout_s: float, n: int, size: int) -> int:  # type: ignore[no-untyped-def]
         remote = self._remote(res)
         local = self.agent.get_xfer_descs(
             [(self.pool.page_addr(p), size, max(self.pool.kv.get_device(), 0)) for p in local_pages],

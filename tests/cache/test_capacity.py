@@ -111,3 +111,65 @@ def test_counters_and_blocks_survive_reopen_and_offline_tools(tmp_path):
     assert s.get_many([k for k, _ in blocks]) == [blocks[0][1]]  # the corrupt one is a miss
     assert s.stats.corrupt == 1 and s.stats.hits == 4
     s.close()
+
+
+async def test_evicted_and_expired_misses_are_told_apart_from_never_stored(tmp_path):
+    """The ledger's miss reason 'evicted' comes from here: the store remembers removed keys, the
+    Lookup answer carries it through the gRPC client, and a key put again is no longer one."""
+    from pdserve.services.kvstore_client import KVStoreClient
+
+    from tests.services.test_sharding import start_shard
+
+    server, s, address = await start_shard(tmp_path / "shard")
+    s.capacity_bytes = 3 * len(chain("x", 1)[0][1])
+    s.high = s.low = 0.99
+    old, new, never = chain("old", 2), chain("new", 2), chain("never", 2)
+    put_chain(s, old)
+    time.sleep(0.01)
+    put_chain(s, new)
+    assert s.evict() == 2  # the older chain goes, tail first
+    assert s.was_removed([k for k, _ in old]) == [True, True]
+    assert s.was_removed([k for k, _ in new + never]) == [False] * 4
+    client = KVStoreClient(address, timeout_s=2)
+    r = await client.lookup_detail([k for k, _ in old])
+    assert (r.prefix, r.first_miss_evicted) == (0, True)
+    r = await client.lookup_detail([k for k, _ in never])
+    assert (r.prefix, r.first_miss_evicted) == (0, False)
+    r = await client.lookup_detail([k for k, _ in new])
+    assert (r.prefix, r.first_miss_evicted) == (2, False)
+    s.capacity_bytes = 0
+    put_chain(s, old)  # stored again: a plain hit, not 'evicted'
+    assert s.was_removed([k for k, _ in old]) == [False, False]
+    s.max_age_s = 0.001
+    time.sleep(0.01)
+    assert s.expire() == 4
+    assert s.was_removed([k for k, _ in old + new]) == [True] * 4
+    await client.close()
+    await server.stop(0)
+    s.close()
+
+
+def test_the_gateway_names_each_miss_reason():
+    """GatewayServicer._miss_reason over every case, with real block hashes."""
+    from pdserve.cache.block_hash import hash_namespace
+    from pdserve.scheduler.registry import WorkerRegistry, WorkerSpec
+    from pdserve.services.gateway import GatewayServicer
+    from pdserve.services.kvstore_client import KVStoreClient, LookupResult
+
+    ns = hash_namespace("m", "fp")
+    spec = WorkerSpec("p", "prefill", "x:1", 1, ns, "fp", 64, 10, 8192, 1000)
+    gw = GatewayServicer(WorkerRegistry(), KVStoreClient("", 1), None, 1.0)
+    prompt = list(range(300))  # 4 cacheable blocks
+    keys = block_hashes(ns, "", prompt, 64)
+
+    def why(found, cached, salt="", tenant=""):
+        k = block_hashes(ns, salt, prompt, 64)
+        return gw._miss_reason(spec, salt, prompt, k, 4, found, cached, tenant)
+
+    assert why(LookupResult(None), 0) == "store_unavailable"
+    assert why(LookupResult(0), 0) == "never_seen"          # and now the gateway saw it
+    assert why(LookupResult(4), 4) == "partial_block"
+    assert why(LookupResult(3), 1) == "fetch_failed"
+    assert why(LookupResult(2, True), 2) == "evicted"
+    assert why(LookupResult(0), 0, salt="s2", tenant="t2") == "different_salt"
+    assert keys == block_hashes(ns, "", prompt, 64)

@@ -86,3 +86,20 @@ def test_load_table_follows_reports_bumps_and_membership():
     assert r.table("decode").ids == ["d0"]  # membership changed: rebuilt
     r.leave("d0", 1)
     assert r.table("decode").ids == []
+
+
+def test_excluded_workers_are_never_picked():
+    """A worker that failed a request is no candidate for its retry, even the least loaded;
+    with every worker excluded there is no pick (the gateway answers UNAVAILABLE)."""
+    import numpy as np
+    from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
+
+    att, tok = np.array([0.0, 5.0, 9.0]), np.array([0.0, 10.0, 20.0])
+    assert pick_prefill_index(att, tok, 0, 100) == 0
+    assert pick_prefill_index(att, tok, 0, 100, np.array([False, True, True])) == 1
+    assert pick_prefill_index(att, tok, 0, 100, np.array([False, False, False])) is None
+    used, free, running = np.array([0, 50, 10]), np.array([100, 50, 90]), np.array([0, 5, 1])
+    assert pick_decode_index(used, free, running, 20) == 0
+    assert pick_decode_index(used, free, running, 20, np.array([False, True, True])) == 2
+    assert pick_decode_index(used, free, running, 60, np.array([False, True, True])) == 2
+    assert pick_decode_index(used, free, running, 95, np.array([False, True, True])) is None
