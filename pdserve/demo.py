@@ -94,6 +94,14 @@ def main(settings: UpSettings, max_tokens: int, keep_data: bool) -> int:
         with LocalCluster(settings) as cluster:
             run_workload(cluster.gateway_address, max_tokens=max_tokens)
             print("\nstopping the cluster ...", file=sys.stderr, flush=True)
+        # The gateway wrote one ledger row per request; what `pdserve report` makes of them:
+        from pdserve.cache.analytics import format_report, report, run_named
+
+        _, reasons = run_named(settings.data_dir, "miss_reasons")
+        print("\nFrom the request ledger (pdserve report, pdserve analytics miss_reasons)")
+        print(format_report(report(settings.data_dir)))
+        print("  uncached tokens by reason " + ", ".join(
+            f"{why} {n:,} ({k} requests)" for why, k, n in reasons))
     finally:
         if tmp is not None:
             tmp.cleanup()
