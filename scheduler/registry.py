@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,25 @@ class WorkerRegistry:
                 self._changed(w.spec.role)
                 out.append(w.spec.worker_id)
         return out
+
+    def pick(self, cached_blocks: int, n_prompt: int, pages: int,
+             excluded: frozenset[str] | set[str] = frozenset()) -> tuple[WorkerState, WorkerState]:
+        """(prefill, decode) for a request, by the balancers over the load tables; workers in
+        `excluded` (they failed this request) are no candidates. LookupError: no worker in
+        rotation; MemoryError: no decode worker can hold `pages`."""
+        pt, dt = self.table("prefill"), self.table("decode")
+        p_ok = np.array([w not in excluded for w in pt.ids], dtype=bool)
+        d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
+        if not p_ok.any() or not d_ok.any():
+            raise LookupError("no prefill or decode worker in rotation"
+                              + (" (besides the ones that failed this request)" if excluded else ""))
+        cached = cached_blocks * self.workers[pt.ids[0]].spec.block_tokens
+        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
+        if d is None:
+            raise MemoryError(f"no decode worker has {pages} free KV pages")
+        p = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok)
+        assert p is not None
+        return self.workers[pt.ids[p]], self.workers[dt.ids[d]]
 
     def active(self, role: str) -> list[WorkerState]:
         return sorted((w for w in self.workers.values() if w.spec.role == role and w.in_rotation),

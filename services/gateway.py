@@ -16,28 +16,31 @@ Lifecycle of one `Generate`:
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
-from pdserve.cache.analytics import NAMED_QUERIES, run_named
+from pdserve.cache.analytics import NAMED_QUERIES
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.cache.ledger import Ledger, QueryError
 from pdserve.engine.engine import request_pages
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
-from pdserve.scheduler.registry import WorkerRegistry, WorkerState
+from pdserve.scheduler.registry import WorkerRegistry
 from pdserve.services import security
+from pdserve.services.accounting import (
+    Accounting,
+    Outcome,
+    analytics_value,
+    kv_usage,
+    tenant_of,
+)
 from pdserve.services.admission import InvalidRequest, admit
 from pdserve.services.auth import ClientLimits, Tenant, TokenTable, peer_host
-from pdserve.services.kvstore_client import KVStoreClient, LookupResult
+from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.membership import RegistryServicer, watch_readiness
 from pdserve.services.output import OutputText
 from pdserve.services.server import (
@@ -71,9 +74,6 @@ RETRY_AFTER_MS = 500
 async def _empty():
     return
     yield
-
-
-TENANT_MEMORY = 1 << 20  # unsalted block prefixes remembered for the different_salt reason
 
 
 @dataclass
@@ -110,41 +110,6 @@ class _Retry(Exception):
         self.stage, self.worker, self.code, self.message = stage, worker, code, message
 
 
-def tenant_of(cache_salt: str) -> str:
-    """The ledger's tenant: a hash of the cache salt (never the salt itself); '' = no salt."""
-    return hashlib.sha256(cache_salt.encode()).hexdigest()[:16] if cache_salt else ""
-
-
-@dataclass
-class Outcome:
-    """What the ledger row of one request says; filled in as the request goes."""
-
-    ts: float
-    t0: float
-    request_id: str
-    tenant: str
-    status: str | None = None
-    error: str = ""
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    prefill_worker: str = ""
-    decode_worker: str = ""
-    kv_bytes: int = 0
-    fetch_s: float = 0.0
-    compute_s: float = 0.0
-    miss_reason: str = ""
-    attempts: int = 1
-
-
-def _kv_usage(registry: WorkerRegistry) -> float:
-    ws = registry.active("decode")
-    total = sum(w.load.total_pages for w in ws)
-    return sum(w.load.total_pages - w.load.free_pages for w in ws) / total if total else 0.0
-
-
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, registry: WorkerRegistry, kvstore: KVStoreClient,
                  tokenizer: Tokenizer | None, rpc_timeout_s: float,
@@ -163,36 +128,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.rpc_timeout_s = rpc_timeout_s
         self.ledger = ledger
         self.metrics = metrics
-        self.data_dir = data_dir
+        self.acct = Accounting(registry, ledger, metrics, data_dir)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._inflight: dict[str, InFlight] = {}
-        # unsalted block-prefix hash (8 bytes) -> tenant that last sent it
-        self._prefix_tenants: OrderedDict[bytes, str] = OrderedDict()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = channel(address)
         return ch
-
-    def _pick(self, cached_blocks: int, n_prompt: int, pages: int,
-              excluded: set[str] = frozenset()) -> tuple[WorkerState, WorkerState]:  # type: ignore[assignment]
-        """(prefill, decode) for a request; workers in `excluded` (they failed this request)
-        are no candidates."""
-        pt, dt = self.registry.table("prefill"), self.registry.table("decode")
-        p_ok = np.array([w not in excluded for w in pt.ids], dtype=bool)
-        d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
-        if not p_ok.any() or not d_ok.any():
-            raise LookupError("no prefill or decode worker in rotation"
-                              + (" (besides the ones that failed this request)" if excluded else ""))
-        bt = self.registry.workers[pt.ids[0]].spec.block_tokens
-        cached = cached_blocks * bt
-        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
-        if d is None:
-            raise MemoryError(f"no decode worker has {pages} free KV pages")
-        p = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok)
-        assert p is not None
-        return self.registry.workers[pt.ids[p]], self.registry.workers[dt.ids[d]]
 
     async def _tenant(self, context) -> Tenant | None:  # type: ignore[no-untyped-def]
         """The caller's tenant (UNAUTHENTICATED without a known token), None when auth is off."""
@@ -239,7 +183,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.limits.release(client)
             if self.metrics:
                 self.metrics.in_flight.dec()
-            self._record(rec)
+            self.acct.record(rec)
 
     async def _abort(self, context, rec: Outcome, code: grpc.StatusCode, message: str):  # type: ignore[no-untyped-def]
         rec.status, rec.error = code.name, message[:200]
@@ -333,7 +277,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # Step 3: choose workers, reserve decode pages.
         pages = request_pages(bt, len(ctx), remaining)
         try:
-            pw, dw = self._pick(hint, len(ctx), pages, st.excluded)
+            pw, dw = self.registry.pick(hint, len(ctx), pages, st.excluded)
         except LookupError as e:
             await self._abort(context, rec, grpc.StatusCode.UNAVAILABLE, str(e))
         except MemoryError as e:
@@ -381,7 +325,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 rec.ttft_s = time.monotonic() - rec.t0
                 rec.cached_tokens, rec.kv_bytes = pre.cached_tokens, pre.bytes_transferred
                 rec.fetch_s, rec.compute_s = pre.fetch_s, pre.compute_s
-                rec.miss_reason = self._miss_reason(spec, st.salt, ctx, keys, cacheable, found,
+                rec.miss_reason = self.acct.miss_reason(spec, st.salt, ctx, keys, cacheable, found,
                                                     pre.cached_tokens // bt, rec.tenant)
             else:
                 rec.kv_bytes += pre.bytes_transferred
@@ -438,80 +382,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     stream.cancel()
                 await self._release(decode, iid)
 
-    def _miss_reason(self, spec, salt: str, prompt: list[int], keys: list[bytes],  # type: ignore[no-untyped-def]
-                     cacheable: int, found: LookupResult, cached_blocks: int, tenant: str) -> str:
-        """Why the first uncached token was not a hit (cache/ledger.py MISS_REASONS); also
-        remembers this prompt's blocks for the different_salt answer of later requests."""
-        unsalted = keys if not salt else block_hashes(spec.hash_namespace, "", prompt,
-                                                      spec.block_tokens)
-        if cached_blocks >= cacheable:
-            reason = "partial_block"
-        elif found.prefix is None:
-            reason = "store_unavailable"
-        elif cached_blocks < found.prefix:
-            reason = "fetch_failed"
-        elif found.first_miss_evicted:
-            reason = "evicted"
-        elif self._prefix_tenants.get(unsalted[cached_blocks][:8], tenant) != tenant:
-            reason = "different_salt"
-        else:
-            reason = "never_seen"
-        for k in unsalted[:cacheable]:
-            self._prefix_tenants[k[:8]] = tenant
-            self._prefix_tenants.move_to_end(k[:8])
-        while len(self._prefix_tenants) > TENANT_MEMORY:
-            self._prefix_tenants.popitem(last=False)
-        return reason
-
-    def _record(self, rec: Outcome) -> None:
-        e2e = time.monotonic() - rec.t0
-        n = rec.completion_tokens
-        tpot = (e2e - rec.ttft_s) / (n - 1) if n > 1 else 0.0
-        m = self.metrics
-        if m is not None:
-            m.requests.labels(rec.status).inc()
-            m.prompt_tokens.inc(rec.prompt_tokens)
-            m.cached_tokens.labels("store").inc(rec.cached_tokens)
-            if rec.prompt_tokens > rec.cached_tokens and rec.miss_reason:
-                m.uncached_tokens.labels(rec.miss_reason).inc(rec.prompt_tokens - rec.cached_tokens)
-            m.completion_tokens.inc(n)
-            m.kv_bytes.inc(rec.kv_bytes)
-            if rec.status == "OK":
-                m.ttft.observe(rec.ttft_s)
-                m.e2e.observe(e2e)
-        if self.ledger is not None:
-            self.ledger.record_request(
-                ts=rec.ts, request_id=rec.request_id, tenant=rec.tenant,
-                model=self._model_id(), status=rec.status or "INTERNAL",
-                finish_reason=rec.finish_reason, prompt_tokens=rec.prompt_tokens,
-                cached_tokens=rec.cached_tokens, completion_tokens=n, ttft_s=rec.ttft_s,
-                tpot_s=tpot, e2e_s=e2e, prefill_worker=rec.prefill_worker,
-                decode_worker=rec.decode_worker, kv_bytes=rec.kv_bytes, fetch_s=rec.fetch_s,
-                compute_s=rec.compute_s, miss_reason=rec.miss_reason, error=rec.error,
-                attempts=rec.attempts)
-            if m is not None:
-                m.ledger_pending.set(self.ledger.requests.pending)
-                m.ledger_dropped.set(self.ledger.requests.dropped)
-
-    def _model_id(self) -> str:
-        return next((w.spec.model_id for w in self.registry.workers.values()), "")
-
-    async def sample_workers(self, every_s: float, stop: asyncio.Event) -> None:
-        """Writes every worker's last load report into the ledger's `workers` table."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), every_s)
-            except asyncio.TimeoutError:
-                pass
-            now = time.time()
-            for w in list(self.registry.workers.values()):
-                ld = w.load
-                self.ledger.record_worker(  # type: ignore[union-attr]
-                    ts=now, worker_id=w.spec.worker_id, role=w.spec.role,
-                    in_rotation=w.in_rotation, running=ld.running,
-                    queued_tokens=ld.queued_tokens, used_pages=ld.total_pages - ld.free_pages,
-                    total_pages=ld.total_pages, interval_s=every_s)
-
     async def QueryAnalytics(self, request, context):
         tenant = await self._tenant(context)
         params = dict(request.params)
@@ -528,16 +398,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the ledger is off on this gateway (--ledger)")
 
-        def run() -> tuple[list[str], list[tuple]]:
-            self.ledger.flush()  # type: ignore[union-attr] # answer includes requests just ended
-            return run_named(self.data_dir, request.query, params)
-
         try:
-            columns, rows = await asyncio.to_thread(run)
+            columns, rows = await asyncio.to_thread(self.acct.query, request.query, params)
         except QueryError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return gateway_pb2.AnalyticsResponse(
-            columns=columns, rows=[gateway_pb2.AnalyticsRow(values=[_value(v) for v in r])
+            columns=columns, rows=[gateway_pb2.AnalyticsRow(values=[analytics_value(v) for v in r])
                                    for r in rows])
 
     async def _release(self, decode: decode_pb2_grpc.DecodeStub, rid: str) -> None:
@@ -572,23 +438,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await ch.close()
 
 
-def _value(v) -> gateway_pb2.AnalyticsValue:  # type: ignore[no-untyped-def]
-    if v is None:
-        return gateway_pb2.AnalyticsValue()
-    if isinstance(v, bool):
-        return gateway_pb2.AnalyticsValue(b=v)
-    if isinstance(v, int) and -(1 << 63) <= v < (1 << 63):
-        return gateway_pb2.AnalyticsValue(i=v)
-    if isinstance(v, float):
-        return gateway_pb2.AnalyticsValue(d=v)
-    if isinstance(v, (dt.datetime, dt.date)):
-        return gateway_pb2.AnalyticsValue(s=v.isoformat())
-    try:  # Decimal and friends
-        return gateway_pb2.AnalyticsValue(d=float(v))
-    except (TypeError, ValueError):
-        return gateway_pb2.AnalyticsValue(s=str(v))
-
-
 async def run(settings: GatewaySettings) -> None:
     security.configure(settings)  # before any server or channel exists
     tokenizer = load_tokenizer(settings.model)
@@ -602,7 +451,7 @@ async def run(settings: GatewaySettings) -> None:
         metrics.workers.labels(role).set_function(lambda r=role: len(registry.active(r)))
     metrics.queued_tokens.set_function(
         lambda: sum(w.load.queued_tokens for w in registry.active("prefill")))
-    metrics.kv_usage.set_function(lambda: _kv_usage(registry))
+    metrics.kv_usage.set_function(lambda: kv_usage(registry))
     tokens = TokenTable.load(settings.auth_tokens_file, settings.auth_tokens or None)
     gateway = GatewayServicer(registry, kvstore, tokenizer, settings.rpc_timeout_s, ledger,
                               metrics, settings.data_dir, settings, tokens)
@@ -626,7 +475,7 @@ async def run(settings: GatewaySettings) -> None:
     stop = asyncio.Event()
     watcher = asyncio.create_task(
         watch_readiness(registry, health, kvstore, settings.worker_timeout_s, stop))
-    sampler = (asyncio.create_task(gateway.sample_workers(settings.worker_sample_s, stop))
+    sampler = (asyncio.create_task(gateway.acct.sample_workers(settings.worker_sample_s, stop))
                if ledger is not None else None)
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
     write_ready_file(settings.ready_file, port, metrics_port=metrics_port,

@@ -150,21 +150,21 @@ async def test_evicted_and_expired_misses_are_told_apart_from_never_stored(tmp_p
 
 
 def test_the_gateway_names_each_miss_reason():
-    """GatewayServicer._miss_reason over every case, with real block hashes."""
+    """The gateway's Accounting.miss_reason over every case, with real block hashes."""
     from pdserve.cache.block_hash import hash_namespace
     from pdserve.scheduler.registry import WorkerRegistry, WorkerSpec
-    from pdserve.services.gateway import GatewayServicer
-    from pdserve.services.kvstore_client import KVStoreClient, LookupResult
+    from pdserve.services.accounting import Accounting
+    from pdserve.services.kvstore_client import LookupResult
 
     ns = hash_namespace("m", "fp")
     spec = WorkerSpec("p", "prefill", "x:1", 1, ns, "fp", 64, 10, 8192, 1000)
-    gw = GatewayServicer(WorkerRegistry(), KVStoreClient("", 1), None, 1.0)
+    acct = Accounting(WorkerRegistry(), None, None, None)
     prompt = list(range(300))  # 4 cacheable blocks
     keys = block_hashes(ns, "", prompt, 64)
 
     def why(found, cached, salt="", tenant=""):
         k = block_hashes(ns, salt, prompt, 64)
-        return gw._miss_reason(spec, salt, prompt, k, 4, found, cached, tenant)
+        return acct.miss_reason(spec, salt, prompt, k, 4, found, cached, tenant)
 
     assert why(LookupResult(None), 0) == "store_unavailable"
     assert why(LookupResult(0), 0) == "never_seen"          # and now the gateway saw it
