@@ -66,6 +66,9 @@ class Accounting:
         self.ledger = ledger
         self.metrics = metrics
         self.data_dir = data_dir
+        if ledger is not None and metrics is not None:  # read at scrape time, not per request
+            metrics.ledger_pending.set_function(lambda: ledger.requests.pending)
+            metrics.ledger_dropped.set_function(lambda: ledger.requests.dropped)
         # unsalted block-prefix hash (8 bytes) -> tenant that last sent it
         self._prefix_tenants: OrderedDict[bytes, str] = OrderedDict()
 
@@ -120,9 +123,6 @@ class Accounting:
                 decode_worker=rec.decode_worker, kv_bytes=rec.kv_bytes, fetch_s=rec.fetch_s,
                 compute_s=rec.compute_s, miss_reason=rec.miss_reason, error=rec.error,
                 attempts=rec.attempts)
-            if m is not None:
-                m.ledger_pending.set(self.ledger.requests.pending)
-                m.ledger_dropped.set(self.ledger.requests.dropped)
 
     def model_id(self) -> str:
         return next((w.spec.model_id for w in self.registry.workers.values()), "")

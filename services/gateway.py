@@ -126,7 +126,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.kvstore = kvstore
         self.tokenizer = tokenizer
         self.rpc_timeout_s = rpc_timeout_s
-        self.ledger = ledger
         self.metrics = metrics
         self.acct = Accounting(registry, ledger, metrics, data_dir)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -394,7 +393,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.query:
             return gateway_pb2.AnalyticsResponse(
                 queries={k: v[0] for k, v in NAMED_QUERIES.items()})
-        if self.ledger is None:
+        if self.acct.ledger is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the ledger is off on this gateway (--ledger)")
 

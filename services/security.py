@@ -88,22 +88,22 @@ def server_credentials(internal: bool) -> grpc.ServerCredentials | None:
                                        require_client_auth=require)
 
 
-def channel_credentials() -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
-    """Credentials and extra options of an internal channel (None: plaintext)."""
-    if _tls is None:
+def channel_credentials(tls: TLS | None = None) -> tuple[grpc.ChannelCredentials | None,
+                                                         list[tuple[str, str]]]:
+    """Credentials and extra options of an internal channel (this process's TLS unless `tls`
+    is given; None: plaintext)."""
+    tls = tls or _tls
+    if tls is None:
         return None, []
-    creds = grpc.ssl_channel_credentials(root_certificates=_tls.ca or _tls.cert,
-                                         private_key=_tls.key if _tls.mutual else None,
-                                         certificate_chain=_tls.cert if _tls.mutual else None)
-    return creds, [("grpc.ssl_target_name_override", _tls.server_name)]
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca or tls.cert,
+                                         private_key=tls.key if tls.mutual else None,
+                                         certificate_chain=tls.cert if tls.mutual else None)
+    return creds, [("grpc.ssl_target_name_override", tls.server_name)]
 
 
 def sync_channel(address: str, tls: TLS | None) -> grpc.Channel:
     """A blocking channel with `tls`'s credentials (tools and `pdserve up` health checks)."""
-    if tls is None:
+    creds, options = channel_credentials(tls) if tls is not None else (None, [])
+    if creds is None:
         return grpc.insecure_channel(address)
-    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca or tls.cert,
-                                         private_key=tls.key if tls.mutual else None,
-                                         certificate_chain=tls.cert if tls.mutual else None)
-    return grpc.secure_channel(address, creds,
-                               options=[("grpc.ssl_target_name_override", tls.server_name)])
+    return grpc.secure_channel(address, creds, options=options)
