@@ -135,6 +135,13 @@ def test_sigkill_loses_at_most_the_unflushed_batch(tmp_path, kill_after_s):
     (tmp_path / "count").write_bytes(b"\0" * 8)
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(batch),
                           os.path.dirname(__file__)])
+    def handed_so_far() -> int:
+        return struct.unpack("<q", (tmp_path / "count").read_bytes()[:8])[0]
+
+    deadline = time.monotonic() + 60
+    while handed_so_far() == 0:  # the writer is up (imports take a while on a busy machine)
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
     time.sleep(kill_after_s)
     p.send_signal(signal.SIGKILL)
     p.wait()
