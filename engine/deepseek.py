@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pdserve.engine.attention import AttnBatch
+from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
 from pdserve.engine.model_config import DeepseekV3Config
 from torch import nn
@@ -193,6 +194,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         # Tokens routed to each expert, per layer: the expert-parallel balancer's input.
         self.register_buffer("expert_counts", torch.zeros(
             cfg.num_hidden_layers, cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+        self._lm_head: FastLinear | None = None
+
+    def prepare(self) -> None:
+        """Called once the weights are in place on their device (see linear.py)."""
+        for layer in self.model.layers:
+            mlp = layer.mlp
+            for m in ([*mlp.experts, mlp.shared_experts] if isinstance(mlp, MoE) else [mlp]):
+                if m is not None:
+                    m.prepare()
+        self._lm_head = FastLinear(self.lm_head.weight)
 
     def reset_buffers(self, device: str | torch.device) -> None:
         c = self.config
@@ -206,4 +217,4 @@ class DeepseekV3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, self.inv_freq, kv, batch, self.expert_counts)
         h = self.model.norm(h[batch.last_indices])
-        return self.lm_head(h).float()
+        return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

@@ -113,21 +113,27 @@ class LLMEngine:
             [(s.prompt[s.num_computed:s.num_computed + n], s.num_computed, s.pages)
              for s, n in plan])
         events = []
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy sequence
         for i, (seq, n) in enumerate(plan):
             seq.num_computed += n
             if seq.num_computed == len(seq.prompt):
                 self.waiting.remove(seq)
-                events.append(self._append(seq, logits[i], new=True))
+                events.append(self._append(seq, logits[i], new=True, greedy=greedy[i]))
         return events
 
     def _decode(self, seqs: list[Sequence]) -> list[TokenEvent]:
         logits = self.runner.decode(
             [s.last_token for s in seqs], [s.num_tokens for s in seqs], [s.pages for s in seqs]
         )
-        return [self._append(s, logits[i], new=False) for i, s in enumerate(seqs)]
+        greedy = logits.argmax(-1).tolist()
+        return [self._append(s, logits[i], new=False, greedy=greedy[i])
+                for i, s in enumerate(seqs)]
 
-    def _append(self, seq: Sequence, logits, new: bool) -> TokenEvent:  # type: ignore[no-untyped-def]
-        token = sample(logits, seq.params, len(seq.output))
+    def _append(self, seq: Sequence, logits, new: bool,  # type: ignore[no-untyped-def]
+                greedy: int) -> TokenEvent:
+        """`greedy`: the argmax of `logits`, computed for the whole batch at once."""
+        token = (greedy if seq.params.temperature <= 0.0
+                 else sample(logits, seq.params, len(seq.output)))
         lp = logprob_of(logits, token) if seq.params.logprobs else None
         seq.output.append(token)
         if lp is not None:

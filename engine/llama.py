@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pdserve.engine.attention import AttnBatch, paged_attention
+from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
 from torch import nn
 
@@ -36,12 +37,16 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, hd]; positions: [T]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, hd] for the positions [T]: computed once per forward."""
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos = emb.cos().to(x.dtype).unsqueeze(1)
-        sin = emb.sin().to(x.dtype).unsqueeze(1)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [T, heads, hd]
+        cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -57,16 +62,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self._qkv: FastLinear | None = None
+        self._o: FastLinear | None = None
+
+    def prepare(self) -> None:
+        """After the weights are loaded: one q|k|v product, packed weights on CPU."""
+        self._qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, rope: Rotary, kv: torch.Tensor, batch: AttnBatch
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
+        batch: AttnBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = rope(self.q_proj(x).view(t, self.n_heads, self.hd), batch.positions)
-        k = rope(self.k_proj(x).view(t, self.n_kv, self.hd), batch.positions)
-        v = self.v_proj(x).view(t, self.n_kv, self.hd)
-        o = paged_attention(q, k, v, kv, self.layer, batch, self.hd ** -0.5)
-        return self.o_proj(o.reshape(t, self.n_heads * self.hd))
+        nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
+        if self._qkv is not None:
+            q, k, v = self._qkv(x).split([nq, nk, nk], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = Rotary.apply(q.view(t, self.n_heads, self.hd), cos_sin)
+        k = Rotary.apply(k.view(t, self.n_kv, self.hd), cos_sin)
+        o = paged_attention(q, k, v.reshape(t, self.n_kv, self.hd), kv, self.layer, batch,
+                            self.hd ** -0.5).reshape(t, nq)
+        return self._o(o) if self._o is not None else self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -77,9 +95,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self._gate_up: FastLinear | None = None
+        self._down: FastLinear | None = None
+
+    def prepare(self) -> None:
+        self._gate_up = fuse_rows(self.gate_proj, self.up_proj)
+        self._down = FastLinear(self.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None or self._down is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._gate_up(x).chunk(2, dim=-1)
+        return self._down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -90,8 +117,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, rope: Rotary, kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv, batch)
+    def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv, batch)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -112,6 +140,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._lm_head: FastLinear | None = None
+
+    def prepare(self) -> None:
+        """Called once the weights are in place on their device (see linear.py)."""
+        for layer in self.model.layers:
+            layer.self_attn.prepare()
+            layer.mlp.prepare()
+        self._lm_head = FastLinear(self.lm_head.weight)
 
     def reset_buffers(self, device: str | torch.device) -> None:
         """Recomputes non-persistent buffers (after building on the meta device)."""
@@ -122,7 +158,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids: [T] new tokens of all sequences; returns logits [B, vocab] (float32)
         of each sequence's last new token."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
+        cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, self.rope, kv, batch)
+            h = layer(h, cos_sin, kv, batch)
         h = self.model.norm(h[batch.last_indices])
-        return self.lm_head(h).float()
+        return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

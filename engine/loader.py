@@ -112,6 +112,7 @@ def load_model(
     # Buffers were made on the meta device; recompute them (checkpoints do not store them).
     model.reset_buffers(device)
     model.eval()
+    model.prepare()
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "seconds": round(time.perf_counter() - t0, 2)})
     return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout)

@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from pdserve.engine.attention import AttnBatch
+from pdserve.engine.graphs import GraphCaptureError, GraphedDecode
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.llama import LlamaForCausalLM
 
+log = logging.getLogger(__name__)
+
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, prefill_chunk_tokens: int = 2048) -> None:
+    """`cuda_graphs`: replay the decode step as CUDA graphs (engine/graphs.py). None: on when
+    the pool is on a CUDA device and the model is of the Llama family; "eager": the same padded
+    static step without capture (how the CPU tests exercise it)."""
+
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, prefill_chunk_tokens: int = 2048,
+                 cuda_graphs: bool | str | None = None) -> None:
         self.model = model
         self.pool = pool
         self.chunk = prefill_chunk_tokens
         self.device = pool.kv.device
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and isinstance(model, LlamaForCausalLM)
+        self._graphs_mode = cuda_graphs
+        self._graphs: GraphedDecode | None = None
+
+    @property
+    def graphs(self) -> GraphedDecode | None:
+        """Made on the first decode step (a prefill-only runner never reserves its scratch
+        page)."""
+        if self._graphs is None and self._graphs_mode:
+            self._graphs = GraphedDecode(self.model, self.pool,
+                                         capture=self._graphs_mode is True)
+        return self._graphs
 
     @property
     def block_tokens(self) -> int:
@@ -51,6 +73,16 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token for each sequence: last_tokens[i] sits at position ctx_lens[i] - 1.
         Returns logits [B, vocab]."""
+        graphs = self.graphs
+        if graphs is not None and graphs.fits(
+                len(last_tokens), max(-(-c // self.block_tokens) for c in ctx_lens)):
+            try:
+                return graphs.run(last_tokens, ctx_lens, page_tables)
+            except GraphCaptureError as e:
+                log.warning("CUDA graph capture failed; decoding eagerly from now on",
+                            extra={"error": str(e)})
+                graphs.close()
+                self._graphs, self._graphs_mode = None, False
         batch = AttnBatch.build([1] * len(last_tokens), list(ctx_lens),
                                 [list(t) for t in page_tables], self.block_tokens, self.device)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
