@@ -16,13 +16,14 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ "${GPU_OFFLINE:-0}" = 1 ]; then
   py=${PYTHON:-python3}
-  # The package layout of pyproject.toml (pdserve.engine = engine/, ...) as links: no install.
-  shim=$(mktemp -d)
-  mkdir "$shim/pdserve"
-  ln -s "$PWD"/pdserve/*.py "$shim/pdserve/"
-  for d in engine cache scheduler services; do ln -s "$PWD/$d" "$shim/pdserve/$d"; done
-  ln -s "$PWD/proto/pdserve/v1" "$shim/pdserve/v1"
-  export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # The package layout of pyproject.toml (pdserve.engine = engine/, ...) as links inside
+  # pdserve/, removed again on exit: nothing is installed.
+  links=()
+  for pair in engine:engine cache:cache scheduler:scheduler services:services v1:proto/pdserve/v1; do
+    name=${pair%%:*}; target=${pair#*:}
+    [ -e "pdserve/$name" ] || { ln -s "../$target" "pdserve/$name"; links+=("pdserve/$name"); }
+  done
+  trap 'rm -f "${links[@]}"' EXIT
 else
   TORCH_SPEC=${TORCH_SPEC:-torch} scripts/setup.sh --test > "$out/setup.log" 2>&1 \
     || { cat "$out/setup.log"; exit 1; }
