@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table  # noqa: E402
 from pdserve.cache.block_hash import block_hashes  # noqa: E402
 from pdserve.cache.codec import encode_block  # noqa: E402
+from pdserve.cache.memory import keep_large_buffers_on_heap  # noqa: E402
 from pdserve.cache.store import BlockStore  # noqa: E402
 from pdserve.engine.layout import KVLayout  # noqa: E402
 
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-ttft", action="store_true")
     args = ap.parse_args()
+    keep_large_buffers_on_heap()  # as the kvstore and prefill services do
     print(f"machine: {machine()}")
     print(f"settings: {args.blocks} blocks of {LAYOUT.bytes_per_block / 1e6:.2f} MB "
           f"({LAYOUT.fingerprint()}), {args.batch} blocks per call, fsync per batch\n", flush=True)

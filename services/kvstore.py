@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock
+from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.cache.store import BlockStore, StoreFull
 from pdserve.services import security
 from pdserve.services.server import (
@@ -150,6 +151,7 @@ async def _watch_writes(store: BlockStore, health, stop: asyncio.Event) -> None:
 
 
 async def run(settings: KVStoreSettings) -> None:
+    keep_large_buffers_on_heap()  # KV blocks of megabytes: see cache/memory.py
     security.configure(settings)  # before any server or channel exists
     if settings.low_watermark > settings.high_watermark:
         raise ValueError("--low-watermark must not exceed --high-watermark")

@@ -30,6 +30,7 @@ import grpc
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks, hash_namespace
 from pdserve.cache.codec import encode_block, verify_block
 from pdserve.cache.errors import CorruptBlock
+from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.engine.engine import schedule_chunks
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool, PageId
@@ -307,6 +308,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 async def run(settings: PrefillSettings) -> None:
+    keep_large_buffers_on_heap()  # KV blocks of megabytes: see cache/memory.py
     security.configure(settings)  # before any server or channel exists
     loaded = load_for(settings)
     kvstore = KVStoreClient(settings.kvstore, settings.kvstore_timeout_s)
