@@ -8,7 +8,7 @@ the RMS-normed compressed latent and the shared, already rotated RoPE key.
 
 - Prefill (several new tokens): keys and values are expanded from the latents through
   kv_b_proj, then ordinary attention runs per sequence.
-- Decode (one new token): the "absorbed" form. kv_b_proj = [W_UK | W_UV] per head; the query's
+- Decode (one new token), batched over the sequences of a decode group: the "absorbed" form. kv_b_proj = [W_UK | W_UV] per head; the query's
   no-RoPE part is folded into latent space (q_lat = q_nope · W_UK), attention scores are
   q_lat · c_kv + q_rope · k_rope, and the latent output goes through W_UV: attention runs against
   the cached latent, never against expanded keys.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pdserve.engine.attention import AttnBatch
+from pdserve.engine.attention import AttnBatch, layer_pages
 from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
 from pdserve.engine.model_config import DeepseekV3Config
@@ -81,25 +81,35 @@ class MLAttention(nn.Module):
         batch.write(kv, self.layer, torch.cat([latent, k_rope.view(t, dr)], dim=-1))
         w = self.kv_b_proj.weight.view(h, dn + dv, r)
         w_uk, w_uv = w[:, :dn], w[:, dn:]                                         # [H, dn|dv, r]
-        # Step 2: attend, per sequence, over its cached latents.
-        cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
         out = torch.empty(t, h, dv, dtype=x.dtype, device=x.device)
+        # Step 2: decode groups, batched, in the absorbed form over the gathered latents.
+        for q_idx, tables, valid in batch.decode_groups:
+            g = q_idx.numel()
+            cached = layer_pages(kv, self.layer, tables.flatten()).view(g, -1, r + dr)
+            cached = cached.to(x.dtype)
+            c_ctx, kr_ctx = cached[..., :r], cached[..., r:]                      # [G, S, r|dr]
+            q_lat = torch.einsum("ghd,hdr->ghr", q_nope[q_idx], w_uk)             # [G, H, r]
+            scores = (q_lat @ c_ctx.transpose(1, 2)
+                      + q_rope[q_idx] @ kr_ctx.transpose(1, 2)) * self.scale      # [G, H, S]
+            scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+            o_lat = torch.softmax(scores, dim=-1).to(x.dtype) @ c_ctx            # [G, H, r]
+            out[q_idx] = torch.einsum("ghr,hvr->ghv", o_lat, w_uv)
+        if all(m is None for m in batch.masks):
+            return self.o_proj(out.reshape(t, h * dv))
+        # Step 3: prefill chunks, per sequence: keys and values expanded from the latents.
+        cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
         for qs, cs, q_len, ctx, mask in batch.sequences():
-            c_ctx, kr_ctx = cached_all[cs, :r], cached_all[cs, r:]
             if q_len == 1:
-                q_lat = torch.einsum("hd,hdr->hr", q_nope[qs][0], w_uk)           # [H, r]
-                scores = (q_lat @ c_ctx.T + q_rope[qs][0] @ kr_ctx.T) * self.scale  # [H, N]
-                o_lat = torch.softmax(scores.float(), dim=-1).to(x.dtype) @ c_ctx  # [H, r]
-                out[qs] = torch.einsum("hr,hvr->hv", o_lat, w_uv).unsqueeze(0)
-            else:
-                kvb = self.kv_b_proj(c_ctx).view(ctx, h, dn + dv)
-                k = torch.cat([kvb[..., :dn], kr_ctx.unsqueeze(1).expand(ctx, h, dr)], dim=-1)
-                v = kvb[..., dn:]
-                qq = torch.cat([q_nope[qs], q_rope[qs]], dim=-1)
-                o = F.scaled_dot_product_attention(
-                    qq.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                    v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=self.scale)
-                out[qs] = o[0].transpose(0, 1)
+                continue
+            c_ctx, kr_ctx = cached_all[cs, :r], cached_all[cs, r:]
+            kvb = self.kv_b_proj(c_ctx).view(ctx, h, dn + dv)
+            k = torch.cat([kvb[..., :dn], kr_ctx.unsqueeze(1).expand(ctx, h, dr)], dim=-1)
+            v = kvb[..., dn:]
+            qq = torch.cat([q_nope[qs], q_rope[qs]], dim=-1)
+            o = F.scaled_dot_product_attention(
+                qq.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=self.scale)
+            out[qs] = o[0].transpose(0, 1)
         return self.o_proj(out.reshape(t, h * dv))
 
 

@@ -104,3 +104,12 @@ def test_bytes_flipped_in_a_blob_file_on_disk_are_a_miss(tmp_path):
     assert got == [blocks[0][1]]
     assert s.stats.corrupt == 1 and s.lookup(keys) == 1
     s.close()
+
+
+def test_large_buffers_can_be_kept_on_the_heap():
+    """glibc takes the mmap and trim thresholds (cache/memory.py); blocks still read back."""
+    from pdserve.cache.memory import keep_large_buffers_on_heap
+
+    assert keep_large_buffers_on_heap() is True
+    big = bytes(range(256)) * (3 << 12)  # 3 MiB: above glibc's default mmap threshold
+    assert len(bytearray(big)) == len(big)
