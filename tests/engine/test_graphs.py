@@ -83,3 +83,25 @@ def test_cpu_runner_does_not_use_graphs_by_default(loaded, mode):
     pool = KVPool(loaded.layout, 4)
     runner = ModelRunner(loaded.model, pool, cuda_graphs=mode)
     assert runner.graphs is None and pool.num_used == 0
+
+
+def test_a_failed_capture_falls_back_to_eager_decode(loaded, monkeypatch, caplog):
+    """A graph that cannot be captured is logged once; decode goes on eagerly, and the scratch
+    page goes back to the pool."""
+    from pdserve.engine import graphs as graphs_mod
+
+    def refuse(self, b, p):
+        raise graphs_mod.GraphCaptureError(f"batch {b}, pages {p}: refused by the test")
+
+    monkeypatch.setattr(graphs_mod.GraphedDecode, "_make", refuse)
+    pool = KVPool(loaded.layout, 8)
+    runner = ModelRunner(loaded.model, pool, cuda_graphs="eager")
+    plain = ModelRunner(loaded.model, pool, cuda_graphs=False)
+    table = pool.reserve(2)
+    first = int(plain.prefill(list(range(100, 140)), table).argmax())
+    want = plain.decode([first], [41], [table])
+    with caplog.at_level("WARNING"):
+        got = runner.decode([first], [41], [table])
+    torch.testing.assert_close(got, want)
+    assert runner.graphs is None and pool.num_used == 2
+    assert any("capture failed" in r.getMessage() for r in caplog.records)
