@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from pdserve.engine.attention import AttnBatch
+from pdserve.engine.errors import OutOfPages
 from pdserve.engine.graphs import GraphCaptureError, GraphedDecode
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.llama import LlamaForCausalLM
@@ -33,10 +34,13 @@ class ModelRunner:
     @property
     def graphs(self) -> GraphedDecode | None:
         """Made on the first decode step (a prefill-only runner never reserves its scratch
-        page)."""
+        page); None while no page is free for it."""
         if self._graphs is None and self._graphs_mode:
-            self._graphs = GraphedDecode(self.model, self.pool,
-                                         capture=self._graphs_mode is True)
+            try:
+                self._graphs = GraphedDecode(self.model, self.pool,
+                                             capture=self._graphs_mode is True)
+            except OutOfPages:  # every page is reserved: eager until one is free
+                return None
         return self._graphs
 
     @property

@@ -105,3 +105,18 @@ def test_a_failed_capture_falls_back_to_eager_decode(loaded, monkeypatch, caplog
     torch.testing.assert_close(got, want)
     assert runner.graphs is None and pool.num_used == 2
     assert any("capture failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_pool_decodes_eagerly_until_a_scratch_page_is_free(loaded):
+    pool = KVPool(loaded.layout, 2)
+    runner = ModelRunner(loaded.model, pool, cuda_graphs="eager")
+    plain = ModelRunner(loaded.model, pool, cuda_graphs=False)
+    table = pool.reserve(2)  # the whole pool
+    first = int(plain.prefill(list(range(100, 140)), table).argmax())
+    want = plain.decode([first], [41], [table])
+    torch.testing.assert_close(runner.decode([first], [41], [table]), want)
+    assert runner.graphs is None and pool.num_free == 0
+    pool.release(table[1:])  # the context fits in the first page
+    got = runner.decode([first], [41], [table[:1]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert runner.graphs is not None and runner.graphs.scratch == table[1]
