@@ -215,16 +215,9 @@ class BlockStore:
         out: list[bytes] = []
         for key in keys:
             try:
-                value = self._blocks.get(key)
-            except Exception as e:  # noqa: BLE001 - RocksDB reports a damaged blob file so
-                value, damaged = b"", e
-            else:
-                damaged = None
-            if value is None:
-                break
-            try:
-                if damaged is not None:
-                    raise CorruptBlock(f"unreadable: {damaged}")
+                value = self._read(key)
+                if value is None:
+                    break
                 verify_block(key, value)
             except CorruptBlock as e:
                 log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
@@ -238,6 +231,12 @@ class BlockStore:
             self.stats.misses += len(keys) - len(out)
         self._touch(keys[: len(out)])
         return out
+
+    def _read(self, key: bytes) -> bytes | None:
+        try:
+            return self._blocks.get(key)
+        except Exception as e:  # noqa: BLE001 - RocksDB reports a damaged blob file so
+            raise CorruptBlock(f"unreadable: {e}") from e
 
     def _touch(self, keys: Sequence[bytes]) -> None:
         if not keys:
@@ -391,9 +390,7 @@ class BlockStore:
         n = 0
         # Our own checksum judges each block; RocksDB's would end the scan at the first
         # damaged blob record, hiding every block after it.
-        reads = rocksdict.ReadOptions()
-        reads.set_verify_checksums(False)
-        it = self._blocks.iter(reads)
+        it = self._blocks.iter(self._reads)
         it.seek_to_first()
         while it.valid():
             k, v = it.key(), it.value()
