@@ -25,6 +25,7 @@ MAGIC = b"PDKV"
 VERSION = 1
 _HEADER = struct.Struct("<4sHH16s32sIQQ")
 HEADER_SIZE = _HEADER.size
+CHECKSUM_MISMATCH = "payload checksum mismatch"
 
 
 def layout_id(fingerprint: str) -> bytes:
@@ -52,27 +53,36 @@ def encode_block(key: bytes, fingerprint: str, num_tokens: int, payload: bytes |
     return header + bytes(payload)
 
 
-def read_header(value: bytes) -> BlockHeader:
-    if len(value) < HEADER_SIZE:
-        raise CorruptBlock(f"block of {len(value)} bytes is shorter than its header")
+def read_header(value: bytes | memoryview, total: int | None = None) -> BlockHeader:
+    """Parses and checks a block's header; `total` is the stored length when `value` holds only
+    the block's first bytes."""
+    total = len(value) if total is None else total
+    if total < HEADER_SIZE or len(value) < HEADER_SIZE:
+        raise CorruptBlock(f"block of {total} bytes is shorter than its header")
     magic, version, _, layout, key, ntok, plen, csum = _HEADER.unpack_from(value)
     if magic != MAGIC:
         raise CorruptBlock("bad magic")
     if version != VERSION:
         raise CorruptBlock(f"unknown block format version {version}")
-    if plen != len(value) - HEADER_SIZE:
-        raise CorruptBlock(f"payload length {len(value) - HEADER_SIZE}, header says {plen}")
+    if plen != total - HEADER_SIZE:
+        raise CorruptBlock(f"payload length {total - HEADER_SIZE}, header says {plen}")
     return BlockHeader(layout, key, ntok, plen, csum)
 
 
-def verify_block(key: bytes, value: bytes, fingerprint: str | None = None) -> memoryview:
-    """Checks the header, key and checksum (and the layout when given); returns the payload."""
-    h = read_header(value)
+def check_header(key: bytes, value: bytes | memoryview, total: int | None = None,
+                 fingerprint: str | None = None) -> BlockHeader:
+    h = read_header(value, total)
     if h.key != key:
         raise CorruptBlock("block stored under another key")
     if fingerprint is not None and h.layout != layout_id(fingerprint):
         raise CorruptBlock("block has another KV layout")
+    return h
+
+
+def verify_block(key: bytes, value: bytes, fingerprint: str | None = None) -> memoryview:
+    """Checks the header, key and checksum (and the layout when given); returns the payload."""
+    h = check_header(key, value, None, fingerprint)
     payload = memoryview(value)[HEADER_SIZE:]
     if checksum(payload) != h.checksum:
-        raise CorruptBlock("payload checksum mismatch")
+        raise CorruptBlock(CHECKSUM_MISMATCH)
     return payload

@@ -1,14 +1,20 @@
-"""Disk-backed KV block store on RocksDB (rocksdict, raw mode: values are never pickled).
+"""Disk-backed KV block store: RocksDB (rocksdict, raw mode: values are never pickled) for the
+metadata, append-only segment files for the blocks' bytes (cache/segments.py says why).
 
 Column families:
-- `blocks`: key = block hash (32 bytes), value = encoded block (cache/codec.py); blob files on
+- `blocks`: key = block hash (32 bytes), value = where the encoded block (cache/codec.py) is:
+  b"PDLC" <segment u64><offset u64><length u32>. Stores written before the segment files hold
+  the encoded block itself here (blob files on); those blocks stay readable, and a writable
+  open moves them into segments.
 - `access`: key = block hash, value = <last access ms u64><hit count u32><size u32><depth u32>
 
 Guarantees:
 - every read is verified; a corrupt block is deleted, counted, and reported as a miss;
-- writes are atomic batches; with sync="every_write" an acknowledged put survives a SIGKILL,
+- a put appends its blocks to the active segment, then stores their locations and access
+  records in one atomic RocksDB batch; with sync="every_write" both are synced before the put
+  is acknowledged (the bytes first), so an acknowledged put survives a SIGKILL or power loss;
   with sync="interval" at most the last `sync_interval_ms` of puts can be lost, with "off"
-  whatever the OS had not written;
+  whatever the OS had not written. A location whose bytes were lost fails verification: a miss;
 - above `high_watermark * capacity_bytes` a background evictor deletes least-recently-used
   blocks down to `low_watermark * capacity_bytes`; among blocks of equal access time the deepest
   (a chain's tail) goes first, so a parent never leaves before its tail (a chain's blocks are
@@ -26,21 +32,28 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import rocksdict
-from pdserve.cache.codec import verify_block
+import xxhash
+from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header, verify_block
+from pdserve.cache.codec import MAGIC as BLOCK_MAGIC
 from pdserve.cache.errors import CacheError, CorruptBlock
+from pdserve.cache.segments import SEGMENT_BYTES, Segments
 
 log = logging.getLogger(__name__)
 
 _ACCESS = struct.Struct("<QIII")
+_LOC = struct.Struct("<4sQQI")
+_LOC_MAGIC = b"PDLC"
 _STATS_KEY = b"pdserve:stats"  # lifetime counters, in the default column family
 _COUNTERS = ("hits", "misses", "puts", "corrupt", "evicted", "expired", "write_errors")
 SYNC_POLICIES = ("every_write", "interval", "off")
 EVICT_BATCH = 256
+READ_CHUNK = 1 << 20  # get_into checksums each chunk while it is still in the CPU cache
 GONE_MEMORY = 1 << 20  # evicted-key prefixes remembered (about 100 MiB at most)
 
 
@@ -67,6 +80,8 @@ class _Meta:
     hits: int
     size: int
     depth: int   # block index in its hash chain (0 = first block)
+    seg: int = -1  # segment file holding the bytes; -1: in the `blocks` column family (old stores)
+    off: int = 0
 
     def pack(self) -> bytes:
         return _ACCESS.pack(self.atime, self.hits, self.size, self.depth)
@@ -74,6 +89,12 @@ class _Meta:
     @classmethod
     def unpack(cls, raw: bytes) -> _Meta:
         return cls(*_ACCESS.unpack(raw))
+
+    def loc(self) -> bytes:
+        return _LOC.pack(_LOC_MAGIC, self.seg, self.off, self.size)
+
+    def where(self) -> tuple[int, int, int]:
+        return self.seg, self.off, self.size
 
 
 def _now_ms() -> int:
@@ -84,7 +105,7 @@ class BlockStore:
     def __init__(self, path: str | Path, sync: str = "every_write", sync_interval_ms: int = 100,
                  capacity_bytes: int = 0, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, max_age_s: float = 0.0,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, segment_bytes: int = SEGMENT_BYTES) -> None:
         if sync not in SYNC_POLICIES:
             raise ValueError(f"sync must be one of {SYNC_POLICIES}, got {sync!r}")
         if not 0 < low_watermark <= high_watermark <= 1:
@@ -105,8 +126,7 @@ class BlockStore:
             **kwargs)
         self._blocks = self._db.get_column_family("blocks")
         # Every block carries its own xxh3 checksum, verified on every read (codec.py); RocksDB's
-        # second checksum over each blob record costs more than the read itself (reads of
-        # 2.95 MB blocks: 1.4 GB/s with it, 2.6-4.8 GB/s without; bench/bench_store.py).
+        # second checksum over the blob records of old stores costs more than the read itself.
         self._reads = rocksdict.ReadOptions()
         self._reads.set_verify_checksums(False)
         self._blocks.set_read_options(self._reads)
@@ -114,6 +134,7 @@ class BlockStore:
         self._blocks_h = self._db.get_column_family_handle("blocks")
         self._access_h = self._db.get_column_family_handle("access")
         self.sync = sync
+        self.read_only = read_only
         self._wopt = rocksdict.WriteOptions()
         self._wopt.sync = sync == "every_write"
         self._lazy = rocksdict.WriteOptions()  # access times need no fsync
@@ -122,6 +143,8 @@ class BlockStore:
         self.low = low_watermark
         self.max_age_s = max_age_s
         self._lock = threading.Lock()        # guards stats and the metadata index
+        self._write_lock = threading.Lock()  # one segment append + metadata batch at a time
+        self._segments = Segments(Path(path), sync, segment_bytes, read_only)
         self._meta: dict[bytes, _Meta] = {}  # in-memory copy of the access column family
         # Keys evicted or expired since start (8-byte prefixes, bounded): lets a Lookup tell a
         # miss on an evicted block from one on a block never stored, for the request ledger.
@@ -133,6 +156,11 @@ class BlockStore:
         self._threads: list[threading.Thread] = []
         self._load_index()
         if not read_only:
+            removed, cut = self._segments.recover(self._live_segments())
+            if removed or cut:
+                log.info("segments tidied after an unclean stop",
+                         extra={"files_removed": removed, "bytes_cut": cut})
+            self._move_old_values()
             self._start(sync_interval_ms)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -147,6 +175,42 @@ class BlockStore:
             self._meta[k] = m
             self.stats.num_bytes += m.size
         self.stats.num_blocks = len(self._meta)
+        self._old_values = 0  # blocks whose bytes are still in the `blocks` column family
+        for k, v in self._blocks.items():
+            m = self._meta.get(k)
+            if m is None:
+                continue
+            if len(v) == _LOC.size and v[:4] == _LOC_MAGIC:
+                _, m.seg, m.off, _ = _LOC.unpack(v)
+            else:
+                self._old_values += 1
+
+    def _live_segments(self) -> dict[int, tuple[int, int]]:
+        live: dict[int, tuple[int, int]] = {}
+        for m in self._meta.values():
+            if m.seg >= 0:
+                n, end = live.get(m.seg, (0, 0))
+                live[m.seg] = (n + 1, max(end, m.off + m.size))
+        return live
+
+    def _move_old_values(self) -> None:
+        """Moves blocks written by the blob-file layout into segments, a few at a time."""
+        if not self._old_values:
+            return
+        log.info("moving blocks into segment files", extra={"blocks": self._old_values})
+        batch: list[tuple[bytes, bytes]] = []
+        for k, v in [*self._blocks.items(), (None, None)]:
+            m = self._meta.get(k) if k is not None else None
+            if m is not None and m.seg < 0 and v[:4] == BLOCK_MAGIC:
+                batch.append((k, v))
+            if batch and (len(batch) == 16 or k is None):
+                try:
+                    self._write(batch, [self._meta[key].depth for key, _ in batch], replace=True)
+                except StoreFull:
+                    log.warning("blocks left in the old layout (the disk refused the move)")
+                    return
+                batch = []
+        self._old_values = 0
 
     def _start(self, sync_interval_ms: int) -> None:
         self._threads.append(threading.Thread(target=self._maintain, name="kv-maintain",
@@ -170,6 +234,7 @@ class BlockStore:
             t.join(timeout=10)
         if self._threads:
             self.save_counters()
+        self._segments.close()
         if self.sync != "off" and self._blocks is not None:
             try:
                 self._db.flush_wal(True)
@@ -213,33 +278,127 @@ class BlockStore:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes]:
         """Verified blocks for the leading keys; stops at the first missing or corrupt one."""
         out: list[bytes] = []
-        for key in keys:
-            try:
-                value = self._read(key)
-                if value is None:
-                    break
-                verify_block(key, value)
-            except CorruptBlock as e:
-                log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
-                self._delete([key])
-                with self._lock:
-                    self.stats.corrupt += 1
-                break
+
+        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
+            value = self._read(key, where, fds)
+            verify_block(key, value)
             out.append(value)
-        with self._lock:
-            self.stats.hits += len(out)
-            self.stats.misses += len(keys) - len(out)
-        self._touch(keys[: len(out)])
+            return True
+
+        self._fetch(keys, read)
         return out
 
-    def _read(self, key: bytes) -> bytes | None:
+    def get_into(self, keys: Sequence[bytes], out: memoryview | bytearray) -> list[int]:
+        """Reads the verified blocks of the leading keys back to back into `out` (the caller's
+        memory: a staging buffer, a registered NIXL region) and returns their lengths; stops at
+        the first missing or corrupt block, or at the first that does not fit. Each block is
+        read in cache-sized chunks and checksummed while the chunk is hot, so its bytes cross
+        memory once (get_many copies them, then checksums them)."""
+        dest = memoryview(out).cast("B")
+        lengths: list[int] = []
+        pos = 0
+
+        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
+            nonlocal pos
+            size = where[2]
+            if pos + size > len(dest):
+                return False
+            self._read_into(key, where, fds, dest[pos:pos + size])
+            lengths.append(size)
+            pos += size
+            return True
+
+        self._fetch(keys, read)
+        return lengths
+
+    def _fetch(self, keys: Sequence[bytes],
+               read: Callable[[bytes, tuple[int, int, int], dict[int, int]], bool]) -> int:
+        """Calls `read` for the leading stored keys until one is missing, corrupt, or `read`
+        says stop; deletes and counts a corrupt block; returns how many were read."""
+        n = 0
+        fds: dict[int, int] = {}
         try:
-            return self._blocks.get(key)
-        except Exception as e:  # noqa: BLE001 - RocksDB reports a damaged blob file so
+            for key in keys:
+                with self._lock:
+                    m = self._meta.get(key)
+                    where = m.where() if m is not None else None
+                if where is None:
+                    break
+                try:
+                    if not read(key, where, fds):
+                        break
+                except CorruptBlock as e:
+                    with self._lock:
+                        m = self._meta.get(key)
+                        moved = m is None or m.where() != where
+                    if moved:  # evicted (or rewritten) while it was read: a plain miss
+                        break
+                    log.warning("corrupt block deleted",
+                                extra={"key": key.hex()[:16], "why": str(e)})
+                    self._delete([key])
+                    with self._lock:
+                        self.stats.corrupt += 1
+                    break
+                n += 1
+        finally:
+            self._segments.close_all(fds)
+        with self._lock:
+            self.stats.hits += n
+            self.stats.misses += len(keys) - n
+        self._touch(keys[:n])
+        return n
+
+    def _read_into(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int],
+                   dest: memoryview) -> None:
+        seg, off, size = where
+        if seg < 0:
+            value = self._read(key, where, fds)
+            verify_block(key, value)
+            dest[:] = value
+            return
+        h = xxhash.xxh3_64()
+        header = None
+        pos = 0
+        try:
+            while pos < size:
+                n = min(READ_CHUNK, size - pos)
+                got = self._segments.read_into(seg, off + pos, dest[pos:pos + n], fds)
+                if got != n:
+                    raise CorruptBlock(f"segment holds {pos + got} of the block's {size} bytes")
+                if header is None:
+                    header = check_header(key, dest[:n], size)
+                    h.update(dest[HEADER_SIZE:n])
+                else:
+                    h.update(dest[pos:pos + n])
+                pos += n
+        except FileNotFoundError as e:
+            raise CorruptBlock("segment file missing") from e
+        except OSError as e:
             raise CorruptBlock(f"unreadable: {e}") from e
+        if header is None or h.intdigest() != header.checksum:
+            raise CorruptBlock(CHECKSUM_MISMATCH)
+
+    def _read(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bytes:
+        seg, off, size = where
+        try:
+            if seg < 0:  # an old store's block, still in the `blocks` column family
+                value = self._blocks.get(key)
+                if value is None:
+                    raise CorruptBlock("metadata without block")
+                return value
+            value = self._segments.read(seg, off, size, fds)
+        except FileNotFoundError as e:
+            raise CorruptBlock("segment file missing") from e
+        except CorruptBlock:
+            raise
+        except Exception as e:  # noqa: BLE001 - an IO error, or RocksDB on a damaged blob file
+            raise CorruptBlock(f"unreadable: {e}") from e
+        if len(value) != size:
+            raise CorruptBlock(f"segment holds {len(value)} of the block's {size} bytes")
+        return value
 
     def _touch(self, keys: Sequence[bytes]) -> None:
-        if not keys:
+        if not keys or self.read_only:
             return
         now = _now_ms()  # one time for the whole chain: parents never older than their tails
         wb = rocksdict.WriteBatch(raw_mode=True)
@@ -257,46 +416,83 @@ class BlockStore:
 
     # -- writes ---------------------------------------------------------------------------
     def put_many(self, items: Sequence[tuple[bytes, bytes]], depths: Sequence[int] | None = None) -> int:
-        """Stores verified blocks in one atomic batch; returns how many were new.
-        `depths[i]` is block i's index in its chain (eviction takes tails first)."""
+        """Stores verified blocks (bytes appended to a segment, then their locations and access
+        records in one atomic batch); returns how many were new. `depths[i]` is block i's index
+        in its chain (eviction takes tails first)."""
         if not self.accepting_writes:
             raise StoreFull("the store is not accepting writes (the disk refused a write)")
         for key, value in items:
             verify_block(key, value)
         depths = list(depths) if depths is not None else [0] * len(items)
-        now = _now_ms()
-        wb = rocksdict.WriteBatch(raw_mode=True)
-        new: dict[bytes, _Meta] = {}
-        with self._lock:
-            for (key, value), depth in zip(items, depths):
-                if key in self._meta or key in new:
-                    continue
-                m = _Meta(now, 0, len(value), depth)
-                wb.put(key, value, self._blocks_h)
-                wb.put(key, m.pack(), self._access_h)
-                new[key] = m
-        if not new:
-            return 0
-        try:
-            self._db.write(wb, self._wopt)
-        except Exception as e:  # noqa: BLE001 - RocksDB raises plain exceptions for IO errors
+        n = self._write(items, depths)
+        if n:
             with self._lock:
-                self.stats.write_errors += 1
-            self._refuse_until = time.monotonic() + 5.0
-            log.error("block write failed; refusing writes for 5 s", extra={"why": str(e)})
-            raise StoreFull(f"the disk refused the write: {e}") from e
-        with self._lock:
-            self._meta.update(new)
-            self.stats.puts += len(new)
-            self.stats.num_blocks += len(new)
-            self.stats.num_bytes += sum(m.size for m in new.values())
+                self.stats.puts += n
         if self.capacity_bytes and self.stats.num_bytes > self.high * self.capacity_bytes:
             self._wake.set()
+        return n
+
+    def _write(self, items: Sequence[tuple[bytes, bytes]], depths: Sequence[int],
+               replace: bool = False) -> int:
+        """Appends the blocks not stored yet (all of them with `replace`) and records where
+        they are; returns how many were written."""
+        now = _now_ms()
+        with self._write_lock:
+            new: dict[bytes, _Meta] = {}
+            values: list[bytes] = []
+            with self._lock:
+                for (key, value), depth in zip(items, depths):
+                    prev = self._meta.get(key)
+                    if key in new or (prev is not None and not replace):
+                        continue
+                    new[key] = (_Meta(now, 0, len(value), depth) if prev is None else
+                                _Meta(prev.atime, prev.hits, len(value), depth))
+                    values.append(value)
+            if not new:
+                return 0
+            try:
+                seg, start = self._segments.append(values)
+            except OSError as e:
+                self._refuse(e)
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            off = start
+            for key, m in new.items():
+                m.seg, m.off = seg, off
+                off += m.size
+                wb.put(key, m.loc(), self._blocks_h)
+                wb.put(key, m.pack(), self._access_h)
+            try:
+                self._db.write(wb, self._wopt)
+            except Exception as e:  # noqa: BLE001 - RocksDB raises plain exceptions for IO errors
+                self._segments.undo(seg, start)
+                self._refuse(e)
+            self._segments.added(seg, len(new))
+            freed = []
+            with self._lock:
+                for key, m in new.items():
+                    prev = self._meta.get(key)
+                    if prev is None:
+                        self.stats.num_blocks += 1
+                    else:
+                        self.stats.num_bytes -= prev.size
+                        if prev.seg >= 0:
+                            freed.append(prev.where())
+                    self._meta[key] = m
+                    self.stats.num_bytes += m.size
+        self._segments.release(freed)
         return len(new)
+
+    def _refuse(self, e: BaseException) -> NoReturn:
+        with self._lock:
+            self.stats.write_errors += 1
+        self._refuse_until = time.monotonic() + 5.0
+        log.error("block write failed; refusing writes for 5 s", extra={"why": str(e)})
+        raise StoreFull(f"the disk refused the write: {e}") from e
 
     def _delete(self, keys: Sequence[bytes]) -> int:
         wb = rocksdict.WriteBatch(raw_mode=True)
         freed = 0
+        ranges = []
         with self._lock:
             for key in keys:
                 m = self._meta.pop(key, None)
@@ -305,13 +501,23 @@ class BlockStore:
                 if m is not None:
                     freed += m.size
                     self.stats.num_blocks -= 1
+                    if m.seg >= 0:
+                        ranges.append(m.where())
             self.stats.num_bytes -= freed
         self._db.write(wb, self._wopt)
+        self._segments.release(ranges)  # after the locations are gone
         return freed
 
     def raw_put(self, key: bytes, value: bytes) -> None:
-        """Writes bytes as they are, unverified: for tests that corrupt blocks on purpose."""
-        self._blocks[key] = value
+        """Stores bytes as they are, unverified, in place of the key's block: for tests that
+        corrupt blocks on purpose."""
+        with self._lock:
+            m = self._meta.get(key)
+        self._write([(key, value)], [m.depth if m is not None else 0], replace=True)
+
+    def bytes_on_disk(self) -> int:
+        """Space the segment files take on disk (freed ranges excluded)."""
+        return self._segments.bytes_on_disk()
 
     # -- eviction and expiry ------------------------------------------------------------------
     def eviction_order(self) -> list[bytes]:
@@ -379,6 +585,7 @@ class BlockStore:
     def _sync_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
+                self._segments.sync()  # the bytes before the locations that point at them
                 self._db.flush_wal(True)
             except Exception as e:  # noqa: BLE001
                 log.warning("WAL sync failed", extra={"why": str(e)})
@@ -387,27 +594,18 @@ class BlockStore:
     def verify_all(self) -> tuple[int, list[tuple[bytes, str]]]:
         """Full scan with checksums: (blocks checked, [(key, problem)])."""
         bad: list[tuple[bytes, str]] = []
-        n = 0
-        # Our own checksum judges each block; RocksDB's would end the scan at the first
-        # damaged blob record, hiding every block after it.
-        it = self._blocks.iter(self._reads)
-        it.seek_to_first()
-        while it.valid():
-            k, v = it.key(), it.value()
-            n += 1
-            try:
-                verify_block(k, v)
-            except CorruptBlock as e:
-                bad.append((k, str(e)))
+        with self._lock:
+            items = [(k, m.where()) for k, m in self._meta.items()]
+        fds: dict[int, int] = {}
+        try:
+            for k, where in items:
+                try:
+                    verify_block(k, self._read(k, where, fds))
+                except CorruptBlock as e:
+                    bad.append((k, str(e)))
+        finally:
+            self._segments.close_all(fds)
+        for k in self._blocks.keys():
             if k not in self._meta:
                 bad.append((k, "block without access metadata"))
-            it.next()
-        try:
-            it.status()
-        except Exception as e:  # noqa: BLE001 - the scan itself broke off
-            bad.append((b"", f"scan stopped early: {e}"))
-        del it
-        for k in self._meta:
-            if self._blocks.get(k) is None:
-                bad.append((k, "metadata without block"))
-        return n, bad
+        return len(items), bad

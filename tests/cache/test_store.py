@@ -79,30 +79,177 @@ def test_bad_sync_policy_is_refused(tmp_path):
         BlockStore(tmp_path, sync="sometimes")
 
 
-def test_bytes_flipped_in_a_blob_file_on_disk_are_a_miss(tmp_path):
-    """RocksDB's own blob checksum is off for reads (the block's xxh3 covers it): damage to a
-    blob file on disk is still caught on read, deleted, counted, and found by verify."""
+def test_bytes_flipped_in_a_segment_file_on_disk_are_a_miss(tmp_path):
+    """Damage to a segment file on disk is caught on read, deleted, counted, and found by
+    verify, which goes on past it to the blocks after."""
     blocks = make_blocks(3, size=64 * 1024)
     keys = [k for k, _ in blocks]
     s = BlockStore(tmp_path)
     s.put_many(blocks, depths=[0, 1, 2])
     s.close()
-    blob_files = sorted(tmp_path.glob("*.blob"))
-    assert blob_files, "blocks are expected in blob files"
-    data = bytearray(blob_files[0].read_bytes())
-    # The second block's payload: find its bytes and flip one in the middle.
-    at = data.find(blocks[1][1][HEADER_SIZE:HEADER_SIZE + 64])
-    assert at > 0
-    data[at + 30_000] ^= 0x40
-    blob_files[0].write_bytes(bytes(data))
+    seg_files = sorted((tmp_path / "segments").glob("*.seg"))
+    assert len(seg_files) == 1, "one put is one append to one segment"
+    data = bytearray(seg_files[0].read_bytes())
+    assert bytes(data) == b"".join(v for _, v in blocks)  # back to back, nothing else
+    data[len(blocks[0][1]) + HEADER_SIZE + 30_000] ^= 0x40  # inside the second block's payload
+    seg_files[0].write_bytes(bytes(data))
     s = BlockStore(tmp_path, read_only=True)
     checked, bad = s.verify_all()
-    assert checked == 3 and [k for k, _ in bad] == [keys[1]]
+    assert checked == 3 and bad == [(keys[1], "payload checksum mismatch")]
     s.close()
     s = BlockStore(tmp_path)
     got = s.get_many(keys)
     assert got == [blocks[0][1]]
     assert s.stats.corrupt == 1 and s.lookup(keys) == 1
+    assert s.get_many(keys[2:]) == [blocks[2][1]]  # its neighbour is untouched
+    s.close()
+
+
+def test_missing_or_short_segment_is_a_miss_and_verify_names_it(tmp_path):
+    a, b = make_blocks(2, size=8192)
+    s = BlockStore(tmp_path, segment_bytes=1)  # every put starts a new segment
+    s.put_many([a])
+    s.put_many([b])
+    s.close()
+    first, second = sorted((tmp_path / "segments").glob("*.seg"))
+    first.unlink()
+    os.truncate(second, 100)
+    s = BlockStore(tmp_path, read_only=True)
+    checked, bad = s.verify_all()
+    assert checked == 2
+    assert sorted(bad) == sorted([(a[0], "segment file missing"),
+                                  (b[0], f"segment holds 100 of the block's {len(b[1])} bytes")])
+    s.close()
+    s = BlockStore(tmp_path)
+    assert s.get_many([a[0]]) == [] and s.get_many([b[0]]) == []
+    assert s.stats.corrupt == 2 and s.stats.num_blocks == 0
+    s.close()
+
+
+def test_segments_roll_over_and_every_block_reads_back_after_reopen(tmp_path):
+    blocks = make_blocks(12, size=20_000)
+    s = BlockStore(tmp_path, segment_bytes=30_000)  # a new segment after every put
+    for i in range(0, 12, 2):
+        s.put_many(blocks[i:i + 2], depths=[i, i + 1])
+    assert s.get_many([k for k, _ in blocks]) == [v for _, v in blocks]
+    s.close()
+    segs = sorted((tmp_path / "segments").glob("*.seg"))
+    assert len(segs) == 6
+    s = BlockStore(tmp_path)
+    assert s.get_many([k for k, _ in blocks]) == [v for _, v in blocks]
+    more = make_blocks(1, salt="after")
+    s.put_many(more)  # a restart writes to a new segment, never into an old one
+    assert sorted((tmp_path / "segments").glob("*.seg"))[:-1] == segs
+    s.close()
+
+
+def test_start_after_a_crash_drops_unacknowledged_bytes(tmp_path):
+    """A SIGKILL between a segment append and its metadata batch leaves bytes no block points
+    at: the next start cuts them off, and removes segment files nothing points into."""
+    blocks = make_blocks(2, size=8192)
+    s = BlockStore(tmp_path)
+    s.put_many(blocks)
+    s.close()
+    seg, = sorted((tmp_path / "segments").glob("*.seg"))
+    size = seg.stat().st_size
+    with open(seg, "ab") as f:
+        f.write(b"x" * 5000)  # a put cut short
+    orphan = seg.with_name("00000000000000ff.seg")
+    orphan.write_bytes(b"y" * 3000)  # a whole segment no metadata reached
+    s = BlockStore(tmp_path)
+    assert seg.stat().st_size == size and not orphan.exists()
+    assert s.get_many([k for k, _ in blocks]) == [v for _, v in blocks]
+    s.put_many(make_blocks(1, salt="next"))
+    assert sorted(p.name for p in (tmp_path / "segments").glob("*.seg"))[-1] > orphan.name
+    s.close()
+
+
+def test_eviction_frees_the_bytes_on_disk(tmp_path):
+    """Evicted blocks' ranges are punched out of their segment at once; an emptied segment is
+    removed. (A filesystem without hole punching frees them with the whole segment.)"""
+    blocks = make_blocks(40, size=64 * 1024)
+    size = len(blocks[0][1])
+    s = BlockStore(tmp_path, capacity_bytes=20 * size, high_watermark=0.9, low_watermark=0.5,
+                   segment_bytes=8 * size)
+    for i in range(0, 40, 4):
+        s.put_many(blocks[i:i + 4], depths=[0, 1, 2, 3])
+        s.evict()
+    assert s.stats.num_bytes <= 0.9 * 20 * size
+    on_disk = s.bytes_on_disk()
+    if s._segments._punch:
+        assert on_disk <= s.stats.num_bytes + s.stats.num_blocks * 8192 + 8 * size
+    else:
+        assert on_disk <= s.stats.num_bytes + 16 * size
+    assert len(list((tmp_path / "segments").glob("*.seg"))) <= 4  # early segments removed
+    assert s.get_many([k for k, _ in blocks[-4:]]) == [v for _, v in blocks[-4:]]
+    s.close()
+
+
+def test_a_block_evicted_while_it_is_read_is_a_miss_not_corruption(tmp_path):
+    blocks = make_blocks(2, size=8192)
+    s = BlockStore(tmp_path)
+    s.put_many(blocks)
+    real_read = s._segments.read
+
+    def read_after_eviction(seg, off, length, fds):
+        s._delete([blocks[0][0]])  # the evictor runs between locate and read
+        return real_read(seg, off, length, fds)
+
+    s._segments.read = read_after_eviction
+    assert s.get_many([k for k, _ in blocks]) == []
+    assert s.stats.corrupt == 0
+    s.close()
+
+
+def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_path):
+    """Stores written before segment files hold each block in the `blocks` column family: they
+    read back as they are (read-only tools too), and a writable open moves them."""
+    from pdserve.cache.store import _Meta
+
+    blocks = make_blocks(20, size=8192)
+    s = BlockStore(tmp_path)
+    for depth, (k, v) in enumerate(blocks):  # the old layout, written through the raw database
+        s._blocks[k] = v
+        s._access[k] = _Meta(1000 + depth, 2, len(v), depth).pack()
+    s.close()
+    ro = BlockStore(tmp_path, read_only=True)
+    assert ro.verify_all() == (20, [])
+    assert ro.get_many([blocks[0][0]]) == [blocks[0][1]]
+    ro.close()
+    s = BlockStore(tmp_path)
+    assert s.stats.num_blocks == 20 and s.stats.num_bytes == sum(len(v) for _, v in blocks)
+    assert all(len(s._blocks[k]) == 24 for k, _ in blocks)  # locations now
+    assert s.eviction_order()[0] == blocks[0][0]  # access times carried over
+    assert s.get_many([k for k, _ in blocks]) == [v for _, v in blocks]
+    s.close()
+
+
+def test_get_into_reads_verified_blocks_into_the_callers_buffer(tmp_path):
+    """get_into = get_many's bytes, written back to back into caller memory, checksummed chunk
+    by chunk (blocks larger than a chunk, one damaged past the first chunk)."""
+    from pdserve.cache.store import READ_CHUNK
+
+    blocks = make_blocks(4, size=READ_CHUNK * 2 + 1000)
+    keys = [k for k, _ in blocks]
+    size = len(blocks[0][1])
+    s = BlockStore(tmp_path)
+    s.put_many(blocks, depths=[0, 1, 2, 3])
+    buf = bytearray(4 * size + 10)
+    assert s.get_into(keys, buf) == [size] * 4
+    assert bytes(buf[:4 * size]) == b"".join(v for _, v in blocks)
+    small = bytearray(2 * size + 5)  # stops at the first block that does not fit
+    assert s.get_into(keys, small) == [size, size]
+    assert bytes(small[:2 * size]) == blocks[0][1] + blocks[1][1]
+    assert s.stats.corrupt == 0
+    bad = bytearray(blocks[2][1])
+    bad[READ_CHUNK + 7] ^= 0x01  # in the block's second chunk
+    s.raw_put(keys[2], bytes(bad))
+    assert s.get_into(keys, buf) == [size, size]
+    assert s.stats.corrupt == 1 and s.lookup(keys) == 2
+    wrong_key = bytearray(blocks[3][1])
+    wrong_key[30] ^= 0x01  # the header's copy of the key
+    s.raw_put(keys[3], bytes(wrong_key))
+    assert s.get_into(keys[3:], buf) == [] and s.stats.corrupt == 2
     s.close()
 
 
