@@ -77,6 +77,10 @@ class PrefillSettings(_ModelSettings):
     num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
     prefill_chunk_tokens: int = Field(
         2048, ge=16, description="token budget of one prefill step, over all its requests")
+    prefill_batch_wait_ms: float = Field(
+        20.0, ge=0, le=1000, description="an idle worker given a prompt waits up to this long "
+        "for more to batch with it (a burst is then prefilled in one step, not one alone "
+        "first); it stops waiting once a step's token budget is queued")
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")

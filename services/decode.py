@@ -38,6 +38,7 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import (
     advertised_address,
+    in_passing_thread,
     load_for,
     new_epoch,
     sampling_from_proto,
@@ -61,6 +62,11 @@ class Outbox:
 
     def put(self, item: tuple) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _deliver(items: list[tuple[Outbox, tuple]]) -> None:
+    for outbox, item in items:
+        outbox.queue.put_nowait(item)
 
 
 @dataclass
@@ -255,14 +261,23 @@ class DecodeWorker:
     def _dispatch(self, events: list[TokenEvent]) -> None:
         if self.metrics is not None:
             self.metrics.tokens.inc(len(events))
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[Outbox, tuple]]] = {}
+        finished = False
         for ev in events:
             outbox = self._outboxes.get(ev.request_id)
             if ev.finish_reason is not None:
                 self._outboxes.pop(ev.request_id, None)
                 self.num_finished += 1
-                self._notify_change()
+                finished = True
             if outbox is not None:
-                outbox.put(("token", ev.token, ev.finish_reason, ev.logprob))
+                deliveries.setdefault(outbox.loop, []).append(
+                    (outbox, ("token", ev.token, ev.finish_reason, ev.logprob)))
+        # One wake-up of the event loop per step, not one per token: each wake-up makes the
+        # loop thread take the GIL, which the engine thread then waits to get back.
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        if finished:
+            self._notify_change()
 
     def _notify_change(self) -> None:
         if self.on_change is not None:
@@ -336,12 +351,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
 
 
+def _build(settings: DecodeSettings) -> tuple[LoadedModel, DecodeWorker]:
+    loaded = load_for(settings)
+    return loaded, DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
+                                settings.device, agent_name=settings.worker_id or "decode",
+                                quarantine_s=settings.quarantine_s)
+
+
 async def run(settings: DecodeSettings) -> None:
     security.configure(settings)  # before any server or channel exists
-    loaded = load_for(settings)
-    worker = DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
-                          settings.device, agent_name=settings.worker_id or "decode",
-                          quarantine_s=settings.quarantine_s)
+    loaded, worker = in_passing_thread(lambda: _build(settings))
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
     worker.on_change = lambda: loop.call_soon_threadsafe(changed.set)

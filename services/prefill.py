@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -45,6 +46,7 @@ from pdserve.services.server import SERVING, create_server, serve_until_signal, 
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
 from pdserve.services.worker import (
     advertised_address,
+    in_passing_thread,
     load_for,
     new_epoch,
     sampling_from_proto,
@@ -69,10 +71,16 @@ class PrefillJob:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+def _first_token(logits, params) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    first = sample(logits, params, 0)
+    return first, logprob_of(logits, first) if params.logprobs else 0.0
+
+
 class PrefillWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
-                 device: str = "cpu", agent_name: str = "prefill") -> None:
+                 device: str = "cpu", agent_name: str = "prefill",
+                 batch_wait_s: float = 0.0) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -81,6 +89,7 @@ class PrefillWorker:
         self.pool = KVPool(loaded.layout, num_pages, device)
         self.runner = ModelRunner(loaded.model, self.pool, chunk_tokens)
         self.step_tokens = chunk_tokens  # token budget of one prefill step, over all requests
+        self.batch_wait_s = batch_wait_s
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self.kvstore = kvstore
         self.transfer_timeout_s = transfer_timeout_s
@@ -95,15 +104,19 @@ class PrefillWorker:
         self.in_flight = 0
         self.draining = False
         self.metrics: WorkerMetrics | None = None
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="prefill-engine")
         self._busy: Counter[PageId] = Counter()  # pages a worker thread is using right now
         self._deferred: list[list[PageId]] = []  # freed while busy: released when not
 
-    async def _in_thread(self, fn, *args, touches: Sequence[PageId]):  # type: ignore[no-untyped-def]
-        """Runs fn in a thread. A cancelled caller stops waiting, but the thread runs on: the
-        pages it touches cannot be freed (and reused) until it is done (_free)."""
+    async def _in_thread(self, fn, *args, touches: Sequence[PageId], engine: bool = False):  # type: ignore[no-untyped-def]
+        """Runs fn in a thread: the engine thread for model work (one thread, so one OpenMP
+        team: see worker.in_passing_thread), a helper thread otherwise. A cancelled caller stops
+        waiting, but the thread runs on: the pages it touches cannot be freed (and reused)
+        until it is done (_free)."""
         touched = list(touches)
         self._busy.update(touched)
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        fut = asyncio.get_running_loop().run_in_executor(self._engine if engine else None, fn,
+                                                         *args)
         fut.add_done_callback(lambda _: self._thread_done(touched))
         return await asyncio.shield(fut)
 
@@ -143,12 +156,13 @@ class PrefillWorker:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+                await self._gather()
                 continue
             plan = schedule_chunks(self._queue, self.step_tokens)
             chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
                       for j, n in plan]
             try:
-                logits = await self._in_thread(self.runner.forward_chunks, chunks,
+                logits = await self._in_thread(self.runner.forward_chunks, chunks, engine=True,
                                                touches=[p for j, _ in plan for p in j.pages])
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 for j, _ in plan:
@@ -165,6 +179,19 @@ class PrefillWorker:
                     self._queue.remove(j)
                     if not j.done.done():
                         j.done.set_result(logits[i])
+
+    async def _gather(self) -> None:
+        """Just woken from idle: waits up to batch_wait_s for more prompts to arrive, unless a
+        whole step's worth of tokens is queued already."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while (sum(len(j.prompt) - j.num_computed for j in self._queue) < self.step_tokens
+               and (left := deadline - loop.time()) > 0):
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     async def _compute(self, prompt: list[int], pages: list[PageId], start: int):  # type: ignore[no-untyped-def]
         if self._loop_task is None:
@@ -209,7 +236,8 @@ class PrefillWorker:
             n_cached = await self._in_thread(self._load_blocks, pages, keys, blocks, touches=pages)
             t1 = time.perf_counter()
             logits = await self._compute(prompt, pages, n_cached * bt)
-            first = sample(logits, params, 0)
+            first, first_logprob = await self._in_thread(_first_token, logits, params,
+                                                         touches=(), engine=True)
             checksum = await self._in_thread(pages_checksum, self.pool, pages, touches=pages)
             t2 = time.perf_counter()
             if lease_end is not None and time.monotonic() > lease_end:
@@ -238,7 +266,7 @@ class PrefillWorker:
             first_token=first, cached_tokens=n_cached * bt,
             computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
             fetch_s=t1 - t0, compute_s=t2 - t1, transfer_s=t3 - t2,
-            first_logprob=logprob_of(logits, first) if params.logprobs else 0.0)
+            first_logprob=first_logprob)
 
     def _load_blocks(self, pages: Sequence[PageId], keys, blocks: Sequence[bytes]) -> int:
         """Copies verified blocks into the leading pages; returns how many were usable."""
@@ -310,11 +338,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 async def run(settings: PrefillSettings) -> None:
     keep_large_buffers_on_heap()  # KV blocks of megabytes: see cache/memory.py
     security.configure(settings)  # before any server or channel exists
-    loaded = load_for(settings)
     kvstore = KVStoreClient(settings.kvstore, settings.kvstore_timeout_s)
-    worker = PrefillWorker(loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
-                           settings.transfer_timeout_s, settings.device,
-                           agent_name=settings.worker_id or "prefill")
+
+    def build() -> tuple[LoadedModel, PrefillWorker]:
+        loaded = load_for(settings)
+        return loaded, PrefillWorker(
+            loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
+            settings.transfer_timeout_s, settings.device,
+            agent_name=settings.worker_id or "prefill",
+            batch_wait_s=settings.prefill_batch_wait_ms / 1000)
+
+    # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
+    loaded, worker = in_passing_thread(build)
     prom = CollectorRegistry()
     worker.export_metrics(WorkerMetrics(prom, "prefill"))
     servicer = PrefillServicer(worker)

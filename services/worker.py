@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from pdserve.cache.block_hash import hash_namespace
@@ -13,6 +16,8 @@ from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import common_pb2
+
+T = TypeVar("T")
 
 
 def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
@@ -27,6 +32,33 @@ def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]
         torch.set_num_threads(settings.threads)
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty())
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """Runs fn in a thread that then exits, and returns its result.
+
+    For torch work done once before an engine thread takes over (model load, pool allocation):
+    OpenMP keeps a team of worker threads for every thread that ran a parallel region, and once
+    a process has more OpenMP threads than cores, libgomp stops spinning between parallel
+    regions and puts its workers to sleep after every one. Decode steps are thousands of small
+    parallel regions, and waking the workers for each made them about 1.5x slower. A thread
+    that exits takes its team with it, so the engine thread's team is the only one left.
+    """
+    box: list = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+
+    t = threading.Thread(target=target, name="setup")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return box[0]
 
 
 def new_epoch() -> int:
