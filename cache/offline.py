@@ -22,7 +22,8 @@ def run_offline(settings, action: str, as_json: bool) -> int:  # type: ignore[no
         return 2
     try:
         if action == "stats":
-            report = {"path": str(path), **asdict(store.stats)}
+            report = {"path": str(path), **asdict(store.stats),
+                      "bytes_on_disk": store.bytes_on_disk()}
             print(json.dumps(report) if as_json else "\n".join(
                 f"{k:>14}  {v}" for k, v in report.items()))
             return 0
