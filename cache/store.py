@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,67 +39,20 @@ import rocksdict
 import xxhash
 from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header, verify_block
 from pdserve.cache.codec import MAGIC as BLOCK_MAGIC
-from pdserve.cache.errors import CacheError, CorruptBlock
+from pdserve.cache.errors import CorruptBlock
+from pdserve.cache.records import LOC, LOC_MAGIC, Meta, StoreFull, StoreStats, now_ms
 from pdserve.cache.segments import SEGMENT_BYTES, Segments
+from pdserve.cache.upkeep import Upkeep
 
 log = logging.getLogger(__name__)
 
-_ACCESS = struct.Struct("<QIII")
-_LOC = struct.Struct("<4sQQI")
-_LOC_MAGIC = b"PDLC"
 _STATS_KEY = b"pdserve:stats"  # lifetime counters, in the default column family
 _COUNTERS = ("hits", "misses", "puts", "corrupt", "evicted", "expired", "write_errors")
 SYNC_POLICIES = ("every_write", "interval", "off")
-EVICT_BATCH = 256
 READ_CHUNK = 1 << 20  # get_into checksums each chunk while it is still in the CPU cache
-GONE_MEMORY = 1 << 20  # evicted-key prefixes remembered (about 100 MiB at most)
 
 
-class StoreFull(CacheError):
-    """The disk refused a write; puts are refused for a while, reads go on."""
-
-
-@dataclass
-class StoreStats:
-    num_blocks: int = 0
-    num_bytes: int = 0
-    hits: int = 0
-    misses: int = 0
-    puts: int = 0
-    corrupt: int = 0
-    evicted: int = 0
-    expired: int = 0
-    write_errors: int = 0
-
-
-@dataclass
-class _Meta:
-    atime: int   # last access, unix ms
-    hits: int
-    size: int
-    depth: int   # block index in its hash chain (0 = first block)
-    seg: int = -1  # segment file holding the bytes; -1: in the `blocks` column family (old stores)
-    off: int = 0
-
-    def pack(self) -> bytes:
-        return _ACCESS.pack(self.atime, self.hits, self.size, self.depth)
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> _Meta:
-        return cls(*_ACCESS.unpack(raw))
-
-    def loc(self) -> bytes:
-        return _LOC.pack(_LOC_MAGIC, self.seg, self.off, self.size)
-
-    def where(self) -> tuple[int, int, int]:
-        return self.seg, self.off, self.size
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class BlockStore:
+class BlockStore(Upkeep):
     def __init__(self, path: str | Path, sync: str = "every_write", sync_interval_ms: int = 100,
                  capacity_bytes: int = 0, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, max_age_s: float = 0.0,
@@ -145,7 +96,7 @@ class BlockStore:
         self._lock = threading.Lock()        # guards stats and the metadata index
         self._write_lock = threading.Lock()  # one segment append + metadata batch at a time
         self._segments = Segments(Path(path), sync, segment_bytes, read_only)
-        self._meta: dict[bytes, _Meta] = {}  # in-memory copy of the access column family
+        self._meta: dict[bytes, Meta] = {}  # in-memory copy of the access column family
         # Keys evicted or expired since start (8-byte prefixes, bounded): lets a Lookup tell a
         # miss on an evicted block from one on a block never stored, for the request ledger.
         self._gone: OrderedDict[bytes, None] = OrderedDict()
@@ -171,7 +122,7 @@ class BlockStore:
                 if name in _COUNTERS:
                     setattr(self.stats, name, int(value))
         for k, v in self._access.items():
-            m = _Meta.unpack(v)
+            m = Meta.unpack(v)
             self._meta[k] = m
             self.stats.num_bytes += m.size
         self.stats.num_blocks = len(self._meta)
@@ -180,8 +131,8 @@ class BlockStore:
             m = self._meta.get(k)
             if m is None:
                 continue
-            if len(v) == _LOC.size and v[:4] == _LOC_MAGIC:
-                _, m.seg, m.off, _ = _LOC.unpack(v)
+            if len(v) == LOC.size and v[:4] == LOC_MAGIC:
+                _, m.seg, m.off, _ = LOC.unpack(v)
             else:
                 self._old_values += 1
 
@@ -268,12 +219,6 @@ class BlockStore:
         """Per key: absent now, and evicted or expired earlier in this process's life."""
         with self._lock:
             return [k not in self._meta and k[:8] in self._gone for k in keys]
-
-    def _remember_gone(self, keys: Sequence[bytes]) -> None:  # caller holds self._lock
-        for k in keys:
-            self._gone[k[:8]] = None
-        while len(self._gone) > GONE_MEMORY:
-            self._gone.popitem(last=False)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes]:
         """Verified blocks for the leading keys; stops at the first missing or corrupt one."""
@@ -400,7 +345,7 @@ class BlockStore:
     def _touch(self, keys: Sequence[bytes]) -> None:
         if not keys or self.read_only:
             return
-        now = _now_ms()  # one time for the whole chain: parents never older than their tails
+        now = now_ms()  # one time for the whole chain: parents never older than their tails
         wb = rocksdict.WriteBatch(raw_mode=True)
         with self._lock:
             for key in keys:
@@ -436,17 +381,17 @@ class BlockStore:
                replace: bool = False) -> int:
         """Appends the blocks not stored yet (all of them with `replace`) and records where
         they are; returns how many were written."""
-        now = _now_ms()
+        now = now_ms()
         with self._write_lock:
-            new: dict[bytes, _Meta] = {}
+            new: dict[bytes, Meta] = {}
             values: list[bytes] = []
             with self._lock:
                 for (key, value), depth in zip(items, depths):
                     prev = self._meta.get(key)
                     if key in new or (prev is not None and not replace):
                         continue
-                    new[key] = (_Meta(now, 0, len(value), depth) if prev is None else
-                                _Meta(prev.atime, prev.hits, len(value), depth))
+                    new[key] = (Meta(now, 0, len(value), depth) if prev is None else
+                                Meta(prev.atime, prev.hits, len(value), depth))
                     values.append(value)
             if not new:
                 return 0
@@ -518,94 +463,3 @@ class BlockStore:
     def bytes_on_disk(self) -> int:
         """Space the segment files take on disk (freed ranges excluded)."""
         return self._segments.bytes_on_disk()
-
-    # -- eviction and expiry ------------------------------------------------------------------
-    def eviction_order(self) -> list[bytes]:
-        """All keys, first to go first: least recently used; at equal time, deepest first."""
-        with self._lock:
-            items = list(self._meta.items())
-        items.sort(key=lambda kv: (kv[1].atime, -kv[1].depth, kv[0]))
-        return [k for k, _ in items]
-
-    def evict(self) -> int:
-        """Evicts down to the low watermark if above the high one; returns blocks evicted."""
-        if not self.capacity_bytes or self.stats.num_bytes <= self.high * self.capacity_bytes:
-            return 0
-        target = self.low * self.capacity_bytes
-        order = self.eviction_order()
-        n = 0
-        # Small batches: lookups and gets interleave with eviction instead of waiting for it.
-        while order and self.stats.num_bytes > target:
-            batch, order = order[:EVICT_BATCH], order[EVICT_BATCH:]
-            keep = []
-            with self._lock:
-                size = self.stats.num_bytes
-            for k in batch:
-                if size <= target:
-                    break
-                m = self._meta.get(k)
-                if m is not None:
-                    keep.append(k)
-                    size -= m.size
-            self._delete(keep)
-            with self._lock:
-                self._remember_gone(keep)
-            n += len(keep)
-        with self._lock:
-            self.stats.evicted += n
-        return n
-
-    def expire(self, now_ms: int | None = None) -> int:
-        """Deletes blocks not accessed for max_age_s; returns how many."""
-        if self.max_age_s <= 0:
-            return 0
-        cutoff = (now_ms if now_ms is not None else _now_ms()) - int(self.max_age_s * 1000)
-        with self._lock:
-            old = [k for k, m in self._meta.items() if m.atime < cutoff]
-        for i in range(0, len(old), EVICT_BATCH):
-            self._delete(old[i:i + EVICT_BATCH])
-        with self._lock:
-            self.stats.expired += len(old)
-            self._remember_gone(old)
-        return len(old)
-
-    def _maintain(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self.evict()
-                self.expire()
-                self.save_counters()
-            except Exception as e:  # noqa: BLE001 - keep the maintenance thread alive
-                log.error("eviction failed", extra={"why": str(e)})
-
-    def _sync_loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self._segments.sync()  # the bytes before the locations that point at them
-                self._db.flush_wal(True)
-            except Exception as e:  # noqa: BLE001
-                log.warning("WAL sync failed", extra={"why": str(e)})
-
-    # -- offline tools ------------------------------------------------------------------------------
-    def verify_all(self) -> tuple[int, list[tuple[bytes, str]]]:
-        """Full scan with checksums: (blocks checked, [(key, problem)])."""
-        bad: list[tuple[bytes, str]] = []
-        with self._lock:
-            items = [(k, m.where()) for k, m in self._meta.items()]
-        fds: dict[int, int] = {}
-        try:
-            for k, where in items:
-                try:
-                    verify_block(k, self._read(k, where, fds))
-                except CorruptBlock as e:
-                    bad.append((k, str(e)))
-        finally:
-            self._segments.close_all(fds)
-        for k in self._blocks.keys():
-            if k not in self._meta:
-                bad.append((k, "block without access metadata"))
-        return len(items), bad

@@ -204,13 +204,13 @@ def test_a_block_evicted_while_it_is_read_is_a_miss_not_corruption(tmp_path):
 def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_path):
     """Stores written before segment files hold each block in the `blocks` column family: they
     read back as they are (read-only tools too), and a writable open moves them."""
-    from pdserve.cache.store import _Meta
+    from pdserve.cache.records import Meta
 
     blocks = make_blocks(20, size=8192)
     s = BlockStore(tmp_path)
     for depth, (k, v) in enumerate(blocks):  # the old layout, written through the raw database
         s._blocks[k] = v
-        s._access[k] = _Meta(1000 + depth, 2, len(v), depth).pack()
+        s._access[k] = Meta(1000 + depth, 2, len(v), depth).pack()
     s.close()
     ro = BlockStore(tmp_path, read_only=True)
     assert ro.verify_all() == (20, [])
