@@ -37,7 +37,7 @@ from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling import logprob_of, sample
+from pdserve.engine.sampling import SamplingParams, logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services import security
 from pdserve.services.kvstore_client import KVStoreClient
@@ -68,6 +68,7 @@ class PrefillJob:
     prompt: list[int]
     pages: list[PageId]
     num_computed: int
+    params: SamplingParams | None = None  # for the first token, sampled on the engine thread
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -161,8 +162,15 @@ class PrefillWorker:
             plan = schedule_chunks(self._queue, self.step_tokens)
             chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
                       for j, n in plan]
+            last = [i for i, (j, n) in enumerate(plan) if j.num_computed + n == len(j.prompt)]
+
+            def step(chunks=chunks, plan=plan, last=last):  # type: ignore[no-untyped-def]
+                # The first token is sampled right after the forward, on the same thread.
+                logits = self.runner.forward_chunks(chunks)
+                return {i: _first_token(logits[i], plan[i][0].params) for i in last}
+
             try:
-                logits = await self._in_thread(self.runner.forward_chunks, chunks, engine=True,
+                firsts = await self._in_thread(step, engine=True,
                                                touches=[p for j, _ in plan for p in j.pages])
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 for j, _ in plan:
@@ -178,7 +186,7 @@ class PrefillWorker:
                 if j.num_computed == len(j.prompt):
                     self._queue.remove(j)
                     if not j.done.done():
-                        j.done.set_result(logits[i])
+                        j.done.set_result(firsts[i])
 
     async def _gather(self) -> None:
         """Just woken from idle: waits up to batch_wait_s for more prompts to arrive, unless a
@@ -193,10 +201,13 @@ class PrefillWorker:
             except asyncio.TimeoutError:
                 return
 
-    async def _compute(self, prompt: list[int], pages: list[PageId], start: int):  # type: ignore[no-untyped-def]
+    async def _compute(self, prompt: list[int], pages: list[PageId], start: int,
+                       params: SamplingParams) -> tuple[int, float]:
+        """Prefills the prompt from token `start`; returns its first token and that token's
+        log-probability (0.0 unless asked for)."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._compute_loop())
-        job = PrefillJob(prompt, pages, start)
+        job = PrefillJob(prompt, pages, start, params)
         self._queue.append(job)
         self._wake.set()
         try:
@@ -235,9 +246,7 @@ class PrefillWorker:
             blocks = await self.kvstore.get(keys[:want]) if want else []
             n_cached = await self._in_thread(self._load_blocks, pages, keys, blocks, touches=pages)
             t1 = time.perf_counter()
-            logits = await self._compute(prompt, pages, n_cached * bt)
-            first, first_logprob = await self._in_thread(_first_token, logits, params,
-                                                         touches=(), engine=True)
+            first, first_logprob = await self._compute(prompt, pages, n_cached * bt, params)
             checksum = await self._in_thread(pages_checksum, self.pool, pages, touches=pages)
             t2 = time.perf_counter()
             if lease_end is not None and time.monotonic() > lease_end:
