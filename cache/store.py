@@ -26,6 +26,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -150,7 +151,8 @@ class BlockStore(Upkeep):
             return
         log.info("moving blocks into segment files", extra={"blocks": self._old_values})
         batch: list[tuple[bytes, bytes]] = []
-        for k, v in [*self._blocks.items(), (None, None)]:
+        # Lazily: an old store's values are whole blocks, too many to hold in memory at once.
+        for k, v in itertools.chain(self._blocks.items(), [(None, None)]):
             m = self._meta.get(k) if k is not None else None
             if m is not None and m.seg < 0 and v[:4] == BLOCK_MAGIC:
                 batch.append((k, v))
