@@ -4,7 +4,8 @@
    block): the store directly and through the kvstore gRPC service, against sequential file
    write (same fsync policy: one fsync per batch) and read of the same bytes on the same disk;
 2. Lookup latency of a 256-block chain through gRPC;
-3. warm / cold time to first token of a 2,048-token prompt (>= 1,920 tokens cached).
+3. warm / cold time to first token of a 2,048-token prompt (>= 1,920 tokens cached), with the
+   cached blocks fetched whole before computing and in layer groups while computing.
 
 Usage: python bench/bench_store.py [--blocks 64] [--batch 8] [--skip-ttft]
 """
@@ -122,7 +123,9 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
     return t_put, t_get, lat
 
 
-def ttft(repeats: int) -> tuple[float, float, int, int]:
+def ttft(repeats: int, groups: int) -> tuple[float, float, int, int]:
+    """Median cold and warm TTFT of a 2,048-token prompt through a local cluster whose
+    prefill fetches cached blocks in `groups` layer groups (1 = whole blocks first)."""
     import grpc
     from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -132,13 +135,14 @@ def ttft(repeats: int) -> tuple[float, float, int, int]:
 
     prompt = [100 + (i * 7919) % 40000 for i in range(2048)]
     cold, warm = [], []
+    os.environ["PDSERVE_KV_FETCH_LAYER_GROUPS"] = str(groups)  # the prefill worker's setting
     with tempfile.TemporaryDirectory() as d:
         with LocalCluster(UpSettings(data_dir=Path(d), port=0), progress=False) as cluster:
             kv = kvstore_pb2_grpc.KVStoreStub(grpc.insecure_channel(cluster.kvstore_address))
             with Client(cluster.gateway_address) as c:
                 c.generate(token_ids=prompt[:8], max_tokens=1)
                 for i in range(repeats):
-                    salt = f"ttft-{i}"
+                    salt = f"ttft-{groups}-{i}"
                     before = kv.Stats(kvstore_pb2.StatsRequest()).num_blocks
                     a = c.generate(token_ids=prompt, max_tokens=1, cache_salt=salt)
                     # Wait for the background block writes of the cold request to land.
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="TTFT rounds (each: both fetch modes)")
     args = ap.parse_args()
     keep_large_buffers_on_heap()  # as the kvstore and prefill services do
     print(f"machine: {machine()}")
@@ -184,11 +189,27 @@ def main() -> None:
     ]
     print(table(rows, ("figure", "value", "ratio")), flush=True)
     if not args.skip_ttft:
-        c, w, cached, n = ttft(args.repeats)
+        rows = []
+        # Whole blocks fetched before computing, then layer groups fetched while computing
+        # (the prefill default), each in its own cluster, alternated `--rounds` times.
+        res: dict[int, list[tuple[float, float]]] = {1: [], 4: []}
+        for _ in range(args.rounds):
+            for groups in res:
+                print(f"TTFT with {groups} layer group(s) ...", file=sys.stderr, flush=True)
+                c, w, cached, n = ttft(args.repeats, groups)
+                res[groups].append((c, w))
+        for groups, label in ((1, "whole blocks, then compute"),
+                              (4, "4 layer groups, overlapped")):
+            c = statistics.median(x for x, _ in res[groups])
+            w = statistics.median(x for _, x in res[groups])
+            rows += [(f"TTFT, {n}-token prompt, cold ({label})", f"{c * 1000:.0f} ms", ""),
+                     (f"TTFT, warm, {cached} tokens cached ({label})", f"{w * 1000:.0f} ms",
+                      f"{w / c:.2f}x cold")]
+        whole = statistics.median(x for _, x in res[1])
+        layered = statistics.median(x for _, x in res[4])
+        rows.append(("warm TTFT, layer groups / whole blocks", "", f"{layered / whole:.2f}x"))
         print()
-        print(table([(f"TTFT, {n}-token prompt, cold", f"{c * 1000:.0f} ms", ""),
-                     (f"TTFT, same prompt warm ({cached} tokens cached)", f"{w * 1000:.0f} ms",
-                      f"{w / c:.2f}x cold")], ("figure", "value", "ratio")))
+        print(table(rows, ("figure", "value", "ratio")))
 
 
 if __name__ == "__main__":

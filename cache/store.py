@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -258,6 +258,105 @@ class BlockStore(Upkeep):
         self._fetch(keys, read)
         return lengths
 
+    def get_parts(self, keys: Sequence[bytes], cuts: Sequence[int]) -> Iterator[list[bytes]]:
+        """The leading stored blocks in parts (kvstore.proto, GetRequest.part_cuts): yields
+        part 0 of every block (header and payload[:cuts[0]]), then part 1 of every block, and
+        so on; with cuts at layer boundaries a reader has the first layers of a whole chain
+        before the rest. Which blocks are sent is settled by part 0 (the leading stored keys
+        with a sound header); a block whose later part cannot be read ends the list there for
+        the parts that follow. Each block is checksummed as its parts go by: after the last
+        part a block that fails is deleted and counted corrupt (a plain miss if the evictor
+        removed it meanwhile). Parts are not verified on their own: the reader checks the
+        checksum of the assembled payload too. ValueError when a cut is not inside a block's
+        payload."""
+        if not cuts or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[0] <= 0:
+            raise ValueError("part cuts must be positive and increasing")
+        fds: dict[int, int] = {}
+        n = 0
+        try:
+            blocks: list[tuple[bytes, tuple[int, int, int], int, bytes | None]] = []
+            first: list[bytes] = []
+            hashes: list[xxhash.xxh3_64] = []
+            for key in keys:
+                with self._lock:
+                    m = self._meta.get(key)
+                    where = m.where() if m is not None else None
+                if where is None:
+                    break
+                seg, off, size = where
+                try:
+                    whole = self._read(key, where, fds) if seg < 0 else None
+                    try:
+                        head = (whole[:HEADER_SIZE + cuts[0]] if whole is not None else
+                                self._segments.read(seg, off, HEADER_SIZE + cuts[0], fds))
+                    except FileNotFoundError as e:
+                        raise CorruptBlock("segment file missing") from e
+                    except OSError as e:
+                        raise CorruptBlock(f"unreadable: {e}") from e
+                    h = check_header(key, head, size)
+                except CorruptBlock as e:
+                    self._corrupt(key, where, e)
+                    break
+                if cuts[-1] >= h.payload_len:
+                    raise ValueError(f"part cut {cuts[-1]} is not inside a payload of "
+                                     f"{h.payload_len} bytes")
+                if len(head) != HEADER_SIZE + cuts[0]:
+                    self._corrupt(key, where, CorruptBlock("segment cut short"))
+                    break
+                blocks.append((key, where, h.checksum, whole))
+                hashes.append(xxhash.xxh3_64(memoryview(head)[HEADER_SIZE:]))
+                first.append(head)
+            n = len(blocks)
+            if not n:
+                return
+            yield first
+            ends = [*cuts, None]
+            for p in range(1, len(ends)):
+                part: list[bytes] = []
+                for i in range(n):
+                    key, (seg, off, size), _, whole = blocks[i]
+                    start = HEADER_SIZE + cuts[p - 1]
+                    end = size if ends[p] is None else HEADER_SIZE + ends[p]
+                    try:
+                        value = (whole[start:end] if whole is not None else
+                                 self._segments.read(seg, off + start, end - start, fds))
+                    except OSError:
+                        value = b""
+                    if len(value) != end - start:
+                        self._corrupt(key, (seg, off, size), CorruptBlock("segment cut short"))
+                        n = i  # this block and those after it end here
+                        break
+                    hashes[i].update(value)
+                    part.append(value)
+                if part:
+                    yield part
+                if not n:
+                    return
+            for i in range(n):
+                if hashes[i].intdigest() != blocks[i][2]:
+                    self._corrupt(blocks[i][0], blocks[i][1], CorruptBlock(CHECKSUM_MISMATCH))
+                    n = i
+                    break
+        finally:
+            self._segments.close_all(fds)
+            with self._lock:
+                self.stats.hits += n
+                self.stats.misses += len(keys) - n
+            self._touch(keys[:n])
+
+    def _corrupt(self, key: bytes, where: tuple[int, int, int], e: CorruptBlock) -> None:
+        """A block failed its checks: a plain miss if it was evicted or rewritten meanwhile,
+        otherwise deleted and counted."""
+        with self._lock:
+            m = self._meta.get(key)
+            moved = m is None or m.where() != where
+        if moved:
+            return
+        log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
+        self._delete([key])
+        with self._lock:
+            self.stats.corrupt += 1
+
     def _fetch(self, keys: Sequence[bytes],
                read: Callable[[bytes, tuple[int, int, int], dict[int, int]], bool]) -> int:
         """Calls `read` for the leading stored keys until one is missing, corrupt, or `read`
@@ -275,16 +374,7 @@ class BlockStore(Upkeep):
                     if not read(key, where, fds):
                         break
                 except CorruptBlock as e:
-                    with self._lock:
-                        m = self._meta.get(key)
-                        moved = m is None or m.where() != where
-                    if moved:  # evicted (or rewritten) while it was read: a plain miss
-                        break
-                    log.warning("corrupt block deleted",
-                                extra={"key": key.hex()[:16], "why": str(e)})
-                    self._delete([key])
-                    with self._lock:
-                        self.stats.corrupt += 1
+                    self._corrupt(key, where, e)
                     break
                 n += 1
         finally:

@@ -20,6 +20,7 @@ GQA without copies: query heads that share a KV head are consecutive, so q viewe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,9 @@ class AttnBatch:
     # Every sequence's pages, concatenated, built on the first gather() only: the GQA decode
     # path reads its groups' pages and never needs them.
     _ctx_pages: torch.Tensor | None = None
+    # Called with each layer's index before the layer runs: a prefill whose cached blocks are
+    # still arriving waits there until that layer's KV is in place (services/layer_fetch.py).
+    before_layer: Callable[[int], None] | None = None
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],

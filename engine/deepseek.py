@@ -224,7 +224,9 @@ class DeepseekV3ForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if batch.before_layer is not None:
+                batch.before_layer(i)
             h = layer(h, self.inv_freq, kv, batch, self.expert_counts)
         h = self.model.norm(h[batch.last_indices])
         return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

@@ -80,7 +80,15 @@ class KVPool:
     def write_page(self, page: int, data: bytes | memoryview) -> None:
         if len(data) != self.page_nbytes:
             raise ValueError(f"page payload is {len(data)} bytes, expected {self.page_nbytes}")
-        dst = self.page_bytes(page)
+        self.write_range(page, 0, data)
+
+    def write_range(self, page: int, start: int, data: bytes | memoryview) -> None:
+        """Writes bytes [start, start + len(data)) of a page (page-major: a layer range of a
+        page is one contiguous byte range)."""
+        if start < 0 or start + len(data) > self.page_nbytes:
+            raise ValueError(f"bytes [{start}, {start + len(data)}) outside a page of "
+                             f"{self.page_nbytes}")
+        dst = self.page_bytes(page)[start:start + len(data)]
         if dst.device.type == "cpu":  # one memcpy, no copy of the source, no OpenMP team
             dst.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
         else:

@@ -161,7 +161,9 @@ class LlamaForCausalLM(nn.Module):
         of each sequence's last new token."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if batch.before_layer is not None:
+                batch.before_layer(i)
             h = layer(h, cos_sin, kv, batch)
         h = self.model.norm(h[batch.last_indices])
         return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

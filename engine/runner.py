@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pdserve.engine.attention import AttnBatch
@@ -62,14 +62,17 @@ class ModelRunner:
         assert logits is not None
         return logits[0]
 
-    def forward_chunks(self, chunks: Sequence[tuple[Sequence[int], int, Sequence[int]]]) -> torch.Tensor:
+    def forward_chunks(self, chunks: Sequence[tuple[Sequence[int], int, Sequence[int]]],
+                       before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """One forward over prompt chunks of several sequences: each chunk is (token ids, start
-        position, page table); KV of positions < start must already be in the pages. Returns the
-        logits [B, vocab] after each chunk's last token."""
+        position, page table); KV of positions < start must already be in the pages, or, for
+        layer l, once `before_layer(l)` returns. Returns the logits [B, vocab] after each
+        chunk's last token."""
         ids = torch.tensor([t for toks, _, _ in chunks for t in toks], dtype=torch.long,
                            device=self.device)
         batch = AttnBatch.build([len(t) for t, _, _ in chunks], [s + len(t) for t, s, _ in chunks],
                                 [list(p) for _, _, p in chunks], self.block_tokens, self.device)
+        batch.before_layer = before_layer
         return self.model(ids, self.pool.kv, batch)
 
     def decode(

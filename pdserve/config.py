@@ -82,6 +82,10 @@ class PrefillSettings(_ModelSettings):
         "for more to batch with it (a burst is then prefilled in one step, not one alone "
         "first); it stops waiting once a step's token budget is queued")
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
+    kv_fetch_layer_groups: int = Field(
+        4, ge=1, le=1024, description="cached blocks are fetched in this many layer groups "
+        "while the uncached part computes, each layer waiting only for its own group "
+        "(1 = whole blocks, all loaded before computing)")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "

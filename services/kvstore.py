@@ -39,6 +39,7 @@ from pdserve.metrics import StoreCollector, serve_metrics
 log = logging.getLogger(__name__)
 
 MAX_KEYS = 65536
+MAX_PARTS = 1024
 KEY_BYTES = 32
 
 
@@ -70,6 +71,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         if (err := _check_keys(request.keys)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
         keys = list(request.keys)
+        if request.part_cuts:
+            async for block in self._get_parts(keys, list(request.part_cuts), context):
+                yield block
+            return
         # Read in small groups so a long chain streams while later blocks are still read.
         for i in range(0, len(keys), 8):
             group = keys[i:i + 8]
@@ -78,6 +83,29 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 yield kvstore_pb2.Block(key=k, value=v)
             if len(values) < len(group):
                 return
+
+    async def _get_parts(self, keys: list[bytes], cuts: list[int],
+                         context) -> AsyncIterator[kvstore_pb2.Block]:  # type: ignore[no-untyped-def]
+        if len(cuts) > MAX_PARTS - 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"part_cuts: {len(cuts)} cuts, limit {MAX_PARTS - 1}")
+        if cuts[0] <= 0 or any(b <= a for a, b in zip(cuts, cuts[1:])):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "part_cuts: must be positive and increasing")
+        parts = self.store.get_parts(keys, cuts)
+        try:
+            for p in range(len(cuts) + 1):
+                try:
+                    values = await asyncio.to_thread(next, parts, None)
+                except ValueError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"part_cuts: {e}")
+                if values is None:
+                    return
+                for k, v in zip(keys, values):
+                    yield kvstore_pb2.Block(key=k, value=v, part=p)
+            await asyncio.to_thread(next, parts, None)  # the last blocks' checksums
+        finally:
+            await asyncio.to_thread(parts.close)
 
     async def Put(self, request_iterator, context):
         if not self.store.accepting_writes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -129,6 +129,39 @@ class KVStoreClient:
                 break
             out.append(v)
         return out
+
+    async def get_parts(self, keys: Sequence[bytes], cuts: Sequence[int],
+                        on_part: Callable[[int, int, bytes], None]) -> None:
+        """Streams the keys' blocks in parts (kvstore.proto, GetRequest.part_cuts): calls
+        on_part(key index, part, value) as each arrives, parts of a block in order, shards in
+        parallel. A block that could not be fetched gets fewer parts, or none: the caller
+        checks that every block it needs is complete, and verifies it."""
+        if not self.shards or not keys:
+            return
+
+        async def fetch(shard: int, idx: list[int]) -> None:
+            want = [0] * len(idx)  # next part expected, per block of this shard
+            part, pos = 0, 0       # the part being streamed; the block expected next
+            try:
+                call = self.shards[shard].stub.Get(
+                    kvstore_pb2.GetRequest(keys=[keys[i] for i in idx], part_cuts=cuts),
+                    timeout=self.timeout_s + 0.05 * len(idx))
+                async for block in call:
+                    if block.part == part + 1:  # the next part starts again from the first block
+                        part, pos = part + 1, 0
+                    if (block.part != part or pos >= len(idx) or block.key != keys[idx[pos]]
+                            or want[pos] != part):
+                        log.warning("kvstore get: parts out of order",
+                                    extra={"shard": self._names[shard]})
+                        return
+                    on_part(idx[pos], block.part, block.value)
+                    want[pos] += 1
+                    pos += 1
+            except grpc.aio.AioRpcError as e:
+                log.warning("kvstore get failed", extra={"shard": self._names[shard],
+                                                         "code": e.code().name})
+
+        await asyncio.gather(*(fetch(s, idx) for s, idx in self._group(keys).items()))
 
     async def put(self, blocks: Sequence[tuple[bytes, bytes, int]]) -> int:
         """Stores (key, value, depth in chain) blocks; returns how many were new."""

@@ -8,7 +8,9 @@ Lifecycle of one request:
    be fetched is computed: a store that is down or slow only costs recompute.
 3. The rest of the prompt joins the compute loop, which runs prompt chunks of several requests
    per step within a token budget (chunked prefill); when its last chunk is done the first
-   token is sampled.
+   token is sampled. By default 2 and 3 overlap: the blocks arrive in layer groups
+   (`--kv-fetch-layer-groups`) while the rest of the prompt computes, each layer waiting only
+   for its own group (services/layer_fetch.py); a block that fails verification is recomputed.
 4. The prompt's pages are WRITten into the reserved decode pages over NIXL with a notice
    carrying the first token and a checksum; the call returns once the WRITE completed.
 5. New full blocks go to the kvstore in the background (best effort); the pages are freed.
@@ -41,6 +43,7 @@ from pdserve.engine.sampling import SamplingParams, logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services import security
 from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.layer_fetch import LayerLoad
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
@@ -69,6 +72,7 @@ class PrefillJob:
     pages: list[PageId]
     num_computed: int
     params: SamplingParams | None = None  # for the first token, sampled on the engine thread
+    load: LayerLoad | None = None  # cached blocks still arriving, layer group by layer group
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -81,7 +85,7 @@ class PrefillWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
-                 batch_wait_s: float = 0.0) -> None:
+                 batch_wait_s: float = 0.0, fetch_layer_groups: int = 1) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -91,6 +95,9 @@ class PrefillWorker:
         self.runner = ModelRunner(loaded.model, self.pool, chunk_tokens)
         self.step_tokens = chunk_tokens  # token budget of one prefill step, over all requests
         self.batch_wait_s = batch_wait_s
+        # Parts per fetched block (layer groups); 1 = whole blocks, loaded before compute.
+        self.fetch_layer_groups = fetch_layer_groups
+        self.layered_fetches = 0
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self.kvstore = kvstore
         self.transfer_timeout_s = transfer_timeout_s
@@ -163,10 +170,15 @@ class PrefillWorker:
             chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
                       for j, n in plan]
             last = [i for i, (j, n) in enumerate(plan) if j.num_computed + n == len(j.prompt)]
+            loads = [j.load for j, _ in plan if j.load is not None]
 
-            def step(chunks=chunks, plan=plan, last=last):  # type: ignore[no-untyped-def]
+            def before_layer(layer: int, loads=loads) -> None:  # type: ignore[no-untyped-def]
+                for load in loads:
+                    load.wait(layer)
+
+            def step(chunks=chunks, plan=plan, last=last, loads=loads):  # type: ignore[no-untyped-def]
                 # The first token is sampled right after the forward, on the same thread.
-                logits = self.runner.forward_chunks(chunks)
+                logits = self.runner.forward_chunks(chunks, before_layer if loads else None)
                 return {i: _first_token(logits[i], plan[i][0].params) for i in last}
 
             try:
@@ -182,6 +194,14 @@ class PrefillWorker:
             for i, (j, n) in enumerate(plan):
                 if j not in self._queue:  # cancelled while its chunk ran
                     continue
+                if j.load is not None:
+                    # The forward waited through its last layer, so the fetch has settled.
+                    good = j.load.good if j.load.good is not None else 0
+                    recompute = good < j.load.n
+                    j.load = None
+                    if recompute:  # this step used unverified KV: redo from the last good block
+                        j.num_computed = good * self.layout.block_tokens
+                        continue
                 j.num_computed += n
                 if j.num_computed == len(j.prompt):
                     self._queue.remove(j)
@@ -202,12 +222,14 @@ class PrefillWorker:
                 return
 
     async def _compute(self, prompt: list[int], pages: list[PageId], start: int,
-                       params: SamplingParams) -> tuple[int, float]:
+                       params: SamplingParams, load: LayerLoad | None = None) -> tuple[int, float]:
         """Prefills the prompt from token `start`; returns its first token and that token's
-        log-probability (0.0 unless asked for)."""
+        log-probability (0.0 unless asked for). With `load`, KV before `start` is still
+        arriving: the forward waits for it layer by layer, and if it does not all arrive
+        verified the prompt is computed from the last good block instead."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._compute_loop())
-        job = PrefillJob(prompt, pages, start, params)
+        job = PrefillJob(prompt, pages, start, params, load)
         self._queue.append(job)
         self._wake.set()
         try:
@@ -243,10 +265,17 @@ class PrefillWorker:
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         try:
             t0 = time.perf_counter()
-            blocks = await self.kvstore.get(keys[:want]) if want else []
-            n_cached = await self._in_thread(self._load_blocks, pages, keys, blocks, touches=pages)
-            t1 = time.perf_counter()
-            first, first_logprob = await self._compute(prompt, pages, n_cached * bt, params)
+            if want and self.fetch_layer_groups > 1 and self.kvstore.enabled:
+                first, first_logprob, n_cached, fetch_s = await self._compute_while_fetching(
+                    prompt, pages, keys[:want], params)
+                t1 = t0  # computing started at once
+            else:
+                blocks = await self.kvstore.get(keys[:want]) if want else []
+                n_cached = await self._in_thread(self._load_blocks, pages, keys, blocks,
+                                                 touches=pages)
+                t1 = time.perf_counter()
+                fetch_s = t1 - t0
+                first, first_logprob = await self._compute(prompt, pages, n_cached * bt, params)
             checksum = await self._in_thread(pages_checksum, self.pool, pages, touches=pages)
             t2 = time.perf_counter()
             if lease_end is not None and time.monotonic() > lease_end:
@@ -268,14 +297,38 @@ class PrefillWorker:
         if (m := self.metrics) is not None:
             m.computed_tokens.inc(len(prompt) - n_cached * bt)
             m.fetched_tokens.inc(n_cached * bt)
-            m.fetch_seconds.observe(t1 - t0)
+            m.fetch_seconds.observe(fetch_s)
             m.transfer_bytes.inc(nbytes)
             m.transfer_seconds.observe(t3 - t2)
         return prefill_pb2.PrefillResponse(
             first_token=first, cached_tokens=n_cached * bt,
             computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
-            fetch_s=t1 - t0, compute_s=t2 - t1, transfer_s=t3 - t2,
+            fetch_s=fetch_s, compute_s=t2 - t1, transfer_s=t3 - t2,
             first_logprob=first_logprob)
+
+    async def _compute_while_fetching(self, prompt: list[int], pages: list[PageId],
+                                      keys: Sequence[bytes], params: SamplingParams
+                                      ) -> tuple[int, float, int, float]:
+        """Computes the prompt's uncached part while its cached blocks stream in by layer
+        group (services/layer_fetch.py); returns the first token, its log-probability, the
+        blocks used from the store and the fetch's duration."""
+        load = LayerLoad(self.pool, self.fingerprint, keys, pages, self.fetch_layer_groups)
+
+        async def fetch() -> None:
+            try:
+                await self.kvstore.get_parts(keys, load.cuts, load.on_part)
+            finally:
+                load.finish()  # whatever happened: releases a forward waiting for it
+
+        task = asyncio.create_task(fetch())
+        try:
+            first, logprob = await self._compute(prompt, pages, len(keys) * self.layout.block_tokens,
+                                                 params, load)
+        finally:
+            task.cancel()  # no more writes into the pages once this returns
+        self.layered_fetches += 1
+        end = load.settled_at or time.perf_counter()
+        return first, logprob, load.good or 0, end - load.started
 
     def _load_blocks(self, pages: Sequence[PageId], keys, blocks: Sequence[bytes]) -> int:
         """Copies verified blocks into the leading pages; returns how many were usable."""
@@ -355,7 +408,8 @@ async def run(settings: PrefillSettings) -> None:
             loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
             settings.transfer_timeout_s, settings.device,
             agent_name=settings.worker_id or "prefill",
-            batch_wait_s=settings.prefill_batch_wait_ms / 1000)
+            batch_wait_s=settings.prefill_batch_wait_ms / 1000,
+            fetch_layer_groups=settings.kv_fetch_layer_groups)
 
     # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
     loaded, worker = in_passing_thread(build)

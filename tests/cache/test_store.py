@@ -260,3 +260,36 @@ def test_large_buffers_can_be_kept_on_the_heap():
     assert keep_large_buffers_on_heap() is True
     big = bytes(range(256)) * (3 << 12)  # 3 MiB: above glibc's default mmap threshold
     assert len(bytearray(big)) == len(big)
+
+
+def test_get_parts_streams_every_block_part_by_part_and_checks_the_whole(tmp_path):
+    """Part 0 of every block (its header and first bytes), then part 1 of every block, ...;
+    the parts of a block put together are its value. A byte flipped in a later part is not
+    caught by any part alone: the block's checksum fails after its last part, and the block is
+    deleted and counted like any corrupt block."""
+    blocks = make_blocks(4, size=12_000)
+    keys = [k for k, _ in blocks]
+    cuts = [3000, 6000, 9000]
+    s = BlockStore(tmp_path)
+    s.put_many(blocks[:3])
+    parts = list(s.get_parts(keys, cuts))
+    assert len(parts) == 4 and all(len(p) == 3 for p in parts)  # the 4th key is not stored
+    assert [len(v) for v in parts[0]] == [HEADER_SIZE + 3000] * 3
+    assert [len(v) for v in parts[3]] == [3000] * 3
+    for i, (_, value) in enumerate(blocks[:3]):
+        assert b"".join(p[i] for p in parts) == value
+    assert (s.stats.hits, s.stats.misses) == (3, 1)
+    # Damage inside block 1's third part.
+    seg = sorted((tmp_path / "segments").glob("*.seg"))[0]
+    data = bytearray(seg.read_bytes())
+    data[len(blocks[0][1]) + HEADER_SIZE + 7000] ^= 0x10
+    seg.write_bytes(bytes(data))
+    parts = list(s.get_parts(keys, cuts))
+    assert all(len(p) == 3 for p in parts)  # sent whole: the damage shows only at the end
+    assert s.stats.corrupt == 1 and s.lookup(keys) == 1  # then deleted
+    assert [b"".join(p[0] for p in parts)] == [blocks[0][1]]
+    with pytest.raises(ValueError, match="not inside"):
+        list(s.get_parts(keys, [3000, 12_000]))
+    with pytest.raises(ValueError, match="increasing"):
+        list(s.get_parts(keys, [3000, 3000]))
+    s.close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/kvstore.proto\x12\npdserve.v1\".\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0f\n\x07per_key\x18\x02 \x01(\x08\"F\n\x0eLookupResponse\x12\x12\n\nnum_prefix\x18\x01 \x01(\x05\x12\x0f\n\x07present\x18\x02 \x03(\x08\x12\x0f\n\x07\x65victed\x18\x03 \x03(\x08\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xdd\x01\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x0c\n\x04puts\x18\x05 \x01(\x03\x12\x0f\n\x07\x63orrupt\x18\x06 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x07 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x03\x12\x14\n\x0cwrite_errors\x18\t \x01(\x03\x12\x18\n\x10\x61\x63\x63\x65pting_writes\x18\n \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x0b \x01(\x03\x32\xf1\x01\n\x07KVStore\x12?\n\x06Lookup\x12\x19.pdserve.v1.LookupRequest\x1a\x1a.pdserve.v1.LookupResponse\x12\x32\n\x03Get\x12\x16.pdserve.v1.GetRequest\x1a\x11.pdserve.v1.Block0\x01\x12\x33\n\x03Put\x12\x11.pdserve.v1.Block\x1a\x17.pdserve.v1.PutResponse(\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/kvstore.proto\x12\npdserve.v1\".\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0f\n\x07per_key\x18\x02 \x01(\x08\"F\n\x0eLookupResponse\x12\x12\n\nnum_prefix\x18\x01 \x01(\x05\x12\x0f\n\x07present\x18\x02 \x03(\x08\x12\x0f\n\x07\x65victed\x18\x03 \x03(\x08\"-\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x11\n\tpart_cuts\x18\x02 \x03(\x04\"@\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\x12\x0c\n\x04part\x18\x04 \x01(\r\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xdd\x01\n\rStatsResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x0c\n\x04puts\x18\x05 \x01(\x03\x12\x0f\n\x07\x63orrupt\x18\x06 \x01(\x03\x12\x0f\n\x07\x65victed\x18\x07 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x03\x12\x14\n\x0cwrite_errors\x18\t \x01(\x03\x12\x18\n\x10\x61\x63\x63\x65pting_writes\x18\n \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x0b \x01(\x03\x32\xf1\x01\n\x07KVStore\x12?\n\x06Lookup\x12\x19.pdserve.v1.LookupRequest\x1a\x1a.pdserve.v1.LookupResponse\x12\x32\n\x03Get\x12\x16.pdserve.v1.GetRequest\x1a\x11.pdserve.v1.Block0\x01\x12\x33\n\x03Put\x12\x11.pdserve.v1.Block\x1a\x17.pdserve.v1.PutResponse(\x01\x12<\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x19.pdserve.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=88
   _globals['_LOOKUPRESPONSE']._serialized_end=158
   _globals['_GETREQUEST']._serialized_start=160
-  _globals['_GETREQUEST']._serialized_end=186
-  _globals['_BLOCK']._serialized_start=188
-  _globals['_BLOCK']._serialized_end=238
-  _globals['_PUTRESPONSE']._serialized_start=240
-  _globals['_PUTRESPONSE']._serialized_end=269
-  _globals['_STATSREQUEST']._serialized_start=271
-  _globals['_STATSREQUEST']._serialized_end=285
-  _globals['_STATSRESPONSE']._serialized_start=288
-  _globals['_STATSRESPONSE']._serialized_end=509
-  _globals['_KVSTORE']._serialized_start=512
-  _globals['_KVSTORE']._serialized_end=753
+  _globals['_GETREQUEST']._serialized_end=205
+  _globals['_BLOCK']._serialized_start=207
+  _globals['_BLOCK']._serialized_end=271
+  _globals['_PUTRESPONSE']._serialized_start=273
+  _globals['_PUTRESPONSE']._serialized_end=302
+  _globals['_STATSREQUEST']._serialized_start=304
+  _globals['_STATSREQUEST']._serialized_end=318
+  _globals['_STATSRESPONSE']._serialized_start=321
+  _globals['_STATSRESPONSE']._serialized_end=542
+  _globals['_KVSTORE']._serialized_start=545
+  _globals['_KVSTORE']._serialized_end=786
 # @@protoc_insertion_point(module_scope)

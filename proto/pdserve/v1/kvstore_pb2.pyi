@@ -25,20 +25,24 @@ class LookupResponse(_message.Message):
     def __init__(self, num_prefix: _Optional[int] = ..., present: _Optional[_Iterable[bool]] = ..., evicted: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "part_cuts")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    PART_CUTS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    part_cuts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., part_cuts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Block(_message.Message):
-    __slots__ = ("key", "value", "depth")
+    __slots__ = ("key", "value", "depth", "part")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     value: bytes
     depth: int
-    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., depth: _Optional[int] = ...) -> None: ...
+    part: int
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., depth: _Optional[int] = ..., part: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored",)

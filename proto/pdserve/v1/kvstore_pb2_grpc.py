@@ -68,6 +68,7 @@ class KVStoreServicer:
 
     def Get(self, request, context):
         """Streams the stored blocks for the keys, in order, stopping at the first missing one.
+        With `part_cuts`, streams each block in parts instead (see GetRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

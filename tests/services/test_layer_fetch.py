@@ -1,0 +1,193 @@
+"""Prefill overlaps the fetch of a prompt's cached blocks with the compute of its uncached part
+(services/layer_fetch.py): blocks stream from real kvstore shards (gRPC on port 0) in layer
+groups, and the real model's forward waits at each layer only for that layer's group."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+import pytest
+import torch
+from pdserve.cache.block_hash import block_hashes, cacheable_blocks
+from pdserve.cache.codec import HEADER_SIZE, encode_block
+from pdserve.engine.sampling import SamplingParams
+from pdserve.services.kvstore_client import KVStoreClient, rendezvous
+from pdserve.services.layer_fetch import LayerLoad, layer_groups
+from pdserve.services.prefill import PrefillWorker
+from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+from tests.services.test_sharding import start_shard
+
+PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, then 60 tokens
+_names = itertools.count()
+
+
+def worker(loaded, kvstore: KVStoreClient, groups: int) -> PrefillWorker:
+    return PrefillWorker(loaded, num_pages=40, kvstore=kvstore, fetch_layer_groups=groups,
+                         agent_name=f"layer-fetch-{next(_names)}")
+
+
+def rows(pool, pages, n_tokens: int) -> torch.Tensor:
+    bt = pool.layout.block_tokens
+    return torch.cat([pool.kv[p, :, :min(bt, n_tokens - i * bt)].reshape(-1)
+                      for i, p in enumerate(pages)])
+
+
+async def cold_then_store(w: PrefillWorker) -> tuple[list[bytes], int, torch.Tensor]:
+    """Computes the prompt from scratch, stores its blocks; returns keys, first token, KV."""
+    bt = w.layout.block_tokens
+    keys = block_hashes(w.namespace, "", PROMPT, bt)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _ = await w._compute(PROMPT, pages, 0, SamplingParams())
+    assert await w.kvstore.put(w._encode_blocks(pages, keys, 0)) == len(keys)
+    kv = rows(w.pool, pages, len(PROMPT)).clone()
+    w.pool.release(pages)
+    return keys, first, kv
+
+
+def test_layer_groups_cover_every_layer_once():
+    assert layer_groups(30, 4) == [8, 15, 23, 30]
+    assert layer_groups(3, 8) == [1, 2, 3]  # at most one group per layer
+    assert layer_groups(30, 1) == [30]
+
+
+async def test_layered_fetch_gives_the_bytes_and_token_of_loading_whole_blocks(loaded, tmp_path):
+    shards = [await start_shard(tmp_path / f"s{i}") for i in range(2)]
+    client = KVStoreClient(",".join(a for *_, a in shards), timeout_s=5.0)
+    w = worker(loaded, client, groups=4)
+    bt = w.layout.block_tokens
+    keys, cold_first, cold_kv = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), bt)
+    assert want == 10 and len({rendezvous(k, client._names) for k in keys}) == 2  # both shards
+    # Whole blocks, loaded before computing.
+    p1 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    n1 = w._load_blocks(p1, keys, await client.get(keys[:want]))
+    first1, _ = await w._compute(PROMPT, p1, n1 * bt, SamplingParams())
+    # The same blocks in 4 layer groups, computing as they arrive.
+    p2 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first2, _, n2, fetch_s = await w._compute_while_fetching(PROMPT, p2, keys[:want],
+                                                              SamplingParams())
+    assert n1 == n2 == want and fetch_s > 0
+    assert first1 == first2
+    # Bit-identical KV: the cached rows are the stored ones, the computed rows equal.
+    assert torch.equal(rows(w.pool, p1, len(PROMPT)), rows(w.pool, p2, len(PROMPT)))
+    assert torch.equal(rows(w.pool, p2, want * bt), cold_kv[:rows(w.pool, p2, want * bt).numel()])
+    assert cold_first == first2  # (the cold run chunked differently; here the token agrees)
+    w.pool.release(p1 + p2)
+    await client.close()
+    for server, store, _ in shards:
+        assert store.stats.corrupt == 0
+        await server.stop(0)
+
+
+class GatedClient(KVStoreClient):
+    """Holds back every part after the first until the test opens the gate."""
+
+    def __init__(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **kw)
+        self.gate = asyncio.Event()
+        self.held = 0
+
+    async def get_parts(self, keys, cuts, on_part):  # type: ignore[no-untyped-def]
+        held = []
+
+        def keep(i, p, v):  # type: ignore[no-untyped-def]
+            if p == 0:
+                on_part(i, p, v)
+            else:
+                held.append((i, p, v))
+
+        await super().get_parts(keys, cuts, keep)
+        self.held = len(held)
+        await asyncio.wait_for(self.gate.wait(), 120)
+        for item in held:
+            on_part(*item)
+
+
+async def test_uncached_part_computes_its_first_layers_before_the_rest_arrives(
+        loaded, tmp_path, monkeypatch):
+    """With only the first layer group of the cached blocks delivered, the forward runs those
+    layers of the uncached tokens and then waits at the first layer of the next group; once
+    the rest arrives it finishes with the same token as whole-block loading."""
+    server, store, addr = await start_shard(tmp_path / "s")
+    client = GatedClient(addr, timeout_s=5.0)
+    w = worker(loaded, client, groups=3)
+    bt = w.layout.block_tokens
+    keys, cold_first, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), bt)
+    ends = layer_groups(w.layout.num_layers, 3)
+    loop = asyncio.get_running_loop()
+    waited: list[tuple[int, int]] = []  # (layer, ready layers) at each wait on the engine thread
+    real_wait = LayerLoad.wait
+
+    def wait(self, layer):  # type: ignore[no-untyped-def]
+        waited.append((layer, self.ready_layers))
+        if layer >= max(self.ready_layers, 1):  # blocking for a later group: let it come
+            loop.call_soon_threadsafe(client.gate.set)
+        real_wait(self, layer)
+
+    monkeypatch.setattr(LayerLoad, "wait", wait)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
+    assert client.held == want * 2  # parts 1 and 2 of every block were held back
+    # Layers 0 .. ends[0]-1 ran with only part 0 in place (the forward may have waited for it
+    # at layer 0); the first wait that blocked after that was at the first layer of part 1.
+    blocked = [layer for layer, ready in waited if layer >= ready and layer > 0]
+    assert blocked[0] == ends[0]
+    assert [layer for layer, _ in waited[:ends[0] + 1]] == list(range(ends[0] + 1))
+    assert n == want and first == cold_first
+    w.pool.release(pages)
+    await client.close()
+    await server.stop(0)
+
+
+async def test_a_block_damaged_in_a_late_layer_is_recomputed_not_used(loaded, tmp_path):
+    """The damage is in a part that arrives after the forward started with the earlier
+    layers: the step's output is discarded, the prompt is computed from the damaged block,
+    and the token is the one whole-block loading gives."""
+    server, store, addr = await start_shard(tmp_path / "s")
+    client = KVStoreClient(addr, timeout_s=5.0)
+    w = worker(loaded, client, groups=4)
+    bt = w.layout.block_tokens
+    keys, _, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), bt)
+    seg, off, size = store._meta[keys[6]].where()
+    with open(store._segments.path(seg), "r+b") as f:  # a byte in block 6's last layers
+        f.seek(off + size - 1000)
+        byte = f.read(1)
+        f.seek(off + size - 1000)
+        f.write(bytes([byte[0] ^ 0x20]))
+    assert size - 1000 > HEADER_SIZE + w.layout.bytes_per_block * 3 // 4
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
+    assert n == 6  # blocks 0-5 used, block 6 on recomputed
+    assert store.stats.corrupt == 1 and store.lookup(keys) == 6  # the store dropped it too
+    # The same as computing from block 6 with blocks 0-5 loaded whole.
+    p1 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    assert w._load_blocks(p1, keys, await client.get(keys[:6])) == 6
+    first1, _ = await w._compute(PROMPT, p1, 6 * bt, SamplingParams())
+    assert first == first1
+    assert torch.equal(rows(w.pool, p1, len(PROMPT)), rows(w.pool, pages, len(PROMPT)))
+    w.pool.release(pages + p1)
+    await client.close()
+    await server.stop(0)
+
+
+async def test_bad_part_cuts_are_refused_naming_the_field(tmp_path):
+    server, store, addr = await start_shard(tmp_path / "s")
+    keys = block_hashes("ns", "", list(range(64)), 64)
+    store.put_many([(keys[0], encode_block(keys[0], "fp", 64, bytes(4096)))])
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        for cuts, why in (([0], "positive"), ([100, 50], "increasing"),
+                          ([4096], "not inside"), (list(range(1, 2000)), "limit")):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stub.Get(kvstore_pb2.GetRequest(keys=keys, part_cuts=cuts)):
+                    pass
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "part_cuts" in e.value.details() and why in e.value.details()
+        got = [b async for b in stub.Get(kvstore_pb2.GetRequest(keys=keys, part_cuts=[1000]))]
+        assert [(b.part, len(b.value)) for b in got] == [(0, HEADER_SIZE + 1000), (1, 3096)]
+    await server.stop(0)
