@@ -217,6 +217,17 @@ class BlockStore(Upkeep):
         with self._lock:
             return [k in self._meta for k in keys]
 
+    def sizes(self, keys: Sequence[bytes]) -> list[int]:
+        """Stored sizes of the leading stored keys' blocks (header included)."""
+        out = []
+        with self._lock:
+            for k in keys:
+                m = self._meta.get(k)
+                if m is None:
+                    break
+                out.append(m.where()[2])
+        return out
+
     def was_removed(self, keys: Sequence[bytes]) -> list[bool]:
         """Per key: absent now, and evicted or expired earlier in this process's life."""
         with self._lock:

@@ -63,6 +63,11 @@ class KVStoreSettings(_Served):
     high_watermark: float = Field(0.95, gt=0, le=1, description="evict above this share of capacity")
     low_watermark: float = Field(0.85, gt=0, le=1, description="evict down to this share")
     max_age_s: float = Field(0.0, ge=0, description="expire blocks unused this long (0 = never)")
+    nixl_staging_mb: int = Field(
+        256, ge=0, le=1 << 20, description="NIXL staging buffer for bulk block reads by "
+        "one-sided READ (0 = off: blocks go through gRPC only)")
+    stage_lease_s: float = Field(10.0, gt=0, le=3600, description="staged blocks not released "
+                                 "by their reader are dropped after this long")
 
 
 class PrefillSettings(_ModelSettings):
@@ -86,6 +91,10 @@ class PrefillSettings(_ModelSettings):
         4, ge=1, le=1024, description="cached blocks are fetched in this many layer groups "
         "while the uncached part computes, each layer waiting only for its own group "
         "(1 = whole blocks, all loaded before computing)")
+    kv_fetch: Literal["nixl", "grpc"] = Field(
+        "nixl", description="how cached blocks come from the kvstore: one-sided NIXL READs "
+        "from its staging buffer (the gRPC stream where a store cannot stage), or the gRPC "
+        "stream only")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "

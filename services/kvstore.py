@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,6 +31,7 @@ from pdserve.services.server import (
     serve_until_signal,
     write_ready_file,
 )
+from pdserve.services.staging import StagingArea
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -53,8 +55,9 @@ def _check_keys(keys) -> str | None:  # type: ignore[no-untyped-def]
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, staging: StagingArea | None = None) -> None:
         self.store = store
+        self.staging = staging
 
     async def Lookup(self, request, context):
         if (err := _check_keys(request.keys)) is not None:
@@ -106,6 +109,18 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             await asyncio.to_thread(next, parts, None)  # the last blocks' checksums
         finally:
             await asyncio.to_thread(parts.close)
+
+    async def Stage(self, request, context):
+        if self.staging is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "kvstore: no NIXL staging buffer (--nixl-staging-mb 0)")
+        if (err := _check_keys(request.keys)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        resp = await self.staging.stage(self.store, list(request.keys))
+        if not resp.blocks and self.store.lookup(list(request.keys[:1])):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "kvstore: NIXL staging buffer full; use Get")
+        return resp
 
     async def Put(self, request_iterator, context):
         if not self.store.accepting_writes:
@@ -184,7 +199,9 @@ async def run(settings: KVStoreSettings) -> None:
     if settings.low_watermark > settings.high_watermark:
         raise ValueError("--low-watermark must not exceed --high-watermark")
     store = open_store(settings)
-    servicer = KVStoreServicer(store)
+    staging = (StagingArea(f"kvstore-{time.time_ns()}", settings.nixl_staging_mb << 20,
+                           settings.stage_lease_s) if settings.nixl_staging_mb else None)
+    servicer = KVStoreServicer(store, staging)
     server, port, health = await create_server(
         [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)],
         [kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name],
@@ -199,6 +216,7 @@ async def run(settings: KVStoreSettings) -> None:
     servicer.on_write_state = publish  # type: ignore[method-assign]
     stop = asyncio.Event()
     watcher = asyncio.create_task(_watch_writes(store, health, stop))
+    poller = asyncio.create_task(staging.poll()) if staging is not None else None
     prom = CollectorRegistry()
     prom.register(StoreCollector(lambda: store.stats))
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
@@ -208,6 +226,9 @@ async def run(settings: KVStoreSettings) -> None:
     async def cleanup() -> None:
         stop.set()
         await watcher
+        if poller is not None:
+            poller.cancel()
+            staging.close()
         await asyncio.to_thread(store.close)
 
     await serve_until_signal(server, health, cleanup)

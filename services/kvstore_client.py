@@ -58,7 +58,7 @@ class KVStoreClient:
     def enabled(self) -> bool:
         return bool(self.shards)
 
-    def _group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
+    def group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(rendezvous(k, self._names) if len(self.shards) > 1 else 0, []).append(i)
@@ -75,7 +75,7 @@ class KVStoreClient:
             return LookupResult(None)
         if not keys:
             return LookupResult(0)
-        groups = self._group(keys)
+        groups = self.group(keys)
         present = [False] * len(keys)
         evicted = [False] * len(keys)
 
@@ -122,7 +122,7 @@ class KVStoreClient:
                 log.warning("kvstore get failed", extra={"shard": self._names[shard],
                                                          "code": e.code().name, "got": got})
 
-        await asyncio.gather(*(fetch(s, idx) for s, idx in self._group(keys).items()))
+        await asyncio.gather(*(fetch(s, idx) for s, idx in self.group(keys).items()))
         out: list[bytes] = []
         for v in values:
             if v is None:
@@ -138,30 +138,46 @@ class KVStoreClient:
         checks that every block it needs is complete, and verifies it."""
         if not self.shards or not keys:
             return
+        await asyncio.gather(*(
+            self.get_parts_from(s, [keys[i] for i in idx], cuts,
+                                lambda j, p, v, idx=idx: on_part(idx[j], p, v))
+            for s, idx in self.group(keys).items()))
 
-        async def fetch(shard: int, idx: list[int]) -> None:
-            want = [0] * len(idx)  # next part expected, per block of this shard
-            part, pos = 0, 0       # the part being streamed; the block expected next
-            try:
-                call = self.shards[shard].stub.Get(
-                    kvstore_pb2.GetRequest(keys=[keys[i] for i in idx], part_cuts=cuts),
-                    timeout=self.timeout_s + 0.05 * len(idx))
-                async for block in call:
-                    if block.part == part + 1:  # the next part starts again from the first block
-                        part, pos = part + 1, 0
-                    if (block.part != part or pos >= len(idx) or block.key != keys[idx[pos]]
-                            or want[pos] != part):
-                        log.warning("kvstore get: parts out of order",
-                                    extra={"shard": self._names[shard]})
-                        return
-                    on_part(idx[pos], block.part, block.value)
-                    want[pos] += 1
-                    pos += 1
-            except grpc.aio.AioRpcError as e:
-                log.warning("kvstore get failed", extra={"shard": self._names[shard],
-                                                         "code": e.code().name})
+    async def get_parts_from(self, shard: int, keys: Sequence[bytes], cuts: Sequence[int],
+                             on_part: Callable[[int, int, bytes], None]) -> None:
+        """get_parts from one shard (the keys it owns)."""
+        want = [0] * len(keys)  # next part expected, per block
+        part, pos = 0, 0        # the part being streamed; the block expected next
+        try:
+            call = self.shards[shard].stub.Get(
+                kvstore_pb2.GetRequest(keys=keys, part_cuts=cuts),
+                timeout=self.timeout_s + 0.05 * len(keys))
+            async for block in call:
+                if block.part == part + 1:  # the next part starts again from the first block
+                    part, pos = part + 1, 0
+                if (block.part != part or pos >= len(keys) or block.key != keys[pos]
+                        or want[pos] != part):
+                    log.warning("kvstore get: parts out of order",
+                                extra={"shard": self._names[shard]})
+                    return
+                on_part(pos, block.part, block.value)
+                want[pos] += 1
+                pos += 1
+        except grpc.aio.AioRpcError as e:
+            log.warning("kvstore get failed", extra={"shard": self._names[shard],
+                                                     "code": e.code().name})
 
-        await asyncio.gather(*(fetch(s, idx) for s, idx in self._group(keys).items()))
+    async def stage(self, shard: int, keys: Sequence[bytes]) -> kvstore_pb2.StageResponse | None:
+        """Asks one shard to stage the keys' leading blocks for a NIXL READ; None when it
+        cannot (no staging buffer, full, unreachable)."""
+        try:
+            return await self.shards[shard].stub.Stage(kvstore_pb2.StageRequest(keys=keys),
+                                                       timeout=self.timeout_s + 0.01 * len(keys))
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("kvstore stage failed", extra={"shard": self._names[shard],
+                                                           "code": e.code().name})
+            return None
 
     async def put(self, blocks: Sequence[tuple[bytes, bytes, int]]) -> int:
         """Stores (key, value, depth in chain) blocks; returns how many were new."""
@@ -182,7 +198,7 @@ class KVStoreClient:
                                                          "code": e.code().name})
                 return 0
 
-        groups = self._group([b[0] for b in blocks])
+        groups = self.group([b[0] for b in blocks])
         return sum(await asyncio.gather(*(send(s, idx) for s, idx in groups.items())))
 
     async def ready(self) -> bool:

@@ -9,6 +9,10 @@ parts go straight into the request's pages, and the forward waits before each la
 that layer's part of every block is in (`LayerLoad.wait`, called through
 `AttnBatch.before_layer`). Fetching layers g+1.. runs while layers ..g compute.
 
+Transport: by default one-sided NIXL READs from the kvstore's staging buffer (kvstore
+`Stage`, services/staging.py), one READ per layer group straight into the pages; the gRPC part
+stream where a store cannot stage (no buffer, full, unreachable over NIXL).
+
 Verification: a part cannot be checked on its own; the block's checksum covers its assembled
 payload and is checked when its last part arrives, before the last layers are released to the
 forward. A block that fails (or never completes) holds the forward at its layer until the fetch
@@ -18,6 +22,7 @@ step's output for it), so an unverified byte never reaches a token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -27,6 +32,9 @@ import xxhash
 from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header
 from pdserve.cache.errors import CorruptBlock
 from pdserve.engine.kv_pool import KVPool, PageId
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.transfer import NixlEndpoint
+from pdserve.v1 import kvstore_pb2
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +83,14 @@ class LayerLoad:
         return self.good is not None
 
     def on_part(self, i: int, part: int, value: bytes) -> None:
+        """A part that came as bytes (the gRPC stream): checked, written into the page."""
         if self.good is not None or i >= self._bad:
             return
         try:
             if self._parts[i] != part:
                 raise CorruptBlock(f"part {part} arrived, part {self._parts[i]} expected")
             if part == 0:
-                h = check_header(self.keys[i], value, HEADER_SIZE + self.bounds[-1],
-                                 self.fingerprint)
-                self._checksum[i] = h.checksum
+                self._checksum[i] = self._header(i, value)
                 payload = memoryview(value)[HEADER_SIZE:]
             else:
                 payload = memoryview(value)
@@ -91,13 +98,44 @@ class LayerLoad:
             if len(payload) != hi - lo:
                 raise CorruptBlock(f"part {part} is {len(payload)} bytes, expected {hi - lo}")
             self.pool.write_range(self.pages[i], lo, payload)
-            self._hash[i].update(payload)
-            self._parts[i] += 1
-            if part == len(self.layer_ends) - 1 and self._hash[i].intdigest() != self._checksum[i]:
-                raise CorruptBlock(CHECKSUM_MISMATCH)
         except CorruptBlock as e:
-            log.warning("fetched block rejected", extra={"index": i, "why": str(e)})
-            self._bad = min(self._bad, i)
+            self.reject(i, e)
+            return
+        self._accept(i, part, payload)
+
+    def expect(self, i: int, header: bytes) -> bool:
+        """The header of a block whose parts will land in its page directly (NIXL READ)."""
+        try:
+            self._checksum[i] = self._header(i, header)
+            return True
+        except CorruptBlock as e:
+            self.reject(i, e)
+            return False
+
+    def landed(self, blocks: Sequence[int], part: int) -> None:
+        """Part `part` of these blocks is in their pages (a NIXL READ completed)."""
+        lo, hi = self.bounds[part], self.bounds[part + 1]
+        for i in blocks:
+            if self.good is not None or i >= self._bad:
+                continue
+            if self._parts[i] != part:
+                self.reject(i, CorruptBlock(f"part {part} landed, part {self._parts[i]} expected"))
+                continue
+            self._accept(i, part, self.pool.page_bytes(self.pages[i])[lo:hi].cpu().numpy())
+
+    def _header(self, i: int, header: bytes | memoryview) -> int:
+        return check_header(self.keys[i], header, HEADER_SIZE + self.bounds[-1],
+                            self.fingerprint).checksum
+
+    def reject(self, i: int, e: CorruptBlock) -> None:
+        log.warning("fetched block rejected", extra={"index": i, "why": str(e)})
+        self._bad = min(self._bad, i)
+
+    def _accept(self, i: int, part: int, payload) -> None:  # type: ignore[no-untyped-def]
+        self._hash[i].update(payload)
+        self._parts[i] += 1
+        if part == len(self.layer_ends) - 1 and self._hash[i].intdigest() != self._checksum[i]:
+            self.reject(i, CorruptBlock(CHECKSUM_MISMATCH))
             return
         self._complete[part] += 1
         advanced = False
@@ -136,3 +174,52 @@ class LayerLoad:
         with self._cond:
             self._cond.wait_for(lambda: self.ready_layers > layer or self.good is not None)
         self.waited_s += time.perf_counter() - t
+
+
+async def fetch(load: LayerLoad, client: KVStoreClient, endpoint: NixlEndpoint | None,
+                timeout_s: float) -> None:
+    """Fills `load` from the kvstore shards: by NIXL READ from each shard's staging buffer when
+    `endpoint` is given and the shard stages the blocks, through the gRPC part stream
+    otherwise (and for blocks a shard could not stage). Never raises for a store problem: what
+    did not arrive is recomputed."""
+
+    async def from_shard(shard: int, idx: list[int]) -> None:
+        if endpoint is not None:
+            idx = await _read_staged(load, client, shard, idx, endpoint, timeout_s)
+        if idx:
+            await client.get_parts_from(shard, [load.keys[i] for i in idx], load.cuts,
+                                        lambda j, p, v: load.on_part(idx[j], p, v))
+
+    await asyncio.gather(*(from_shard(s, idx) for s, idx in client.group(load.keys).items()))
+
+
+async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: list[int],
+                       endpoint: NixlEndpoint, timeout_s: float) -> list[int]:
+    """READs what the shard staged, one READ per layer group; returns the blocks left over
+    (not staged: for the gRPC stream)."""
+    resp = await client.stage(shard, [load.keys[i] for i in idx])
+    if resp is None or not resp.blocks:
+        return idx
+    staged = idx[:len(resp.blocks)]
+    try:
+        remote = endpoint.remote(resp.agent_name, resp.agent_metadata)
+    except Exception as e:  # noqa: BLE001 - unusable metadata: the stream instead
+        log.warning("kvstore NIXL agent unusable", extra={"error": str(e)})
+        return idx
+    try:
+        for i, b in zip(staged, resp.blocks):
+            if b.length == load.bounds[-1]:
+                load.expect(i, b.header)
+            else:
+                load.reject(i, CorruptBlock(f"staged payload of {b.length} bytes"))
+        groups = []
+        for g in range(len(load.layer_ends)):
+            lo, hi = load.bounds[g], load.bounds[g + 1]
+            groups.append(([(endpoint.pool.page_addr(load.pages[i]) + lo, hi - lo, 0)
+                            for i in staged],
+                           [(b.addr + lo, hi - lo, 0) for b in resp.blocks]))
+        await endpoint.read_groups(remote, groups, resp.mem_type or "DRAM",
+                                   lambda g: load.landed(staged, g), timeout_s)
+    finally:
+        endpoint.notify(remote, kvstore_pb2.StageRelease(stage_id=resp.stage_id).SerializeToString())
+    return idx[len(staged):]

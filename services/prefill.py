@@ -41,7 +41,7 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams, logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
-from pdserve.services import security
+from pdserve.services import layer_fetch, security
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.layer_fetch import LayerLoad
 from pdserve.services.registration import join_gateway
@@ -85,7 +85,8 @@ class PrefillWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
-                 batch_wait_s: float = 0.0, fetch_layer_groups: int = 1) -> None:
+                 batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
+                 fetch_nixl: bool = False) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -97,6 +98,7 @@ class PrefillWorker:
         self.batch_wait_s = batch_wait_s
         # Parts per fetched block (layer groups); 1 = whole blocks, loaded before compute.
         self.fetch_layer_groups = fetch_layer_groups
+        self.fetch_nixl = fetch_nixl  # READ blocks from the stores' staging buffers over NIXL
         self.layered_fetches = 0
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self.kvstore = kvstore
@@ -265,7 +267,7 @@ class PrefillWorker:
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         try:
             t0 = time.perf_counter()
-            if want and self.fetch_layer_groups > 1 and self.kvstore.enabled:
+            if want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
                 first, first_logprob, n_cached, fetch_s = await self._compute_while_fetching(
                     prompt, pages, keys[:want], params)
                 t1 = t0  # computing started at once
@@ -316,7 +318,8 @@ class PrefillWorker:
 
         async def fetch() -> None:
             try:
-                await self.kvstore.get_parts(keys, load.cuts, load.on_part)
+                await layer_fetch.fetch(load, self.kvstore, self.endpoint if self.fetch_nixl else None,
+                                        self.kvstore.timeout_s)
             finally:
                 load.finish()  # whatever happened: releases a forward waiting for it
 
@@ -409,7 +412,8 @@ async def run(settings: PrefillSettings) -> None:
             settings.transfer_timeout_s, settings.device,
             agent_name=settings.worker_id or "prefill",
             batch_wait_s=settings.prefill_batch_wait_ms / 1000,
-            fetch_layer_groups=settings.kv_fetch_layer_groups)
+            fetch_layer_groups=settings.kv_fetch_layer_groups,
+            fetch_nixl=settings.kv_fetch == "nixl")
 
     # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
     loaded, worker = in_passing_thread(build)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 from google.protobuf.message import DecodeError
 from pdserve.engine.kv_pool import KVPool
+from pdserve.services.nixl_agent import new_agent
 from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,6 @@ class TransferState(enum.Enum):
     TIMED_OUT = "timed_out"
 
 
-def _quiet_nixl() -> None:
-    logging.getLogger("NIXL").setLevel(logging.WARNING)
-    os.environ.setdefault("UCX_LOG_LEVEL", "error")
-
-
 def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
     h = xxhash.xxh3_64()
     for p in pages:
@@ -53,15 +48,10 @@ class NixlEndpoint:
     """One NIXL agent with the whole KV pool registered."""
 
     def __init__(self, name: str, pool: KVPool) -> None:
-        _quiet_nixl()
-        from nixl._api import nixl_agent, nixl_agent_config
-
         self.name = name
         self.pool = pool
         self.mem_type = "VRAM" if pool.kv.is_cuda else "DRAM"
-        # No progress thread: it spins a whole core. Transfers progress when polled
-        # (check_xfer_state on the sender, get_new_notifs on the receiver).
-        self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self.agent = new_agent(name)
         self._reg = self.agent.register_memory(self.agent.get_reg_descs(pool.kv))
         self._remote_md: dict[str, bytes] = {}
 
@@ -77,17 +67,65 @@ class NixlEndpoint:
 
     # -- sender --------------------------------------------------------------------------
     def _remote(self, res: common_pb2.Reservation) -> str:
-        known = self._remote_md.get(res.agent_name)
-        if known != res.agent_metadata:
-            if known is not None:  # the decode worker restarted: forget its old memory
-                self.agent.remove_remote_agent(res.agent_name)
-            name = self.agent.add_remote_agent(res.agent_metadata)
+        return self.remote(res.agent_name, res.agent_metadata)
+
+    def remote(self, agent_name: str, metadata: bytes) -> str:
+        """Knows the peer agent (its metadata carried in a protobuf field); returns its name."""
+        known = self._remote_md.get(agent_name)
+        if known != metadata:
+            if known is not None:  # the peer restarted: forget its old memory
+                self.agent.remove_remote_agent(agent_name)
+            name = self.agent.add_remote_agent(metadata)
             name = name.decode() if isinstance(name, bytes) else name
-            if name != res.agent_name:
-                raise TransferError(f"reservation names agent {res.agent_name!r}, "
-                                    f"its metadata is for {name!r}")
-            self._remote_md[res.agent_name] = res.agent_metadata
-        return res.agent_name
+            if name != agent_name:
+                raise TransferError(f"peer named {agent_name!r}, its metadata is for {name!r}")
+            self._remote_md[agent_name] = metadata
+        return agent_name
+
+    async def read_groups(self, remote: str, groups: Sequence[tuple[list, list]], remote_mem: str,
+                          on_group: Callable[[int], None], timeout_s: float) -> int:
+        """Posts one READ per group of (local ranges <- remote ranges), ranges being (addr,
+        length, device) tuples, and calls on_group(g) in group order as each group and those
+        before it complete. Returns how many groups were delivered (fewer on a NIXL error or
+        at the deadline)."""
+        dev = max(self.pool.kv.get_device(), 0)
+        handles = []
+        delivered = 0
+        try:
+            for local, rem in groups:
+                h = self.agent.initialize_xfer(
+                    "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n, _ in local],
+                                                      self.mem_type),
+                    self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
+                handles.append(h)
+                if self._post(h) is TransferState.FAILED:
+                    return delivered
+            deadline = time.monotonic() + timeout_s
+            while delivered < len(handles):
+                state = self._state(self.agent.check_xfer_state(handles[delivered]))
+                if state is TransferState.DONE:
+                    on_group(delivered)
+                    delivered += 1
+                    continue
+                if state is TransferState.FAILED or time.monotonic() > deadline:
+                    return delivered
+                await asyncio.sleep(0.0005)
+            return delivered
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
+            log.warning("NIXL read failed", extra={"peer": remote, "error": f"{type(e).__name__}: {e}"})
+            return delivered
+        finally:
+            for h in handles:
+                try:
+                    self.agent.release_xfer_handle(h)
+                except Exception:  # noqa: BLE001 - a still-running handle may refuse release
+                    log.warning("read handle not released", extra={"peer": remote})
+
+    def notify(self, remote: str, message: bytes) -> None:
+        try:
+            self.agent.send_notif(remote, message)
+        except Exception as e:  # noqa: BLE001 - the peer is gone: nothing to tell it
+            log.warning("NIXL notification failed", extra={"peer": remote, "error": str(e)})
 
     async def write(
         self,

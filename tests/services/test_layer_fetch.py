@@ -12,10 +12,14 @@ import pytest
 import torch
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.cache.codec import HEADER_SIZE, encode_block
+from pdserve.cache.store import BlockStore
 from pdserve.engine.sampling import SamplingParams
+from pdserve.services.kvstore import KVStoreServicer
 from pdserve.services.kvstore_client import KVStoreClient, rendezvous
 from pdserve.services.layer_fetch import LayerLoad, layer_groups
 from pdserve.services.prefill import PrefillWorker
+from pdserve.services.server import create_server
+from pdserve.services.staging import StagingArea
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from tests.services.test_sharding import start_shard
@@ -90,7 +94,7 @@ class GatedClient(KVStoreClient):
         self.gate = asyncio.Event()
         self.held = 0
 
-    async def get_parts(self, keys, cuts, on_part):  # type: ignore[no-untyped-def]
+    async def get_parts_from(self, shard, keys, cuts, on_part):  # type: ignore[no-untyped-def]
         held = []
 
         def keep(i, p, v):  # type: ignore[no-untyped-def]
@@ -99,7 +103,7 @@ class GatedClient(KVStoreClient):
             else:
                 held.append((i, p, v))
 
-        await super().get_parts(keys, cuts, keep)
+        await super().get_parts_from(shard, keys, cuts, keep)
         self.held = len(held)
         await asyncio.wait_for(self.gate.wait(), 120)
         for item in held:
@@ -191,3 +195,126 @@ async def test_bad_part_cuts_are_refused_naming_the_field(tmp_path):
         got = [b async for b in stub.Get(kvstore_pb2.GetRequest(keys=keys, part_cuts=[1000]))]
         assert [(b.part, len(b.value)) for b in got] == [(0, HEADER_SIZE + 1000), (1, 3096)]
     await server.stop(0)
+
+
+async def start_staging_shard(path, staging_mb: int, lease_s: float = 10.0):
+    """A kvstore shard with a NIXL staging buffer, its agent polled as the service does."""
+    store = BlockStore(path)
+    staging = StagingArea(f"kvstore-test-{next(_names)}", staging_mb << 20, lease_s)
+    servicer = KVStoreServicer(store, staging)
+    server, port, _ = await create_server(
+        [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)], [],
+        "127.0.0.1", 0)
+    poller = asyncio.create_task(staging.poll())
+    return server, store, staging, poller, f"127.0.0.1:{port}"
+
+
+async def stop_staging_shard(server, staging, poller) -> None:  # type: ignore[no-untyped-def]
+    poller.cancel()
+    await server.stop(0)
+    staging.close()
+
+
+async def eventually(cond, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("staging_mb", [64, 4])
+async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, monkeypatch,
+                                                             staging_mb):
+    """64 MiB holds the whole chain: every block is READ over NIXL in layer groups, nothing
+    goes through the gRPC stream, and the staging space is released by the reader's
+    notification. 4 MiB holds one block: that one over NIXL, the rest through the stream.
+    Either way the bytes and the token are those of whole blocks loaded before computing."""
+    server, store, staging, poller, addr = await start_staging_shard(tmp_path / "s", staging_mb)
+    client = KVStoreClient(addr, timeout_s=5.0)
+    w = PrefillWorker(loaded, num_pages=40, kvstore=client, fetch_layer_groups=4,
+                      fetch_nixl=True, agent_name=f"layer-fetch-{next(_names)}")
+    bt = w.layout.block_tokens
+    keys, _, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), bt)
+    p1 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    assert w._load_blocks(p1, keys, await client.get(keys[:want])) == want
+    first1, _ = await w._compute(PROMPT, p1, want * bt, SamplingParams())
+    streamed: list[int] = []
+    real = KVStoreClient.get_parts_from
+
+    async def count(self, shard, ks, cuts, on_part):  # type: ignore[no-untyped-def]
+        streamed.append(len(ks))
+        await real(self, shard, ks, cuts, on_part)
+
+    monkeypatch.setattr(KVStoreClient, "get_parts_from", count)
+    p2 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first2, _, n2, _ = await w._compute_while_fetching(PROMPT, p2, keys[:want], SamplingParams())
+    assert n2 == want and first2 == first1
+    assert torch.equal(rows(w.pool, p1, len(PROMPT)), rows(w.pool, p2, len(PROMPT)))
+    assert streamed == ([] if staging_mb == 64 else [want - 1])
+    assert await eventually(lambda: staging.released == 1)
+    assert staging.leased == 0 and staging.extents.free_bytes == staging_mb << 20
+    w.pool.release(p1 + p2)
+    await client.close()
+    await stop_staging_shard(server, staging, poller)
+
+
+async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(loaded, tmp_path):
+    """No staging buffer: Stage is UNIMPLEMENTED and the blocks come through the stream. A
+    block damaged on disk: the store stops staging at it, the prompt is computed from it."""
+    plain, plain_store, plain_addr = await start_shard(tmp_path / "plain")
+    client = KVStoreClient(plain_addr, timeout_s=5.0)
+    w = PrefillWorker(loaded, num_pages=40, kvstore=client, fetch_layer_groups=4,
+                      fetch_nixl=True, agent_name=f"layer-fetch-{next(_names)}")
+    bt = w.layout.block_tokens
+    keys, cold_first, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), bt)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
+    assert n == want and first == cold_first
+    w.pool.release(pages)
+    await client.close()
+    await plain.stop(0)
+
+    server, store, staging, poller, addr = await start_staging_shard(tmp_path / "s", 64)
+    w.kvstore = client = KVStoreClient(addr, timeout_s=5.0)
+    await cold_then_store(w)
+    seg, off, size = store._meta[keys[6]].where()
+    with open(store._segments.path(seg), "r+b") as f:
+        f.seek(off + size - 1000)
+        byte = f.read(1)
+        f.seek(off + size - 1000)
+        f.write(bytes([byte[0] ^ 0x20]))
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
+    assert n == 6 and store.stats.corrupt == 1
+    p1 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    assert w._load_blocks(p1, keys, await client.get(keys[:6])) == 6
+    first1, _ = await w._compute(PROMPT, p1, 6 * bt, SamplingParams())
+    assert first == first1
+    w.pool.release(pages + p1)
+    await client.close()
+    await stop_staging_shard(server, staging, poller)
+
+
+async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_path):
+    server, store, staging, poller, addr = await start_staging_shard(tmp_path / "s", 1, 0.2)
+    keys = block_hashes("ns", "", list(range(128)), 64)
+    store.put_many([(k, encode_block(k, "fp", 64, bytes(300_000))) for k in keys])
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        r = await stub.Stage(kvstore_pb2.StageRequest(keys=keys))
+        assert len(r.blocks) == 2 and r.agent_name == staging.name and r.lease_s == 0.2
+        assert [b.length for b in r.blocks] == [300_000, 300_000]
+        assert staging.extents.free_bytes == (1 << 20) - 2 * (HEADER_SIZE + 300_000)
+        # Full: the next request is refused, naming the way around.
+        r2 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys))
+        assert len(r2.blocks) == 1  # one more fits
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Stage(kvstore_pb2.StageRequest(keys=keys))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Get" in e.value.details()
+    assert await eventually(lambda: staging.expired == 2)
+    assert staging.leased == 0 and staging.extents.free_bytes == 1 << 20
+    await stop_staging_shard(server, staging, poller)

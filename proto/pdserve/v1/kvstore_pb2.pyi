@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -79,3 +79,41 @@ class StatsResponse(_message.Message):
     accepting_writes: bool
     capacity_bytes: int
     def __init__(self, num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., corrupt: _Optional[int] = ..., evicted: _Optional[int] = ..., expired: _Optional[int] = ..., write_errors: _Optional[int] = ..., accepting_writes: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class StagedBlock(_message.Message):
+    __slots__ = ("header", "addr", "length")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    addr: int
+    length: int
+    def __init__(self, header: _Optional[bytes] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class StageResponse(_message.Message):
+    __slots__ = ("stage_id", "agent_name", "agent_metadata", "blocks", "lease_s", "mem_type")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    stage_id: int
+    agent_name: str
+    agent_metadata: bytes
+    blocks: _containers.RepeatedCompositeFieldContainer[StagedBlock]
+    lease_s: float
+    mem_type: str
+    def __init__(self, stage_id: _Optional[int] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., blocks: _Optional[_Iterable[_Union[StagedBlock, _Mapping]]] = ..., lease_s: _Optional[float] = ..., mem_type: _Optional[str] = ...) -> None: ...
+
+class StageRelease(_message.Message):
+    __slots__ = ("stage_id",)
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    stage_id: int
+    def __init__(self, stage_id: _Optional[int] = ...) -> None: ...

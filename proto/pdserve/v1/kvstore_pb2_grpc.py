@@ -49,6 +49,11 @@ class KVStoreStub:
                 request_serializer=pdserve_dot_v1_dot_kvstore__pb2.Block.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
                 _registered_method=True)
+        self.Stage = channel.unary_unary(
+                '/pdserve.v1.KVStore/Stage',
+                request_serializer=pdserve_dot_v1_dot_kvstore__pb2.StageRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.StageResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.v1.KVStore/Stats',
                 request_serializer=pdserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -80,6 +85,16 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stage(self, request, context):
+        """Reads the leading stored blocks (verified) into the store's NIXL staging buffer, for the
+        caller to READ over NIXL; the caller then sends the store's agent a NIXL notification
+        holding a serialized StageRelease, or the staging space is freed when the lease ends.
+        UNIMPLEMENTED when the store has no staging buffer; RESOURCE_EXHAUSTED when it is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -103,6 +118,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Put,
                     request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.Block.FromString,
                     response_serializer=pdserve_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'Stage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stage,
+                    request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.StageRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kvstore__pb2.StageResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -191,6 +211,33 @@ class KVStore:
             '/pdserve.v1.KVStore/Put',
             pdserve_dot_v1_dot_kvstore__pb2.Block.SerializeToString,
             pdserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVStore/Stage',
+            pdserve_dot_v1_dot_kvstore__pb2.StageRequest.SerializeToString,
+            pdserve_dot_v1_dot_kvstore__pb2.StageResponse.FromString,
             options,
             channel_credentials,
             insecure,
