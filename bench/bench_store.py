@@ -1,11 +1,13 @@
 """KV store throughput and latency, ratios against plain file I/O in the same run.
 
 1. put / get of 64-token blocks of the default model's layout (SmolLM2 float32: 2.95 MB a
-   block): the store directly and through the kvstore gRPC service, against sequential file
+   block): the store directly, through the kvstore gRPC service and by NIXL READ from its
+   staging buffer, against sequential file
    write (same fsync policy: one fsync per batch) and read of the same bytes on the same disk;
 2. Lookup latency of a 256-block chain through gRPC;
 3. warm / cold time to first token of a 2,048-token prompt (>= 1,920 tokens cached), with the
-   cached blocks fetched whole before computing and in layer groups while computing.
+   cached blocks fetched whole before computing, in layer groups while computing, and by NIXL
+   READ from the kvstore's staging buffer in layer groups (the default).
 
 Usage: python bench/bench_store.py [--blocks 64] [--batch 8] [--skip-ttft]
 """
@@ -110,6 +112,7 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
         for i in range(0, len(keys), batch):
             assert len(await client.get(keys[i:i + batch])) == len(keys[i:i + batch])
         t_get = time.perf_counter() - t0
+        t_nixl = await nixl_reads(client, keys, batch)
         chain = block_hashes("bench", "lookup", list(range(64 * 256)), 64)
         lat = []
         for _ in range(200):
@@ -120,12 +123,41 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
     finally:
         proc.terminate()
         proc.wait(30)
-    return t_put, t_get, lat
+    return t_put, t_get, t_nixl, lat
 
 
-def ttft(repeats: int, groups: int) -> tuple[float, float, int, int]:
+async def nixl_reads(client, keys, batch: int) -> float:  # type: ignore[no-untyped-def]
+    """Bulk reads as prefill makes them: Stage a batch in the kvstore's staging buffer, one
+    NIXL READ of the payloads into KV pages, check each page against its header's checksum,
+    release the staging space."""
+    from pdserve.cache.codec import check_header, checksum
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.services.transfer import NixlEndpoint
+    from pdserve.v1 import kvstore_pb2
+
+    pool = KVPool(LAYOUT, batch)
+    pool.kv.fill_(1)  # fault the pages in, as a serving worker's pool is
+    ep = NixlEndpoint("bench-reader", pool)
+    t0 = time.perf_counter()
+    for i in range(0, len(keys), batch):
+        ks = keys[i:i + batch]
+        r = await client.stage(0, ks)
+        assert r is not None and len(r.blocks) == len(ks), "staging refused"
+        remote = ep.remote(r.agent_name, r.agent_metadata)
+        local = [(pool.page_addr(j), b.length, 0) for j, b in enumerate(r.blocks)]
+        rem = [(b.addr, b.length, 0) for b in r.blocks]
+        assert await ep.read_groups(remote, [(local, rem)], r.mem_type, lambda g: None, 60) == 1
+        for j, (k, b) in enumerate(zip(ks, r.blocks)):
+            h = check_header(k, b.header, len(b.header) + b.length)
+            assert checksum(pool.page_bytes(j).numpy()) == h.checksum
+        ep.notify(remote, kvstore_pb2.StageRelease(stage_id=r.stage_id).SerializeToString())
+    return time.perf_counter() - t0
+
+
+def ttft(repeats: int, groups: int, how: str) -> tuple[float, float, int, int]:
     """Median cold and warm TTFT of a 2,048-token prompt through a local cluster whose
-    prefill fetches cached blocks in `groups` layer groups (1 = whole blocks first)."""
+    prefill fetches cached blocks in `groups` layer groups (1 = whole blocks first) by `how`
+    (nixl or grpc)."""
     import grpc
     from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -135,14 +167,15 @@ def ttft(repeats: int, groups: int) -> tuple[float, float, int, int]:
 
     prompt = [100 + (i * 7919) % 40000 for i in range(2048)]
     cold, warm = [], []
-    os.environ["PDSERVE_KV_FETCH_LAYER_GROUPS"] = str(groups)  # the prefill worker's setting
+    os.environ["PDSERVE_KV_FETCH_LAYER_GROUPS"] = str(groups)  # the prefill worker's settings
+    os.environ["PDSERVE_KV_FETCH"] = how
     with tempfile.TemporaryDirectory() as d:
         with LocalCluster(UpSettings(data_dir=Path(d), port=0), progress=False) as cluster:
             kv = kvstore_pb2_grpc.KVStoreStub(grpc.insecure_channel(cluster.kvstore_address))
             with Client(cluster.gateway_address) as c:
                 c.generate(token_ids=prompt[:8], max_tokens=1)
                 for i in range(repeats):
-                    salt = f"ttft-{groups}-{i}"
+                    salt = f"ttft-{groups}-{how}-{i}"
                     before = kv.Stats(kvstore_pb2.StatsRequest()).num_blocks
                     a = c.generate(token_ids=prompt, max_tokens=1, cache_salt=salt)
                     # Wait for the background block writes of the cold request to land.
@@ -173,7 +206,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         fw, fr, fri = file_io(Path(d) / "plain.bin", blocks, args.batch)
         sp, sg, sgi = store_io(Path(d) / "store", blocks, args.batch)
-        gp, gg, lat = asyncio.run(grpc_io(Path(d) / "grpc", make_blocks(args.blocks), args.batch))
+        gp, gg, gn, lat = asyncio.run(grpc_io(Path(d) / "grpc", make_blocks(args.blocks),
+                                              args.batch))
     gbps = lambda t: f"{total / t / 1e9:.2f} GB/s ({args.blocks / t:.0f} blocks/s)"  # noqa: E731
     rows = [
         ("put, store (segment + RocksDB, synced)", gbps(sp), f"{fw / sp:.2f}x file write"),
@@ -181,6 +215,7 @@ def main() -> None:
         ("plain file write + fsync per batch", gbps(fw), "1.00x"),
         ("get, store (verified), new bytes objects", gbps(sg), f"{fr / sg:.2f}x file read"),
         ("get, through gRPC (kvstore process)", gbps(gg), f"{fr / gg:.2f}x file read"),
+        ("get, NIXL READ from kvstore staging (verified)", gbps(gn), f"{fr / gn:.2f}x file read"),
         ("plain file read, new bytes objects", gbps(fr), "1.00x"),
         ("get_into, store (verified), into a buffer", gbps(sgi), f"{fri / sgi:.2f}x readinto"),
         ("plain file readinto, same buffer", gbps(fri), "1.00x"),
@@ -192,22 +227,22 @@ def main() -> None:
         rows = []
         # Whole blocks fetched before computing, then layer groups fetched while computing
         # (the prefill default), each in its own cluster, alternated `--rounds` times.
-        res: dict[int, list[tuple[float, float]]] = {1: [], 4: []}
+        modes = {(1, "grpc"): "gRPC, whole blocks, then compute",
+                 (4, "grpc"): "gRPC, 4 layer groups, overlapped",
+                 (4, "nixl"): "NIXL READ, 4 layer groups, overlapped (default)"}
+        res: dict[tuple[int, str], list[tuple[float, float]]] = {m: [] for m in modes}
         for _ in range(args.rounds):
-            for groups in res:
-                print(f"TTFT with {groups} layer group(s) ...", file=sys.stderr, flush=True)
-                c, w, cached, n = ttft(args.repeats, groups)
-                res[groups].append((c, w))
-        for groups, label in ((1, "whole blocks, then compute"),
-                              (4, "4 layer groups, overlapped")):
-            c = statistics.median(x for x, _ in res[groups])
-            w = statistics.median(x for _, x in res[groups])
-            rows += [(f"TTFT, {n}-token prompt, cold ({label})", f"{c * 1000:.0f} ms", ""),
-                     (f"TTFT, warm, {cached} tokens cached ({label})", f"{w * 1000:.0f} ms",
-                      f"{w / c:.2f}x cold")]
-        whole = statistics.median(x for _, x in res[1])
-        layered = statistics.median(x for _, x in res[4])
-        rows.append(("warm TTFT, layer groups / whole blocks", "", f"{layered / whole:.2f}x"))
+            for groups, how in modes:
+                print(f"TTFT, {modes[groups, how]} ...", file=sys.stderr, flush=True)
+                c, w, cached, n = ttft(args.repeats, groups, how)
+                res[groups, how].append((c, w))
+        whole = statistics.median(x for _, x in res[1, "grpc"])
+        for mode, label in modes.items():
+            c = statistics.median(x for x, _ in res[mode])
+            w = statistics.median(x for _, x in res[mode])
+            rows += [(f"TTFT cold, {n} tokens ({label})", f"{c * 1000:.0f} ms", ""),
+                     (f"TTFT warm, {cached} cached ({label})", f"{w * 1000:.0f} ms",
+                      f"{w / c:.2f}x cold, {w / whole:.2f}x whole-block warm")]
         print()
         print(table(rows, ("figure", "value", "ratio")))
 
