@@ -289,10 +289,7 @@ class BlockStore(Upkeep):
             first: list[bytes] = []
             hashes: list[xxhash.xxh3_64] = []
             for key in keys:
-                with self._lock:
-                    m = self._meta.get(key)
-                    where = m.where() if m is not None else None
-                if where is None:
+                if (where := self._where(key)) is None:
                     break
                 seg, off, size = where
                 try:
@@ -350,18 +347,17 @@ class BlockStore(Upkeep):
                     break
         finally:
             self._segments.close_all(fds)
-            with self._lock:
-                self.stats.hits += n
-                self.stats.misses += len(keys) - n
-            self._touch(keys[:n])
+            self._count_read(keys, n)
+
+    def _where(self, key: bytes) -> tuple[int, int, int] | None:
+        with self._lock:
+            m = self._meta.get(key)
+            return m.where() if m is not None else None
 
     def _corrupt(self, key: bytes, where: tuple[int, int, int], e: CorruptBlock) -> None:
         """A block failed its checks: a plain miss if it was evicted or rewritten meanwhile,
         otherwise deleted and counted."""
-        with self._lock:
-            m = self._meta.get(key)
-            moved = m is None or m.where() != where
-        if moved:
+        if self._where(key) != where:
             return
         log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
         self._delete([key])
@@ -376,10 +372,7 @@ class BlockStore(Upkeep):
         fds: dict[int, int] = {}
         try:
             for key in keys:
-                with self._lock:
-                    m = self._meta.get(key)
-                    where = m.where() if m is not None else None
-                if where is None:
+                if (where := self._where(key)) is None:
                     break
                 try:
                     if not read(key, where, fds):
@@ -390,11 +383,15 @@ class BlockStore(Upkeep):
                 n += 1
         finally:
             self._segments.close_all(fds)
+        self._count_read(keys, n)
+        return n
+
+    def _count_read(self, keys: Sequence[bytes], n: int) -> None:
+        """The leading n keys were read: hits, the rest misses; the hits' access times."""
         with self._lock:
             self.stats.hits += n
             self.stats.misses += len(keys) - n
         self._touch(keys[:n])
-        return n
 
     def _read_into(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int],
                    dest: memoryview) -> None:

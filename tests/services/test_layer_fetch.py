@@ -28,9 +28,19 @@ PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, th
 _names = itertools.count()
 
 
-def worker(loaded, kvstore: KVStoreClient, groups: int) -> PrefillWorker:
+def worker(loaded, kvstore: KVStoreClient, groups: int, nixl: bool = False) -> PrefillWorker:
     return PrefillWorker(loaded, num_pages=40, kvstore=kvstore, fetch_layer_groups=groups,
-                         agent_name=f"layer-fetch-{next(_names)}")
+                         fetch_nixl=nixl, agent_name=f"layer-fetch-{next(_names)}")
+
+
+def damage(store: BlockStore, key: bytes) -> None:
+    """Flips a byte 1,000 bytes before the end of the block on disk: in its last layers."""
+    seg, off, size = store._meta[key].where()
+    with open(store._segments.path(seg), "r+b") as f:
+        f.seek(off + size - 1000)
+        byte = f.read(1)
+        f.seek(off + size - 1000)
+        f.write(bytes([byte[0] ^ 0x20]))
 
 
 def rows(pool, pages, n_tokens: int) -> torch.Tensor:
@@ -157,13 +167,8 @@ async def test_a_block_damaged_in_a_late_layer_is_recomputed_not_used(loaded, tm
     bt = w.layout.block_tokens
     keys, _, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
-    seg, off, size = store._meta[keys[6]].where()
-    with open(store._segments.path(seg), "r+b") as f:  # a byte in block 6's last layers
-        f.seek(off + size - 1000)
-        byte = f.read(1)
-        f.seek(off + size - 1000)
-        f.write(bytes([byte[0] ^ 0x20]))
-    assert size - 1000 > HEADER_SIZE + w.layout.bytes_per_block * 3 // 4
+    damage(store, keys[6])  # in the last of the 4 layer groups:
+    assert w.layout.bytes_per_block - 1000 > w.layout.bytes_per_block * 3 // 4
     pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
     first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
     assert n == 6  # blocks 0-5 used, block 6 on recomputed
@@ -233,8 +238,7 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     Either way the bytes and the token are those of whole blocks loaded before computing."""
     server, store, staging, poller, addr = await start_staging_shard(tmp_path / "s", staging_mb)
     client = KVStoreClient(addr, timeout_s=5.0)
-    w = PrefillWorker(loaded, num_pages=40, kvstore=client, fetch_layer_groups=4,
-                      fetch_nixl=True, agent_name=f"layer-fetch-{next(_names)}")
+    w = worker(loaded, client, groups=4, nixl=True)
     bt = w.layout.block_tokens
     keys, _, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
@@ -266,8 +270,7 @@ async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(load
     block damaged on disk: the store stops staging at it, the prompt is computed from it."""
     plain, plain_store, plain_addr = await start_shard(tmp_path / "plain")
     client = KVStoreClient(plain_addr, timeout_s=5.0)
-    w = PrefillWorker(loaded, num_pages=40, kvstore=client, fetch_layer_groups=4,
-                      fetch_nixl=True, agent_name=f"layer-fetch-{next(_names)}")
+    w = worker(loaded, client, groups=4, nixl=True)
     bt = w.layout.block_tokens
     keys, cold_first, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
@@ -281,12 +284,7 @@ async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(load
     server, store, staging, poller, addr = await start_staging_shard(tmp_path / "s", 64)
     w.kvstore = client = KVStoreClient(addr, timeout_s=5.0)
     await cold_then_store(w)
-    seg, off, size = store._meta[keys[6]].where()
-    with open(store._segments.path(seg), "r+b") as f:
-        f.seek(off + size - 1000)
-        byte = f.read(1)
-        f.seek(off + size - 1000)
-        f.write(bytes([byte[0] ^ 0x20]))
+    damage(store, keys[6])
     pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
     first, _, n, _ = await w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams())
     assert n == 6 and store.stats.corrupt == 1
