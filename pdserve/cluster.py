@@ -31,6 +31,7 @@ class Service:
         self.name = name
         self.base_args = list(args)  # what `restart` starts again; extra_args are one-off
         self.args = list(args) + list(extra_args)
+        self.env = env
         self.ready_file = run_dir / f"{name}.ready.json"
         self.log_path = run_dir / f"{name}.log"
         self.ready_file.unlink(missing_ok=True)
@@ -94,8 +95,9 @@ class LocalCluster:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def _spawn(self, name: str, args: list[str], extra_args: list[str] = ()) -> Service:  # type: ignore[assignment]
-        svc = Service(name, args, self.run_dir, self.env, extra_args)
+    def _spawn(self, name: str, args: list[str], extra_args: list[str] = (),  # type: ignore[assignment]
+               env: dict[str, str] | None = None) -> Service:
+        svc = Service(name, args, self.run_dir, env or self.env, extra_args)
         self.services.append(svc)
         return svc
 
@@ -135,11 +137,17 @@ class LocalCluster:
             self._say(f"loading the model in {self.s.num_prefill} prefill and "
                       f"{self.s.num_decode} decode workers ...")
             workers = []
+            # All workers share this machine's cores. A prefill step is a few large parallel
+            # regions: its OpenMP threads lose little by sleeping between them, while spinning
+            # there takes the cores decode needs for its thousands of small regions (an
+            # OMP_WAIT_POLICY set by the user wins).
+            prefill_env = {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
             for i in range(self.s.num_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
                     "prefill", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--kvstore", self.kvstore_address, "--worker-id", f"prefill-{i}",
-                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *common]))
+                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *common],
+                    env=prefill_env))
             for i in range(self.s.num_decode):
                 workers.append(self._spawn(f"decode-{i}", [
                     "decode", "--port", "0", "--gateway", self.gateway_internal_address,
@@ -204,7 +212,7 @@ class LocalCluster:
             args[args.index("--port") + 1] = str(old.port)
         if internal:
             args[args.index("--internal-port") + 1] = str(internal)
-        svc = self._spawn(name, args, list(extra_args))
+        svc = self._spawn(name, args, list(extra_args), env=old.env)
         self._wait_ready([svc], time.monotonic() + timeout_s)
         return svc
 

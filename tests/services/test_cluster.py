@@ -3,6 +3,7 @@ and decode on loopback, the real model, NIXL over UCX."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -244,3 +245,14 @@ def test_live_replay_of_a_trace_slice_hits_the_ideal_share(cluster, tmp_path):
     assert out["succeeded"] == 6 and out["failed"] == {}
     assert out["ideal_hit_share"] > 0.3
     assert out["hit_share"] == out["ideal_hit_share"]
+
+
+def test_prefill_workers_wait_passively_and_decode_workers_spin(cluster):
+    """`pdserve up` shares one machine's cores between workers: prefill's OpenMP threads sleep
+    between its large parallel regions, decode's keep libgomp's default (spin, then sleep)."""
+    def env_of(name):
+        raw = open(f"/proc/{cluster.service(name).proc.pid}/environ", "rb").read()
+        return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
+
+    assert env_of("prefill-0").get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert env_of("decode-0").get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY")
