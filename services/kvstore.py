@@ -180,6 +180,22 @@ def open_store(settings: KVStoreSettings, read_only: bool = False) -> BlockStore
                       read_only=read_only)
 
 
+def open_staging(settings: KVStoreSettings) -> StagingArea | None:
+    """The NIXL staging buffer, or None when it is off or cannot be had (no UCX transport,
+    memory that cannot be registered): then blocks go through gRPC only, which is slower but
+    loses nothing, so the store starts anyway and says why."""
+    if not settings.nixl_staging_mb:
+        return None
+    try:
+        return StagingArea(f"kvstore-{time.time_ns()}", settings.nixl_staging_mb << 20,
+                           settings.stage_lease_s)
+    except Exception as e:  # noqa: BLE001 - NIXL and UCX raise their own types
+        log.warning("NIXL staging unavailable; blocks go through gRPC only",
+                    extra={"staging_mb": settings.nixl_staging_mb,
+                           "error": f"{type(e).__name__}: {e}"})
+        return None
+
+
 async def _watch_writes(store: BlockStore, health, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
     last = None
     while not stop.is_set():
@@ -199,8 +215,7 @@ async def run(settings: KVStoreSettings) -> None:
     if settings.low_watermark > settings.high_watermark:
         raise ValueError("--low-watermark must not exceed --high-watermark")
     store = open_store(settings)
-    staging = (StagingArea(f"kvstore-{time.time_ns()}", settings.nixl_staging_mb << 20,
-                           settings.stage_lease_s) if settings.nixl_staging_mb else None)
+    staging = open_staging(settings)
     servicer = KVStoreServicer(store, staging)
     server, port, health = await create_server(
         [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)],

@@ -316,3 +316,22 @@ async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_
     assert await eventually(lambda: staging.expired == 2)
     assert staging.leased == 0 and staging.extents.free_bytes == 1 << 20
     await stop_staging_shard(server, staging, poller)
+
+
+def test_a_store_that_cannot_stage_starts_without_staging(monkeypatch, caplog):
+    from pdserve.services import kvstore, staging
+
+    from pdserve.config import KVStoreSettings
+
+    assert kvstore.open_staging(KVStoreSettings(nixl_staging_mb=0)) is None
+    area = kvstore.open_staging(KVStoreSettings(nixl_staging_mb=1))
+    assert area is not None and area.extents.free_bytes == 1 << 20
+    area.close()
+
+    def no_ucx(name):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no UCX transport")
+
+    monkeypatch.setattr(staging, "new_agent", no_ucx)
+    with caplog.at_level("WARNING"):
+        assert kvstore.open_staging(KVStoreSettings(nixl_staging_mb=1)) is None
+    assert "NIXL staging unavailable" in caplog.text
