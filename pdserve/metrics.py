@@ -143,6 +143,30 @@ class StoreCollector(Collector):
             yield g
 
 
+class StagingCollector(Collector):
+    """The kvstore's NIXL staging buffer (services/staging.py), read at scrape time."""
+
+    def __init__(self, staging) -> None:  # type: ignore[no-untyped-def]
+        self._staging = staging
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        st = self._staging
+        for name, help_, value in (
+                ("staged_blocks", "blocks staged for NIXL READ", st.staged_blocks),
+                ("stage_released", "staged regions released by their reader", st.released),
+                ("stage_expired", "staged regions dropped when their lease ended", st.expired)):
+            c = CounterMetricFamily(f"pdserve_store_{name}", help_)
+            c.add_metric([], value)
+            yield c
+        for name, help_, value in (
+                ("staging_bytes", "size of the NIXL staging buffer", st.extents.size),
+                ("staging_leased_bytes", "staging bytes held for readers",
+                 st.extents.size - st.extents.free_bytes)):
+            g = GaugeMetricFamily(f"pdserve_store_{name}", help_)
+            g.add_metric([], value)
+            yield g
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """{'name{labels}': value} from the Prometheus text format (for tests and `up`)."""
     out: dict[str, float] = {}

@@ -36,7 +36,7 @@ from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from pdserve.config import KVStoreSettings
-from pdserve.metrics import StoreCollector, serve_metrics
+from pdserve.metrics import StagingCollector, StoreCollector, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ async def run(settings: KVStoreSettings) -> None:
     poller = asyncio.create_task(staging.poll()) if staging is not None else None
     prom = CollectorRegistry()
     prom.register(StoreCollector(lambda: store.stats))
+    if staging is not None:
+        prom.register(StagingCollector(staging))
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
     write_ready_file(settings.ready_file, port, metrics_port=metrics_port)
     log.info("kvstore serving", extra={"port": port, "blocks": store.stats.num_blocks})

@@ -92,6 +92,7 @@ class StagingArea:
         self._wake = asyncio.Event()
         self.released = 0
         self.expired = 0
+        self.staged_blocks = 0
 
     @property
     def leased(self) -> int:
@@ -132,6 +133,7 @@ class StagingArea:
                 length=size - HEADER_SIZE))
             pos += size
         resp.stage_id = stage_id
+        self.staged_blocks += len(lengths)
         return resp
 
     def release(self, stage_id: int) -> bool:

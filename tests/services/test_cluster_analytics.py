@@ -221,6 +221,10 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
     assert (store_metrics["pdserve_store_hits_total"]
             - before["kvstore"]["pdserve_store_hits_total"]) == blocks_fetched
     assert store_metrics["pdserve_store_blocks"] == base_blocks + 7
+    # Those blocks reached prefill by NIXL READ from the store's staging buffer.
+    assert (store_metrics["pdserve_store_staged_blocks_total"]
+            - before["kvstore"]["pdserve_store_staged_blocks_total"]) == blocks_fetched
+    assert store_metrics["pdserve_store_staging_bytes"] == 256 << 20
 
 
 def test_ledger_is_flushed_on_clean_shutdown(acluster):
