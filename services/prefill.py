@@ -168,7 +168,12 @@ class PrefillWorker:
                 await self._wake.wait()
                 await self._gather()
                 continue
-            plan = schedule_chunks(self._queue, self.step_tokens)
+            # A prompt whose cached blocks are still arriving computes while they arrive only
+            # when nothing else is ready: a step waits for the slowest fetch in it (at most the
+            # fetch's deadline), and a slow store must not hold up prompts that need nothing
+            # from it.
+            ready = [j for j in self._queue if j.load is None or j.load.settled]
+            plan = schedule_chunks(ready or self._queue, self.step_tokens)
             chunks = [(j.prompt[j.num_computed:j.num_computed + n], j.num_computed, j.pages)
                       for j, n in plan]
             last = [i for i, (j, n) in enumerate(plan) if j.num_computed + n == len(j.prompt)]

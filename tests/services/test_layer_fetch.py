@@ -335,3 +335,35 @@ def test_a_store_that_cannot_stage_starts_without_staging(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert kvstore.open_staging(KVStoreSettings(nixl_staging_mb=1)) is None
     assert "NIXL staging unavailable" in caplog.text
+
+
+async def test_a_slow_fetch_holds_up_no_prompt_queued_with_it(loaded, tmp_path):
+    """A prompt whose later layer groups are held back, queued with another that needs nothing
+    from the store: the next step computes the other one to its first token without waiting;
+    the held prompt finishes once its blocks come. (A prompt alone in the queue computes while
+    its blocks arrive; a step that waits is bounded by the fetch deadline.)"""
+    server, store, addr = await start_shard(tmp_path / "s")
+    client = GatedClient(addr, timeout_s=30.0)
+    w = worker(loaded, client, groups=3)
+    keys, cold_first, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), w.layout.block_tokens)
+    busy_prompt = [3 + i % 900 for i in range(1500)]  # keeps the engine busy meanwhile
+    p0 = w.pool.reserve(w.layout.pages_for(len(busy_prompt)))
+    busy = asyncio.create_task(w._compute(busy_prompt, p0, 0, SamplingParams()))
+    await asyncio.sleep(0.1)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    held = asyncio.create_task(
+        w._compute_while_fetching(PROMPT, pages, keys[:want], SamplingParams()))
+    other = [7 + i for i in range(100)]
+    p2 = w.pool.reserve(w.layout.pages_for(len(other)))
+    await asyncio.sleep(0)
+    assert not busy.done(), "the engine was to be busy while both were queued"
+    await asyncio.wait_for(w._compute(other, p2, 0, SamplingParams()), 120)
+    assert not held.done() and not client.gate.is_set()
+    client.gate.set()
+    got, _, n, _ = await asyncio.wait_for(held, 120)
+    assert n == want and got == cold_first
+    await busy
+    w.pool.release(p0 + pages + p2)
+    await client.close()
+    await server.stop(0)
