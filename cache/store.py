@@ -9,7 +9,8 @@ Column families:
 - `access`: key = block hash, value = <last access ms u64><hit count u32><size u32><depth u32>
 
 Guarantees:
-- every read is verified; a corrupt block is deleted, counted, and reported as a miss;
+- every read is verified; a corrupt block is deleted, counted, and reported as a miss
+  (the reads are in cache/reads.py, eviction, expiry and verification in cache/upkeep.py);
 - a put appends its blocks to the active segment, then stores their locations and access
   records in one atomic RocksDB batch; with sync="every_write" both are synced before the put
   is acknowledged (the bytes first), so an acknowledged put survives a SIGKILL or power loss;
@@ -32,15 +33,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import rocksdict
-import xxhash
-from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header, verify_block
 from pdserve.cache.codec import MAGIC as BLOCK_MAGIC
-from pdserve.cache.errors import CorruptBlock
+from pdserve.cache.codec import verify_block
+from pdserve.cache.reads import Reads
 from pdserve.cache.records import LOC, LOC_MAGIC, Meta, StoreFull, StoreStats, now_ms
 from pdserve.cache.segments import SEGMENT_BYTES, Segments
 from pdserve.cache.upkeep import Upkeep
@@ -50,10 +50,9 @@ log = logging.getLogger(__name__)
 _STATS_KEY = b"pdserve:stats"  # lifetime counters, in the default column family
 _COUNTERS = ("hits", "misses", "puts", "corrupt", "evicted", "expired", "write_errors")
 SYNC_POLICIES = ("every_write", "interval", "off")
-READ_CHUNK = 1 << 20  # get_into checksums each chunk while it is still in the CPU cache
 
 
-class BlockStore(Upkeep):
+class BlockStore(Reads, Upkeep):
     def __init__(self, path: str | Path, sync: str = "every_write", sync_interval_ms: int = 100,
                  capacity_bytes: int = 0, high_watermark: float = 0.95,
                  low_watermark: float = 0.85, max_age_s: float = 0.0,
@@ -232,232 +231,6 @@ class BlockStore(Upkeep):
         """Per key: absent now, and evicted or expired earlier in this process's life."""
         with self._lock:
             return [k not in self._meta and k[:8] in self._gone for k in keys]
-
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes]:
-        """Verified blocks for the leading keys; stops at the first missing or corrupt one."""
-        out: list[bytes] = []
-
-        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
-            value = self._read(key, where, fds)
-            verify_block(key, value)
-            out.append(value)
-            return True
-
-        self._fetch(keys, read)
-        return out
-
-    def get_into(self, keys: Sequence[bytes], out: memoryview | bytearray) -> list[int]:
-        """Reads the verified blocks of the leading keys back to back into `out` (the caller's
-        memory: a staging buffer, a registered NIXL region) and returns their lengths; stops at
-        the first missing or corrupt block, or at the first that does not fit. Each block is
-        read in cache-sized chunks and checksummed while the chunk is hot, so its bytes cross
-        memory once (get_many copies them, then checksums them)."""
-        dest = memoryview(out).cast("B")
-        lengths: list[int] = []
-        pos = 0
-
-        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
-            nonlocal pos
-            size = where[2]
-            if pos + size > len(dest):
-                return False
-            self._read_into(key, where, fds, dest[pos:pos + size])
-            lengths.append(size)
-            pos += size
-            return True
-
-        self._fetch(keys, read)
-        return lengths
-
-    def get_parts(self, keys: Sequence[bytes], cuts: Sequence[int]) -> Iterator[list[bytes]]:
-        """The leading stored blocks in parts (kvstore.proto, GetRequest.part_cuts): yields
-        part 0 of every block (header and payload[:cuts[0]]), then part 1 of every block, and
-        so on; with cuts at layer boundaries a reader has the first layers of a whole chain
-        before the rest. Which blocks are sent is settled by part 0 (the leading stored keys
-        with a sound header); a block whose later part cannot be read ends the list there for
-        the parts that follow. Each block is checksummed as its parts go by: after the last
-        part a block that fails is deleted and counted corrupt (a plain miss if the evictor
-        removed it meanwhile). Parts are not verified on their own: the reader checks the
-        checksum of the assembled payload too. ValueError when a cut is not inside a block's
-        payload."""
-        if not cuts or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[0] <= 0:
-            raise ValueError("part cuts must be positive and increasing")
-        fds: dict[int, int] = {}
-        n = 0
-        try:
-            blocks: list[tuple[bytes, tuple[int, int, int], int, bytes | None]] = []
-            first: list[bytes] = []
-            hashes: list[xxhash.xxh3_64] = []
-            for key in keys:
-                if (where := self._where(key)) is None:
-                    break
-                seg, off, size = where
-                try:
-                    whole = self._read(key, where, fds) if seg < 0 else None
-                    try:
-                        head = (whole[:HEADER_SIZE + cuts[0]] if whole is not None else
-                                self._segments.read(seg, off, HEADER_SIZE + cuts[0], fds))
-                    except FileNotFoundError as e:
-                        raise CorruptBlock("segment file missing") from e
-                    except OSError as e:
-                        raise CorruptBlock(f"unreadable: {e}") from e
-                    h = check_header(key, head, size)
-                except CorruptBlock as e:
-                    self._corrupt(key, where, e)
-                    break
-                if cuts[-1] >= h.payload_len:
-                    raise ValueError(f"part cut {cuts[-1]} is not inside a payload of "
-                                     f"{h.payload_len} bytes")
-                if len(head) != HEADER_SIZE + cuts[0]:
-                    self._corrupt(key, where, CorruptBlock("segment cut short"))
-                    break
-                blocks.append((key, where, h.checksum, whole))
-                hashes.append(xxhash.xxh3_64(memoryview(head)[HEADER_SIZE:]))
-                first.append(head)
-            n = len(blocks)
-            if not n:
-                return
-            yield first
-            ends = [*cuts, None]
-            for p in range(1, len(ends)):
-                part: list[bytes] = []
-                for i in range(n):
-                    key, (seg, off, size), _, whole = blocks[i]
-                    start = HEADER_SIZE + cuts[p - 1]
-                    end = size if ends[p] is None else HEADER_SIZE + ends[p]
-                    try:
-                        value = (whole[start:end] if whole is not None else
-                                 self._segments.read(seg, off + start, end - start, fds))
-                    except OSError:
-                        value = b""
-                    if len(value) != end - start:
-                        self._corrupt(key, (seg, off, size), CorruptBlock("segment cut short"))
-                        n = i  # this block and those after it end here
-                        break
-                    hashes[i].update(value)
-                    part.append(value)
-                if part:
-                    yield part
-                if not n:
-                    return
-            for i in range(n):
-                if hashes[i].intdigest() != blocks[i][2]:
-                    self._corrupt(blocks[i][0], blocks[i][1], CorruptBlock(CHECKSUM_MISMATCH))
-                    n = i
-                    break
-        finally:
-            self._segments.close_all(fds)
-            self._count_read(keys, n)
-
-    def _where(self, key: bytes) -> tuple[int, int, int] | None:
-        with self._lock:
-            m = self._meta.get(key)
-            return m.where() if m is not None else None
-
-    def _corrupt(self, key: bytes, where: tuple[int, int, int], e: CorruptBlock) -> None:
-        """A block failed its checks: a plain miss if it was evicted or rewritten meanwhile,
-        otherwise deleted and counted."""
-        if self._where(key) != where:
-            return
-        log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
-        self._delete([key])
-        with self._lock:
-            self.stats.corrupt += 1
-
-    def _fetch(self, keys: Sequence[bytes],
-               read: Callable[[bytes, tuple[int, int, int], dict[int, int]], bool]) -> int:
-        """Calls `read` for the leading stored keys until one is missing, corrupt, or `read`
-        says stop; deletes and counts a corrupt block; returns how many were read."""
-        n = 0
-        fds: dict[int, int] = {}
-        try:
-            for key in keys:
-                if (where := self._where(key)) is None:
-                    break
-                try:
-                    if not read(key, where, fds):
-                        break
-                except CorruptBlock as e:
-                    self._corrupt(key, where, e)
-                    break
-                n += 1
-        finally:
-            self._segments.close_all(fds)
-        self._count_read(keys, n)
-        return n
-
-    def _count_read(self, keys: Sequence[bytes], n: int) -> None:
-        """The leading n keys were read: hits, the rest misses; the hits' access times."""
-        with self._lock:
-            self.stats.hits += n
-            self.stats.misses += len(keys) - n
-        self._touch(keys[:n])
-
-    def _read_into(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int],
-                   dest: memoryview) -> None:
-        seg, off, size = where
-        if seg < 0:
-            value = self._read(key, where, fds)
-            verify_block(key, value)
-            dest[:] = value
-            return
-        h = xxhash.xxh3_64()
-        header = None
-        pos = 0
-        try:
-            while pos < size:
-                n = min(READ_CHUNK, size - pos)
-                got = self._segments.read_into(seg, off + pos, dest[pos:pos + n], fds)
-                if got != n:
-                    raise CorruptBlock(f"segment holds {pos + got} of the block's {size} bytes")
-                if header is None:
-                    header = check_header(key, dest[:n], size)
-                    h.update(dest[HEADER_SIZE:n])
-                else:
-                    h.update(dest[pos:pos + n])
-                pos += n
-        except FileNotFoundError as e:
-            raise CorruptBlock("segment file missing") from e
-        except OSError as e:
-            raise CorruptBlock(f"unreadable: {e}") from e
-        if header is None or h.intdigest() != header.checksum:
-            raise CorruptBlock(CHECKSUM_MISMATCH)
-
-    def _read(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bytes:
-        seg, off, size = where
-        try:
-            if seg < 0:  # an old store's block, still in the `blocks` column family
-                value = self._blocks.get(key)
-                if value is None:
-                    raise CorruptBlock("metadata without block")
-                return value
-            value = self._segments.read(seg, off, size, fds)
-        except FileNotFoundError as e:
-            raise CorruptBlock("segment file missing") from e
-        except CorruptBlock:
-            raise
-        except Exception as e:  # noqa: BLE001 - an IO error, or RocksDB on a damaged blob file
-            raise CorruptBlock(f"unreadable: {e}") from e
-        if len(value) != size:
-            raise CorruptBlock(f"segment holds {len(value)} of the block's {size} bytes")
-        return value
-
-    def _touch(self, keys: Sequence[bytes]) -> None:
-        if not keys or self.read_only:
-            return
-        now = now_ms()  # one time for the whole chain: parents never older than their tails
-        wb = rocksdict.WriteBatch(raw_mode=True)
-        with self._lock:
-            for key in keys:
-                m = self._meta.get(key)
-                if m is None:
-                    continue
-                m.atime, m.hits = now, m.hits + 1
-                wb.put(key, m.pack(), self._access_h)
-        try:
-            self._db.write(wb, self._lazy)
-        except Exception as e:  # noqa: BLE001 - access times are best effort
-            log.warning("access time update failed", extra={"why": str(e)})
 
     # -- writes ---------------------------------------------------------------------------
     def put_many(self, items: Sequence[tuple[bytes, bytes]], depths: Sequence[int] | None = None) -> int:

@@ -227,7 +227,7 @@ def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_pat
 def test_get_into_reads_verified_blocks_into_the_callers_buffer(tmp_path):
     """get_into = get_many's bytes, written back to back into caller memory, checksummed chunk
     by chunk (blocks larger than a chunk, one damaged past the first chunk)."""
-    from pdserve.cache.store import READ_CHUNK
+    from pdserve.cache.reads import READ_CHUNK
 
     blocks = make_blocks(4, size=READ_CHUNK * 2 + 1000)
     keys = [k for k, _ in blocks]
