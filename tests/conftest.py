@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
+# The test clusters' kvstores register a smaller NIXL staging buffer than the 256 MiB default
+# (registration makes it resident): several clusters run at once on a 24 GiB machine.
+os.environ.setdefault("PDSERVE_NIXL_STAGING_MB", "64")
 
 CHAT_PROMPTS = [
     "What is the capital of France?",

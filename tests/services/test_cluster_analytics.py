@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
     # Those blocks reached prefill by NIXL READ from the store's staging buffer.
     assert (store_metrics["pdserve_store_staged_blocks_total"]
             - before["kvstore"]["pdserve_store_staged_blocks_total"]) == blocks_fetched
-    assert store_metrics["pdserve_store_staging_bytes"] == 256 << 20
+    assert store_metrics["pdserve_store_staging_bytes"] == int(
+        os.environ["PDSERVE_NIXL_STAGING_MB"]) << 20
 
 
 def test_ledger_is_flushed_on_clean_shutdown(acluster):

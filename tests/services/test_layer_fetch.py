@@ -28,9 +28,19 @@ PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, th
 _names = itertools.count()
 
 
+_worker: list[PrefillWorker] = []
+
+
 def worker(loaded, kvstore: KVStoreClient, groups: int, nixl: bool = False) -> PrefillWorker:
-    return PrefillWorker(loaded, num_pages=40, kvstore=kvstore, fetch_layer_groups=groups,
-                         fetch_nixl=nixl, agent_name=f"layer-fetch-{next(_names)}")
+    """One prefill worker for the module (its pool and NIXL agent live as long as the test
+    session), pointed at this test's store with this test's fetch settings."""
+    if not _worker:
+        _worker.append(PrefillWorker(loaded, num_pages=40, kvstore=kvstore,
+                                     agent_name=f"layer-fetch-{next(_names)}"))
+    w = _worker[0]
+    assert w.pool.num_free == w.pool.num_pages, "a test before this one kept pages"
+    w.kvstore, w.fetch_layer_groups, w.fetch_nixl = kvstore, groups, nixl
+    return w
 
 
 def damage(store: BlockStore, key: bytes) -> None:
