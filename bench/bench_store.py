@@ -144,7 +144,7 @@ async def nixl_reads(client, keys, batch: int) -> float:  # type: ignore[no-unty
         r = await client.stage(0, ks)
         assert r is not None and len(r.blocks) == len(ks), "staging refused"
         remote = ep.remote(r.agent_name, r.agent_metadata)
-        local = [(pool.page_addr(j), b.length, 0) for j, b in enumerate(r.blocks)]
+        local = [(pool.page_addr(j), b.length) for j, b in enumerate(r.blocks)]
         rem = [(b.addr, b.length, 0) for b in r.blocks]
         assert await ep.read_groups(remote, [(local, rem)], r.mem_type, lambda g: None, 60) == 1
         for j, (k, b) in enumerate(zip(ks, r.blocks)):

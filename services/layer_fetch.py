@@ -75,7 +75,6 @@ class LayerLoad:
         self.good: int | None = None
         self.started = time.perf_counter()
         self.settled_at: float | None = None
-        self.waited_s = 0.0                              # engine time spent in wait()
         self._cond = threading.Condition()
 
     @property
@@ -170,10 +169,8 @@ class LayerLoad:
         in place, or once the fetch settled (whole or not)."""
         if self.ready_layers > layer or self.good is not None:
             return
-        t = time.perf_counter()
         with self._cond:
             self._cond.wait_for(lambda: self.ready_layers > layer or self.good is not None)
-        self.waited_s += time.perf_counter() - t
 
 
 async def fetch(load: LayerLoad, client: KVStoreClient, endpoint: NixlEndpoint | None,
@@ -215,7 +212,7 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
         groups = []
         for g in range(len(load.layer_ends)):
             lo, hi = load.bounds[g], load.bounds[g + 1]
-            groups.append(([(endpoint.pool.page_addr(load.pages[i]) + lo, hi - lo, 0)
+            groups.append(([(endpoint.pool.page_addr(load.pages[i]) + lo, hi - lo)
                             for i in staged],
                            [(b.addr + lo, hi - lo, 0) for b in resp.blocks]))
         await endpoint.read_groups(remote, groups, resp.mem_type or "DRAM",

@@ -99,7 +99,6 @@ class PrefillWorker:
         # Parts per fetched block (layer groups); 1 = whole blocks, loaded before compute.
         self.fetch_layer_groups = fetch_layer_groups
         self.fetch_nixl = fetch_nixl  # READ blocks from the stores' staging buffers over NIXL
-        self.layered_fetches = 0
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self.kvstore = kvstore
         self.transfer_timeout_s = transfer_timeout_s
@@ -334,7 +333,6 @@ class PrefillWorker:
                                                  params, load)
         finally:
             task.cancel()  # no more writes into the pages once this returns
-        self.layered_fetches += 1
         end = load.settled_at or time.perf_counter()
         return first, logprob, load.good or 0, end - load.started
 

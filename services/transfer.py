@@ -84,8 +84,8 @@ class NixlEndpoint:
 
     async def read_groups(self, remote: str, groups: Sequence[tuple[list, list]], remote_mem: str,
                           on_group: Callable[[int], None], timeout_s: float) -> int:
-        """Posts one READ per group of (local ranges <- remote ranges), ranges being (addr,
-        length, device) tuples, and calls on_group(g) in group order as each group and those
+        """Posts one READ per group of (local ranges <- remote ranges): local ranges are
+        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) in group order as each group and those
         before it complete. Returns how many groups were delivered (fewer on a NIXL error or
         at the deadline)."""
         dev = max(self.pool.kv.get_device(), 0)
@@ -94,7 +94,7 @@ class NixlEndpoint:
         try:
             for local, rem in groups:
                 h = self.agent.initialize_xfer(
-                    "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n, _ in local],
+                    "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local],
                                                       self.mem_type),
                     self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
                 handles.append(h)
