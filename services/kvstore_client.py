@@ -130,22 +130,12 @@ class KVStoreClient:
             out.append(v)
         return out
 
-    async def get_parts(self, keys: Sequence[bytes], cuts: Sequence[int],
-                        on_part: Callable[[int, int, bytes], None]) -> None:
-        """Streams the keys' blocks in parts (kvstore.proto, GetRequest.part_cuts): calls
-        on_part(key index, part, value) as each arrives, parts of a block in order, shards in
-        parallel. A block that could not be fetched gets fewer parts, or none: the caller
-        checks that every block it needs is complete, and verifies it."""
-        if not self.shards or not keys:
-            return
-        await asyncio.gather(*(
-            self.get_parts_from(s, [keys[i] for i in idx], cuts,
-                                lambda j, p, v, idx=idx: on_part(idx[j], p, v))
-            for s, idx in self.group(keys).items()))
-
     async def get_parts_from(self, shard: int, keys: Sequence[bytes], cuts: Sequence[int],
                              on_part: Callable[[int, int, bytes], None]) -> None:
-        """get_parts from one shard (the keys it owns)."""
+        """Streams one shard's blocks in parts (kvstore.proto, GetRequest.part_cuts): calls
+        on_part(key index, part, value) as each arrives, parts of a block in order. A block
+        that could not be fetched gets fewer parts, or none: the caller checks that every
+        block it needs is complete, and verifies it (services/layer_fetch.py)."""
         want = [0] * len(keys)  # next part expected, per block
         part, pos = 0, 0        # the part being streamed; the block expected next
         try:
