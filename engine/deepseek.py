@@ -222,11 +222,18 @@ class DeepseekV3ForCausalLM(nn.Module):
                                          dtype=torch.int64, device=device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
+    def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch,
+                layers: tuple[int, int] | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """As LlamaForCausalLM.forward, pipeline stages (`layers`, `hidden`) included."""
+        lo, hi = layers or (0, len(self.model.layers))
+        h = self.model.embed_tokens(input_ids) if lo == 0 else hidden
+        assert h is not None, "a stage after the first needs the previous stage's hidden states"
+        for i in range(lo, hi):
             if batch.before_layer is not None:
                 batch.before_layer(i)
-            h = layer(h, self.inv_freq, kv, batch, self.expert_counts)
+            h = self.model.layers[i](h, self.inv_freq, kv, batch, self.expert_counts)
+        if hi < len(self.model.layers):
+            return h
         h = self.model.norm(h[batch.last_indices])
         return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

@@ -156,14 +156,22 @@ class LlamaForCausalLM(nn.Module):
         self.rope.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch,
+                layers: tuple[int, int] | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [T] new tokens of all sequences; returns logits [B, vocab] (float32)
-        of each sequence's last new token."""
-        h = self.model.embed_tokens(input_ids)  # [T, D]
+        of each sequence's last new token. A pipeline stage runs only `layers` [lo, hi): it
+        starts from `hidden` [T, D] (the previous stage's output) unless lo is 0, and returns
+        the hidden states [T, D] unless hi is the last layer."""
+        lo, hi = layers or (0, len(self.model.layers))
+        h = self.model.embed_tokens(input_ids) if lo == 0 else hidden  # [T, D]
+        assert h is not None, "a stage after the first needs the previous stage's hidden states"
         cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
-        for i, layer in enumerate(self.model.layers):
+        for i in range(lo, hi):
             if batch.before_layer is not None:
                 batch.before_layer(i)
-            h = layer(h, cos_sin, kv, batch)
+            h = self.model.layers[i](h, cos_sin, kv, batch)
+        if hi < len(self.model.layers):
+            return h
         h = self.model.norm(h[batch.last_indices])
         return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()

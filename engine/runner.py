@@ -75,6 +75,18 @@ class ModelRunner:
         batch.before_layer = before_layer
         return self.model(ids, self.pool.kv, batch)
 
+    def forward_stage(self, tokens: Sequence[int], start: int, pages: Sequence[int],
+                      layers: tuple[int, int], hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One chunk of one prompt through the layers [lo, hi) only (a pipeline stage, see
+        services/pipeline.py): `tokens` sit at positions start.., KV of earlier positions in
+        these layers is in `pages`. Returns the hidden states [len(tokens), D] after layer
+        hi - 1, or the logits [vocab] after the last token when hi is the model's last layer."""
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        batch = AttnBatch.build([len(tokens)], [start + len(tokens)], [list(pages)],
+                                self.block_tokens, self.device)
+        out = self.model(ids, self.pool.kv, batch, layers=layers, hidden=hidden)
+        return out[0] if layers[1] == self.pool.layout.num_layers else out
+
     def decode(
         self, last_tokens: Sequence[int], ctx_lens: Sequence[int], page_tables: Sequence[Sequence[int]]
     ) -> torch.Tensor:

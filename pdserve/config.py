@@ -161,6 +161,12 @@ class GatewaySettings(_Served):
                                   "(token bucket; 0 = no limit)")
     rate_limit_burst: int = Field(20, ge=1, description="requests a client may send at once "
                                   "above --rate-limit-rps")
+    pipeline_min_tokens: int = Field(16_384, ge=0, description="prefill a prompt with at "
+                                     "least this many uncached tokens as a pipeline over "
+                                     "several prefill workers, each running some of the layers, "
+                                     "when that evens out their load (0 = never)")
+    pipeline_max_stages: int = Field(0, ge=0, le=64, description="prefill workers in one "
+                                     "pipeline at most (0 = all in rotation)")
     prefill_retries: int = Field(1, ge=0, le=8, description="when a prefill worker fails or "
                                  "dies, retry the request on another one this many times")
     migrate: bool = Field(False, description="when a decode worker dies mid-stream, resume on "

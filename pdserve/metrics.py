@@ -103,6 +103,12 @@ class WorkerMetrics:
                                            "prompt tokens computed", registry=r)
             self.fetched_tokens = Counter("pdserve_prefill_fetched_tokens",
                                           "prompt tokens read from the kvstore", registry=r)
+            self.pipelined = Counter("pdserve_prefill_pipelined", "prompts this worker headed "
+                                     "as a pipelined prefill, by outcome (ok: the stages "
+                                     "delivered; fallback: computed here alone)", ["outcome"],
+                                     registry=r)
+            self.pipeline_stages = Counter("pdserve_prefill_pipeline_stages", "pipeline stages "
+                                           "run for prompts other workers headed", registry=r)
             self.fetch_seconds = Histogram("pdserve_prefill_fetch_seconds",
                                            "time reading cached blocks per request",
                                            buckets=LATENCY_BUCKETS, registry=r)

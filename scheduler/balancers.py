@@ -75,6 +75,41 @@ def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
     return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok)
 
 
+def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
+                       allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
+                       max_stages: int = 0) -> list[int]:
+    """Rows that prefill the request: one row, or, for a prompt with at least
+    `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
+    layers over the whole prompt and so take 1/G of its attention work and token volume
+    (Mooncake's chunked pipeline parallelism, services/pipeline.py). G, up to `max_stages`
+    (0: every allowed row), minimises the resulting maximum normalised load over the G least
+    loaded rows, the smallest G on ties; the first row is the head (the least loaded), which
+    runs the last layers and owns the result. Empty when no row is allowed."""
+    n = len(attention)
+    ok = np.ones(n, dtype=bool) if allowed is None else allowed
+    single = pick_prefill_index(attention, tokens, cached, new, ok)
+    if single is None:
+        return []
+    rows = np.flatnonzero(ok)
+    limit = len(rows) if max_stages <= 0 else min(max_stages, len(rows))
+    if not min_pipeline_tokens or new < min_pipeline_tokens or limit < 2:
+        return [single]
+    work = attention_work(cached, new)
+    mean_a = (attention.sum() + work) / n or 1.0
+    mean_b = (tokens.sum() + new) / n or 1.0
+    # Least loaded first, stable: equal loads keep row order.
+    order = rows[np.argsort((attention / mean_a + tokens / mean_b)[rows], kind="stable")]
+    best, best_g = np.inf, 1
+    for g in range(1, limit + 1):
+        a, b = attention.copy(), tokens.copy()
+        a[order[:g]] += work / g
+        b[order[:g]] += new / g
+        score = max(a.max() / mean_a, b.max() / mean_b)
+        if score < best - 1e-9:
+            best, best_g = score, g
+    return [single] if best_g == 1 else [int(r) for r in order[:best_g]]
+
+
 def pick_decode_index(used: np.ndarray, free: np.ndarray, running: np.ndarray,
                       pages_needed: int, allowed: np.ndarray | None = None) -> int | None:
     """Array form of pick_decode: used / free pages and running requests per worker -> row."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
+from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ class RegistryError(Exception):
 class WorkerRegistry:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     _tables: dict[str, LoadTable] = field(default_factory=dict)
+    # Pipelined prefill (balancers.plan_prefill_index): prompts with this many uncached tokens
+    # (0: none) over at most this many prefill workers (0: all in rotation).
+    pipeline_min_tokens: int = 0
+    pipeline_max_stages: int = 0
 
     def table(self, role: str) -> LoadTable:
         t = self._tables.get(role)
@@ -152,10 +156,14 @@ class WorkerRegistry:
         return out
 
     def pick(self, cached_blocks: int, n_prompt: int, pages: int,
-             excluded: frozenset[str] | set[str] = frozenset()) -> tuple[WorkerState, WorkerState]:
-        """(prefill, decode) for a request, by the balancers over the load tables; workers in
-        `excluded` (they failed this request) are no candidates. LookupError: no worker in
-        rotation; MemoryError: no decode worker can hold `pages`."""
+             excluded: frozenset[str] | set[str] = frozenset()
+             ) -> tuple[WorkerState, WorkerState, list[WorkerState]]:
+        """(prefill, decode, pipeline) for a request, by the balancers over the load tables:
+        `pipeline` lists the prefill workers that run the first layers before `prefill` runs
+        the last ones (empty unless the prompt has at least `pipeline_min_tokens` uncached
+        tokens and spreading it lowers the maximum load). Workers in `excluded` (they failed
+        this request) are no candidates. LookupError: no worker in rotation; MemoryError: no
+        decode worker can hold `pages`."""
         pt, dt = self.table("prefill"), self.table("decode")
         p_ok = np.array([w not in excluded for w in pt.ids], dtype=bool)
         d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
@@ -166,9 +174,10 @@ class WorkerRegistry:
         d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
         if d is None:
             raise MemoryError(f"no decode worker has {pages} free KV pages")
-        p = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok)
-        assert p is not None
-        return self.workers[pt.ids[p]], self.workers[dt.ids[d]]
+        plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
+                                  self.pipeline_min_tokens, self.pipeline_max_stages)
+        head, *upstream = [self.workers[pt.ids[p]] for p in plan]
+        return head, self.workers[dt.ids[d]], upstream
 
     def active(self, role: str) -> list[WorkerState]:
         return sorted((w for w in self.workers.values() if w.spec.role == role and w.in_rotation),

@@ -4,7 +4,13 @@ A Mooncake-format trace (timestamp ms, input_length, output_length, hash_ids of 
 blocks) drives N prefill and M decode instances with a cost model:
 
 - prefill of n new tokens after c cached ones takes  n / prefill_tps + attention_s * n * (c + n/2)
-  seconds; each prefill instance serves its queue in order;
+  seconds; each prefill instance serves its queue in order, skipping a pipeline stage that
+  cannot start yet;
+- `pdserve` prefills a prompt of at least `pipeline_min_tokens` new tokens as a pipeline over
+  the instances the balancer picks (scheduler/balancers.py, plan_prefill_index; the workers do
+  it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
+  prompt, so takes 1/G of the time and work; stage g starts once stage g-1 has started and
+  finishes no sooner than one chunk (and one hop) after it;
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
 - a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
@@ -27,12 +33,12 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from pdserve.scheduler.balancers import (
     DecodeCandidate,
-    PrefillCandidate,
     attention_work,
     pick_decode,
-    pick_prefill,
+    plan_prefill_index,
 )
 
 BLOCK = 512  # tokens per trace block
@@ -74,6 +80,9 @@ class CostModel:
     per_req_s: float = 0.0002          # decode step, per running request
     per_kv_s: float = 2e-8             # decode step, per KV token held
     decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
+    pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
+    pipeline_chunk_tokens: int = 8_192  # tokens per chunk handed from stage to stage
+    pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -103,11 +112,29 @@ class LRUStore:
 
 
 @dataclass
+class _Stage:
+    """A request's share of one prefill instance: the whole prefill, or one pipeline stage."""
+    i: int                 # request index
+    w: int                 # instance
+    stage: int
+    stages: list           # all stages of the request, in pipeline order
+    duration: float
+    work: float
+    tokens: float
+    chunks: int
+    started: float | None = None
+    done: float | None = None
+
+    def ready(self) -> bool:
+        return self.stage == 0 or self.stages[self.stage - 1].started is not None
+
+
+@dataclass
 class _Prefill:
-    queue: list = field(default_factory=list)   # [(request index, cached, new, work)]
+    queue: list = field(default_factory=list)   # [_Stage]
     busy_until: float = 0.0
     work: float = 0.0      # outstanding attention work (queued + running)
-    tokens: int = 0        # outstanding new tokens
+    tokens: float = 0.0    # outstanding new tokens
     served: set = field(default_factory=set)    # block ids this instance computed (affinity)
 
 
@@ -183,10 +210,19 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
 
     def start_next(w: int, t: float) -> None:
         p = prefills[w]
-        if p.queue and p.busy_until <= t:
-            i, c, n, work = p.queue[0]
-            p.busy_until = t + cost.prefill_s(c, n)
-            heapq.heappush(events, (p.busy_until, next(seq), "prefill_done", i, w))
+        if p.busy_until > t:
+            return
+        s = next((s for s in p.queue if s.started is None and s.ready()), None)
+        if s is None:
+            return
+        s.started, s.done = t, t + s.duration
+        if s.stage:  # a chunk reaches this stage only after the stage before computed it
+            prev = s.stages[s.stage - 1]
+            s.done = max(s.done, prev.done + s.duration / s.chunks + cost.pipeline_hop_s)
+        p.busy_until = s.done
+        heapq.heappush(events, (s.done, next(seq), "prefill_done", s.i, w))
+        if s.stage + 1 < len(s.stages):
+            start_next(s.stages[s.stage + 1].w, t)
 
     def step(d_idx: int, t: float) -> None:
         d = decodes[d_idx]
@@ -230,8 +266,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             decode_of[i] = dj
             # Prefill choice.
             if policy == "pdserve":
-                pw = int(pick_prefill([PrefillCandidate(str(j), p.work, p.tokens)
-                                       for j, p in enumerate(prefills)], c, n))
+                plan = plan_prefill_index(np.array([p.work for p in prefills]),
+                                          np.array([float(p.tokens) for p in prefills]), c, n,
+                                          min_pipeline_tokens=cost.pipeline_min_tokens)
             elif policy == "round_robin":
                 pw = k % n_prefill
             elif policy == "least_requests":
@@ -245,20 +282,29 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                 if imbalanced or match[best] < 0.5 * len(r.hash_ids):
                     best = min(range(n_prefill), key=lambda j: loads[j])
                 pw = best
-            work = attention_work(c, n)
-            p = prefills[pw]
-            p.queue.append((i, c, n, work))
-            p.work += work
-            p.tokens += n
+            if policy != "pdserve":
+                plan = [pw]
+            g = len(plan)
+            stages: list[_Stage] = []
+            for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
+                stages.append(_Stage(i, pw, s_idx, stages, cost.prefill_s(c, n) / g,
+                                     attention_work(c, n) / g, n / g,
+                                     max(1, -(-n // cost.pipeline_chunk_tokens))))
+                prefills[pw].queue.append(stages[-1])
+                prefills[pw].work += stages[-1].work
+                prefills[pw].tokens += stages[-1].tokens
             cached_total += c
             input_total += r.input_length
-            start_next(pw, t)
+            start_next(stages[0].w, t)
         elif kind == "prefill_done":
             p = prefills[w]
-            i2, c, n, work = p.queue.pop(0)
-            assert i2 == i
-            p.work -= work
-            p.tokens -= n
+            s = next(s for s in p.queue if s.i == i and s.done == t)
+            p.queue.remove(s)
+            p.work -= s.work
+            p.tokens -= s.tokens
+            start_next(w, t)
+            if s.stage + 1 < len(s.stages):
+                continue
             r = trace[i]
             store.add(r.hash_ids[: r.input_length // BLOCK])
             p.served.update(r.hash_ids)
@@ -270,7 +316,6 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             d.running[i] = r.output_length - 1  # the first token came from prefill
             if not d.stepping:
                 step(decode_of[i], t)
-            start_next(w, t)
         else:  # decode step done
             d = decodes[w]
             for j in list(d.running):

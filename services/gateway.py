@@ -29,6 +29,7 @@ from pdserve.cache.ledger import Ledger, QueryError
 from pdserve.engine.engine import request_pages
 from pdserve.engine.loader import load_tokenizer
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.scheduler.balancers import attention_work
 from pdserve.scheduler.registry import WorkerRegistry
 from pdserve.services import security
 from pdserve.services.accounting import (
@@ -276,7 +277,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # Step 3: choose workers, reserve decode pages.
         pages = request_pages(bt, len(ctx), remaining)
         try:
-            pw, dw = self.registry.pick(hint, len(ctx), pages, st.excluded)
+            pw, dw, upstream = self.registry.pick(hint, len(ctx), pages, st.excluded)
         except LookupError as e:
             await self._abort(context, rec, grpc.StatusCode.UNAVAILABLE, str(e))
         except MemoryError as e:
@@ -286,7 +287,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                               f"KV pages: {e}; retry in {RETRY_AFTER_MS} ms or lower max_tokens")
         rec.prefill_worker, rec.decode_worker = pw.spec.worker_id, dw.spec.worker_id
         self.registry.bump(dw.spec.worker_id, free_pages=-pages, running=1)
-        self.registry.bump(pw.spec.worker_id, queued_tokens=len(ctx) - hint * bt)
+        new = len(ctx) - hint * bt
+        for w in (pw, *upstream):  # a pipeline's stages share the work
+            self.registry.bump(w.spec.worker_id, queued_tokens=new // (1 + len(upstream)),
+                               queued_attention=attention_work(hint * bt, new) / (1 + len(upstream)))
+        if upstream:
+            log.info("pipelined prefill", extra={"request_id": iid, "head": pw.spec.worker_id,
+                                                 "stages": [w.spec.worker_id for w in upstream]})
         decode = decode_pb2_grpc.DecodeStub(self._channel(dw.spec.address))
         prefill = prefill_pb2_grpc.PrefillStub(self._channel(pw.spec.address))
         flight = st.flight
@@ -310,7 +317,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             try:
                 pre = await prefill.Prefill(prefill_pb2.PrefillRequest(
                     request_id=iid, prompt_token_ids=ctx, cache_salt=st.salt,
-                    cached_blocks_hint=hint, sampling=sampling, reservation=res),
+                    cached_blocks_hint=hint, sampling=sampling, reservation=res,
+                    pipeline=[prefill_pb2.PipelinePeer(worker_id=w.spec.worker_id,
+                                                       address=w.spec.address)
+                              for w in upstream]),
                     timeout=self.rpc_timeout_s)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -440,7 +450,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 async def run(settings: GatewaySettings) -> None:
     security.configure(settings)  # before any server or channel exists
     tokenizer = load_tokenizer(settings.model)
-    registry = WorkerRegistry()
+    registry = WorkerRegistry(pipeline_min_tokens=settings.pipeline_min_tokens,
+                              pipeline_max_stages=settings.pipeline_max_stages)
     kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
     ledger = (Ledger(settings.data_dir, settings.ledger_flush_records, settings.ledger_flush_s,
                      settings.ledger_max_pending) if settings.ledger else None)

@@ -44,6 +44,7 @@ from pdserve.scheduler.balancers import attention_work
 from pdserve.services import layer_fetch, security
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.layer_fetch import LayerLoad
+from pdserve.services.pipeline import Pipeline, StageRefused, layer_split
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
@@ -81,7 +82,7 @@ def _first_token(logits, params) -> tuple[int, float]:  # type: ignore[no-untype
     return first, logprob_of(logits, first) if params.logprobs else 0.0
 
 
-class PrefillWorker:
+class PrefillWorker(Pipeline):
     def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
@@ -108,6 +109,9 @@ class PrefillWorker:
         self._puts: set[asyncio.Task] = set()
         self.num_prefills = 0
         self.num_steps = 0
+        self.num_pipelined = 0  # prefills this worker headed as a pipeline (services/pipeline.py)
+        self.num_pipeline_fallbacks = 0  # ... whose pipeline failed: computed here alone
+        self.num_stages_served = 0  # pipeline stages run for other workers' prefills
         self.queued_tokens = 0
         self.queued_attention = 0.0
         self.in_flight = 0
@@ -252,7 +256,11 @@ class PrefillWorker:
         want = min(max(req.cached_blocks_hint, 0), cacheable_blocks(len(prompt), bt))
         # Queue accounting assumes the hint holds.
         n_new, c = len(prompt) - want * bt, want * bt
-        work = attention_work(c, n_new)
+        # Head of a pipeline: its share of the work is its share of the layers.
+        num_layers = self.layout.num_layers
+        share = 1.0 if not req.pipeline else (
+            num_layers - layer_split(num_layers, len(req.pipeline) + 1)[-2]) / num_layers
+        n_new, work = int(n_new * share), attention_work(c, len(prompt) - c) * share
         self.queued_tokens += n_new
         self.queued_attention += work
         self.in_flight += 1
@@ -271,7 +279,13 @@ class PrefillWorker:
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         try:
             t0 = time.perf_counter()
-            if want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
+            if req.pipeline:  # the stages load the same cached blocks: whole, first
+                n_cached = await self._load_cached(prompt, req.cache_salt, pages, want)
+                t1 = time.perf_counter()
+                fetch_s = t1 - t0
+                first, first_logprob = await self._prefill_pipelined(req, prompt, pages,
+                                                                     n_cached, params)
+            elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
                 first, first_logprob, n_cached, fetch_s = await self._compute_while_fetching(
                     prompt, pages, keys[:want], params)
                 t1 = t0  # computing started at once
@@ -390,6 +404,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     f"this worker's is {w.fingerprint!r}")
         if len(res.pages) < w.layout.pages_for(n):
             return f"reservation.pages: {len(res.pages)}, the prompt needs {w.layout.pages_for(n)}"
+        if len(req.pipeline) >= w.layout.num_layers:
+            return (f"pipeline: {len(req.pipeline)} stages before this one, the model has "
+                    f"{w.layout.num_layers} layers")
+        if any(not p.address for p in req.pipeline):
+            return "pipeline: a stage without an address"
         return None
 
     async def Prefill(self, request, context):
@@ -401,6 +420,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill KV pages: {e}")
         except TransferError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def PrefillStage(self, request_iterator, context):
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        try:
+            async for out in self.worker.stage(first, requests):
+                yield out
+        except StageRefused as e:
+            await context.abort(e.code, str(e))
+        except OutOfPages as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill KV pages: {e}")
 
 
 async def run(settings: PrefillSettings) -> None:

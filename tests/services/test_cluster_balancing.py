@@ -10,17 +10,24 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 from pdserve.client import Client
 from pdserve.cluster import LocalCluster
 from pdserve.config import UpSettings
+from tests.services.test_cluster_faults import metrics
 
 
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
+    # Prompts of 256 uncached tokens or more are pipelined over both prefill workers.
     c = LocalCluster(UpSettings(data_dir=Path(tmp_path_factory.mktemp("c2")), port=0,
-                                num_prefill=2, num_decode=2, threads=1), progress=False)
+                                num_prefill=2, num_decode=2, threads=1), progress=False,
+                     extra_env={"PDSERVE_PIPELINE_MIN_TOKENS": "256"})
     c.start()
     yield c
     c.stop()
@@ -54,6 +61,25 @@ def test_a_burst_spreads_over_every_worker(cluster2):
         done = {wid: w.num_finished for wid, w in workers(cluster2, role).items()}
         assert len(done) == 2 and sum(done.values()) == 8
         assert min(done.values()) >= 2, f"{role} burst not spread: {done}"
+
+
+def test_a_long_prompt_is_prefilled_by_both_workers_as_a_pipeline(cluster2, loaded):
+    prompt = [1 + (i * 7919) % 40000 for i in range(700)]
+    before = {n: metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
+    with Client(cluster2.gateway_address) as c:
+        r = c.generate(token_ids=prompt, max_tokens=8, cache_salt="pipeline")
+    after = {n: metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
+
+    def grew(name):  # type: ignore[no-untyped-def]
+        return {n: after[n].get(name, 0) - before[n].get(name, 0) for n in after}
+
+    # One worker headed it (the stages delivered), the other ran the first 15 layers.
+    assert sorted(grew('pdserve_prefill_pipelined_total{outcome="ok"}').values()) == [0, 1]
+    assert sorted(grew("pdserve_prefill_pipeline_stages_total").values()) == [0, 1]
+    assert sum(grew('pdserve_prefill_pipelined_total{outcome="fallback"}').values()) == 0
+    # The tokens of the single-process engine.
+    eng = LLMEngine(ModelRunner(loaded.model, KVPool(loaded.layout, 64)))
+    assert r.token_ids == eng.generate([prompt], SamplingParams(max_tokens=8))[0]
 
 
 def test_killed_decode_leaves_rotation_and_restart_serves_again(cluster2):

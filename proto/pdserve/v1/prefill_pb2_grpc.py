@@ -39,6 +39,11 @@ class PrefillStub:
                 request_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.PrefillStage = channel.stream_stream(
+                '/pdserve.v1.Prefill/PrefillStage',
+                request_serializer=pdserve_dot_v1_dot_prefill__pb2.PipelineStageRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_prefill__pb2.PipelineStageOutput.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -50,6 +55,16 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillStage(self, request_iterator, context):
+        """One stage of a pipelined prefill (services/pipeline.py): the caller, the next stage,
+        sends one PipelineStageRequest, reads the stage's hidden states chunk by chunk, then one StageKV
+        per stage up to this one, READs those pages' layers over NIXL and closes its side of
+        the stream: only then does the stage free its pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +72,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'PrefillStage': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrefillStage,
+                    request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PipelineStageRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_prefill__pb2.PipelineStageOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +106,33 @@ class Prefill:
             '/pdserve.v1.Prefill/Prefill',
             pdserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             pdserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.Prefill/PrefillStage',
+            pdserve_dot_v1_dot_prefill__pb2.PipelineStageRequest.SerializeToString,
+            pdserve_dot_v1_dot_prefill__pb2.PipelineStageOutput.FromString,
             options,
             channel_credentials,
             insecure,

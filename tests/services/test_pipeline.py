@@ -1,0 +1,180 @@
+"""Pipelined prefill over several prefill workers (services/pipeline.py): real workers with the
+real model, stages served over gRPC on port 0, each stage's KV READ by the head over NIXL; the
+result must be the KV and first token of one worker computing the prompt alone."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pytest
+import torch
+from pdserve.cache.block_hash import block_hashes, cacheable_blocks
+from pdserve.engine.sampling import SamplingParams
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.pipeline import layer_split
+from pdserve.services.prefill import PrefillServicer, PrefillWorker
+from pdserve.services.server import channel, create_server
+from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+from tests.services.test_layer_fetch import rows
+from tests.services.test_sharding import start_shard
+
+PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, then 60 tokens
+_names = itertools.count()
+_workers: list[tuple[PrefillWorker, object, str]] = []
+
+
+async def workers(loaded, n: int = 3) -> list[tuple[PrefillWorker, object, str]]:
+    """n prefill workers for the module, each serving Prefill/PrefillStage on port 0; the
+    first is the head in these tests. Prompt chunks of 256 tokens: 3 chunks of PROMPT."""
+    while len(_workers) < n:
+        w = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
+                          agent_name=f"pipeline-{next(_names)}")
+        servicer = PrefillServicer(w)
+        server, port, _ = await create_server(
+            [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
+            "127.0.0.1", 0)
+        _workers.append((w, server, f"127.0.0.1:{port}"))
+    for w, _, _ in _workers:
+        assert w.pool.num_free == w.pool.num_pages, "a test before this one kept pages"
+        w.num_pipelined = w.num_pipeline_fallbacks = w.num_stages_served = 0
+    return _workers[:n]
+
+
+def request(peers, salt: str = "") -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(
+        request_id="r1", prompt_token_ids=PROMPT, cache_salt=salt,
+        pipeline=[prefill_pb2.PipelinePeer(worker_id=f"p{i}", address=a)
+                  for i, a in enumerate(peers)])
+
+
+async def alone(w: PrefillWorker, start_pages=None) -> tuple[int, torch.Tensor]:
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    first, _ = await w._compute(PROMPT, pages, 0, SamplingParams())
+    kv = rows(w.pool, pages, len(PROMPT)).clone()
+    w.pool.release(pages)
+    return first, kv
+
+
+def test_layer_split_is_even_and_covers_every_layer():
+    assert layer_split(30, 1) == [30]
+    assert layer_split(30, 3) == [10, 20, 30]
+    assert layer_split(30, 4) == [8, 16, 23, 30]
+    with pytest.raises(ValueError):
+        layer_split(3, 4)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+async def test_pipelined_prefill_gives_the_kv_and_token_of_one_worker(loaded, stages):
+    ws = await workers(loaded)
+    head = ws[0][0]
+    ref_first, ref_kv = await alone(head)
+    pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+    first, _ = await head._prefill_pipelined(request([a for _, _, a in ws[1:stages]]), PROMPT,
+                                             pages, 0, SamplingParams())
+    kv = rows(head.pool, pages, len(PROMPT))
+    head.pool.release(pages)
+    assert head.num_pipelined == 1 and head.num_pipeline_fallbacks == 0
+    assert [w.num_stages_served for w, _, _ in ws[1:stages]] == [1] * (stages - 1)
+    assert first == ref_first
+    # Every layer's KV, the stages' layers READ over NIXL: the same computation, chunked the
+    # same way (256 tokens), so the same bytes.
+    assert torch.equal(kv, ref_kv)
+    for w, _, _ in ws:  # the stages freed their pages once the head had READ them
+        assert w.pool.num_free == w.pool.num_pages
+
+
+async def test_stages_load_the_cached_blocks_and_only_new_pages_move(loaded, tmp_path):
+    server, store, addr = await start_shard(tmp_path / "s")
+    client = KVStoreClient(addr, timeout_s=5.0)
+    ws = await workers(loaded)
+    head = ws[0][0]
+    for w, _, _ in ws:
+        w.kvstore = client
+    bt = head.layout.block_tokens
+    keys = block_hashes(head.namespace, "", PROMPT, bt)
+    ref_first, ref_kv = await alone(head)
+    pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+    await head._compute(PROMPT, pages, 0, SamplingParams())
+    assert await client.put(head._encode_blocks(pages, keys, 0)) == len(keys)
+    head.pool.release(pages)
+    want = cacheable_blocks(len(PROMPT), bt)
+    pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+    n = await head._load_cached(PROMPT, "", pages, want)
+    assert n == want == 10
+    first, _ = await head._prefill_pipelined(request([a for _, _, a in ws[1:]]), PROMPT, pages,
+                                             n, SamplingParams())
+    assert head.num_pipelined == 1 and first == ref_first
+    # The cached rows are the stored ones; the 60 computed rows are close to the cold run's
+    # (which computed them after 640 computed, not loaded, rows: the same values here).
+    kv = rows(head.pool, pages, len(PROMPT))
+    torch.testing.assert_close(kv, ref_kv, rtol=0, atol=0)
+    head.pool.release(pages)
+    for w, _, _ in ws:
+        w.kvstore = KVStoreClient("", 1.0)
+        assert w.pool.num_free == w.pool.num_pages
+    await client.close()
+    await server.stop(0)
+
+
+async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp_path):
+    ws = await workers(loaded)
+    head = ws[0][0]
+    ref_first, ref_kv = await alone(head)
+    # A stage that is not there.
+    pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+    first, _ = await head._prefill_pipelined(request(["127.0.0.1:1"]), PROMPT, pages, 0,
+                                             SamplingParams())
+    assert head.num_pipeline_fallbacks == 1 and first == ref_first
+    assert torch.equal(rows(head.pool, pages, len(PROMPT)), ref_kv)
+    head.pool.release(pages)
+    # A stage told blocks are cached that its (empty) store does not hold: FAILED_PRECONDITION,
+    # and the head computes the prompt alone from its own cached blocks (none here).
+    server, _, addr = await start_shard(tmp_path / "empty")
+    ws[1][0].kvstore = KVStoreClient(addr, timeout_s=2.0)
+    pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+    req = request([ws[1][2]])
+    head_only = head._stage_request("r2", PROMPT, "", 3, req.pipeline, layer_split(30, 2))
+    call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
+    await call.write(head_only)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call.read()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cached_blocks" in e.value.details()
+    head.pool.release(pages)
+    await ws[1][0].kvstore.close()
+    ws[1][0].kvstore = KVStoreClient("", 1.0)
+    await server.stop(0)
+    for w, _, _ in ws:
+        assert w.pool.num_free == w.pool.num_pages
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(layer_begin=0, layer_end=30), "layer_begin, layer_end"),
+    (dict(layer_begin=5, layer_end=3), "layer_begin, layer_end"),
+    (dict(chunk_tokens=0), "chunk_tokens"),
+    (dict(cached_blocks=11), "cached_blocks"),
+    (dict(layer_begin=4), "upstream_layers"),
+    (dict(prompt_token_ids=[10 ** 9]), "prompt_token_ids"),
+])
+async def test_bad_stage_requests_are_refused_naming_the_field(loaded, change, field):
+    ws = await workers(loaded)
+    fields = dict(request_id="bad", prompt_token_ids=PROMPT, layer_begin=0, layer_end=15,
+                  chunk_tokens=256)
+    fields.update(change)
+    call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
+    await call.write(prefill_pb2.PipelineStageRequest(**fields))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call.read()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field)
+    assert ws[1][0].pool.num_free == ws[1][0].pool.num_pages
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def _stop_servers():
+    yield
+    for _, server, _ in _workers:
+        await server.stop(0)
+    _workers.clear()
