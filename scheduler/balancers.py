@@ -81,9 +81,10 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     """Rows that prefill the request: one row, or, for a prompt with at least
     `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
     layers over the whole prompt and so take 1/G of its attention work and token volume
-    (Mooncake's chunked pipeline parallelism, services/pipeline.py). G, up to `max_stages`
-    (0: every allowed row), minimises the resulting maximum normalised load over the G least
-    loaded rows, the smallest G on ties; the first row is the head (the least loaded), which
+    (Mooncake's chunked pipeline parallelism, services/pipeline.py). The stages are the G
+    least loaded rows; G, up to `max_stages` (0: every allowed row), minimises the highest
+    normalised load among them once each has its share (the request is done when its slowest
+    stage is), the smallest G on ties. The first row is the head (the least loaded), which
     runs the last layers and owns the result. Empty when no row is allowed."""
     n = len(attention)
     ok = np.ones(n, dtype=bool) if allowed is None else allowed
@@ -97,16 +98,17 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     work = attention_work(cached, new)
     mean_a = (attention.sum() + work) / n or 1.0
     mean_b = (tokens.sum() + new) / n or 1.0
+    norm = np.maximum(attention / mean_a, tokens / mean_b)
     # Least loaded first, stable: equal loads keep row order.
-    order = rows[np.argsort((attention / mean_a + tokens / mean_b)[rows], kind="stable")]
-    best, best_g = np.inf, 1
-    for g in range(1, limit + 1):
-        a, b = attention.copy(), tokens.copy()
-        a[order[:g]] += work / g
-        b[order[:g]] += new / g
-        score = max(a.max() / mean_a, b.max() / mean_b)
-        if score < best - 1e-9:
-            best, best_g = score, g
+    order = rows[np.argsort(norm[rows], kind="stable")]
+    g = np.arange(1, limit + 1)
+    # Highest load among the first G rows after each takes 1/G: the loads are sorted, so it
+    # is the G-th row's (its own share is the same as every other stage's).
+    a_sorted, b_sorted = attention[order[:limit]], tokens[order[:limit]]
+    peak_a = np.maximum.accumulate(a_sorted) + work / g
+    peak_b = np.maximum.accumulate(b_sorted) + new / g
+    score = np.maximum(peak_a / mean_a, peak_b / mean_b)
+    best_g = int(np.flatnonzero(score <= score.min() * (1 + 1e-9))[0]) + 1
     return [single] if best_g == 1 else [int(r) for r in order[:best_g]]
 
 

@@ -112,11 +112,11 @@ def test_network_policies_open_only_what_each_role_needs(overlay):
         return out
 
     assert sources("pdserve-gateway", 50051) == [["anyone"]]  # clients reach only the gateway
-    assert sources("pdserve-prefill", 50070) == [["pdserve-gateway"]]
+    assert sources("pdserve-prefill", 50070) == [["pdserve-gateway", "pdserve-prefill"]]
     assert sources("pdserve-decode", 50080) == [["pdserve-gateway"]]
     assert sources("pdserve-kvstore", 50060) == [["pdserve-gateway", "pdserve-prefill"]]
     assert sources("pdserve-decode", 20050) == [["pdserve-prefill"]]  # KV only between workers
-    assert sources("pdserve-prefill", 20050) == [["pdserve-decode"]]
+    assert sources("pdserve-prefill", 20050) == [["pdserve-decode", "pdserve-prefill"]]
     for name in ("pdserve-gateway", "pdserve-prefill", "pdserve-decode", "pdserve-kvstore"):
         assert sources(name, 9400) == [["monitoring"]]
 

@@ -103,3 +103,51 @@ def test_excluded_workers_are_never_picked():
     assert pick_decode_index(used, free, running, 20, np.array([False, True, True])) == 2
     assert pick_decode_index(used, free, running, 60, np.array([False, True, True])) == 2
     assert pick_decode_index(used, free, running, 95, np.array([False, True, True])) is None
+
+
+def test_plan_prefill_pipelines_only_long_prompts_over_the_least_loaded():
+    import numpy as np
+    from pdserve.scheduler.balancers import plan_prefill_index
+
+    att = np.array([4e6, 0.0, 1e6, 0.0])
+    tok = np.array([2000.0, 0.0, 1000.0, 0.0])
+    # Short prompt (below the threshold): one worker, the single-worker balancer's pick.
+    assert plan_prefill_index(att, tok, 0, 1000, min_pipeline_tokens=4096) == [1]
+    # Off: the same.
+    assert plan_prefill_index(att, tok, 0, 8000) == [1]
+    # Long prompt, work 8000 * 4000 = 3.2e7 (mean after it 9.25e6; tokens mean 2,750): the
+    # slowest stage's normalised load is 3.46 alone, 1.73 over two, 1.33 over three (worker 2
+    # at 1e6 + 3.2e7/3, 1,000 + 8,000/3 tokens) and 1.45 over four (worker 0's tokens).
+    assert plan_prefill_index(att, tok, 0, 8000, min_pipeline_tokens=4096) == [1, 3, 2]
+    # At most two stages: the two idle workers.
+    assert plan_prefill_index(att, tok, 0, 8000, min_pipeline_tokens=4096,
+                              max_stages=2) == [1, 3]
+    # A worker far behind the others is no stage; a long prompt small next to every queue
+    # still spreads over those that are level.
+    heavy = np.array([1e12, 1e6, 1e6, 1e6])
+    assert plan_prefill_index(heavy, np.array([1e6, 10, 10, 10]), 0, 5000,
+                              min_pipeline_tokens=4096) == [1, 2, 3]
+    # Workers excluded from this request are never stages.
+    ok = np.array([True, False, True, True])
+    # (without worker 1: 1.84 over two, 1.70 over three)
+    assert plan_prefill_index(att, tok, 0, 8000, ok, min_pipeline_tokens=4096) == [3, 2, 0]
+    assert plan_prefill_index(att, tok, 0, 8000, np.zeros(4, dtype=bool), 4096) == []
+
+
+def test_registry_pick_returns_the_pipeline_stages_and_the_head():
+    r = WorkerRegistry(pipeline_min_tokens=1000)
+    for i in range(3):
+        r.join(spec(f"p{i}", role="prefill"), now=0.0)
+    r.join(spec("d0"), now=0.0)
+
+    def pick(n, **kw):  # type: ignore[no-untyped-def]
+        head, dec, upstream = r.pick(0, n, 10, **kw)
+        assert dec.spec.worker_id == "d0"
+        return head.spec.worker_id, [w.spec.worker_id for w in upstream]
+
+    assert pick(500) == ("p0", [])  # short: one worker
+    assert pick(4000) == ("p0", ["p1", "p2"])  # long, all idle: all three
+    assert pick(4000, excluded={"p0"}) == ("p1", ["p2"])
+    r.report("p0", 1, Load(free_pages=100, total_pages=100, queued_attention=1e9,
+                           queued_tokens=5000), now=0.0)
+    assert pick(4000) == ("p1", ["p2"])  # p0 far behind: no stage
