@@ -14,15 +14,16 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table  # noqa: E402
-from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index  # noqa: E402
+from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index  # noqa: E402
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts  # noqa: E402
 from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec  # noqa: E402
-from pdserve.scheduler.replay import POLICIES, load_trace, simulate  # noqa: E402
+from pdserve.scheduler.replay import POLICIES, CostModel, load_trace, simulate  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
@@ -30,10 +31,13 @@ TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_sy
 def replay(path: str, limit: int) -> None:
     trace = load_trace(path, limit)
     rows, res = [], {}
-    for policy in POLICIES:
-        print(f"replaying {len(trace)} requests with {policy} ...", file=sys.stderr, flush=True)
-        res[policy] = r = simulate(trace, policy, 4, 4)
-        rows.append((policy, f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
+    no_pipe = replace(CostModel(), pipeline_min_tokens=0)
+    runs = [(p, p, CostModel()) for p in POLICIES] + [
+        ("pdserve, no pipelined prefill", "pdserve", no_pipe)]
+    for name, policy, cost in runs:
+        print(f"replaying {len(trace)} requests with {name} ...", file=sys.stderr, flush=True)
+        res[name] = r = simulate(trace, policy, 4, 4, cost)
+        rows.append((name, f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
                      f"{r['hit_share']:.3f}", r["rejected"], f"{r['prefill_load_max_over_mean']:.2f}",
                      f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['decode_kv_max_over_mean']:.2f}",
                      f"{r['decode_requests_max_over_mean']:.2f}"))
@@ -43,11 +47,24 @@ def replay(path: str, limit: int) -> None:
     ours, rr = res["pdserve"], res["round_robin"]
     print(f"\npdserve vs round_robin: p99 TTFT {ours['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x, "
           f"p50 TTFT {ours['ttft_p50_s'] / max(rr['ttft_p50_s'], 1e-9):.2f}x\n")
+    # The pipelining threshold trades the median TTFT (short prompts wait behind stages on
+    # every instance) against balance and the tail.
+    scan = []
+    for mt in (8_192, 16_384, 32_768, 65_536):
+        print(f"replaying with pipeline_min_tokens={mt} ...", file=sys.stderr, flush=True)
+        r = simulate(trace, "pdserve", 4, 4, replace(CostModel(), pipeline_min_tokens=mt))
+        scan.append((mt, f"{r['prefill_load_max_over_mean']:.2f}",
+                     f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['ttft_p50_s']:.2f}",
+                     f"{r['ttft_p99_s']:.2f}"))
+    print(table(scan, ("pipeline_min_tokens", "prefill attn max/mean", "prefill tokens max/mean",
+                       "TTFT p50 s", "TTFT p99 s")))
+    print()
 
 
 def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
-    """One routing decision as the gateway makes it: both balancers over the registry's load
-    tables (kept up to date by reports), plus the optimistic bump of the chosen workers."""
+    """One routing decision as the gateway makes it: both balancers (the prefill one sizing a
+    pipeline for long prompts) over the registry's load tables (kept up to date by reports),
+    plus the optimistic bump of the chosen workers."""
     rng = random.Random(0)
     reg = WorkerRegistry()
     for role in ("prefill", "decode"):
@@ -63,10 +80,15 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
         t = time.perf_counter()
         pt, dt = reg.table("prefill"), reg.table("decode")
         d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, rng.randint(1, 200))
-        p = pick_prefill_index(pt.attention, pt.tokens, rng.randint(0, 8000), rng.randint(1, 8000))
+        # Prompts up to 48k new tokens: a third of them pipelined (plan_prefill_index sorts
+        # the workers by load to size the pipeline), at most 8 stages (the gateway's default).
+        plan = plan_prefill_index(pt.attention, pt.tokens, rng.randint(0, 8000),
+                                  rng.randint(1, 48_000), min_pipeline_tokens=32_768,
+                                  max_stages=8)
         if d is not None:
             reg.bump(dt.ids[d], free_pages=-1, running=1)
-        reg.bump(pt.ids[p], queued_tokens=1)
+        for p in plan:
+            reg.bump(pt.ids[p], queued_tokens=1)
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2], lat[int(0.99 * len(lat))]

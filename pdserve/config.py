@@ -165,8 +165,9 @@ class GatewaySettings(_Served):
                                      "least this many uncached tokens as a pipeline over "
                                      "several prefill workers, each running some of the layers, "
                                      "when that evens out their load (0 = never)")
-    pipeline_max_stages: int = Field(0, ge=0, le=64, description="prefill workers in one "
-                                     "pipeline at most (0 = all in rotation)")
+    pipeline_max_stages: int = Field(8, ge=2, le=64, description="prefill workers in one "
+                                     "pipeline at most (each stage adds a chunk of latency; a "
+                                     "model of L layers uses at most L)")
     prefill_retries: int = Field(1, ge=0, le=8, description="when a prefill worker fails or "
                                  "dies, retry the request on another one this many times")
     migrate: bool = Field(False, description="when a decode worker dies mid-stream, resume on "

@@ -75,6 +75,13 @@ def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
     return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok)
 
 
+def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
+    """Tokens per chunk of a pipelined prefill: G stages over k chunks take (k + G - 1) / k of
+    the ideal time, so at least 4 chunks per stage, within [least, most] (the worker's prefill
+    chunk) tokens."""
+    return max(1, min(most, max(least, -(-new // (4 * stages)))))
+
+
 def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
                        allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
                        max_stages: int = 0) -> list[int]:

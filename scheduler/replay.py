@@ -10,7 +10,8 @@ blocks) drives N prefill and M decode instances with a cost model:
   the instances the balancer picks (scheduler/balancers.py, plan_prefill_index; the workers do
   it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
   prompt, so takes 1/G of the time and work; stage g starts once stage g-1 has started and
-  finishes no sooner than one chunk (and one hop) after it;
+  finishes no sooner than one chunk (and one hop) after it (chunks as the workers cut them,
+  balancers.pipeline_chunk);
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
 - a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
@@ -38,6 +39,7 @@ from pdserve.scheduler.balancers import (
     DecodeCandidate,
     attention_work,
     pick_decode,
+    pipeline_chunk,
     plan_prefill_index,
 )
 
@@ -81,7 +83,8 @@ class CostModel:
     per_kv_s: float = 2e-8             # decode step, per KV token held
     decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
     pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
-    pipeline_chunk_tokens: int = 8_192  # tokens per chunk handed from stage to stage
+    pipeline_chunk_tokens: int = 8_192  # largest chunk handed from stage to stage (see
+    # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
 
     def prefill_s(self, cached: int, new: int) -> float:
@@ -289,7 +292,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 stages.append(_Stage(i, pw, s_idx, stages, cost.prefill_s(c, n) / g,
                                      attention_work(c, n) / g, n / g,
-                                     max(1, -(-n // cost.pipeline_chunk_tokens))))
+                                     -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens))))
                 prefills[pw].queue.append(stages[-1])
                 prefills[pw].work += stages[-1].work
                 prefills[pw].tokens += stages[-1].tokens

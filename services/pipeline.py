@@ -35,13 +35,14 @@ import grpc
 import torch
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.engine.kv_pool import PageId
-from pdserve.scheduler.balancers import attention_work
+from pdserve.scheduler.balancers import attention_work, pipeline_chunk
 from pdserve.services.server import channel
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_TOKENS = 65_536
+MAX_STAGES = 64  # PrefillRequest.pipeline entries at most
 
 
 class PipelineError(Exception):
@@ -131,10 +132,12 @@ class Pipeline:
                        peers: Sequence[prefill_pb2.PipelinePeer], ends: Sequence[int]
                        ) -> prefill_pb2.PipelineStageRequest:
         """The request for the last of `peers`, which runs layers [ends[-3], ends[-2])."""
+        new = len(prompt) - cached * self.layout.block_tokens  # type: ignore[attr-defined]
         return prefill_pb2.PipelineStageRequest(
             request_id=req_id, prompt_token_ids=prompt, cache_salt=salt, cached_blocks=cached,
             layer_begin=ends[-3] if len(ends) > 2 else 0, layer_end=ends[-2],
-            chunk_tokens=self.runner.chunk, upstream=peers[:-1], upstream_layers=ends[:-2])  # type: ignore[attr-defined]
+            chunk_tokens=pipeline_chunk(new, len(ends), self.runner.chunk),  # type: ignore[attr-defined]
+            upstream=peers[:-1], upstream_layers=ends[:-2])
 
     # -- the head ----------------------------------------------------------------------------
     async def _prefill_pipelined(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
@@ -164,7 +167,7 @@ class Pipeline:
 
         layout = self.layout  # type: ignore[attr-defined]
         bt, num_layers = layout.block_tokens, layout.num_layers
-        peers = list(req.pipeline)
+        peers = list(req.pipeline)[-(num_layers - 1):]  # a stage has one layer at least
         ends = layer_split(num_layers, len(peers) + 1)
         lo = ends[-2]
         cfg = self.loaded.config  # type: ignore[attr-defined]

@@ -44,7 +44,7 @@ from pdserve.scheduler.balancers import attention_work
 from pdserve.services import layer_fetch, security
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.layer_fetch import LayerLoad
-from pdserve.services.pipeline import Pipeline, StageRefused, layer_split
+from pdserve.services.pipeline import MAX_STAGES, Pipeline, StageRefused, layer_split
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, TransferError, pages_checksum
@@ -258,8 +258,9 @@ class PrefillWorker(Pipeline):
         n_new, c = len(prompt) - want * bt, want * bt
         # Head of a pipeline: its share of the work is its share of the layers.
         num_layers = self.layout.num_layers
-        share = 1.0 if not req.pipeline else (
-            num_layers - layer_split(num_layers, len(req.pipeline) + 1)[-2]) / num_layers
+        stages = min(len(req.pipeline), num_layers - 1) + 1
+        share = 1.0 if stages == 1 else (
+            num_layers - layer_split(num_layers, stages)[-2]) / num_layers
         n_new, work = int(n_new * share), attention_work(c, len(prompt) - c) * share
         self.queued_tokens += n_new
         self.queued_attention += work
@@ -404,9 +405,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     f"this worker's is {w.fingerprint!r}")
         if len(res.pages) < w.layout.pages_for(n):
             return f"reservation.pages: {len(res.pages)}, the prompt needs {w.layout.pages_for(n)}"
-        if len(req.pipeline) >= w.layout.num_layers:
-            return (f"pipeline: {len(req.pipeline)} stages before this one, the model has "
-                    f"{w.layout.num_layers} layers")
+        if len(req.pipeline) > MAX_STAGES:
+            return f"pipeline: {len(req.pipeline)} stages before this one, at most {MAX_STAGES}"
         if any(not p.address for p in req.pipeline):
             return "pipeline: a stage without an address"
         return None

@@ -77,8 +77,8 @@ def test_a_long_prompt_is_pipelined_over_the_idle_instances():
     piped = simulate(trace, "pdserve", 4, 1, cost)
     assert alone["ttft_p50_s"] == pytest.approx(t, abs=1e-3)
     # Four stages of a quarter of the layers start together; each later stage finishes one
-    # chunk (8 chunks of 8,192 tokens) and one hop after the stage before it.
-    lag = t / 4 / 8 + cost.pipeline_hop_s
+    # chunk (16 chunks of 4,000 tokens: 4 per stage) and one hop after the stage before it.
+    lag = t / 4 / 16 + cost.pipeline_hop_s
     assert piped["ttft_p50_s"] == pytest.approx(t / 4 + 3 * lag, abs=1e-3)
     # One instance holds all the work alone; the pipeline spreads it.
     assert alone["prefill_load_max_over_mean"] > 3.9
@@ -97,8 +97,8 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     # Request 0 holds instance 0 until 0.5 s. Request 1 is split over both (the slowest stage
     # at 1.11 of the mean load, against 1.97 alone on instance 1), head on the idle instance 1:
     # stage 0 runs 0.5 -> 2.5 s on instance 0; the head starts at 0.5 and ends one chunk
-    # (2 s / 4 chunks) after stage 0: 3.0 s, so TTFT 2.99 s against 4 s alone.
-    assert r["ttft_p99_s"] == pytest.approx(2.99)
+    # (2 s / 8 chunks of 500 tokens) after stage 0: 2.75 s, so TTFT 2.74 s against 4 s alone.
+    assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
 def test_cli_replays_the_shared_trace_slice(tmp_path):
