@@ -11,6 +11,9 @@ Lifecycle of one request:
    token is sampled. By default 2 and 3 overlap: the blocks arrive in layer groups
    (`--kv-fetch-layer-groups`) while the rest of the prompt computes, each layer waiting only
    for its own group (services/layer_fetch.py); a block that fails verification is recomputed.
+   A prompt the gateway pipelined (`PrefillRequest.pipeline`) is computed with the workers
+   listed there running the first layers, chunk by chunk; this worker runs the last ones and
+   READs theirs (services/pipeline.py).
 4. The prompt's pages are WRITten into the reserved decode pages over NIXL with a notice
    carrying the first token and a checksum; the call returns once the WRITE completed.
 5. New full blocks go to the kvstore in the background (best effort); the pages are freed.
