@@ -90,6 +90,11 @@ def hidden_tensor(msg: prefill_pb2.HiddenChunk, dtype: torch.dtype, hidden_size:
     return h.view(msg.num_tokens, hidden_size).to(device)
 
 
+async def _drain(requests: AsyncIterator) -> None:
+    async for _ in requests:
+        pass
+
+
 async def release(call, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
     """Closes our side of a stage's stream and waits for its end: the stage (and the stages
     before it) have freed their pages when this returns."""
@@ -304,8 +309,12 @@ class Pipeline:
             # Until the caller has READ the KV (it closes its side) or goes away. A READ's
             # target must progress its agent meanwhile (UCX: else REMOTE_DISCONNECT).
             poller = asyncio.create_task(self._progress())
-            async for _ in rest:
-                pass
+            try:
+                await asyncio.wait_for(_drain(rest), self.transfer_timeout_s)  # type: ignore[attr-defined]
+            except asyncio.TimeoutError:
+                log.warning("pipeline stage not released in time; freeing its pages",
+                            extra={"request_id": req.request_id})
+                return
             if up is not None:  # the caller is done with every stage's KV
                 await release(up, self.transfer_timeout_s)  # type: ignore[attr-defined]
                 up = None

@@ -4,6 +4,7 @@ result must be the KV and first token of one worker computing the prompt alone."
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import grpc
@@ -148,6 +149,27 @@ async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp
     await server.stop(0)
     for w, _, _ in ws:
         assert w.pool.num_free == w.pool.num_pages
+
+
+async def test_a_stage_never_released_frees_its_pages_after_the_timeout(loaded):
+    ws = await workers(loaded)
+    stage = ws[1][0]
+    stage.transfer_timeout_s = 1.0
+    try:
+        call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
+        await call.write(prefill_pb2.PipelineStageRequest(
+            request_id="held", prompt_token_ids=PROMPT, layer_begin=0, layer_end=15,
+            chunk_tokens=256))
+        kinds = []
+        while not kinds or kinds[-1] != "kv":
+            kinds.append((await call.read()).WhichOneof("kind"))
+        assert kinds == ["hidden"] * 3 + ["kv"]
+        assert stage.pool.num_free < stage.pool.num_pages  # held for the caller's READ
+        # The caller neither READs nor closes: after the timeout the stage lets go.
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+        assert stage.pool.num_free == stage.pool.num_pages
+    finally:
+        stage.transfer_timeout_s = 30.0
 
 
 @pytest.mark.parametrize("change, field", [
