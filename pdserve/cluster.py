@@ -142,17 +142,20 @@ class LocalCluster:
             # there takes the cores decode needs for its thousands of small regions (an
             # OMP_WAIT_POLICY set by the user wins).
             prefill_env = {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
+            # ... and take turns computing (services/cpu_turns.py).
+            turns = ["--cpu-turns", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns else []
             for i in range(self.s.num_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
                     "prefill", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--kvstore", self.kvstore_address, "--worker-id", f"prefill-{i}",
-                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *common],
+                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *turns,
+                    *common],
                     env=prefill_env))
             for i in range(self.s.num_decode):
                 workers.append(self._spawn(f"decode-{i}", [
                     "decode", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--worker-id", f"decode-{i}", "--num-pages", str(self.s.decode_pages),
-                    *model, *threads, *common]))
+                    *model, *threads, *turns, *common]))
             self._wait_ready(workers, deadline)
             self._wait_serving(deadline)
         except BaseException:

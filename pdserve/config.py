@@ -50,6 +50,10 @@ class _ModelSettings(_Served):
         "float32", description="weights and KV dtype")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
+    cpu_turns: Path | None = Field(None, description="workers sharing one machine's cores: "
+                                   "lock-file path (the same for all of them) through which "
+                                   "they take turns computing, prefill first "
+                                   "(services/cpu_turns.py; pdserve up sets it)")
 
 
 class KVStoreSettings(_Served):
@@ -197,6 +201,9 @@ class UpSettings(_Secured):
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")
+    cpu_turns: bool = Field(True, description="the workers, all on this machine, take turns "
+                            "computing (one step at a time, prefill first, as one engine "
+                            "would) instead of oversubscribing its cores")
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:

@@ -33,6 +33,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence
 from pdserve.services import security
+from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.registration import join_gateway
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
@@ -80,7 +81,8 @@ class Pending:
 class DecodeWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, max_batch: int, lease_s: float,
                  device: str = "cpu", agent_name: str = "decode",
-                 quarantine_s: float = 60.0) -> None:
+                 quarantine_s: float = 60.0, turns: CpuTurns | None = None) -> None:
+        self.turns = turns or CpuTurns(None)  # co-located workers take turns on the cores
         self.loaded = loaded
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
@@ -187,7 +189,11 @@ class DecodeWorker:
         with self._lock:
             if not self.engine.running:
                 return False
-            events = self.engine.step()
+        with self.turns.decode():  # not under self._lock: handlers need it meanwhile
+            with self._lock:
+                if not self.engine.running:
+                    return False
+                events = self.engine.step()
         self._dispatch(events)
         return True
 
@@ -355,7 +361,8 @@ def _build(settings: DecodeSettings) -> tuple[LoadedModel, DecodeWorker]:
     loaded = load_for(settings)
     return loaded, DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
                                 settings.device, agent_name=settings.worker_id or "decode",
-                                quarantine_s=settings.quarantine_s)
+                                quarantine_s=settings.quarantine_s,
+                                turns=CpuTurns(settings.cpu_turns))
 
 
 async def run(settings: DecodeSettings) -> None:

@@ -111,6 +111,10 @@ class Pipeline:
     num_pipelined: int
     num_pipeline_fallbacks: int
 
+    def _forward_stage(self, *args):  # type: ignore[no-untyped-def]
+        with self.turns.prefill():  # type: ignore[attr-defined]
+            return self.runner.forward_stage(*args)  # type: ignore[attr-defined]
+
     def _layer_bytes(self) -> int:
         return self.pool.page_nbytes // self.layout.num_layers  # type: ignore[attr-defined]
 
@@ -201,8 +205,8 @@ class Pipeline:
                     raise PipelineError(f"hidden chunk past the prompt's {len(prompt)} tokens")
 
                 def step(pos=pos, n=n, h=h):  # type: ignore[no-untyped-def]
-                    out = self.runner.forward_stage(prompt[pos:pos + n], pos, pages,  # type: ignore[attr-defined]
-                                                    (lo, num_layers), h)
+                    out = self._forward_stage(prompt[pos:pos + n], pos, pages,
+                                              (lo, num_layers), h)
                     return _first_token(out, params) if pos + n == len(prompt) else None
 
                 first = await self._in_thread(step, engine=True, touches=pages)  # type: ignore[attr-defined]
@@ -299,7 +303,7 @@ class Pipeline:
             else:
                 for pos in range(c, len(prompt), req.chunk_tokens):
                     n = min(req.chunk_tokens, len(prompt) - pos)
-                    h = await self._in_thread(self.runner.forward_stage, prompt[pos:pos + n],  # type: ignore[attr-defined]
+                    h = await self._in_thread(self._forward_stage, prompt[pos:pos + n],  # type: ignore[attr-defined]
                                               pos, pages, (lo, hi), engine=True, touches=pages)
                     yield hidden_message(pos, h)
             yield prefill_pb2.PipelineStageOutput(kv=self._stage_kv(pages[req.cached_blocks:], lo, hi))
@@ -363,6 +367,6 @@ class Pipeline:
             pos, n = msg.hidden.begin, msg.hidden.num_tokens
             if pos + n > len(prompt):
                 raise StageRefused(grpc.StatusCode.INTERNAL, "hidden chunk past the prompt")
-            out = await self._in_thread(self.runner.forward_stage, prompt[pos:pos + n], pos,  # type: ignore[attr-defined]
+            out = await self._in_thread(self._forward_stage, prompt[pos:pos + n], pos,  # type: ignore[attr-defined]
                                         pages, (lo, hi), h, engine=True, touches=pages)
             yield hidden_message(pos, out)

@@ -45,6 +45,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams, logprob_of, sample
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services import layer_fetch, security
+from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.layer_fetch import LayerLoad
 from pdserve.services.pipeline import MAX_STAGES, Pipeline, StageRefused, layer_split
@@ -90,7 +91,8 @@ class PrefillWorker(Pipeline):
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
                  batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
-                 fetch_nixl: bool = False) -> None:
+                 fetch_nixl: bool = False, turns: CpuTurns | None = None) -> None:
+        self.turns = turns or CpuTurns(None)  # co-located workers take turns on the cores
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -191,7 +193,8 @@ class PrefillWorker(Pipeline):
 
             def step(chunks=chunks, plan=plan, last=last, loads=loads):  # type: ignore[no-untyped-def]
                 # The first token is sampled right after the forward, on the same thread.
-                logits = self.runner.forward_chunks(chunks, before_layer if loads else None)
+                with self.turns.prefill():
+                    logits = self.runner.forward_chunks(chunks, before_layer if loads else None)
                 return {i: _first_token(logits[i], plan[i][0].params) for i in last}
 
             try:
@@ -452,7 +455,7 @@ async def run(settings: PrefillSettings) -> None:
             agent_name=settings.worker_id or "prefill",
             batch_wait_s=settings.prefill_batch_wait_ms / 1000,
             fetch_layer_groups=settings.kv_fetch_layer_groups,
-            fetch_nixl=settings.kv_fetch == "nixl")
+            fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns))
 
     # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
     loaded, worker = in_passing_thread(build)
