@@ -143,7 +143,8 @@ class LocalCluster:
             # OMP_WAIT_POLICY set by the user wins).
             prefill_env = {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
             # ... and take turns computing (services/cpu_turns.py).
-            turns = ["--cpu-turns", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns else []
+            turns = (["--cpu-turns-path", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns
+                     else [])
             for i in range(self.s.num_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
                     "prefill", "--port", "0", "--gateway", self.gateway_internal_address,

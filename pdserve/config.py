@@ -50,7 +50,7 @@ class _ModelSettings(_Served):
         "float32", description="weights and KV dtype")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
-    cpu_turns: Path | None = Field(None, description="workers sharing one machine's cores: "
+    cpu_turns_path: Path | None = Field(None, description="workers sharing one machine's cores: "
                                    "lock-file path (the same for all of them) through which "
                                    "they take turns computing, prefill first "
                                    "(services/cpu_turns.py; pdserve up sets it)")

@@ -1,4 +1,4 @@
-"""Workers that share one machine's CPU cores take turns computing (`--cpu-turns PATH`).
+"""Workers that share one machine's CPU cores take turns computing (`--cpu-turns-path PATH`).
 
 Disaggregated prefill and decode workers are meant for separate machines. `pdserve up` runs
 them all on one, where each process's OpenMP team wants every core: a prefill step and a decode

@@ -94,6 +94,7 @@ class DecodeWorker:
         self._pending: dict[str, Pending] = {}
         self._outboxes: dict[str, Outbox] = {}
         self._stop = threading.Event()
+        self._work = threading.Event()  # set by reserve(): the idle engine thread wakes up
         self._thread: threading.Thread | None = None
         self.num_finished = 0
         self.num_failed = 0
@@ -127,6 +128,7 @@ class DecodeWorker:
             self._pending[request_id] = Pending(seq, time.monotonic() + self.lease_s, outbox,
                                                 time.monotonic())
             self._outboxes[request_id] = outbox
+        self._work.set()
         return common_pb2.Reservation(
             request_id=request_id, epoch=self.epoch, agent_name=self.endpoint.name,
             agent_metadata=self._metadata, mem_type=self.endpoint.mem_type,
@@ -178,9 +180,15 @@ class DecodeWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            busy = self.poll_once()
-            if not busy:
-                time.sleep(0.001)
+            self._work.clear()
+            if self.poll_once():
+                continue
+            if self._pending or self._quarantine:
+                time.sleep(0.001)  # a KV transfer may land any moment: poll for its notice
+            else:
+                # Idle: nothing can land before a reservation, which sets _work. (A worker
+                # polling a thousand times a second took CPU from the workers beside it.)
+                self._work.wait(0.05)
 
     def poll_once(self) -> bool:
         for notice in self.endpoint.poll_notices():
@@ -362,7 +370,7 @@ def _build(settings: DecodeSettings) -> tuple[LoadedModel, DecodeWorker]:
     return loaded, DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
                                 settings.device, agent_name=settings.worker_id or "decode",
                                 quarantine_s=settings.quarantine_s,
-                                turns=CpuTurns(settings.cpu_turns))
+                                turns=CpuTurns(settings.cpu_turns_path))
 
 
 async def run(settings: DecodeSettings) -> None:

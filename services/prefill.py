@@ -455,7 +455,7 @@ async def run(settings: PrefillSettings) -> None:
             agent_name=settings.worker_id or "prefill",
             batch_wait_s=settings.prefill_batch_wait_ms / 1000,
             fetch_layer_groups=settings.kv_fetch_layer_groups,
-            fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns))
+            fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path))
 
     # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
     loaded, worker = in_passing_thread(build)
