@@ -85,7 +85,8 @@ def decode_rate(fn, batch, new: int) -> float:
 
 
 def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int,
-                            threads: int = 0, rounds: int = 5) -> list[tuple[float, float]]:
+                            threads: int = 0, rounds: int = 5,
+                            cpu_turns: bool = True) -> list[tuple[float, float]]:
     """(disaggregated, single-process) tokens/s, `rounds` times, alternating: this machine's
     speed drifts over minutes, so each ratio compares runs a minute apart. Each round runs the
     engine in this process with no cluster up, then starts `pdserve up`, warms it up with one
@@ -102,8 +103,8 @@ def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int,
               file=sys.stderr, flush=True)
         t_single = ours_generate(loaded, reqs, new)
         with tempfile.TemporaryDirectory() as d:
-            with LocalCluster(UpSettings(data_dir=Path(d), port=0, threads=threads),
-                              progress=False) as cluster:
+            with LocalCluster(UpSettings(data_dir=Path(d), port=0, threads=threads,
+                                         cpu_turns=cpu_turns), progress=False) as cluster:
                 def burst(salt: str) -> list:  # a salt of its own: nothing cached
                     def one(p):  # type: ignore[no-untyped-def]
                         with Client(cluster.gateway_address) as cc:
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--no-cpu-turns", action="store_true",
+                    help="the cluster's workers compute at once instead of taking turns")
     ap.add_argument("--only-cluster", action="store_true")
     ap.add_argument("--worker-threads", type=int, default=0,
                     help="torch threads per worker process (0 = pdserve up's default)")
@@ -188,7 +191,8 @@ def main() -> None:
         if args.out:
             args.out.write_text("\n".join(header) + "\n\n" + tables + "\n")
     if not args.skip_cluster and args.device == "cpu":
-        runs = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32, args.worker_threads)
+        runs = disaggregated_vs_single(loaded, 16, args.prompt_tokens, 32, args.worker_threads,
+                                       cpu_turns=not args.no_cpu_turns)
         rows = [(f"16 concurrent clients, 32 tokens each, round {i + 1}", f"{d:.1f} tok/s",
                  f"{s:.1f} tok/s", f"{d / s:.2f}x") for i, (d, s) in enumerate(runs)]
         ratios = sorted(d / s for d, s in runs)
