@@ -110,6 +110,14 @@ class Pipeline:
     num_stages_served: int
     num_pipelined: int
     num_pipeline_fallbacks: int
+    peer_stubs: dict[str, prefill_pb2_grpc.PrefillStub]
+
+    def _peer(self, address: str) -> prefill_pb2_grpc.PrefillStub:
+        """A stub for another prefill worker, its channel kept for the next pipeline."""
+        stub = self.peer_stubs.get(address)
+        if stub is None:
+            stub = self.peer_stubs[address] = prefill_pb2_grpc.PrefillStub(channel(address))
+        return stub
 
     def _forward_stage(self, *args):  # type: ignore[no-untyped-def]
         with self.turns.prefill():  # type: ignore[attr-defined]
@@ -181,8 +189,7 @@ class Pipeline:
         lo = ends[-2]
         cfg = self.loaded.config  # type: ignore[attr-defined]
         timeout = self.transfer_timeout_s  # type: ignore[attr-defined]
-        stub = prefill_pb2_grpc.PrefillStub(channel(peers[-1].address))
-        call = stub.PrefillStage()
+        call = self._peer(peers[-1].address).PrefillStage()
         released = False
         try:
             await call.write(self._stage_request(req.request_id, prompt, req.cache_salt,
@@ -234,7 +241,10 @@ class Pipeline:
             size = (kv.layer_end - kv.layer_begin) * lb
             if len(kv.ranges) != len(pages) or any(r.length != size for r in kv.ranges):
                 raise PipelineError(f"stage KV of {len(kv.ranges)} ranges for {len(pages)} pages")
-            remote = self.endpoint.remote(kv.agent_name, kv.agent_metadata)  # type: ignore[attr-defined]
+            try:
+                remote = self.endpoint.remote(kv.agent_name, kv.agent_metadata)  # type: ignore[attr-defined]
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own types on bad metadata
+                raise PipelineError(f"stage agent {kv.agent_name!r}: {e}") from e
             local = [(self.pool.page_addr(p) + kv.layer_begin * lb, size) for p in pages]  # type: ignore[attr-defined]
             rem = [(r.addr, r.length, r.device_id) for r in kv.ranges]
             done = await self.endpoint.read_groups(remote, [(local, rem)], kv.mem_type or "DRAM",  # type: ignore[attr-defined]
@@ -297,7 +307,7 @@ class Pipeline:
                                    f"cached_blocks: fewer than {req.cached_blocks} blocks "
                                    f"loadable from the kvstore")
             if req.upstream:
-                up = prefill_pb2_grpc.PrefillStub(channel(req.upstream[-1].address)).PrefillStage()
+                up = self._peer(req.upstream[-1].address).PrefillStage()
                 async for out in self._relay(req, up, prompt, pages, lo, hi):
                     yield out
             else:

@@ -117,6 +117,7 @@ class PrefillWorker(Pipeline):
         self.num_pipelined = 0  # prefills this worker headed as a pipeline (services/pipeline.py)
         self.num_pipeline_fallbacks = 0  # ... whose pipeline failed: computed here alone
         self.num_stages_served = 0  # pipeline stages run for other workers' prefills
+        self.peer_stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}  # pipeline peers
         self.queued_tokens = 0
         self.queued_attention = 0.0
         self.in_flight = 0
