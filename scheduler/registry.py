@@ -161,7 +161,7 @@ class WorkerRegistry:
         """(prefill, decode, pipeline) for a request, by the balancers over the load tables:
         `pipeline` lists the prefill workers that run the first layers before `prefill` runs
         the last ones (empty unless the prompt has at least `pipeline_min_tokens` uncached
-        tokens and spreading it lowers the maximum load). Workers in `excluded` (they failed
+        tokens and spreading it lowers the load of its slowest stage: plan_prefill_index). Workers in `excluded` (they failed
         this request) are no candidates. LookupError: no worker in rotation; MemoryError: no
         decode worker can hold `pages`."""
         pt, dt = self.table("prefill"), self.table("decode")
