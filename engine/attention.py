@@ -14,6 +14,9 @@ The new tokens' K/V are written to their slots first. Then:
   a quarter more rows than exact grouping, so a batch of similar lengths is one call;
 - prefill chunks gather their context pages and attend one sequence at a time, with a causal mask.
 
+On CPU in float32 the decode sequences take another path: one call of a C kernel
+(engine/cpu_kernels.py) attends all of them over their pages in place, no copy, no padding.
+
 GQA without copies: query heads that share a KV head are consecutive, so q viewed as
 [G, KVH, H/KVH, hd] attends K/V viewed as [G, KVH, S, hd] with no repeat of K/V.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pdserve.engine import cpu_kernels
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
@@ -48,10 +52,30 @@ class AttnBatch:
     # Called with each layer's index before the layer runs: a prefill whose cached blocks are
     # still arriving waits there until that layer's KV is in place (services/layer_fetch.py).
     before_layer: Callable[[int], None] | None = None
+    # False for a padded static step (engine/graphs.py): its ctx_lens and page_tables are
+    # placeholders and only decode_groups' tables and masks describe the sequences, so the
+    # CPU kernels (which read ctx_lens and page_tables) must not take it.
+    exact_tables: bool = True
+    # A decode step (ModelRunner.decode): its products read GGUF blocks where the model has
+    # them (cpu_kernels.py); prefill chunks keep the float32 products, so a prompt's KV is the
+    # same bits however it is chunked.
+    decode_step: bool = False
+    _plan: cpu_kernels.DecodePlan | None = None
+
+    def decode_plan(self) -> cpu_kernels.DecodePlan:
+        """The decode sequences for the CPU attention kernel, built on first use."""
+        if self._plan is None:
+            last = self.last_indices.tolist()
+            decode = [i for i, q in enumerate(self.q_lens) if q == 1]
+            self._plan = cpu_kernels.DecodePlan.build(
+                [last[i] for i in decode], [self.ctx_lens[i] for i in decode],
+                [self.page_tables[i] for i in decode])
+        return self._plan
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
-              block_tokens: int, device: torch.device | str = "cpu") -> AttnBatch:
+              block_tokens: int, device: torch.device | str = "cpu",
+              decode_step: bool = False) -> AttnBatch:
         slot_pages, slot_offsets, positions, last = [], [], [], []
         tables: list[torch.Tensor] = []
         masks: list[CausalBias | None] = []
@@ -83,7 +107,8 @@ class AttnBatch:
         cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
-                   masks, groups, [t.to(device) for t in tables], block_tokens)
+                   masks, groups, [t.to(device) for t in tables], block_tokens,
+                   decode_step=decode_step)
 
     def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
         """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
@@ -150,9 +175,14 @@ def paged_attention(
     # Step 1: store the new tokens' K/V in their slots.
     batch.write(kv, layer, torch.cat([k.reshape(-1, half), v.reshape(-1, half)], dim=-1))
     out = torch.empty_like(q)
-    # Step 2: decode groups, one batched call each over whole pages.
+    # Step 2: decode groups, one batched call each over whole pages (on CPU float32: one
+    # kernel call for all of them, reading the pages in place).
     n_heads = q.shape[1]
-    for q_idx, tables, valid in batch.decode_groups:
+    groups = batch.decode_groups
+    if groups and batch.exact_tables and cpu_kernels.attention_fits(q, kv):
+        cpu_kernels.decode_attention(q, kv, layer, n_kv, batch.decode_plan(), scale, out)
+        groups = []
+    for q_idx, tables, valid in groups:
         g = q_idx.numel()
         pages = layer_pages(kv, layer, tables.flatten()).view(g, -1, 2 * half).to(q.dtype)
         k_g = pages[..., :half].view(g, -1, n_kv, hd).transpose(1, 2)        # [G, KVH, S, hd]

@@ -10,6 +10,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from pdserve.engine.cpu_kernels import KINDS, QuantWeight
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
 from tqdm import tqdm
@@ -75,9 +76,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True
+    path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+    blocks: dict[str, QuantWeight] | None = None,
 ) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Returns (config, state dict with Hugging Face Llama names, tokenizer)."""
+    """Returns (config, state dict with Hugging Face Llama names, tokenizer). `blocks`, when
+    given, also receives each Q4_1/Q8_0 weight's GGUF blocks under the same name (rows in the
+    state dict's order), for the quantized-weight kernel (cpu_kernels.py)."""
     t0 = time.perf_counter()
     reader = gguf.GGUFReader(str(path))
     fields = read_fields(reader)
@@ -88,6 +92,9 @@ def load_gguf(
                disable=not progress, leave=False)
     for t in bar:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        q = None
+        if blocks is not None and t.tensor_type.name in KINDS and w.ndim == 2:
+            q = QuantWeight.from_gguf(t.tensor_type.name, t.data, (w.shape[0], w.shape[1]))
         name = t.name
         if name == "token_embd.weight":
             key = "model.embed_tokens.weight"
@@ -99,14 +106,18 @@ def load_gguf(
             _, idx, kind, _ = name.split(".", 3)
             if kind not in _LAYER_NAMES:
                 raise ValueError(f"unexpected tensor {name} in {path}")
-            if kind == "attn_q":
-                w = _unpermute(w, cfg.num_attention_heads)
-            elif kind == "attn_k":
-                w = _unpermute(w, cfg.num_key_value_heads)
+            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+            if kind in heads:  # rows move whole: the blocks of a row move with it
+                w = _unpermute(w, heads[kind])
+                if q is not None:
+                    q = QuantWeight(q.kind, torch.from_numpy(
+                        np.ascontiguousarray(_unpermute(q.blocks.numpy(), heads[kind]))), q.shape)
             key = f"model.layers.{idx}.{_LAYER_NAMES[kind]}.weight"
         else:
             continue  # e.g. rope_freqs: recomputed from the config
         state[key] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+        if q is not None and blocks is not None:
+            blocks[key] = q
     tied = "lm_head.weight" not in state
     cfg = LlamaConfig(**{**cfg.__dict__, "tie_word_embeddings": tied})
     log.info("model loaded", extra={"path": str(path), "tensors": len(state),

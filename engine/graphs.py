@@ -139,7 +139,8 @@ class GraphedDecode:
         valid = torch.zeros(b, p * bt, dtype=torch.bool, device=dev)
         rows = torch.arange(b, device=dev)
         batch = AttnBatch([1] * b, [1] * b, slot_p, slot_o, pos, rows, [None] * b,
-                          [(rows, tables, valid)], [], bt)
+                          [(rows, tables, valid)], [], bt, exact_tables=False,
+                          decode_step=True)
         step = _Step(b, p, ints, host, batch, torch.arange(p * bt, device=dev), lens, valid)
         # All-padding inputs: warm-up and capture touch only the scratch page.
         host.zero_()

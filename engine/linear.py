@@ -7,15 +7,24 @@ load time roughly halves those products (bench/bench_engine.py). The numbers are
 products: only the summation order differs, within float32 rounding.
 
 `PDSERVE_ONEDNN_PACK=0` turns packing off (plain `F.linear`).
+
+A weight that came from a GGUF file as Q4_1/Q8_0 blocks also keeps those blocks: a product asked
+to (`from_blocks`: decode steps and the LM head) reads them instead of the float32 copy
+(cpu_kernels.py). Prefill chunks keep the float32 products: they are compute-bound, where
+oneDNN's blocked kernel is the faster one, and a prompt's KV stays the same bits whatever the
+chunking.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pdserve.engine import cpu_kernels
+from pdserve.engine.cpu_kernels import QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,24 @@ def _packing_wanted(weight: torch.Tensor) -> bool:
 
 class FastLinear:
     """y = x @ weight.T + bias, for 2-D x. Holds references to the model's own weight (and a
-    packed copy on CPU float32); not a module: the weights stay registered where they were."""
+    packed copy on CPU float32, and the GGUF blocks it was made from when `quant` is given and
+    the quantized-weight kernel is available); not a module: the weights stay registered where
+    they were."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 quant: QuantWeight | None = None) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.packed: torch.Tensor | None = None
         if _packing_wanted(self.weight):
             self.packed = self._pack()
+        self.quant: QuantWeight | None = None
+        if quant is not None and self.weight.device.type == "cpu" \
+                and self.weight.dtype == torch.float32 and cpu_kernels.kernel() is not None:
+            if quant.shape != tuple(self.weight.shape):
+                raise ValueError(f"quantized weight {quant.shape} does not match the weight "
+                                 f"{tuple(self.weight.shape)}")
+            self.quant = quant
 
     def _pack(self) -> torch.Tensor | None:
         try:
@@ -53,16 +72,21 @@ class FastLinear:
             return None
         return packed
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, from_blocks: bool = False) -> torch.Tensor:
+        if from_blocks and self.quant is not None and x.dtype == torch.float32 \
+                and x.device.type == "cpu":
+            return cpu_kernels.qlinear(x, self.quant, self.bias)
         if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def fuse_rows(*linears: torch.nn.Linear) -> FastLinear:
+def fuse_rows(*linears: torch.nn.Linear,
+              quant: Sequence[QuantWeight | None] = ()) -> FastLinear:
     """One product for several linears on the same input: their weights (and biases) are
     concatenated into one tensor and each module's parameter becomes a view of its rows, so the
-    fused weight costs no extra memory and a state dict still reads the same."""
+    fused weight costs no extra memory and a state dict still reads the same. `quant`: each
+    linear's GGUF blocks (or None), stacked alike when all are there."""
     weight = torch.cat([m.weight.detach() for m in linears])
     biases = [m.bias for m in linears]
     bias = None
@@ -78,4 +102,4 @@ def fuse_rows(*linears: torch.nn.Linear) -> FastLinear:
             assert bias is not None
             m.bias.data = bias[row:row + n]
         row += n
-    return FastLinear(weight, bias)
+    return FastLinear(weight, bias, QuantWeight.cat(quant) if quant else None)

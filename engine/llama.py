@@ -5,12 +5,23 @@ Parameter names mirror Hugging Face's `LlamaForCausalLM`, so a Hugging Face stat
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
+from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch, paged_attention
+from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
 from torch import nn
+
+Quantized = Callable[[str], "QuantWeight | None"]  # a parameter's GGUF blocks, by its name
+
+
+def _no_blocks(name: str) -> QuantWeight | None:
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -67,10 +78,11 @@ class Attention(nn.Module):
         self._qkv: FastLinear | None = None
         self._o: FastLinear | None = None
 
-    def prepare(self) -> None:
+    def prepare(self, blocks: Quantized = _no_blocks) -> None:
         """After the weights are loaded: one q|k|v product, packed weights on CPU."""
-        self._qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
-        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias)
+        self._qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj,
+                              quant=[blocks(f"{p}_proj.weight") for p in "qkv"])
+        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"))
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
@@ -79,14 +91,14 @@ class Attention(nn.Module):
         t = x.shape[0]
         nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
         if self._qkv is not None:
-            q, k, v = self._qkv(x).split([nq, nk, nk], dim=-1)
+            q, k, v = self._qkv(x, batch.decode_step).split([nq, nk, nk], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = Rotary.apply(q.view(t, self.n_heads, self.hd), cos_sin)
         k = Rotary.apply(k.view(t, self.n_kv, self.hd), cos_sin)
         o = paged_attention(q, k, v.reshape(t, self.n_kv, self.hd), kv, self.layer, batch,
                             self.hd ** -0.5).reshape(t, nq)
-        return self._o(o) if self._o is not None else self.o_proj(o)
+        return self._o(o, batch.decode_step) if self._o is not None else self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -100,15 +112,16 @@ class MLP(nn.Module):
         self._gate_up: FastLinear | None = None
         self._down: FastLinear | None = None
 
-    def prepare(self) -> None:
-        self._gate_up = fuse_rows(self.gate_proj, self.up_proj)
-        self._down = FastLinear(self.down_proj.weight)
+    def prepare(self, blocks: Quantized = _no_blocks) -> None:
+        self._gate_up = fuse_rows(self.gate_proj, self.up_proj,
+                                  quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")])
+        self._down = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, from_blocks: bool = False) -> torch.Tensor:
         if self._gate_up is None or self._down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self._gate_up(x).chunk(2, dim=-1)
-        return self._down(F.silu(gate) * up)
+        gate, up = self._gate_up(x, from_blocks).chunk(2, dim=-1)
+        return self._down(F.silu(gate) * up, from_blocks)
 
 
 class DecoderLayer(nn.Module):
@@ -122,7 +135,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), batch.decode_step)
 
 
 class LlamaBody(nn.Module):
@@ -143,13 +156,41 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._lm_head: FastLinear | None = None
+        self._fused: cpu_kernels.LlamaDecode | None = None
 
-    def prepare(self) -> None:
-        """Called once the weights are in place on their device (see linear.py)."""
+    def prepare(self, quantized: Mapping[str, QuantWeight] | None = None) -> None:
+        """Called once the weights are in place on their device (see linear.py). `quantized`:
+        the GGUF blocks of weights, by state-dict name (a GGUF file's Q4_1/Q8_0 tensors)."""
+        q = quantized or {}
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.prepare(lambda n, i=i: q.get(f"model.layers.{i}.self_attn.{n}"))
+            layer.mlp.prepare(lambda n, i=i: q.get(f"model.layers.{i}.mlp.{n}"))
+        head = q.get("lm_head.weight")
+        if head is None and self.config.tie_word_embeddings:
+            head = q.get("model.embed_tokens.weight")
+        self._lm_head = FastLinear(self.lm_head.weight, quant=head)
+        self._fused = self._fused_decode()
+
+    def _fused_decode(self) -> cpu_kernels.LlamaDecode | None:
+        """The one-call-per-layer decode step (cpu_kernels.py), when every product of every
+        layer reads GGUF blocks (on CPU, float32, with the kernels built)."""
+        if os.environ.get("PDSERVE_FUSED_DECODE", "1") == "0":
+            return None
+        layers = []
         for layer in self.model.layers:
-            layer.self_attn.prepare()
-            layer.mlp.prepare()
-        self._lm_head = FastLinear(self.lm_head.weight)
+            a, m = layer.self_attn, layer.mlp
+            parts = (a._qkv, a._o, m._gate_up, m._down)
+            if any(f is None or f.quant is None for f in parts):
+                return None
+            layers.append(cpu_kernels.LlamaLayerWeights(
+                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                a._qkv.quant, a._qkv.bias, a._o.quant, a._o.bias,  # type: ignore[union-attr]
+                m._gate_up.quant, m._down.quant))  # type: ignore[union-attr,arg-type]
+        c = self.config
+        return cpu_kernels.LlamaDecode(
+            layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+            intermediate=c.intermediate_size, eps=c.rms_norm_eps)
 
     def reset_buffers(self, device: str | torch.device) -> None:
         """Recomputes non-persistent buffers (after building on the meta device)."""
@@ -167,11 +208,19 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids) if lo == 0 else hidden  # [T, D]
         assert h is not None, "a stage after the first needs the previous stage's hidden states"
         cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
-        for i in range(lo, hi):
-            if batch.before_layer is not None:
-                batch.before_layer(i)
-            h = self.model.layers[i](h, cos_sin, kv, batch)
+        fused = self._fused
+        # A decode step: one call per layer (cpu_kernels.py).
+        if fused is not None and batch.decode_step and batch.exact_tables \
+                and batch.before_layer is None and fused.fits(kv, h) \
+                and all(q == 1 for q in batch.q_lens):
+            h = fused.run(h, cos_sin[0], cos_sin[1], kv, batch.slot_pages, batch.slot_offsets,
+                          batch.decode_plan(), self.config.head_dim ** -0.5, range(lo, hi))
+        else:
+            for i in range(lo, hi):
+                if batch.before_layer is not None:
+                    batch.before_layer(i)
+                h = self.model.layers[i](h, cos_sin, kv, batch)
         if hi < len(self.model.layers):
             return h
         h = self.model.norm(h[batch.last_indices])
-        return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()
+        return (self._lm_head(h, True) if self._lm_head is not None else self.lm_head(h)).float()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pdserve.engine import cpu_kernels
+from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
 from pdserve.engine.layout import KVLayout, dtype_name
 from pdserve.engine.llama import LlamaForCausalLM
@@ -80,12 +82,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     block_tokens: int = 64,
     progress: bool = False,
+    quant_kernel: bool = True,
 ) -> LoadedModel:
+    """`quant_kernel`: on CPU in float32, decode a GGUF file's Q4_1/Q8_0 weights from their
+    blocks (cpu_kernels.py) where the kernel is available; False keeps to the float32 copies."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
     t0 = time.perf_counter()
     cfg: LlamaConfig | DeepseekV3Config
+    # GGUF Q4_1/Q8_0 blocks, kept for the CPU float32 decode kernel (cpu_kernels.py)
+    blocks: dict[str, QuantWeight] | None = None
+    if device == "cpu" and dtype == torch.float32 and quant_kernel and cpu_kernels.kernel():
+        blocks = {}
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"unsupported model directory {p}: no config.json")
@@ -95,7 +104,7 @@ def load_model(
     elif p.suffix == ".gguf":
         from pdserve.engine.gguf_loader import load_gguf
 
-        cfg, state, tokenizer = load_gguf(p, dtype=dtype, progress=progress)
+        cfg, state, tokenizer = load_gguf(p, dtype=dtype, progress=progress, blocks=blocks)
     else:
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
@@ -112,7 +121,10 @@ def load_model(
     # Buffers were made on the meta device; recompute them (checkpoints do not store them).
     model.reset_buffers(device)
     model.eval()
-    model.prepare()
+    if blocks and isinstance(model, LlamaForCausalLM):
+        model.prepare(blocks)
+    else:
+        model.prepare()
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "seconds": round(time.perf_counter() - t0, 2)})
     return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout)

@@ -103,6 +103,7 @@ class ModelRunner:
                 graphs.close()
                 self._graphs, self._graphs_mode = None, False
         batch = AttnBatch.build([1] * len(last_tokens), list(ctx_lens),
-                                [list(t) for t in page_tables], self.block_tokens, self.device)
+                                [list(t) for t in page_tables], self.block_tokens, self.device,
+                                decode_step=True)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
         return self.model(ids, self.pool.kv, batch)

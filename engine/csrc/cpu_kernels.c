@@ -1,0 +1,471 @@
+/* CPU kernels for the decode step (engine/cpu_kernels.py loads them with ctypes):
+ * 1. products with GGUF block-quantized weights, dequantized in cache, computed in float32;
+ * 2. decode attention over the paged KV pool, read in place (at the end of the file).
+ *
+ * 1.
+ * y[M, N] = x[M, K] @ W[N, K]^T (+ bias) where W's rows are GGUF blocks of 32 weights:
+ *   Q4_1 (20 bytes: f16 d, f16 m, 16 bytes of nibbles): w = d * q + m
+ *   Q8_0 (34 bytes: f16 d, 32 int8):                     w = d * q
+ * Each weight is rebuilt in float32 with the same roundings as gguf-py's dequantize (the
+ * reference: transformers loads GGUF files through it), so the weights are bit-identical to
+ * a float32 checkpoint of the same file; only the summation order of the dot products differs,
+ * as between any two matmul kernels. A decode step reads 0.6 (Q4_1) or 1.06 (Q8_0) bytes per
+ * weight instead of 4: on a CPU that is what bounds small-batch decode.
+ *
+ * Every y[m, n] is one accumulator chain over k in steps of 8 lanes, then a fixed horizontal
+ * sum: a row's result does not depend on M or on the rows around it (batch invariance).
+ *
+ * Threads: one OpenMP team (libgomp.so.1, the library torch itself loads, so the two share one
+ * pool of threads); each thread dequantizes 3 rows of W at a time into its own buffer (L1/L2)
+ * and multiplies every row of x against them.
+ *
+ * Build: cc -O3 -mavx2 -mfma -mf16c -ffp-contract=off -fopenmp -shared -fPIC ... -lm
+ * (-ffp-contract=off: d * q + m must stay two roundings, not one fused multiply-add.)
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NR 3 /* rows of W per group */
+
+enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1 };
+
+int pdserve_kernels_abi(void) { return 1; }
+
+static inline float half_at(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 8 bytes (low half of b) -> 8 floats: d * q (+ m) */
+static inline void put8(float* out, __m128i b, __m256 d, __m256 m, int with_m, int is_signed) {
+    __m256i q = is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+    if (with_m) v = _mm256_add_ps(v, m);
+    _mm256_storeu_ps(out, v);
+}
+
+static void dequant_q4_1(const uint8_t* row, int nb, float* out) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++, row += 20, out += 32) {
+        const __m256 d = _mm256_set1_ps(half_at(row)), m = _mm256_set1_ps(half_at(row + 2));
+        const __m128i q = _mm_loadu_si128((const __m128i*)(row + 4));
+        const __m128i lo = _mm_and_si128(q, low);                     /* weights 0..15 */
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);  /* weights 16..31 */
+        put8(out, lo, d, m, 1, 0);
+        put8(out + 8, _mm_srli_si128(lo, 8), d, m, 1, 0);
+        put8(out + 16, hi, d, m, 1, 0);
+        put8(out + 24, _mm_srli_si128(hi, 8), d, m, 1, 0);
+    }
+}
+
+static void dequant_q8_0(const uint8_t* row, int nb, float* out) {
+    for (int b = 0; b < nb; b++, row += 34, out += 32) {
+        const __m256 d = _mm256_set1_ps(half_at(row));
+        const __m128i q0 = _mm_loadu_si128((const __m128i*)(row + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i*)(row + 18));
+        put8(out, q0, d, d, 0, 1);
+        put8(out + 8, _mm_srli_si128(q0, 8), d, d, 0, 1);
+        put8(out + 16, q1, d, d, 0, 1);
+        put8(out + 24, _mm_srli_si128(q1, 8), d, d, 0, 1);
+    }
+}
+
+static inline void dequant_row(int kind, const uint8_t* row, int nb, float* out) {
+    if (kind == KIND_Q4_1) dequant_q4_1(row, nb, out);
+    else dequant_q8_0(row, nb, out);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[m, 0..nr) = x[m] . w[r] for every row m of x, nr rows of dequantized weights (K each) */
+static void dots(const float* x, int M, int K, const float* w, int nr, float* y, int ldy) {
+    int m = 0;
+    if (nr == NR) {
+        const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
+        for (; m + 4 <= M; m += 4) { /* 4 rows of x x 3 rows of w: 12 chains */
+            const float* x0 = x + (size_t)m * K;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+            __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+            for (int k = 0; k < K; k += 8) {
+                const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k);
+                __m256 xv = _mm256_loadu_ps(x0 + k);
+                a00 = _mm256_fmadd_ps(xv, v0, a00); a01 = _mm256_fmadd_ps(xv, v1, a01); a02 = _mm256_fmadd_ps(xv, v2, a02);
+                xv = _mm256_loadu_ps(x0 + K + k);
+                a10 = _mm256_fmadd_ps(xv, v0, a10); a11 = _mm256_fmadd_ps(xv, v1, a11); a12 = _mm256_fmadd_ps(xv, v2, a12);
+                xv = _mm256_loadu_ps(x0 + 2 * K + k);
+                a20 = _mm256_fmadd_ps(xv, v0, a20); a21 = _mm256_fmadd_ps(xv, v1, a21); a22 = _mm256_fmadd_ps(xv, v2, a22);
+                xv = _mm256_loadu_ps(x0 + 3 * K + k);
+                a30 = _mm256_fmadd_ps(xv, v0, a30); a31 = _mm256_fmadd_ps(xv, v1, a31); a32 = _mm256_fmadd_ps(xv, v2, a32);
+            }
+            float* y0 = y + (size_t)m * ldy;
+            y0[0] = hsum(a00); y0[1] = hsum(a01); y0[2] = hsum(a02); y0 += ldy;
+            y0[0] = hsum(a10); y0[1] = hsum(a11); y0[2] = hsum(a12); y0 += ldy;
+            y0[0] = hsum(a20); y0[1] = hsum(a21); y0[2] = hsum(a22); y0 += ldy;
+            y0[0] = hsum(a30); y0[1] = hsum(a31); y0[2] = hsum(a32);
+        }
+    }
+    for (; m < M; m++) { /* the same chains, one row of x at a time */
+        const float* x0 = x + (size_t)m * K;
+        if (nr == NR) { /* 3 independent chains: a lone row is not bound by FMA latency */
+            const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0;
+            for (int k = 0; k < K; k += 8) {
+                const __m256 xv = _mm256_loadu_ps(x0 + k);
+                a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + k), a0);
+                a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w1 + k), a1);
+                a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w2 + k), a2);
+            }
+            float* y0 = y + (size_t)m * ldy;
+            y0[0] = hsum(a0); y0[1] = hsum(a1); y0[2] = hsum(a2);
+            continue;
+        }
+        for (int r = 0; r < nr; r++) {
+            const float* wr = w + (size_t)r * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int k = 0; k < K; k += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), _mm256_loadu_ps(wr + k), a);
+            y[(size_t)m * ldy + r] = hsum(a);
+        }
+    }
+}
+
+/* Returns 0; -1 for a kind or shape it does not take; -2 when a thread's buffer could not be
+   allocated (y is then incomplete). */
+int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, int N,
+                    const float* bias, float* y, int nthreads) {
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || M < 0 || N < 0)
+        return -1;
+    const int nb = K / 32;
+    const size_t rowbytes = (size_t)nb * (kind == KIND_Q4_1 ? 20 : 34);
+    const int groups = (N + NR - 1) / NR;
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > groups) nthreads = groups > 0 ? groups : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* w = aligned_alloc(64, sizeof(float) * NR * (size_t)K);
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            if (!w) continue;
+            const int n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
+            for (int r = 0; r < nr; r++)
+                dequant_row(kind, wq + (size_t)(n0 + r) * rowbytes, nb, w + (size_t)r * K);
+            dots(x, M, K, w, nr, y + n0, N);
+            if (bias)
+                for (int m = 0; m < M; m++)
+                    for (int r = 0; r < nr; r++) y[(size_t)m * N + n0 + r] += bias[n0 + r];
+        }
+        free(w);
+    }
+    return failed ? -2 : 0;
+}
+
+/* W as float32 [N, K] */
+int pdserve_dequant(int kind, const uint8_t* wq, int N, int K, float* out) {
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || N < 0) return -1;
+    const int nb = K / 32;
+    const size_t rowbytes = (size_t)nb * (kind == KIND_Q4_1 ? 20 : 34);
+    for (int n = 0; n < N; n++) dequant_row(kind, wq + (size_t)n * rowbytes, nb, out + (size_t)n * K);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Decode attention over the paged pool, read in place.
+ *
+ * kv: the pool, float32 [P, L, Bt, 2 * KVH * hd] (a row is [K heads | V heads]); q: [T, H, hd];
+ * for each decode sequence s: its query row q_rows[s], its context length ctx_lens[s] (the new
+ * token's K/V already written), its pages tables[table_off[s] .. table_off[s + 1]).
+ * out[q_rows[s]] = softmax(q . K^T * scale) V per query head, query head h reading KV head
+ * h / (H / KVH) (grouped-query attention).
+ *
+ * One task per sequence (per sequence and KV head when there are fewer sequences than
+ * threads). A task walks its rows in order twice: the K halves (scores), then the V halves
+ * (weighted sum), each row's part read as one run so that the hardware prefetcher streams
+ * it (reading one head's 256 bytes out of each 1.5 KB row ran at a fifth of the bandwidth).
+ * Each query head's result is one fixed chain of operations whatever the batch.
+ * ------------------------------------------------------------------------------------- */
+
+/* e^x for x <= 0 (softmax after the max is taken out), float32, within 2 ulp: x = n ln2 + r,
+   |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf coefficients), times 2^n. */
+static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+#define AHEAD 4 /* rows prefetched ahead */
+
+static inline float dot_n(const float* a, const float* b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum(acc);
+}
+
+/* the 8 horizontal sums of a[0..8) as one vector */
+static inline __m256 hsum8(const __m256* a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* softmax in place over p[0..n): exp(p - max), the sum returned instead of divided in */
+static float softmax_unnormalised(float* p, int n) {
+    float mx = p[0];
+    for (int j = 1; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+    const __m256 m8 = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + j), m8));
+        _mm256_storeu_ps(p + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    if (j < n) { /* the tail through the same vector code, padded with -inf (exp 0) */
+        float t[8];
+        for (int i = 0; i < 8; i++) t[i] = j + i < n ? p[j + i] - mx : -INFINITY;
+        _mm256_storeu_ps(t, exp_neg(_mm256_loadu_ps(t)));
+        for (int i = 0; j + i < n; i++) { p[j + i] = t[i]; sum += t[i]; }
+    }
+    return sum;
+}
+
+/* One KV head c of one sequence: its G query heads qh [G][hd] -> oh [G][hd]. rows[j] points at
+   row j of the layer (K heads then V heads); p: G * ctx floats of scratch. Accumulators stay
+   in registers (an accumulator kept in memory across rows stalled on false store-to-load
+   dependencies with the rows being read). */
+static void attend_kv_head(const float* qh, const float* const* rows, int ctx, int c, int G,
+                           int hd, int half, float scale, float* p, float* oh) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int g = 0; g < G; g++) {
+        const float* qg = qh + (size_t)g * hd;
+        float* pg = p + (size_t)g * ctx;
+        int j = 0;
+        for (; j + 8 <= ctx; j += 8) { /* 8 rows at a time, 8 chains, one vector of scores */
+            __m256 a[8];
+            for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qg + d);
+                for (int r = 0; r < 8; r++)
+                    a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j + r] + (size_t)c * hd + d), a[r]);
+            }
+            _mm256_storeu_ps(pg + j, _mm256_mul_ps(hsum8(a), sc));
+        }
+        for (; j < ctx; j++) pg[j] = dot_n(qg, rows[j] + (size_t)c * hd, hd) * scale;
+    }
+    for (int g = 0; g < G; g++) {
+        float* pg = p + (size_t)g * ctx;
+        const __m256 total = _mm256_set1_ps(softmax_unnormalised(pg, ctx));
+        float* o = oh + (size_t)g * hd;
+        for (int d0 = 0; d0 < hd; d0 += 64) { /* 8 accumulators: 64 lanes of the head */
+            const int w = (hd - d0 < 64 ? hd - d0 : 64) / 8;
+            __m256 a[8];
+            for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+            for (int jj = 0; jj < ctx; jj++) {
+                const __m256 pj = _mm256_set1_ps(pg[jj]);
+                const float* v = rows[jj] + half + (size_t)c * hd + d0;
+                for (int r = 0; r < w; r++) a[r] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * r), a[r]);
+            }
+            for (int r = 0; r < w; r++) _mm256_storeu_ps(o + d0 + 8 * r, _mm256_div_ps(a[r], total));
+        }
+    }
+}
+
+int pdserve_decode_attention(const float* q, const float* kv, long long page_stride,
+                             long long layer_offset, int Bt, int H, int KVH, int hd, int nseq,
+                             const int* q_rows, const int* ctx_lens, const int* table_off,
+                             const int* tables, float scale, float* out, int nthreads) {
+    if (hd <= 0 || hd % 8 || KVH <= 0 || H % KVH || Bt <= 0 || nseq < 0) return -1;
+    const int G = H / KVH, half = KVH * hd, row = 2 * half;
+    int max_ctx = 0;
+    for (int s = 0; s < nseq; s++) {
+        if (ctx_lens[s] <= 0 || (ctx_lens[s] + Bt - 1) / Bt > table_off[s + 1] - table_off[s]) return -1;
+        if (ctx_lens[s] > max_ctx) max_ctx = ctx_lens[s];
+    }
+    if (nthreads < 1) nthreads = 1;
+    const int split = nseq < nthreads ? KVH : 1; /* KV heads per sequence split into tasks */
+    const int tasks = nseq * split;
+    if (nthreads > tasks) nthreads = tasks > 0 ? tasks : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* scores [G][max_ctx] and row pointers [max_ctx] of one task */
+        float* p = malloc(sizeof(float) * (size_t)G * (size_t)max_ctx
+                          + sizeof(float*) * (size_t)max_ctx);
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; t++) {
+            if (!p) continue;
+            const int s = t / split, ctx = ctx_lens[s];
+            const int kv0 = split == 1 ? 0 : t % split, kv1 = split == 1 ? KVH : kv0 + 1;
+            const int* pages = tables + table_off[s];
+            const float** rows = (const float**)(p + (size_t)G * max_ctx);
+            for (int j = 0; j < ctx; j++) {
+                rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
+                if (j >= AHEAD) /* the whole row: its other heads and its V part come next */
+                    for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
+                        _mm_prefetch((const char*)rows[j - AHEAD] + b, _MM_HINT_T1);
+            }
+            for (int c = kv0; c < kv1; c++) {
+                const size_t at = (size_t)q_rows[s] * H * hd + (size_t)c * G * hd;
+                attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at);
+            }
+        }
+        free(p);
+    }
+    return failed ? -2 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * 3. One Llama decoder layer for a decode step (one new token per sequence), every product
+ * from GGUF blocks: RMSNorm, q|k|v, RoPE, K/V into their slots, attention over the pages,
+ * o + residual, RMSNorm, gate|up, SiLU(gate) * up, down + residual. The same operations as
+ * engine/llama.py in the same order; one call per layer instead of some twenty torch calls
+ * (at batch 16 those cost a fifth of the step on two cores).
+ * ------------------------------------------------------------------------------------- */
+typedef struct {
+    int kind;
+    int n, k;
+    const uint8_t* blocks;
+    const float* bias; /* or NULL */
+} QWeight;
+
+typedef struct {
+    const float* in_norm;
+    const float* post_norm;
+    QWeight qkv, o, gate_up, down;
+} LlamaLayer;
+
+typedef struct {
+    float* h;                         /* [T, D] the residual stream, updated in place */
+    const float* cos; const float* sin; /* [T, hd] */
+    float* kv;                        /* the pool [P, L, Bt, 2 * KVH * hd] */
+    const int* slot_pages; const int* slot_offsets; /* [T] where each new token's K/V goes */
+    const int* q_rows; const int* ctx_lens; const int* table_off; const int* tables;
+    float* scratch;                   /* T * (D + (H + 2 KVH) hd + 2 H hd + 2 I) floats */
+    long long page_stride;
+    float eps, scale;
+    int T, D, H, KVH, hd, I, L, Bt, nthreads;
+} DecodeStep;
+
+/* the structs' sizes, checked against the ctypes mirrors at load */
+void pdserve_llama_struct_sizes(long long* out) {
+    out[0] = sizeof(QWeight); out[1] = sizeof(LlamaLayer); out[2] = sizeof(DecodeStep);
+}
+
+/* e^x, float32, for any x (clamped to the float range): as exp_neg */
+static inline __m256 exp_any(__m256 x) {
+    return exp_neg(_mm256_min_ps(x, _mm256_set1_ps(88.3f)));
+}
+
+static void rms_norm_rows(const float* x, const float* w, int T, int D, float eps, float* y) {
+    for (int t = 0; t < T; t++) {
+        const float* xr = x + (size_t)t * D;
+        float* yr = y + (size_t)t * D;
+        float ss;
+        if (D % 8 == 0) {
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) { const __m256 v = _mm256_loadu_ps(xr + d); a = _mm256_fmadd_ps(v, v, a); }
+            ss = hsum(a);
+        } else {
+            ss = 0.f;
+            for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
+        }
+        const float r = 1.f / sqrtf(ss / (float)D + eps);
+        for (int d = 0; d < D; d++) yr[d] = (xr[d] * r) * w[d];
+    }
+}
+
+/* x * cos + rotate_half(x) * sin on n heads of hd at x (rotate_half(x) = [-x2, x1]) */
+static void rope_heads(float* x, int n, int hd, const float* cos, const float* sin) {
+    const int h2 = hd / 2;
+    for (int i = 0; i < n; i++, x += hd) {
+        for (int d = 0; d < h2; d++) {
+            const float x1 = x[d], x2 = x[d + h2];
+            x[d] = x1 * cos[d] + (-x2) * sin[d];
+            x[d + h2] = x2 * cos[d + h2] + x1 * sin[d + h2];
+        }
+    }
+}
+
+static int qw_linear(const QWeight* w, const float* x, int M, float* y, int nthreads) {
+    return pdserve_qlinear(w->kind, x, M, w->k, w->blocks, w->n, w->bias, y, nthreads);
+}
+
+int pdserve_llama_decode_layer(const LlamaLayer* w, const DecodeStep* s, int layer) {
+    const int T = s->T, D = s->D, H = s->H, KVH = s->KVH, hd = s->hd, I = s->I;
+    const int nq = H * hd, nk = KVH * hd, nqkv = nq + 2 * nk;
+    if (w->qkv.n != nqkv || w->qkv.k != D || w->o.n != D || w->o.k != nq || w->gate_up.n != 2 * I
+        || w->gate_up.k != D || w->down.n != D || w->down.k != I || hd % 2 || layer < 0 || layer >= s->L)
+        return -1;
+    float* x = s->scratch;                  /* [T, D] */
+    float* qkv = x + (size_t)T * D;         /* [T, nqkv] */
+    float* att = qkv + (size_t)T * nqkv;    /* [T, nq] */
+    float* gu = att + (size_t)T * nq;       /* [T, 2I] */
+    float* q = s->scratch + (size_t)T * (D + nqkv + nq + 2 * I); /* [T, nq] contiguous queries */
+    const long long layer_offset = (long long)layer * s->Bt * 2 * nk;
+    int rc;
+    rms_norm_rows(s->h, w->in_norm, T, D, s->eps, x);
+    if ((rc = qw_linear(&w->qkv, x, T, qkv, s->nthreads))) return rc;
+    for (int t = 0; t < T; t++) {
+        float* r = qkv + (size_t)t * nqkv;
+        rope_heads(r, H + KVH, hd, s->cos + (size_t)t * hd, s->sin + (size_t)t * hd); /* q and k */
+        memcpy(q + (size_t)t * nq, r, sizeof(float) * nq);
+        float* slot = s->kv + (size_t)s->slot_pages[t] * s->page_stride + layer_offset
+                      + (size_t)s->slot_offsets[t] * 2 * nk;
+        memcpy(slot, r + nq, sizeof(float) * 2 * nk); /* [K heads | V heads] */
+    }
+    if ((rc = pdserve_decode_attention(q, s->kv, s->page_stride, layer_offset, s->Bt, H, KVH, hd, T,
+                                       s->q_rows, s->ctx_lens, s->table_off, s->tables, s->scale,
+                                       att, s->nthreads)))
+        return rc;
+    if ((rc = qw_linear(&w->o, att, T, x, s->nthreads))) return rc;
+    for (size_t i = 0; i < (size_t)T * D; i++) s->h[i] = s->h[i] + x[i];
+    rms_norm_rows(s->h, w->post_norm, T, D, s->eps, x);
+    if ((rc = qw_linear(&w->gate_up, x, T, gu, s->nthreads))) return rc;
+    for (int t = 0; t < T; t++) { /* silu(gate) * up, over the first I floats of each row */
+        const float* g = gu + (size_t)t * 2 * I;
+        float* a = gu + (size_t)t * 2 * I; /* in place: row t's first I floats */
+        int i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp_any(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(g + I + i)));
+        }
+        for (; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * g[I + i];
+    }
+    /* down reads rows of I floats with a stride of 2I: compact them first */
+    for (int t = 1; t < T; t++) memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
+    if ((rc = qw_linear(&w->down, gu, T, x, s->nthreads))) return rc;
+    for (size_t i = 0; i < (size_t)T * D; i++) s->h[i] = s->h[i] + x[i];
+    return 0;
+}

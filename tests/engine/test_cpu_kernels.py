@@ -1,0 +1,239 @@
+"""The CPU decode kernels (engine/cpu_kernels.py, engine/csrc/cpu_kernels.c) against torch and
+gguf-py: GGUF blocks rebuilt bit for bit, products and attention within float32 rounding, every
+row's result independent of the batch, and the fused decode layer equal to the torch layer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from pdserve.engine import cpu_kernels
+from pdserve.engine.attention import AttnBatch
+from pdserve.engine.cpu_kernels import DecodePlan, QuantWeight
+
+# This machine (and CI's) has a C compiler and an AVX2 CPU: the kernels must be there, or
+# the speed the README reports is not what runs. Fail loudly rather than skip.
+KERNEL = cpu_kernels.kernel()
+
+
+def test_kernels_are_built_here():
+    assert KERNEL is not None, cpu_kernels.why_not()
+    assert KERNEL.path.exists() and KERNEL.path.parent == cpu_kernels.kernel_dir()
+
+
+def quantized(kind: str, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
+    """Random weights quantized by gguf-py, and gguf-py's own float32 rebuild of them."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    blocks = gguf.quants.quantize(w, QT[kind])
+    ref = gguf.quants.dequantize(blocks, QT[kind]).astype(np.float32)
+    return QuantWeight.from_gguf(kind, blocks, (n, k)), torch.from_numpy(ref.reshape(n, k))
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_rebuilt_weights_are_gguf_py_bit_for_bit(kind):
+    qw, ref = quantized(kind, 37, 256, seed=1)
+    got = cpu_kernels.dequantize(qw)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+def test_the_real_model_s_blocks_rebuild_bit_for_bit():
+    from pdserve.engine.loader import default_model_path
+
+    reader = gguf.GGUFReader(str(default_model_path()))
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type.name in cpu_kernels.KINDS and t.tensor_type.name not in seen:
+            seen.add(t.tensor_type.name)
+            ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            qw = QuantWeight.from_gguf(t.tensor_type.name, t.data, ref.shape)
+            assert np.array_equal(cpu_kernels.dequantize(qw).numpy().view(np.int32),
+                                  ref.view(np.int32)), t.name
+    assert seen == {"Q4_1", "Q8_0"}
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 64, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_match_f_linear_on_the_rebuilt_weights(kind, rows, bias):
+    qw, w = quantized(kind, 43, 192, seed=rows)  # 43 rows: a group of 4 with a tail
+    b = torch.randn(43) if bias else None
+    x = torch.randn(rows, 192)
+    torch.testing.assert_close(cpu_kernels.qlinear(x, qw, b), F.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_s_product_does_not_depend_on_the_batch():
+    qw, _ = quantized("Q4_1", 96, 576, seed=3)
+    x = torch.randn(17, 576)
+    whole = cpu_kernels.qlinear(x, qw)
+    for i in (0, 5, 16):
+        assert torch.equal(cpu_kernels.qlinear(x[i:i + 1], qw)[0], whole[i])
+    assert torch.equal(cpu_kernels.qlinear(x[3:9], qw), whole[3:9])
+
+
+def test_bad_arguments_are_refused():
+    qw, _ = quantized("Q8_0", 8, 64, seed=4)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        cpu_kernels.qlinear(torch.randn(2, 32), qw)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.qlinear(torch.randn(2, 64), qw, torch.zeros(7))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantWeight("Q8_0", torch.zeros(2, 34, dtype=torch.uint8), (2, 48))
+    with pytest.raises(ValueError, match="unsupported quantization"):
+        QuantWeight("Q5_K", torch.zeros(2, 34, dtype=torch.uint8), (2, 32))
+    assert QuantWeight.cat([qw, None]) is None
+    other, _ = quantized("Q4_1", 8, 64, seed=5)
+    assert QuantWeight.cat([qw, other]) is None  # kinds differ: no fused blocks
+    both = QuantWeight.cat([qw, qw])
+    assert both is not None and both.shape == (16, 64)
+
+
+def reference_attention(q, kv, layer, n_kv, tables, ctx_lens, scale):
+    hd = q.shape[-1]
+    half = n_kv * hd
+    out = []
+    for i, (table, ctx) in enumerate(zip(tables, ctx_lens)):
+        rows = kv[table, layer].reshape(-1, 2 * half)[:ctx]
+        k = rows[:, :half].view(ctx, n_kv, hd).transpose(0, 1)
+        v = rows[:, half:].view(ctx, n_kv, hd).transpose(0, 1)
+        qi = q[i].view(n_kv, -1, hd)
+        out.append(F.scaled_dot_product_attention(qi, k, v, scale=scale).reshape(-1, hd))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa_over_scattered_pages(threads):
+    torch.manual_seed(0)
+    pages, layers, bt, n_kv, heads, hd = 40, 3, 16, 2, 6, 32
+    kv = torch.randn(pages, layers, bt, 2 * n_kv * hd)
+    ctx_lens = [1, 7, 16, 17, 50, 64]
+    perm = torch.randperm(pages).tolist()
+    tables, at = [], 0
+    for ctx in ctx_lens:
+        n = -(-ctx // bt)
+        tables.append(torch.tensor(perm[at:at + n]))
+        at += n
+    q = torch.randn(len(ctx_lens), heads, hd)
+    plan = DecodePlan.build(range(len(ctx_lens)), ctx_lens, tables)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layer in range(layers):
+            out = torch.full_like(q, float("nan"))
+            cpu_kernels.decode_attention(q, kv, layer, n_kv, plan, 0.17, out)
+            ref = reference_attention(q, kv, layer, n_kv, tables, ctx_lens, 0.17)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+            # one sequence alone gets the same bits as in the batch (and fewer sequences than
+            # threads take the per-KV-head split)
+            for i in (1, 4):
+                alone = torch.zeros(1, heads, hd)
+                cpu_kernels.decode_attention(q[i:i + 1], kv, layer, n_kv,
+                                             DecodePlan.build([0], [ctx_lens[i]], [tables[i]]),
+                                             0.17, alone)
+                assert torch.equal(alone[0], out[i])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_attention_refuses_a_table_too_short():
+    kv = torch.randn(4, 1, 8, 2 * 8)
+    plan = DecodePlan.build([0], [9], [torch.tensor([1])])  # 9 tokens need 2 pages of 8
+    with pytest.raises(ValueError, match="refused"):
+        cpu_kernels.decode_attention(torch.randn(1, 2, 8), kv, 0, 1, plan, 1.0,
+                                     torch.empty(1, 2, 8))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from pdserve.engine.loader import load_model
+
+    return load_model()
+
+
+def test_the_default_model_decodes_from_its_blocks(loaded):
+    m = loaded.model
+    layer = m.model.layers[0]
+    assert layer.self_attn._qkv.quant is not None and layer.self_attn._qkv.quant.kind == "Q4_1"
+    assert layer.mlp._down.quant is not None and m._lm_head.quant.kind == "Q8_0"
+    assert m._fused is not None
+    # The blocks are the float32 weights, bit for bit (q and k rows un-permuted alike).
+    for lin, w in ((layer.self_attn._qkv, layer.self_attn._qkv.weight),
+                   (layer.mlp._gate_up, layer.mlp._gate_up.weight), (m._lm_head, m.lm_head.weight)):
+        assert torch.equal(cpu_kernels.dequantize(lin.quant).view(torch.int32),
+                           w.contiguous().view(torch.int32))
+
+
+def decode_logits(model, kv, ctx_lens, tables, tokens, bt):
+    batch = AttnBatch.build([1] * len(ctx_lens), ctx_lens, tables, bt, decode_step=True)
+    return model(torch.tensor(tokens), kv, batch)
+
+
+def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch):
+    """Three sequences with their prompts' KV in the pool: one decode step through the fused
+    C layers and through the torch layers (same products from blocks) give the same logits and
+    write the same K/V."""
+    model, layout = loaded.model, loaded.layout
+    bt = layout.block_tokens
+    torch.manual_seed(1)
+    from pdserve.engine.kv_pool import KVPool
+
+    pool = KVPool(layout, 12)
+    prompts = [torch.randint(100, 40000, (n,)).tolist() for n in (5, 70, 130)]
+    tables = [[1], [2, 3], [4, 5, 6]]
+    for p, t in zip(prompts, tables):
+        model(torch.tensor(p), pool.kv, AttnBatch.build([len(p)], [len(p)], [t], bt))
+    ctx = [len(p) + 1 for p in prompts]
+    tables = [[1], [2, 3], [4, 5, 6, 7]]  # the third one's new token starts a page
+    kv_a = pool.kv.clone()
+    fused = decode_logits(model, kv_a, ctx, tables, [11, 22, 33], bt)
+    monkeypatch.setattr(model, "_fused", None)
+    kv_b = pool.kv.clone()
+    plain = decode_logits(model, kv_b, ctx, tables, [11, 22, 33], bt)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv_a, kv_b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(kv_a, pool.kv)  # the new tokens' K/V were written
+    # batch invariance of the fused step: the middle sequence alone, same bits
+    monkeypatch.undo()
+    alone = decode_logits(model, pool.kv.clone(), [ctx[1]], [tables[1]], [22], bt)
+    assert torch.equal(alone[0], fused[1])
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_without_a_compiler_the_model_runs_its_float32_weights(tmp_path):
+    """A fresh kernel directory and no compiler: the kernels are not had, one warning says why,
+    and the model still loads and decodes (float32 weights, torch layers)."""
+    code = (
+        "from pdserve.engine import cpu_kernels\n"
+        "from pdserve.engine.loader import load_model\n"
+        "assert cpu_kernels.kernel() is None\n"
+        "print('why:', cpu_kernels.why_not())\n"
+        "m = load_model().model\n"
+        "assert m._fused is None and m._lm_head.quant is None\n"
+        "print('loaded')\n")
+    r = run_python(code, CC="/nonexistent/cc", PDSERVE_KERNEL_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "no C compiler '/nonexistent/cc'" in r.stdout and "loaded" in r.stdout
+    r = run_python(code, PDSERVE_CPU_KERNELS="0")
+    assert r.returncode == 0 and "PDSERVE_CPU_KERNELS=0" in r.stdout, r.stderr
+
+
+def test_a_fresh_directory_gets_the_library_built(tmp_path):
+    r = run_python("from pdserve.engine import cpu_kernels; k = cpu_kernels.kernel(); "
+                   "print(k.path if k else cpu_kernels.why_not())",
+                   PDSERVE_KERNEL_DIR=str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    built = list((tmp_path / "k").glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and str(built[0]) in r.stdout
+    assert not list((tmp_path / "k").glob("*.tmp"))  # the temporary file was renamed in place
