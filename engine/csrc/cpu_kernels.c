@@ -310,6 +310,7 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
     if (nthreads < 1) nthreads = 1;
     const int split = nseq < nthreads ? KVH : 1; /* KV heads per sequence split into tasks */
     const int tasks = nseq * split;
+    if (tasks == 0) return 0;
     if (nthreads > tasks) nthreads = tasks > 0 ? tasks : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)

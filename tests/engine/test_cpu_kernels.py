@@ -149,6 +149,10 @@ def test_decode_attention_refuses_a_table_too_short():
     with pytest.raises(ValueError, match="refused"):
         cpu_kernels.decode_attention(torch.randn(1, 2, 8), kv, 0, 1, plan, 1.0,
                                      torch.empty(1, 2, 8))
+    out = torch.zeros(1, 2, 8)  # no sequence: nothing written, no error
+    cpu_kernels.decode_attention(torch.randn(1, 2, 8), kv, 0, 1, DecodePlan.build([], [], []),
+                                 1.0, out)
+    assert not out.any()
 
 
 @pytest.fixture(scope="module")
