@@ -96,14 +96,6 @@ class QuantWeight:
         blocks = torch.cat([p.blocks for p in parts])  # type: ignore[union-attr]
         return QuantWeight(first.kind, blocks, (blocks.shape[0], first.shape[1]))
 
-    @property
-    def nbytes(self) -> int:
-        return self.blocks.numel()
-
-
-_f32p = ctypes.POINTER(ctypes.c_float)
-_i32p = ctypes.POINTER(ctypes.c_int)
-
 
 class _QWeight(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
@@ -205,33 +197,39 @@ def _build(path: Path) -> None:
 
 def kernel() -> _Kernel | None:
     """The loaded kernel, building it if needed; None (and why_not() says why) when it cannot
-    be had. Tried once per process."""
-    global _kernel, _tried, _why_not
-    with _lock:
-        if _tried:
-            return _kernel
-        _tried = True
-        if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
-            _why_not = "PDSERVE_CPU_KERNELS=0"
-            return None
-        _why_not = _cpu_has_features()
-        if _why_not is not None:
-            log.info("CPU kernels not used", extra={"reason": _why_not})
-            return None
-        path = library_path()
-        try:
-            if not path.exists():
-                _build(path)
-            lib = ctypes.CDLL(str(path))
-            if lib.pdserve_kernels_abi() != _ABI:
-                raise RuntimeError(f"{path} is of another version")
-            _kernel = _Kernel(lib, path)
-        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            _why_not = str(e)
-            log.warning("CPU kernels unavailable; using float32 weights",
-                        extra={"reason": _why_not, "library": str(path)})
-            return None
-        return _kernel
+    be had. Tried once per process; once decided, no lock (every product and attention call
+    asks)."""
+    global _kernel, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _kernel = _load()
+                _tried = True  # only now: a caller that sees it also sees _kernel
+    return _kernel
+
+
+def _load() -> _Kernel | None:
+    global _why_not
+    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
+        _why_not = "PDSERVE_CPU_KERNELS=0"
+        return None
+    _why_not = _cpu_has_features()
+    if _why_not is not None:
+        log.info("CPU kernels not used", extra={"reason": _why_not})
+        return None
+    path = library_path()
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        if lib.pdserve_kernels_abi() != _ABI:
+            raise RuntimeError(f"{path} is of another version")
+        return _Kernel(lib, path)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        _why_not = str(e)
+        log.warning("CPU kernels unavailable; using float32 weights",
+                    extra={"reason": _why_not, "library": str(path)})
+        return None
 
 
 def why_not() -> str | None:
