@@ -14,8 +14,9 @@ The new tokens' K/V are written to their slots first. Then:
   a quarter more rows than exact grouping, so a batch of similar lengths is one call;
 - prefill chunks gather their context pages and attend one sequence at a time, with a causal mask.
 
-On CPU in float32 the decode sequences take another path: one call of a C kernel
-(engine/cpu_kernels.py) attends all of them over their pages in place, no copy, no padding.
+On CPU in float32 (the `cpu-kernels` and `cpu-fused` backends) the decode sequences take another
+path: one call of a C kernel (engine/cpu_kernels.py) attends all of them over their pages in
+place, no copy, no padding.
 
 GQA without copies: query heads that share a KV head are consecutive, so q viewed as
 [G, KVH, H/KVH, hd] attends K/V viewed as [G, KVH, S, hd] with no repeat of K/V.
@@ -169,6 +170,7 @@ def paged_attention(
     layer: int,
     batch: AttnBatch,
     scale: float,
+    c_kernel: bool = False,  # decode attention by the C kernel (float32 CPU; backend.py)
 ) -> torch.Tensor:     # [T, H, hd]
     n_kv, hd = k.shape[1], k.shape[2]
     half = n_kv * hd
@@ -179,7 +181,8 @@ def paged_attention(
     # kernel call for all of them, reading the pages in place).
     n_heads = q.shape[1]
     groups = batch.decode_groups
-    if groups and batch.exact_tables and cpu_kernels.attention_fits(q, kv):
+    if groups and c_kernel:
+        assert batch.exact_tables, "a padded static step (CUDA graphs) never runs on CPU"
         cpu_kernels.decode_attention(q, kv, layer, n_kv, batch.decode_plan(), scale, out)
         groups = []
     for q_idx, tables, valid in groups:

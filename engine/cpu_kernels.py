@@ -21,9 +21,10 @@ sequences in the batch.
 
 The C source is compiled on first use with the system C compiler (`CC`, default `cc`) into a
 cache directory (`PDSERVE_KERNEL_DIR`, default `~/.cache/pdserve/kernels`), named by a digest of
-the source and flags, and loaded with ctypes. Without a compiler, on a CPU without AVX2/FMA/F16C,
-or with `PDSERVE_CPU_KERNELS=0`, the model runs its float32 weights as before (one log line
-says why); `PDSERVE_FUSED_DECODE=0` keeps 1 and 2 but runs the torch layers.
+the source and flags, and loaded with ctypes. Whether a model uses them is its execution backend's
+choice, made once at load (engine/backend.py): without a compiler, or on a CPU without
+AVX2/FMA/F16C, `--backend auto` runs the float32 weights and torch layers (one log line says
+why); `--backend cpu-kernels` keeps 1 and 2 but runs the torch layers.
 `python -m pdserve.engine.cpu_kernels` builds and loads them ahead of time and prints where.
 """
 
@@ -210,9 +211,6 @@ def kernel() -> _Kernel | None:
 
 def _load() -> _Kernel | None:
     global _why_not
-    if os.environ.get("PDSERVE_CPU_KERNELS", "1") == "0":
-        _why_not = "PDSERVE_CPU_KERNELS=0"
-        return None
     _why_not = _cpu_has_features()
     if _why_not is not None:
         log.info("CPU kernels not used", extra={"reason": _why_not})
@@ -300,14 +298,6 @@ class DecodePlan:
         return self.q_rows.numel()
 
 
-def attention_fits(q: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether decode_attention takes these: float32 on CPU, a contiguous pool, head size a
-    multiple of 8, and the kernel available."""
-    return (q.dtype == torch.float32 and kv.dtype == torch.float32 and q.device.type == "cpu"
-            and kv.device.type == "cpu" and kv.is_contiguous() and q.shape[-1] % 8 == 0
-            and kernel() is not None)
-
-
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, n_kv: int,
                      plan: DecodePlan, scale: float, out: torch.Tensor) -> None:
     """out[plan.q_rows] = attention of q's rows (q: [T, H, hd]) over their context in the pool
@@ -369,11 +359,6 @@ class LlamaDecode:
                         for w in self.keep]
         self.D, self.H, self.KVH, self.hd, self.I = hidden, heads, kv_heads, head_dim, intermediate
         self.eps = eps
-
-    def fits(self, kv: torch.Tensor, h: torch.Tensor) -> bool:
-        return (kv.dtype == torch.float32 and kv.device.type == "cpu" and kv.is_contiguous()
-                and kv.shape[-1] == 2 * self.KVH * self.hd and h.dtype == torch.float32
-                and h.device.type == "cpu")
 
     def run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
             slot_pages: torch.Tensor, slot_offsets: torch.Tensor, plan: DecodePlan,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pdserve.engine.attention import AttnBatch, layer_pages
+from pdserve.engine.backend import Backend
 from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
 from pdserve.engine.model_config import DeepseekV3Config
@@ -205,15 +206,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(
             cfg.num_hidden_layers, cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         self._lm_head: FastLinear | None = None
+        self.backend = Backend("torch")
 
-    def prepare(self) -> None:
-        """Called once the weights are in place on their device (see linear.py)."""
+    def prepare(self, backend: Backend) -> Backend:
+        """Called once the weights are in place on their device (see linear.py); returns the
+        backend the model runs (MLA has no C path: packed weights at most)."""
         for layer in self.model.layers:
             mlp = layer.mlp
             for m in ([*mlp.experts, mlp.shared_experts] if isinstance(mlp, MoE) else [mlp]):
                 if m is not None:
-                    m.prepare()
-        self._lm_head = FastLinear(self.lm_head.weight)
+                    m.prepare(backend)
+        self._lm_head = FastLinear(self.lm_head.weight, pack=backend.pack_weights)
+        self.backend = backend
+        return backend
 
     def reset_buffers(self, device: str | torch.device) -> None:
         c = self.config

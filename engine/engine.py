@@ -1,53 +1,45 @@
 """The engine loop: schedule -> run -> postprocess, with continuous batching.
 
-Used whole as the single-process engine (the reference every disaggregated result must equal),
-and in parts by the workers: a prefill worker calls `ModelRunner.prefill`; a decode worker adds
-sequences whose KV arrived over NIXL with `add_prefilled` and calls `step`.
+Used whole as the single-process engine (the reference every disaggregated result must equal)
+and by every worker: a prefill worker's prompts (`stop_after_prefill`) and pipeline stages, and
+a decode worker's requests once their KV has landed (`add_prefilled`), all go through `step`.
+Workers configure it with hooks (engine/hooks.py) and drive it from one thread
+(services/engine_thread.py).
 
 Lifecycle of a sequence:
-1. `add_request` reserves pages for prompt + max_tokens (or raises OutOfPages) and queues it.
+1. `add_request` reserves pages for prompt + max_tokens (or raises OutOfPages) and queues it;
+   `add` queues a sequence whose pages the caller reserved.
 2. A prefill step runs prompt chunks of several waiting sequences within a token budget
-   (chunked prefill); a sequence whose prompt is done samples its first token and runs.
+   (chunked prefill); a sequence whose prompt is done samples its first token and runs (or,
+   `stop_after_prefill`, leaves with it).
 3. Otherwise a decode step advances every running sequence by one token, in one batch.
-4. A sequence that hits a stop token or max_tokens leaves the batch; its pages are released.
+4. A sequence that hits a stop token or max_tokens leaves the batch; its pages are released
+   (unless the caller keeps them). A step that raises fails its sequences (`FailedEvent`),
+   and the engine carries on.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+import logging
 
+import torch
+from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams, finish_reason, logprob_of, sample
-from pdserve.engine.sequence import Sequence
+from pdserve.engine.scheduler import BatchKind, ScheduledBatch, ScheduledChunk, Scheduler
+from pdserve.engine.sequence import (
+    EngineEvent,
+    FailedEvent,
+    FinishEvent,
+    FinishReason,
+    HiddenEvent,
+    Sequence,
+    TokenEvent,
+)
+from pdserve.scheduler.balancers import request_pages
 
-
-@dataclass(frozen=True)
-class TokenEvent:
-    request_id: str
-    token: int
-    finish_reason: str | None
-    logprob: float | None = None
-
-
-def schedule_chunks(seqs, budget: int) -> list[tuple[object, int]]:  # type: ignore[no-untyped-def]
-    """FIFO chunked-prefill plan: (sequence, tokens this step) within `budget` tokens."""
-    plan = []
-    for seq in seqs:
-        if budget <= 0:
-            break
-        n = min(len(seq.prompt) - seq.num_computed, budget)
-        if n > 0:
-            plan.append((seq, n))
-            budget -= n
-    return plan
-
-
-def request_pages(block_tokens: int, prompt_tokens: int, max_tokens: int) -> int:
-    """Pages a request reserves up front: KV is stored for every token but the last generated
-    one. The gateway and the decode worker both size reservations with this."""
-    return -(-(prompt_tokens + max_tokens - 1) // block_tokens)
+log = logging.getLogger(__name__)
 
 
 def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
@@ -56,81 +48,130 @@ def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, max_batch: int = 64,
-                 max_prefill_tokens: int = 2048) -> None:
+                 max_prefill_tokens: int = 2048, hooks: EngineHooks | None = None) -> None:
         self.runner = runner
         self.pool = runner.pool
-        self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.hooks = hooks or EngineHooks()
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.hooks.ready)
+        self.num_steps = 0
+        self.in_step: ScheduledBatch | None = None  # the batch being run (for observers)
 
-    # -- admission ------------------------------------------------------------------
+    # -- membership ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
         seq = Sequence(request_id, list(prompt), params)
         seq.pages = self.pool.reserve(pages_needed(self.pool, len(prompt), params.max_tokens))
-        self.waiting.append(seq)
+        self.scheduler.add(seq)
         return seq
 
-    def add_prefilled(self, seq: Sequence) -> TokenEvent | None:
+    def add(self, seq: Sequence) -> None:
+        """Queues a sequence whose pages are reserved (KV of positions < num_computed in them)."""
+        self.scheduler.add(seq)
+
+    def add_prefilled(self, seq: Sequence) -> FinishEvent | None:
         """Joins a sequence whose prompt KV is already in its pages and whose first token
         (seq.output[0]) was sampled elsewhere. Returns a finish event if it is already done."""
         reason = finish_reason(seq.output[-1], len(seq.output), seq.params)
         if reason is not None:
             seq.finish_reason = reason
             self._free(seq)
-            return TokenEvent(seq.request_id, -1, reason)
-        self.running.append(seq)
+            return FinishEvent(seq.request_id, reason)
+        self.scheduler.add_running(seq)
         return None
 
     def abort(self, request_id: str) -> bool:
-        for q in (self.waiting, self.running):
-            for seq in q:
-                if seq.request_id == request_id:
-                    q.remove(seq)
-                    seq.finish_reason = "abort"
-                    self._free(seq)
-                    return True
-        return False
+        seq = self.scheduler.remove(request_id)
+        if seq is None:
+            return False
+        seq.finish_reason = FinishReason.ABORT
+        self._free(seq)
+        return True
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
-    # -- the loop ---------------------------------------------------------------------
-    def step(self) -> list[TokenEvent]:
-        events: list[TokenEvent] = []
-        room = self.max_batch - len(self.running)
-        if self.waiting and room > 0:
-            events.extend(self._prefill(list(self.waiting)[:room]))
-        elif self.running:
-            events.extend(self._decode(self.running[: self.max_batch]))
-        self.running = [s for s in self.running if not s.finished]
+    @property
+    def waiting(self) -> list[Sequence]:
+        return list(self.scheduler.waiting)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[EngineEvent]:
+        batch = self.hooks.agree(self.scheduler.schedule())
+        if batch is None:
+            return []
+        self.in_step = batch
+        try:
+            with self.hooks.turn(batch.kind):
+                out = self.run(batch)
+        except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving
+            log.exception("engine step failed", extra={"kind": batch.kind.value,
+                                                       "sequences": len(batch.chunks)})
+            return self._fail(batch, f"{type(e).__name__}: {e}")
+        finally:
+            self.in_step = None
+        self.num_steps += 1
+        return self.postprocess(batch, out)
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The model over the batch: logits [B, vocab] (a stage's middle layers: hidden
+        states [n, D]; its last layers: logits [vocab])."""
+        if batch.kind is BatchKind.DECODE:
+            seqs = batch.seqs
+            return self.runner.decode([s.last_token for s in seqs], [s.num_tokens for s in seqs],
+                                      [s.pages for s in seqs])
+        if batch.kind is BatchKind.STAGE:
+            (c,) = batch.chunks
+            stage = c.seq.stage
+            assert stage is not None
+            return self.runner.forward_stage(c.tokens, c.start, c.seq.pages,
+                                             (stage.layer_begin, stage.layer_end), c.hidden)
+        return self.runner.forward_chunks([(c.tokens, c.start, c.seq.pages) for c in batch.chunks],
+                                          self.hooks.before_layer(batch))
+
+    def postprocess(self, batch: ScheduledBatch, out: torch.Tensor) -> list[EngineEvent]:
+        if batch.kind is BatchKind.STAGE:
+            return self._stage_done(batch.chunks[0], out)
+        events: list[EngineEvent] = []
+        greedy = out.argmax(-1).tolist()  # one device sync for every greedy sequence
+        if batch.kind is BatchKind.DECODE:
+            events = [self._append(c.seq, out[i], greedy[i]) for i, c in enumerate(batch.chunks)]
+        else:
+            for i, c in enumerate(batch.chunks):
+                seq = c.seq
+                good = self.hooks.settle(seq)
+                if good is not None and good < c.start:
+                    # The step read KV that did not all arrive verified: its output for this
+                    # sequence is void; compute again from the last good token.
+                    seq.num_computed = good
+                    continue
+                seq.num_computed = c.end
+                if c.completes_prompt:
+                    self.scheduler.remove_prefilled(seq)
+                    events.append(self._append(seq, out[i], greedy[i]))
+                    if not seq.finished and not seq.stop_after_prefill:
+                        self.scheduler.add_running(seq)
+        self.scheduler.drop_finished()
         return events
 
-    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        plan = schedule_chunks(seqs, self.max_prefill_tokens)
-        logits = self.runner.forward_chunks(
-            [(s.prompt[s.num_computed:s.num_computed + n], s.num_computed, s.pages)
-             for s, n in plan])
-        events = []
-        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy sequence
-        for i, (seq, n) in enumerate(plan):
-            seq.num_computed += n
-            if seq.num_computed == len(seq.prompt):
-                self.waiting.remove(seq)
-                events.append(self._append(seq, logits[i], new=True, greedy=greedy[i]))
-        return events
+    def _stage_done(self, c: ScheduledChunk, out: torch.Tensor) -> list[EngineEvent]:
+        seq, stage = c.seq, c.seq.stage
+        assert stage is not None
+        if not stage.first:
+            stage.inputs.popleft()
+        seq.num_computed = c.end
+        if c.completes_prompt:
+            self.scheduler.remove_prefilled(seq)
+        if stage.layer_end < self.pool.layout.num_layers:
+            return [HiddenEvent(seq.request_id, c.start, out)]
+        if not c.completes_prompt:
+            return []
+        return [self._append(seq, out, int(out.argmax()))]
 
-    def _decode(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        logits = self.runner.decode(
-            [s.last_token for s in seqs], [s.num_tokens for s in seqs], [s.pages for s in seqs]
-        )
-        greedy = logits.argmax(-1).tolist()
-        return [self._append(s, logits[i], new=False, greedy=greedy[i])
-                for i, s in enumerate(seqs)]
-
-    def _append(self, seq: Sequence, logits, new: bool,  # type: ignore[no-untyped-def]
-                greedy: int) -> TokenEvent:
+    def _append(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> TokenEvent:
         """`greedy`: the argmax of `logits`, computed for the whole batch at once."""
         token = (greedy if seq.params.temperature <= 0.0
                  else sample(logits, seq.params, len(seq.output)))
@@ -141,16 +182,23 @@ class LLMEngine:
         seq.finish_reason = finish_reason(token, len(seq.output), seq.params)
         if seq.finished:
             self._free(seq)
-        elif new:
-            self.running.append(seq)
         return TokenEvent(seq.request_id, token, seq.finish_reason, lp)
 
+    def _fail(self, batch: ScheduledBatch, error: str) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for seq in batch.seqs:
+            if self.scheduler.remove(seq.request_id) is not None:
+                seq.finish_reason = FinishReason.ABORT
+                self._free(seq)
+                events.append(FailedEvent(seq.request_id, error))
+        return events
+
     def _free(self, seq: Sequence) -> None:
-        if seq.pages:
+        if seq.pages and not seq.keeps_pages:
             self.pool.release(seq.pages)
             seq.pages = []
 
-    # -- convenience ------------------------------------------------------------------------
+    # -- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         seqs = [self.add_request(f"req-{i}", p, params) for i, p in enumerate(prompts)]
         while self.has_work:

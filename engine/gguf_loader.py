@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import torch
 from pdserve.engine.cpu_kernels import KINDS, QuantWeight
+from pdserve.engine.files import read_fields
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
 from tqdm import tqdm
@@ -28,16 +29,6 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def read_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic field types we do not need
-            continue
-    return out
 
 
 def config_from_fields(fields: dict[str, Any]) -> LlamaConfig:

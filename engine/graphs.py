@@ -57,6 +57,10 @@ class _Step:
 class GraphedDecode:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, capture: bool,
                  max_batch: int = 256, max_pages: int = 1 << 16) -> None:
+        backend = getattr(model, "backend", None)
+        if backend is not None and backend.uses_kernels:
+            raise ValueError(f"a padded static decode step runs torch layers; this model runs "
+                             f"on the {backend.name} backend")
         self.model = model
         self.pool = pool
         self.capture = capture

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
+from pdserve.engine.files import load_hf_tokenizer
 from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig, config_from_hf
 from pdserve.engine.tokenizer import Tokenizer
 from safetensors import safe_open
@@ -29,6 +30,10 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def load_hf_config(path: Path) -> LlamaConfig | DeepseekV3Config:
+    return config_from_hf(json.loads((path / "config.json").read_text()))
+
+
 def load_hf_dir(
     path: Path, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> tuple[LlamaConfig | DeepseekV3Config, dict[str, torch.Tensor], Tokenizer | None, dict]:
@@ -48,25 +53,3 @@ def load_hf_dir(
                 keep32 = key.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp." in key
                 state[key] = t.float() if keep32 else t.to(dtype)
     return cfg, state, load_hf_tokenizer(path), raw
-
-
-def load_hf_tokenizer(path: Path) -> Tokenizer | None:
-    tj = path / "tokenizer.json"
-    if not tj.exists():
-        return None
-    backend = HFTokenizer.from_file(str(tj))
-    tc_path = path / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
-
-    def tid(name: str) -> int | None:
-        tok = tc.get(name)
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        return backend.token_to_id(tok) if isinstance(tok, str) else None
-
-    template = tc.get("chat_template")
-    tpl_file = path / "chat_template.jinja"
-    if template is None and tpl_file.exists():
-        template = tpl_file.read_text()
-    return Tokenizer(backend, chat_template=template if isinstance(template, str) else None,
-                     bos_token_id=tid("bos_token"), eos_token_id=tid("eos_token"))

@@ -6,6 +6,7 @@ One page = `block_tokens` tokens of every layer = one contiguous region = one NI
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import NewType
@@ -19,7 +20,9 @@ PageId = NewType("PageId", int)
 
 
 class KVPool:
-    """kv[num_pages, num_layers, block_tokens, kv_dim] plus a free list of pages."""
+    """kv[num_pages, num_layers, block_tokens, kv_dim] plus a free list of pages. Reserving and
+    releasing are thread-safe (a decode worker reserves on its event loop, its engine thread
+    releases what finished)."""
 
     def __init__(self, layout: KVLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
         if num_pages <= 0:
@@ -32,6 +35,7 @@ class KVPool:
         )
         self._free: deque[PageId] = deque(PageId(i) for i in range(num_pages))
         self._used: set[PageId] = set()
+        self._lock = threading.Lock()
 
     # -- allocation ---------------------------------------------------------------
     @property
@@ -43,24 +47,27 @@ class KVPool:
         return len(self._used)
 
     def reserve(self, n: int) -> list[PageId]:
-        if n > len(self._free):
-            raise OutOfPages(n, len(self._free))
-        pages = [self._free.popleft() for _ in range(n)]
-        self._used.update(pages)
+        with self._lock:
+            if n > len(self._free):
+                raise OutOfPages(n, len(self._free))
+            pages = [self._free.popleft() for _ in range(n)]
+            self._used.update(pages)
         return pages
 
     def release(self, pages: Iterable[PageId]) -> None:
-        for p in pages:
-            if p not in self._used:
-                raise ValueError(f"page {p} released but not reserved")
-            self._used.remove(p)
-            self._free.append(p)
+        with self._lock:
+            for p in pages:
+                if p not in self._used:
+                    raise ValueError(f"page {p} released but not reserved")
+                self._used.remove(p)
+                self._free.append(p)
 
     def check_integrity(self) -> None:
-        free = set(self._free)
-        assert len(free) == len(self._free), "page on the free list twice"
-        assert not (free & self._used), "page both free and used"
-        assert len(free) + len(self._used) == self.num_pages, "pages lost"
+        with self._lock:
+            free = set(self._free)
+            assert len(free) == len(self._free), "page on the free list twice"
+            assert not (free & self._used), "page both free and used"
+            assert len(free) + len(self._used) == self.num_pages, "pages lost"
 
     # -- bytes ----------------------------------------------------------------------
     def page_bytes(self, page: int) -> torch.Tensor:

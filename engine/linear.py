@@ -6,20 +6,20 @@ few rows; the plain row-major weight makes oneDNN re-layout it on every call. Pa
 load time roughly halves those products (bench/bench_engine.py). The numbers are the same
 products: only the summation order differs, within float32 rounding.
 
-`PDSERVE_ONEDNN_PACK=0` turns packing off (plain `F.linear`).
-
-A weight that came from a GGUF file as Q4_1/Q8_0 blocks also keeps those blocks: a product asked
-to (`from_blocks`: decode steps and the LM head) reads them instead of the float32 copy
+A weight that came from a GGUF file as Q4_1/Q8_0 blocks can also keep those blocks: decode
+steps' products (and the LM head's) then read them instead of the float32 copy
 (cpu_kernels.py). Prefill chunks keep the float32 products: they are compute-bound, where
 oneDNN's blocked kernel is the faster one, and a prompt's KV stays the same bits whatever the
 chunking.
+
+Which product runs is decided once, when the layer is made, from the execution backend
+(engine/backend.py): a call only says whether it is a decode step's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,33 +30,31 @@ log = logging.getLogger(__name__)
 
 _PACK_BATCH_HINT = 16  # oneDNN chooses its blocking for this many rows; any row count works
 
-
-def _packing_wanted(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and os.environ.get("PDSERVE_ONEDNN_PACK", "1") != "0")
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FastLinear:
     """y = x @ weight.T + bias, for 2-D x. Holds references to the model's own weight (and a
-    packed copy on CPU float32, and the GGUF blocks it was made from when `quant` is given and
-    the quantized-weight kernel is available); not a module: the weights stay registered where
-    they were."""
+    packed copy when `pack`, and the GGUF blocks it was made from when `quant` is given); not a
+    module: the weights stay registered where they were."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 quant: QuantWeight | None = None) -> None:
+                 quant: QuantWeight | None = None, *, pack: bool = False) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.packed: torch.Tensor | None = None
-        if _packing_wanted(self.weight):
+        if pack:
+            if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+                raise ValueError("packed weights are float32 on CPU")
             self.packed = self._pack()
         self.quant: QuantWeight | None = None
-        if quant is not None and self.weight.device.type == "cpu" \
-                and self.weight.dtype == torch.float32 and cpu_kernels.kernel() is not None:
+        if quant is not None:
             if quant.shape != tuple(self.weight.shape):
                 raise ValueError(f"quantized weight {quant.shape} does not match the weight "
                                  f"{tuple(self.weight.shape)}")
             self.quant = quant
+        self._prefill: Product = self._onednn if self.packed is not None else self._plain
+        self._decode: Product = self._blocks if self.quant is not None else self._prefill
 
     def _pack(self) -> torch.Tensor | None:
         try:
@@ -72,17 +70,23 @@ class FastLinear:
             return None
         return packed
 
-    def __call__(self, x: torch.Tensor, from_blocks: bool = False) -> torch.Tensor:
-        if from_blocks and self.quant is not None and x.dtype == torch.float32 \
-                and x.device.type == "cpu":
-            return cpu_kernels.qlinear(x, self.quant, self.bias)
-        if self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-def fuse_rows(*linears: torch.nn.Linear,
-              quant: Sequence[QuantWeight | None] = ()) -> FastLinear:
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.quant is not None
+        return cpu_kernels.qlinear(x, self.quant, self.bias)
+
+    def __call__(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """`decode`: a decode step's product (from the GGUF blocks when there are any)."""
+        return self._decode(x) if decode else self._prefill(x)
+
+
+def fuse_rows(*linears: torch.nn.Linear, quant: Sequence[QuantWeight | None] = (),
+              pack: bool = False) -> FastLinear:
     """One product for several linears on the same input: their weights (and biases) are
     concatenated into one tensor and each module's parameter becomes a view of its rows, so the
     fused weight costs no extra memory and a state dict still reads the same. `quant`: each
@@ -102,4 +106,4 @@ def fuse_rows(*linears: torch.nn.Linear,
             assert bias is not None
             m.bias.data = bias[row:row + n]
         row += n
-    return FastLinear(weight, bias, QuantWeight.cat(quant) if quant else None)
+    return FastLinear(weight, bias, QuantWeight.cat(quant) if quant else None, pack=pack)

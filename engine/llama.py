@@ -5,13 +5,13 @@ Parameter names mirror Hugging Face's `LlamaForCausalLM`, so a Hugging Face stat
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch, paged_attention
+from pdserve.engine.backend import Backend, without_fusion
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
@@ -77,12 +77,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self._qkv: FastLinear | None = None
         self._o: FastLinear | None = None
+        self.c_attention = False  # decode attention by the C kernel (backend.c_attention)
 
-    def prepare(self, blocks: Quantized = _no_blocks) -> None:
+    def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
         """After the weights are loaded: one q|k|v product, packed weights on CPU."""
         self._qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj,
-                              quant=[blocks(f"{p}_proj.weight") for p in "qkv"])
-        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"))
+                              quant=[blocks(f"{p}_proj.weight") for p in "qkv"],
+                              pack=backend.pack_weights)
+        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"),
+                             pack=backend.pack_weights)
+        self.c_attention = backend.c_attention and self.hd % 8 == 0
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
@@ -97,7 +101,7 @@ class Attention(nn.Module):
         q = Rotary.apply(q.view(t, self.n_heads, self.hd), cos_sin)
         k = Rotary.apply(k.view(t, self.n_kv, self.hd), cos_sin)
         o = paged_attention(q, k, v.reshape(t, self.n_kv, self.hd), kv, self.layer, batch,
-                            self.hd ** -0.5).reshape(t, nq)
+                            self.hd ** -0.5, self.c_attention).reshape(t, nq)
         return self._o(o, batch.decode_step) if self._o is not None else self.o_proj(o)
 
 
@@ -112,16 +116,18 @@ class MLP(nn.Module):
         self._gate_up: FastLinear | None = None
         self._down: FastLinear | None = None
 
-    def prepare(self, blocks: Quantized = _no_blocks) -> None:
+    def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
         self._gate_up = fuse_rows(self.gate_proj, self.up_proj,
-                                  quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")])
-        self._down = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"))
+                                  quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")],
+                                  pack=backend.pack_weights)
+        self._down = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"),
+                                pack=backend.pack_weights)
 
-    def forward(self, x: torch.Tensor, from_blocks: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         if self._gate_up is None or self._down is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self._gate_up(x, from_blocks).chunk(2, dim=-1)
-        return self._down(F.silu(gate) * up, from_blocks)
+        gate, up = self._gate_up(x, decode).chunk(2, dim=-1)
+        return self._down(F.silu(gate) * up, decode)
 
 
 class DecoderLayer(nn.Module):
@@ -157,35 +163,49 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._lm_head: FastLinear | None = None
         self._fused: cpu_kernels.LlamaDecode | None = None
+        self.backend = Backend("torch")
 
-    def prepare(self, quantized: Mapping[str, QuantWeight] | None = None) -> None:
+    def prepare(self, backend: Backend,
+                quantized: Mapping[str, QuantWeight] | None = None) -> Backend:
         """Called once the weights are in place on their device (see linear.py). `quantized`:
-        the GGUF blocks of weights, by state-dict name (a GGUF file's Q4_1/Q8_0 tensors)."""
-        q = quantized or {}
+        the GGUF blocks of weights, by state-dict name (a GGUF file's Q4_1/Q8_0 tensors), when
+        the backend reads blocks. Returns the backend the model runs (narrowed when it lacks
+        blocks for some products)."""
+        q = quantized if backend.block_products and quantized else {}
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn.prepare(lambda n, i=i: q.get(f"model.layers.{i}.self_attn.{n}"))
-            layer.mlp.prepare(lambda n, i=i: q.get(f"model.layers.{i}.mlp.{n}"))
+            layer.self_attn.prepare(backend,
+                                    lambda n, i=i: q.get(f"model.layers.{i}.self_attn.{n}"))
+            layer.mlp.prepare(backend, lambda n, i=i: q.get(f"model.layers.{i}.mlp.{n}"))
         head = q.get("lm_head.weight")
         if head is None and self.config.tie_word_embeddings:
             head = q.get("model.embed_tokens.weight")
-        self._lm_head = FastLinear(self.lm_head.weight, quant=head)
-        self._fused = self._fused_decode()
+        self._lm_head = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights)
+        layers = self._fusable_layers() if backend.fused_layers else None
+        if backend.fused_layers and layers is None:
+            backend = without_fusion(backend, "not every product has GGUF blocks")
+        self._fused = self._fused_decode(layers) if layers is not None else None
+        self.backend = backend
+        return backend
 
-    def _fused_decode(self) -> cpu_kernels.LlamaDecode | None:
-        """The one-call-per-layer decode step (cpu_kernels.py), when every product of every
-        layer reads GGUF blocks (on CPU, float32, with the kernels built)."""
-        if os.environ.get("PDSERVE_FUSED_DECODE", "1") == "0":
-            return None
+    def _fusable_layers(self) -> list[cpu_kernels.LlamaLayerWeights] | None:
+        """What the one-call-per-layer decode step reads, when every product of every layer
+        has GGUF blocks; None otherwise."""
         layers = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            parts = (a._qkv, a._o, m._gate_up, m._down)
-            if any(f is None or f.quant is None for f in parts):
+            qkv, o, gate_up, down = a._qkv, a._o, m._gate_up, m._down
+            if (qkv is None or o is None or gate_up is None or down is None or qkv.quant is None
+                    or o.quant is None or gate_up.quant is None or down.quant is None):
                 return None
             layers.append(cpu_kernels.LlamaLayerWeights(
-                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                a._qkv.quant, a._qkv.bias, a._o.quant, a._o.bias,  # type: ignore[union-attr]
-                m._gate_up.quant, m._down.quant))  # type: ignore[union-attr,arg-type]
+                layer.input_layernorm.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                qkv.quant, qkv.bias, o.quant, o.bias, gate_up.quant, down.quant))
+        return layers
+
+    def _fused_decode(self, layers: list[cpu_kernels.LlamaLayerWeights]
+                      ) -> cpu_kernels.LlamaDecode:
+        """The one-call-per-layer decode step (cpu_kernels.py)."""
         c = self.config
         return cpu_kernels.LlamaDecode(
             layers, hidden=c.hidden_size, heads=c.num_attention_heads,
@@ -209,10 +229,7 @@ class LlamaForCausalLM(nn.Module):
         assert h is not None, "a stage after the first needs the previous stage's hidden states"
         cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
         fused = self._fused
-        # A decode step: one call per layer (cpu_kernels.py).
-        if fused is not None and batch.decode_step and batch.exact_tables \
-                and batch.before_layer is None and fused.fits(kv, h) \
-                and all(q == 1 for q in batch.q_lens):
+        if fused is not None and batch.decode_step:  # one C call per layer (cpu_kernels.py)
             h = fused.run(h, cos_sin[0], cos_sin[1], kv, batch.slot_pages, batch.slot_offsets,
                           batch.decode_plan(), self.config.head_dim ** -0.5, range(lo, hi))
         else:

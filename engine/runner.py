@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from pdserve.engine.attention import AttnBatch
+from pdserve.engine.deepseek import DeepseekV3ForCausalLM
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.graphs import GraphCaptureError, GraphedDecode
 from pdserve.engine.kv_pool import KVPool
@@ -15,20 +17,23 @@ from pdserve.engine.llama import LlamaForCausalLM
 log = logging.getLogger(__name__)
 
 
-class ModelRunner:
-    """`cuda_graphs`: replay the decode step as CUDA graphs (engine/graphs.py). None: on when
-    the pool is on a CUDA device and the model is of the Llama family; "eager": the same padded
-    static step without capture (how the CPU tests exercise it)."""
+Model = LlamaForCausalLM | DeepseekV3ForCausalLM
 
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, prefill_chunk_tokens: int = 2048,
-                 cuda_graphs: bool | str | None = None) -> None:
+
+class ModelRunner:
+    """`cuda_graphs`: replay the decode step as CUDA graphs (engine/graphs.py). None: as the
+    model's execution backend says (engine/backend.py); "eager": the same padded static step
+    without capture (how the CPU tests exercise it)."""
+
+    def __init__(self, model: Model, pool: KVPool, prefill_chunk_tokens: int = 2048,
+                 cuda_graphs: bool | Literal["eager"] | None = None) -> None:
         self.model = model
         self.pool = pool
         self.chunk = prefill_chunk_tokens
         self.device = pool.kv.device
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and isinstance(model, LlamaForCausalLM)
-        self._graphs_mode = cuda_graphs
+            cuda_graphs = model.backend.cuda_graphs
+        self._graphs_mode: bool | Literal["eager"] = cuda_graphs
         self._graphs: GraphedDecode | None = None
 
     @property

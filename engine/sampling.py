@@ -3,9 +3,18 @@ optional log-probability of the chosen token."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended (the wire names of `finish_reason`)."""
+
+    STOP = "stop"      # a stop token (or, at the gateway, a stop string)
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"    # the client or the caller ended it
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,11 @@ def logprob_of(logits: torch.Tensor, token: int) -> float:
     return float(torch.log_softmax(logits.float(), dim=-1)[token].item())
 
 
-def finish_reason(token: int, num_generated: int, params: SamplingParams) -> str | None:
-    """'stop' on a stop token, 'length' at max_tokens, else None (keep going)."""
+def finish_reason(token: int, num_generated: int,
+                  params: SamplingParams) -> FinishReason | None:
+    """STOP on a stop token, LENGTH at max_tokens, else None (keep going)."""
     if token in params.stop_token_ids:
-        return "stop"
+        return FinishReason.STOP
     if num_generated >= params.max_tokens:
-        return "length"
+        return FinishReason.LENGTH
     return None

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def request_pages(block_tokens: int, prompt_tokens: int, max_tokens: int) -> int:
+    """KV pages a request reserves up front on its decode worker: KV is stored for every token
+    but the last generated one. The gateway places with it, the decode worker reserves with it."""
+    return -(-(prompt_tokens + max_tokens - 1) // block_tokens)
+
+
 def attention_work(cached: int, new: int) -> float:
     """Core-attention cost of computing `new` tokens after `cached` ones: each new token attends
     to the cached prefix and, causally, to half the new tokens on average."""

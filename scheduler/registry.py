@@ -6,16 +6,23 @@ epoch replaces the old entry (a restarted process: anything held for the old epo
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
+from pdserve.scheduler.errors import NoRoom, NoWorker, RegistryError
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     worker_id: str
-    role: str  # "prefill" | "decode"
+    role: Role
     address: str
     epoch: int
     hash_namespace: str
@@ -74,10 +81,6 @@ class LoadTable:
         self.used_pages[i] = load.total_pages - load.free_pages
         self.free_pages[i] = load.free_pages
         self.running[i] = load.running
-
-
-class RegistryError(Exception):
-    """A worker cannot join (its model or layout differs from the cluster's)."""
 
 
 @dataclass
@@ -162,18 +165,18 @@ class WorkerRegistry:
         `pipeline` lists the prefill workers that run the first layers before `prefill` runs
         the last ones (empty unless the prompt has at least `pipeline_min_tokens` uncached
         tokens and spreading it lowers the load of its slowest stage: plan_prefill_index). Workers in `excluded` (they failed
-        this request) are no candidates. LookupError: no worker in rotation; MemoryError: no
-        decode worker can hold `pages`."""
+        this request) are no candidates. NoWorker: no worker in rotation; NoRoom: no decode
+        worker can hold `pages`."""
         pt, dt = self.table("prefill"), self.table("decode")
         p_ok = np.array([w not in excluded for w in pt.ids], dtype=bool)
         d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
         if not p_ok.any() or not d_ok.any():
-            raise LookupError("no prefill or decode worker in rotation"
-                              + (" (besides the ones that failed this request)" if excluded else ""))
+            raise NoWorker("no prefill or decode worker in rotation"
+                           + (" (besides the ones that failed this request)" if excluded else ""))
         cached = cached_blocks * self.workers[pt.ids[0]].spec.block_tokens
         d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
         if d is None:
-            raise MemoryError(f"no decode worker has {pages} free KV pages")
+            raise NoRoom(pages)
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
                                   self.pipeline_min_tokens, self.pipeline_max_stages)
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]

@@ -1,0 +1,122 @@
+"""The execution backend: how a model's products, attention and decode steps run, chosen once at
+load, by name, from the settings (`--backend`), and never again per call.
+
+| name          | packed float32 weights (oneDNN) | decode products from GGUF blocks | decode attention in C | one C call per Llama layer | CUDA graphs |
+|---------------|---|---|---|---|---|
+| `torch`       |   |   |   |   |   |
+| `onednn`      | x |   |   |   |   |
+| `cpu-kernels` | x | x | x |   |   |
+| `cpu-fused`   | x | x | x | x |   |
+| `cuda-graphs` |   |   |   |   | x |
+
+`auto` (the default) takes the fastest one the device, dtype and model allow: on CPU in float32
+`cpu-fused` when the C kernels can be had (engine/cpu_kernels.py), else `onednn`; on CUDA
+`cuda-graphs` for the Llama family, `torch` for DeepSeek (its MoE routes on the host). What it
+gave up, and why, is logged once. A name that cannot be had (the kernels on a GPU, CUDA graphs
+on a CPU, kernels without a compiler) is refused at start-up with a message naming the setting.
+What a model lacks is narrowed at load, once: a product without GGUF blocks runs its float32
+weights, and a Llama model whose products are not all from blocks runs `cpu-kernels` instead of
+`cpu-fused`; DeepSeek's MLA has no C path (`onednn`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from pdserve.engine import cpu_kernels
+from pdserve.engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs")
+
+
+class BackendError(EngineError):
+    """A backend that cannot run here; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    pack_weights: bool = False    # float32 weights pre-packed for oneDNN (CPU)
+    block_products: bool = False  # decode steps' products read GGUF Q4_1/Q8_0 blocks (CPU)
+    c_attention: bool = False     # decode attention over the pages in place (CPU)
+    fused_layers: bool = False    # a Llama decode step runs each layer as one C call (CPU)
+    cuda_graphs: bool = False     # decode steps replayed from CUDA graphs
+
+    @property
+    def uses_kernels(self) -> bool:
+        return self.block_products or self.c_attention or self.fused_layers
+
+    def narrowed(self, name: str, why: str) -> Backend:
+        """The backend a model actually runs when it cannot use all of this one."""
+        log.info("execution backend narrowed", extra={"requested": self.name, "backend": name,
+                                                      "reason": why})
+        return _TABLE[name]
+
+
+_TABLE = {
+    "torch": Backend("torch"),
+    "onednn": Backend("onednn", pack_weights=True),
+    "cpu-kernels": Backend("cpu-kernels", pack_weights=True, block_products=True,
+                           c_attention=True),
+    "cpu-fused": Backend("cpu-fused", pack_weights=True, block_products=True, c_attention=True,
+                         fused_layers=True),
+    "cuda-graphs": Backend("cuda-graphs", cuda_graphs=True),
+}
+
+
+def _onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())
+
+
+def choose_backend(name: str, device: str | torch.device, dtype: torch.dtype,
+                   family: str) -> Backend:
+    """The backend `name` on this device and dtype for a model of `family` ("llama" or
+    "deepseek"); raises BackendError for a name that cannot run here."""
+    if name not in BACKENDS:
+        raise BackendError(f"--backend: {name!r}, must be one of {', '.join(BACKENDS)}")
+    dev = torch.device(device).type
+    cpu32 = dev == "cpu" and dtype == torch.float32
+    if name == "auto":
+        return _auto(dev, cpu32, family)
+    b = _TABLE[name]
+    if b.cuda_graphs and dev != "cuda":
+        raise BackendError(f"--backend cuda-graphs: needs --device cuda, not {dev}")
+    if b.cuda_graphs and family != "llama":
+        raise BackendError("--backend cuda-graphs: the DeepSeek MoE routes on the host and "
+                           "cannot be captured; use torch")
+    if (b.pack_weights or b.uses_kernels) and not cpu32:
+        raise BackendError(f"--backend {name}: runs float32 on CPU only (--device cpu "
+                           f"--dtype float32), not {dev} {str(dtype).removeprefix('torch.')}")
+    if b.pack_weights and not _onednn_available():
+        raise BackendError(f"--backend {name}: this torch build has no oneDNN (mkldnn)")
+    if b.uses_kernels and cpu_kernels.kernel() is None:
+        raise BackendError(f"--backend {name}: the CPU kernels cannot be had: "
+                           f"{cpu_kernels.why_not()}")
+    if b.uses_kernels and family != "llama":
+        return b.narrowed("onednn", "DeepSeek's attention (MLA) has no C path")
+    return b
+
+
+def _auto(dev: str, cpu32: bool, family: str) -> Backend:
+    if dev == "cuda":
+        return _TABLE["cuda-graphs" if family == "llama" else "torch"]
+    if not cpu32 or not _onednn_available():
+        return _TABLE["torch"]
+    if family != "llama":
+        return _TABLE["onednn"]
+    if cpu_kernels.kernel() is None:
+        log.warning("CPU kernels unavailable; running float32 weights and torch layers",
+                    extra={"reason": cpu_kernels.why_not()})
+        return _TABLE["onednn"]
+    return _TABLE["cpu-fused"]
+
+
+def without_fusion(b: Backend, why: str) -> Backend:
+    """`b` for a model whose products are not all from GGUF blocks."""
+    if not b.fused_layers:
+        return b
+    return b.narrowed("cpu-kernels", why)
