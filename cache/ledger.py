@@ -21,6 +21,7 @@ configuration cannot be changed back. `run_query` also refuses any statement but
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+from pdserve.cache.errors import QueryError
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,31 @@ WORKER_COLUMNS: tuple[tuple[str, str, Any], ...] = (
 
 TABLES = {"requests": REQUEST_COLUMNS, "workers": WORKER_COLUMNS}
 
-# Why the uncached part of a prompt was not a hit (the reason of its first uncached token).
+
+
+class MissReason(str, enum.Enum):
+    """Why the uncached part of a prompt was not a hit (the reason of its first uncached
+    token); the ledger's `miss_reason` column."""
+
+    PARTIAL_BLOCK = "partial_block"
+    STORE_UNAVAILABLE = "store_unavailable"
+    FETCH_FAILED = "fetch_failed"
+    EVICTED = "evicted"
+    DIFFERENT_SALT = "different_salt"
+    NEVER_SEEN = "never_seen"
+
+
 MISS_REASONS = {
-    "partial_block": "only the last, incomplete block (and the final token) was computed",
-    "store_unavailable": "the kvstore could not answer the lookup (down, slow or not set)",
-    "fetch_failed": "the store listed the blocks but they could not be fetched or verified",
-    "evicted": "the block was stored once and evicted or expired since",
-    "different_salt": "another tenant (cache salt) sent this prefix; salts never share KV",
-    "never_seen": "no request sent this prefix before",
+    MissReason.PARTIAL_BLOCK: "only the last, incomplete block (and the final token) was "
+                              "computed",
+    MissReason.STORE_UNAVAILABLE: "the kvstore could not answer the lookup (down, slow or not "
+                                  "set)",
+    MissReason.FETCH_FAILED: "the store listed the blocks but they could not be fetched or "
+                             "verified",
+    MissReason.EVICTED: "the block was stored once and evicted or expired since",
+    MissReason.DIFFERENT_SALT: "another tenant (cache salt) sent this prefix; salts never "
+                               "share KV",
+    MissReason.NEVER_SEEN: "no request sent this prefix before",
 }
 
 _SEG = re.compile(r"^seg-(\d{12})\.parquet$")
@@ -283,10 +302,6 @@ class Ledger:
 
 def ledger_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "ledger"
-
-
-class QueryError(ValueError):
-    """A query refused or failed; the message says why."""
 
 
 def connect_ledger(data_dir: Path) -> duckdb.DuckDBPyConnection:

@@ -6,15 +6,13 @@ import struct
 import time
 from dataclasses import dataclass
 
-from pdserve.cache.errors import CacheError
+from pdserve.cache.errors import StoreFull
+
+__all__ = ["ACCESS", "LOC", "LOC_MAGIC", "Meta", "StoreFull", "StoreStats", "now_ms"]
 
 ACCESS = struct.Struct("<QIII")  # `access` column family: atime ms, hits, size, depth
 LOC = struct.Struct("<4sQQI")    # `blocks` column family: magic, segment, offset, length
 LOC_MAGIC = b"PDLC"
-
-
-class StoreFull(CacheError):
-    """The disk refused a write; puts are refused for a while, reads go on."""
 
 
 @dataclass

@@ -79,6 +79,11 @@ class Segments:
         self._dirty = False  # the active segment has writes not yet synced
         self._punch = _FALLOCATE is not None
 
+    @property
+    def can_punch_holes(self) -> bool:
+        """False once the filesystem refused to free part of a file."""
+        return self._punch
+
     def path(self, seg: int) -> Path:
         return self.dir / f"{seg:016x}.seg"
 

@@ -1,115 +1,139 @@
-"""The block store's upkeep: eviction down the watermarks, age expiry, the periodic sync, and
-the full verification scan. A mixin of BlockStore (cache/store.py), whose state it uses."""
+"""The block store's upkeep: eviction down the watermarks, age expiry, the periodic sync, the
+lifetime counters saved, and the full verification scan. One maintenance thread (and, with
+sync="interval", one sync thread); lookups never wait for it."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
+from pdserve.cache.block_hash import BlockHash
+from pdserve.cache.catalog import Catalog
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock
-from pdserve.cache.records import now_ms as wall_ms
+from pdserve.cache.reader import BlockReader
+from pdserve.cache.segments import Segments
 
 log = logging.getLogger("pdserve.cache.store")
 
 EVICT_BATCH = 256
-GONE_MEMORY = 1 << 20  # evicted-key prefixes remembered (about 100 MiB at most)
+MAINTAIN_EVERY_S = 1.0
 
 
 class Upkeep:
-    """Eviction, expiry, syncing and verification of a BlockStore."""
+    def __init__(self, catalog: Catalog, segments: Segments, reader: BlockReader,
+                 drop: Callable[[Sequence[BlockHash], bool], None], capacity_bytes: int,
+                 high_watermark: float, low_watermark: float, max_age_s: float) -> None:
+        self.catalog = catalog
+        self.segments = segments
+        self.reader = reader
+        self._drop = drop
+        self.capacity_bytes = capacity_bytes
+        self.high = high_watermark
+        self.low = low_watermark
+        self.max_age_s = max_age_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
 
-    def _remember_gone(self, keys: Sequence[bytes]) -> None:  # caller holds self._lock
-        for k in keys:
-            self._gone[k[:8]] = None
-        while len(self._gone) > GONE_MEMORY:
-            self._gone.popitem(last=False)
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, sync_interval_s: float | None) -> None:
+        self._threads.append(threading.Thread(target=self._maintain, name="kv-maintain",
+                                              daemon=True))
+        if sync_interval_s is not None:
+            self._threads.append(threading.Thread(target=self._sync_loop,
+                                                  args=(sync_interval_s,), name="kv-sync",
+                                                  daemon=True))
+        for t in self._threads:
+            t.start()
 
-    def eviction_order(self) -> list[bytes]:
-        """All keys, first to go first: least recently used; at equal time, deepest first."""
-        with self._lock:
-            items = list(self._meta.items())
-        items.sort(key=lambda kv: (kv[1].atime, -kv[1].depth, kv[0]))
-        return [k for k, _ in items]
+    def stop(self) -> bool:
+        """Stops the threads; True when there were any (a writable store)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        return bool(self._threads)
 
+    def over_capacity(self) -> bool:
+        return bool(self.capacity_bytes) and \
+            self.catalog.stats.num_bytes > self.high * self.capacity_bytes
+
+    def wake(self) -> None:
+        """A put took the store above the high watermark: evict now."""
+        self._wake.set()
+
+    # -- eviction and expiry ----------------------------------------------------------------
     def evict(self) -> int:
         """Evicts down to the low watermark if above the high one; returns blocks evicted."""
-        if not self.capacity_bytes or self.stats.num_bytes <= self.high * self.capacity_bytes:
+        if not self.over_capacity():
             return 0
         target = self.low * self.capacity_bytes
-        order = self.eviction_order()
+        order = self.catalog.eviction_order()
         n = 0
         # Small batches: lookups and gets interleave with eviction instead of waiting for it.
-        while order and self.stats.num_bytes > target:
+        while order and self.catalog.stats.num_bytes > target:
             batch, order = order[:EVICT_BATCH], order[EVICT_BATCH:]
+            size = self.catalog.stats.num_bytes
             keep = []
-            with self._lock:
-                size = self.stats.num_bytes
             for k in batch:
                 if size <= target:
                     break
-                m = self._meta.get(k)
+                m = self.catalog.meta(k)
                 if m is not None:
                     keep.append(k)
                     size -= m.size
-            self._delete(keep)
-            with self._lock:
-                self._remember_gone(keep)
+            self._drop(keep, True)
             n += len(keep)
-        with self._lock:
-            self.stats.evicted += n
+        self.catalog.count("evicted", n)
         return n
 
     def expire(self, now_ms: int | None = None) -> int:
         """Deletes blocks not accessed for max_age_s; returns how many."""
         if self.max_age_s <= 0:
             return 0
-        cutoff = (now_ms if now_ms is not None else wall_ms()) - int(self.max_age_s * 1000)
-        with self._lock:
-            old = [k for k, m in self._meta.items() if m.atime < cutoff]
+        now = now_ms if now_ms is not None else self.catalog.clock_ms()
+        old = self.catalog.accessed_before(now - int(self.max_age_s * 1000))
         for i in range(0, len(old), EVICT_BATCH):
-            self._delete(old[i:i + EVICT_BATCH])
-        with self._lock:
-            self.stats.expired += len(old)
-            self._remember_gone(old)
+            self._drop(old[i:i + EVICT_BATCH], True)
+        self.catalog.count("expired", len(old))
         return len(old)
 
     def _maintain(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
+            self._wake.wait(timeout=MAINTAIN_EVERY_S)
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
                 self.evict()
                 self.expire()
-                self.save_counters()
+                self.catalog.save_counters()
             except Exception as e:  # noqa: BLE001 - keep the maintenance thread alive
                 log.error("eviction failed", extra={"why": str(e)})
 
     def _sync_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
-                self._segments.sync()  # the bytes before the locations that point at them
-                self._db.flush_wal(True)
+                self.segments.sync()  # the bytes before the locations that point at them
+                self.catalog.flush_wal()
             except Exception as e:  # noqa: BLE001
                 log.warning("WAL sync failed", extra={"why": str(e)})
 
-    def verify_all(self) -> tuple[int, list[tuple[bytes, str]]]:
+    # -- verification -----------------------------------------------------------------------
+    def verify_all(self) -> tuple[int, list[tuple[BlockHash, str]]]:
         """Full scan with checksums: (blocks checked, [(key, problem)])."""
-        bad: list[tuple[bytes, str]] = []
-        with self._lock:
-            items = [(k, m.where()) for k, m in self._meta.items()]
+        bad: list[tuple[BlockHash, str]] = []
+        items = self.catalog.items()
         fds: dict[int, int] = {}
         try:
             for k, where in items:
                 try:
-                    verify_block(k, self._read(k, where, fds))
+                    verify_block(k, self.reader.read(k, where, fds))
                 except CorruptBlock as e:
                     bad.append((k, str(e)))
         finally:
-            self._segments.close_all(fds)
-        for k in self._blocks.keys():
-            if k not in self._meta:
-                bad.append((k, "block without access metadata"))
+            self.segments.close_all(fds)
+        bad.extend((k, "block without access metadata") for k in self.catalog.orphans())
         return len(items), bad

@@ -1,32 +1,40 @@
 """The block store's reads: whole blocks (get_many), into the caller's memory (get_into), in
 parts across a chain (get_parts), every one verified, with a corrupt block deleted and counted
-and a block evicted mid-read served as a miss. A mixin of BlockStore (cache/store.py), whose
-state it uses."""
+and a block evicted mid-read served as a miss."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
-import rocksdict
 import xxhash
+from pdserve.cache.block_hash import BlockHash
+from pdserve.cache.catalog import Catalog, Where
 from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header, verify_block
 from pdserve.cache.errors import CorruptBlock
-from pdserve.cache.records import now_ms
+from pdserve.cache.segments import Segments
 
 log = logging.getLogger("pdserve.cache.store")
 
 READ_CHUNK = 1 << 20  # get_into checksums each chunk while it is still in the CPU cache
 
+ReadOne = Callable[[BlockHash, Where, dict[int, int]], bool]
 
-class Reads:
-    """Verified reads of a BlockStore."""
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes]:
+class BlockReader:
+    """Verified reads of a BlockStore's blocks; `drop` deletes a key and frees its bytes."""
+
+    def __init__(self, catalog: Catalog, segments: Segments,
+                 drop: Callable[[Sequence[BlockHash]], None]) -> None:
+        self.catalog = catalog
+        self.segments = segments
+        self._drop = drop
+
+    def get_many(self, keys: Sequence[BlockHash]) -> list[bytes]:
         """Verified blocks for the leading keys; stops at the first missing or corrupt one."""
         out: list[bytes] = []
 
-        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
+        def read(key: BlockHash, where: Where, fds: dict[int, int]) -> bool:
             value = self._read(key, where, fds)
             verify_block(key, value)
             out.append(value)
@@ -35,7 +43,7 @@ class Reads:
         self._fetch(keys, read)
         return out
 
-    def get_into(self, keys: Sequence[bytes], out: memoryview | bytearray) -> list[int]:
+    def get_into(self, keys: Sequence[BlockHash], out: memoryview | bytearray) -> list[int]:
         """Reads the verified blocks of the leading keys back to back into `out` (the caller's
         memory: a staging buffer, a registered NIXL region) and returns their lengths; stops at
         the first missing or corrupt block, or at the first that does not fit. Each block is
@@ -45,7 +53,7 @@ class Reads:
         lengths: list[int] = []
         pos = 0
 
-        def read(key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bool:
+        def read(key: BlockHash, where: Where, fds: dict[int, int]) -> bool:
             nonlocal pos
             size = where[2]
             if pos + size > len(dest):
@@ -58,7 +66,8 @@ class Reads:
         self._fetch(keys, read)
         return lengths
 
-    def get_parts(self, keys: Sequence[bytes], cuts: Sequence[int]) -> Iterator[list[bytes]]:
+    def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
+                  ) -> Iterator[list[bytes]]:
         """The leading stored blocks in parts (kvstore.proto, GetRequest.part_cuts): yields
         part 0 of every block (header and payload[:cuts[0]]), then part 1 of every block, and
         so on; with cuts at layer boundaries a reader has the first layers of a whole chain
@@ -74,18 +83,18 @@ class Reads:
         fds: dict[int, int] = {}
         n = 0
         try:
-            blocks: list[tuple[bytes, tuple[int, int, int], int, bytes | None]] = []
+            blocks: list[tuple[BlockHash, Where, int, bytes | None]] = []
             first: list[bytes] = []
             hashes: list[xxhash.xxh3_64] = []
             for key in keys:
-                if (where := self._where(key)) is None:
+                if (where := self.catalog.where(key)) is None:
                     break
                 seg, off, size = where
                 try:
                     whole = self._read(key, where, fds) if seg < 0 else None
                     try:
                         head = (whole[:HEADER_SIZE + cuts[0]] if whole is not None else
-                                self._segments.read(seg, off, HEADER_SIZE + cuts[0], fds))
+                                self.segments.read(seg, off, HEADER_SIZE + cuts[0], fds))
                     except FileNotFoundError as e:
                         raise CorruptBlock("segment file missing") from e
                     except OSError as e:
@@ -116,7 +125,7 @@ class Reads:
                     end = size if ends[p] is None else HEADER_SIZE + ends[p]
                     try:
                         value = (whole[start:end] if whole is not None else
-                                 self._segments.read(seg, off + start, end - start, fds))
+                                 self.segments.read(seg, off + start, end - start, fds))
                     except OSError:
                         value = b""
                     if len(value) != end - start:
@@ -135,33 +144,26 @@ class Reads:
                     n = i
                     break
         finally:
-            self._segments.close_all(fds)
-            self._count_read(keys, n)
+            self.segments.close_all(fds)
+            self.catalog.count_read(keys, n)
 
-    def _where(self, key: bytes) -> tuple[int, int, int] | None:
-        with self._lock:
-            m = self._meta.get(key)
-            return m.where() if m is not None else None
-
-    def _corrupt(self, key: bytes, where: tuple[int, int, int], e: CorruptBlock) -> None:
+    def _corrupt(self, key: BlockHash, where: Where, e: CorruptBlock) -> None:
         """A block failed its checks: a plain miss if it was evicted or rewritten meanwhile,
         otherwise deleted and counted."""
-        if self._where(key) != where:
+        if self.catalog.where(key) != where:
             return
         log.warning("corrupt block deleted", extra={"key": key.hex()[:16], "why": str(e)})
-        self._delete([key])
-        with self._lock:
-            self.stats.corrupt += 1
+        self._drop([key])
+        self.catalog.count("corrupt")
 
-    def _fetch(self, keys: Sequence[bytes],
-               read: Callable[[bytes, tuple[int, int, int], dict[int, int]], bool]) -> int:
+    def _fetch(self, keys: Sequence[BlockHash], read: ReadOne) -> int:
         """Calls `read` for the leading stored keys until one is missing, corrupt, or `read`
         says stop; deletes and counts a corrupt block; returns how many were read."""
         n = 0
         fds: dict[int, int] = {}
         try:
             for key in keys:
-                if (where := self._where(key)) is None:
+                if (where := self.catalog.where(key)) is None:
                     break
                 try:
                     if not read(key, where, fds):
@@ -171,18 +173,11 @@ class Reads:
                     break
                 n += 1
         finally:
-            self._segments.close_all(fds)
-        self._count_read(keys, n)
+            self.segments.close_all(fds)
+        self.catalog.count_read(keys, n)
         return n
 
-    def _count_read(self, keys: Sequence[bytes], n: int) -> None:
-        """The leading n keys were read: hits, the rest misses; the hits' access times."""
-        with self._lock:
-            self.stats.hits += n
-            self.stats.misses += len(keys) - n
-        self._touch(keys[:n])
-
-    def _read_into(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int],
+    def _read_into(self, key: BlockHash, where: Where, fds: dict[int, int],
                    dest: memoryview) -> None:
         seg, off, size = where
         if seg < 0:
@@ -196,7 +191,7 @@ class Reads:
         try:
             while pos < size:
                 n = min(READ_CHUNK, size - pos)
-                got = self._segments.read_into(seg, off + pos, dest[pos:pos + n], fds)
+                got = self.segments.read_into(seg, off + pos, dest[pos:pos + n], fds)
                 if got != n:
                     raise CorruptBlock(f"segment holds {pos + got} of the block's {size} bytes")
                 if header is None:
@@ -212,15 +207,19 @@ class Reads:
         if header is None or h.intdigest() != header.checksum:
             raise CorruptBlock(CHECKSUM_MISMATCH)
 
-    def _read(self, key: bytes, where: tuple[int, int, int], fds: dict[int, int]) -> bytes:
+    def read(self, key: BlockHash, where: Where, fds: dict[int, int]) -> bytes:
+        """One block's stored bytes, unverified (CorruptBlock when they cannot be had)."""
+        return self._read(key, where, fds)
+
+    def _read(self, key: BlockHash, where: Where, fds: dict[int, int]) -> bytes:
         seg, off, size = where
         try:
             if seg < 0:  # an old store's block, still in the `blocks` column family
-                value = self._blocks.get(key)
+                value = self.catalog.old_value(key)
                 if value is None:
                     raise CorruptBlock("metadata without block")
                 return value
-            value = self._segments.read(seg, off, size, fds)
+            value = self.segments.read(seg, off, size, fds)
         except FileNotFoundError as e:
             raise CorruptBlock("segment file missing") from e
         except CorruptBlock:
@@ -230,20 +229,3 @@ class Reads:
         if len(value) != size:
             raise CorruptBlock(f"segment holds {len(value)} of the block's {size} bytes")
         return value
-
-    def _touch(self, keys: Sequence[bytes]) -> None:
-        if not keys or self.read_only:
-            return
-        now = now_ms()  # one time for the whole chain: parents never older than their tails
-        wb = rocksdict.WriteBatch(raw_mode=True)
-        with self._lock:
-            for key in keys:
-                m = self._meta.get(key)
-                if m is None:
-                    continue
-                m.atime, m.hits = now, m.hits + 1
-                wb.put(key, m.pack(), self._access_h)
-        try:
-            self._db.write(wb, self._lazy)
-        except Exception as e:  # noqa: BLE001 - access times are best effort
-            log.warning("access time update failed", extra={"why": str(e)})
