@@ -186,6 +186,8 @@ def main() -> None:
                     "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--random-smollm2", action="store_true",
                     help="random weights of SmolLM2-135M's shape instead of the real model")
+    ap.add_argument("--backend", default="auto", help="the engine's execution backend "
+                    "(engine/backend.py; auto = the fastest this machine allows)")
     ap.add_argument("--out", type=Path, help="also write the tables to this file")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -203,8 +205,9 @@ def main() -> None:
                                           if args.device == "cuda" else ""),
               f"settings: {name}, {args.dtype} on {args.device}, prompt {args.prompt_tokens} "
               f"tokens, {args.new_tokens} new tokens, greedy"]
+    loaded = load_model(path, device=args.device, dtype=dtype, backend=args.backend)
+    header.append(f"pdserve backend: {loaded.backend.name}")
     print("\n".join(header) + "\n", flush=True)
-    loaded = load_model(path, device=args.device, dtype=dtype)
     if path.is_dir():
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:

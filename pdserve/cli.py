@@ -274,13 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_offline(settings, args.action, args.json)
     from importlib import import_module
 
-    from pdserve.services.auth import AuthError
+    from pdserve.engine.backend import BackendError
+    from pdserve.services.gateway.auth import AuthError
     from pdserve.services.security import SecurityError
 
-    module = import_module(f"pdserve.services.{cmd}")
+    module = import_module(f"pdserve.services.{cmd}.main")
     try:
         asyncio.run(module.run(settings))
-    except (FileNotFoundError, SecurityError, AuthError) as e:  # e.g. the model file
+    except (FileNotFoundError, SecurityError, AuthError, BackendError) as e:  # e.g. the model
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -118,6 +118,7 @@ class LocalCluster:
             common += ["--metrics-port", "0"]
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
+        threads += ["--backend", self.s.backend]
         try:
             self._say("starting kvstore ...")
             kv = self._spawn("kvstore", ["kvstore", "--port", "0", "--data-dir", str(self.data_dir),

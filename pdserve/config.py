@@ -50,6 +50,12 @@ class _ModelSettings(_Served):
         "float32", description="weights and KV dtype")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
+    backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
+        "auto", description="how the model runs, chosen once at load (engine/backend.py): auto "
+        "takes the fastest the device allows; torch = plain torch; onednn = packed float32 "
+        "weights; cpu-kernels = + decode products from GGUF blocks and decode attention in C; "
+        "cpu-fused = + one C call per layer per decode step; cuda-graphs = decode steps "
+        "replayed from CUDA graphs")
     cpu_turns_path: Path | None = Field(None, description="workers sharing one machine's cores: "
                                    "lock-file path (the same for all of them) through which "
                                    "they take turns computing, prefill first "
@@ -198,6 +204,8 @@ class UpSettings(_Secured):
     decode_pages: int = Field(512, ge=1, description="KV pages per decode worker")
     prefill_pages: int = Field(256, ge=1, description="KV pages per prefill worker")
     threads: int = Field(0, ge=0, le=1024, description="torch threads per worker (0 = default)")
+    backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
+        "auto", description="the workers' execution backend (see `pdserve prefill --help`)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +23,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+
+class PagePool(Protocol):
+    """What the pool gauges read (engine/kv_pool.py; no torch import here)."""
+
+    @property
+    def num_pages(self) -> int: ...
+
+    @property
+    def num_free(self) -> int: ...
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -78,8 +89,8 @@ class GatewayMetrics:
                                     registry=r)
 
 
-class WorkerMetrics:
-    """Prefill and decode workers: pool occupancy, queues, transfers."""
+class _WorkerMetrics:
+    """What prefill and decode workers share: pool occupancy and transfers."""
 
     def __init__(self, registry: CollectorRegistry, role: str) -> None:
         r = registry
@@ -94,34 +105,50 @@ class WorkerMetrics:
                                           "KV transfer time per request" if role == "prefill"
                                           else "reservation to KV landed, per request",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        if role == "prefill":
-            self.queue = Gauge("pdserve_prefill_queue_requests", "prompts in the compute queue",
-                               registry=r)
-            self.queued_tokens = Gauge("pdserve_prefill_queued_tokens",
-                                       "prompt tokens still to compute", registry=r)
-            self.computed_tokens = Counter("pdserve_prefill_computed_tokens",
-                                           "prompt tokens computed", registry=r)
-            self.fetched_tokens = Counter("pdserve_prefill_fetched_tokens",
-                                          "prompt tokens read from the kvstore", registry=r)
-            self.pipelined = Counter("pdserve_prefill_pipelined", "prompts this worker headed "
-                                     "as a pipelined prefill, by outcome (ok: the stages "
-                                     "delivered; fallback: computed here alone)", ["outcome"],
-                                     registry=r)
-            self.pipeline_stages = Counter("pdserve_prefill_pipeline_stages", "pipeline stages "
-                                           "run for prompts other workers headed", registry=r)
-            self.fetch_seconds = Histogram("pdserve_prefill_fetch_seconds",
-                                           "time reading cached blocks per request",
-                                           buckets=LATENCY_BUCKETS, registry=r)
-        else:
-            self.running = Gauge("pdserve_decode_running", "requests decoding", registry=r)
-            self.waiting = Gauge("pdserve_decode_waiting_kv",
-                                 "requests with pages reserved, waiting for their KV", registry=r)
-            self.tokens = Counter("pdserve_decode_tokens", "tokens decoded", registry=r)
-            self.quarantined = Gauge("pdserve_decode_quarantined_pages", "pages of abandoned "
-                                     "reservations held until no late WRITE can reach them",
-                                     registry=r)
-            self.failed = Counter("pdserve_decode_failed", "requests failed on this worker",
-                                  ["reason"], registry=r)
+
+    def watch_pool(self, pool: PagePool) -> None:
+        """The pool gauges read the pool at scrape time."""
+        self.pages_total.set_function(lambda: pool.num_pages)
+        self.pages_used.set_function(lambda: pool.num_pages - pool.num_free)
+        self.pages_usage.set_function(lambda: 1 - pool.num_free / pool.num_pages)
+
+
+class PrefillMetrics(_WorkerMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "prefill")
+        r = registry
+        self.queue = Gauge("pdserve_prefill_queue_requests", "prompts in the compute queue",
+                           registry=r)
+        self.queued_tokens = Gauge("pdserve_prefill_queued_tokens",
+                                   "prompt tokens still to compute", registry=r)
+        self.computed_tokens = Counter("pdserve_prefill_computed_tokens",
+                                       "prompt tokens computed", registry=r)
+        self.fetched_tokens = Counter("pdserve_prefill_fetched_tokens",
+                                      "prompt tokens read from the kvstore", registry=r)
+        self.pipelined = Counter("pdserve_prefill_pipelined", "prompts this worker headed "
+                                 "as a pipelined prefill, by outcome (ok: the stages "
+                                 "delivered; fallback: computed here alone)", ["outcome"],
+                                 registry=r)
+        self.pipeline_stages = Counter("pdserve_prefill_pipeline_stages", "pipeline stages "
+                                       "run for prompts other workers headed", registry=r)
+        self.fetch_seconds = Histogram("pdserve_prefill_fetch_seconds",
+                                       "time reading cached blocks per request",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+
+
+class DecodeMetrics(_WorkerMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "decode")
+        r = registry
+        self.running = Gauge("pdserve_decode_running", "requests decoding", registry=r)
+        self.waiting = Gauge("pdserve_decode_waiting_kv",
+                             "requests with pages reserved, waiting for their KV", registry=r)
+        self.tokens = Counter("pdserve_decode_tokens", "tokens decoded", registry=r)
+        self.quarantined = Gauge("pdserve_decode_quarantined_pages", "pages of abandoned "
+                                 "reservations held until no late WRITE can reach them",
+                                 registry=r)
+        self.failed = Counter("pdserve_decode_failed", "requests failed on this worker",
+                              ["reason"], registry=r)
 
 
 class StoreCollector(Collector):

@@ -29,6 +29,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pdserve.engine.hooks import EngineHooks
+from pdserve.engine.scheduler import BatchKind
+
 
 class CpuTurns:
     def __init__(self, path: Path | None) -> None:
@@ -77,3 +80,14 @@ class CpuTurns:
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
+
+
+class TakeTurns(EngineHooks):
+    """Engine hooks of a worker that takes turns: prefill and stage steps as prefill, decode
+    steps as decode."""
+
+    def __init__(self, turns: CpuTurns) -> None:
+        self.turns = turns
+
+    def turn(self, kind: BatchKind) -> contextlib.AbstractContextManager[None]:
+        return self.turns.decode() if kind is BatchKind.DECODE else self.turns.prefill()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 import xxhash
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pdserve.cache.block_hash import BlockHash
 from pdserve.services.server import channel
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -28,6 +31,14 @@ def rendezvous(key: bytes, shards: Sequence[str]) -> int:
         if w > best:
             best, arg = w, i
     return arg
+
+
+class StoreBlock(NamedTuple):
+    """A block to store: its key, its encoded bytes (cache/codec.py), its depth in the chain."""
+
+    key: BlockHash
+    value: bytes
+    depth: int
 
 
 @dataclass
@@ -48,7 +59,7 @@ class KVStoreClient:
         if isinstance(addresses, str):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         self.timeout_s = timeout_s
-        self.shards = []
+        self.shards: list[_Shard] = []
         for a in addresses:
             ch = channel(a)
             self.shards.append(_Shard(a, ch, kvstore_pb2_grpc.KVStoreStub(ch)))
@@ -58,17 +69,22 @@ class KVStoreClient:
     def enabled(self) -> bool:
         return bool(self.shards)
 
-    def group(self, keys: Sequence[bytes]) -> dict[int, list[int]]:
+    @property
+    def shard_names(self) -> list[str]:
+        """The shards' addresses, in the order rendezvous hashing numbers them."""
+        return list(self._names)
+
+    def group(self, keys: Sequence[BlockHash]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             groups.setdefault(rendezvous(k, self._names) if len(self.shards) > 1 else 0, []).append(i)
         return groups
 
-    async def lookup(self, keys: Sequence[bytes]) -> int | None:
+    async def lookup(self, keys: Sequence[BlockHash]) -> int | None:
         """Leading stored blocks, or None when no shard could answer."""
         return (await self.lookup_detail(keys)).prefix
 
-    async def lookup_detail(self, keys: Sequence[bytes]) -> LookupResult:
+    async def lookup_detail(self, keys: Sequence[BlockHash]) -> LookupResult:
         """Leading stored blocks (None when no shard could answer), and whether the first
         missing block was evicted or expired (rather than never stored)."""
         if not self.shards:
@@ -100,7 +116,7 @@ class KVStoreClient:
         n = next((i for i, p in enumerate(present) if not p), len(keys))
         return LookupResult(n, n < len(keys) and evicted[n])
 
-    async def get(self, keys: Sequence[bytes]) -> list[bytes]:
+    async def get(self, keys: Sequence[BlockHash]) -> list[bytes]:
         """Blocks for the leading keys that could be fetched (possibly fewer, possibly none)."""
         if not self.shards or not keys:
             return []
@@ -130,7 +146,7 @@ class KVStoreClient:
             out.append(v)
         return out
 
-    async def get_parts_from(self, shard: int, keys: Sequence[bytes], cuts: Sequence[int],
+    async def get_parts_from(self, shard: int, keys: Sequence[BlockHash], cuts: Sequence[int],
                              on_part: Callable[[int, int, bytes], None]) -> None:
         """Streams one shard's blocks in parts (kvstore.proto, GetRequest.part_cuts): calls
         on_part(key index, part, value) as each arrives, parts of a block in order. A block
@@ -157,7 +173,7 @@ class KVStoreClient:
             log.warning("kvstore get failed", extra={"shard": self._names[shard],
                                                      "code": e.code().name})
 
-    async def stage(self, shard: int, keys: Sequence[bytes]) -> kvstore_pb2.StageResponse | None:
+    async def stage(self, shard: int, keys: Sequence[BlockHash]) -> kvstore_pb2.StageResponse | None:
         """Asks one shard to stage the keys' leading blocks for a NIXL READ; None when it
         cannot (no staging buffer, full, unreachable)."""
         try:
@@ -169,13 +185,13 @@ class KVStoreClient:
                                                            "code": e.code().name})
             return None
 
-    async def put(self, blocks: Sequence[tuple[bytes, bytes, int]]) -> int:
-        """Stores (key, value, depth in chain) blocks; returns how many were new."""
+    async def put(self, blocks: Sequence[StoreBlock]) -> int:
+        """Stores the blocks; returns how many were new."""
         if not self.shards or not blocks:
             return 0
 
         async def send(shard: int, idx: list[int]) -> int:
-            async def gen():
+            async def gen() -> AsyncIterator[kvstore_pb2.Block]:
                 for i in idx:
                     k, v, d = blocks[i]
                     yield kvstore_pb2.Block(key=k, value=v, depth=d)
@@ -188,13 +204,11 @@ class KVStoreClient:
                                                          "code": e.code().name})
                 return 0
 
-        groups = self.group([b[0] for b in blocks])
+        groups = self.group([b.key for b in blocks])
         return sum(await asyncio.gather(*(send(s, idx) for s, idx in groups.items())))
 
     async def ready(self) -> bool:
         """True when at least one shard reports SERVING."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         for s in self.shards:
             try:
                 r = await health_pb2_grpc.HealthStub(s.channel).Check(

@@ -5,6 +5,9 @@ Descriptors travel as protobuf fields (`PageDescriptor`); the notification is a 
 `TransferNotice`. NIXL's own `get_serialized_descs` pickles, so it is never used, and nothing
 received here is ever unpickled.
 
+A transfer that cannot complete is a `TransferError` (services/errors.py): the decode side's
+fault, which the gateway learns from the status's `pdserve-fault` metadata.
+
 A sender's transfer is a small state machine polled without blocking:
     POSTED -> DONE | FAILED (NIXL error) | TIMED_OUT (deadline passed; handle released)
 """
@@ -20,14 +23,11 @@ from collections.abc import Callable, Sequence
 import xxhash
 from google.protobuf.message import DecodeError
 from pdserve.engine.kv_pool import KVPool
+from pdserve.services.errors import TransferError
 from pdserve.services.nixl_agent import new_agent
 from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
-
-
-class TransferError(Exception):
-    """A KV transfer could not be posted or did not complete."""
 
 
 class TransferState(enum.Enum):
@@ -54,6 +54,7 @@ class NixlEndpoint:
         self.agent = new_agent(name)
         self._reg = self.agent.register_memory(self.agent.get_reg_descs(pool.kv))
         self._remote_md: dict[str, bytes] = {}
+        self.num_notices = 0  # transfer notices received (a receiver's)
 
     @property
     def metadata(self) -> bytes:
@@ -196,4 +197,5 @@ class NixlEndpoint:
                     log.warning("malformed transfer notice dropped", extra={"bytes": len(raw)})
                     continue
                 out.append(notice)
+        self.num_notices += len(out)
         return out

@@ -1,13 +1,15 @@
-"""What prefill and decode workers share: model loading from settings and their identity."""
+"""What prefill and decode workers share: model loading from settings, their identity, the
+checks of a prompt, and draining."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
@@ -15,9 +17,14 @@ from pdserve.cache.block_hash import hash_namespace
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
+from pdserve.services.errors import InvalidArgument
 from pdserve.v1 import common_pb2
 
+from pdserve.config import DecodeSettings, PrefillSettings
+
 T = TypeVar("T")
+WorkerSettings = PrefillSettings | DecodeSettings
+DRAIN_SETTLE_S = 0.3  # after leaving rotation, the time for the load report to reach the gateway
 
 
 def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
@@ -27,11 +34,32 @@ def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
                           position_offset=sp.position_offset)
 
 
-def load_for(settings) -> LoadedModel:  # type: ignore[no-untyped-def]
+def check_prompt(ids: Iterable[int], vocab_size: int, field: str = "prompt_token_ids") -> None:
+    """InvalidArgument naming the field: an empty prompt, or a token outside the vocabulary."""
+    ids = list(ids)
+    if not ids:
+        raise InvalidArgument(f"{field}: empty")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"{field}: token id {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def load_for(settings: WorkerSettings) -> LoadedModel:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
-                      block_tokens=settings.block_tokens, progress=sys.stderr.isatty())
+                      block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
+                      backend=settings.backend)
+
+
+async def wait_until_idle(busy: Callable[[], bool], timeout_s: float) -> None:
+    """Draining: once out of rotation (the load report says so), waits until nothing accepted
+    is left, or `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    await asyncio.sleep(DRAIN_SETTLE_S)
+    while busy() and loop.time() < deadline:
+        await asyncio.sleep(0.1)
 
 
 def in_passing_thread(fn: Callable[[], T]) -> T:
@@ -44,7 +72,7 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
     parallel regions, and waking the workers for each made them about 1.5x slower. A thread
     that exits takes its team with it, so the engine thread's team is the only one left.
     """
-    box: list = []
+    box: list[T] = []
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -66,7 +94,7 @@ def new_epoch() -> int:
     return time.time_ns()
 
 
-def advertised_address(settings, port: int) -> str:  # type: ignore[no-untyped-def]
+def advertised_address(settings: WorkerSettings, port: int) -> str:
     """host:port others use to reach this worker: --advertise-host, else --host, else (listening
     on every interface) this machine's hostname."""
     host = settings.advertise_host or settings.host
@@ -75,8 +103,8 @@ def advertised_address(settings, port: int) -> str:  # type: ignore[no-untyped-d
     return f"{host}:{port}"
 
 
-def worker_info(role: str, settings, loaded: LoadedModel, address: str, epoch: int,
-                total_pages: int) -> common_pb2.WorkerInfo:  # type: ignore[no-untyped-def]
+def worker_info(role: str, settings: WorkerSettings, loaded: LoadedModel, address: str,
+                epoch: int, total_pages: int) -> common_pb2.WorkerInfo:
     wid = settings.worker_id or f"{role}-{os.getpid()}"
     fp = loaded.layout.fingerprint()
     return common_pb2.WorkerInfo(

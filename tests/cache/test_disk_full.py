@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.cache.codec import encode_block
-from pdserve.services.kvstore import WRITE_HEALTH
+from pdserve.services.kvstore.main import WRITE_HEALTH
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from tests.cache.test_crash import start_store

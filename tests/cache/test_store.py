@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import HEADER_SIZE, encode_block, verify_block
 from pdserve.cache.errors import CorruptBlock
@@ -176,7 +179,7 @@ def test_eviction_frees_the_bytes_on_disk(tmp_path):
         s.evict()
     assert s.stats.num_bytes <= 0.9 * 20 * size
     on_disk = s.bytes_on_disk()
-    if s._segments._punch:
+    if s.segments.can_punch_holes:
         assert on_disk <= s.stats.num_bytes + s.stats.num_blocks * 8192 + 8 * size
     else:
         assert on_disk <= s.stats.num_bytes + 16 * size
@@ -189,13 +192,13 @@ def test_a_block_evicted_while_it_is_read_is_a_miss_not_corruption(tmp_path):
     blocks = make_blocks(2, size=8192)
     s = BlockStore(tmp_path)
     s.put_many(blocks)
-    real_read = s._segments.read
+    real_read = s.segments.read
 
     def read_after_eviction(seg, off, length, fds):
-        s._delete([blocks[0][0]])  # the evictor runs between locate and read
+        s.delete([blocks[0][0]])  # the evictor runs between locate and read
         return real_read(seg, off, length, fds)
 
-    s._segments.read = read_after_eviction
+    s.segments.read = read_after_eviction
     assert s.get_many([k for k, _ in blocks]) == []
     assert s.stats.corrupt == 0
     s.close()
@@ -209,8 +212,7 @@ def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_pat
     blocks = make_blocks(20, size=8192)
     s = BlockStore(tmp_path)
     for depth, (k, v) in enumerate(blocks):  # the old layout, written through the raw database
-        s._blocks[k] = v
-        s._access[k] = Meta(1000 + depth, 2, len(v), depth).pack()
+        s.raw_old_block(k, v, Meta(1000 + depth, 2, len(v), depth))
     s.close()
     ro = BlockStore(tmp_path, read_only=True)
     assert ro.verify_all() == (20, [])
@@ -218,7 +220,8 @@ def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_pat
     ro.close()
     s = BlockStore(tmp_path)
     assert s.stats.num_blocks == 20 and s.stats.num_bytes == sum(len(v) for _, v in blocks)
-    assert all(len(s._blocks[k]) == 24 for k, _ in blocks)  # locations now
+    assert all(len(s.catalog.raw_location(k) or b"") == 24 for k, _ in blocks)  # locations now
+    assert all(s.location(k) is not None for k, _ in blocks)
     assert s.eviction_order()[0] == blocks[0][0]  # access times carried over
     assert s.get_many([k for k, _ in blocks]) == [v for _, v in blocks]
     s.close()
@@ -227,7 +230,7 @@ def test_a_store_of_the_blob_file_layout_is_read_and_moved_into_segments(tmp_pat
 def test_get_into_reads_verified_blocks_into_the_callers_buffer(tmp_path):
     """get_into = get_many's bytes, written back to back into caller memory, checksummed chunk
     by chunk (blocks larger than a chunk, one damaged past the first chunk)."""
-    from pdserve.cache.reads import READ_CHUNK
+    from pdserve.cache.reader import READ_CHUNK
 
     blocks = make_blocks(4, size=READ_CHUNK * 2 + 1000)
     keys = [k for k, _ in blocks]
@@ -253,13 +256,32 @@ def test_get_into_reads_verified_blocks_into_the_callers_buffer(tmp_path):
     s.close()
 
 
-def test_large_buffers_can_be_kept_on_the_heap():
-    """glibc takes the mmap and trim thresholds (cache/memory.py); blocks still read back."""
-    from pdserve.cache.memory import keep_large_buffers_on_heap
-
-    assert keep_large_buffers_on_heap() is True
-    big = bytes(range(256)) * (3 << 12)  # 3 MiB: above glibc's default mmap threshold
-    assert len(bytearray(big)) == len(big)
+def test_large_buffers_are_kept_on_the_heap():
+    """glibc takes the mmap threshold (cache/memory.py): in a fresh process a 3 MiB block is a
+    fresh mmap before the call (glibc's mallinfo2 counts it) and comes from the heap after."""
+    code = """
+import ctypes, ctypes.util
+from pdserve.cache.memory import keep_large_buffers_on_heap
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped_blocks_of_one_malloc():
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(3 << 20)
+    after = libc.mallinfo2().hblks
+    libc.free(p)
+    return after - before
+print(mapped_blocks_of_one_malloc(), keep_large_buffers_on_heap(),
+      mapped_blocks_of_one_malloc())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True", "0"]
 
 
 def test_get_parts_streams_every_block_part_by_part_and_checks_the_whole(tmp_path):

@@ -229,8 +229,39 @@ def test_without_a_compiler_the_model_runs_its_float32_weights(tmp_path):
     r = run_python(code, CC="/nonexistent/cc", PDSERVE_KERNEL_DIR=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "no C compiler '/nonexistent/cc'" in r.stdout and "loaded" in r.stdout
-    r = run_python(code, PDSERVE_CPU_KERNELS="0")
-    assert r.returncode == 0 and "PDSERVE_CPU_KERNELS=0" in r.stdout, r.stderr
+    # Asking for the kernels by name when they cannot be had is a start-up error naming why.
+    r = run_python("from pdserve.engine.loader import load_model\n"
+                   "load_model(backend='cpu-fused')\n",
+                   CC="/nonexistent/cc", PDSERVE_KERNEL_DIR=str(tmp_path))
+    assert r.returncode != 0 and "--backend cpu-fused" in r.stderr
+    assert "no C compiler" in r.stderr
+
+
+@pytest.mark.parametrize("backend, blocks, c_attention, fused", [
+    ("torch", False, False, False), ("onednn", False, False, False),
+    ("cpu-kernels", True, True, False), ("cpu-fused", True, True, True)])
+def test_each_backend_runs_what_it_names(backend, blocks, c_attention, fused):
+    """The backend is chosen once at load, by name: which products read blocks, which
+    attention runs, whether a layer is one C call; the logits agree across all of them."""
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.engine.loader import load_model
+
+    m = load_model(backend=backend)
+    assert m.backend.name == backend
+    layer = m.model.model.layers[0]
+    assert (layer.self_attn._qkv.quant is not None) is blocks
+    assert (layer.mlp._down.packed is not None) is (backend != "torch")
+    assert layer.self_attn.c_attention is c_attention
+    assert (m.model._fused is not None) is fused
+    pool = KVPool(m.layout, 4)
+    prompt = list(range(300, 340))
+    m.model(torch.tensor(prompt), pool.kv, AttnBatch.build([40], [40], [[0]], 64))
+    got = decode_logits(m.model, pool.kv, [41], [[0]], [7], 64)
+    ref = load_model(backend="torch").model
+    pool2 = KVPool(m.layout, 4)
+    ref(torch.tensor(prompt), pool2.kv, AttnBatch.build([40], [40], [[0]], 64))
+    want = decode_logits(ref, pool2.kv, [41], [[0]], [7], 64)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
 def test_a_fresh_directory_gets_the_library_built(tmp_path):

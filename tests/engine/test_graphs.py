@@ -25,6 +25,23 @@ def test_decode_groups_merge_similar_lengths_and_split_far_ones():
     assert decode_groups([], []) == []
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """The default model on the backend CUDA graphs replay on a GPU: plain torch layers (the
+    C paths of the CPU backends never take a padded step)."""
+    from pdserve.engine.loader import load_model
+
+    return load_model(backend="onednn")
+
+
+def test_the_padded_step_refuses_a_model_on_the_c_kernels():
+    from pdserve.engine.loader import load_model
+
+    m = load_model(backend="cpu-kernels")
+    with pytest.raises(ValueError, match="cpu-kernels"):
+        ModelRunner(m.model, KVPool(m.layout, 4), cuda_graphs="eager").graphs
+
+
 def _prompts(lengths):
     g = torch.Generator().manual_seed(5)
     return [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]

@@ -14,25 +14,26 @@ from torch import nn
 def test_packed_linear_matches_f_linear(bias, rows):
     torch.manual_seed(rows)
     lin = nn.Linear(96, 200, bias=bias)
-    fast = FastLinear(lin.weight, lin.bias)
+    fast = FastLinear(lin.weight, lin.bias, pack=True)
     if torch.backends.mkldnn.is_available():
         assert fast.packed is not None
     x = torch.randn(rows, 96)
     torch.testing.assert_close(fast(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_packing_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("PDSERVE_ONEDNN_PACK", "0")
+def test_packing_is_the_backend_s_choice():
     lin = nn.Linear(8, 4)
-    fast = FastLinear(lin.weight, lin.bias)
+    fast = FastLinear(lin.weight, lin.bias, pack=False)
     assert fast.packed is None
     x = torch.randn(3, 8)
     assert torch.equal(fast(x), F.linear(x, lin.weight, lin.bias))
 
 
-def test_bfloat16_weights_are_not_packed():
+def test_bfloat16_weights_cannot_be_packed():
     lin = nn.Linear(8, 4).to(torch.bfloat16)
     assert FastLinear(lin.weight).packed is None
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        FastLinear(lin.weight, pack=True)
 
 
 def test_fused_rows_are_views_and_compute_each_projection():

@@ -160,12 +160,12 @@ def test_overlay_specifics(overlay):
 def test_hpa_metrics_are_ones_the_workers_export():
     from prometheus_client import CollectorRegistry
 
-    from pdserve.metrics import WorkerMetrics
+    from pdserve.metrics import DecodeMetrics, PrefillMetrics
 
     names = set()
-    for role in ("prefill", "decode"):
+    for metrics in (PrefillMetrics, DecodeMetrics):
         reg = CollectorRegistry()
-        WorkerMetrics(reg, role)
+        metrics(reg)
         names |= {m.name for m in reg.collect()}
     assert {"pdserve_prefill_queued_tokens", "pdserve_kv_usage_ratio"} <= names
 

@@ -67,6 +67,7 @@ UNARY = [
     ("decode-0", "/pdserve.v1.Decode/Release", decode_pb2.ReleaseRequest),
     ("kvstore", "/pdserve.v1.KVStore/Lookup", kvstore_pb2.LookupRequest),
     ("kvstore", "/pdserve.v1.KVStore/Stats", kvstore_pb2.StatsRequest),
+    ("kvstore", "/pdserve.v1.KVStore/Stage", kvstore_pb2.StageRequest),
 ]
 SERVER_STREAM = [
     ("gateway", "/pdserve.v1.Gateway/Generate", gateway_pb2.GenerateRequest),
@@ -77,7 +78,18 @@ CLIENT_STREAM = [
     ("kvstore", "/pdserve.v1.KVStore/Put", kvstore_pb2.Block),
     ("gateway", "/pdserve.v1.Registry/Join", registry_pb2.WorkerMessage),
 ]
-ALL = UNARY + SERVER_STREAM + CLIENT_STREAM
+BIDI = [
+    ("prefill-0", "/pdserve.v1.Prefill/PrefillStage", prefill_pb2.PipelineStageRequest),
+]
+ALL = UNARY + SERVER_STREAM + CLIENT_STREAM + BIDI
+
+
+def test_every_rpc_of_every_service_is_fuzzed():
+    """A method added to a .proto joins the fuzzing, or this fails."""
+    served = {f"/{svc.full_name}/{m.name}"
+              for mod in (gateway_pb2, prefill_pb2, decode_pb2, kvstore_pb2, registry_pb2)
+              for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods}
+    assert {m for _, m, _ in ALL} == served
 FUZZ = settings(max_examples=int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", "25")), deadline=None,
                 suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -110,8 +122,12 @@ def call(chans, service: str, method: str, payload, kind: str, raw: bool = False
             for _ in zip(range(50), ch.unary_stream(method, request_serializer=ser)(
                     payload, timeout=20)):
                 pass
-        else:
+        elif kind == "client":
             ch.stream_unary(method, request_serializer=ser)(iter(payload), timeout=20)
+        else:
+            for _ in zip(range(50), ch.stream_stream(method, request_serializer=ser)(
+                    iter(payload), timeout=20)):
+                pass
     except grpc.RpcError as e:
         # A status, not a crash: the call was refused, failed cleanly or ran out of time.
         assert e.code() != grpc.StatusCode.UNKNOWN, (method, e.details())
@@ -139,12 +155,15 @@ def test_random_messages(cluster, channels, rss_before, service, method, cls):
     assert_all_serving(cluster, channels)
 
 
-@pytest.mark.parametrize("service,method,cls", CLIENT_STREAM, ids=[m for _, m, _ in CLIENT_STREAM])
+@pytest.mark.parametrize("service,method,cls", CLIENT_STREAM + BIDI,
+                         ids=[m for _, m, _ in CLIENT_STREAM + BIDI])
 def test_random_message_streams(cluster, channels, service, method, cls):
+    kind = "client" if (service, method, cls) in CLIENT_STREAM else "bidi"
+
     @FUZZ
     @given(st.lists(message(cls.DESCRIPTOR), max_size=6))
     def run(msgs):
-        call(channels, service, method, msgs, "client")
+        call(channels, service, method, msgs, kind)
 
     run()
     assert_all_serving(cluster, channels)
@@ -153,12 +172,14 @@ def test_random_message_streams(cluster, channels, service, method, cls):
 @pytest.mark.parametrize("service,method,cls", ALL, ids=[m for _, m, _ in ALL])
 def test_bytes_that_are_not_protobuf(cluster, channels, service, method, cls):
     kind = ("unary" if (service, method, cls) in UNARY else
-            "server" if (service, method, cls) in SERVER_STREAM else "client")
+            "server" if (service, method, cls) in SERVER_STREAM else
+            "client" if (service, method, cls) in CLIENT_STREAM else "bidi")
 
     @FUZZ
     @given(st.binary(min_size=1, max_size=2000))
     def run(data):
-        call(channels, service, method, [data] if kind == "client" else data, kind, raw=True)
+        call(channels, service, method, [data] if kind in ("client", "bidi") else data, kind,
+             raw=True)
 
     run()
     assert_all_serving(cluster, channels)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pdserve.services.output import OutputText
+from pdserve.services.gateway.output import OutputText
 
 
 def run(tokenizer, text, stop):

@@ -1,5 +1,5 @@
-"""Pipelined prefill over several prefill workers (services/pipeline.py): real workers with the
-real model, stages served over gRPC on port 0, each stage's KV READ by the head over NIXL; the
+"""Pipelined prefill over several prefill workers (services/prefill/pipeline.py, head.py,
+stage.py): real workers with the real model, stages served over gRPC on port 0, each stage's KV READ by the head over NIXL; the
 result must be the KV and first token of one worker computing the prompt alone."""
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import torch
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.pipeline import layer_split
-from pdserve.services.prefill import PrefillServicer, PrefillWorker
+from pdserve.services.prefill.pipeline import layer_split
+from pdserve.services.prefill.servicer import PrefillServicer
+from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.services.server import channel, create_server
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
-from tests.services.test_layer_fetch import rows
-from tests.services.test_sharding import start_shard
+from tests.helpers import kv_rows as rows
+from tests.helpers import async_wait_until, start_shard
 
 PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, then 60 tokens
 _names = itertools.count()
@@ -32,6 +33,7 @@ async def workers(loaded, n: int = 3) -> list[tuple[PrefillWorker, object, str]]
     while len(_workers) < n:
         w = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
                           agent_name=f"pipeline-{next(_names)}")
+        w.start()
         servicer = PrefillServicer(w)
         server, port, _ = await create_server(
             [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
@@ -39,7 +41,7 @@ async def workers(loaded, n: int = 3) -> list[tuple[PrefillWorker, object, str]]
         _workers.append((w, server, f"127.0.0.1:{port}"))
     for w, _, _ in _workers:
         assert w.pool.num_free == w.pool.num_pages, "a test before this one kept pages"
-        w.num_pipelined = w.num_pipeline_fallbacks = w.num_stages_served = 0
+        w.head.num_pipelined = w.head.num_fallbacks = w.stage.num_served = 0
     return _workers[:n]
 
 
@@ -50,9 +52,9 @@ def request(peers, salt: str = "") -> prefill_pb2.PrefillRequest:
                   for i, a in enumerate(peers)])
 
 
-async def alone(w: PrefillWorker, start_pages=None) -> tuple[int, torch.Tensor]:
+async def alone(w: PrefillWorker) -> tuple[int, torch.Tensor]:
     pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
-    first, _ = await w._compute(PROMPT, pages, 0, SamplingParams())
+    first = (await w.compute_prompt(f"alone-{next(_names)}", PROMPT, pages)).token
     kv = rows(w.pool, pages, len(PROMPT)).clone()
     w.pool.release(pages)
     return first, kv
@@ -72,23 +74,23 @@ async def test_pipelined_prefill_gives_the_kv_and_token_of_one_worker(loaded, st
     head = ws[0][0]
     ref_first, ref_kv = await alone(head)
     pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
-    first, _ = await head._prefill_pipelined(request([a for _, _, a in ws[1:stages]]), PROMPT,
-                                             pages, 0, SamplingParams())
+    first = (await head.head.prefill(request([a for _, _, a in ws[1:stages]]), PROMPT,
+                                     pages, 0, SamplingParams())).token
     kv = rows(head.pool, pages, len(PROMPT))
     head.pool.release(pages)
-    assert head.num_pipelined == 1 and head.num_pipeline_fallbacks == 0
-    assert [w.num_stages_served for w, _, _ in ws[1:stages]] == [1] * (stages - 1)
+    assert head.head.num_pipelined == 1 and head.head.num_fallbacks == 0
+    assert [w.stage.num_served for w, _, _ in ws[1:stages]] == [1] * (stages - 1)
     assert first == ref_first
     # Every layer's KV, the stages' layers READ over NIXL: the same computation, chunked the
     # same way (256 tokens), so the same bytes.
     assert torch.equal(kv, ref_kv)
     for w, _, _ in ws:  # the stages freed their pages once the head had READ them
-        assert w.pool.num_free == w.pool.num_pages
+        await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
 
 
 async def test_stages_load_the_cached_blocks_and_only_new_pages_move(loaded, tmp_path):
-    server, store, addr = await start_shard(tmp_path / "s")
-    client = KVStoreClient(addr, timeout_s=5.0)
+    shard = await start_shard(tmp_path / "s")
+    client = KVStoreClient(shard.address, timeout_s=5.0)
     ws = await workers(loaded)
     head = ws[0][0]
     for w, _, _ in ws:
@@ -97,16 +99,16 @@ async def test_stages_load_the_cached_blocks_and_only_new_pages_move(loaded, tmp
     keys = block_hashes(head.namespace, "", PROMPT, bt)
     ref_first, ref_kv = await alone(head)
     pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
-    await head._compute(PROMPT, pages, 0, SamplingParams())
-    assert await client.put(head._encode_blocks(pages, keys, 0)) == len(keys)
+    await head.compute_prompt("cold", PROMPT, pages)
+    assert await client.put(await head.blocks.encode(keys, pages, 0)) == len(keys)
     head.pool.release(pages)
     want = cacheable_blocks(len(PROMPT), bt)
     pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
-    n = await head._load_cached(PROMPT, "", pages, want)
+    n = await head.blocks.load(keys[:want], pages)
     assert n == want == 10
-    first, _ = await head._prefill_pipelined(request([a for _, _, a in ws[1:]]), PROMPT, pages,
-                                             n, SamplingParams())
-    assert head.num_pipelined == 1 and first == ref_first
+    first = (await head.head.prefill(request([a for _, _, a in ws[1:]]), PROMPT, pages,
+                                     n, SamplingParams())).token
+    assert head.head.num_pipelined == 1 and first == ref_first
     # The cached rows are the stored ones; the 60 computed rows are close to the cold run's
     # (which computed them after 640 computed, not loaded, rows: the same values here).
     kv = rows(head.pool, pages, len(PROMPT))
@@ -114,9 +116,9 @@ async def test_stages_load_the_cached_blocks_and_only_new_pages_move(loaded, tmp
     head.pool.release(pages)
     for w, _, _ in ws:
         w.kvstore = KVStoreClient("", 1.0)
-        assert w.pool.num_free == w.pool.num_pages
+        await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
     await client.close()
-    await server.stop(0)
+    await shard.stop()
 
 
 async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp_path):
@@ -125,20 +127,20 @@ async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp
     ref_first, ref_kv = await alone(head)
     # A stage that is not there.
     pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
-    first, _ = await head._prefill_pipelined(request(["127.0.0.1:1"]), PROMPT, pages, 0,
-                                             SamplingParams())
-    assert head.num_pipeline_fallbacks == 1 and first == ref_first
+    first = (await head.head.prefill(request(["127.0.0.1:1"]), PROMPT, pages, 0,
+                                     SamplingParams())).token
+    assert head.head.num_fallbacks == 1 and first == ref_first
     assert torch.equal(rows(head.pool, pages, len(PROMPT)), ref_kv)
     head.pool.release(pages)
     # A stage told blocks are cached that its (empty) store does not hold: FAILED_PRECONDITION,
     # and the head computes the prompt alone from its own cached blocks (none here).
-    server, _, addr = await start_shard(tmp_path / "empty")
-    ws[1][0].kvstore = KVStoreClient(addr, timeout_s=2.0)
+    shard = await start_shard(tmp_path / "empty")
+    ws[1][0].kvstore = KVStoreClient(shard.address, timeout_s=2.0)
     pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
-    req = request([ws[1][2]])
-    head_only = head._stage_request("r2", PROMPT, "", 3, req.pipeline, layer_split(30, 2))
     call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
-    await call.write(head_only)
+    await call.write(prefill_pb2.PipelineStageRequest(
+        request_id="r2", prompt_token_ids=PROMPT, cached_blocks=3, layer_begin=0,
+        layer_end=layer_split(30, 2)[0], chunk_tokens=256))
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call.read()
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -146,15 +148,15 @@ async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp
     head.pool.release(pages)
     await ws[1][0].kvstore.close()
     ws[1][0].kvstore = KVStoreClient("", 1.0)
-    await server.stop(0)
+    await shard.stop()
     for w, _, _ in ws:
-        assert w.pool.num_free == w.pool.num_pages
+        await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
 
 
 async def test_a_stage_never_released_frees_its_pages_after_the_timeout(loaded):
     ws = await workers(loaded)
     stage = ws[1][0]
-    stage.transfer_timeout_s = 1.0
+    stage.stage.timeout_s = 1.0
     try:
         call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
         await call.write(prefill_pb2.PipelineStageRequest(
@@ -167,9 +169,9 @@ async def test_a_stage_never_released_frees_its_pages_after_the_timeout(loaded):
         assert stage.pool.num_free < stage.pool.num_pages  # held for the caller's READ
         # The caller neither READs nor closes: after the timeout the stage lets go.
         assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
-        assert stage.pool.num_free == stage.pool.num_pages
+        await async_wait_until(lambda: stage.pool.num_free == stage.pool.num_pages, 10)
     finally:
-        stage.transfer_timeout_s = 30.0
+        stage.stage.timeout_s = 30.0
 
 
 @pytest.mark.parametrize("change, field", [
@@ -197,6 +199,7 @@ async def test_bad_stage_requests_are_refused_naming_the_field(loaded, change, f
 @pytest.fixture(scope="module", autouse=True)
 async def _stop_servers():
     yield
-    for _, server, _ in _workers:
+    for w, server, _ in _workers:
         await server.stop(0)
+        w.thread.stop()
     _workers.clear()

@@ -7,11 +7,9 @@ from collections import Counter
 
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import encode_block
-from pdserve.cache.store import BlockStore
-from pdserve.services.kvstore import KVStoreServicer
-from pdserve.services.kvstore_client import KVStoreClient, rendezvous
-from pdserve.services.server import create_server
-from pdserve.v1 import kvstore_pb2_grpc
+from pdserve.services.kvstore_client import KVStoreClient, StoreBlock, rendezvous
+
+from tests.helpers import start_shard
 
 
 def test_rendezvous_spreads_evenly_and_moves_little():
@@ -27,38 +25,29 @@ def test_rendezvous_spreads_evenly_and_moves_little():
     assert all(b == 4 for a, b in zip(owner4, owner5) if a != b)  # only to the new shard
 
 
-async def start_shard(path):
-    store = BlockStore(path)
-    servicer = KVStoreServicer(store)
-    server, port, _ = await create_server(
-        [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)], [],
-        "127.0.0.1", 0)
-    return server, store, f"127.0.0.1:{port}"
-
-
 async def test_three_shards_and_one_down(tmp_path):
     shards = [await start_shard(tmp_path / f"s{i}") for i in range(3)]
-    client = KVStoreClient(",".join(a for _, _, a in shards), timeout_s=1.0)
+    client = KVStoreClient(",".join(s.address for s in shards), timeout_s=1.0)
     keys = block_hashes("ns", "", list(range(64 * 12)), 64)
-    blocks = [(k, encode_block(k, "fp", 64, os.urandom(2048)), i) for i, k in enumerate(keys)]
+    blocks = [StoreBlock(k, encode_block(k, "fp", 64, os.urandom(2048)), i)
+              for i, k in enumerate(keys)]
     assert await client.put(blocks) == 12
-    owners = [rendezvous(k, client._names) for k in keys]
+    owners = [rendezvous(k, client.shard_names) for k in keys]
     assert len(set(owners)) == 3  # the chain really spans the shards
-    for i, (_, store, _) in enumerate(shards):
-        assert store.stats.num_blocks == owners.count(i)
+    for i, shard in enumerate(shards):
+        assert shard.store.stats.num_blocks == owners.count(i)
     assert await client.lookup(keys) == 12
-    assert await client.get(keys) == [v for _, v, _ in blocks]
+    assert await client.get(keys) == [b.value for b in blocks]
     # One shard down: its blocks are misses; the chain's prefix before them still hits.
     dead = owners[5]
-    await shards[dead][0].stop(0)
+    await shards[dead].server.stop(0)
     first_dead = owners.index(dead)
     assert await client.lookup(keys) == first_dead
-    assert await client.get(keys) == [v for _, v, _ in blocks[:first_dead]]
+    assert await client.get(keys) == [b.value for b in blocks[:first_dead]]
     assert await client.put(blocks) == 0  # nothing new; the dead shard's share is dropped
     await client.close()
-    for server, store, _ in shards:
-        await server.stop(0)
-        store.close()
+    for shard in shards:
+        await shard.stop()
 
 
 async def test_all_shards_down_is_no_answer_not_an_error(tmp_path):

@@ -8,12 +8,18 @@ import asyncio
 import grpc
 import pytest
 import torch
-from pdserve.engine.sampling import SamplingParams
-from pdserve.services.decode import DecodeWorker
+from pdserve.engine.sampling import FinishReason, SamplingParams
+from pdserve.engine.sequence import TokenEvent
+from pdserve.services.decode.requests import DecodeState
+from pdserve.services.decode.worker import DecodeWorker
+from pdserve.services.errors import TransferError
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.prefill import PrefillWorker
-from pdserve.services.transfer import TransferError, pages_checksum
+from pdserve.services.outbox import Outbox, OutboxMessage, RequestFailed
+from pdserve.services.prefill.worker import PrefillWorker
+from pdserve.services.transfer import pages_checksum
 from pdserve.v1 import common_pb2, prefill_pb2
+
+from tests.helpers import async_wait_until
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +28,18 @@ def workers(loaded):
                        quarantine_s=0.5)
     pre = PrefillWorker(loaded, num_pages=16, kvstore=KVStoreClient("", 1.0), agent_name="t-prefill")
     dec.start()  # the real engine thread: polls notices, expires leases, decodes
+    pre.start()
     yield pre, dec
     dec.stop()
+    pre.thread.stop()
 
 
-async def drain(outbox, until_s: float = 30.0) -> list[tuple]:
-    items = []
+async def drain(outbox: Outbox, until_s: float = 30.0) -> list[OutboxMessage]:
+    items: list[OutboxMessage] = []
     while True:
-        item = await asyncio.wait_for(outbox.queue.get(), until_s)
+        item = await asyncio.wait_for(outbox.get(), until_s)
         items.append(item)
-        if item[0] == "error" or item[2]:
+        if not isinstance(item, TokenEvent) or item.finish_reason is not None:
             return items
 
 
@@ -81,8 +89,10 @@ async def test_kv_bytes_arrive_identical_and_decode_continues(workers, tokenizer
     arrived = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
     assert all(torch.equal(a, b) for a, b in zip(sent, arrived))
     assert sum(t.numel() for t in sent) * 4 == len(prompt) * pre.layout.bytes_per_token
-    assert [i[0] for i in items] == ["token"] * 5 and items[-1][2] == "length"
-    assert dec.pool.num_free == dec.pool.num_pages
+    assert all(isinstance(i, TokenEvent) for i in items) and len(items) == 5
+    assert items[-1].finish_reason is FinishReason.LENGTH
+    await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
+    assert dec.requests.get("r1") is None and dec.requests.num_finished >= 1
     dec.pool.check_integrity()
     pre.pool.check_integrity()
 
@@ -94,9 +104,11 @@ async def test_checksum_mismatch_fails_closed_and_frees_pages(workers, tokenizer
     outbox = dec.outbox("r2")
     await send_raw(pre, res, prompt, checksum_xor=1)
     items = await drain(outbox)
-    assert items == [("error", grpc.StatusCode.DATA_LOSS, "KV transfer checksum mismatch")]
+    assert len(items) == 1 and isinstance(items[0], RequestFailed)
+    assert items[0].error.code == grpc.StatusCode.DATA_LOSS
+    assert items[0].error.message == "KV transfer checksum mismatch"
     assert dec.pool.num_free == dec.pool.num_pages
-    assert not dec.engine.running
+    assert not dec.engine.running and dec.requests.get("r2") is None
 
 
 async def test_missing_transfer_expires_and_late_notice_is_dropped(workers):
@@ -105,29 +117,34 @@ async def test_missing_transfer_expires_and_late_notice_is_dropped(workers):
     res = dec.reserve("r3", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
     outbox = dec.outbox("r3")
     items = await drain(outbox, until_s=5)  # lease is 1 s
-    assert items[0][:2] == ("error", grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert "lease" in items[0][2]
+    assert isinstance(items[0], RequestFailed)
+    assert items[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "lease" in items[0].error.message
     # The pages wait out the quarantine: a late WRITE may still be on its way.
     held = len(res.page_ids)
-    assert dec.quarantined_pages == held and dec.pool.num_free == dec.pool.num_pages - held
+    q = dec.requests
+    assert q.quarantined_pages == held and dec.pool.num_free == dec.pool.num_pages - held
     # The transfer lands after the lease (into quarantined pages): dropped, nothing decoded.
     await send_raw(pre, res, prompt)
-    await asyncio.sleep(1.0)  # lease 1 s + quarantine 0.5 s after the reservation
+    # lease 1 s + quarantine 0.5 s after the reservation, then the pages are free
+    await async_wait_until(lambda: q.quarantined_pages == 0, 10)
     assert not dec.engine.running and dec.pool.num_free == dec.pool.num_pages
-    assert dec.quarantined_pages == 0
 
 
 async def test_stale_epoch_notice_is_dropped(workers):
     pre, dec = workers
     prompt = list(range(10, 80))
     res = dec.reserve("r4", prompt, SamplingParams(max_tokens=4), asyncio.get_running_loop())
+    before = dec.endpoint.num_notices
     await send_raw(pre, res, prompt, epoch=res.epoch - 1)
-    await asyncio.sleep(0.3)
-    assert "r4" in dec._pending and not dec.engine.running  # still waiting for a valid transfer
+    # The notice arrived and was dropped: the request still waits for a valid transfer.
+    await async_wait_until(lambda: dec.endpoint.num_notices > before, 10)
+    req = dec.requests.get("r4")
+    assert req is not None and req.state is DecodeState.RESERVED and not dec.engine.running
     assert dec.release("r4")
-    assert dec.quarantined_pages == len(res.page_ids)  # released before its KV landed
-    await asyncio.sleep(1.7)
-    assert dec.pool.num_free == dec.pool.num_pages and dec.quarantined_pages == 0
+    assert dec.requests.quarantined_pages == len(res.page_ids)  # released before its KV landed
+    await async_wait_until(lambda: dec.requests.quarantined_pages == 0, 10)
+    assert dec.pool.num_free == dec.pool.num_pages
 
 
 async def test_reservation_too_small_is_refused(workers):

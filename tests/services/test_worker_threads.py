@@ -1,18 +1,19 @@
 """Worker threading: set-up torch work runs in a thread that exits (so the engine thread's
-OpenMP team is the process's only one), and an idle prefill worker gathers a burst."""
+OpenMP team is the process's only one), every change to an engine runs on its engine thread,
+and an idle prefill engine gathers a burst (services/engine_thread.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
-import time
-from types import SimpleNamespace
 
 import pytest
-from pdserve.services.prefill import PrefillJob, PrefillWorker
+from pdserve.services.engine_thread import EngineStopped, EngineThread, GatherPolicy
+from pdserve.services.outbox import Outboxes
 from pdserve.services.worker import in_passing_thread
+
+from tests.helpers import wait_until
 
 
 def test_in_passing_thread_returns_raises_and_leaves_no_thread():
@@ -51,40 +52,70 @@ print(base, after_passing, threads())
     assert after_main > base  # the main thread's team stays: what the passing thread avoids
 
 
-def _gatherer(step_tokens: int, wait_s: float) -> SimpleNamespace:
-    """The state `PrefillWorker._gather` reads; its logic is tested without a model."""
-    return SimpleNamespace(_queue=[], step_tokens=step_tokens, batch_wait_s=wait_s,
-                           _wake=asyncio.Event())
+class Steps:
+    """An engine stand-in for the engine thread's timing: queued prompt tokens, and the steps
+    it was asked to run with what was queued at each (a fake for a timing test only)."""
+
+    def __init__(self, budget: int = 300) -> None:
+        self.queued: list[int] = []
+        self.steps: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.scheduler = self
+        self.budget = budget
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(self.queued)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queued)
+
+    def add(self, n: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.queued.append(n)
+
+    def step(self) -> list:
+        self.steps.append(list(self.queued))
+        self.queued.clear()
+        return []
 
 
-def test_idle_prefill_waits_for_a_burst_and_stops_once_a_step_is_full():
-    async def main():
-        w = _gatherer(step_tokens=300, wait_s=60.0)
-        w._queue.append(PrefillJob(list(range(100)), [], 0))
-
-        async def arrive():
-            for _ in range(2):
-                await asyncio.sleep(0.01)
-                w._queue.append(PrefillJob(list(range(100)), [], 0))
-                w._wake.set()
-
-        t0 = time.monotonic()
-        await asyncio.gather(PrefillWorker._gather(w), arrive())
-        # Returned once 300 tokens were queued, long before the 60 s deadline.
-        return len(w._queue), time.monotonic() - t0
-
-    n, elapsed = asyncio.run(main())
-    assert n == 3 and elapsed < 30
+def test_gather_policy_waits_until_a_step_is_full_or_the_deadline():
+    g = GatherPolicy(wait_s=0.02, budget_tokens=300)
+    assert g.wait_left(woke_at=10.0, now=10.0, queued_tokens=100) == pytest.approx(0.02)
+    assert g.wait_left(10.0, 10.015, 100) == pytest.approx(0.005)
+    assert g.wait_left(10.0, 10.03, 100) == 0.0          # the deadline passed
+    assert g.wait_left(10.0, 10.0, 300) == 0.0           # a whole step is queued
+    assert GatherPolicy(0.0, 300).wait_left(10.0, 10.0, 1) == 0.0
 
 
-def test_idle_prefill_wait_ends_at_its_deadline_and_zero_means_no_wait():
-    async def main():
-        w = _gatherer(step_tokens=2048, wait_s=0.05)
-        w._queue.append(PrefillJob(list(range(10)), [], 0))
-        await asyncio.wait_for(PrefillWorker._gather(w), 30)  # nobody else comes: it returns
-        w0 = _gatherer(step_tokens=2048, wait_s=0.0)
-        w0._queue.append(PrefillJob(list(range(10)), [], 0))
-        await asyncio.wait_for(PrefillWorker._gather(w0), 1)
-        return len(w._queue), len(w0._queue)
+def test_an_idle_engine_gathers_a_burst_into_one_step():
+    """Three prompts of 100 tokens arriving one after the other, with a 60 s gather: one step
+    of all three, as soon as the third arrives (not the first alone, not after 60 s)."""
+    eng = Steps()
+    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(60.0, 300))  # type: ignore[arg-type]  # a timing fake
+    t.start()
+    try:
+        for _ in range(3):
+            t.post(lambda: eng.add(100))
+        wait_until(lambda: eng.steps, 30, what="one step")
+        assert eng.steps == [[100, 100, 100]]
+        assert eng.threads == {"steps"}  # the changes ran on the engine thread
+    finally:
+        t.stop()
 
-    assert asyncio.run(main()) == (1, 1)
+
+def test_gathering_ends_at_its_deadline_and_a_call_gets_its_result():
+    eng = Steps()
+    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(0.05, 2048))  # type: ignore[arg-type]  # a timing fake
+    t.start()
+    try:
+        assert t.call(lambda: eng.add(10) or "added").result(timeout=30) == "added"
+        wait_until(lambda: eng.steps == [[10]], 30, what="a step after the deadline")
+        with pytest.raises(KeyError):
+            t.call(lambda: {}["missing"]).result(timeout=30)
+    finally:
+        t.stop()
+    with pytest.raises(EngineStopped):
+        t.call(lambda: None).result(timeout=1)

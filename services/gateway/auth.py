@@ -19,8 +19,11 @@ import hmac
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pdserve.services.errors import Unauthenticated
 
 
 class AuthError(ValueError):
@@ -84,21 +87,21 @@ class TokenTable:
             return cls.parse(env_value, "PDSERVE_AUTH_TOKENS")
         return None
 
-    def check(self, metadata) -> Tenant:  # type: ignore[no-untyped-def]
-        """The tenant of a call's metadata; raises PermissionError naming what is wrong."""
+    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant:
+        """The tenant of a call's metadata; Unauthenticated naming what is wrong."""
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
-            raise PermissionError("authorization: missing; send 'authorization: Bearer <token>'")
+            raise Unauthenticated("authorization: missing; send 'authorization: Bearer <token>'")
         scheme, _, token = str(values[0]).partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise PermissionError("authorization: expected 'Bearer <token>'")
+            raise Unauthenticated("authorization: expected 'Bearer <token>'")
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None
         for d, t in self._entries.items():  # constant time per entry
             if hmac.compare_digest(d, digest):
                 found = t
         if found is None:
-            raise PermissionError("authorization: unknown token")
+            raise Unauthenticated("authorization: unknown token")
         return found
 
 

@@ -12,10 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 from pdserve.cache.analytics import run_named
-from pdserve.cache.block_hash import block_hashes
-from pdserve.cache.ledger import Ledger
-from pdserve.scheduler.registry import WorkerRegistry
+from pdserve.cache.block_hash import BlockHash, block_hashes
+from pdserve.cache.ledger import Ledger, MissReason
+from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec
 from pdserve.services.kvstore_client import LookupResult
 from pdserve.v1 import gateway_pb2
 
@@ -49,12 +51,12 @@ class Outcome:
     kv_bytes: int = 0
     fetch_s: float = 0.0
     compute_s: float = 0.0
-    miss_reason: str = ""
+    miss_reason: MissReason | None = None
     attempts: int = 1
 
 
 def kv_usage(registry: WorkerRegistry) -> float:
-    ws = registry.active("decode")
+    ws = registry.active(Role.DECODE)
     total = sum(w.load.total_pages for w in ws)
     return sum(w.load.total_pages - w.load.free_pages for w in ws) / total if total else 0.0
 
@@ -72,24 +74,25 @@ class Accounting:
         # unsalted block-prefix hash (8 bytes) -> tenant that last sent it
         self._prefix_tenants: OrderedDict[bytes, str] = OrderedDict()
 
-    def miss_reason(self, spec, salt: str, prompt: list[int], keys: list[bytes],  # type: ignore[no-untyped-def]
-                     cacheable: int, found: LookupResult, cached_blocks: int, tenant: str) -> str:
+    def miss_reason(self, spec: WorkerSpec, salt: str, prompt: list[int], keys: list[BlockHash],
+                    cacheable: int, found: LookupResult, cached_blocks: int,
+                    tenant: str) -> MissReason:
         """Why the first uncached token was not a hit (cache/ledger.py MISS_REASONS); also
         remembers this prompt's blocks for the different_salt answer of later requests."""
         unsalted = keys if not salt else block_hashes(spec.hash_namespace, "", prompt,
                                                       spec.block_tokens)
         if cached_blocks >= cacheable:
-            reason = "partial_block"
+            reason = MissReason.PARTIAL_BLOCK
         elif found.prefix is None:
-            reason = "store_unavailable"
+            reason = MissReason.STORE_UNAVAILABLE
         elif cached_blocks < found.prefix:
-            reason = "fetch_failed"
+            reason = MissReason.FETCH_FAILED
         elif found.first_miss_evicted:
-            reason = "evicted"
+            reason = MissReason.EVICTED
         elif self._prefix_tenants.get(unsalted[cached_blocks][:8], tenant) != tenant:
-            reason = "different_salt"
+            reason = MissReason.DIFFERENT_SALT
         else:
-            reason = "never_seen"
+            reason = MissReason.NEVER_SEEN
         for k in unsalted[:cacheable]:
             self._prefix_tenants[k[:8]] = tenant
             self._prefix_tenants.move_to_end(k[:8])
@@ -106,8 +109,9 @@ class Accounting:
             m.requests.labels(rec.status).inc()
             m.prompt_tokens.inc(rec.prompt_tokens)
             m.cached_tokens.labels("store").inc(rec.cached_tokens)
-            if rec.prompt_tokens > rec.cached_tokens and rec.miss_reason:
-                m.uncached_tokens.labels(rec.miss_reason).inc(rec.prompt_tokens - rec.cached_tokens)
+            if rec.prompt_tokens > rec.cached_tokens and rec.miss_reason is not None:
+                m.uncached_tokens.labels(rec.miss_reason.value).inc(
+                    rec.prompt_tokens - rec.cached_tokens)
             m.completion_tokens.inc(n)
             m.kv_bytes.inc(rec.kv_bytes)
             if rec.status == "OK":
@@ -121,7 +125,9 @@ class Accounting:
                 cached_tokens=rec.cached_tokens, completion_tokens=n, ttft_s=rec.ttft_s,
                 tpot_s=tpot, e2e_s=e2e, prefill_worker=rec.prefill_worker,
                 decode_worker=rec.decode_worker, kv_bytes=rec.kv_bytes, fetch_s=rec.fetch_s,
-                compute_s=rec.compute_s, miss_reason=rec.miss_reason, error=rec.error,
+                compute_s=rec.compute_s,
+                miss_reason=rec.miss_reason.value if rec.miss_reason is not None else "",
+                error=rec.error,
                 attempts=rec.attempts)
 
     def model_id(self) -> str:
@@ -135,21 +141,25 @@ class Accounting:
             except asyncio.TimeoutError:
                 pass
             now = time.time()
+            if self.ledger is None:
+                return
             for w in list(self.registry.workers.values()):
                 ld = w.load
-                self.ledger.record_worker(  # type: ignore[union-attr]
-                    ts=now, worker_id=w.spec.worker_id, role=w.spec.role,
+                self.ledger.record_worker(
+                    ts=now, worker_id=w.spec.worker_id, role=w.spec.role.value,
                     in_rotation=w.in_rotation, running=ld.running,
                     queued_tokens=ld.queued_tokens, used_pages=ld.total_pages - ld.free_pages,
                     total_pages=ld.total_pages, interval_s=every_s)
 
-    def query(self, name: str, params: dict[str, str]) -> tuple[list[str], list[tuple]]:
+    def query(self, name: str, params: dict[str, str]
+              ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """A named ledger query (blocking: run it in a thread); rows queued so far included."""
-        self.ledger.flush()  # type: ignore[union-attr]
+        assert self.ledger is not None and self.data_dir is not None
+        self.ledger.flush()
         return run_named(self.data_dir, name, params)
 
 
-def analytics_value(v) -> gateway_pb2.AnalyticsValue:  # type: ignore[no-untyped-def]
+def analytics_value(v: Any) -> gateway_pb2.AnalyticsValue:
     if v is None:
         return gateway_pb2.AnalyticsValue()
     if isinstance(v, bool):

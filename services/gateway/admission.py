@@ -1,20 +1,22 @@
-"""Validation of public requests: every refusal names the field and the limit."""
+"""Validation of public requests: every refusal is INVALID_ARGUMENT naming the field and the
+limit. Pure: a request (and the model's limits) in, an `Admitted` request or an error out."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.services.errors import InvalidArgument
+from pdserve.services.limits import (
+    MAX_REQUEST_ID,
+    MAX_SALT,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKENS,
+)
+from pdserve.v1 import gateway_pb2
 
-MAX_REQUEST_ID = 256
-MAX_SALT = 1024
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_STOP_TOKENS = 64
-
-
-class InvalidRequest(ValueError):
-    """INVALID_ARGUMENT; the message names the field."""
+InvalidRequest = InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class Admitted:
     stop: list[str]
 
 
-def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -> Admitted:  # type: ignore[no-untyped-def]
+def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_size: int,
+          max_context: int, max_prompt_tokens: int = 0, max_tokens_limit: int = 0) -> Admitted:
+    """`max_prompt_tokens`, `max_tokens_limit`: the gateway's own limits (0 = none)."""
     has_ids = len(req.prompt_token_ids) > 0
     has_text = bool(req.prompt)
     has_msgs = len(req.messages) > 0
@@ -80,6 +84,12 @@ def admit(req, tokenizer: Tokenizer | None, vocab_size: int, max_context: int) -
                                          "user or assistant")
                 messages.append({"role": m.role, "content": m.content})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if max_prompt_tokens and len(prompt) > max_prompt_tokens:
+        raise InvalidRequest(f"prompt: {len(prompt)} tokens, limit --max-prompt-tokens "
+                             f"{max_prompt_tokens}")
+    if max_tokens_limit and req.max_tokens > max_tokens_limit:
+        raise InvalidRequest(f"max_tokens: {req.max_tokens}, limit --max-tokens-limit "
+                             f"{max_tokens_limit}")
     if len(prompt) + req.max_tokens > max_context:
         raise InvalidRequest(
             f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) = "

@@ -16,8 +16,8 @@ stream where a store cannot stage (no buffer, full, unreachable over NIXL).
 Verification: a part cannot be checked on its own; the block's checksum covers its assembled
 payload and is checked when its last part arrives, before the last layers are released to the
 forward. A block that fails (or never completes) holds the forward at its layer until the fetch
-settles; the request then recomputes from that block (PrefillWorker._compute_loop discards the
-step's output for it), so an unverified byte never reaches a token.
+settles; the request then recomputes from that block (the engine discards the step's output for
+it: engine/hooks.py, `settle`), so an unverified byte never reaches a token.
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ class LayerLoad:
     @property
     def settled(self) -> bool:
         return self.good is not None
+
+    @property
+    def good_tokens(self) -> int:
+        """Leading prompt tokens fetched whole and verified (0 until settled)."""
+        return (self.good or 0) * self.pool.layout.block_tokens
 
     def on_part(self, i: int, part: int, value: bytes) -> None:
         """A part that came as bytes (the gRPC stream): checked, written into the page."""

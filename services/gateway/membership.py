@@ -10,62 +10,68 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
-from pdserve.scheduler.registry import Load, RegistryError, WorkerRegistry, WorkerSpec
+from pdserve.scheduler.errors import RegistryError
+from pdserve.scheduler.registry import Load, Role, WorkerRegistry, WorkerSpec
+from pdserve.services.errors import FailedPrecondition, InvalidArgument, answers_errors
 from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.limits import MAX_ADDRESS, MAX_WORKER_ID
 from pdserve.services.server import NOT_SERVING, SERVING
-from pdserve.v1 import registry_pb2, registry_pb2_grpc
+from pdserve.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-def spec_of(info) -> WorkerSpec:  # type: ignore[no-untyped-def]
+def spec_of(info: common_pb2.WorkerInfo) -> WorkerSpec:
     return WorkerSpec(
-        worker_id=info.worker_id, role=info.role, address=info.address, epoch=info.epoch,
+        worker_id=info.worker_id, role=Role(info.role), address=info.address, epoch=info.epoch,
         hash_namespace=info.hash_namespace, layout_fingerprint=info.layout_fingerprint,
         block_tokens=info.block_tokens, total_pages=info.total_pages,
         max_context=info.max_context, vocab_size=info.vocab_size, model_id=info.model_id)
 
 
-def load_of(r) -> Load:  # type: ignore[no-untyped-def]
+def load_of(r: common_pb2.LoadReport) -> Load:
     return Load(free_pages=r.free_pages, total_pages=r.total_pages, running=r.running,
                 waiting=r.waiting, queued_tokens=r.queued_tokens,
                 queued_attention=r.queued_attention, draining=r.draining,
                 num_finished=r.num_finished)
 
 
-def _invalid_info(info) -> str | None:  # type: ignore[no-untyped-def]
-    if info.role not in ("prefill", "decode"):
-        return f"register.role: {info.role!r}, must be 'prefill' or 'decode'"
-    if not 0 < len(info.worker_id) <= 128:
-        return f"register.worker_id: {len(info.worker_id)} characters, must be 1..128"
+def check_info(info: common_pb2.WorkerInfo) -> None:
+    """InvalidArgument naming the field of a registration that cannot be taken."""
+    if info.role not in tuple(Role):
+        raise InvalidArgument(f"register.role: {info.role!r}, must be 'prefill' or 'decode'")
+    if not 0 < len(info.worker_id) <= MAX_WORKER_ID:
+        raise InvalidArgument(f"register.worker_id: {len(info.worker_id)} characters, must be "
+                              f"1..{MAX_WORKER_ID}")
     host, _, port = info.address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or len(info.address) > 300:
-        return f"register.address: {info.address[:80]!r}, expected host:port"
+    if (not host or not port.isdigit() or not 0 < int(port) < 65536
+            or len(info.address) > MAX_ADDRESS):
+        raise InvalidArgument(f"register.address: {info.address[:80]!r}, expected host:port")
     for name in ("block_tokens", "total_pages", "max_context", "vocab_size"):
         if getattr(info, name) <= 0:
-            return f"register.{name}: {getattr(info, name)}, must be > 0"
-    return None
+            raise InvalidArgument(f"register.{name}: {getattr(info, name)}, must be > 0")
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, registry: WorkerRegistry) -> None:
         self.registry = registry
 
-    async def Join(self, request_iterator, context):
+    @answers_errors
+    async def Join(self, request_iterator: AsyncIterator[registry_pb2.WorkerMessage],
+                   context: grpc.aio.ServicerContext) -> registry_pb2.JoinResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "first message: must be `register` (WorkerInfo)")
+            raise InvalidArgument("first message: must be `register` (WorkerInfo)")
         info = first.register
-        if (err := _invalid_info(info)) is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        check_info(info)
         try:
             self.registry.join(spec_of(info), time.monotonic())
         except RegistryError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            raise FailedPrecondition(str(e)) from None
         log.info("worker joined", extra={"worker_id": info.worker_id, "role": info.role})
         try:
             async for msg in request_iterator:
@@ -93,7 +99,8 @@ async def watch_readiness(registry: WorkerRegistry, health_servicer: health.aio.
         if not store_ok and now >= next_store_check:
             store_ok = await kvstore.ready()
             next_store_check = now + 0.5
-        ready = store_ok and bool(registry.active("prefill")) and bool(registry.active("decode"))
+        ready = (store_ok and bool(registry.active(Role.PREFILL))
+                 and bool(registry.active(Role.DECODE)))
         if ready != last:
             status = SERVING if ready else NOT_SERVING
             await health_servicer.set("", status)

@@ -1,0 +1,81 @@
+"""`pdserve decode`: start-up and shutdown of one decode worker.
+
+Startup: load model, allocate the pool, register it with NIXL, start the engine thread, serve,
+join the gateway. Shutdown (SIGTERM): report draining (out of rotation), let accepted requests
+finish (`drain_timeout_s`), NOT_SERVING, stop the server, stop the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.services import security
+from pdserve.services.cpu_turns import CpuTurns
+from pdserve.services.decode.servicer import DecodeServicer
+from pdserve.services.decode.worker import DecodeWorker
+from pdserve.services.registration import join_gateway
+from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.worker import (
+    advertised_address,
+    in_passing_thread,
+    load_for,
+    wait_until_idle,
+    worker_info,
+)
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import DecodeSettings
+from pdserve.metrics import DecodeMetrics, serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+def build(settings: DecodeSettings) -> DecodeWorker:
+    loaded = load_for(settings)
+    return DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
+                        settings.device, agent_name=settings.worker_id or "decode",
+                        quarantine_s=settings.quarantine_s,
+                        turns=CpuTurns(settings.cpu_turns_path))
+
+
+async def run(settings: DecodeSettings) -> None:
+    security.configure(settings)  # before any server or channel exists
+    # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
+    worker = in_passing_thread(lambda: build(settings))
+    changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    worker.on_change = lambda: loop.call_soon_threadsafe(changed.set)
+    prom = CollectorRegistry()
+    worker.export_metrics(DecodeMetrics(prom))
+    worker.start()
+    servicer = DecodeServicer(worker)
+    server, port, health = await create_server(
+        [lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s)],
+        [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name],
+        settings.host, settings.port,
+    )
+    await health.set("", SERVING)
+    await health.set("pdserve.v1.Decode", SERVING)
+    info = worker_info("decode", settings, worker.loaded, advertised_address(settings, port),
+                       worker.epoch, worker.pool.num_pages)
+    stop = asyncio.Event()
+    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop, changed))
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
+                     metrics_port=metrics_port)
+    log.info("decode serving", extra={"port": port, "worker_id": info.worker_id})
+
+    async def drain() -> None:
+        # Leave rotation first (the next report says so), then let accepted requests finish.
+        worker.draining = True
+        changed.set()
+        await wait_until_idle(lambda: worker.busy, settings.drain_timeout_s)
+
+    async def cleanup() -> None:
+        stop.set()
+        joiner.cancel()
+        worker.stop()
+
+    await serve_until_signal(server, health, cleanup, drain=drain)

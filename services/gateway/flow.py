@@ -1,0 +1,326 @@
+"""One `Generate` through the gateway: an explicit state machine over its attempts.
+
+    LOOKUP ──> PLACE ──> RESERVE ──> PREFILL ──> RELAY ──> DONE
+      how much    prefill +   decode pages   prompt's KV     decode's tokens
+      is cached   decode      set aside      computed,       streamed to the
+      (kvstore)   workers     (NIXL descs)   WRITten, 1st    client as text
+                  (balancers)                token streamed
+
+A step that fails because of a worker raises `WorkerFailed` (which worker, which role, the
+status); the retry policy (policy.py) then starts another attempt on other workers, migrates
+the request, or fails it with that status. What the client did wrong, or a cluster with no
+room, ends the request at once (a ServiceError, answered by the servicer). Blame for a failed
+prefill call comes from its status's metadata (`pdserve-fault`, services/errors.py), never from
+its text. Each attempt runs under its own internal id (`<request_id>#<n>`), so a notice or a
+WRITE of an abandoned attempt matches nothing; whatever happens, an attempt that did not finish
+releases its decode reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
+from pdserve.scheduler.balancers import attention_work, request_pages
+from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec, WorkerState
+from pdserve.services.errors import Fault, error_for, fault_of
+from pdserve.services.gateway.accounting import Accounting, Outcome
+from pdserve.services.gateway.output import OutputText
+from pdserve.services.gateway.policy import Next, RetryBudget
+from pdserve.services.gateway.workers import WorkerClients, release
+from pdserve.services.kvstore_client import KVStoreClient, LookupResult
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2
+
+from pdserve.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+STREAM_TIMEOUT_FACTOR = 10  # a decode stream may last this many internal-call deadlines
+
+
+class Phase(enum.Enum):
+    LOOKUP = "lookup"
+    PLACE = "place"
+    RESERVE = "reserve"
+    PREFILL = "prefill"
+    RELAY = "relay"
+    DONE = "done"
+
+
+class WorkerFailed(Exception):
+    """A worker failed this attempt; another one may finish the request."""
+
+    def __init__(self, role: Role, worker_id: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.role, self.worker_id, self.code, self.message = role, worker_id, code, message
+
+
+@dataclass
+class InFlight:
+    """What `Abort` needs of a running request: where its tokens come from now."""
+
+    tenant: str | None = None
+    decode: decode_pb2_grpc.DecodeStub | None = None
+    iid: str = ""  # the request's id on its current decode worker
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    rpc_timeout_s: float
+    prefill_retries: int
+    migrate: bool
+    migrate_retries: int
+
+
+@dataclass
+class Cluster:
+    """What every request flow uses of the gateway."""
+
+    registry: WorkerRegistry
+    kvstore: KVStoreClient
+    clients: WorkerClients
+    acct: Accounting
+    metrics: GatewayMetrics | None
+    settings: FlowSettings
+
+
+@dataclass
+class _Placement:
+    keys: list[BlockHash]
+    cacheable: int
+    found: LookupResult
+    prefill: WorkerState
+    decode: WorkerState
+    stages: list[WorkerState]
+
+
+class GenerateFlow:
+    """One Generate across its attempts (a retry or a migration is another attempt)."""
+
+    def __init__(self, cluster: Cluster, rec: Outcome, spec: WorkerSpec, prompt: list[int],
+                 max_tokens: int, salt: str, sampling: common_pb2.SamplingParams,
+                 text: OutputText, logprobs: bool, flight: InFlight) -> None:
+        self.c = cluster
+        self.rec = rec
+        self.spec = spec  # the cluster's model: block size, hash namespace
+        self.rid = rec.request_id
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.salt = salt
+        self.sampling = sampling
+        self.text = text
+        self.logprobs = logprobs
+        self.flight = flight
+        self.out: list[int] = []            # tokens sent to the client
+        self.attempt = 0
+        self.excluded: set[str] = set()     # workers that failed this request
+        self.reason = ""
+        self.phase = Phase.LOOKUP
+
+    async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        s = self.c.settings
+        budget = RetryBudget.of(s.prefill_retries, s.migrate, s.migrate_retries)
+        while True:
+            try:
+                async for msg in self._attempt():
+                    yield msg
+                break
+            except WorkerFailed as e:
+                self.excluded.add(e.worker_id)
+                if budget.after(e.role, len(self.out)) is Next.FAIL:
+                    raise error_for(e.code, e.message) from None
+                log.warning("retrying elsewhere", extra={
+                    "request_id": self.rid, "stage": e.role.value, "worker": e.worker_id,
+                    "tokens_sent": len(self.out), "why": e.message})
+                self.rec.attempts += 1
+                if self.c.metrics:
+                    self.c.metrics.retries.labels(e.role.value).inc()
+        self.phase = Phase.DONE
+        rec = self.rec
+        rec.finish_reason = self.reason
+        if self.reason == "abort":
+            rec.status = "CANCELLED"
+        yield gateway_pb2.GenerateResponse(
+            request_id=self.rid, finish_reason=self.reason, text=self.text.flush(),
+            usage=gateway_pb2.Usage(prompt_tokens=len(self.prompt),
+                                    cached_tokens=rec.cached_tokens,
+                                    completion_tokens=len(self.out)),
+            timing=gateway_pb2.Timing(ttft_s=rec.ttft_s, e2e_s=time.monotonic() - rec.t0))
+
+    # -- one attempt ---------------------------------------------------------------------------
+    async def _attempt(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try on one prefill and one decode worker: yields token messages; sets
+        self.reason when the request is done; raises WorkerFailed when a worker failed and
+        another may finish it."""
+        remaining = self.max_tokens - len(self.out)
+        if remaining <= 0:  # a decode worker died just after the last token
+            self.reason = "length"
+            return
+        first_try = self.attempt == 0
+        iid = self.rid if first_try else f"{self.rid}#{self.attempt}"  # stale notices never match
+        self.attempt += 1
+        ctx = self.prompt + self.out
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        sampling.max_tokens, sampling.position_offset = remaining, len(self.out)
+        place = await self._place(ctx, remaining)
+        decode = self.c.clients.decode(place.decode.spec.address)
+        self.flight.decode, self.flight.iid = decode, iid
+        stream: grpc.aio.UnaryStreamCall | None = None
+        finished = False
+        try:
+            res = await self._reserve(decode, place, iid, ctx, sampling)
+            # Open the decode stream before the prefill, so no token can be missed.
+            stream = decode.Stream(decode_pb2.StreamRequest(request_id=iid),
+                                   timeout=self.c.settings.rpc_timeout_s * STREAM_TIMEOUT_FACTOR)
+            pre = await self._prefill(place, iid, ctx, sampling, res)
+            self._account(first_try, place, ctx, pre)
+            self.out.append(pre.first_token)
+            self.rec.completion_tokens = len(self.out)
+            yield gateway_pb2.GenerateResponse(
+                request_id=self.rid, token_ids=[pre.first_token],
+                text=self.text.push([pre.first_token]),
+                logprobs=[pre.first_logprob] if self.logprobs else [])
+            async for msg in self._relay(stream, place.decode, decode, iid):
+                yield msg
+            finished = True
+        finally:
+            if not finished:
+                if stream is not None:
+                    stream.cancel()
+                await release(decode, iid)
+
+    async def _place(self, ctx: list[int], remaining: int) -> _Placement:
+        """LOOKUP how much of the context the store holds, then PLACE it on workers."""
+        self.phase = Phase.LOOKUP
+        bt = self.spec.block_tokens
+        keys = block_hashes(self.spec.hash_namespace, self.salt, ctx, bt)
+        cacheable = cacheable_blocks(len(ctx), bt)
+        found = await self.c.kvstore.lookup_detail(keys[:cacheable])
+        hint = found.prefix or 0
+        self.phase = Phase.PLACE
+        pages = request_pages(bt, len(ctx), remaining)
+        reg = self.c.registry
+        pw, dw, stages = reg.pick(hint, len(ctx), pages, self.excluded)  # NoWorker, NoRoom
+        self.rec.prefill_worker, self.rec.decode_worker = pw.spec.worker_id, dw.spec.worker_id
+        # Optimistic load updates until the workers' next reports, so a burst spreads.
+        reg.bump(dw.spec.worker_id, free_pages=-pages, running=1)
+        new = len(ctx) - hint * bt
+        for w in (pw, *stages):  # a pipeline's stages share the work
+            reg.bump(w.spec.worker_id, queued_tokens=new // (1 + len(stages)),
+                     queued_attention=attention_work(hint * bt, new) / (1 + len(stages)))
+        if stages:
+            log.info("pipelined prefill", extra={
+                "request_id": self.rid, "head": pw.spec.worker_id,
+                "stages": [w.spec.worker_id for w in stages]})
+        return _Placement(keys, cacheable, found, pw, dw, stages)
+
+    async def _reserve(self, decode: decode_pb2_grpc.DecodeStub, place: _Placement, iid: str,
+                       ctx: list[int], sampling: common_pb2.SamplingParams
+                       ) -> common_pb2.Reservation:
+        """RESERVE pages on the decode worker for the context + the tokens still to come."""
+        self.phase = Phase.RESERVE
+        try:
+            return await decode.Reserve(decode_pb2.ReserveRequest(
+                request_id=iid, prompt_token_ids=ctx, sampling=sampling),
+                timeout=self.c.settings.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.INVALID_ARGUMENT):
+                raise error_for(e.code(), f"decode reserve: {e.details()}") from None
+            raise WorkerFailed(Role.DECODE, place.decode.spec.worker_id,
+                               grpc.StatusCode.UNAVAILABLE,
+                               f"decode reserve: {e.details()}") from None
+
+    async def _prefill(self, place: _Placement, iid: str, ctx: list[int],
+                       sampling: common_pb2.SamplingParams, res: common_pb2.Reservation
+                       ) -> prefill_pb2.PrefillResponse:
+        """PREFILL: the prefill worker computes the context's KV, WRITEs it into the
+        reservation, and answers the first token."""
+        self.phase = Phase.PREFILL
+        prefill = self.c.clients.prefill(place.prefill.spec.address)
+        try:
+            return await prefill.Prefill(prefill_pb2.PrefillRequest(
+                request_id=iid, prompt_token_ids=ctx, cache_salt=self.salt,
+                cached_blocks_hint=place.found.prefix or 0, sampling=sampling, reservation=res,
+                pipeline=[prefill_pb2.PipelinePeer(worker_id=w.spec.worker_id,
+                                                   address=w.spec.address)
+                          for w in place.stages]),
+                timeout=self.c.settings.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise error_for(e.code(), f"prefill: {e.details()}") from None
+            failed = place.decode if fault_of(e) is Fault.DECODE else place.prefill
+            raise WorkerFailed(failed.spec.role, failed.spec.worker_id,
+                               grpc.StatusCode.UNAVAILABLE, f"prefill: {e.details()}") from None
+
+    def _account(self, first_try: bool, place: _Placement, ctx: list[int],
+                 pre: prefill_pb2.PrefillResponse) -> None:
+        rec = self.rec
+        if not first_try:
+            rec.kv_bytes += pre.bytes_transferred
+            return
+        rec.ttft_s = time.monotonic() - rec.t0
+        rec.cached_tokens, rec.kv_bytes = pre.cached_tokens, pre.bytes_transferred
+        rec.fetch_s, rec.compute_s = pre.fetch_s, pre.compute_s
+        rec.miss_reason = self.c.acct.miss_reason(
+            self.spec, self.salt, ctx, place.keys, place.cacheable, place.found,
+            pre.cached_tokens // self.spec.block_tokens, rec.tenant)
+
+    async def _relay(self, stream: grpc.aio.UnaryStreamCall, dw: WorkerState,
+                     decode: decode_pb2_grpc.DecodeStub, iid: str
+                     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """RELAY the decode worker's tokens as text deltas until a finish reason."""
+        self.phase = Phase.RELAY
+        text, metrics = self.text, self.c.metrics
+        reason = ""
+        last = time.monotonic()
+        try:
+            async for chunk in (_nothing() if text.stopped else stream):
+                if chunk.token_ids:
+                    self.out.extend(chunk.token_ids)
+                    self.rec.completion_tokens = len(self.out)
+                    if metrics:
+                        now = time.monotonic()
+                        for _ in chunk.token_ids:
+                            metrics.itl.observe((now - last) / len(chunk.token_ids))
+                        last = now
+                    yield gateway_pb2.GenerateResponse(
+                        request_id=self.rid, token_ids=list(chunk.token_ids),
+                        text=text.push(chunk.token_ids), logprobs=list(chunk.logprobs))
+                if text.stopped:
+                    break
+                if chunk.finish_reason:
+                    reason = chunk.finish_reason
+                    break
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self.flight.aborted.is_set():
+                reason = "abort"
+            else:
+                code = e.code()
+                if code not in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    code = grpc.StatusCode.UNAVAILABLE
+                raise WorkerFailed(Role.DECODE, dw.spec.worker_id, code,
+                                   f"decode: {e.details()}") from None
+        if text.stopped:  # a stop string ended the text: the decode side stops too
+            reason = "stop"
+            stream.cancel()
+            await release(decode, iid)
+        elif not reason:
+            if not self.flight.aborted.is_set():
+                raise WorkerFailed(Role.DECODE, dw.spec.worker_id, grpc.StatusCode.UNAVAILABLE,
+                                   "decode: stream ended without a finish reason")
+            reason = "abort"
+        self.reason = reason
+
+
+async def _nothing() -> AsyncIterator[decode_pb2.TokenChunk]:
+    return
+    yield  # an async generator that yields nothing

@@ -1,0 +1,90 @@
+"""`pdserve gateway`: start-up and shutdown of the gateway.
+
+Startup: the tokenizer, the worker registry and its balancers, the kvstore client, the ledger,
+the public server (and, with mutual TLS, an internal one for the registry), the readiness
+watcher. Shutdown: NOT_SERVING, finish in-flight RPCs, write every queued ledger row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.cache.ledger import Ledger
+from pdserve.engine.files import load_tokenizer
+from pdserve.scheduler.registry import Role, WorkerRegistry
+from pdserve.services import security
+from pdserve.services.gateway.accounting import kv_usage
+from pdserve.services.gateway.auth import TokenTable
+from pdserve.services.gateway.membership import RegistryServicer, watch_readiness
+from pdserve.services.gateway.servicer import GatewayServicer
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import GatewaySettings
+from pdserve.metrics import GatewayMetrics, serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: GatewaySettings) -> None:
+    security.configure(settings)  # before any server or channel exists
+    tokenizer = load_tokenizer(settings.model)
+    registry = WorkerRegistry(pipeline_min_tokens=settings.pipeline_min_tokens,
+                              pipeline_max_stages=settings.pipeline_max_stages)
+    kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
+    ledger = (Ledger(settings.data_dir, settings.ledger_flush_records, settings.ledger_flush_s,
+                     settings.ledger_max_pending) if settings.ledger else None)
+    prom = CollectorRegistry()
+    metrics = GatewayMetrics(prom)
+    for role in Role:
+        metrics.workers.labels(role.value).set_function(
+            lambda r=role: len(registry.active(r)))  # type: ignore[misc]  # r: a default arg
+    metrics.queued_tokens.set_function(
+        lambda: sum(w.load.queued_tokens for w in registry.active(Role.PREFILL)))
+    metrics.kv_usage.set_function(lambda: kv_usage(registry))
+    tokens = TokenTable.load(settings.auth_tokens_file, settings.auth_tokens or None)
+    gateway = GatewayServicer(registry, kvstore, tokenizer, ledger, metrics, settings.data_dir,
+                              settings, tokens)
+    reg = RegistryServicer(registry)
+    add_gateway = [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, s)]
+    add_registry = [lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(reg, s)]
+    names = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+    reg_names = [registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name]
+    tls = security.current()
+    internal = internal_port = None
+    if tls is not None and tls.mutual:
+        # The registry moves to its own port, which only peers with the cluster credential
+        # reach; the public port serves TLS to clients without certificates.
+        internal, internal_port, ihealth = await create_server(
+            add_registry, reg_names, settings.host, settings.internal_port, internal=True)
+        await ihealth.set("", SERVING)
+        add_registry, reg_names = [], []
+    server, port, health = await create_server(
+        add_gateway + add_registry, names + reg_names, settings.host, settings.port,
+        internal=False, max_message_bytes=settings.max_message_bytes)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(
+        watch_readiness(registry, health, kvstore, settings.worker_timeout_s, stop))
+    sampler = (asyncio.create_task(gateway.acct.sample_workers(settings.worker_sample_s, stop))
+               if ledger is not None else None)
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, metrics_port=metrics_port,
+                     internal_port=internal_port)
+    log.info("gateway listening", extra={"port": port, "internal_port": internal_port})
+
+    async def cleanup() -> None:
+        stop.set()
+        await watcher
+        if sampler is not None:
+            await sampler
+        await gateway.close()
+        await kvstore.close()
+        if ledger is not None:
+            await asyncio.to_thread(ledger.close)  # every queued row is written
+        if internal is not None:
+            await internal.stop(2)
+
+    await serve_until_signal(server, health, cleanup)

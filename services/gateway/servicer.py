@@ -1,0 +1,187 @@
+"""The gateway's public gRPC methods: validate, convert, delegate; errors become statuses in
+services/errors.py. A Generate's way through the cluster is flow.py; every Generate, whatever its
+outcome, leaves one ledger row and its Prometheus counts (accounting.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from pdserve.cache.analytics import NAMED_QUERIES
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.scheduler.registry import Role, WorkerRegistry
+from pdserve.services.errors import (
+    AlreadyExists,
+    Backpressure,
+    FailedPrecondition,
+    PermissionDenied,
+    Status,
+    Unavailable,
+    abort,
+    answers_errors,
+    status_of,
+)
+from pdserve.services.gateway.accounting import Accounting, Outcome, analytics_value, tenant_of
+from pdserve.services.gateway.admission import admit
+from pdserve.services.gateway.auth import ClientLimits, Tenant, TokenTable, peer_host
+from pdserve.services.gateway.flow import Cluster, FlowSettings, GenerateFlow, InFlight
+from pdserve.services.gateway.output import OutputText
+from pdserve.services.gateway.workers import WorkerClients, release
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+from pdserve.cache.ledger import Ledger
+from pdserve.config import GatewaySettings
+from pdserve.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, registry: WorkerRegistry, kvstore: KVStoreClient,
+                 tokenizer: Tokenizer | None, ledger: Ledger | None = None,
+                 metrics: GatewayMetrics | None = None, data_dir: Path | None = None,
+                 settings: GatewaySettings | None = None,
+                 tokens: TokenTable | None = None) -> None:
+        s = settings or GatewaySettings()
+        self.settings = s
+        self.tokens = tokens
+        self.limits = ClientLimits(s.max_streams_per_client, s.rate_limit_rps, s.rate_limit_burst)
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.acct = Accounting(registry, ledger, metrics, data_dir)
+        self.clients = WorkerClients()
+        self.cluster = Cluster(registry, kvstore, self.clients, self.acct, metrics, FlowSettings(
+            s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries))
+        self._inflight: dict[str, InFlight] = {}
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant | None:
+        """The caller's tenant (Unauthenticated without a known token), None when auth is off."""
+        if self.tokens is None:
+            return None
+        return self.tokens.check(context.invocation_metadata())
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        rec = Outcome(time.time(), time.monotonic(), request.request_id or uuid.uuid4().hex,
+                      tenant_of(request.cache_salt))
+        client = None
+        if self.metrics:
+            self.metrics.in_flight.inc()
+        try:
+            tenant = self._tenant(context)
+            if tenant is not None:
+                rec.tenant = tenant.tenant
+            who = tenant.tenant if tenant else peer_host(context.peer())
+            refusal = self.limits.acquire(who)
+            if refusal is not None:
+                raise Backpressure(refusal)
+            client = who
+            flow = self._flow(request, rec, tenant)
+            try:
+                async for msg in flow.run():
+                    yield msg
+            finally:
+                self._inflight.pop(rec.request_id, None)
+            rec.status = rec.status or "OK"
+        except asyncio.CancelledError:
+            rec.status = rec.status or "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            status = status_of(e)
+            if status is None:  # a bug: fail closed with a status, never UNKNOWN
+                log.exception("generate failed", extra={"request_id": rec.request_id})
+                status = Status(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); "
+                                                          "the request was not served")
+            rec.status, rec.error = status.code.name, status.message[:200]
+            await abort(context, status)
+        finally:
+            if client is not None:
+                self.limits.release(client)
+            if self.metrics:
+                self.metrics.in_flight.dec()
+            self.acct.record(rec)
+
+    def _flow(self, request: gateway_pb2.GenerateRequest, rec: Outcome,
+              tenant: Tenant | None) -> GenerateFlow:
+        """Admits the request (INVALID_ARGUMENT naming the field) into a flow."""
+        prefills = self.registry.active(Role.PREFILL)
+        if not prefills or not self.registry.active(Role.DECODE):
+            raise Unavailable("no prefill or decode worker is ready; retry shortly")
+        spec = prefills[0].spec
+        s = self.settings
+        adm = admit(request, self.tokenizer, spec.vocab_size, spec.max_context,
+                    s.max_prompt_tokens, s.max_tokens_limit)
+        rid = rec.request_id
+        if rid in self._inflight:
+            raise AlreadyExists(f"request_id: {rid!r} is running")
+        seed = request.seed or int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little")
+        stops = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
+        sampling = common_pb2.SamplingParams(
+            max_tokens=adm.max_tokens, temperature=adm.temperature, seed=seed,
+            stop_token_ids=sorted(stops | set(adm.stop_token_ids)), top_k=adm.top_k,
+            top_p=adm.top_p, logprobs=request.logprobs)
+        flight = self._inflight[rid] = InFlight(tenant=tenant.tenant if tenant else None)
+        rec.prompt_tokens = len(adm.prompt)
+        return GenerateFlow(
+            self.cluster, rec, spec, adm.prompt, adm.max_tokens,
+            tenant.salt(request.cache_salt) if tenant else request.cache_salt, sampling,
+            OutputText(self.tokenizer, adm.stop), request.logprobs, flight)
+
+    @answers_errors
+    async def QueryAnalytics(self, request: gateway_pb2.AnalyticsRequest,
+                             context: grpc.aio.ServicerContext) -> gateway_pb2.AnalyticsResponse:
+        tenant = self._tenant(context)
+        params = dict(request.params)
+        if tenant is not None and not tenant.admin:
+            if params.get("tenant", tenant.tenant) != tenant.tenant:
+                raise PermissionDenied(f"params.tenant: {params['tenant']!r}; this token may "
+                                       f"only query its own tenant {tenant.tenant!r}")
+            params["tenant"] = tenant.tenant
+        if not request.query:
+            return gateway_pb2.AnalyticsResponse(
+                queries={k: v[0] for k, v in NAMED_QUERIES.items()})
+        if self.acct.ledger is None:
+            raise FailedPrecondition("the ledger is off on this gateway (--ledger)")
+        columns, rows = await asyncio.to_thread(self.acct.query, request.query, params)
+        return gateway_pb2.AnalyticsResponse(
+            columns=columns, rows=[gateway_pb2.AnalyticsRow(values=[analytics_value(v) for v in r])
+                                   for r in rows])
+
+    @answers_errors
+    async def Abort(self, request: gateway_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> gateway_pb2.AbortResponse:
+        tenant = self._tenant(context)
+        flight = self._inflight.get(request.request_id)
+        if flight is None or flight.decode is None or (
+                tenant is not None and flight.tenant != tenant.tenant):
+            return gateway_pb2.AbortResponse(found=False)  # another tenant's id is not found
+        flight.aborted.set()
+        await release(flight.decode, flight.iid or request.request_id)
+        return gateway_pb2.AbortResponse(found=True)
+
+    @answers_errors
+    async def Stats(self, request: gateway_pb2.ClusterStatsRequest,
+                    context: grpc.aio.ServicerContext) -> gateway_pb2.ClusterStatsResponse:
+        self._tenant(context)
+        return gateway_pb2.ClusterStatsResponse(
+            requests_in_flight=len(self._inflight),
+            workers=[gateway_pb2.WorkerStats(
+                worker_id=w.spec.worker_id, role=w.spec.role.value, address=w.spec.address,
+                epoch=w.spec.epoch, in_rotation=w.in_rotation, free_pages=w.load.free_pages,
+                total_pages=w.load.total_pages, running=w.load.running,
+                queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished)
+                for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
+
+    async def close(self) -> None:
+        await self.clients.close()

@@ -1,0 +1,83 @@
+"""A prefill worker's KV blocks: cached blocks fetched whole into its pages (verified), and the
+new full blocks of a prompt encoded and written to the kvstore in the background.
+
+(Fetching by layer group while computing is layer_fetch.py; this is the whole-block path, used
+with `--kv-fetch-layer-groups 1` and by pipeline stages, which load before they compute.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from pdserve.cache.block_hash import BlockHash
+from pdserve.cache.codec import encode_block, verify_block
+from pdserve.cache.errors import CorruptBlock
+from pdserve.engine.kv_pool import KVPool, PageId
+from pdserve.services.kvstore_client import KVStoreClient, StoreBlock
+from pdserve.services.prefill.guard import PageGuard
+
+log = logging.getLogger(__name__)
+
+PUT_DRAIN_S = 10.0  # at shutdown, pending block writes get this long
+
+
+def load_blocks(pool: KVPool, fingerprint: str, pages: Sequence[PageId],
+                keys: Sequence[BlockHash], blocks: Sequence[bytes]) -> int:
+    """Copies verified blocks into the leading pages; returns how many were usable (the first
+    that fails verification and those after it are not)."""
+    for i, value in enumerate(blocks):
+        try:
+            payload = verify_block(keys[i], value, fingerprint)
+        except CorruptBlock as e:
+            log.warning("fetched block rejected", extra={"index": i, "why": str(e)})
+            return i
+        pool.write_page(pages[i], payload)
+    return len(blocks)
+
+
+def encode_blocks(pool: KVPool, fingerprint: str, pages: Sequence[PageId],
+                  keys: Sequence[BlockHash], start: int) -> list[StoreBlock]:
+    """The store's form of the full blocks from `start` on (key, encoded block, depth)."""
+    bt = pool.layout.block_tokens
+    return [StoreBlock(keys[i], encode_block(keys[i], fingerprint, bt,
+                                             pool.page_bytes(pages[i]).cpu().numpy().tobytes()),
+                       i)
+            for i in range(start, len(keys))]
+
+
+class BlockIO:
+    def __init__(self, pool: KVPool, fingerprint: str, kvstore: KVStoreClient,
+                 guard: PageGuard) -> None:
+        self.pool = pool
+        self.fingerprint = fingerprint
+        self.kvstore = kvstore
+        self.guard = guard
+        self._puts: set[asyncio.Task[int]] = set()
+
+    async def load(self, keys: Sequence[BlockHash], pages: Sequence[PageId]) -> int:
+        """Fetches the keys' blocks and loads the verified leading ones into the pages; returns
+        how many were usable (a store that is down or slow: fewer, or none)."""
+        if not keys:
+            return 0
+        blocks = await self.kvstore.get(keys)
+        return await self.guard.run(load_blocks, self.pool, self.fingerprint, pages, keys,
+                                    blocks, pages=pages)
+
+    async def encode(self, keys: Sequence[BlockHash], pages: Sequence[PageId],
+                     start: int) -> list[StoreBlock]:
+        return await self.guard.run(encode_blocks, self.pool, self.fingerprint, pages, keys,
+                                    start, pages=pages)
+
+    def put_later(self, blocks: list[StoreBlock]) -> None:
+        """Writes the blocks to the kvstore in the background (best effort)."""
+        if not blocks or not self.kvstore.enabled:
+            return
+        task = asyncio.create_task(self.kvstore.put(blocks))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    async def drain(self) -> None:
+        if self._puts:
+            await asyncio.wait(list(self._puts), timeout=PUT_DRAIN_S)

@@ -1,0 +1,88 @@
+"""A prefill worker's compute: its prompts and pipeline stages go through one engine
+(engine/engine.py), driven by one engine thread (services/engine_thread.py), which batches the
+prompt chunks of several requests into each step (chunked prefill).
+
+The engine hooks here (`PrefillHooks`) connect it to the layer-wise fetch of cached blocks
+(layer_fetch.py): a prompt may start computing while the KV of its cached prefix is still
+arriving; the forward waits before each layer for that layer's part; a prompt still fetching
+runs only when nothing else is ready; and a prefix that did not all arrive verified is
+recomputed from its last good block. They also take the worker's CPU turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.sequence import FailedEvent, Sequence, TokenEvent
+from pdserve.services.cpu_turns import CpuTurns, TakeTurns
+from pdserve.services.engine_thread import EngineThread
+from pdserve.services.errors import Internal
+from pdserve.services.outbox import Outbox
+from pdserve.services.prefill.guard import PageGuard
+from pdserve.services.prefill.layer_fetch import LayerLoad
+
+
+class PrefillHooks(TakeTurns):
+    def __init__(self, turns: CpuTurns) -> None:
+        super().__init__(turns)
+        # Cached blocks still arriving, by request id: set before the sequence joins the
+        # engine, dropped after its first step (`settle`) or when it leaves.
+        self.loads: dict[str, LayerLoad] = {}
+
+    def ready(self, seq: Sequence) -> bool:
+        load = self.loads.get(seq.request_id)
+        return load is None or load.settled
+
+    def before_layer(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        loads = [ld for s in batch.seqs if (ld := self.loads.get(s.request_id)) is not None]
+        if not loads:
+            return None
+
+        def wait(layer: int) -> None:
+            for load in loads:
+                load.wait(layer)
+        return wait
+
+    def settle(self, seq: Sequence) -> int | None:
+        load = self.loads.pop(seq.request_id, None)
+        # The forward waited through its last layer, so the fetch has settled.
+        return None if load is None else load.good_tokens
+
+
+class Compute:
+    def __init__(self, thread: EngineThread, hooks: PrefillHooks, guard: PageGuard) -> None:
+        self.thread = thread
+        self.hooks = hooks
+        self.guard = guard
+
+    @contextlib.asynccontextmanager
+    async def submit(self, seq: Sequence, load: LayerLoad | None = None
+                     ) -> AsyncIterator[Outbox]:
+        """Adds `seq` to the engine and yields the outbox of its events. On exit the sequence is
+        taken out of the engine if it is still there, and its pages stay held (PageGuard) until
+        that is done."""
+        rid = seq.request_id
+        box = self.thread.outboxes.open(rid, asyncio.get_running_loop())
+        if load is not None:
+            self.hooks.loads[rid] = load
+        engine = self.thread.engine
+        self.thread.post(lambda: engine.add(seq))
+        try:
+            yield box
+        finally:
+            self.thread.outboxes.close(rid)
+            self.hooks.loads.pop(rid, None)
+            self.guard.hold(seq.pages, self.thread.call(lambda: engine.abort(rid)))
+
+    async def first_token(self, seq: Sequence, load: LayerLoad | None = None) -> TokenEvent:
+        """Computes the prompt from seq.num_computed (with `load`: while its cached prefix
+        arrives) and returns its first token."""
+        async with self.submit(seq, load) as box:
+            msg = await box.get()
+        if isinstance(msg, FailedEvent):
+            raise Internal(f"prefill step failed: {msg.error}")
+        assert isinstance(msg, TokenEvent), msg
+        return msg

@@ -1,0 +1,84 @@
+"""`pdserve prefill`: start-up and shutdown of one prefill worker.
+
+Startup: load the model and allocate the pool (in a passing thread), register the pool with
+NIXL, start the engine thread, serve, join the gateway. Shutdown (SIGTERM): report draining,
+let queued prefills finish (`drain_timeout_s`), NOT_SERVING, stop the server, wait for pending
+block writes, stop the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.cache.memory import keep_large_buffers_on_heap
+from pdserve.services import security
+from pdserve.services.cpu_turns import CpuTurns
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.prefill.servicer import PrefillServicer
+from pdserve.services.prefill.worker import PrefillWorker
+from pdserve.services.registration import join_gateway
+from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.worker import (
+    advertised_address,
+    in_passing_thread,
+    load_for,
+    wait_until_idle,
+    worker_info,
+)
+from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import PrefillSettings
+from pdserve.metrics import PrefillMetrics, serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+def build(settings: PrefillSettings, kvstore: KVStoreClient) -> PrefillWorker:
+    return PrefillWorker(
+        load_for(settings), settings.num_pages, kvstore, settings.prefill_chunk_tokens,
+        settings.transfer_timeout_s, settings.device,
+        agent_name=settings.worker_id or "prefill",
+        batch_wait_s=settings.prefill_batch_wait_ms / 1000,
+        fetch_layer_groups=settings.kv_fetch_layer_groups,
+        fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path))
+
+
+async def run(settings: PrefillSettings) -> None:
+    keep_large_buffers_on_heap()  # KV blocks of megabytes: see cache/memory.py
+    security.configure(settings)  # before any server or channel exists
+    kvstore = KVStoreClient(settings.kvstore, settings.kvstore_timeout_s)
+    # Model load and pool allocation in a thread that exits (worker.in_passing_thread says why).
+    worker = in_passing_thread(lambda: build(settings, kvstore))
+    prom = CollectorRegistry()
+    worker.export_metrics(PrefillMetrics(prom))
+    worker.start()
+    servicer = PrefillServicer(worker)
+    server, port, health = await create_server(
+        [lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s)],
+        [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name],
+        settings.host, settings.port,
+    )
+    await health.set("", SERVING)
+    await health.set("pdserve.v1.Prefill", SERVING)
+    info = worker_info("prefill", settings, worker.loaded, advertised_address(settings, port),
+                       worker.epoch, worker.pool.num_pages)
+    stop = asyncio.Event()
+    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop))
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
+                     metrics_port=metrics_port)
+    log.info("prefill serving", extra={"port": port, "worker_id": info.worker_id})
+
+    async def drain() -> None:
+        worker.draining = True  # the next load report takes this worker out of rotation
+        await wait_until_idle(lambda: worker.load.in_flight > 0, settings.drain_timeout_s)
+
+    async def cleanup() -> None:
+        stop.set()
+        joiner.cancel()
+        await worker.stop()
+        await kvstore.close()
+
+    await serve_until_signal(server, health, cleanup, drain=drain)

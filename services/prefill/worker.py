@@ -1,0 +1,209 @@
+"""The prefill worker: one request's way through it (the package docstring numbers the steps),
+composed of the engine thread that computes (compute.py), the cached blocks' fetch
+(blocks.py, layer_fetch.py), the pipeline's head and stage (head.py, stage.py), the NIXL
+endpoint that WRITEs to decode, and the load it reports (load.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks, hash_namespace
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_pool import KVPool, PageId
+from pdserve.engine.loader import LoadedModel
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.sequence import Sequence as EngineSequence
+from pdserve.engine.sequence import TokenEvent
+from pdserve.scheduler.balancers import attention_work
+from pdserve.services.cpu_turns import CpuTurns
+from pdserve.services.engine_thread import EngineThread, GatherPolicy
+from pdserve.services.errors import TransferError
+from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.outbox import Outboxes
+from pdserve.services.prefill import layer_fetch
+from pdserve.services.prefill.blocks import BlockIO
+from pdserve.services.prefill.compute import Compute, PrefillHooks
+from pdserve.services.prefill.guard import PageGuard
+from pdserve.services.prefill.head import PipelineHead
+from pdserve.services.prefill.layer_fetch import LayerLoad
+from pdserve.services.prefill.load import PrefillLoad
+from pdserve.services.prefill.pipeline import Peers, head_share
+from pdserve.services.prefill.stage import PipelineStage
+from pdserve.services.transfer import NixlEndpoint, pages_checksum
+from pdserve.services.worker import new_epoch, sampling_from_proto
+from pdserve.v1 import common_pb2, prefill_pb2
+
+from pdserve.metrics import PrefillMetrics
+
+# The engine's batch size does not bound a prefill worker: its prompts leave the engine with
+# their first token, and the step's token budget bounds a step.
+PREFILL_MAX_BATCH = 1 << 16
+
+
+class PrefillWorker:
+    def __init__(self, loaded: LoadedModel, num_pages: int, kvstore: KVStoreClient,
+                 chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
+                 device: str = "cpu", agent_name: str = "prefill",
+                 batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
+                 fetch_nixl: bool = False, turns: CpuTurns | None = None) -> None:
+        self.loaded = loaded
+        self.layout = loaded.layout
+        self.fingerprint = loaded.layout.fingerprint()
+        self.namespace = hash_namespace(loaded.model_id, self.fingerprint)
+        self.epoch = new_epoch()
+        self.pool = KVPool(loaded.layout, num_pages, device)
+        self.hooks = PrefillHooks(turns or CpuTurns(None))
+        self.engine = LLMEngine(ModelRunner(loaded.model, self.pool, chunk_tokens),
+                                max_batch=PREFILL_MAX_BATCH, max_prefill_tokens=chunk_tokens,
+                                hooks=self.hooks)
+        self.thread = EngineThread(self.engine, Outboxes(), name="prefill-engine",
+                                   gather=GatherPolicy(batch_wait_s, chunk_tokens))
+        self.guard = PageGuard(self.pool)
+        self.compute = Compute(self.thread, self.hooks, self.guard)
+        self.blocks = BlockIO(self.pool, self.fingerprint, kvstore, self.guard)
+        # Parts per fetched block (layer groups); 1 = whole blocks, loaded before compute.
+        self.fetch_layer_groups = fetch_layer_groups
+        self.fetch_nixl = fetch_nixl  # READ blocks from the stores' staging buffers over NIXL
+        self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
+        self.transfer_timeout_s = transfer_timeout_s
+        self.load = PrefillLoad()
+        peers = Peers()
+        self.head = PipelineHead(self.pool, loaded.config.hidden_size, self.compute,
+                                 self.endpoint, peers, chunk_tokens, transfer_timeout_s)
+        self.stage = PipelineStage(loaded, self.pool, self.namespace, self.compute, self.blocks,
+                                   self.endpoint, peers, self.load, transfer_timeout_s)
+        self.num_prefills = 0
+        self.draining = False
+        self.metrics: PrefillMetrics | None = None
+
+    @property
+    def kvstore(self) -> KVStoreClient:
+        return self.blocks.kvstore
+
+    @kvstore.setter
+    def kvstore(self, client: KVStoreClient) -> None:
+        self.blocks.kvstore = client
+
+    def export_metrics(self, m: PrefillMetrics) -> None:
+        self.metrics = self.head.metrics = self.stage.metrics = m
+        m.watch_pool(self.pool)
+        m.queue.set_function(lambda: len(self.engine.scheduler))
+        m.queued_tokens.set_function(lambda: self.load.queued_tokens)
+
+    def report(self) -> common_pb2.LoadReport:
+        ld = self.load
+        return common_pb2.LoadReport(
+            free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
+            running=len(self.engine.scheduler), queued_tokens=ld.queued_tokens,
+            queued_attention=ld.queued_attention, num_finished=self.num_prefills,
+            draining=self.draining)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    async def stop(self) -> None:
+        await self.blocks.drain()
+        self.thread.stop()
+
+    # -- one request -------------------------------------------------------------------------
+    async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        prompt = list(req.prompt_token_ids)
+        bt = self.layout.block_tokens
+        keys = block_hashes(self.namespace, req.cache_salt, prompt, bt)
+        want = min(max(req.cached_blocks_hint, 0), cacheable_blocks(len(prompt), bt))
+        # Queue accounting assumes the hint holds; a pipeline's head does its share of layers.
+        share = head_share(self.layout.num_layers, len(req.pipeline))
+        c, n_new = want * bt, len(prompt) - want * bt
+        with self.load.charge(int(n_new * share), attention_work(c, n_new) * share):
+            return await self._run(req, prompt, keys, want)
+
+    async def _run(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
+                   keys: list[BlockHash], want: int) -> prefill_pb2.PrefillResponse:
+        bt = self.layout.block_tokens
+        params = sampling_from_proto(req.sampling)
+        # Decode may reuse the reserved pages after its lease: never start a WRITE after it.
+        lease_end = time.monotonic() + req.reservation.lease_s if req.reservation.lease_s else None
+        pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
+        try:
+            t0 = time.perf_counter()
+            if req.pipeline:  # the stages load the same cached blocks: whole, first
+                n_cached = await self.blocks.load(keys[:want], pages)
+                t1 = time.perf_counter()
+                fetch_s = t1 - t0
+                first = await self.head.prefill(req, prompt, pages, n_cached, params)
+            elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
+                first, n_cached, fetch_s = await self.compute_while_fetching(
+                    req.request_id, prompt, pages, keys[:want], params)
+                t1 = t0  # computing started at once
+            else:
+                n_cached = await self.blocks.load(keys[:want], pages)
+                t1 = time.perf_counter()
+                fetch_s = t1 - t0
+                first = await self.compute_prompt(req.request_id, prompt, pages, n_cached * bt,
+                                                  params)
+            checksum = await self.guard.run(pages_checksum, self.pool, pages, pages=pages)
+            t2 = time.perf_counter()
+            if lease_end is not None and time.monotonic() > lease_end:
+                raise TransferError(f"KV transfer not started: the decode reservation's "
+                                    f"{req.reservation.lease_s:g} s lease ended first")
+            notice = common_pb2.TransferNotice(
+                request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
+                num_prompt_tokens=len(prompt), kv_checksum=checksum)
+            nbytes = await self.endpoint.write(pages, req.reservation, notice,
+                                               self.transfer_timeout_s)
+            t3 = time.perf_counter()
+            new_blocks = await self.blocks.encode(keys, pages, n_cached)
+        finally:
+            self.guard.free(pages)
+        self.blocks.put_later(new_blocks)
+        self.num_prefills += 1
+        if (m := self.metrics) is not None:
+            m.computed_tokens.inc(len(prompt) - n_cached * bt)
+            m.fetched_tokens.inc(n_cached * bt)
+            m.fetch_seconds.observe(fetch_s)
+            m.transfer_bytes.inc(nbytes)
+            m.transfer_seconds.observe(t3 - t2)
+        return prefill_pb2.PrefillResponse(
+            first_token=first.token, cached_tokens=n_cached * bt,
+            computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
+            fetch_s=fetch_s, compute_s=t2 - t1, transfer_s=t3 - t2,
+            first_logprob=first.logprob or 0.0)
+
+    async def compute_prompt(self, request_id: str, prompt: list[int], pages: list[PageId],
+                             start: int = 0, params: SamplingParams | None = None,
+                             load: LayerLoad | None = None) -> TokenEvent:
+        """Computes the prompt into its pages from token `start` (KV before it in place, or,
+        with `load`, arriving) and returns its first token."""
+        seq = EngineSequence(request_id, prompt, params or SamplingParams(), list(pages),
+                             num_computed=start, stop_after_prefill=True)
+        return await self.compute.first_token(seq, load)
+
+    async def compute_while_fetching(self, request_id: str, prompt: list[int],
+                                     pages: list[PageId], keys: Sequence[BlockHash],
+                                     params: SamplingParams | None = None
+                                     ) -> tuple[TokenEvent, int, float]:
+        """Computes the prompt's uncached part while its cached blocks stream in by layer
+        group (layer_fetch.py); returns the first token, the blocks used from the store and the
+        fetch's duration."""
+        load = LayerLoad(self.pool, self.fingerprint, keys, pages, self.fetch_layer_groups)
+
+        async def fetch() -> None:
+            try:
+                await layer_fetch.fetch(load, self.kvstore,
+                                        self.endpoint if self.fetch_nixl else None,
+                                        self.kvstore.timeout_s)
+            finally:
+                load.finish()  # whatever happened: releases a forward waiting for it
+
+        task = asyncio.create_task(fetch())
+        try:
+            first = await self.compute_prompt(request_id, prompt, pages,
+                                              len(keys) * self.layout.block_tokens, params, load)
+        finally:
+            task.cancel()  # no more writes into the pages once this returns
+        end = load.settled_at or time.perf_counter()
+        return first, load.good or 0, end - load.started
