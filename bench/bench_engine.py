@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import machine, table  # noqa: E402
-from pdserve.engine.engine import LLMEngine  # noqa: E402
-from pdserve.engine.kv_pool import KVPool  # noqa: E402
-from pdserve.engine.loader import default_model_path, load_model  # noqa: E402
-from pdserve.engine.runner import ModelRunner  # noqa: E402
-from pdserve.engine.sampling import SamplingParams  # noqa: E402
+from common import machine, table
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.loader import default_model_path, load_model
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -104,7 +105,7 @@ def hf_decode(model, batch: list[list[int]], new: int) -> float:
         def __init__(self) -> None:
             self.times: list[float] = []
 
-        def __call__(self, input_ids, scores):  # type: ignore[no-untyped-def]
+        def __call__(self, input_ids, scores):
             sync()
             self.times.append(time.perf_counter())
             return scores
@@ -153,7 +154,7 @@ def disaggregated_vs_single(loaded, n_clients: int, length: int, new: int,
             with LocalCluster(UpSettings(data_dir=Path(d), port=0, threads=threads,
                                          cpu_turns=cpu_turns), progress=False) as cluster:
                 def burst(salt: str) -> list:  # a salt of its own: nothing cached
-                    def one(p):  # type: ignore[no-untyped-def]
+                    def one(p):
                         with Client(cluster.gateway_address) as cc:
                             return cc.generate(token_ids=p, max_tokens=new, cache_salt=salt)
 

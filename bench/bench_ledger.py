@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, table  # noqa: E402
-from pdserve.cache.analytics import NAMED_QUERIES, report, run_named  # noqa: E402
-from pdserve.cache.ledger import REQUEST_COLUMNS, Ledger, SegmentLog  # noqa: E402
+from common import machine, table
+
+from pdserve.cache.analytics import NAMED_QUERIES, report, run_named
+from pdserve.cache.ledger import REQUEST_COLUMNS, Ledger, SegmentLog
 
 
 def row(i: int) -> dict:
@@ -87,7 +88,8 @@ def main() -> None:
         for name in NAMED_QUERIES:
             t = time.perf_counter()
             run_named(big, name, {"limit": "20"})
-            out.append((f"query {name}, {a.rows:,} rows", f"{(time.perf_counter() - t) * 1e3:.0f} ms",
+            out.append((f"query {name}, {a.rows:,} rows",
+                        f"{(time.perf_counter() - t) * 1e3:.0f} ms",
                         ""))
         t = time.perf_counter()
         report(big)

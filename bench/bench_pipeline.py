@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table  # noqa: E402
+from common import machine, table
 
 
 def run(tokens: int, n: int, pipelined: bool) -> tuple[list[float], list[list[int]]]:
@@ -57,7 +57,8 @@ def main() -> None:
     alone, out_a = run(args.tokens, args.prompts, pipelined=False)
     piped, out_p = run(args.tokens, args.prompts, pipelined=True)
     ma, mp = statistics.median(alone), statistics.median(piped)
-    print(table([("one worker computes the prompt", f"{ma:.2f}", ", ".join(f"{t:.2f}" for t in alone), "1.00"),
+    print(table([("one worker computes the prompt", f"{ma:.2f}",
+                  ", ".join(f"{t:.2f}" for t in alone), "1.00"),
                  ("pipelined over both workers", f"{mp:.2f}", ", ".join(f"{t:.2f}" for t in piped),
                   f"{mp / ma:.2f}")],
                 ("prefill", "TTFT median s", "each s", "ratio")))

@@ -19,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table  # noqa: E402
-from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index  # noqa: E402
-from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts  # noqa: E402
-from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec  # noqa: E402
-from pdserve.scheduler.replay import POLICIES, CostModel, load_trace, simulate  # noqa: E402
+from common import machine, table
+
+from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
+from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
+from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec
+from pdserve.scheduler.replay import POLICIES, CostModel, load_trace, simulate
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
@@ -38,8 +39,10 @@ def replay(path: str, limit: int) -> None:
         print(f"replaying {len(trace)} requests with {name} ...", file=sys.stderr, flush=True)
         res[name] = r = simulate(trace, policy, 4, 4, cost)
         rows.append((name, f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
-                     f"{r['hit_share']:.3f}", r["rejected"], f"{r['prefill_load_max_over_mean']:.2f}",
-                     f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['decode_kv_max_over_mean']:.2f}",
+                     f"{r['hit_share']:.3f}", r["rejected"],
+                     f"{r['prefill_load_max_over_mean']:.2f}",
+                     f"{r['prefill_tokens_max_over_mean']:.2f}",
+                     f"{r['decode_kv_max_over_mean']:.2f}",
                      f"{r['decode_requests_max_over_mean']:.2f}"))
     print(table(rows, ("policy", "TTFT p50 s", "TTFT p99 s", "hit share", "rejected",
                        "prefill attn max/mean", "prefill tokens max/mean", "decode KV max/mean",
@@ -126,7 +129,8 @@ def main() -> None:
                   f"p50 {p50 * 1e3:.3f} ms", f"p99 {p99 * 1e3:.3f} ms")],
                 ("figure", "p50", "p99")))
     print()
-    print(table(eplb_rows(), ("loads", "shape", "max/mean, no redundancy", "with", "max/mean, EPLB")))
+    print(table(eplb_rows(), ("loads", "shape", "max/mean, no redundancy", "with",
+                              "max/mean, EPLB")))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table  # noqa: E402
+from common import machine, table
 
-from pdserve.client import Client  # noqa: E402
-from pdserve.cluster import LocalCluster  # noqa: E402
-from pdserve.config import UpSettings  # noqa: E402
-from pdserve.demo import QUESTIONS, SYSTEM_PROMPT, run_workload  # noqa: E402
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
+from pdserve.demo import QUESTIONS, SYSTEM_PROMPT, run_workload
 
 
 def long_prompt(tokenizer, n_target: int = 1000) -> list[int]:

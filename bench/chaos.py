@@ -24,13 +24,13 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-import grpc  # noqa: E402
-from common import machine, table  # noqa: E402
+import grpc
+from common import machine, table
 
-from pdserve.client import Client  # noqa: E402
-from pdserve.cluster import LocalCluster  # noqa: E402
-from pdserve.config import UpSettings  # noqa: E402
-from pdserve.metrics import parse_metrics  # noqa: E402
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
+from pdserve.metrics import parse_metrics
 
 RETRYABLE = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "ABORTED"}
 LEASE_S, QUARANTINE_S = 15, 2

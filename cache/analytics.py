@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.cache.ledger import QueryError, run_query
+from pdserve.cache.errors import QueryError
+from pdserve.cache.ledger import run_query
 
 _PERIOD = "ts >= $since AND ts < $until AND ($tenant IS NULL OR tenant = $tenant)"
 _OK = f"status = 'OK' AND {_PERIOD}"
@@ -100,7 +101,7 @@ def query_params(params: dict[str, str]) -> dict[str, Any]:
 
 
 def run_named(data_dir: Path, name: str, params: dict[str, str] | None = None
-              ) -> tuple[list[str], list[tuple]]:
+              ) -> tuple[list[str], list[tuple[Any, ...]]]:
     if name not in NAMED_QUERIES:
         raise QueryError(f"query: unknown {name!r}; one of {', '.join(NAMED_QUERIES)}")
     sql = NAMED_QUERIES[name][1]
@@ -141,9 +142,9 @@ class Report:
     cost_usd: float
     revenue_usd: float
     margin: float
-    prices: dict
+    prices: dict[str, float]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -28,7 +28,8 @@ def hash_namespace(model_id: str, layout_fingerprint: str) -> str:
 def chain_root(namespace: str, cache_salt: str) -> bytes:
     ns, salt = namespace.encode(), cache_salt.encode()
     # Length-prefix both parts so that ("ab", "c") and ("a", "bc") never collide.
-    return hashlib.sha256(struct.pack("<I", len(ns)) + ns + struct.pack("<I", len(salt)) + salt).digest()
+    return hashlib.sha256(struct.pack("<I", len(ns)) + ns + struct.pack("<I",
+                                                                        len(salt)) + salt).digest()
 
 
 def block_hashes(
@@ -39,7 +40,8 @@ def block_hashes(
     prev = chain_root(namespace, cache_salt)
     out: list[BlockHash] = []
     for b in range(len(arr) // block_tokens):
-        prev = hashlib.sha256(prev + arr[b * block_tokens:(b + 1) * block_tokens].tobytes()).digest()
+        block = arr[b * block_tokens:(b + 1) * block_tokens].tobytes()
+        prev = hashlib.sha256(prev + block).digest()
         out.append(BlockHash(prev))
     return out
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import rocksdict
+
 from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.records import LOC, LOC_MAGIC, Meta, StoreStats, now_ms
 
@@ -33,6 +34,12 @@ COUNTERS = ("hits", "misses", "puts", "corrupt", "evicted", "expired", "write_er
 GONE_MEMORY = 1 << 20  # evicted-key prefixes remembered (about 100 MiB at most)
 
 Where = tuple[int, int, int]  # (segment, offset, length); segment -1: an old store's blob value
+
+
+def _key(k: object) -> BlockHash:
+    """A key as rocksdict gives it in raw mode (bytes)."""
+    assert isinstance(k, bytes), type(k)
+    return BlockHash(k)
 
 
 class Catalog:
@@ -59,8 +66,10 @@ class Catalog:
         reads.set_verify_checksums(False)
         self._blocks.set_read_options(reads)
         self._access: rocksdict.Rdict | None = self._db.get_column_family("access")
-        self._blocks_h = self._db.get_column_family_handle("blocks")
-        self._access_h = self._db.get_column_family_handle("access")
+        # Handles of the column families, for write batches (dropped at close: they keep the
+        # database open).
+        self._handles: tuple[Any, Any] | None = (self._db.get_column_family_handle("blocks"),
+                                                 self._db.get_column_family_handle("access"))
         self._synced = rocksdict.WriteOptions()
         self._synced.sync = sync
         self._lazy = rocksdict.WriteOptions()  # access times need no fsync
@@ -84,17 +93,21 @@ class Catalog:
         assert self._access is not None and self._blocks is not None
         for k, v in self._access.items():
             m = Meta.unpack(v)
-            self._meta[BlockHash(k)] = m
+            self._meta[_key(k)] = m
             self.stats.num_bytes += m.size
         self.stats.num_blocks = len(self._meta)
         for k, v in self._blocks.items():
-            m = self._meta.get(k)
-            if m is None:
+            entry = self._meta.get(_key(k))
+            if entry is None:
                 continue
             if len(v) == LOC.size and v[:4] == LOC_MAGIC:
-                _, m.seg, m.off, _ = LOC.unpack(v)
+                _, entry.seg, entry.off, _ = LOC.unpack(v)
             else:
                 self.num_old_values += 1
+
+    def _cf(self, name: str) -> Any:
+        assert self._handles is not None, "the catalog is closed"
+        return self._handles[0 if name == "blocks" else 1]
 
     # -- queries (memory) -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -185,8 +198,8 @@ class Catalog:
         policy), then in memory; returns the locations they replaced (bytes to free)."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         for key, m in new.items():
-            wb.put(key, m.loc(), self._blocks_h)
-            wb.put(key, m.pack(), self._access_h)
+            wb.put(key, m.loc(), self._cf("blocks"))
+            wb.put(key, m.pack(), self._cf("access"))
         self._db.write(wb, self._synced)
         freed = []
         with self.lock:
@@ -210,8 +223,8 @@ class Catalog:
         with self.lock:
             for key in keys:
                 m = self._meta.pop(key, None)
-                wb.delete(key, self._blocks_h)
-                wb.delete(key, self._access_h)
+                wb.delete(key, self._cf("blocks"))
+                wb.delete(key, self._cf("access"))
                 if m is not None:
                     self.stats.num_blocks -= 1
                     self.stats.num_bytes -= m.size
@@ -241,7 +254,7 @@ class Catalog:
                 if m is None:
                     continue
                 m.atime, m.hits = now, m.hits + 1
-                wb.put(key, m.pack(), self._access_h)
+                wb.put(key, m.pack(), self._cf("access"))
         try:
             self._db.write(wb, self._lazy)
         except Exception as e:  # noqa: BLE001 - access times are best effort
@@ -261,14 +274,16 @@ class Catalog:
         """Blocks still in the old layout, lazily (too many to hold at once)."""
         assert self._blocks is not None
         for k, v in self._blocks.items():
-            m = self._meta.get(k)
+            key = _key(k)
+            m = self._meta.get(key)
             if m is not None and m.seg < 0:
-                yield BlockHash(k), v
+                yield key, bytes(v)
 
     def orphans(self) -> list[BlockHash]:
         """Locations without an access record (a damaged store)."""
         assert self._blocks is not None
-        return [BlockHash(k) for k in self._blocks.keys() if k not in self._meta]
+        return [key for key in (_key(k) for k in self._blocks.keys())
+                if key not in self._meta]
 
     def save_counters(self) -> None:
         with self.lock:
@@ -296,5 +311,5 @@ class Catalog:
                 pass
         # Column-family handles keep the database open; drop them before closing.
         self._blocks = self._access = None
-        self._blocks_h = self._access_h = None
+        self._handles = None
         self._db.close()

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 import xxhash
+
 from pdserve.cache.errors import CorruptBlock
 
 MAGIC = b"PDKV"
@@ -45,7 +46,8 @@ def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def encode_block(key: bytes, fingerprint: str, num_tokens: int, payload: bytes | memoryview) -> bytes:
+def encode_block(key: bytes, fingerprint: str, num_tokens: int,
+                 payload: bytes | memoryview) -> bytes:
     if len(key) != 32:
         raise ValueError(f"block key must be 32 bytes, got {len(key)}")
     header = _HEADER.pack(MAGIC, VERSION, 0, layout_id(fingerprint), key, num_tokens,

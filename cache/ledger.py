@@ -33,6 +33,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+
 from pdserve.cache.errors import QueryError
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class SegmentLog:
         self.compact_after = compact_after
         self.dropped = 0
         self.written = 0
-        self._pending: list[tuple] = []
+        self._pending: list[tuple[Any, ...]] = []
         self._cond = threading.Condition()
         self._io = threading.Lock()  # one segment write or compaction at a time
         self._con = duckdb.connect()
@@ -174,7 +175,7 @@ class SegmentLog:
     def pending(self) -> int:
         return len(self._pending)
 
-    def append(self, row: tuple) -> bool:
+    def append(self, row: tuple[Any, ...]) -> bool:
         """Queues one row (never blocks on I/O); False when dropped because the queue is full."""
         with self._cond:
             if len(self._pending) >= self.max_pending:
@@ -226,7 +227,7 @@ class SegmentLog:
         return ", ".join(f"to_timestamp({n}) AS {n}" if t == "TIMESTAMPTZ" else n
                          for n, t, _ in self.columns)
 
-    def _write(self, rows: list[tuple]) -> None:
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
         cols = list(zip(*rows))
         data = {n: np.array(cols[i], dtype=dt) for i, (n, _, dt) in enumerate(self.columns)}
         name = f"seg-{self._seq:012d}.parquet"
@@ -342,7 +343,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def run_query(data_dir: Path, sql: str, params: dict[str, Any] | None = None,
-              max_rows: int = 100_000) -> tuple[list[str], list[tuple]]:
+              max_rows: int = 100_000) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Runs one read-only SELECT over the ledger; returns (column names, rows)."""
     for attempt in range(3):
         con = connect_ledger(data_dir)

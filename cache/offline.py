@@ -7,9 +7,10 @@ import sys
 from dataclasses import asdict
 
 from pdserve.cache.store import BlockStore
+from pdserve.config import KVStoreSettings
 
 
-def run_offline(settings, action: str, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+def run_offline(settings: KVStoreSettings, action: str, as_json: bool) -> int:
     path = settings.data_dir / "kvstore"
     if not path.exists():
         print(f"pdserve kvstore {action}: no store at {path}", file=sys.stderr)

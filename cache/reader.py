@@ -5,9 +5,10 @@ and a block evicted mid-read served as a miss."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import xxhash
+
 from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.catalog import Catalog, Where
 from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header, verify_block
@@ -67,7 +68,7 @@ class BlockReader:
         return lengths
 
     def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
-                  ) -> Iterator[list[bytes]]:
+                  ) -> Generator[list[bytes], None, None]:
         """The leading stored blocks in parts (kvstore.proto, GetRequest.part_cuts): yields
         part 0 of every block (header and payload[:cuts[0]]), then part 1 of every block, and
         so on; with cuts at layer boundaries a reader has the first layers of a whole chain
@@ -116,13 +117,14 @@ class BlockReader:
             if not n:
                 return
             yield first
-            ends = [*cuts, None]
+            ends: list[int | None] = [*cuts, None]
             for p in range(1, len(ends)):
                 part: list[bytes] = []
                 for i in range(n):
                     key, (seg, off, size), _, whole = blocks[i]
                     start = HEADER_SIZE + cuts[p - 1]
-                    end = size if ends[p] is None else HEADER_SIZE + ends[p]
+                    cut = ends[p]
+                    end = size if cut is None else HEADER_SIZE + cut
                     try:
                         value = (whole[start:end] if whole is not None else
                                  self.segments.read(seg, off + start, end - start, fds))
@@ -224,7 +226,7 @@ class BlockReader:
             raise CorruptBlock("segment file missing") from e
         except CorruptBlock:
             raise
-        except Exception as e:  # noqa: BLE001 - an IO error, or RocksDB on a damaged blob file
+        except Exception as e:
             raise CorruptBlock(f"unreadable: {e}") from e
         if len(value) != size:
             raise CorruptBlock(f"segment holds {len(value)} of the block's {size} bytes")

@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _IOV_MAX = 512
 _PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
-def _fallocate():  # type: ignore[no-untyped-def]
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).fallocate
     except (OSError, AttributeError):  # not Linux
@@ -252,13 +252,16 @@ class Segments:
             log.warning("could not remove a segment", extra={"segment": seg, "why": str(e)})
 
     def _punch_holes(self, seg: int, ranges: Sequence[tuple[int, int]]) -> None:
+        fallocate = _FALLOCATE
+        if fallocate is None:
+            return
         try:
             fd = os.open(self.path(seg), os.O_WRONLY)
         except FileNotFoundError:
             return
         try:
             for off, length in ranges:
-                if _FALLOCATE(fd, _PUNCH_HOLE, off, length) != 0:
+                if fallocate(fd, _PUNCH_HOLE, off, length) != 0:
                     err = ctypes.get_errno()
                     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                         self._punch = False

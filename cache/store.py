@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -128,7 +128,7 @@ class BlockStore:
         return self.reader.get_into(keys, out)
 
     def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
-                  ) -> Iterator[list[bytes]]:
+                  ) -> Generator[list[bytes], None, None]:
         return self.reader.get_parts(keys, cuts)
 
     # -- upkeep (cache/upkeep.py) --------------------------------------------------------------

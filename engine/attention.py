@@ -24,13 +24,14 @@ GQA without copies: query heads that share a KV head are consecutive, so q viewe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pdserve.engine import cpu_kernels
 from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+from pdserve.engine import cpu_kernels
 
 
 @dataclass
@@ -77,7 +78,10 @@ class AttnBatch:
     def build(cls, q_lens: list[int], ctx_lens: list[int], page_tables: list[list[int]],
               block_tokens: int, device: torch.device | str = "cpu",
               decode_step: bool = False) -> AttnBatch:
-        slot_pages, slot_offsets, positions, last = [], [], [], []
+        slot_pages: list[torch.Tensor] = []
+        slot_offsets: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        last: list[int] = []
         tables: list[torch.Tensor] = []
         masks: list[CausalBias | None] = []
         flat = 0
@@ -96,16 +100,19 @@ class AttnBatch:
             # a bias object, not a [q, ctx] tensor, so SDPA can pick a fused causal kernel.
             masks.append(None if q == 1 else causal_lower_right(q, ctx))
         decode = [i for i, q in enumerate(q_lens) if q == 1]
-        groups = []
+        groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for members, n in decode_groups([len(tables[i]) for i in decode], decode):
-            table = torch.tensor([list(page_tables[i][:len(tables[i])])
+            group_table = torch.tensor([list(page_tables[i][:len(tables[i])])
                                   + [page_tables[i][0]] * (n - len(tables[i])) for i in members],
-                                 dtype=torch.long)
+                                       dtype=torch.long)
             lens = torch.tensor([ctx_lens[i] for i in members]).unsqueeze(1)
             valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
             groups.append((torch.tensor([last[i] for i in members], dtype=torch.long).to(device),
-                           table.to(device), valid.to(device)))
-        cat = lambda xs: torch.cat(xs).to(device)  # noqa: E731
+                           group_table.to(device), valid.to(device)))
+
+        def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(xs).to(device)
+
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
                    masks, groups, [t.to(device) for t in tables], block_tokens,
@@ -122,7 +129,7 @@ class AttnBatch:
             self._ctx_pages = torch.cat(self.page_tables)
         return layer_pages(kv, layer, self._ctx_pages).view(-1, kv.shape[-1])
 
-    def sequences(self):  # type: ignore[no-untyped-def]
+    def sequences(self) -> Iterator[tuple[slice, slice, int, int, CausalBias | None]]:
         """Yields (query slice, context slice, q_len, ctx_len, mask) per sequence; the context
         slice indexes the rows of `gather()`."""
         q0 = c0 = 0

@@ -1,13 +1,18 @@
 """The execution backend: how a model's products, attention and decode steps run, chosen once at
 load, by name, from the settings (`--backend`), and never again per call.
 
-| name          | packed float32 weights (oneDNN) | decode products from GGUF blocks | decode attention in C | one C call per Llama layer | CUDA graphs |
-|---------------|---|---|---|---|---|
-| `torch`       |   |   |   |   |   |
-| `onednn`      | x |   |   |   |   |
-| `cpu-kernels` | x | x | x |   |   |
-| `cpu-fused`   | x | x | x | x |   |
-| `cuda-graphs` |   |   |   |   | x |
+| name          | packed weights | block products | C attention | C layers | CUDA graphs |
+|---------------|----------------|----------------|-------------|----------|-------------|
+| `torch`       |                |                |             |          |             |
+| `onednn`      | x              |                |             |          |             |
+| `cpu-kernels` | x              | x              | x           |          |             |
+| `cpu-fused`   | x              | x              | x           | x        |             |
+| `cuda-graphs` |                |                |             |          | x           |
+
+(packed weights: float32 weights pre-packed once for oneDNN; block products: decode steps'
+products read a GGUF file's Q4_1/Q8_0 blocks; C attention: decode attention over the pages in
+place; C layers: one C call per Llama layer per decode step; CUDA graphs: decode steps
+replayed from graphs.)
 
 `auto` (the default) takes the fastest one the device, dtype and model allow: on CPU in float32
 `cpu-fused` when the C kernels can be had (engine/cpu_kernels.py), else `onednn`; on CUDA
@@ -25,6 +30,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.engine import cpu_kernels
 from pdserve.engine.errors import EngineError
 

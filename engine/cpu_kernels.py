@@ -43,6 +43,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -88,28 +89,32 @@ class QuantWeight:
     def cat(parts: Sequence[QuantWeight | None]) -> QuantWeight | None:
         """The rows of several weights stacked (fused q|k|v, gate|up); None unless all are
         quantized alike with the same row length."""
-        if not parts or any(p is None for p in parts):
+        whole = [p for p in parts if p is not None]
+        if not whole or len(whole) < len(parts):
             return None
-        first = parts[0]
-        assert first is not None
-        if any(p.kind != first.kind or p.shape[1] != first.shape[1] for p in parts):  # type: ignore[union-attr]
+        first = whole[0]
+        if any(p.kind != first.kind or p.shape[1] != first.shape[1] for p in whole):
             return None
-        blocks = torch.cat([p.blocks for p in parts])  # type: ignore[union-attr]
+        blocks = torch.cat([p.blocks for p in whole])
         return QuantWeight(first.kind, blocks, (blocks.shape[0], first.shape[1]))
 
 
+Fields = Sequence[tuple[str, Any]]  # a ctypes.Structure's (name, C type) list
+
+
 class _QWeight(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
+    _fields_: ClassVar[Fields] = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
                 ("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 class _LlamaLayer(ctypes.Structure):
-    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+    _fields_: ClassVar[Fields] = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("qkv", _QWeight), ("o", _QWeight), ("gate_up", _QWeight), ("down", _QWeight)]
 
 
 class _DecodeStep(ctypes.Structure):
-    _fields_ = [("h", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+    _fields_: ClassVar[Fields] = [
+                ("h", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
                 ("kv", ctypes.c_void_p), ("slot_pages", ctypes.c_void_p),
                 ("slot_offsets", ctypes.c_void_p), ("q_rows", ctypes.c_void_p),
                 ("ctx_lens", ctypes.c_void_p), ("table_off", ctypes.c_void_p),
@@ -141,9 +146,10 @@ class _Kernel:
             raise RuntimeError(f"struct sizes differ between C {list(sizes)} and ctypes {want}")
         self.attention = lib.pdserve_decode_attention
         self.attention.restype = ctypes.c_int
-        self.attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
-                                   ctypes.c_longlong] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 4 \
-            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        args: list[Any] = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
+                           ctypes.c_longlong, *[ctypes.c_int] * 5, *[ctypes.c_void_p] * 4,
+                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self.attention.argtypes = args
 
 
 _lock = threading.Lock()
@@ -291,7 +297,8 @@ class DecodePlan:
             off.append(off[-1] + t.numel())
         flat = torch.cat([t.to(torch.int32) for t in tables]) if tables else \
             torch.zeros(0, dtype=torch.int32)
-        i32 = lambda xs: torch.tensor(list(xs), dtype=torch.int32)  # noqa: E731
+        def i32(xs: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(list(xs), dtype=torch.int32)
         return cls(i32(q_rows), i32(ctx_lens), i32(off), flat.contiguous())
 
     def __len__(self) -> int:

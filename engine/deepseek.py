@@ -8,7 +8,8 @@ the RMS-normed compressed latent and the shared, already rotated RoPE key.
 
 - Prefill (several new tokens): keys and values are expanded from the latents through
   kv_b_proj, then ordinary attention runs per sequence.
-- Decode (one new token), batched over the sequences of a decode group: the "absorbed" form. kv_b_proj = [W_UK | W_UV] per head; the query's
+- Decode (one new token), batched over the sequences of a decode group: the "absorbed" form.
+  kv_b_proj = [W_UK | W_UV] per head; the query's
   no-RoPE part is folded into latent space (q_lat = q_nope · W_UK), attention scores are
   q_lat · c_kv + q_rope · k_rope, and the latent output goes through W_UV: attention runs against
   the cached latent, never against expanded keys.
@@ -16,14 +17,17 @@ the RMS-normed compressed latent and the shared, already rotated RoPE key.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pdserve.engine.attention import AttnBatch, layer_pages
 from pdserve.engine.backend import Backend
 from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
 from pdserve.engine.model_config import DeepseekV3Config
-from torch import nn
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -96,7 +100,7 @@ class MLAttention(nn.Module):
             o_lat = torch.softmax(scores, dim=-1).to(x.dtype) @ c_ctx            # [G, H, r]
             out[q_idx] = torch.einsum("ghr,hvr->ghv", o_lat, w_uv)
         if all(m is None for m in batch.masks):
-            return self.o_proj(out.reshape(t, h * dv))
+            return self._project_out(out, t)
         # Step 3: prefill chunks, per sequence: keys and values expanded from the latents.
         cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
         for qs, cs, q_len, ctx, mask in batch.sequences():
@@ -111,7 +115,12 @@ class MLAttention(nn.Module):
                 qq.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=self.scale)
             out[qs] = o[0].transpose(0, 1)
-        return self.o_proj(out.reshape(t, h * dv))
+        return self._project_out(out, t)
+
+    def _project_out(self, out: torch.Tensor, t: int) -> torch.Tensor:
+        """[T, H, dv] -> [T, D]."""
+        y: torch.Tensor = self.o_proj(out.reshape(t, -1))
+        return y
 
 
 class Gate(nn.Module):
@@ -152,7 +161,8 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                      for _ in range(cfg.n_routed_experts))
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = (MLP(cfg.hidden_size,
+                                   cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -175,13 +185,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = (MoE(cfg) if layer >= cfg.first_k_dense_replace
+        self.mlp: MoE | MLP = (MoE(cfg) if layer >= cfg.first_k_dense_replace
                                else MLP(cfg.hidden_size, cfg.intermediate_size))
 
-    def forward(self, h, inv_freq, kv, batch, counts):  # type: ignore[no-untyped-def]
+    def forward(self, h: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
+                batch: AttnBatch, counts: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), inv_freq, kv, batch)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, counts[self.layer]) if isinstance(self.mlp, MoE) else self.mlp(x))
+        mlp = self.mlp
+        out: torch.Tensor = h + (mlp(x, counts[self.layer]) if isinstance(mlp, MoE) else mlp(x))
+        return out
 
 
 class DeepseekBody(nn.Module):
@@ -205,18 +218,20 @@ class DeepseekV3ForCausalLM(nn.Module):
         # Tokens routed to each expert, per layer: the expert-parallel balancer's input.
         self.register_buffer("expert_counts", torch.zeros(
             cfg.num_hidden_layers, cfg.n_routed_experts, dtype=torch.int64), persistent=False)
-        self._lm_head: FastLinear | None = None
+        self.head_product: FastLinear | None = None
         self.backend = Backend("torch")
 
     def prepare(self, backend: Backend) -> Backend:
         """Called once the weights are in place on their device (see linear.py); returns the
         backend the model runs (MLA has no C path: packed weights at most)."""
-        for layer in self.model.layers:
+        for layer in cast(list[DecoderLayer], list(self.model.layers)):
             mlp = layer.mlp
-            for m in ([*mlp.experts, mlp.shared_experts] if isinstance(mlp, MoE) else [mlp]):
+            parts = ([*cast(list[MLP], list(mlp.experts)), mlp.shared_experts]
+                     if isinstance(mlp, MoE) else [mlp])
+            for m in parts:
                 if m is not None:
                     m.prepare(backend)
-        self._lm_head = FastLinear(self.lm_head.weight, pack=backend.pack_weights)
+        self.head_product = FastLinear(self.lm_head.weight, pack=backend.pack_weights)
         self.backend = backend
         return backend
 
@@ -241,4 +256,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         if hi < len(self.model.layers):
             return h
         h = self.model.norm(h[batch.last_indices])
-        return (self._lm_head(h) if self._lm_head is not None else self.lm_head(h)).float()
+        logits: torch.Tensor = (self.head_product(h) if self.head_product is not None
+                                else self.lm_head(h))
+        return logits.float()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
@@ -107,7 +108,7 @@ class LLMEngine:
         try:
             with self.hooks.turn(batch.kind):
                 out = self.run(batch)
-        except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving
+        except Exception as e:
             log.exception("engine step failed", extra={"kind": batch.kind.value,
                                                        "sequences": len(batch.chunks)})
             return self._fail(batch, f"{type(e).__name__}: {e}")

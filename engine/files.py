@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from pdserve.engine.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
+
+from pdserve.engine.tokenizer import Tokenizer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -10,11 +10,12 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from pdserve.engine.cpu_kernels import KINDS, QuantWeight
 from pdserve.engine.files import read_fields
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,12 @@ def config_from_fields(fields: dict[str, Any]) -> LlamaConfig:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp's converter interleaves the two RoPE halves of Q and K rows; undo it so that
     # the weights match Hugging Face's rotate_half convention.
-    return (
+    out: np.ndarray = (
         w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
+    return out
 
 
 def load_gguf(

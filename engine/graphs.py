@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.engine.attention import AttnBatch
 from pdserve.engine.kv_pool import KVPool
 
@@ -67,7 +68,7 @@ class GraphedDecode:
         self.max_batch = max_batch
         self.max_pages = max_pages
         self.device = pool.kv.device
-        self.scratch = int(pool.reserve(1)[0])
+        self.scratch = pool.reserve(1)[0]
         self.steps: dict[tuple[int, int], _Step] = {}
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
@@ -122,7 +123,8 @@ class GraphedDecode:
 
     def _forward(self, step: _Step) -> torch.Tensor:
         torch.lt(step.arange.unsqueeze(0), step.lens.unsqueeze(1), out=step.valid)
-        return self.model(step.ints[:step.batch_size], self.pool.kv, step.batch)
+        out: torch.Tensor = self.model(step.ints[:step.batch_size], self.pool.kv, step.batch)
+        return out
 
     def _step(self, b: int, p: int) -> _Step:
         step = self.steps.get((b, p))

@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
 from pdserve.engine.files import load_hf_tokenizer
 from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig, config_from_hf
 from pdserve.engine.tokenizer import Tokenizer
-from safetensors import safe_open
-from tokenizers import Tokenizer as HFTokenizer
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def load_hf_config(path: Path) -> LlamaConfig | DeepseekV3Config:
 
 def load_hf_dir(
     path: Path, dtype: torch.dtype = torch.float32, progress: bool = True
-) -> tuple[LlamaConfig | DeepseekV3Config, dict[str, torch.Tensor], Tokenizer | None, dict]:
+) -> tuple[LlamaConfig | DeepseekV3Config, dict[str, torch.Tensor], Tokenizer | None,
+           dict[str, Any]]:
     """Returns (config, state dict, tokenizer or None, the raw config.json)."""
     raw = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(raw)
@@ -46,7 +48,8 @@ def load_hf_dir(
                   leave=False):
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
-                if key.startswith("model.layers.") and int(key.split(".")[2]) >= cfg.num_hidden_layers:
+                if (key.startswith("model.layers.")
+                        and int(key.split(".")[2]) >= cfg.num_hidden_layers):
                     continue  # e.g. DeepSeek-V3's multi-token-prediction layer
                 t = st.get_tensor(key)
                 # The router stays in float32, as in the reference implementation.

@@ -13,6 +13,7 @@ from typing import NewType
 
 import numpy as np
 import torch
+
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.layout import KVLayout
 
@@ -24,7 +25,8 @@ class KVPool:
     releasing are thread-safe (a decode worker reserves on its event loop, its engine thread
     releases what finished)."""
 
-    def __init__(self, layout: KVLayout, num_pages: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, layout: KVLayout, num_pages: int,
+                 device: str | torch.device = "cpu") -> None:
         if num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {num_pages}")
         self.layout = layout

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
 from pdserve.engine import cpu_kernels
 from pdserve.engine.cpu_kernels import QuantWeight
 
@@ -68,13 +69,16 @@ class FastLinear:
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             log.warning("oneDNN packed linear disagrees with F.linear; not using it")
             return None
-        return packed
+        out: torch.Tensor = packed
+        return out
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none",
+                                                             [], "")
+        return y
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         assert self.quant is not None

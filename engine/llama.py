@@ -6,16 +6,18 @@ Parameter names mirror Hugging Face's `LlamaForCausalLM`, so a Hugging Face stat
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch, paged_attention
 from pdserve.engine.backend import Backend, without_fusion
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
-from torch import nn
 
 Quantized = Callable[[str], "QuantWeight | None"]  # a parameter's GGUF blocks, by its name
 
@@ -46,18 +48,21 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 class Rotary(nn.Module):
     """Rotate-half RoPE, as in Hugging Face Llama."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
         """cos and sin [T, 1, hd] for the positions [T]: computed once per forward."""
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: [T, heads, hd]
         cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)
@@ -75,16 +80,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self._qkv: FastLinear | None = None
-        self._o: FastLinear | None = None
+        self.qkv_product: FastLinear | None = None
+        self.o_product: FastLinear | None = None
         self.c_attention = False  # decode attention by the C kernel (backend.c_attention)
 
     def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
         """After the weights are loaded: one q|k|v product, packed weights on CPU."""
-        self._qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj,
+        self.qkv_product = fuse_rows(self.q_proj, self.k_proj, self.v_proj,
                               quant=[blocks(f"{p}_proj.weight") for p in "qkv"],
                               pack=backend.pack_weights)
-        self._o = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"),
+        self.o_product = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"),
                              pack=backend.pack_weights)
         self.c_attention = backend.c_attention and self.hd % 8 == 0
 
@@ -94,15 +99,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
-        if self._qkv is not None:
-            q, k, v = self._qkv(x, batch.decode_step).split([nq, nk, nk], dim=-1)
+        if self.qkv_product is not None:
+            q, k, v = torch.split(self.qkv_product(x, batch.decode_step), [nq, nk, nk], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = Rotary.apply(q.view(t, self.n_heads, self.hd), cos_sin)
-        k = Rotary.apply(k.view(t, self.n_kv, self.hd), cos_sin)
+        q = Rotary.rotate(q.view(t, self.n_heads, self.hd), cos_sin)
+        k = Rotary.rotate(k.view(t, self.n_kv, self.hd), cos_sin)
         o = paged_attention(q, k, v.reshape(t, self.n_kv, self.hd), kv, self.layer, batch,
                             self.hd ** -0.5, self.c_attention).reshape(t, nq)
-        return self._o(o, batch.decode_step) if self._o is not None else self.o_proj(o)
+        if self.o_product is not None:
+            return self.o_product(o, batch.decode_step)
+        out: torch.Tensor = self.o_proj(o)
+        return out
 
 
 class MLP(nn.Module):
@@ -113,21 +121,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self._gate_up: FastLinear | None = None
-        self._down: FastLinear | None = None
+        self.gate_up_product: FastLinear | None = None
+        self.down_product: FastLinear | None = None
 
     def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
-        self._gate_up = fuse_rows(self.gate_proj, self.up_proj,
+        self.gate_up_product = fuse_rows(self.gate_proj, self.up_proj,
                                   quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")],
                                   pack=backend.pack_weights)
-        self._down = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"),
+        self.down_product = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"),
                                 pack=backend.pack_weights)
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
-        if self._gate_up is None or self._down is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self._gate_up(x, decode).chunk(2, dim=-1)
-        return self._down(F.silu(gate) * up, decode)
+        if self.gate_up_product is None or self.down_product is None:
+            out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return out
+        gate, up = self.gate_up_product(x, decode).chunk(2, dim=-1)
+        return self.down_product(F.silu(gate) * up, decode)
 
 
 class DecoderLayer(nn.Module):
@@ -141,7 +150,8 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv, batch)
-        return h + self.mlp(self.post_attention_layernorm(h), batch.decode_step)
+        out: torch.Tensor = h + self.mlp(self.post_attention_layernorm(h), batch.decode_step)
+        return out
 
 
 class LlamaBody(nn.Module):
@@ -161,8 +171,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._lm_head: FastLinear | None = None
-        self._fused: cpu_kernels.LlamaDecode | None = None
+        self.head_product: FastLinear | None = None
+        self.fused_decode: cpu_kernels.LlamaDecode | None = None
         self.backend = Backend("torch")
 
     def prepare(self, backend: Backend,
@@ -171,19 +181,22 @@ class LlamaForCausalLM(nn.Module):
         the GGUF blocks of weights, by state-dict name (a GGUF file's Q4_1/Q8_0 tensors), when
         the backend reads blocks. Returns the backend the model runs (narrowed when it lacks
         blocks for some products)."""
-        q = quantized if backend.block_products and quantized else {}
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.prepare(backend,
-                                    lambda n, i=i: q.get(f"model.layers.{i}.self_attn.{n}"))
-            layer.mlp.prepare(backend, lambda n, i=i: q.get(f"model.layers.{i}.mlp.{n}"))
+        q: Mapping[str, QuantWeight] = quantized if backend.block_products and quantized else {}
+
+        def blocks_of(prefix: str) -> Quantized:
+            return lambda name: q.get(f"{prefix}.{name}")
+
+        for i, layer in enumerate(self.decoder_layers()):
+            layer.self_attn.prepare(backend, blocks_of(f"model.layers.{i}.self_attn"))
+            layer.mlp.prepare(backend, blocks_of(f"model.layers.{i}.mlp"))
         head = q.get("lm_head.weight")
         if head is None and self.config.tie_word_embeddings:
             head = q.get("model.embed_tokens.weight")
-        self._lm_head = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights)
+        self.head_product = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights)
         layers = self._fusable_layers() if backend.fused_layers else None
         if backend.fused_layers and layers is None:
             backend = without_fusion(backend, "not every product has GGUF blocks")
-        self._fused = self._fused_decode(layers) if layers is not None else None
+        self.fused_decode = self._make_fused_decode(layers) if layers is not None else None
         self.backend = backend
         return backend
 
@@ -191,9 +204,9 @@ class LlamaForCausalLM(nn.Module):
         """What the one-call-per-layer decode step reads, when every product of every layer
         has GGUF blocks; None otherwise."""
         layers = []
-        for layer in self.model.layers:
+        for layer in self.decoder_layers():
             a, m = layer.self_attn, layer.mlp
-            qkv, o, gate_up, down = a._qkv, a._o, m._gate_up, m._down
+            qkv, o, gate_up, down = a.qkv_product, a.o_product, m.gate_up_product, m.down_product
             if (qkv is None or o is None or gate_up is None or down is None or qkv.quant is None
                     or o.quant is None or gate_up.quant is None or down.quant is None):
                 return None
@@ -203,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
                 qkv.quant, qkv.bias, o.quant, o.bias, gate_up.quant, down.quant))
         return layers
 
-    def _fused_decode(self, layers: list[cpu_kernels.LlamaLayerWeights]
+    def _make_fused_decode(self, layers: list[cpu_kernels.LlamaLayerWeights]
                       ) -> cpu_kernels.LlamaDecode:
         """The one-call-per-layer decode step (cpu_kernels.py)."""
         c = self.config
@@ -211,6 +224,9 @@ class LlamaForCausalLM(nn.Module):
             layers, hidden=c.hidden_size, heads=c.num_attention_heads,
             kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
             intermediate=c.intermediate_size, eps=c.rms_norm_eps)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return cast(list[DecoderLayer], list(self.model.layers))
 
     def reset_buffers(self, device: str | torch.device) -> None:
         """Recomputes non-persistent buffers (after building on the meta device)."""
@@ -228,7 +244,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids) if lo == 0 else hidden  # [T, D]
         assert h is not None, "a stage after the first needs the previous stage's hidden states"
         cos_sin = self.rope.cos_sin(batch.positions, h.dtype)
-        fused = self._fused
+        fused = self.fused_decode
         if fused is not None and batch.decode_step:  # one C call per layer (cpu_kernels.py)
             h = fused.run(h, cos_sin[0], cos_sin[1], kv, batch.slot_pages, batch.slot_offsets,
                           batch.decode_plan(), self.config.head_dim ** -0.5, range(lo, hi))
@@ -240,4 +256,6 @@ class LlamaForCausalLM(nn.Module):
         if hi < len(self.model.layers):
             return h
         h = self.model.norm(h[batch.last_indices])
-        return (self._lm_head(h, True) if self._lm_head is not None else self.lm_head(h)).float()
+        logits: torch.Tensor = (self.head_product(h, True) if self.head_product is not None
+                                else self.lm_head(h))
+        return logits.float()

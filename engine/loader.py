@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from pdserve.engine.backend import Backend, choose_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
@@ -72,9 +73,10 @@ def load_model(
     else:
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
-    cls = DeepseekV3ForCausalLM if isinstance(cfg, DeepseekV3Config) else LlamaForCausalLM
+    model: LlamaForCausalLM | DeepseekV3ForCausalLM
     with torch.device("meta"):
-        model = cls(cfg)  # type: ignore[arg-type]
+        model = (DeepseekV3ForCausalLM(cfg) if isinstance(cfg, DeepseekV3Config)
+                 else LlamaForCausalLM(cfg))
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.engine.layout import KVLayout
 
@@ -75,18 +76,19 @@ class DeepseekV3Config:
                         dtype, block_tokens)
 
 
-def _rope_theta(d: dict) -> tuple[float, str]:
+def _rope_theta(d: dict[str, Any]) -> tuple[float, str]:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     return theta, kind
 
 
-def _first_id(v):  # eos may be a list in generation configs
-    return v[0] if isinstance(v, list) and v else v
+def _first_id(v: Any) -> int | None:  # eos may be a list in generation configs
+    first = v[0] if isinstance(v, list) and v else v
+    return None if first is None else int(first)
 
 
-def config_from_hf(d: dict) -> LlamaConfig | DeepseekV3Config:
+def config_from_hf(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
     """Our config from a Hugging Face `config.json` dict."""
     mt = d.get("model_type")
     theta, rope = _rope_theta(d)

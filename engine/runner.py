@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+
 from pdserve.engine.attention import AttnBatch
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
 from pdserve.engine.errors import OutOfPages
@@ -48,6 +49,11 @@ class ModelRunner:
                 return None
         return self._graphs
 
+    def _model(self, ids: torch.Tensor, batch: AttnBatch, layers: tuple[int, int] | None = None,
+               hidden: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor = self.model(ids, self.pool.kv, batch, layers=layers, hidden=hidden)
+        return out
+
     @property
     def block_tokens(self) -> int:
         return self.pool.layout.block_tokens
@@ -63,7 +69,7 @@ class ModelRunner:
         for s in range(start, n, self.chunk):
             e = min(s + self.chunk, n)
             batch = AttnBatch.build([e - s], [e], [list(pages)], self.block_tokens, self.device)
-            logits = self.model(ids[s:e], self.pool.kv, batch)
+            logits = self._model(ids[s:e], batch)
         assert logits is not None
         return logits[0]
 
@@ -78,7 +84,7 @@ class ModelRunner:
         batch = AttnBatch.build([len(t) for t, _, _ in chunks], [s + len(t) for t, s, _ in chunks],
                                 [list(p) for _, _, p in chunks], self.block_tokens, self.device)
         batch.before_layer = before_layer
-        return self.model(ids, self.pool.kv, batch)
+        return self._model(ids, batch)
 
     def forward_stage(self, tokens: Sequence[int], start: int, pages: Sequence[int],
                       layers: tuple[int, int], hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,11 +95,12 @@ class ModelRunner:
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         batch = AttnBatch.build([len(tokens)], [start + len(tokens)], [list(pages)],
                                 self.block_tokens, self.device)
-        out = self.model(ids, self.pool.kv, batch, layers=layers, hidden=hidden)
+        out = self._model(ids, batch, layers=layers, hidden=hidden)
         return out[0] if layers[1] == self.pool.layout.num_layers else out
 
     def decode(
-        self, last_tokens: Sequence[int], ctx_lens: Sequence[int], page_tables: Sequence[Sequence[int]]
+        self, last_tokens: Sequence[int], ctx_lens: Sequence[int],
+        page_tables: Sequence[Sequence[int]]
     ) -> torch.Tensor:
         """One token for each sequence: last_tokens[i] sits at position ctx_lens[i] - 1.
         Returns logits [B, vocab]."""
@@ -111,4 +118,4 @@ class ModelRunner:
                                 [list(t) for t in page_tables], self.block_tokens, self.device,
                                 decode_step=True)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
-        return self.model(ids, self.pool.kv, batch)
+        return self._model(ids, batch)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.engine.sequence import Sequence
 
 

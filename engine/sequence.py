@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
 from pdserve.engine.kv_pool import PageId
 from pdserve.engine.sampling import FinishReason, SamplingParams
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pdserve import config
 from pdserve.log import setup_logging
 
-SERVICES = {
+SERVICES: dict[str, type[config.ServiceSettings]] = {
     "gateway": config.GatewaySettings,
     "prefill": config.PrefillSettings,
     "decode": config.DecodeSettings,
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--json", action="store_true", help="print {phy2log, log2phy, logcnt}")
     rp = sub.add_parser("replay", help="replay a Mooncake-format trace through the balancers "
                                        "on a simulated clock, policy by policy")
-    rp.add_argument("trace", help="JSONL trace (timestamp ms, input_length, output_length, hash_ids)")
+    rp.add_argument("trace",
+                    help="JSONL trace (timestamp ms, input_length, output_length, hash_ids)")
     rp.add_argument("--prefill", type=int, default=4, help="prefill instances")
     rp.add_argument("--decode", type=int, default=4, help="decode instances")
     rp.add_argument("--limit", type=int, default=0, help="first N requests only (0 = all)")
@@ -175,7 +176,8 @@ def _analytics(args: argparse.Namespace) -> int:
     import csv
 
     from pdserve.cache.analytics import NAMED_QUERIES, run_named
-    from pdserve.cache.ledger import QueryError, run_query
+    from pdserve.cache.errors import QueryError
+    from pdserve.cache.ledger import run_query
 
     if args.list or not args.query:
         for name, (what, _) in NAMED_QUERIES.items():
@@ -218,7 +220,7 @@ def _analytics(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pdserve.cache.analytics import Prices, format_report, plot, report
-    from pdserve.cache.ledger import QueryError
+    from pdserve.cache.errors import QueryError
 
     if not Path(args.data_dir, "ledger").is_dir():
         print(f"pdserve report: no ledger under --data-dir {args.data_dir}", file=sys.stderr)
@@ -254,21 +256,22 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve.scheduler.eplb_cli import run_eplb
 
             return run_eplb(args)
-        cls = config.UpSettings if cmd in ("up", "demo") else SERVICES[cmd]
+        cls: type[config.AnySettings] = (config.UpSettings if cmd in ("up", "demo")
+                                          else SERVICES[cmd])
         settings = config.load_settings(cls, args)
     except config.SettingsError as e:
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, service=cmd)
-    if cmd == "up":
-        from pdserve.cluster import run_up
+    if isinstance(settings, config.UpSettings):
+        if cmd == "up":
+            from pdserve.cluster import run_up
 
-        return run_up(settings)
-    if cmd == "demo":
+            return run_up(settings)
         from pdserve.demo import main as demo_main
 
         return demo_main(settings, args.max_tokens, args.keep_data)
-    if cmd == "kvstore" and args.action != "serve":
+    if isinstance(settings, config.KVStoreSettings) and args.action != "serve":
         from pdserve.cache.offline import run_offline
 
         return run_offline(settings, args.action, args.json)

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +29,7 @@ class ClusterError(RuntimeError):
 
 class Service:
     def __init__(self, name: str, args: list[str], run_dir: Path, env: dict[str, str],
-                 extra_args: list[str] = ()) -> None:  # type: ignore[assignment]
+                 extra_args: Sequence[str] = ()) -> None:
         self.name = name
         self.base_args = list(args)  # what `restart` starts again; extra_args are one-off
         self.args = list(args) + list(extra_args)
@@ -72,7 +74,8 @@ class Service:
 
 
 class LocalCluster:
-    def __init__(self, settings: UpSettings, progress: bool = True, extra_env: dict | None = None):
+    def __init__(self, settings: UpSettings, progress: bool = True,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.s = settings
         self.progress = progress
         self.data_dir = settings.data_dir.resolve()
@@ -95,7 +98,7 @@ class LocalCluster:
         if self.progress:
             print(msg, file=sys.stderr, flush=True)
 
-    def _spawn(self, name: str, args: list[str], extra_args: list[str] = (),  # type: ignore[assignment]
+    def _spawn(self, name: str, args: list[str], extra_args: Sequence[str] = (),
                env: dict[str, str] | None = None) -> Service:
         svc = Service(name, args, self.run_dir, env or self.env, extra_args)
         self.services.append(svc)
@@ -126,7 +129,8 @@ class LocalCluster:
             self._wait_ready([kv], deadline)
             self.kvstore_address = f"127.0.0.1:{kv.port}"
             self._say("starting gateway ...")
-            gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port", str(self.s.port),
+            gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port",
+                                         str(self.s.port),
                                          "--kvstore", self.kvstore_address, "--internal-port", "0",
                                          "--data-dir", str(self.data_dir), *model, *common])
             self._wait_ready([gw], deadline)
@@ -134,7 +138,8 @@ class LocalCluster:
             self.gateway_address = f"{host}:{gw.port}"
             internal = json.loads(gw.ready_file.read_text()).get("internal_port")
             # With mutual TLS workers join on the gateway's internal port.
-            self.gateway_internal_address = f"{host}:{internal}" if internal else self.gateway_address
+            self.gateway_internal_address = (f"{host}:{internal}" if internal
+                                             else self.gateway_address)
             self._say(f"loading the model in {self.s.num_prefill} prefill and "
                       f"{self.s.num_decode} decode workers ...")
             workers = []
@@ -201,7 +206,8 @@ class LocalCluster:
         svc.proc.kill()
         svc.wait(15)
 
-    def restart(self, name: str, timeout_s: float = 300.0, extra_args: list[str] = ()) -> Service:  # type: ignore[assignment]
+    def restart(self, name: str, timeout_s: float = 300.0,
+                extra_args: Sequence[str] = ()) -> Service:
         """Stops a service (SIGTERM; no-op if it is already dead) and starts it again with the
         same arguments plus `extra_args` (the kvstore and the gateway on the same ports, so
         their peers reconnect; workers as new processes, hence new epochs)."""
@@ -247,7 +253,7 @@ def run_up(settings: UpSettings) -> int:
     cluster = LocalCluster(settings)
     stop = {"now": False}
 
-    def handler(signum, frame):  # type: ignore[no-untyped-def]
+    def handler(signum: int, frame: FrameType | None) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGINT, handler)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,7 +70,8 @@ class KVStoreSettings(_Served):
         "every_write", description="WAL sync policy for block writes")
     sync_interval_ms: int = Field(100, ge=1, le=60000, description="WAL sync period for 'interval'")
     capacity_bytes: int = Field(0, ge=0, description="block byte budget (0 = unbounded)")
-    high_watermark: float = Field(0.95, gt=0, le=1, description="evict above this share of capacity")
+    high_watermark: float = Field(0.95, gt=0, le=1,
+                                  description="evict above this share of capacity")
     low_watermark: float = Field(0.85, gt=0, le=1, description="evict down to this share")
     max_age_s: float = Field(0.0, ge=0, description="expire blocks unused this long (0 = never)")
     nixl_staging_mb: int = Field(
@@ -214,9 +215,14 @@ class UpSettings(_Secured):
                             "would) instead of oversubscribing its cores")
 
 
+ServiceSettings = GatewaySettings | PrefillSettings | DecodeSettings | KVStoreSettings
+AnySettings = ServiceSettings | UpSettings
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
     for name, field in cls.model_fields.items():
-        if (field.json_schema_extra or {}).get("env_only"):  # secrets: never on a command line
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("env_only"):  # secrets: never on a command line
             continue
         flag = "--" + name.replace("_", "-")
         help_ = f"{field.description} [env PDSERVE_{name.upper()}, default {field.default!r}]"
@@ -231,7 +237,11 @@ class SettingsError(Exception):
     """A bad setting; the message names it."""
 
 
-def load_settings(cls: type[BaseSettings], args: argparse.Namespace | None = None, **overrides: Any):
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], args: argparse.Namespace | None = None,
+                  **overrides: Any) -> S:
     values = {k: v for k, v in vars(args or argparse.Namespace()).items()
               if k in cls.model_fields and v is not None}
     values.update(overrides)

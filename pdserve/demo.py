@@ -9,6 +9,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TextIO
 
 from pdserve.client import Client, Result
 from pdserve.cluster import LocalCluster
@@ -47,7 +48,7 @@ def _ask(address: str, q: str, max_tokens: int) -> Result:
 
 
 def run_workload(address: str, max_tokens: int = 48, concurrency: int = 4,
-                 out=sys.stdout) -> dict:
+                 out: TextIO = sys.stdout) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The first request is alone: it computes the shared system prompt, which every later
     # request then finds in the KV store.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -34,7 +35,7 @@ def setup_logging(level: str = "warning", service: str = "") -> None:
     if service:
         old = logging.getLogRecordFactory()
 
-        def factory(*a, **kw):  # type: ignore[no-untyped-def]
+        def factory(*a: Any, **kw: Any) -> logging.LogRecord:
             rec = old(*a, **kw)
             rec.service = service
             return rec

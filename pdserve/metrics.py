@@ -9,8 +9,8 @@ each hit once. Workers export the work they did under their own names (`pdserve_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,8 +19,12 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pdserve.cache.records import StoreStats
+    from pdserve.services.kvstore.staging import StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +158,10 @@ class DecodeMetrics(_WorkerMetrics):
 class StoreCollector(Collector):
     """Reads the store's own (persisted) counters at scrape time."""
 
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], StoreStats]) -> None:
         self._stats = stats
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         s = self._stats()
         for name, help_ in (("hits", "blocks found by lookups and gets"),
                             ("misses", "blocks asked for and not found"),
@@ -179,10 +183,10 @@ class StoreCollector(Collector):
 class StagingCollector(Collector):
     """The kvstore's NIXL staging buffer (services/staging.py), read at scrape time."""
 
-    def __init__(self, staging) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, staging: StagingArea) -> None:
         self._staging = staging
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         st = self._staging
         for name, help_, value in (
                 ("staged_blocks", "blocks staged for NIXL READ", st.staged_blocks),

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -31,7 +32,8 @@ def scaled_prompt(r: TraceRequest, tokens_per_block: int, max_blocks: int, vocab
     scale = tokens_per_block / BLOCK
     length = max(1, int(r.input_length * scale))
     blocks = r.hash_ids[:max_blocks] if max_blocks else r.hash_ids
-    length = min(length, len(blocks) * tokens_per_block) if blocks else min(length, tokens_per_block)
+    length = min(length, len(blocks) * tokens_per_block) if blocks else min(length,
+                                                                            tokens_per_block)
     out: list[int] = []
     for b in blocks:
         out.extend(block_tokens(b, tokens_per_block, vocab))
@@ -61,9 +63,9 @@ def ideal_hit_share(prompts: Sequence[tuple[list[int], Sequence[int]]], block: i
 
 def run_live(trace: Sequence[TraceRequest], address: str, tokens_per_block: int = 64,
              max_blocks: int = 16, max_tokens: int = 8, vocab: int = 49152,
-             concurrency: int = 4) -> dict:
+             concurrency: int = 4) -> dict[str, Any]:
     prompts = [(scaled_prompt(r, tokens_per_block, max_blocks, vocab), r.hash_ids) for r in trace]
-    results: list[dict] = [{} for _ in trace]
+    results: list[dict[str, Any]] = [{} for _ in trace]
     sem = threading.Semaphore(concurrency)
     t0 = time.monotonic()
     threads = []
@@ -96,8 +98,10 @@ def run_live(trace: Sequence[TraceRequest], address: str, tokens_per_block: int 
         "failed": dict(Counter(x["status"] for x in results if x.get("status") != "OK")),
         "hit_share": round(sum(x["cached"] for x in ok) / prompt, 4) if prompt else 0.0,
         "ideal_hit_share": round(ideal_hit_share(
-            [(p, ids[: -(-len(p) // tokens_per_block)]) for p, ids in prompts], tokens_per_block), 4),
+            [(p, ids[: -(-len(p) // tokens_per_block)]) for p,
+             ids in prompts], tokens_per_block), 4),
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else 0.0,
-        "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 4) if ttfts else 0.0,
+        "ttft_p99_s": round(ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+                            4) if ttfts else 0.0,
         "tokens_per_block": tokens_per_block,
     }

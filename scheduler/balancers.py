@@ -59,7 +59,8 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
         second = np.max(np.delete(loads, top)) if n > 1 else -np.inf
         others = np.full(n, first)
         others[top] = second
-        return np.maximum(loads + add, others)
+        result: np.ndarray = np.maximum(loads + add, others)
+        return result
 
     score = np.maximum(resulting_max(loads_a, add_a) / mean_a,
                        resulting_max(loads_b, add_b) / mean_b)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 
 
-def run_eplb(args) -> int:  # type: ignore[no-untyped-def]
+def run_eplb(args: argparse.Namespace) -> int:
     try:
         with open(args.loads) as f:
             weight = json.load(f)["weight"]

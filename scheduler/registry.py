@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
 from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
 from pdserve.scheduler.errors import NoRoom, NoWorker, RegistryError
 
@@ -69,7 +70,9 @@ class LoadTable:
 
     @classmethod
     def of(cls, states: list[WorkerState]) -> LoadTable:
-        t = cls([w.spec.worker_id for w in states], *(np.zeros(len(states)) for _ in range(5)))
+        n = len(states)
+        t = cls([w.spec.worker_id for w in states], np.zeros(n), np.zeros(n), np.zeros(n),
+                np.zeros(n), np.zeros(n))
         t.row = {wid: i for i, wid in enumerate(t.ids)}
         for i, w in enumerate(states):
             t.set(i, w.load)
@@ -164,7 +167,8 @@ class WorkerRegistry:
         """(prefill, decode, pipeline) for a request, by the balancers over the load tables:
         `pipeline` lists the prefill workers that run the first layers before `prefill` runs
         the last ones (empty unless the prompt has at least `pipeline_min_tokens` uncached
-        tokens and spreading it lowers the load of its slowest stage: plan_prefill_index). Workers in `excluded` (they failed
+        tokens and spreading it lowers the load of its slowest stage: plan_prefill_index).
+        Workers in `excluded` (they failed
         this request) are no candidates. NoWorker: no worker in rotation; NoRoom: no decode
         worker can hold `pages`."""
         pt, dt = self.table("prefill"), self.table("decode")

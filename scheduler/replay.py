@@ -31,10 +31,12 @@ import heapq
 import itertools
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
 from pdserve.scheduler.balancers import (
     DecodeCandidate,
     attention_work,
@@ -120,7 +122,7 @@ class _Stage:
     i: int                 # request index
     w: int                 # instance
     stage: int
-    stages: list           # all stages of the request, in pipeline order
+    stages: list[_Stage]   # all stages of the request, in pipeline order
     duration: float
     work: float
     tokens: float
@@ -134,16 +136,17 @@ class _Stage:
 
 @dataclass
 class _Prefill:
-    queue: list = field(default_factory=list)   # [_Stage]
+    queue: list[_Stage] = field(default_factory=list)
     busy_until: float = 0.0
     work: float = 0.0      # outstanding attention work (queued + running)
     tokens: float = 0.0    # outstanding new tokens
-    served: set = field(default_factory=set)    # block ids this instance computed (affinity)
+    served: set[int] = field(default_factory=set)    # block ids this instance computed (affinity)
 
 
 @dataclass
 class _Decode:
-    running: dict = field(default_factory=dict)  # request index -> tokens still to generate
+    # request index -> tokens still to generate
+    running: dict[int, int] = field(default_factory=dict)
     kv: int = 0
     reserved: int = 0
     stepping: bool = False
@@ -186,14 +189,19 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _prefix_match(served: Container[int], hash_ids: Iterable[int]) -> int:
+    """Leading blocks of a request an instance has served before (cache affinity)."""
+    return sum(1 for _ in itertools.takewhile(lambda b: b in served, hash_ids))
+
+
 def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decode: int,
-             cost: CostModel = CostModel(), store_blocks: int = 0) -> dict:
+             cost: CostModel = CostModel(), store_blocks: int = 0) -> dict[str, Any]:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}")
     prefills = [_Prefill() for _ in range(n_prefill)]
     decodes = [_Decode() for _ in range(n_decode)]
     store = LRUStore(store_blocks)
-    events: list = []
+    events: list[tuple[Any, ...]] = []
     seq = itertools.count()
     for i, r in enumerate(trace):
         heapq.heappush(events, (r.arrival_s, next(seq), "arrive", i, -1))
@@ -221,6 +229,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         s.started, s.done = t, t + s.duration
         if s.stage:  # a chunk reaches this stage only after the stage before computed it
             prev = s.stages[s.stage - 1]
+            assert prev.done is not None  # the stage before started first (`ready`)
             s.done = max(s.done, prev.done + s.duration / s.chunks + cost.pipeline_hop_s)
         p.busy_until = s.done
         heapq.heappush(events, (s.done, next(seq), "prefill_done", s.i, w))
@@ -278,8 +287,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                 pw = min(range(n_prefill), key=lambda j: len(prefills[j].queue))
             else:  # cache_affinity, after SGLang's router: longest prefix match unless imbalanced
                 loads = [len(p.queue) for p in prefills]
-                match = [sum(1 for _ in itertools.takewhile(lambda b: b in p.served, r.hash_ids))
-                         for p in prefills]
+                match = [_prefix_match(p.served, r.hash_ids) for p in prefills]
                 best = max(range(n_prefill), key=lambda j: (match[j], -loads[j]))
                 imbalanced = max(loads) - min(loads) > 32 and max(loads) > 1.5 * min(loads)
                 if imbalanced or match[best] < 0.5 * len(r.hash_ids):

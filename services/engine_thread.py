@@ -141,7 +141,7 @@ class EngineThread:
             return IDLE_WAIT_S
         try:
             return self._poll()
-        except Exception:  # noqa: BLE001 - keep the engine thread alive
+        except Exception:
             log.exception("engine poll failed", extra={"thread": self.name})
             return IDLE_WAIT_S
 
@@ -164,7 +164,7 @@ class EngineThread:
                 continue
             try:
                 result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, or logged
+            except BaseException as e:
                 if fut is not None:
                     fut.set_exception(e)
                 else:

@@ -15,14 +15,18 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+
 from pdserve.cache.errors import QueryError, StoreFull
 from pdserve.engine.errors import OutOfPages
 from pdserve.scheduler.errors import NoRoom, NoWorker, RegistryError
+
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 RETRY_AFTER_MS = 500  # the back-pressure hint sent with RESOURCE_EXHAUSTED
 FAULT_KEY = "pdserve-fault"
@@ -151,16 +155,18 @@ def status_of(e: BaseException) -> Status | None:
 
 def fault_of(e: grpc.aio.AioRpcError) -> Fault | None:
     """The fault a failed internal call's trailing metadata names."""
-    for key, value in e.trailing_metadata() or ():
+    # grpc.aio's trailing metadata holds (key, value) pairs (grpc-stubs types the sync ones).
+    metadata = cast(Iterable[tuple[str, "str | bytes"]], e.trailing_metadata() or ())
+    for key, value in metadata:
         if key == FAULT_KEY:
             try:
-                return Fault(value)
+                return Fault(value if isinstance(value, str) else value.decode())
             except ValueError:
                 return None
     return None
 
 
-async def abort(context: grpc.aio.ServicerContext, status: Status) -> None:
+async def abort(context: Context, status: Status) -> None:
     if status.metadata:
         context.set_trailing_metadata(status.metadata)
     await context.abort(status.code, status.message)
@@ -175,7 +181,7 @@ def answers_errors(method: F) -> F:
     UNKNOWN, the server logs it)."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext
+        async def stream(self: Any, request: Any, context: Context
                          ) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
@@ -185,10 +191,10 @@ def answers_errors(method: F) -> F:
                 if status is None:
                     raise
                 await abort(context, status)
-        return stream  # type: ignore[return-value]  # the wrapper has the method's signature
+        return cast(F, stream)  # the wrapper has the method's signature
 
     @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Any, request: Any, context: Context) -> Any:
         try:
             return await method(self, request, context)
         except Exception as e:
@@ -196,4 +202,4 @@ def answers_errors(method: F) -> F:
             if status is None:
                 raise
             await abort(context, status)
-    return unary  # type: ignore[return-value]  # the wrapper has the method's signature
+    return cast(F, unary)  # the wrapper has the method's signature

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import grpc
 import xxhash
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pdserve.cache.block_hash import BlockHash
 from pdserve.services.server import channel
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -51,7 +52,7 @@ class LookupResult:
 class _Shard:
     address: str
     channel: grpc.aio.Channel
-    stub: kvstore_pb2_grpc.KVStoreStub
+    stub: kvstore_pb2_grpc.KVStoreAsyncStub
 
 
 class KVStoreClient:
@@ -77,7 +78,8 @@ class KVStoreClient:
     def group(self, keys: Sequence[BlockHash]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
-            groups.setdefault(rendezvous(k, self._names) if len(self.shards) > 1 else 0, []).append(i)
+            groups.setdefault(rendezvous(k, self._names) if len(self.shards) > 1 else 0,
+                              []).append(i)
         return groups
 
     async def lookup(self, keys: Sequence[BlockHash]) -> int | None:
@@ -173,7 +175,8 @@ class KVStoreClient:
             log.warning("kvstore get failed", extra={"shard": self._names[shard],
                                                      "code": e.code().name})
 
-    async def stage(self, shard: int, keys: Sequence[BlockHash]) -> kvstore_pb2.StageResponse | None:
+    async def stage(self, shard: int,
+                    keys: Sequence[BlockHash]) -> kvstore_pb2.StageResponse | None:
         """Asks one shard to stage the keys' leading blocks for a NIXL READ; None when it
         cannot (no staging buffer, full, unreachable)."""
         try:
@@ -197,7 +200,8 @@ class KVStoreClient:
                     yield kvstore_pb2.Block(key=k, value=v, depth=d)
 
             try:
-                r = await self.shards[shard].stub.Put(gen(), timeout=self.timeout_s + 0.05 * len(idx))
+                r = await self.shards[shard].stub.Put(gen(),
+                                                      timeout=self.timeout_s + 0.05 * len(idx))
                 return r.stored
             except grpc.aio.AioRpcError as e:
                 log.warning("kvstore put failed", extra={"shard": self._names[shard],
@@ -221,4 +225,4 @@ class KVStoreClient:
 
     async def close(self) -> None:
         for s in self.shards:
-            await s.channel.close()
+            await s.channel.close(None)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+
 from pdserve.services.server import channel
 from pdserve.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -31,7 +32,7 @@ async def join_gateway(
         stub = registry_pb2_grpc.RegistryStub(ch)
         while not stop.is_set():
 
-            async def messages():
+            async def messages() -> AsyncIterator[registry_pb2.WorkerMessage]:
                 yield registry_pb2.WorkerMessage(register=info)
                 while not stop.is_set():
                     yield registry_pb2.WorkerMessage(load=load())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -67,7 +68,16 @@ def load_tls(cert_file: Path | None, key_file: Path | None, ca_file: Path | None
                _read("--tls-ca-file", ca_file) if ca_file else None, server_name)
 
 
-def configure(settings) -> TLS | None:  # type: ignore[no-untyped-def]
+class TLSSettings(Protocol):
+    """The TLS fields every service's settings have (pdserve/config.py)."""
+
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    tls_ca_file: Path | None
+    tls_server_name: str
+
+
+def configure(settings: TLSSettings) -> TLS | None:
     """Sets this process's TLS from its settings (services call it once, at start-up)."""
     global _tls
     _tls = load_tls(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,

@@ -7,14 +7,25 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the asyncio servicer (absent from the stubs)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from pdserve.services import security
+
+if TYPE_CHECKING:
+    # A servicer method's context (grpc-stubs makes it generic in the messages; the methods'
+    # own signatures name the messages).
+    Context = grpc.aio.ServicerContext[Any, Any]
+# grpc_health ships no type stubs: its asyncio HealthServicer, untyped.
+HealthServicer = Any
+# The end of a streaming call's reads (grpc.aio.EOF).
+EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs 1.53 lacks aio.EOF
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +49,40 @@ class _Malformed:
         self.why = why
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]  # generic in the stubs only
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class MalformedRequests(_Interceptor):
     """Bytes that do not parse as the method's request message get INVALID_ARGUMENT naming the
     message type (gRPC would answer UNKNOWN with an internal exception text)."""
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        deser = getattr(handler, "request_deserializer", None)
-        if handler is None or deser is None:
-            return handler
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        found = await continuation(handler_call_details)
+        deser = getattr(found, "request_deserializer", None)
+        if found is None or deser is None:
+            return found
+        handler: Any = found  # its unary_unary & co are not in grpc-stubs' RpcMethodHandler
         cls = getattr(deser, "__self__", None)
         what = getattr(getattr(cls, "DESCRIPTOR", None), "full_name", "request message")
 
-        def lenient(data: bytes):  # type: ignore[no-untyped-def]
+        def lenient(data: bytes) -> Any:
             try:
                 return deser(data)
             except Exception as e:  # noqa: BLE001 - DecodeError and friends
                 return _Malformed(str(e)[:200])
 
-        async def refuse(context, bad: _Malformed) -> None:  # type: ignore[no-untyped-def]
+        async def refuse(context: Context, bad: _Malformed) -> None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request: not a valid {what} ({bad.why})")
 
-        async def checked(it, context):  # type: ignore[no-untyped-def]
+        async def checked(it: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             async for r in it:
                 if isinstance(r, _Malformed):
                     await refuse(context, r)
@@ -70,7 +92,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
-            async def uu(request, context):  # type: ignore[no-untyped-def]
+            async def uu(request: Any, context: Context) -> Any:
                 if isinstance(request, _Malformed):
                     await refuse(context, request)
                 return await inner_uu(request, context)
@@ -78,7 +100,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
-            async def us(request, context):  # type: ignore[no-untyped-def]
+            async def us(request: Any, context: Context) -> AsyncIterator[Any]:
                 if isinstance(request, _Malformed):
                     await refuse(context, request)
                 async for r in inner_us(request, context):
@@ -87,12 +109,12 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
-            async def su(it, context):  # type: ignore[no-untyped-def]
+            async def su(it: AsyncIterator[Any], context: Context) -> Any:
                 return await inner_su(checked(it, context), context)
             return grpc.stream_unary_rpc_method_handler(su, lenient, out)
         inner_ss = handler.stream_stream
 
-        async def ss(it, context):  # type: ignore[no-untyped-def]
+        async def ss(it: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             async for r in inner_ss(checked(it, context), context):
                 yield r
         return grpc.stream_stream_rpc_method_handler(ss, lenient, out)
@@ -105,8 +127,8 @@ async def create_server(
     port: int,
     internal: bool = True,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    interceptors: Iterable[grpc.aio.ServerInterceptor[Any, Any]] = (),
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Builds and starts a server; returns (server, bound port, health servicer). With TLS
     configured (services/security.py) the port is TLS, and an internal one requires the
     cluster credential (a client certificate signed by the cluster CA)."""
@@ -116,7 +138,7 @@ async def create_server(
         interceptors=[MalformedRequests(), *interceptors])
     for add in register:
         add(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     await health_servicer.set("", NOT_SERVING)  # each service says SERVING once it is ready
     await health_servicer.set(LIVENESS, SERVING)  # the event loop answers: the process is alive
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -152,7 +174,7 @@ def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:
 
 async def serve_until_signal(
     server: grpc.aio.Server,
-    health_servicer: health.aio.HealthServicer,
+    health_servicer: HealthServicer,
     cleanup: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
     drain: Callable[[], Awaitable[None]] | None = None,

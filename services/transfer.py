@@ -19,9 +19,11 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import xxhash
 from google.protobuf.message import DecodeError
+
 from pdserve.engine.kv_pool import KVPool
 from pdserve.services.errors import TransferError
 from pdserve.services.nixl_agent import new_agent
@@ -40,8 +42,12 @@ class TransferState(enum.Enum):
 def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
     h = xxhash.xxh3_64()
     for p in pages:
-        h.update(pool.page_bytes(p).cpu().numpy())
+        h.update(pool.page_bytes(p).cpu().numpy().data)
     return h.intdigest()
+
+
+# One READ: (local (addr, length) ranges, remote (addr, length, device) ranges).
+ReadGroup = tuple[list[tuple[int, int]], list[tuple[int, int, int]]]
 
 
 class NixlEndpoint:
@@ -58,7 +64,8 @@ class NixlEndpoint:
 
     @property
     def metadata(self) -> bytes:
-        return self.agent.get_agent_metadata()
+        md: bytes = self.agent.get_agent_metadata()
+        return md
 
     def descriptors(self, pages: Sequence[int]) -> list[common_pb2.PageDescriptor]:
         dev = max(self.pool.kv.get_device(), 0)
@@ -83,12 +90,12 @@ class NixlEndpoint:
             self._remote_md[agent_name] = metadata
         return agent_name
 
-    async def read_groups(self, remote: str, groups: Sequence[tuple[list, list]], remote_mem: str,
+    async def read_groups(self, remote: str, groups: Sequence[ReadGroup], remote_mem: str,
                           on_group: Callable[[int], None], timeout_s: float) -> int:
         """Posts one READ per group of (local ranges <- remote ranges): local ranges are
-        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) in group order as each group and those
-        before it complete. Returns how many groups were delivered (fewer on a NIXL error or
-        at the deadline)."""
+        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) in
+        group order as each group and those before it complete. Returns how many groups were
+        delivered (fewer on a NIXL error or at the deadline)."""
         dev = max(self.pool.kv.get_device(), 0)
         handles = []
         delivered = 0
@@ -113,7 +120,8 @@ class NixlEndpoint:
                 await asyncio.sleep(0.0005)
             return delivered
         except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
-            log.warning("NIXL read failed", extra={"peer": remote, "error": f"{type(e).__name__}: {e}"})
+            log.warning("NIXL read failed", extra={"peer": remote,
+                                                   "error": f"{type(e).__name__}: {e}"})
             return delivered
         finally:
             for h in handles:
@@ -147,14 +155,17 @@ class NixlEndpoint:
             return await self._write(local_pages, res, notice, timeout_s, n, size)
         except TransferError:
             raise
-        except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
+        except Exception as e:
             raise TransferError(f"KV transfer failed for request {notice.request_id}: "
                                 f"{type(e).__name__}: {e}") from e
 
-    async def _write(self, local_pages, res, notice, timeout_s: float, n: int, size: int) -> int:  # type: ignore[no-untyped-def]
+    async def _write(self, local_pages: Sequence[int], res: common_pb2.Reservation,
+                     notice: common_pb2.TransferNotice, timeout_s: float, n: int,
+                     size: int) -> int:
         remote = self._remote(res)
         local = self.agent.get_xfer_descs(
-            [(self.pool.page_addr(p), size, max(self.pool.kv.get_device(), 0)) for p in local_pages],
+            [(self.pool.page_addr(p), size, max(self.pool.kv.get_device(),
+                                                0)) for p in local_pages],
             self.mem_type)
         remote_descs = self.agent.get_xfer_descs(
             [(d.addr, d.length, d.device_id) for d in res.pages[:n]], res.mem_type or "DRAM")
@@ -178,12 +189,13 @@ class NixlEndpoint:
             raise TransferError(f"KV transfer {state.value} for request {notice.request_id}")
         return n * size
 
-    def _post(self, handle) -> TransferState:  # type: ignore[no-untyped-def]
+    def _post(self, handle: Any) -> TransferState:  # a NIXL transfer handle
         return self._state(self.agent.transfer(handle))
 
     @staticmethod
     def _state(s: str) -> TransferState:
-        return {"DONE": TransferState.DONE, "PROC": TransferState.POSTED}.get(s, TransferState.FAILED)
+        return {"DONE": TransferState.DONE, "PROC": TransferState.POSTED}.get(s,
+                                                                              TransferState.FAILED)
 
     # -- receiver --------------------------------------------------------------------------
     def poll_notices(self) -> list[common_pb2.TransferNotice]:

@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
+
 from pdserve.cache.block_hash import hash_namespace
+from pdserve.config import DecodeSettings, PrefillSettings
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.errors import InvalidArgument
 from pdserve.v1 import common_pb2
-
-from pdserve.config import DecodeSettings, PrefillSettings
 
 T = TypeVar("T")
 WorkerSettings = PrefillSettings | DecodeSettings

@@ -12,13 +12,6 @@ os.environ.setdefault("UCX_LOG_LEVEL", "error")
 # (registration makes it resident): several clusters run at once on a 24 GiB machine.
 os.environ.setdefault("PDSERVE_NIXL_STAGING_MB", "64")
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences what a hash chain is.",
-]
-
-
 @pytest.fixture(scope="session")
 def loaded():
     from pdserve.engine.loader import load_model
@@ -35,8 +28,9 @@ def tokenizer(loaded):
 def hf():
     """transformers running the same GGUF: the reference (test-only dependency)."""
     import torch
-    from pdserve.engine.loader import default_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pdserve.engine.loader import default_model_path
 
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -44,34 +38,6 @@ def hf():
                                                  dtype=torch.float32)
     model.eval()
     return model, tok
-
-
-def hf_greedy(hf, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Reference greedy tokens and, per step, the gap between the top-2 logits."""
-    import torch
-
-    model, tok = hf
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True,
-                             pad_token_id=tok.eos_token_id)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
-    gaps = []
-    for s in out.scores:
-        top = torch.topk(s[0].float(), 2).values
-        gaps.append(float(top[0] - top[1]))
-    return tokens, gaps
-
-
-def agree_until_near_tie(ours: list[int], ref: list[int], gaps: list[float],
-                         tie: float = 1e-3) -> int:
-    """Number of leading tokens that must agree: up to (and including) the first step whose
-    reference top-2 gap is below `tie`, where two faithful implementations may part."""
-    n = min(len(ours), len(ref))
-    for i in range(n):
-        if gaps[i] < tie:
-            return i  # tokens before the near-tie must agree; the tie itself may differ
-    return n
 
 
 @pytest.fixture(scope="module")

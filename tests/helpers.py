@@ -4,6 +4,9 @@ shard on port 0, a local cluster, and the metrics a service serves."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -147,3 +150,71 @@ def kv_rows(pool: Any, pages: Any, n_tokens: int) -> Any:
     bt = pool.layout.block_tokens
     return torch.cat([pool.kv[p, :, :min(bt, n_tokens - i * bt)].reshape(-1)
                       for i, p in enumerate(pages)])
+
+
+# -- the transformers reference -------------------------------------------------------------
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences what a hash chain is.",
+]
+
+
+def hf_greedy(hf, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Reference greedy tokens and, per step, the gap between the top-2 logits."""
+    import torch
+
+    model, tok = hf
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=tok.eos_token_id)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    gaps = []
+    for s in out.scores:
+        top = torch.topk(s[0].float(), 2).values
+        gaps.append(float(top[0] - top[1]))
+    return tokens, gaps
+
+
+def agree_until_near_tie(ours: list[int], ref: list[int], gaps: list[float],
+                         tie: float = 1e-3) -> int:
+    """Number of leading tokens that must agree: up to (and including) the first step whose
+    reference top-2 gap is below `tie`, where two faithful implementations may part."""
+    n = min(len(ours), len(ref))
+    for i in range(n):
+        if gaps[i] < tie:
+            return i  # tokens before the near-tie must agree; the tie itself may differ
+    return n
+
+
+def start_store_process(data: Path, ready: Path) -> tuple[Any, int]:
+    """`pdserve kvstore` as a process on a free port; (process, port) once it is ready."""
+    ready.unlink(missing_ok=True)
+    p = subprocess.Popen([sys.executable, "-m", "pdserve", "kvstore", "--port", "0",
+                          "--data-dir", str(data), "--sync", "every_write",
+                          "--ready-file", str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def started() -> bool:
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else "kvstore exited"
+        return ready.exists()
+
+    wait_until(started, 60, what="the kvstore process ready")
+    return p, json.loads(ready.read_text())["port"]
+
+
+def ledger_row(i: int, **kw: Any) -> dict[str, Any]:
+    """A ledger row with plausible values, `kw` replacing some."""
+    base = dict(ts=1_700_000_000.0 + i, request_id=f"r{i}", tenant="t", model="m", status="OK",
+                finish_reason="stop", prompt_tokens=100, cached_tokens=64, completion_tokens=5,
+                ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prefill_worker="p0", decode_worker="d0",
+                kv_bytes=1000, fetch_s=0.001, compute_s=0.05, miss_reason="partial_block",
+                error="", attempts=1)
+    base.update(kw)
+    return base
+
+
+def service_metrics(c: Any, name: str) -> dict[str, float]:
+    """A local cluster's service's /metrics, parsed."""
+    return read_metrics(f"http://127.0.0.1:{c.service(name).metrics_port}/metrics", 5)

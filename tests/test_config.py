@@ -10,11 +10,13 @@ import sys
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cli import _parser
 from pdserve.config import DecodeSettings, SettingsError, load_settings
 
+pytestmark = pytest.mark.integration  # starts processes
 
 def run_cli(*args, env=None, timeout=60):
     return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True,

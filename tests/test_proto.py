@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_generated_modules_match_protos(tmp_path):
     subprocess.run(["bash", str(ROOT / "proto" / "gen.sh"), str(tmp_path)], check=True,
                    env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
@@ -16,7 +19,8 @@ def test_generated_modules_match_protos(tmp_path):
     generated = sorted((tmp_path / "pdserve" / "v1").glob("*_pb2*"))
     assert {p.name for p in generated} == {p.name for p in committed.glob("*_pb2*")}
     for p in generated:
-        assert p.read_bytes() == (committed / p.name).read_bytes(), f"{p.name} is stale: run proto/gen.sh"
+        assert p.read_bytes() == (committed / p.name).read_bytes(), \
+            f"{p.name} is stale: run proto/gen.sh"
 
 
 def test_public_contract_field_numbers():
@@ -31,7 +35,8 @@ def test_public_contract_field_numbers():
     assert {n: r[n].number for n in ("token_ids", "text", "finish_reason", "usage")} == {
         "token_ids": 1, "text": 2, "finish_reason": 3, "usage": 4}
     u = gateway_pb2.Usage.DESCRIPTOR.fields_by_name
-    assert [u[n].number for n in ("prompt_tokens", "cached_tokens", "completion_tokens")] == [1, 2, 3]
+    assert [u[n].number for n in ("prompt_tokens", "cached_tokens", "completion_tokens")] == [1, 2,
+                                                                                              3]
     svc = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
     assert svc.full_name == "pdserve.v1.Gateway"
     assert svc.methods_by_name["Generate"].server_streaming

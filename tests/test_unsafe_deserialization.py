@@ -40,7 +40,8 @@ def findings(source: str, name: str) -> list[str]:
                 out.append(f"{where} imports from {node.module}")
         elif isinstance(node, ast.Call):
             f = node.func
-            fname = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            fname = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f,
+                                                                              ast.Attribute) else ""
             owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
                 else ""
             if (isinstance(f, ast.Name) and fname in BANNED_BUILTINS) or fname in BANNED_METHODS:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import DecodeSettings
+from pdserve.metrics import DecodeMetrics, serve_metrics
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.decode.servicer import DecodeServicer
@@ -24,10 +28,6 @@ from pdserve.services.worker import (
     worker_info,
 )
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import DecodeSettings
-from pdserve.metrics import DecodeMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,10 @@ async def run(settings: DecodeSettings) -> None:
     worker = in_passing_thread(lambda: build(settings))
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
-    worker.on_change = lambda: loop.call_soon_threadsafe(changed.set)
+    def report_now() -> None:  # from any thread
+        loop.call_soon_threadsafe(changed.set)
+
+    worker.on_change = report_now
     prom = CollectorRegistry()
     worker.export_metrics(DecodeMetrics(prom))
     worker.start()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import grpc
 from pdserve.engine.sequence import FailedEvent, FinishEvent, TokenEvent
 from pdserve.services.decode.worker import DecodeWorker
 from pdserve.services.errors import Internal, InvalidArgument, NotFound, answers_errors
@@ -15,6 +15,8 @@ from pdserve.services.outbox import RequestFailed
 from pdserve.services.worker import check_prompt, sampling_from_proto
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: DecodeWorker) -> None:
@@ -38,7 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @answers_errors
     async def Reserve(self, request: decode_pb2.ReserveRequest,
-                      context: grpc.aio.ServicerContext) -> common_pb2.Reservation:
+                      context: Context) -> common_pb2.Reservation:
         self._check(request)
         return self.worker.reserve(request.request_id, list(request.prompt_token_ids),
                                    sampling_from_proto(request.sampling),
@@ -46,7 +48,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @answers_errors
     async def Stream(self, request: decode_pb2.StreamRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb2.TokenChunk]:
+                     context: Context) -> AsyncIterator[decode_pb2.TokenChunk]:
         outbox = self.worker.outbox(request.request_id)
         if outbox is None:
             raise NotFound(f"request_id: {request.request_id!r} has no reservation here")
@@ -78,5 +80,5 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @answers_errors
     async def Release(self, request: decode_pb2.ReleaseRequest,
-                      context: grpc.aio.ServicerContext) -> decode_pb2.ReleaseResponse:
+                      context: Context) -> decode_pb2.ReleaseResponse:
         return decode_pb2.ReleaseResponse(found=self.worker.release(request.request_id))

@@ -19,6 +19,7 @@ from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import FinishReason, SamplingParams
 from pdserve.engine.sequence import EngineEvent, FailedEvent, FinishEvent, TokenEvent
+from pdserve.metrics import DecodeMetrics
 from pdserve.services.cpu_turns import CpuTurns, TakeTurns
 from pdserve.services.decode.requests import DecodeRequest, DecodeRequests, DecodeState
 from pdserve.services.engine_thread import EngineThread
@@ -26,8 +27,6 @@ from pdserve.services.outbox import Outbox, Outboxes, RequestFailed
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import new_epoch
 from pdserve.v1 import common_pb2
-
-from pdserve.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 

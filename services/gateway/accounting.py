@@ -11,17 +11,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 from pdserve.cache.analytics import run_named
 from pdserve.cache.block_hash import BlockHash, block_hashes
 from pdserve.cache.ledger import Ledger, MissReason
+from pdserve.metrics import GatewayMetrics
 from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec
 from pdserve.services.kvstore_client import LookupResult
 from pdserve.v1 import gateway_pb2
-
-from pdserve.metrics import GatewayMetrics
 
 TENANT_MEMORY = 1 << 20  # unsalted block prefixes remembered for the different_salt reason
 

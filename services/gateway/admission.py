@@ -38,11 +38,13 @@ def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_s
     has_msgs = len(req.messages) > 0
     given = sum((has_ids, has_text, has_msgs))
     if given == 0:
-        raise InvalidRequest("prompt: empty; send exactly one of prompt, prompt_token_ids, messages")
+        raise InvalidRequest("prompt: empty; send exactly one of prompt, prompt_token_ids, "
+                             "messages")
     if given > 1:
         raise InvalidRequest("prompt, prompt_token_ids, messages: send exactly one of them")
     if len(req.request_id) > MAX_REQUEST_ID:
-        raise InvalidRequest(f"request_id: {len(req.request_id)} characters, limit {MAX_REQUEST_ID}")
+        raise InvalidRequest(f"request_id: {len(req.request_id)} characters, limit "
+                             f"{MAX_REQUEST_ID}")
     if len(req.cache_salt) > MAX_SALT:
         raise InvalidRequest(f"cache_salt: {len(req.cache_salt)} characters, limit {MAX_SALT}")
     if req.temperature < 0 or req.temperature != req.temperature:
@@ -54,10 +56,12 @@ def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_s
     if not 0.0 <= req.top_p <= 1.0 or req.top_p != req.top_p:
         raise InvalidRequest(f"top_p: {req.top_p}, must be in (0, 1] (0 = no limit)")
     if len(req.stop_token_ids) > MAX_STOP_TOKENS:
-        raise InvalidRequest(f"stop_token_ids: {len(req.stop_token_ids)} ids, limit {MAX_STOP_TOKENS}")
+        raise InvalidRequest(f"stop_token_ids: {len(req.stop_token_ids)} ids, limit "
+                             f"{MAX_STOP_TOKENS}")
     bad = next((t for t in req.stop_token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidRequest(f"stop_token_ids: token id {bad} outside the vocabulary [0, {vocab_size})")
+        raise InvalidRequest(f"stop_token_ids: token id {bad} outside the vocabulary "
+                             f"[0, {vocab_size})")
     if len(req.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"stop: {len(req.stop)} strings, limit {MAX_STOP_STRINGS}")
     for i, st in enumerate(req.stop):

@@ -24,9 +24,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
+
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
+from pdserve.metrics import GatewayMetrics
 from pdserve.scheduler.balancers import attention_work, request_pages
 from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec, WorkerState
 from pdserve.services.errors import Fault, error_for, fault_of
@@ -37,9 +40,10 @@ from pdserve.services.gateway.workers import WorkerClients, release
 from pdserve.services.kvstore_client import KVStoreClient, LookupResult
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2
 
-from pdserve.metrics import GatewayMetrics
-
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    DecodeStream = grpc.aio.UnaryStreamCall[decode_pb2.StreamRequest, decode_pb2.TokenChunk]
 
 STREAM_TIMEOUT_FACTOR = 10  # a decode stream may last this many internal-call deadlines
 
@@ -66,7 +70,7 @@ class InFlight:
     """What `Abort` needs of a running request: where its tokens come from now."""
 
     tenant: str | None = None
-    decode: decode_pb2_grpc.DecodeStub | None = None
+    decode: decode_pb2_grpc.DecodeAsyncStub | None = None
     iid: str = ""  # the request's id on its current decode worker
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -173,7 +177,7 @@ class GenerateFlow:
         place = await self._place(ctx, remaining)
         decode = self.c.clients.decode(place.decode.spec.address)
         self.flight.decode, self.flight.iid = decode, iid
-        stream: grpc.aio.UnaryStreamCall | None = None
+        stream: DecodeStream | None = None
         finished = False
         try:
             res = await self._reserve(decode, place, iid, ctx, sampling)
@@ -222,7 +226,7 @@ class GenerateFlow:
                 "stages": [w.spec.worker_id for w in stages]})
         return _Placement(keys, cacheable, found, pw, dw, stages)
 
-    async def _reserve(self, decode: decode_pb2_grpc.DecodeStub, place: _Placement, iid: str,
+    async def _reserve(self, decode: decode_pb2_grpc.DecodeAsyncStub, place: _Placement, iid: str,
                        ctx: list[int], sampling: common_pb2.SamplingParams
                        ) -> common_pb2.Reservation:
         """RESERVE pages on the decode worker for the context + the tokens still to come."""
@@ -274,8 +278,8 @@ class GenerateFlow:
             self.spec, self.salt, ctx, place.keys, place.cacheable, place.found,
             pre.cached_tokens // self.spec.block_tokens, rec.tenant)
 
-    async def _relay(self, stream: grpc.aio.UnaryStreamCall, dw: WorkerState,
-                     decode: decode_pb2_grpc.DecodeStub, iid: str
+    async def _relay(self, stream: DecodeStream, dw: WorkerState,
+                     decode: decode_pb2_grpc.DecodeAsyncStub, iid: str
                      ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """RELAY the decode worker's tokens as text deltas until a finish reason."""
         self.phase = Phase.RELAY

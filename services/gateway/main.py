@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
 
 from pdserve.cache.ledger import Ledger
+from pdserve.config import GatewaySettings
 from pdserve.engine.files import load_tokenizer
+from pdserve.metrics import GatewayMetrics, serve_metrics
 from pdserve.scheduler.registry import Role, WorkerRegistry
 from pdserve.services import security
 from pdserve.services.gateway.accounting import kv_usage
@@ -21,10 +26,6 @@ from pdserve.services.gateway.servicer import GatewayServicer
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import GatewaySettings
-from pdserve.metrics import GatewayMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ async def run(settings: GatewaySettings) -> None:
                      settings.ledger_max_pending) if settings.ledger else None)
     prom = CollectorRegistry()
     metrics = GatewayMetrics(prom)
+    def in_rotation(role: Role) -> Callable[[], int]:
+        return lambda: len(registry.active(role))
+
     for role in Role:
-        metrics.workers.labels(role.value).set_function(
-            lambda r=role: len(registry.active(r)))  # type: ignore[misc]  # r: a default arg
+        metrics.workers.labels(role.value).set_function(in_rotation(role))
     metrics.queued_tokens.set_function(
         lambda: sum(w.load.queued_tokens for w in registry.active(Role.PREFILL)))
     metrics.kv_usage.set_function(lambda: kv_usage(registry))

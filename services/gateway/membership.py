@@ -11,16 +11,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import grpc
-from grpc_health.v1 import health
 from pdserve.scheduler.errors import RegistryError
 from pdserve.scheduler.registry import Load, Role, WorkerRegistry, WorkerSpec
 from pdserve.services.errors import FailedPrecondition, InvalidArgument, answers_errors
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.limits import MAX_ADDRESS, MAX_WORKER_ID
-from pdserve.services.server import NOT_SERVING, SERVING
+from pdserve.services.server import NOT_SERVING, SERVING, HealthServicer
 from pdserve.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     @answers_errors
     async def Join(self, request_iterator: AsyncIterator[registry_pb2.WorkerMessage],
-                   context: grpc.aio.ServicerContext) -> registry_pb2.JoinResponse:
+                   context: Context) -> registry_pb2.JoinResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("register"):
             raise InvalidArgument("first message: must be `register` (WorkerInfo)")
@@ -85,7 +87,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.JoinResponse(reason="stream closed")
 
 
-async def watch_readiness(registry: WorkerRegistry, health_servicer: health.aio.HealthServicer,
+async def watch_readiness(registry: WorkerRegistry, health_servicer: HealthServicer,
                           kvstore: KVStoreClient, worker_timeout_s: float,
                           stop: asyncio.Event) -> None:
     """Keeps the health status in step with the registry; expires silent workers."""

@@ -11,10 +11,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+
 from pdserve.cache.analytics import NAMED_QUERIES
+from pdserve.cache.ledger import Ledger
+from pdserve.config import GatewaySettings
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.metrics import GatewayMetrics
 from pdserve.scheduler.registry import Role, WorkerRegistry
 from pdserve.services.errors import (
     AlreadyExists,
@@ -36,9 +41,8 @@ from pdserve.services.gateway.workers import WorkerClients, release
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-from pdserve.cache.ledger import Ledger
-from pdserve.config import GatewaySettings
-from pdserve.metrics import GatewayMetrics
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +66,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries))
         self._inflight: dict[str, InFlight] = {}
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant | None:
+    def _tenant(self, context: Context) -> Tenant | None:
         """The caller's tenant (Unauthenticated without a known token), None when auth is off."""
         if self.tokens is None:
             return None
         return self.tokens.check(context.invocation_metadata())
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext
+                       context: Context
                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         rec = Outcome(time.time(), time.monotonic(), request.request_id or uuid.uuid4().hex,
                       tenant_of(request.cache_salt))
@@ -140,7 +144,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @answers_errors
     async def QueryAnalytics(self, request: gateway_pb2.AnalyticsRequest,
-                             context: grpc.aio.ServicerContext) -> gateway_pb2.AnalyticsResponse:
+                             context: Context) -> gateway_pb2.AnalyticsResponse:
         tenant = self._tenant(context)
         params = dict(request.params)
         if tenant is not None and not tenant.admin:
@@ -160,7 +164,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @answers_errors
     async def Abort(self, request: gateway_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> gateway_pb2.AbortResponse:
+                    context: Context) -> gateway_pb2.AbortResponse:
         tenant = self._tenant(context)
         flight = self._inflight.get(request.request_id)
         if flight is None or flight.decode is None or (
@@ -172,7 +176,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @answers_errors
     async def Stats(self, request: gateway_pb2.ClusterStatsRequest,
-                    context: grpc.aio.ServicerContext) -> gateway_pb2.ClusterStatsResponse:
+                    context: Context) -> gateway_pb2.ClusterStatsResponse:
         self._tenant(context)
         return gateway_pb2.ClusterStatsResponse(
             requests_in_flight=len(self._inflight),

@@ -4,6 +4,7 @@ request flow makes that never fail it."""
 from __future__ import annotations
 
 import grpc
+
 from pdserve.services.server import channel
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
@@ -20,18 +21,18 @@ class WorkerClients:
             ch = self._channels[address] = channel(address)
         return ch
 
-    def decode(self, address: str) -> decode_pb2_grpc.DecodeStub:
+    def decode(self, address: str) -> decode_pb2_grpc.DecodeAsyncStub:
         return decode_pb2_grpc.DecodeStub(self._channel(address))
 
-    def prefill(self, address: str) -> prefill_pb2_grpc.PrefillStub:
+    def prefill(self, address: str) -> prefill_pb2_grpc.PrefillAsyncStub:
         return prefill_pb2_grpc.PrefillStub(self._channel(address))
 
     async def close(self) -> None:
         for ch in self._channels.values():
-            await ch.close()
+            await ch.close(None)
 
 
-async def release(decode: decode_pb2_grpc.DecodeStub, request_id: str) -> None:
+async def release(decode: decode_pb2_grpc.DecodeAsyncStub, request_id: str) -> None:
     """Frees a request's decode reservation; a worker that is gone, or a request already
     ended, is fine (its lease frees the pages)."""
     try:

@@ -19,24 +19,24 @@ import asyncio
 import logging
 import time
 
-from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
+
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.cache.store import BlockStore
+from pdserve.config import KVStoreSettings
+from pdserve.metrics import StagingCollector, StoreCollector, serve_metrics
 from pdserve.services import security
 from pdserve.services.kvstore.servicer import KVStoreServicer
 from pdserve.services.kvstore.staging import StagingArea
 from pdserve.services.server import (
     NOT_SERVING,
     SERVING,
+    HealthServicer,
     create_server,
     serve_until_signal,
     write_ready_file,
 )
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import KVStoreSettings
-from pdserve.metrics import StagingCollector, StoreCollector, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def open_staging(settings: KVStoreSettings) -> StagingArea | None:
         return None
 
 
-async def _watch_writes(store: BlockStore, health: health.aio.HealthServicer,
+async def _watch_writes(store: BlockStore, health: HealthServicer,
                         stop: asyncio.Event) -> None:
     last = None
     while not stop.is_set():

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
-import grpc
 from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.codec import verify_block
 from pdserve.cache.errors import CorruptBlock, StoreFull
 from pdserve.cache.store import BlockStore
-from pdserve.services.errors import InvalidArgument, ResourceExhausted, Unimplemented, answers_errors
+from pdserve.services.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unimplemented,
+    answers_errors,
+)
 from pdserve.services.kvstore.staging import StagingArea
 from pdserve.services.limits import KEY_BYTES, MAX_KEYS, MAX_PARTS, PUT_BATCH_BYTES
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 GET_GROUP = 8  # a long chain streams while its later blocks are still being read
 
@@ -50,7 +58,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @answers_errors
     async def Lookup(self, request: kvstore_pb2.LookupRequest,
-                     context: grpc.aio.ServicerContext) -> kvstore_pb2.LookupResponse:
+                     context: Context) -> kvstore_pb2.LookupResponse:
         keys = check_keys(request.keys)
         if request.per_key:
             present = self.store.present(keys)
@@ -61,7 +69,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @answers_errors
     async def Get(self, request: kvstore_pb2.GetRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[kvstore_pb2.Block]:
+                  context: Context) -> AsyncIterator[kvstore_pb2.Block]:
         keys = check_keys(request.keys)
         if request.part_cuts:
             async for block in self._get_parts(keys, check_cuts(request.part_cuts)):
@@ -94,7 +102,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @answers_errors
     async def Stage(self, request: kvstore_pb2.StageRequest,
-                    context: grpc.aio.ServicerContext) -> kvstore_pb2.StageResponse:
+                    context: Context) -> kvstore_pb2.StageResponse:
         if self.staging is None:
             raise Unimplemented("kvstore: no NIXL staging buffer (--nixl-staging-mb 0)")
         keys = check_keys(request.keys)
@@ -105,7 +113,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @answers_errors
     async def Put(self, request_iterator: AsyncIterator[kvstore_pb2.Block],
-                  context: grpc.aio.ServicerContext) -> kvstore_pb2.PutResponse:
+                  context: Context) -> kvstore_pb2.PutResponse:
         if not self.store.accepting_writes:
             raise ResourceExhausted("kvstore: not accepting writes (disk full); reads go on")
         items: list[tuple[BlockHash, bytes]] = []
@@ -138,7 +146,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @answers_errors
     async def Stats(self, request: kvstore_pb2.StatsRequest,
-                    context: grpc.aio.ServicerContext) -> kvstore_pb2.StatsResponse:
+                    context: Context) -> kvstore_pb2.StatsResponse:
         s = self.store.stats
         return kvstore_pb2.StatsResponse(
             num_blocks=s.num_blocks, num_bytes=s.num_bytes, hits=s.hits, misses=s.misses,

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from google.protobuf.message import DecodeError
+
+from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.codec import HEADER_SIZE
 from pdserve.cache.store import BlockStore
 from pdserve.services.nixl_agent import new_agent
@@ -80,7 +82,7 @@ class StagingArea:
         self.name = name
         self.lease_s = lease_s
         self.buffer = np.empty(nbytes, dtype=np.uint8)
-        self._view = memoryview(self.buffer)
+        self._view = self.buffer.data  # a memoryview of the buffer
         self.base = self.buffer.ctypes.data
         self.extents = Extents(nbytes)
         self.agent = new_agent(name)
@@ -98,7 +100,8 @@ class StagingArea:
     def leased(self) -> int:
         return len(self._leases)
 
-    async def stage(self, store: BlockStore, keys: Sequence[bytes]) -> kvstore_pb2.StageResponse:
+    async def stage(self, store: BlockStore, keys: Sequence[BlockHash]
+                    ) -> kvstore_pb2.StageResponse:
         """Stages the leading stored blocks that fit in one free region (possibly none).
         Event loop only (the allocator is not locked); the read runs in a thread."""
         sizes = store.sizes(keys)

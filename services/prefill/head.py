@@ -19,19 +19,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
+
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.sequence import FailedEvent
+from pdserve.engine.sequence import FailedEvent, StageWork, TokenEvent
 from pdserve.engine.sequence import Sequence as EngineSequence
-from pdserve.engine.sequence import StageWork, TokenEvent
+from pdserve.metrics import PrefillMetrics
 from pdserve.scheduler.balancers import pipeline_chunk
 from pdserve.services.prefill.compute import Compute
 from pdserve.services.prefill.pipeline import (
     Peers,
     PipelineError,
-    StageCall,
     hidden_tensor,
     layer_split,
     release,
@@ -39,7 +40,8 @@ from pdserve.services.prefill.pipeline import (
 from pdserve.services.transfer import NixlEndpoint
 from pdserve.v1 import prefill_pb2
 
-from pdserve.metrics import PrefillMetrics
+if TYPE_CHECKING:
+    from pdserve.services.prefill.pipeline import StageCall
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class PipelineHead:
         kvs: list[prefill_pb2.StageKV] = []
         while len(kvs) < num_kvs:
             msg = await asyncio.wait_for(call.read(), self.timeout_s)
-            if msg is grpc.aio.EOF:
+            if not isinstance(msg, prefill_pb2.PipelineStageOutput):  # EOF
                 raise PipelineError(f"stage {peer} ended its stream early")
             if msg.WhichOneof("kind") == "kv":
                 kvs.append(msg.kv)
@@ -159,7 +161,7 @@ class PipelineHead:
                 raise PipelineError(f"stage KV of {len(kv.ranges)} ranges for {len(pages)} pages")
             try:
                 remote = self.endpoint.remote(kv.agent_name, kv.agent_metadata)
-            except Exception as e:  # noqa: BLE001 - NIXL raises its own types on bad metadata
+            except Exception as e:
                 raise PipelineError(f"stage agent {kv.agent_name!r}: {e}") from e
             local = [(self.pool.page_addr(p) + kv.layer_begin * lb, size) for p in pages]
             rem = [(r.addr, r.length, r.device_id) for r in kv.ranges]

@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 
 import xxhash
+
+from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header
 from pdserve.cache.errors import CorruptBlock
 from pdserve.engine.kv_pool import KVPool, PageId
@@ -53,7 +55,7 @@ class LayerLoad:
     `finish()` once the fetch ended, however it ended. `good` is None until settled, then the
     number of leading blocks fetched whole and verified."""
 
-    def __init__(self, pool: KVPool, fingerprint: str, keys: Sequence[bytes],
+    def __init__(self, pool: KVPool, fingerprint: str, keys: Sequence[BlockHash],
                  pages: Sequence[PageId], groups: int) -> None:
         layout = pool.layout
         self.pool = pool
@@ -125,7 +127,7 @@ class LayerLoad:
             if self._parts[i] != part:
                 self.reject(i, CorruptBlock(f"part {part} landed, part {self._parts[i]} expected"))
                 continue
-            self._accept(i, part, self.pool.page_bytes(self.pages[i])[lo:hi].cpu().numpy())
+            self._accept(i, part, self.pool.page_bytes(self.pages[i])[lo:hi].cpu().numpy().data)
 
     def _header(self, i: int, header: bytes | memoryview) -> int:
         return check_header(self.keys[i], header, HEADER_SIZE + self.bounds[-1],
@@ -135,7 +137,7 @@ class LayerLoad:
         log.warning("fetched block rejected", extra={"index": i, "why": str(e)})
         self._bad = min(self._bad, i)
 
-    def _accept(self, i: int, part: int, payload) -> None:  # type: ignore[no-untyped-def]
+    def _accept(self, i: int, part: int, payload: memoryview) -> None:
         self._hash[i].update(payload)
         self._parts[i] += 1
         if part == len(self.layer_ends) - 1 and self._hash[i].intdigest() != self._checksum[i]:
@@ -223,5 +225,6 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
         await endpoint.read_groups(remote, groups, resp.mem_type or "DRAM",
                                    lambda g: load.landed(staged, g), timeout_s)
     finally:
-        endpoint.notify(remote, kvstore_pb2.StageRelease(stage_id=resp.stage_id).SerializeToString())
+        endpoint.notify(remote,
+                        kvstore_pb2.StageRelease(stage_id=resp.stage_id).SerializeToString())
     return idx[len(staged):]

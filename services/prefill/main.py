@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import CollectorRegistry
+
 from pdserve.cache.memory import keep_large_buffers_on_heap
+from pdserve.config import PrefillSettings
+from pdserve.metrics import PrefillMetrics, serve_metrics
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
@@ -27,10 +31,6 @@ from pdserve.services.worker import (
     worker_info,
 )
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import PrefillSettings
-from pdserve.metrics import PrefillMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
+
 from pdserve.cache.block_hash import cacheable_blocks
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.services.errors import InvalidArgument
 from pdserve.services.limits import MAX_CHUNK_TOKENS
-from pdserve.services.server import channel
+from pdserve.services.server import EOF, channel
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 
@@ -128,14 +130,17 @@ def check_stage(req: prefill_pb2.PipelineStageRequest, num_layers: int, block_to
                               "the last equal to layer_begin")
 
 
-StageCall = grpc.aio.StreamStreamCall  # a PrefillStage call to the stage before this one
+if TYPE_CHECKING:
+    # A PrefillStage call to the stage before this one.
+    StageCall = grpc.aio.StreamStreamCall[prefill_pb2.PipelineStageRequest,
+                                          prefill_pb2.PipelineStageOutput]
 
 
 async def release(call: StageCall, timeout_s: float) -> None:
     """Closes our side of a stage's stream and waits for its end: the stage (and the stages
     before it) have freed their pages when this returns."""
     await call.done_writing()
-    while await asyncio.wait_for(call.read(), timeout_s) is not grpc.aio.EOF:
+    while await asyncio.wait_for(call.read(), timeout_s) is not EOF:
         pass
 
 
@@ -143,10 +148,12 @@ class Peers:
     """Stubs for the other prefill workers of pipelines, one channel per peer, kept."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, prefill_pb2_grpc.PrefillStub] = {}
+        self._stubs: dict[str, prefill_pb2_grpc.PrefillAsyncStub] = {}
 
     def stage_call(self, address: str) -> StageCall:
         stub = self._stubs.get(address)
         if stub is None:
             stub = self._stubs[address] = prefill_pb2_grpc.PrefillStub(channel(address))
-        return stub.PrefillStage()
+        # The call's requests are written one by one (call.write); grpc-stubs 1.53 wants an
+        # iterator here, which grpc.aio does not.
+        return stub.PrefillStage()  # type: ignore[call-arg]

@@ -4,14 +4,16 @@ statuses in services/errors.py (a failed KV transfer carries `pdserve-fault: dec
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import grpc
 from pdserve.services.errors import InvalidArgument, answers_errors
 from pdserve.services.limits import MAX_INTERNAL_REQUEST_ID, MAX_STAGES
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.services.worker import check_prompt
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
+if TYPE_CHECKING:
+    from pdserve.services.server import Context
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: PrefillWorker) -> None:
@@ -44,13 +46,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @answers_errors
     async def Prefill(self, request: prefill_pb2.PrefillRequest,
-                      context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillResponse:
+                      context: Context) -> prefill_pb2.PrefillResponse:
         self._check(request)
         return await self.worker.prefill(request)
 
     @answers_errors
     async def PrefillStage(self, request_iterator: AsyncIterator[prefill_pb2.PipelineStageRequest],
-                           context: grpc.aio.ServicerContext
+                           context: Context
                            ) -> AsyncIterator[prefill_pb2.PipelineStageOutput]:
         requests = request_iterator.__aiter__()
         first = await anext(requests, None)

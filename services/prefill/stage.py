@@ -18,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import grpc
 from pdserve.cache.block_hash import block_hashes
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import FailedEvent, HiddenEvent, StageWork
 from pdserve.engine.sequence import Sequence as EngineSequence
+from pdserve.metrics import PrefillMetrics
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services.errors import FailedPrecondition, Internal, Unavailable
 from pdserve.services.outbox import Outbox, OutboxMessage
@@ -35,7 +36,6 @@ from pdserve.services.prefill.load import PrefillLoad
 from pdserve.services.prefill.pipeline import (
     Peers,
     PipelineError,
-    StageCall,
     check_stage,
     hidden_message,
     hidden_tensor,
@@ -45,7 +45,8 @@ from pdserve.services.prefill.pipeline import (
 from pdserve.services.transfer import NixlEndpoint
 from pdserve.v1 import prefill_pb2
 
-from pdserve.metrics import PrefillMetrics
+if TYPE_CHECKING:
+    from pdserve.services.prefill.pipeline import StageCall
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class PipelineStage:
         kvs: list[prefill_pb2.StageKV] = []
         while len(kvs) < len(req.upstream):
             msg = await asyncio.wait_for(up.read(), self.timeout_s)
-            if msg is grpc.aio.EOF:
+            if not isinstance(msg, prefill_pb2.PipelineStageOutput):  # EOF
                 raise Unavailable(f"upstream stage {req.upstream[-1].worker_id} ended early")
             if msg.WhichOneof("kind") == "kv":
                 kvs.append(msg.kv)

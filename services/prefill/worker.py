@@ -18,6 +18,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.sequence import Sequence as EngineSequence
 from pdserve.engine.sequence import TokenEvent
+from pdserve.metrics import PrefillMetrics
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.engine_thread import EngineThread, GatherPolicy
@@ -36,8 +37,6 @@ from pdserve.services.prefill.stage import PipelineStage
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import new_epoch, sampling_from_proto
 from pdserve.v1 import common_pb2, prefill_pb2
-
-from pdserve.metrics import PrefillMetrics
 
 # The engine's batch size does not bound a prefill worker: its prompts leave the engine with
 # their first token, and the step's token budget bounds a step.

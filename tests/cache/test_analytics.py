@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from pdserve.cache.analytics import NAMED_QUERIES, Prices, plot, report, run_named
-from pdserve.cache.ledger import Ledger, QueryError
 
 from pdserve import cli
-from tests.cache.test_ledger import row
+from pdserve.cache.analytics import NAMED_QUERIES, Prices, plot, report, run_named
+from pdserve.cache.ledger import Ledger, QueryError
+from tests.helpers import ledger_row
 
 H = 3600.0
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
@@ -21,18 +21,20 @@ def ledger(tmp_path_factory):
     led = Ledger(d)
     rows = [
         # hour 0, tenant a
-        row(0, ts=T0 + 10, tenant="a", prompt_tokens=200, cached_tokens=0, completion_tokens=4,
-            ttft_s=0.5, e2e_s=0.8, miss_reason="never_seen", compute_s=0.4),
-        row(1, ts=T0 + 20, tenant="a", prompt_tokens=200, cached_tokens=192, completion_tokens=4,
-            ttft_s=0.1, e2e_s=0.4, miss_reason="partial_block", compute_s=0.02),
+        ledger_row(0, ts=T0 + 10, tenant="a", prompt_tokens=200, cached_tokens=0,
+                   completion_tokens=4, ttft_s=0.5, e2e_s=0.8, miss_reason="never_seen",
+                   compute_s=0.4),
+        ledger_row(1, ts=T0 + 20, tenant="a", prompt_tokens=200, cached_tokens=192,
+                   completion_tokens=4, ttft_s=0.1, e2e_s=0.4, miss_reason="partial_block",
+                   compute_s=0.02),
         # hour 1, tenant b
-        row(2, ts=T0 + H + 5, tenant="b", prompt_tokens=2000, cached_tokens=1024,
+        ledger_row(2, ts=T0 + H + 5, tenant="b", prompt_tokens=2000, cached_tokens=1024,
             completion_tokens=1, ttft_s=1.0, e2e_s=1.0, miss_reason="evicted", compute_s=0.98),
-        row(3, ts=T0 + H + 6, tenant="b", prompt_tokens=300, cached_tokens=0,
+        ledger_row(3, ts=T0 + H + 6, tenant="b", prompt_tokens=300, cached_tokens=0,
             completion_tokens=11, ttft_s=0.2, e2e_s=2.2, miss_reason="different_salt",
             compute_s=0.3),
         # failures count in status_counts only
-        row(4, ts=T0 + H + 7, tenant="b", status="UNAVAILABLE", prompt_tokens=50,
+        ledger_row(4, ts=T0 + H + 7, tenant="b", status="UNAVAILABLE", prompt_tokens=50,
             cached_tokens=0, completion_tokens=0, e2e_s=9.0, miss_reason=""),
     ]
     for r in rows:

@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import encode_block
 from pdserve.cache.store import BlockStore
-
 from tests.helpers import FakeClock, start_shard, wait_until
 
 FP = "L1-D4-float32-B4-test"
@@ -96,6 +97,7 @@ def test_expiry_by_age(tmp_path):
     s.close()
 
 
+@pytest.mark.integration
 def test_counters_and_blocks_survive_reopen_and_offline_tools(tmp_path):
     s = BlockStore(tmp_path / "kvstore", sync="interval", sync_interval_ms=20)
     blocks = chain("t", 3)
@@ -119,7 +121,8 @@ def test_counters_and_blocks_survive_reopen_and_offline_tools(tmp_path):
     assert r.returncode == 1
     report = json.loads(r.stdout)
     assert report["checked"] == 3
-    assert report["problems"] == [{"key": blocks[1][0].hex(), "problem": "payload checksum mismatch"}]
+    assert report["problems"] == [{"key": blocks[1][0].hex(),
+                                   "problem": "payload checksum mismatch"}]
     s = BlockStore(tmp_path / "kvstore")
     assert s.get_many([k for k, _ in blocks]) == [blocks[0][1]]  # the corrupt one is a miss
     assert s.stats.corrupt == 1 and s.stats.hits == 4

@@ -4,34 +4,24 @@ bytes that differ from what was written."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import grpc
+import pytest
+
 from pdserve.cache.codec import encode_block
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tests.helpers import start_store_process
+
+pytestmark = pytest.mark.integration  # starts processes
 
 KILLS = 20
 
 
-def start_store(data, ready):
-    ready.unlink(missing_ok=True)
-    p = subprocess.Popen([sys.executable, "-m", "pdserve", "kvstore", "--port", "0",
-                          "--data-dir", str(data), "--sync", "every_write",
-                          "--ready-file", str(ready)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert p.poll() is None, p.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return p, json.loads(ready.read_text())["port"]
 
 
 def test_acknowledged_blocks_survive_sigkill(tmp_path):
@@ -41,7 +31,7 @@ def test_acknowledged_blocks_survive_sigkill(tmp_path):
     ready = tmp_path / "ready.json"
     counter = 0
     for _ in range(KILLS):
-        proc, port = start_store(tmp_path, ready)
+        proc, port = start_store_process(tmp_path, ready)
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
         # Step 1: everything acknowledged before reads back exactly.
@@ -59,7 +49,7 @@ def test_acknowledged_blocks_survive_sigkill(tmp_path):
         # Step 2: write until killed at a random moment.
         stop = threading.Event()
 
-        def writer():
+        def writer(stop: threading.Event = stop, stub=stub) -> None:  # this round's
             nonlocal counter
             while not stop.is_set():
                 counter += 1
@@ -81,7 +71,7 @@ def test_acknowledged_blocks_survive_sigkill(tmp_path):
         t.join(10)
         ch.close()
     assert len(acked) > KILLS  # the loop really wrote
-    proc, port = start_store(tmp_path, ready)
+    proc, port = start_store_process(tmp_path, ready)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
         present = stub.Lookup(kvstore_pb2.LookupRequest(keys=sorted(acked), per_key=True)).present

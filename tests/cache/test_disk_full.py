@@ -12,12 +12,13 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pdserve.cache.codec import encode_block
 from pdserve.services.kvstore.main import WRITE_HEALTH
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from tests.helpers import start_store_process
 
-from tests.cache.test_crash import start_store
-
+pytestmark = pytest.mark.integration  # starts processes
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -37,7 +38,7 @@ def test_disk_full_refuses_puts_and_keeps_serving_reads(small_disk, tmp_path, mo
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         limit = 24 << 20
         monkeypatch.setattr(subprocess, "Popen", _limited_popen(limit))
-    proc, port = start_store(data, tmp_path / "ready.json")
+    proc, port = start_store_process(data, tmp_path / "ready.json")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = kvstore_pb2_grpc.KVStoreStub(ch)

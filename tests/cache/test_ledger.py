@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from pdserve.cache.ledger import (
     REQUEST_COLUMNS,
     Ledger,
@@ -21,16 +22,7 @@ from pdserve.cache.ledger import (
     live_files,
     run_query,
 )
-
-
-def row(i: int, **kw) -> dict:
-    base = dict(ts=1_700_000_000.0 + i, request_id=f"r{i}", tenant="t", model="m", status="OK",
-                finish_reason="stop", prompt_tokens=100, cached_tokens=64, completion_tokens=5,
-                ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prefill_worker="p0", decode_worker="d0",
-                kv_bytes=1000, fetch_s=0.001, compute_s=0.05, miss_reason="partial_block",
-                error="", attempts=1)
-    base.update(kw)
-    return base
+from tests.helpers import ledger_row
 
 
 def ids(data_dir: Path) -> list[int]:
@@ -41,7 +33,7 @@ def ids(data_dir: Path) -> list[int]:
 def test_rows_survive_flushes_compaction_and_reopen(tmp_path):
     led = Ledger(tmp_path, flush_records=1000, flush_s=60, compact_after=3)
     for i in range(10):
-        led.record_request(**row(i))
+        led.record_request(**ledger_row(i))
         led.requests.flush()  # one segment per row: forces two rounds of compaction
     led.close()
     files = sorted(p.name for p in (ledger_dir(tmp_path) / "requests").iterdir())
@@ -50,7 +42,7 @@ def test_rows_survive_flushes_compaction_and_reopen(tmp_path):
     assert ids(tmp_path) == list(range(10))  # nothing lost, nothing twice
     # A new writer continues the numbering; old and new rows read together.
     led = Ledger(tmp_path, flush_records=1000, flush_s=60, compact_after=3)
-    led.record_request(**row(10))
+    led.record_request(**ledger_row(10))
     led.close()
     assert ids(tmp_path) == list(range(11))
 
@@ -61,7 +53,7 @@ def test_a_compaction_cut_short_never_counts_a_row_twice(tmp_path):
     d = ledger_dir(tmp_path) / "requests"
     log = SegmentLog(d, REQUEST_COLUMNS, flush_records=10, flush_s=60, compact_after=100)
     for i in range(3):
-        log.append(tuple(row(i)[n] for n, _, _ in REQUEST_COLUMNS))
+        log.append(tuple(ledger_row(i)[n] for n, _, _ in REQUEST_COLUMNS))
         log.flush()
     log.close()
     segs = sorted(d.glob("seg-*.parquet"))
@@ -78,7 +70,7 @@ def test_a_compaction_cut_short_never_counts_a_row_twice(tmp_path):
     assert ids(tmp_path) == [0, 1, 2]
     # The next writer removes the leftovers and the torn file, and numbers on from 3.
     log = SegmentLog(d, REQUEST_COLUMNS, compact_after=100)
-    log.append(tuple(row(3)[n] for n, _, _ in REQUEST_COLUMNS))
+    log.append(tuple(ledger_row(3)[n] for n, _, _ in REQUEST_COLUMNS))
     log.close()
     names = sorted(p.name for p in d.iterdir())
     assert names == ["cmp-000000000000-000000000002.parquet", "seg-000000000003.parquet"]
@@ -90,7 +82,7 @@ def test_memory_is_bounded_and_drops_are_counted(tmp_path):
                      max_pending=50)
     log._io.acquire()  # the disk is stuck: the writer cannot write
     try:
-        accepted = [log.append(tuple(row(i)[n] for n, _, _ in REQUEST_COLUMNS))
+        accepted = [log.append(tuple(ledger_row(i)[n] for n, _, _ in REQUEST_COLUMNS))
                     for i in range(80)]
         assert accepted == [True] * 50 + [False] * 30
         assert log.pending == 50 and log.dropped == 30
@@ -103,7 +95,7 @@ def test_memory_is_bounded_and_drops_are_counted(tmp_path):
 def test_close_writes_everything_queued(tmp_path):
     led = Ledger(tmp_path, flush_records=10_000, flush_s=3600)
     for i in range(1234):
-        led.record_request(**row(i))
+        led.record_request(**ledger_row(i))
     led.close()
     assert ids(tmp_path) == list(range(1234))
 
@@ -119,7 +111,7 @@ f = open(sys.argv[1] + "/count", "r+b")
 m = mmap.mmap(f.fileno(), 8)
 i = 0
 while True:
-    led.record_request(**row(i))
+    led.record_request(**ledger_row(i))
     i += 1
     m[:8] = struct.pack("<q", i)  # rows handed to the ledger, visible after a SIGKILL
     if i % 50 == 0:
@@ -127,6 +119,7 @@ while True:
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kill_after_s", [0.7, 1.3, 2.1])
 def test_sigkill_loses_at_most_the_unflushed_batch(tmp_path, kill_after_s):
     """The writer appends ~4,000 rows/s with batches of 200 rows or 0.2 s; SIGKILL at a random
@@ -171,7 +164,7 @@ def test_sigkill_loses_at_most_the_unflushed_batch(tmp_path, kill_after_s):
 ])
 def test_queries_that_write_attach_or_read_files_are_refused(tmp_path, sql, why):
     led = Ledger(tmp_path)
-    led.record_request(**row(0))
+    led.record_request(**ledger_row(0))
     led.close()
     with pytest.raises(QueryError, match=why):
         run_query(tmp_path, sql)
@@ -183,7 +176,7 @@ def test_select_works_on_an_empty_and_a_full_ledger(tmp_path):
     assert run_query(tmp_path, "SELECT count(*) FROM workers")[1] == [(0,)]
     led = Ledger(tmp_path)
     for i in range(5):
-        led.record_request(**row(i, cached_tokens=i))
+        led.record_request(**ledger_row(i, cached_tokens=i))
     led.record_worker(ts=1.7e9, worker_id="p0", role="prefill", in_rotation=True, running=1,
                       queued_tokens=10, used_pages=3, total_pages=8, interval_s=1.0)
     led.close()

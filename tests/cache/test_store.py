@@ -256,6 +256,7 @@ def test_get_into_reads_verified_blocks_into_the_callers_buffer(tmp_path):
     s.close()
 
 
+@pytest.mark.integration
 def test_large_buffers_are_kept_on_the_heap():
     """glibc takes the mmap threshold (cache/memory.py): in a fresh process a 3 MiB block is a
     fresh mmap before the call (glibc's mallinfo2 counts it) and comes from the heap after."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
+
 from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch
 from pdserve.engine.cpu_kernels import DecodePlan, QuantWeight
@@ -165,12 +166,13 @@ def loaded():
 def test_the_default_model_decodes_from_its_blocks(loaded):
     m = loaded.model
     layer = m.model.layers[0]
-    assert layer.self_attn._qkv.quant is not None and layer.self_attn._qkv.quant.kind == "Q4_1"
-    assert layer.mlp._down.quant is not None and m._lm_head.quant.kind == "Q8_0"
-    assert m._fused is not None
+    qkv = layer.self_attn.qkv_product
+    assert qkv.quant is not None and qkv.quant.kind == "Q4_1"
+    assert layer.mlp.down_product.quant is not None and m.head_product.quant.kind == "Q8_0"
+    assert m.fused_decode is not None
     # The blocks are the float32 weights, bit for bit (q and k rows un-permuted alike).
-    for lin, w in ((layer.self_attn._qkv, layer.self_attn._qkv.weight),
-                   (layer.mlp._gate_up, layer.mlp._gate_up.weight), (m._lm_head, m.lm_head.weight)):
+    for lin, w in ((qkv, qkv.weight), (layer.mlp.gate_up_product, layer.mlp.gate_up_product.weight),
+                   (m.head_product, m.lm_head.weight)):
         assert torch.equal(cpu_kernels.dequantize(lin.quant).view(torch.int32),
                            w.contiguous().view(torch.int32))
 
@@ -198,7 +200,7 @@ def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch):
     tables = [[1], [2, 3], [4, 5, 6, 7]]  # the third one's new token starts a page
     kv_a = pool.kv.clone()
     fused = decode_logits(model, kv_a, ctx, tables, [11, 22, 33], bt)
-    monkeypatch.setattr(model, "_fused", None)
+    monkeypatch.setattr(model, "fused_decode", None)
     kv_b = pool.kv.clone()
     plain = decode_logits(model, kv_b, ctx, tables, [11, 22, 33], bt)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
@@ -215,6 +217,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.integration
 def test_without_a_compiler_the_model_runs_its_float32_weights(tmp_path):
     """A fresh kernel directory and no compiler: the kernels are not had, one warning says why,
     and the model still loads and decodes (float32 weights, torch layers)."""
@@ -224,7 +227,7 @@ def test_without_a_compiler_the_model_runs_its_float32_weights(tmp_path):
         "assert cpu_kernels.kernel() is None\n"
         "print('why:', cpu_kernels.why_not())\n"
         "m = load_model().model\n"
-        "assert m._fused is None and m._lm_head.quant is None\n"
+        "assert m.fused_decode is None and m.head_product.quant is None\n"
         "print('loaded')\n")
     r = run_python(code, CC="/nonexistent/cc", PDSERVE_KERNEL_DIR=str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -237,31 +240,42 @@ def test_without_a_compiler_the_model_runs_its_float32_weights(tmp_path):
     assert "no C compiler" in r.stderr
 
 
+_BY_BACKEND: dict[str, object] = {}
+
+
+def loaded_on(backend: str):
+    """The default model on a backend, loaded once for the module."""
+    from pdserve.engine.loader import load_model
+
+    if backend not in _BY_BACKEND:
+        _BY_BACKEND[backend] = load_model(backend=backend)
+    return _BY_BACKEND[backend]
+
+
+def one_decode_step(m) -> torch.Tensor:
+    from pdserve.engine.kv_pool import KVPool
+
+    pool = KVPool(m.layout, 4)
+    prompt = list(range(300, 340))
+    m.model(torch.tensor(prompt), pool.kv, AttnBatch.build([40], [40], [[0]], 64))
+    return decode_logits(m.model, pool.kv, [41], [[0]], [7], 64)
+
+
 @pytest.mark.parametrize("backend, blocks, c_attention, fused", [
     ("torch", False, False, False), ("onednn", False, False, False),
     ("cpu-kernels", True, True, False), ("cpu-fused", True, True, True)])
 def test_each_backend_runs_what_it_names(backend, blocks, c_attention, fused):
     """The backend is chosen once at load, by name: which products read blocks, which
     attention runs, whether a layer is one C call; the logits agree across all of them."""
-    from pdserve.engine.kv_pool import KVPool
-    from pdserve.engine.loader import load_model
-
-    m = load_model(backend=backend)
+    m = loaded_on(backend)
     assert m.backend.name == backend
-    layer = m.model.model.layers[0]
-    assert (layer.self_attn._qkv.quant is not None) is blocks
-    assert (layer.mlp._down.packed is not None) is (backend != "torch")
+    layer = m.model.decoder_layers()[0]
+    assert (layer.self_attn.qkv_product.quant is not None) is blocks
+    assert (layer.mlp.down_product.packed is not None) is (backend != "torch")
     assert layer.self_attn.c_attention is c_attention
-    assert (m.model._fused is not None) is fused
-    pool = KVPool(m.layout, 4)
-    prompt = list(range(300, 340))
-    m.model(torch.tensor(prompt), pool.kv, AttnBatch.build([40], [40], [[0]], 64))
-    got = decode_logits(m.model, pool.kv, [41], [[0]], [7], 64)
-    ref = load_model(backend="torch").model
-    pool2 = KVPool(m.layout, 4)
-    ref(torch.tensor(prompt), pool2.kv, AttnBatch.build([40], [40], [[0]], 64))
-    want = decode_logits(ref, pool2.kv, [41], [[0]], [7], 64)
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    assert (m.model.fused_decode is not None) is fused
+    torch.testing.assert_close(one_decode_step(m), one_decode_step(loaded_on("torch")),
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_a_fresh_directory_gets_the_library_built(tmp_path):

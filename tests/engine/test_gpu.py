@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-
 from tests.engine.random_models import random_smollm2
 
 pytestmark = [pytest.mark.gpu,
@@ -129,7 +129,7 @@ def _agree_until_tie(ours, prompt, tokens, tie=0.05):
 
 
 def test_cuda_deepseek_v3_matches_transformers(tmp_path):
-    from tests.engine.test_hf_models import make_deepseek
+    from tests.engine.random_models import make_deepseek
 
     torch.manual_seed(1234)
     _, ref = make_deepseek(tmp_path)

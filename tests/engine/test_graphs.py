@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.engine.attention import decode_groups
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.graphs import bucket
@@ -39,7 +40,7 @@ def test_the_padded_step_refuses_a_model_on_the_c_kernels():
 
     m = load_model(backend="cpu-kernels")
     with pytest.raises(ValueError, match="cpu-kernels"):
-        ModelRunner(m.model, KVPool(m.layout, 4), cuda_graphs="eager").graphs
+        _ = ModelRunner(m.model, KVPool(m.layout, 4), cuda_graphs="eager").graphs
 
 
 def _prompts(lengths):

@@ -5,52 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-
-
-def make_llama(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.15)
-    return cfg, LlamaForCausalLM(cfg)
-
-
-def make_qwen2(path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=320, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, initializer_range=0.15)
-    m = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # non-zero q/k/v biases, so that they are exercised
-        for layer in m.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.2)
-    return cfg, m
-
-
-def make_deepseek(path):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    cfg = DeepseekV3Config(
-        vocab_size=320, hidden_size=96, intermediate_size=160, moe_intermediate_size=48,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-        n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48,
-        qk_rope_head_dim=16, v_head_dim=24, qk_nope_head_dim=16, n_group=4, topk_group=2,
-        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=1024,
-        initializer_range=0.15, tie_word_embeddings=False)
-    m = DeepseekV3ForCausalLM(cfg)
-    with torch.no_grad():  # a non-zero selection bias, so that it is exercised
-        for layer in m.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    return cfg, m
-
+from tests.engine.random_models import make_deepseek, make_llama, make_qwen2
 
 MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "deepseek_v3": make_deepseek}
 
@@ -90,7 +51,7 @@ def test_logits_match_for_prefill_and_every_decode_step(pair):
         with torch.no_grad():
             expect = ref(torch.tensor([seq])).logits[0, -1].float()
         torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m: f"step {step}: {m}")
+                                   msg=lambda m, step=step: f"step {step}: {m}")
         nxt = int(torch.argmax(expect))
         seq.append(nxt)
         logits = runner.decode([nxt], [len(seq)], [pages])[0]

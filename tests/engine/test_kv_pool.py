@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.layout import KVLayout

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pdserve.engine.linear import FastLinear, fuse_rows
 from torch import nn
+
+from pdserve.engine.linear import FastLinear, fuse_rows
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-
-from tests.conftest import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
+from tests.helpers import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
 
 N_TOKENS = 24
 

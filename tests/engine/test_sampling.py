@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from pdserve.engine.sampling import SamplingParams, _filter, finish_reason, logprob_of, sample
 
 LOGITS = torch.tensor([0.0, 3.0, 2.0, 1.0, -1.0])
@@ -29,11 +30,13 @@ def test_sampling_respects_filters_and_seeds():
     params = SamplingParams(temperature=5.0, top_k=2, seed=3)
     draws = {sample(LOGITS, params, i) for i in range(200)}
     assert draws == {1, 2}
-    assert [sample(LOGITS, params, i) for i in range(20)] == [sample(LOGITS, params, i) for i in range(20)]
+    assert [sample(LOGITS, params, i) for i in range(20)] == [sample(LOGITS, params,
+                                                                     i) for i in range(20)]
 
 
 def test_logprob_is_the_raw_log_softmax():
-    assert math.isclose(logprob_of(LOGITS, 1), float(torch.log_softmax(LOGITS, -1)[1]), rel_tol=1e-6)
+    assert math.isclose(logprob_of(LOGITS, 1), float(torch.log_softmax(LOGITS, -1)[1]),
+                        rel_tol=1e-6)
 
 
 def test_finish_reasons():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pdserve.engine.tokenizer import IncrementalDetokenizer
 
 TEXTS = [

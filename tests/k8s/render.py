@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -100,7 +101,8 @@ def local_pods(docs: list[dict], workdir: Path) -> list[LocalPod]:
             d.mkdir(parents=True, exist_ok=True)
         own = {p["containerPort"]: ports[(name, p["containerPort"])] for p in c.get("ports", [])}
 
-        def resolve(value: str) -> str:
+        def resolve(value: str, own: dict[int, int] = own,
+                    mounts: dict[str, Path] = mounts) -> str:
             if value.isdigit() and int(value) in own:  # a listen port of this container
                 return str(own[int(value)])
             for path, local in mounts.items():
@@ -129,7 +131,8 @@ def local_pods(docs: list[dict], workdir: Path) -> list[LocalPod]:
         argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "pdserve"]) + [
             resolve(a) for a in cmd[1:]]
 
-        def probe(kind: str) -> tuple[int, str]:
+        def probe(kind: str, c: dict[str, Any] = c,
+                  own: dict[int, int] = own) -> tuple[int, str]:
             g = c[kind]["grpc"]
             return own[g["port"]], g.get("service", "")
 

@@ -25,6 +25,8 @@ from tests.k8s.render import (
     stop,
 )
 
+pytestmark = pytest.mark.integration  # starts processes
+
 K8S_VERSION = "1.35.0"  # a current release; kubernetes-validate ships its schemas offline
 ROOT = Path(__file__).resolve().parents[2]
 

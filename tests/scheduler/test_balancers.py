@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pdserve.scheduler.balancers import (
     DecodeCandidate,
     PrefillCandidate,
@@ -92,6 +93,7 @@ def test_excluded_workers_are_never_picked():
     """A worker that failed a request is no candidate for its retry, even the least loaded;
     with every worker excluded there is no pick (the gateway answers UNAVAILABLE)."""
     import numpy as np
+
     from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
 
     att, tok = np.array([0.0, 5.0, 9.0]), np.array([0.0, 10.0, 20.0])
@@ -107,6 +109,7 @@ def test_excluded_workers_are_never_picked():
 
 def test_plan_prefill_pipelines_only_long_prompts_over_the_least_loaded():
     import numpy as np
+
     from pdserve.scheduler.balancers import plan_prefill_index
 
     att = np.array([4e6, 0.0, 1e6, 0.0])
@@ -140,7 +143,7 @@ def test_registry_pick_returns_the_pipeline_stages_and_the_head():
         r.join(spec(f"p{i}", role="prefill"), now=0.0)
     r.join(spec("d0"), now=0.0)
 
-    def pick(n, **kw):  # type: ignore[no-untyped-def]
+    def pick(n, **kw):
         head, dec, upstream = r.pick(0, n, 10, **kw)
         assert dec.spec.worker_id == "d0"
         return head.spec.worker_id, [w.spec.worker_id for w in upstream]

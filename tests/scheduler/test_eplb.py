@@ -7,6 +7,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from pdserve.scheduler.eplb import (
     balanced_packing,
     gpu_loads,
@@ -82,6 +83,7 @@ def test_placement_invariants(problem):
             assert sorted(slots) == [s for s in range(replicas) if p2l[s] == e]
 
 
+@pytest.mark.integration
 def test_cli_prints_the_maps(tmp_path):
     f = tmp_path / "loads.json"
     f.write_text(json.dumps({"weight": README_WEIGHT}))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from pdserve.scheduler.replay import CostModel, TraceRequest, load_trace, simulate
 
 
@@ -101,6 +102,7 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
+@pytest.mark.integration
 def test_cli_replays_the_shared_trace_slice(tmp_path):
     import os
 

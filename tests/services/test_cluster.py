@@ -10,15 +10,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pdserve.client import Client
+from pdserve.demo import SYSTEM_PROMPT
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.helpers import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
 
-from pdserve.client import Client
-from pdserve.demo import SYSTEM_PROMPT
-from tests.conftest import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
+pytestmark = pytest.mark.integration  # starts processes
 
 N_TOKENS = 24
 
@@ -233,7 +235,8 @@ def test_live_replay_of_a_trace_slice_hits_the_ideal_share(cluster, tmp_path):
     for turn in range(3):
         for conv in range(2):
             ids = list(range(1000 * (conv + 1), 1000 * (conv + 1) + 2 + turn))
-            lines.append({"timestamp": (turn * 2 + conv) * 1500, "input_length": 512 * len(ids) - 100,
+            lines.append({"timestamp": (turn * 2 + conv) * 1500,
+                          "input_length": 512 * len(ids) - 100,
                           "output_length": 4, "hash_ids": ids})
     trace = tmp_path / "slice.jsonl"
     trace.write_text("\n".join(_json.dumps(x) for x in lines))

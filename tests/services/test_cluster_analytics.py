@@ -17,13 +17,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from pdserve.cache.analytics import report, run_named
 from pdserve.cache.ledger import run_query
+from pdserve.client import Client
+from pdserve.metrics import parse_metrics
 from pdserve.scheduler.replay import load_trace
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
 
-from pdserve.client import Client
-from pdserve.metrics import parse_metrics
+pytestmark = pytest.mark.integration  # starts processes
 
 SLICE = Path(__file__).parent.parent / "data" / "mooncake_slice_3960.jsonl"
 BT = 64

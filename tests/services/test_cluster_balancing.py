@@ -10,17 +10,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.helpers import service_metrics
 
-from pdserve.client import Client
-from pdserve.cluster import LocalCluster
-from pdserve.config import UpSettings
-from tests.services.test_cluster_faults import metrics
-
+pytestmark = pytest.mark.integration  # starts processes
 
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
@@ -65,12 +66,12 @@ def test_a_burst_spreads_over_every_worker(cluster2):
 
 def test_a_long_prompt_is_prefilled_by_both_workers_as_a_pipeline(cluster2, loaded):
     prompt = [1 + (i * 7919) % 40000 for i in range(700)]
-    before = {n: metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
+    before = {n: service_metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
     with Client(cluster2.gateway_address) as c:
         r = c.generate(token_ids=prompt, max_tokens=8, cache_salt="pipeline")
-    after = {n: metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
+    after = {n: service_metrics(cluster2, n) for n in ("prefill-0", "prefill-1")}
 
-    def grew(name):  # type: ignore[no-untyped-def]
+    def grew(name):
         return {n: after[n].get(name, 0) - before[n].get(name, 0) for n in after}
 
     # One worker headed it (the stages delivered), the other ran the first 15 layers.

@@ -9,17 +9,18 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+
+from pdserve.client import Client
+from pdserve.cluster import LocalCluster
+from pdserve.config import UpSettings
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
+from tests.engine.random_models import make_deepseek
 
-from pdserve.client import Client
-from pdserve.cluster import LocalCluster
-from pdserve.config import UpSettings
-from tests.engine.test_hf_models import make_deepseek
-
+pytestmark = pytest.mark.integration  # starts processes
 
 @pytest.fixture(scope="module")
 def deepseek_dir(tmp_path_factory):

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 from pdserve.client import Client
-from pdserve.metrics import parse_metrics
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.helpers import service_metrics
 
 LEASE_S, QUARANTINE_S = 15.0, 2.0
+
+pytestmark = pytest.mark.integration  # starts processes
+
 LONG = [1000 + (i * 7919) % 40000 for i in range(1200)]   # seconds of prefill on this CPU
 SHORT = [2000 + (i * 104729) % 40000 for i in range(40)]
 
@@ -66,17 +68,13 @@ def busy_worker(c, role: str, timeout: float = 60) -> str:
     raise AssertionError(f"no {role} worker became busy")
 
 
-def metrics(c, name: str) -> dict[str, float]:
-    svc = c.service(name)
-    with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5) as r:
-        return parse_metrics(r.read().decode())
 
 
 def wait_pages_back(c, timeout: float = LEASE_S + QUARANTINE_S + 20) -> None:
     """Every live decode and prefill worker's pool is entirely free again."""
     deadline = time.monotonic() + timeout
     while True:
-        used = {s.name: metrics(c, s.name)["pdserve_kv_pages_used"] for s in c.services
+        used = {s.name: service_metrics(c, s.name)["pdserve_kv_pages_used"] for s in c.services
                 if s.name.startswith(("prefill", "decode")) and s.proc.poll() is None}
         if not any(used.values()):
             return
@@ -133,7 +131,7 @@ def test_prefill_killed_mid_prefill_is_retried_on_the_other(fcluster, reference)
     assert err is None and tokens == reference["long"] and reason == "length"
     row = ledger_row(fcluster, "p-kill")
     assert (row["status"], row["attempts"], row["completion_tokens"]) == ("OK", 2, 12)
-    g = metrics(fcluster, "gateway")
+    g = service_metrics(fcluster, "gateway")
     assert g['pdserve_request_retries_total{stage="prefill"}'] >= 1
     wait_pages_back(fcluster)  # the abandoned reservation too, after lease + quarantine
     fcluster.restart(done["killed"])
@@ -198,13 +196,13 @@ def test_client_cancellation_frees_pages_everywhere(fcluster):
         busy_worker(fcluster, "prefill")
         call.cancel()
     deadline = time.monotonic() + 20
-    while any(metrics(fcluster, f"prefill-{i}")["pdserve_prefill_queue_requests"]
+    while any(service_metrics(fcluster, f"prefill-{i}")["pdserve_prefill_queue_requests"]
               for i in range(2)):
         assert time.monotonic() < deadline  # the prefill job was dropped, not finished
         time.sleep(0.1)
     wait_pages_back(fcluster)
     assert ledger_row(fcluster, "cancel-me")["status"] == "CANCELLED"
-    assert metrics(fcluster, "gateway")["pdserve_requests_in_flight"] == 0
+    assert service_metrics(fcluster, "gateway")["pdserve_requests_in_flight"] == 0
 
 
 def test_a_transfer_after_the_lease_is_never_decoded(fcluster):
@@ -214,10 +212,10 @@ def test_a_transfer_after_the_lease_is_never_decoded(fcluster):
     for i in range(2):
         fcluster.restart(f"decode-{i}", extra_args=["--lease-s", "1"])
     fcluster._wait_serving(time.monotonic() + 120)
-    before = [metrics(fcluster, f"decode-{i}") for i in range(2)]
+    before = [service_metrics(fcluster, f"decode-{i}") for i in range(2)]
     tokens, _, err = stream(fcluster, "late", LONG, 8)
     assert err == grpc.StatusCode.UNAVAILABLE and tokens == []
-    after = [metrics(fcluster, f"decode-{i}") for i in range(2)]
+    after = [service_metrics(fcluster, f"decode-{i}") for i in range(2)]
     expired = sum(a.get('pdserve_decode_failed_total{reason="DEADLINE_EXCEEDED"}', 0)
                   - b.get('pdserve_decode_failed_total{reason="DEADLINE_EXCEEDED"}', 0)
                   for a, b in zip(after, before))

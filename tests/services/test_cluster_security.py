@@ -10,10 +10,12 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pdserve.v1 import gateway_pb2
 
 from pdserve.client import Client
+from pdserve.v1 import gateway_pb2
 from tests.certs import make_certs
+
+pytestmark = pytest.mark.integration  # starts processes
 
 TOKEN_A = "token-of-tenant-a-0123456789"
 TOKEN_B = "token-of-tenant-b-0123456789"

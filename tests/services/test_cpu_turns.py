@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdserve.services.cpu_turns import CpuTurns
+import pytest
 
+from pdserve.services.cpu_turns import CpuTurns
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.integration  # starts processes
 
 def _turn(path: str, role: str, ev: dict[str, Any], out: str) -> None:
     turns = CpuTurns(Path(path))

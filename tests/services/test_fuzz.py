@@ -13,6 +13,8 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from pdserve.client import Client
 from pdserve.v1 import (
     decode_pb2,
     gateway_pb2,
@@ -21,13 +23,14 @@ from pdserve.v1 import (
     registry_pb2,
 )
 
-from pdserve.client import Client
+pytestmark = pytest.mark.integration  # starts processes
 
 SCALARS = {
     F.TYPE_INT32: st.integers(-(2**31), 2**31 - 1), F.TYPE_SINT32: st.integers(-(2**31), 2**31 - 1),
     F.TYPE_SFIXED32: st.integers(-(2**31), 2**31 - 1), F.TYPE_UINT32: st.integers(0, 2**32 - 1),
     F.TYPE_FIXED32: st.integers(0, 2**32 - 1), F.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
-    F.TYPE_SINT64: st.integers(-(2**63), 2**63 - 1), F.TYPE_SFIXED64: st.integers(-(2**63), 2**63 - 1),
+    F.TYPE_SINT64: st.integers(-(2**63), 2**63 - 1), F.TYPE_SFIXED64: st.integers(-(2**63),
+                                                                                  2**63 - 1),
     F.TYPE_UINT64: st.integers(0, 2**64 - 1), F.TYPE_FIXED64: st.integers(0, 2**64 - 1),
     F.TYPE_BOOL: st.booleans(), F.TYPE_FLOAT: st.floats(width=32), F.TYPE_DOUBLE: st.floats(),
     F.TYPE_STRING: st.text(max_size=40), F.TYPE_BYTES: st.binary(max_size=80),

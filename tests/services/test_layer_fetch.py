@@ -10,6 +10,7 @@ import itertools
 import grpc
 import pytest
 import torch
+
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
 from pdserve.cache.codec import HEADER_SIZE, encode_block
 from pdserve.cache.store import BlockStore
@@ -17,7 +18,6 @@ from pdserve.services.kvstore_client import KVStoreClient, rendezvous
 from pdserve.services.prefill.layer_fetch import LayerLoad, layer_groups
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
-
 from tests.helpers import async_wait_until, start_shard
 from tests.helpers import kv_rows as rows
 
@@ -121,15 +121,15 @@ async def test_layered_fetch_gives_the_bytes_and_token_of_loading_whole_blocks(l
 class GatedClient(KVStoreClient):
     """Holds back every part after the first until the test opens the gate."""
 
-    def __init__(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.gate = asyncio.Event()
         self.held = 0
 
-    async def get_parts_from(self, shard, keys, cuts, on_part):  # type: ignore[no-untyped-def]
+    async def get_parts_from(self, shard, keys, cuts, on_part):
         held = []
 
-        def keep(i, p, v):  # type: ignore[no-untyped-def]
+        def keep(i, p, v):
             if p == 0:
                 on_part(i, p, v)
             else:
@@ -158,7 +158,7 @@ async def test_uncached_part_computes_its_first_layers_before_the_rest_arrives(
     waited: list[tuple[int, int]] = []  # (layer, ready layers) at each wait on the engine thread
     real_wait = LayerLoad.wait
 
-    def wait(self, layer):  # type: ignore[no-untyped-def]
+    def wait(self, layer):
         waited.append((layer, self.ready_layers))
         if layer >= max(self.ready_layers, 1):  # blocking for a later group: let it come
             loop.call_soon_threadsafe(client.gate.set)
@@ -245,7 +245,7 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     streamed: list[int] = []
     real = KVStoreClient.get_parts_from
 
-    async def count(self, shard, ks, cuts, on_part):  # type: ignore[no-untyped-def]
+    async def count(self, shard, ks, cuts, on_part):
         streamed.append(len(ks))
         await real(self, shard, ks, cuts, on_part)
 
@@ -318,16 +318,15 @@ async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_
 
 
 def test_a_store_that_cannot_stage_starts_without_staging(monkeypatch, caplog):
-    from pdserve.services.kvstore import main, staging
-
     from pdserve.config import KVStoreSettings
+    from pdserve.services.kvstore import main, staging
 
     assert main.open_staging(KVStoreSettings(nixl_staging_mb=0)) is None
     area = main.open_staging(KVStoreSettings(nixl_staging_mb=1))
     assert area is not None and area.extents.free_bytes == 1 << 20
     area.close()
 
-    def no_ucx(name):  # type: ignore[no-untyped-def]
+    def no_ucx(name):
         raise RuntimeError("no UCX transport")
 
     monkeypatch.setattr(staging, "new_agent", no_ucx)

@@ -14,7 +14,8 @@ def test_no_stop_strings_passes_text_through(tokenizer):
 
 
 def test_text_ends_before_the_stop_string(tokenizer):
-    assert run(tokenizer, "The train leaves at noon. Then", [" at noon"]) == ("The train leaves", True)
+    assert run(tokenizer, "The train leaves at noon. Then", [" at noon"]) == ("The train leaves",
+                                                                              True)
     assert run(tokenizer, "one\n\ntwo", ["\n\n", "zzz"]) == ("one", True)
 
 

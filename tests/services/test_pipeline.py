@@ -1,6 +1,7 @@
 """Pipelined prefill over several prefill workers (services/prefill/pipeline.py, head.py,
-stage.py): real workers with the real model, stages served over gRPC on port 0, each stage's KV READ by the head over NIXL; the
-result must be the KV and first token of one worker computing the prompt alone."""
+stage.py): real workers with the real model, stages served over gRPC on port 0, each stage's
+KV READ by the head over NIXL; the result must be the KV and first token of one worker
+computing the prompt alone."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import itertools
 import grpc
 import pytest
 import torch
+
 from pdserve.cache.block_hash import block_hashes, cacheable_blocks
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.kvstore_client import KVStoreClient
@@ -18,9 +20,8 @@ from pdserve.services.prefill.servicer import PrefillServicer
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.services.server import channel, create_server
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
-
-from tests.helpers import kv_rows as rows
 from tests.helpers import async_wait_until, start_shard
+from tests.helpers import kv_rows as rows
 
 PROMPT = [1 + (i * 7919) % 40000 for i in range(700)]  # 10 cacheable blocks, then 60 tokens
 _names = itertools.count()

@@ -8,7 +8,6 @@ from collections import Counter
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import encode_block
 from pdserve.services.kvstore_client import KVStoreClient, StoreBlock, rendezvous
-
 from tests.helpers import start_shard
 
 

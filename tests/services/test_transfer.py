@@ -8,6 +8,7 @@ import asyncio
 import grpc
 import pytest
 import torch
+
 from pdserve.engine.sampling import FinishReason, SamplingParams
 from pdserve.engine.sequence import TokenEvent
 from pdserve.services.decode.requests import DecodeState
@@ -18,7 +19,6 @@ from pdserve.services.outbox import Outbox, OutboxMessage, RequestFailed
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.services.transfer import pages_checksum
 from pdserve.v1 import common_pb2, prefill_pb2
-
 from tests.helpers import async_wait_until
 
 
@@ -26,7 +26,8 @@ from tests.helpers import async_wait_until
 def workers(loaded):
     dec = DecodeWorker(loaded, num_pages=32, max_batch=8, lease_s=1.0, agent_name="t-decode",
                        quarantine_s=0.5)
-    pre = PrefillWorker(loaded, num_pages=16, kvstore=KVStoreClient("", 1.0), agent_name="t-prefill")
+    pre = PrefillWorker(loaded, num_pages=16, kvstore=KVStoreClient("", 1.0),
+                        agent_name="t-prefill")
     dec.start()  # the real engine thread: polls notices, expires leases, decodes
     pre.start()
     yield pre, dec
@@ -149,7 +150,8 @@ async def test_stale_epoch_notice_is_dropped(workers):
 
 async def test_reservation_too_small_is_refused(workers):
     pre, dec = workers
-    res = dec.reserve("r5", list(range(10)), SamplingParams(max_tokens=2), asyncio.get_running_loop())
+    res = dec.reserve("r5", list(range(10)), SamplingParams(max_tokens=2),
+                      asyncio.get_running_loop())
     pages = pre.pool.reserve(3)
     try:
         with pytest.raises(TransferError, match="reservation holds"):

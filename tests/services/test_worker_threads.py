@@ -9,10 +9,10 @@ import sys
 import threading
 
 import pytest
+
 from pdserve.services.engine_thread import EngineStopped, EngineThread, GatherPolicy
 from pdserve.services.outbox import Outboxes
 from pdserve.services.worker import in_passing_thread
-
 from tests.helpers import wait_until
 
 
@@ -24,6 +24,7 @@ def test_in_passing_thread_returns_raises_and_leaves_no_thread():
     assert not [t for t in threading.enumerate() if t.name == "setup"]
 
 
+@pytest.mark.integration
 def test_openmp_workers_of_a_passing_thread_go_with_it():
     """The mechanism the workers rely on, in a fresh process: a parallel torch op run in a
     passing thread leaves no OpenMP worker threads behind; run in the main thread, it does."""
@@ -94,7 +95,7 @@ def test_an_idle_engine_gathers_a_burst_into_one_step():
     """Three prompts of 100 tokens arriving one after the other, with a 60 s gather: one step
     of all three, as soon as the third arrives (not the first alone, not after 60 s)."""
     eng = Steps()
-    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(60.0, 300))  # type: ignore[arg-type]  # a timing fake
+    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(60.0, 300))
     t.start()
     try:
         for _ in range(3):
@@ -108,7 +109,7 @@ def test_an_idle_engine_gathers_a_burst_into_one_step():
 
 def test_gathering_ends_at_its_deadline_and_a_call_gets_its_result():
     eng = Steps()
-    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(0.05, 2048))  # type: ignore[arg-type]  # a timing fake
+    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(0.05, 2048))
     t.start()
     try:
         assert t.call(lambda: eng.add(10) or "added").result(timeout=30) == "added"
