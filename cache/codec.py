@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.errors import CorruptBlock
 
 MAGIC = b"PDKV"
@@ -36,7 +37,7 @@ def layout_id(fingerprint: str) -> bytes:
 @dataclass(frozen=True)
 class BlockHeader:
     layout: bytes
-    key: bytes
+    key: bytes  # the key the block says it was stored under (checked against the asked one)
     num_tokens: int
     payload_len: int
     checksum: int
@@ -46,7 +47,7 @@ def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def encode_block(key: bytes, fingerprint: str, num_tokens: int,
+def encode_block(key: BlockHash, fingerprint: str, num_tokens: int,
                  payload: bytes | memoryview) -> bytes:
     if len(key) != 32:
         raise ValueError(f"block key must be 32 bytes, got {len(key)}")
@@ -71,7 +72,7 @@ def read_header(value: bytes | memoryview, total: int | None = None) -> BlockHea
     return BlockHeader(layout, key, ntok, plen, csum)
 
 
-def check_header(key: bytes, value: bytes | memoryview, total: int | None = None,
+def check_header(key: BlockHash, value: bytes | memoryview, total: int | None = None,
                  fingerprint: str | None = None) -> BlockHeader:
     h = read_header(value, total)
     if h.key != key:
@@ -81,7 +82,7 @@ def check_header(key: bytes, value: bytes | memoryview, total: int | None = None
     return h
 
 
-def verify_block(key: bytes, value: bytes, fingerprint: str | None = None) -> memoryview:
+def verify_block(key: BlockHash, value: bytes, fingerprint: str | None = None) -> memoryview:
     """Checks the header, key and checksum (and the layout when given); returns the payload."""
     h = check_header(key, value, None, fingerprint)
     payload = memoryview(value)[HEADER_SIZE:]

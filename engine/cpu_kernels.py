@@ -31,29 +31,26 @@ why); `--backend cpu-kernels` keeps 1 and 2 but runs the torch layers.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from pdserve.engine.kernel_lib import (
+    DecodeStepStruct,
+    LlamaLayerStruct,
+    QWeightStruct,
+    kernel,
+    kernel_dir,
+    library_path,
+    main,
+    why_not,
+)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared",
-         "-fPIC", "-lm"]
-_ABI = 1
+__all__ = ["BLOCK", "KINDS", "DecodePlan", "LlamaDecode", "LlamaLayerWeights", "QuantWeight",
+           "decode_attention", "dequantize", "kernel", "kernel_dir", "library_path", "main",
+           "qlinear", "why_not"]
 
 # GGUF quantization type -> (kernel kind, bytes per block of 32 weights)
 KINDS: dict[str, tuple[int, int]] = {"Q4_1": (0, 20), "Q8_0": (1, 34)}
@@ -99,147 +96,6 @@ class QuantWeight:
         return QuantWeight(first.kind, blocks, (blocks.shape[0], first.shape[1]))
 
 
-Fields = Sequence[tuple[str, Any]]  # a ctypes.Structure's (name, C type) list
-
-
-class _QWeight(ctypes.Structure):
-    _fields_: ClassVar[Fields] = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
-                ("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
-
-
-class _LlamaLayer(ctypes.Structure):
-    _fields_: ClassVar[Fields] = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("qkv", _QWeight), ("o", _QWeight), ("gate_up", _QWeight), ("down", _QWeight)]
-
-
-class _DecodeStep(ctypes.Structure):
-    _fields_: ClassVar[Fields] = [
-                ("h", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("kv", ctypes.c_void_p), ("slot_pages", ctypes.c_void_p),
-                ("slot_offsets", ctypes.c_void_p), ("q_rows", ctypes.c_void_p),
-                ("ctx_lens", ctypes.c_void_p), ("table_off", ctypes.c_void_p),
-                ("tables", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
-                ("page_stride", ctypes.c_longlong), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float)] + [(n, ctypes.c_int) for n in (
-                    "T", "D", "H", "KVH", "hd", "I", "L", "Bt", "nthreads")]
-
-
-class _Kernel:
-    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
-        self.path = path
-        self.qlinear = lib.pdserve_qlinear
-        self.qlinear.restype = ctypes.c_int
-        self.qlinear.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_int]
-        self.dequant = lib.pdserve_dequant
-        self.dequant.restype = ctypes.c_int
-        self.dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_void_p]
-        self.layer = lib.pdserve_llama_decode_layer
-        self.layer.restype = ctypes.c_int
-        self.layer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        sizes = (ctypes.c_longlong * 3)()
-        lib.pdserve_llama_struct_sizes(sizes)
-        want = [ctypes.sizeof(c) for c in (_QWeight, _LlamaLayer, _DecodeStep)]
-        if list(sizes) != want:
-            raise RuntimeError(f"struct sizes differ between C {list(sizes)} and ctypes {want}")
-        self.attention = lib.pdserve_decode_attention
-        self.attention.restype = ctypes.c_int
-        args: list[Any] = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
-                           ctypes.c_longlong, *[ctypes.c_int] * 5, *[ctypes.c_void_p] * 4,
-                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-        self.attention.argtypes = args
-
-
-_lock = threading.Lock()
-_kernel: _Kernel | None = None
-_tried = False
-_why_not: str | None = None
-
-
-def _cpu_has_features() -> str | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"CPU architecture {platform.machine()} (the kernel is for x86-64 AVX2)"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cannot read /proc/cpuinfo to check for AVX2/FMA/F16C"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
-    return f"CPU lacks {', '.join(missing)}" if missing else None
-
-
-def kernel_dir() -> Path:
-    env = os.environ.get("PDSERVE_KERNEL_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pdserve" / "kernels"
-
-
-def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return kernel_dir() / f"cpu_kernels-{digest}.so"
-
-
-def _build(path: Path) -> None:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
-        os.replace(tmp, path)  # atomic: processes building at once each install a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def kernel() -> _Kernel | None:
-    """The loaded kernel, building it if needed; None (and why_not() says why) when it cannot
-    be had. Tried once per process; once decided, no lock (every product and attention call
-    asks)."""
-    global _kernel, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _kernel = _load()
-                _tried = True  # only now: a caller that sees it also sees _kernel
-    return _kernel
-
-
-def _load() -> _Kernel | None:
-    global _why_not
-    _why_not = _cpu_has_features()
-    if _why_not is not None:
-        log.info("CPU kernels not used", extra={"reason": _why_not})
-        return None
-    path = library_path()
-    try:
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
-        if lib.pdserve_kernels_abi() != _ABI:
-            raise RuntimeError(f"{path} is of another version")
-        return _Kernel(lib, path)
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-        _why_not = str(e)
-        log.warning("CPU kernels unavailable; using float32 weights",
-                    extra={"reason": _why_not, "library": str(path)})
-        return None
-
-
-def why_not() -> str | None:
-    return _why_not
-
-
 def _check(rc: int, what: str) -> None:
     if rc == -2:
         raise MemoryError(f"{what}: a thread's scratch buffer could not be allocated")
@@ -251,7 +107,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
     """x [M, K] float32 (CPU) @ W^T (+ bias) -> [M, N] float32."""
     k = kernel()
     if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_why_not}")
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
     n, kk = w.shape
     if x.dim() != 2 or x.shape[1] != kk or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"qlinear takes float32 CPU [M, {kk}], got {x.dtype} {x.device.type} "
@@ -272,7 +128,7 @@ def dequantize(w: QuantWeight) -> torch.Tensor:
     """W as float32 [N, K], by the kernel's own rebuild of each weight."""
     k = kernel()
     if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_why_not}")
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
     out = torch.empty(w.shape, dtype=torch.float32)
     _check(k.dequant(KINDS[w.kind][0], w.blocks.data_ptr(), w.shape[0], w.shape[1],
                      out.data_ptr()), "dequantize")
@@ -311,7 +167,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, n_kv: int,
     kv [P, L, Bt, 2 * n_kv * hd] at `layer`; other rows of out are left alone."""
     k = kernel()
     if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_why_not}")
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
     t, h, hd = q.shape
     pages, layers, bt, row = kv.shape
     if row != 2 * n_kv * hd or not 0 <= layer < layers or out.shape != q.shape \
@@ -325,8 +181,8 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, n_kv: int,
                        out.data_ptr(), torch.get_num_threads()), "decode_attention")
 
 
-def _qweight(w: QuantWeight, bias: torch.Tensor | None) -> _QWeight:
-    return _QWeight(KINDS[w.kind][0], w.shape[0], w.shape[1], w.blocks.data_ptr(),
+def _qweight(w: QuantWeight, bias: torch.Tensor | None) -> QWeightStruct:
+    return QWeightStruct(KINDS[w.kind][0], w.shape[0], w.shape[1], w.blocks.data_ptr(),
                     None if bias is None else bias.data_ptr())
 
 
@@ -353,14 +209,14 @@ class LlamaDecode:
                  kv_heads: int, head_dim: int, intermediate: int, eps: float) -> None:
         k = kernel()
         if k is None:
-            raise RuntimeError(f"CPU kernels unavailable: {_why_not}")
+            raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
         self._k = k
         self.keep = list(layers)
         for w in self.keep:
             for t in (w.in_norm, w.post_norm, w.qkv_bias, w.o_bias):
                 if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
                     raise ValueError("norm weights and biases must be contiguous float32")
-        self.structs = [_LlamaLayer(w.in_norm.data_ptr(), w.post_norm.data_ptr(),
+        self.structs = [LlamaLayerStruct(w.in_norm.data_ptr(), w.post_norm.data_ptr(),
                                     _qweight(w.qkv, w.qkv_bias), _qweight(w.o, w.o_bias),
                                     _qweight(w.gate_up, None), _qweight(w.down, None))
                         for w in self.keep]
@@ -382,7 +238,7 @@ class LlamaDecode:
         nq, nk = self.H * self.hd, self.KVH * self.hd
         scratch = torch.empty(t * (self.D + nq + 2 * nk + 2 * nq + 2 * self.I))
         _, n_layers, bt, row = kv.shape
-        step = _DecodeStep(h.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
+        step = DecodeStepStruct(h.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
                            pages.data_ptr(), offsets.data_ptr(), plan.q_rows.data_ptr(),
                            plan.ctx_lens.data_ptr(), plan.table_off.data_ptr(),
                            plan.tables.data_ptr(), scratch.data_ptr(), n_layers * bt * row,
@@ -394,26 +250,7 @@ class LlamaDecode:
         return h
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build (if needed) and load the kernels; say where they are or why they are not used.
-    `--build`: only compile (an image build on a machine that need not run them)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args == ["--build"]:
-        path = library_path()
-        if not path.exists():
-            _build(path)
-        print(f"CPU kernels built: {path}")
-        return 0
-    if args:
-        print("usage: python -m pdserve.engine.cpu_kernels [--build]", file=sys.stderr)
-        return 2
-    k = kernel()
-    if k is None:
-        print(f"CPU kernels not available: {why_not()}", file=sys.stderr)
-        return 1
-    print(f"CPU kernels: {k.path}")
-    return 0
-
-
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -24,7 +24,7 @@ from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-def rendezvous(key: bytes, shards: Sequence[str]) -> int:
+def rendezvous(key: BlockHash, shards: Sequence[str]) -> int:
     """Index of the shard that owns `key` (highest random weight)."""
     best, arg = -1, 0
     for i, name in enumerate(shards):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cli import _parser
 from pdserve.config import DecodeSettings, SettingsError, load_settings
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -62,11 +62,11 @@ def test_gateway_is_not_serving_until_workers_join(tmp_path):
                              "--kvstore", "", "--ready-file", str(ready)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
+        def started() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            return ready.exists()
+
+        wait_until(started, 120, what="the gateway ready")
         port = json.loads(ready.read_text())["port"]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)

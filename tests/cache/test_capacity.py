@@ -161,29 +161,3 @@ async def test_evicted_and_expired_misses_are_told_apart_from_never_stored(tmp_p
     assert s.was_removed([k for k, _ in old + new]) == [True] * 4
     await client.close()
     await shard.stop()
-
-
-def test_the_gateway_names_each_miss_reason():
-    """The gateway's Accounting.miss_reason over every case, with real block hashes."""
-    from pdserve.cache.block_hash import hash_namespace
-    from pdserve.scheduler.registry import WorkerRegistry, WorkerSpec
-    from pdserve.services.gateway.accounting import Accounting
-    from pdserve.services.kvstore_client import LookupResult
-
-    ns = hash_namespace("m", "fp")
-    spec = WorkerSpec("p", "prefill", "x:1", 1, ns, "fp", 64, 10, 8192, 1000)
-    acct = Accounting(WorkerRegistry(), None, None, None)
-    prompt = list(range(300))  # 4 cacheable blocks
-    keys = block_hashes(ns, "", prompt, 64)
-
-    def why(found, cached, salt="", tenant=""):
-        k = block_hashes(ns, salt, prompt, 64)
-        return acct.miss_reason(spec, salt, prompt, k, 4, found, cached, tenant)
-
-    assert why(LookupResult(None), 0) == "store_unavailable"
-    assert why(LookupResult(0), 0) == "never_seen"          # and now the gateway saw it
-    assert why(LookupResult(4), 4) == "partial_block"
-    assert why(LookupResult(3), 1) == "fetch_failed"
-    assert why(LookupResult(2, True), 2) == "evicted"
-    assert why(LookupResult(0), 0, salt="s2", tenant="t2") == "different_salt"
-    assert keys == block_hashes(ns, "", prompt, 64)

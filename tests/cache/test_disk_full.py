@@ -7,7 +7,6 @@ import os
 import resource
 import signal
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.cache.codec import encode_block
 from pdserve.services.kvstore.main import WRITE_HEALTH
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
-from tests.helpers import start_store_process
+from tests.helpers import start_store_process, wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -63,11 +62,9 @@ def test_disk_full_refuses_puts_and_keeps_serving_reads(small_disk, tmp_path, mo
             health = health_pb2_grpc.HealthStub(ch)
             assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
                 health_pb2.HealthCheckResponse.SERVING
-            deadline = time.monotonic() + 5
-            while health.Check(health_pb2.HealthCheckRequest(service=WRITE_HEALTH)).status != \
-                    health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(
+                service=WRITE_HEALTH)).status == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+                interval_s=0.1, what="write health NOT_SERVING")
             stats = stub.Stats(kvstore_pb2.StatsRequest())
             assert not stats.accepting_writes and stats.write_errors >= 1
             with pytest.raises(grpc.RpcError) as e:

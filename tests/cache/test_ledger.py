@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mmap
-import os
 import signal
 import struct
 import subprocess
@@ -22,7 +21,7 @@ from pdserve.cache.ledger import (
     live_files,
     run_query,
 )
-from tests.helpers import ledger_row
+from tests.helpers import ledger_row, wait_until
 
 
 def ids(data_dir: Path) -> list[int]:
@@ -105,7 +104,7 @@ import mmap, struct, sys, time
 from pathlib import Path
 from pdserve.cache.ledger import Ledger
 sys.path.insert(0, sys.argv[3])
-from test_ledger import row
+from tests.helpers import ledger_row
 led = Ledger(Path(sys.argv[1]), flush_records=int(sys.argv[2]), flush_s=0.2)
 f = open(sys.argv[1] + "/count", "r+b")
 m = mmap.mmap(f.fileno(), 8)
@@ -127,15 +126,16 @@ def test_sigkill_loses_at_most_the_unflushed_batch(tmp_path, kill_after_s):
     batch = 200
     (tmp_path / "count").write_bytes(b"\0" * 8)
     p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(batch),
-                          os.path.dirname(__file__)])
+                          str(Path(__file__).resolve().parents[2])])
     def handed_so_far() -> int:
         return struct.unpack("<q", (tmp_path / "count").read_bytes()[:8])[0]
 
-    deadline = time.monotonic() + 60
-    while handed_so_far() == 0:  # the writer is up (imports take a while on a busy machine)
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(kill_after_s)
+    def writing() -> bool:
+        assert p.poll() is None, "the writer died"
+        return handed_so_far() > 0
+
+    wait_until(writing, 60)  # the writer is up (imports take a while on a busy machine)
+    time.sleep(kill_after_s)  # the kill at a chosen moment of the writing: the experiment
     p.send_signal(signal.SIGKILL)
     p.wait()
     with open(tmp_path / "count", "rb") as f:

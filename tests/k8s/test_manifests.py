@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.client import Client
+from tests.helpers import wait_until
 from tests.k8s.render import (
     WORKLOADS,
     local_pods,
@@ -198,17 +198,15 @@ def test_the_dev_overlay_runs(tmp_path):
                                           "pdserve-decode", "pdserve-kvstore"}
     start(pods, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        waiting = list(pods)
-        while waiting:
+        def all_ready() -> bool:
             for p in pods:
                 if p.proc.poll() is not None:
                     pytest.fail(f"{p.workload} exited {p.proc.returncode}:\n"
                                 + p.log.read_text()[-3000:])
-            waiting = [p for p in waiting
-                       if health(*p.readiness) != health_pb2.HealthCheckResponse.SERVING]
-            assert time.monotonic() < deadline, [p.workload for p in waiting]
-            time.sleep(0.2)
+            return all(health(*p.readiness) == health_pb2.HealthCheckResponse.SERVING
+                       for p in pods)
+
+        wait_until(all_ready, 300, interval_s=0.2, what="every pod's readiness probe")
         for p in pods:
             assert health(*p.liveness) == health_pb2.HealthCheckResponse.SERVING, p.workload
         [gw] = [p for p in pods if p.workload == "pdserve-gateway"]

@@ -4,7 +4,6 @@ and decode on loopback, the real model, NIXL over UCX."""
 from __future__ import annotations
 
 import os
-import time
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.helpers import CHAT_PROMPTS, agree_until_near_tie, hf_greedy
+from tests.helpers import CHAT_PROMPTS, agree_until_near_tie, hf_greedy, wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -181,11 +180,8 @@ def test_abort_ends_the_stream(cluster, tokenizer):
 
         t = threading.Thread(target=run)
         t.start()
-        deadline = time.monotonic() + 60
-        found = False
-        while not found and time.monotonic() < deadline:
-            time.sleep(0.2)
-            found = c.abort("to-abort")
+        found = wait_until(lambda: c.abort("to-abort"), 60, interval_s=0.2,
+                           what="the request to abort is running")
         t.join(60)
     assert found
     assert got["r"].finish_reason == "abort"
@@ -219,9 +215,12 @@ def test_store_down_means_misses_not_failures(cluster, client, tokenizer):
     assert r.finish_reason in ("stop", "length")
     # A new store process on the same directory serves the blocks written before.
     cluster.restart_kvstore()
-    time.sleep(1.5)  # clients reconnect within a second (reconnect backoff capped at 1 s)
-    again = client.generate(token_ids=ids, max_tokens=8, cache_salt="down")
-    assert again.cached_tokens == 64 * ((len(ids) - 1) // 64)
+    # The gateway and prefill clients reconnect within a second (backoff capped at 1 s); until
+    # then a request is a miss, with the same tokens.
+    want = 64 * ((len(ids) - 1) // 64)
+    again = wait_until(lambda: (r := client.generate(token_ids=ids, max_tokens=8,
+                                                     cache_salt="down")).cached_tokens == want
+                       and r, 30, interval_s=0.2, what="hits from the restarted store")
     assert again.token_ids == warm.token_ids
 
 

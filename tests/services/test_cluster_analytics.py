@@ -24,6 +24,7 @@ from pdserve.client import Client
 from pdserve.metrics import parse_metrics
 from pdserve.scheduler.replay import load_trace
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -72,10 +73,7 @@ def store_blocks(cluster) -> int:
 
 
 def wait_blocks(cluster, n: int) -> None:
-    deadline = time.monotonic() + 30
-    while store_blocks(cluster) < n:
-        assert time.monotonic() < deadline, f"the store never reached {n} blocks"
-        time.sleep(0.05)
+    wait_until(lambda: store_blocks(cluster) >= n, 30, what=f"the store holding {n} blocks")
 
 
 def test_replayed_trace_report_hit_share_equals_the_ideal_share(acluster):

@@ -4,7 +4,6 @@ and a restarted worker (new epoch) serves again without anything stale from its 
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.helpers import service_metrics
+from tests.helpers import service_metrics, wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -47,10 +46,7 @@ def ask(cluster, i, max_tokens=6):
 
 
 def wait_for(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
+    wait_until(pred, timeout, interval_s=0.1)
 
 
 def test_a_burst_spreads_over_every_worker(cluster2):

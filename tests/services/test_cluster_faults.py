@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.client import Client
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.helpers import service_metrics
+from tests.helpers import service_metrics, wait_until
 
 LEASE_S, QUARANTINE_S = 15.0, 2.0
 
@@ -59,27 +59,21 @@ def stats(c) -> list:
 
 
 def busy_worker(c, role: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for w in stats(c):
-            if w.role == role and w.in_rotation and w.running > 0:
-                return w.worker_id
-        time.sleep(0.02)
-    raise AssertionError(f"no {role} worker became busy")
+    return wait_until(lambda: next((w.worker_id for w in stats(c) if w.role == role
+                                    and w.in_rotation and w.running > 0), None),
+                      timeout, what=f"a busy {role} worker")
 
 
 
 
 def wait_pages_back(c, timeout: float = LEASE_S + QUARANTINE_S + 20) -> None:
     """Every live decode and prefill worker's pool is entirely free again."""
-    deadline = time.monotonic() + timeout
-    while True:
-        used = {s.name: service_metrics(c, s.name)["pdserve_kv_pages_used"] for s in c.services
+    def used() -> dict[str, float]:
+        return {s.name: service_metrics(c, s.name)["pdserve_kv_pages_used"] for s in c.services
                 if s.name.startswith(("prefill", "decode")) and s.proc.poll() is None}
-        if not any(used.values()):
-            return
-        assert time.monotonic() < deadline, used
-        time.sleep(0.25)
+
+    wait_until(lambda: not any(used().values()), timeout, interval_s=0.25,
+               what="every worker's pages free")
 
 
 def stream(c, rid: str, prompt, max_tokens: int, on_token=None, **kw):
@@ -195,11 +189,9 @@ def test_client_cancellation_frees_pages_everywhere(fcluster):
             prompt_token_ids=LONG, max_tokens=50, request_id="cancel-me", cache_salt="x"))
         busy_worker(fcluster, "prefill")
         call.cancel()
-    deadline = time.monotonic() + 20
-    while any(service_metrics(fcluster, f"prefill-{i}")["pdserve_prefill_queue_requests"]
-              for i in range(2)):
-        assert time.monotonic() < deadline  # the prefill job was dropped, not finished
-        time.sleep(0.1)
+    wait_until(lambda: not any(  # the prefill job was dropped, not finished
+        service_metrics(fcluster, f"prefill-{i}")["pdserve_prefill_queue_requests"]
+        for i in range(2)), 20, interval_s=0.1, what="the prefill queues empty")
     wait_pages_back(fcluster)
     assert ledger_row(fcluster, "cancel-me")["status"] == "CANCELLED"
     assert service_metrics(fcluster, "gateway")["pdserve_requests_in_flight"] == 0

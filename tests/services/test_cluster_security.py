@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.client import Client
 from pdserve.v1 import gateway_pb2
 from tests.certs import make_certs
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -80,11 +80,14 @@ def store_blocks(c) -> int:
         return kvstore_pb2_grpc.KVStoreStub(ch).Stats(kvstore_pb2.StatsRequest()).num_blocks
 
 
+def in_flight(c) -> int:
+    """The gateway's requests in flight, asked with the client's own token."""
+    return c.stub.Stats(gateway_pb2.ClusterStatsRequest(), metadata=c.metadata).requests_in_flight
+
+
 def wait_blocks(c, n: int) -> None:
-    deadline = time.monotonic() + 30
-    while store_blocks(c) < n:  # blocks reach the store in the background
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # blocks reach the store in the background
+    wait_until(lambda: store_blocks(c) >= n, 30, what=f"the store holding {n} blocks")
 
 
 def test_tenants_never_hit_each_others_cache(secure):
@@ -152,7 +155,7 @@ def test_analytics_and_abort_stay_within_the_tenant(secure):
         t = threading.Thread(target=lambda: done.setdefault("r", a.generate(
             token_ids=[500] * 20, max_tokens=200, request_id="a-long")))
         t.start()
-        time.sleep(1.5)
+        wait_until(lambda: in_flight(a) == 1, 30, what="a's request running")
         assert b.abort("a-long") is False
         assert a.abort("a-long") is True
         t.join(60)
@@ -180,7 +183,7 @@ def test_concurrent_streams_per_client(secure):
             token_ids=[600 + i] * 20, max_tokens=200, request_id=f"b-{i}"))) for i in range(2)]
         for t in threads:
             t.start()
-        time.sleep(2.0)
+        wait_until(lambda: in_flight(c) == 2, 30, what="both streams running")
         code, msg = code_of(lambda: c.generate(token_ids=[9] * 10, max_tokens=2))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-streams-per-client 2" in msg and "'b'" in msg

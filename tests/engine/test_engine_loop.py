@@ -1,0 +1,228 @@
+"""The engine loop (engine/engine.py, scheduler.py, hooks.py) on a tiny random Llama model: the
+scheduler's plans, and every hook a worker plugs in (the step agreement, fetched KV that fails
+verification, a step that raises, prefill-only prompts, pipeline stages)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from pdserve.engine.backend import Backend
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.hooks import EngineHooks
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.llama import LlamaForCausalLM
+from pdserve.engine.model_config import LlamaConfig
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import FinishReason, SamplingParams
+from pdserve.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, plan_chunks
+from pdserve.engine.sequence import (
+    FailedEvent,
+    FinishEvent,
+    HiddenEvent,
+    Sequence,
+    StageWork,
+    TokenEvent,
+)
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+BT = 4  # tokens per page
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    m = LlamaForCausalLM(CFG)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    m.reset_buffers("cpu")
+    m.eval()
+    m.prepare(Backend("torch"))
+    return m
+
+
+def engine(model: LlamaForCausalLM, hooks: EngineHooks | None = None, pages: int = 64,
+           max_batch: int = 8, budget: int = 64) -> LLMEngine:
+    pool = KVPool(CFG.kv_layout("float32", BT), pages)
+    return LLMEngine(ModelRunner(model, pool, budget), max_batch=max_batch,
+                     max_prefill_tokens=budget, hooks=hooks)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, CFG.vocab_size, (n,), generator=g).tolist()
+
+
+def run(eng: LLMEngine) -> list:
+    events = []
+    while eng.has_work:
+        events += eng.step()
+    return events
+
+
+# -- the scheduler, pure ---------------------------------------------------------------------
+def seq(rid: str, n: int, done: int = 0, **kw: object) -> Sequence:
+    return Sequence(rid, list(range(n)), SamplingParams(max_tokens=4), num_computed=done, **kw)
+
+
+def test_chunks_fill_the_budget_first_come_first_served():
+    a, b, c = seq("a", 10), seq("b", 30, done=5), seq("c", 8)
+    plan = plan_chunks([a, b, c], 32)
+    assert [(ch.seq.request_id, ch.start, ch.num_tokens) for ch in plan] == [
+        ("a", 0, 10), ("b", 5, 22)]
+
+
+def test_a_prompt_still_fetching_runs_only_when_nothing_else_is_ready():
+    fetching = {"a"}
+    s = Scheduler(max_batch=4, max_prefill_tokens=100, ready=lambda q: q.request_id not in fetching)
+    s.add(seq("a", 10))
+    s.add(seq("b", 10))
+    batch = s.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["b"]
+    s.waiting.remove(batch.chunks[0].seq)
+    batch = s.schedule()  # only the fetching one is left: it runs (its layers wait)
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["a"]
+
+
+def test_stage_chunks_go_first_and_a_full_batch_decodes():
+    s = Scheduler(max_batch=2, max_prefill_tokens=100)
+    later = seq("later", 10, stage=StageWork(2, 4, chunk_tokens=8))
+    first = seq("first", 10, stage=StageWork(0, 2, chunk_tokens=8))
+    s.add(later)
+    s.add(first)
+    s.add(seq("w", 10))
+    batch = s.schedule()  # `later` has no input yet; `first` cuts its own chunks
+    assert batch is not None and batch.kind is BatchKind.STAGE
+    assert (batch.chunks[0].seq.request_id, batch.chunks[0].num_tokens) == ("first", 8)
+    s.stages.clear()
+    s.add_running(seq("r1", 4, done=4))
+    s.add_running(seq("r2", 4, done=4))
+    batch = s.schedule()  # the batch is full: decode, the waiting prompt waits
+    assert batch is not None and batch.kind is BatchKind.DECODE and len(batch.chunks) == 2
+
+
+# -- the loop and its hooks -------------------------------------------------------------------
+class Hooks(EngineHooks):
+    def __init__(self) -> None:
+        self.plans: list[BatchKind] = []
+        self.veto = False
+        self.turns: list[BatchKind] = []
+        self.verified: dict[str, int] = {}
+        self.layers: list[int] = []
+
+    def agree(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
+        if batch is not None:
+            self.plans.append(batch.kind)
+        return None if self.veto else batch
+
+    def turn(self, kind: BatchKind) -> contextlib.AbstractContextManager[None]:
+        self.turns.append(kind)
+        return contextlib.nullcontext()
+
+    def before_layer(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        return self.layers.append if self.verified else None
+
+    def settle(self, s: Sequence) -> int | None:
+        return self.verified.pop(s.request_id, None)
+
+
+def test_the_step_agreement_sees_every_plan_and_can_hold_a_step(model):
+    hooks = Hooks()
+    eng = engine(model, hooks)
+    eng.add_request("a", prompt(9, 1), SamplingParams(max_tokens=3))
+    hooks.veto = True
+    assert eng.step() == [] and eng.num_steps == 0 and hooks.plans == [BatchKind.PREFILL]
+    hooks.veto = False
+    events = run(eng)
+    assert [type(e) for e in events] == [TokenEvent] * 3
+    assert hooks.plans == [BatchKind.PREFILL, BatchKind.PREFILL, BatchKind.DECODE,
+                           BatchKind.DECODE]
+    assert hooks.turns == hooks.plans[1:]  # a turn around every step that ran
+    eng.pool.check_integrity()
+    assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_kv_that_fails_verification_is_recomputed_and_the_token_is_unchanged(model):
+    """A prompt whose first 8 tokens' KV 'arrived' in its pages: the step runs on it, then the
+    hook says only 4 were verified. The output is discarded and the prompt recomputed from
+    token 4: the same first token as computing it whole, which a corrupted prefix would not
+    give."""
+    p = prompt(13, 2)
+    ref = engine(model)
+    want = ref.generate([p], SamplingParams(max_tokens=1))[0]
+    hooks = Hooks()
+    eng = engine(model, hooks)
+    s = Sequence("a", p, SamplingParams(max_tokens=1), eng.pool.reserve(4), num_computed=8,
+                 stop_after_prefill=True)
+    # The whole prompt's KV computed by the reference, the second page then damaged.
+    eng.pool.kv.copy_(ref.pool.kv[:64])
+    s.pages = [0, 1, 2, 3]
+    eng.pool.kv[1] += 1.0
+    hooks.verified["a"] = 4
+    eng.add(s)
+    first = eng.step()
+    assert first == [] and s.num_computed == 4  # discarded, back to the last good token
+    assert hooks.layers == list(range(CFG.num_hidden_layers))  # it waited at every layer
+    (ev,) = run(eng)
+    assert isinstance(ev, TokenEvent) and [ev.token] == want
+    assert s.pages == [0, 1, 2, 3]  # a prefill-only prompt's pages stay with the caller
+
+
+def test_a_step_that_raises_fails_its_sequences_and_the_engine_goes_on(model, monkeypatch):
+    eng = engine(model)
+    eng.add_request("a", prompt(5, 3), SamplingParams(max_tokens=2))
+    real = eng.runner.forward_chunks
+
+    def broken(*a: object, **kw: object) -> torch.Tensor:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(eng.runner, "forward_chunks", broken)
+    (ev,) = eng.step()
+    assert isinstance(ev, FailedEvent) and "out of memory" in ev.error
+    assert not eng.has_work and eng.pool.num_free == eng.pool.num_pages
+    monkeypatch.setattr(eng.runner, "forward_chunks", real)
+    eng.add_request("b", prompt(5, 3), SamplingParams(max_tokens=2))
+    assert [type(e) for e in run(eng)] == [TokenEvent, TokenEvent]
+
+
+def test_abort_and_a_sequence_that_joins_finished(model):
+    eng = engine(model)
+    eng.add_request("a", prompt(5, 4), SamplingParams(max_tokens=5))
+    eng.step()
+    assert eng.abort("a") and not eng.abort("a")
+    assert eng.pool.num_free == eng.pool.num_pages
+    s = Sequence("b", prompt(5, 4), SamplingParams(max_tokens=1), eng.pool.reserve(2),
+                 output=[7])
+    assert eng.add_prefilled(s) == FinishEvent("b", FinishReason.LENGTH)
+    assert eng.pool.num_free == eng.pool.num_pages
+
+
+def test_two_stages_in_one_engine_give_the_first_token_of_the_whole_prompt(model):
+    """Layers [0, 2) then [2, 4) of a prompt, chunk by chunk, the second stage fed the first's
+    hidden states: the first token and the KV of every layer equal one whole prefill."""
+    p = prompt(22, 5)
+    ref = engine(model)
+    want = ref.generate([p], SamplingParams(max_tokens=1))[0]
+    eng = engine(model)
+    pages = eng.pool.reserve(6)
+    head = StageWork(2, 4, chunk_tokens=0)
+    low = Sequence("low", p, SamplingParams(), pages, stage=StageWork(0, 2, chunk_tokens=8))
+    high = Sequence("high", p, SamplingParams(max_tokens=1), pages, stage=head)
+    eng.add(low)
+    eng.add(high)
+    tokens = []
+    while eng.has_work:
+        for ev in eng.step():
+            if isinstance(ev, HiddenEvent):
+                head.inputs.append((ev.begin, ev.hidden))
+            else:
+                tokens.append(ev)
+    assert [(e.request_id, e.token) for e in tokens] == [("high", want[0])]
+    assert torch.equal(eng.pool.kv[:6], ref.pool.kv[:6]) or torch.allclose(
+        eng.pool.kv[:6], ref.pool.kv[:6], atol=1e-6)
