@@ -1,27 +1,34 @@
 """What prefill and decode workers share: model loading from settings, their identity, the
-checks of a prompt, and draining."""
+checks of a prompt, and serving (registration, metrics, ready file, draining)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, TypeVar
 
+import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
 from pdserve.cache.block_hash import hash_namespace
 from pdserve.config import DecodeSettings, PrefillSettings
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
+from pdserve.metrics import serve_metrics
 from pdserve.services.errors import InvalidArgument
+from pdserve.services.registration import join_gateway
+from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.v1 import common_pb2
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 WorkerSettings = PrefillSettings | DecodeSettings
 DRAIN_SETTLE_S = 0.3  # after leaving rotation, the time for the load report to reach the gateway
@@ -113,3 +120,54 @@ def worker_info(role: str, settings: WorkerSettings, loaded: LoadedModel, addres
         block_tokens=loaded.layout.block_tokens, total_pages=total_pages,
         max_context=loaded.max_context, vocab_size=loaded.config.vocab_size,
     )
+
+
+class ServedWorker(Protocol):
+    """What `serve_worker` needs of a prefill or decode worker."""
+
+    loaded: LoadedModel
+    epoch: int
+    draining: bool
+
+    @property
+    def num_pages(self) -> int: ...
+
+    def report(self) -> common_pb2.LoadReport: ...
+
+
+async def serve_worker(role: str, settings: WorkerSettings, worker: ServedWorker,
+                       register: Callable[[grpc.aio.Server], None], service: str,
+                       prom: CollectorRegistry, busy: Callable[[], bool],
+                       cleanup: Callable[[], Awaitable[None]],
+                       changed: asyncio.Event | None = None) -> None:
+    """Serves a started worker until SIGTERM/SIGINT: its gRPC service on --port (health SERVING
+    for "" and `service`), its load reports to the gateway (every interval, and at once when
+    `changed` is set), its metrics, its ready file. On a signal: report draining, wait while
+    `busy` (at most --drain-timeout-s), stop the server, then `cleanup`."""
+    server, port, health = await create_server([register], [service], settings.host,
+                                               settings.port)
+    await health.set("", SERVING)
+    await health.set(service, SERVING)
+    info = worker_info(role, settings, worker.loaded, advertised_address(settings, port),
+                       worker.epoch, worker.num_pages)
+    stop = asyncio.Event()
+    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop,
+                                              changed))
+    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
+                     metrics_port=metrics_port)
+    log.info(f"{role} serving", extra={"port": port, "worker_id": info.worker_id})
+
+    async def drain() -> None:
+        # Leave rotation first (the next report says so), then let accepted requests finish.
+        worker.draining = True
+        if changed is not None:
+            changed.set()
+        await wait_until_idle(busy, settings.drain_timeout_s)
+
+    async def stop_all() -> None:
+        stop.set()
+        joiner.cancel()
+        await cleanup()
+
+    await serve_until_signal(server, health, stop_all, drain=drain)

@@ -13,19 +13,15 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from pdserve.config import DecodeSettings
-from pdserve.metrics import DecodeMetrics, serve_metrics
+from pdserve.metrics import DecodeMetrics
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.decode.servicer import DecodeServicer
 from pdserve.services.decode.worker import DecodeWorker
-from pdserve.services.registration import join_gateway
-from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.worker import (
-    advertised_address,
     in_passing_thread,
     load_for,
-    wait_until_idle,
-    worker_info,
+    serve_worker,
 )
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -46,6 +42,7 @@ async def run(settings: DecodeSettings) -> None:
     worker = in_passing_thread(lambda: build(settings))
     changed = asyncio.Event()
     loop = asyncio.get_running_loop()
+
     def report_now() -> None:  # from any thread
         loop.call_soon_threadsafe(changed.set)
 
@@ -54,31 +51,11 @@ async def run(settings: DecodeSettings) -> None:
     worker.export_metrics(DecodeMetrics(prom))
     worker.start()
     servicer = DecodeServicer(worker)
-    server, port, health = await create_server(
-        [lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s)],
-        [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name],
-        settings.host, settings.port,
-    )
-    await health.set("", SERVING)
-    await health.set("pdserve.v1.Decode", SERVING)
-    info = worker_info("decode", settings, worker.loaded, advertised_address(settings, port),
-                       worker.epoch, worker.pool.num_pages)
-    stop = asyncio.Event()
-    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop, changed))
-    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
-    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
-                     metrics_port=metrics_port)
-    log.info("decode serving", extra={"port": port, "worker_id": info.worker_id})
-
-    async def drain() -> None:
-        # Leave rotation first (the next report says so), then let accepted requests finish.
-        worker.draining = True
-        changed.set()
-        await wait_until_idle(lambda: worker.busy, settings.drain_timeout_s)
 
     async def cleanup() -> None:
-        stop.set()
-        joiner.cancel()
         worker.stop()
 
-    await serve_until_signal(server, health, cleanup, drain=drain)
+    await serve_worker("decode", settings, worker,
+                       lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s),
+                       decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name, prom,
+                       lambda: worker.busy, cleanup, changed)

@@ -8,27 +8,22 @@ block writes, stop the engine thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry
 
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.config import PrefillSettings
-from pdserve.metrics import PrefillMetrics, serve_metrics
+from pdserve.metrics import PrefillMetrics
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.prefill.servicer import PrefillServicer
 from pdserve.services.prefill.worker import PrefillWorker
-from pdserve.services.registration import join_gateway
-from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.services.worker import (
-    advertised_address,
     in_passing_thread,
     load_for,
-    wait_until_idle,
-    worker_info,
+    serve_worker,
 )
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -55,30 +50,12 @@ async def run(settings: PrefillSettings) -> None:
     worker.export_metrics(PrefillMetrics(prom))
     worker.start()
     servicer = PrefillServicer(worker)
-    server, port, health = await create_server(
-        [lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s)],
-        [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name],
-        settings.host, settings.port,
-    )
-    await health.set("", SERVING)
-    await health.set("pdserve.v1.Prefill", SERVING)
-    info = worker_info("prefill", settings, worker.loaded, advertised_address(settings, port),
-                       worker.epoch, worker.pool.num_pages)
-    stop = asyncio.Event()
-    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop))
-    metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
-    write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
-                     metrics_port=metrics_port)
-    log.info("prefill serving", extra={"port": port, "worker_id": info.worker_id})
-
-    async def drain() -> None:
-        worker.draining = True  # the next load report takes this worker out of rotation
-        await wait_until_idle(lambda: worker.load.in_flight > 0, settings.drain_timeout_s)
 
     async def cleanup() -> None:
-        stop.set()
-        joiner.cancel()
         await worker.stop()
         await kvstore.close()
 
-    await serve_until_signal(server, health, cleanup, drain=drain)
+    await serve_worker("prefill", settings, worker,
+                       lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s),
+                       prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name, prom,
+                       lambda: worker.load.in_flight > 0, cleanup)
