@@ -58,6 +58,10 @@ class DecodeWorker:
         self.on_change: Callable[[], None] | None = None  # thread-safe "report load now"
         self.metrics: DecodeMetrics | None = None
 
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
     def export_metrics(self, m: DecodeMetrics) -> None:
         self.metrics = m
         m.watch_pool(self.pool)
@@ -94,9 +98,10 @@ class DecodeWorker:
     def outbox(self, request_id: str) -> Outbox | None:
         return self.outboxes.get(request_id)
 
-    def release(self, request_id: str) -> bool:
-        """Frees whatever the request holds and ends its stream (`abort`)."""
-        was = self.requests.release(request_id)
+    def release(self, request_id: str, unwritten: bool = False) -> bool:
+        """Frees whatever the request holds and ends its stream (`abort`); `unwritten`: the
+        caller never gave the reservation to a prefill worker, so no quarantine."""
+        was = self.requests.release(request_id, unwritten)
         if was is None:
             return False
         if was is DecodeState.RUNNING:

@@ -87,6 +87,10 @@ class PrefillWorker:
     def kvstore(self, client: KVStoreClient) -> None:
         self.blocks.kvstore = client
 
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
     def export_metrics(self, m: PrefillMetrics) -> None:
         self.metrics = self.head.metrics = self.stage.metrics = m
         m.watch_pool(self.pool)
