@@ -22,16 +22,17 @@ class NotReached(AssertionError):
 
 
 def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.02,
-               what: str = "") -> T:
+               what: str | Callable[[], str] = "") -> T:
     """Polls `cond` until it returns something true, which it returns; NotReached (naming
-    `what`) after `timeout_s`."""
+    `what`, or what it returns then if it is a function) after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         got = cond()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise NotReached(f"not reached within {timeout_s:g} s: {what or cond}")
+            said = what() if callable(what) else what
+            raise NotReached(f"not reached within {timeout_s:g} s: {said or cond}")
         time.sleep(interval_s)
 
 

@@ -4,8 +4,9 @@ ended before their KV landed.
     RESERVED ──notice, checksum ok──> RUNNING ──finish / release──> DONE
        │  └──notice wrong (tokens, checksum)──> FAILED           (pages freed: the writer is done)
        ├──no notice within the lease──> EXPIRED ──┐
-       └──released by its caller──────> DONE ─────┴─> pages QUARANTINED until the lease's end
-                                                       + quarantine_s, then freed
+       ├──released by its caller──────> DONE ─────┴─> pages QUARANTINED until the lease's end
+       │                                                 + quarantine_s, then freed
+       └──released, never given to a prefill worker──> DONE (pages freed at once)
 
 A prefill worker starts a WRITE only within the lease and gives up after its transfer
 timeout, so pages of a reservation that ended early are reused only once no writer may still
@@ -158,8 +159,9 @@ class DecodeRequests:
                 freed = True
         return expired, freed
 
-    def release(self, request_id: str) -> DecodeState | None:
-        """The caller is done with the request: RESERVED -> DONE with its pages quarantined;
+    def release(self, request_id: str, unwritten: bool = False) -> DecodeState | None:
+        """The caller is done with the request: RESERVED -> DONE with its pages quarantined
+        (freed at once if `unwritten`: the caller never gave them to a prefill worker);
         RUNNING -> DONE (the caller aborts it in the engine, which frees its pages). Returns its
         state before, or None when no such request is reserved or running."""
         with self.lock:
@@ -167,7 +169,11 @@ class DecodeRequests:
             if req is None:
                 return None
             was = req.state
-            if was is DecodeState.RESERVED:
+            if was is DecodeState.RESERVED and unwritten:
+                del self._active[request_id]
+                self.pool.release(req.seq.pages)
+                req.seq.pages = []
+            elif was is DecodeState.RESERVED:
                 self._hold(req)
             else:
                 del self._active[request_id]

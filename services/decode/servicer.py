@@ -81,4 +81,5 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @answers_errors
     async def Release(self, request: decode_pb2.ReleaseRequest,
                       context: Context) -> decode_pb2.ReleaseResponse:
-        return decode_pb2.ReleaseResponse(found=self.worker.release(request.request_id))
+        return decode_pb2.ReleaseResponse(
+            found=self.worker.release(request.request_id, unwritten=request.unwritten))

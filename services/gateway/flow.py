@@ -14,6 +14,11 @@ prefill call comes from its status's metadata (`pdserve-fault`, services/errors.
 its text. Each attempt runs under its own internal id (`<request_id>#<n>`), so a notice or a
 WRITE of an abandoned attempt matches nothing; whatever happens, an attempt that did not finish
 releases its decode reservation.
+
+`Abort` may come in any phase: before PREFILL the flow stops at the next step; a PREFILL call
+in progress is cancelled (the prefill worker drops a cancelled job); in RELAY the
+decode worker's reservation is released, which ends its stream. Either way the request ends with
+finish reason "abort", never with a retry.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     DecodeStream = grpc.aio.UnaryStreamCall[decode_pb2.StreamRequest, decode_pb2.TokenChunk]
 
+T = TypeVar("T")
+
 STREAM_TIMEOUT_FACTOR = 10  # a decode stream may last this many internal-call deadlines
 
 
@@ -55,6 +62,10 @@ class Phase(enum.Enum):
     PREFILL = "prefill"
     RELAY = "relay"
     DONE = "done"
+
+
+class Aborted(Exception):
+    """The client aborted the request while a call for it was in progress."""
 
 
 class WorkerFailed(Exception):
@@ -137,8 +148,11 @@ class GenerateFlow:
                     yield msg
                 break
             except WorkerFailed as e:
+                if self.flight.aborted.is_set():  # the abort broke the call: not a fault
+                    self.reason = "abort"
+                    break
                 self.excluded.add(e.worker_id)
-                if budget.after(e.role, len(self.out)) is Next.FAIL:
+                if budget.after(len(self.out)) is Next.FAIL:
                     raise error_for(e.code, e.message) from None
                 log.warning("retrying elsewhere", extra={
                     "request_id": self.rid, "stage": e.role.value, "worker": e.worker_id,
@@ -167,6 +181,9 @@ class GenerateFlow:
         if remaining <= 0:  # a decode worker died just after the last token
             self.reason = "length"
             return
+        if self.flight.aborted.is_set():
+            self.reason = "abort"
+            return
         first_try = self.attempt == 0
         iid = self.rid if first_try else f"{self.rid}#{self.attempt}"  # stale notices never match
         self.attempt += 1
@@ -176,15 +193,22 @@ class GenerateFlow:
         sampling.max_tokens, sampling.position_offset = remaining, len(self.out)
         place = await self._place(ctx, remaining)
         decode = self.c.clients.decode(place.decode.spec.address)
-        self.flight.decode, self.flight.iid = decode, iid
         stream: DecodeStream | None = None
-        finished = False
+        finished = prefill_sent = False
         try:
+            # A RESERVE is never cancelled: one the worker still carried out would hold its
+            # pages until its lease ran out. It is short; the abort is seen after it.
             res = await self._reserve(decode, place, iid, ctx, sampling)
+            if self.flight.aborted.is_set():
+                raise Aborted
             # Open the decode stream before the prefill, so no token can be missed.
             stream = decode.Stream(decode_pb2.StreamRequest(request_id=iid),
                                    timeout=self.c.settings.rpc_timeout_s * STREAM_TIMEOUT_FACTOR)
-            pre = await self._prefill(place, iid, ctx, sampling, res)
+            prefill_sent = True
+            pre = await self._unless_aborted(self._prefill(place, iid, ctx, sampling, res))
+            self.flight.decode, self.flight.iid = decode, iid  # Abort now releases it there
+            if self.flight.aborted.is_set():
+                raise Aborted
             self._account(first_try, place, ctx, pre)
             self.out.append(pre.first_token)
             self.rec.completion_tokens = len(self.out)
@@ -195,11 +219,34 @@ class GenerateFlow:
             async for msg in self._relay(stream, place.decode, decode, iid):
                 yield msg
             finished = True
+        except Aborted:
+            self.reason = "abort"  # the reservation is released below
         finally:
+            self.flight.decode = None
             if not finished:
                 if stream is not None:
                     stream.cancel()
-                await release(decode, iid)
+                await release(decode, iid, unwritten=not prefill_sent)
+
+    async def _unless_aborted(self, call: Awaitable[T]) -> T:
+        """`call`'s result, or Aborted (with `call` cancelled) if the client aborts first."""
+        task = asyncio.ensure_future(call)
+        stop = asyncio.ensure_future(self.flight.aborted.wait())
+        try:
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled: so is its call
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, grpc.aio.AioRpcError, WorkerFailed):
+            pass  # what a cancelled call raises
+        raise Aborted
 
     async def _place(self, ctx: list[int], remaining: int) -> _Placement:
         """LOOKUP how much of the context the store holds, then PLACE it on workers."""
@@ -305,7 +352,7 @@ class GenerateFlow:
                     reason = chunk.finish_reason
                     break
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and self.flight.aborted.is_set():
+            if self.flight.aborted.is_set():  # the abort released the reservation
                 reason = "abort"
             else:
                 code = e.code()

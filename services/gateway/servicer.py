@@ -167,11 +167,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     context: Context) -> gateway_pb2.AbortResponse:
         tenant = self._tenant(context)
         flight = self._inflight.get(request.request_id)
-        if flight is None or flight.decode is None or (
-                tenant is not None and flight.tenant != tenant.tenant):
+        if flight is None or (tenant is not None and flight.tenant != tenant.tenant):
             return gateway_pb2.AbortResponse(found=False)  # another tenant's id is not found
-        flight.aborted.set()
-        await release(flight.decode, flight.iid or request.request_id)
+        flight.aborted.set()  # the flow stops at its next step, or its call is cancelled
+        if flight.decode is not None:  # a relay ends when its reservation goes; before it,
+            # the flow sees the abort itself and releases (at once if nothing was written)
+            await release(flight.decode, flight.iid or request.request_id)
         return gateway_pb2.AbortResponse(found=True)
 
     @answers_errors

@@ -32,11 +32,14 @@ class WorkerClients:
             await ch.close(None)
 
 
-async def release(decode: decode_pb2_grpc.DecodeAsyncStub, request_id: str) -> None:
-    """Frees a request's decode reservation; a worker that is gone, or a request already
-    ended, is fine (its lease frees the pages)."""
+async def release(decode: decode_pb2_grpc.DecodeAsyncStub, request_id: str,
+                  unwritten: bool = False) -> None:
+    """Frees a request's decode reservation (at once when `unwritten`: no prefill worker was
+    ever given it); a worker that is gone, or a request already ended, is fine (its lease frees
+    the pages)."""
     try:
-        await decode.Release(decode_pb2.ReleaseRequest(request_id=request_id),
+        await decode.Release(decode_pb2.ReleaseRequest(request_id=request_id,
+                                                       unwritten=unwritten),
                              timeout=RELEASE_TIMEOUT_S)
     except grpc.aio.AioRpcError:
         pass

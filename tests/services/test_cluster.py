@@ -17,7 +17,13 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.helpers import CHAT_PROMPTS, agree_until_near_tie, hf_greedy, wait_until
+from tests.helpers import (
+    CHAT_PROMPTS,
+    agree_until_near_tie,
+    hf_greedy,
+    service_metrics,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -168,24 +174,31 @@ def test_temperature_sampling_is_reproducible_with_a_seed(client, tokenizer):
     assert a.token_ids == b.token_ids
 
 
-def test_abort_ends_the_stream(cluster, tokenizer):
-    import threading
+def _generate_stream(cluster, ids, rid, max_tokens):
+    ch = grpc.insecure_channel(cluster.gateway_address)
+    return ch, gateway_pb2_grpc.GatewayStub(ch).Generate(gateway_pb2.GenerateRequest(
+        prompt_token_ids=ids, max_tokens=max_tokens, request_id=rid), timeout=300)
 
+
+def _pages_used(cluster) -> dict[str, float]:
+    return {s.name: service_metrics(cluster, s.name)["pdserve_kv_pages_used"]
+            for s in cluster.services if s.name.startswith(("prefill", "decode"))}
+
+
+def test_abort_mid_stream_ends_it_with_the_tokens_sent(cluster, tokenizer, client):
     ids = chat(tokenizer, "Write a long story about a railway.")
-    with Client(cluster.gateway_address) as c:
-        got = {}
-
-        def run():
-            got["r"] = c.generate(token_ids=ids, max_tokens=400, request_id="to-abort")
-
-        t = threading.Thread(target=run)
-        t.start()
-        found = wait_until(lambda: c.abort("to-abort"), 60, interval_s=0.2,
-                           what="the request to abort is running")
-        t.join(60)
-    assert found
-    assert got["r"].finish_reason == "abort"
-    assert 0 < got["r"].completion_tokens < 400
+    ch, call = _generate_stream(cluster, ids, "abort-mid", 400)
+    with ch:
+        tokens, reason = [], ""
+        for msg in call:
+            tokens.extend(msg.token_ids)
+            reason = msg.finish_reason or reason
+            if len(tokens) >= 5 and not reason:
+                assert client.abort("abort-mid")
+    assert reason == "abort" and 5 <= len(tokens) < 400
+    assert not client.abort("abort-mid")  # gone once it ended
+    wait_until(lambda: not any(_pages_used(cluster).values()), 30, interval_s=0.2,
+               what=lambda: f"every worker's pages free: {_pages_used(cluster)}")
 
 
 def test_generate_cli_streams_text_and_prints_usage(cluster):

@@ -117,3 +117,14 @@ def test_release_before_the_kv_quarantines_and_release_while_running_leaves_it_t
     clock.advance(LEASE_S + QUARANTINE_S)
     t.expire()
     assert t.quarantined_pages == 0 and pool.num_free == pool.num_pages - len(b.seq.pages)
+
+
+def test_release_of_a_reservation_no_prefill_was_given_frees_its_pages_at_once():
+    t, pool, _ = table()
+    t.reserve("a", list(range(10)), SamplingParams(max_tokens=3))
+    assert t.release("a", unwritten=True) is DecodeState.RESERVED
+    assert t.quarantined_pages == 0 and pool.num_free == pool.num_pages and t.get("a") is None
+    pool.check_integrity()
+    b = t.reserve("b", list(range(10)), SamplingParams(max_tokens=3))  # running: the engine's
+    t.land(notice("b", 10), EPOCH, good)
+    assert t.release("b", unwritten=True) is DecodeState.RUNNING and b.seq.pages

@@ -85,11 +85,12 @@ def test_admission_applies_the_gateway_limits_and_the_chat_template(tok):
 # -- the retry policy -------------------------------------------------------------------------
 def test_retries_before_the_first_token_migrations_after_it():
     b = RetryBudget.of(prefill_retries=1, migrate=True, migrate_retries=2)
-    assert b.after(Role.PREFILL, tokens_sent=0) is Next.RETRY
-    assert b.after(Role.DECODE, tokens_sent=0) is Next.FAIL  # the one retry is spent
-    assert b.after(Role.PREFILL, tokens_sent=3) is Next.FAIL  # a prefill cannot migrate
-    assert [b.after(Role.DECODE, 3) for _ in range(3)] == [Next.MIGRATE, Next.MIGRATE, Next.FAIL]
-    assert RetryBudget.of(2, migrate=False, migrate_retries=2).after(Role.DECODE, 1) is Next.FAIL
+    assert b.after(0) is Next.RETRY
+    assert b.after(0) is Next.FAIL  # the one retry is spent
+    assert b.after(3) is Next.MIGRATE
+    assert b.after(3) is Next.MIGRATE  # a migration's prefill failed
+    assert b.after(3) is Next.FAIL  # both migrations spent
+    assert RetryBudget.of(2, migrate=False, migrate_retries=2).after(1) is Next.FAIL
 
 
 # -- miss reasons ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"l\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xcb\x01\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x17.pdserve.v1.Reservation\x12=\n\x06Stream\x12\x19.pdserve.v1.StreamRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"l\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"7\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tunwritten\x18\x02 \x01(\x08\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xcb\x01\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x17.pdserve.v1.Reservation\x12=\n\x06Stream\x12\x19.pdserve.v1.StreamRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENCHUNK']._serialized_start=211
   _globals['_TOKENCHUNK']._serialized_end=283
   _globals['_RELEASEREQUEST']._serialized_start=285
-  _globals['_RELEASEREQUEST']._serialized_end=321
-  _globals['_RELEASERESPONSE']._serialized_start=323
-  _globals['_RELEASERESPONSE']._serialized_end=355
-  _globals['_DECODE']._serialized_start=358
-  _globals['_DECODE']._serialized_end=561
+  _globals['_RELEASEREQUEST']._serialized_end=340
+  _globals['_RELEASERESPONSE']._serialized_start=342
+  _globals['_RELEASERESPONSE']._serialized_end=374
+  _globals['_DECODE']._serialized_start=377
+  _globals['_DECODE']._serialized_end=580
 # @@protoc_insertion_point(module_scope)
