@@ -37,6 +37,10 @@ def config_from_fields(fields: dict[str, Any]) -> LlamaConfig:
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"unsupported GGUF architecture {arch!r}; expected a Llama-family model")
     a = arch
+    scaling = fields.get(f"{a}.rope.scaling.type", "none")
+    if scaling not in ("none", None):  # YaRN and others: read from Hugging Face configs only
+        raise ValueError(f"GGUF field {a}.rope.scaling.type {scaling!r} is not supported (none); "
+                         "serve the Hugging Face checkpoint for a scaled rope")
     n_heads = int(fields[f"{a}.attention.head_count"])
     hidden = int(fields[f"{a}.embedding_length"])
     vocab = fields.get(f"{a}.vocab_size") or len(fields["tokenizer.ggml.tokens"])

@@ -16,8 +16,10 @@ from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch, paged_attention
 from pdserve.engine.backend import Backend, without_fusion
 from pdserve.engine.cpu_kernels import QuantWeight
+from pdserve.engine.fp8 import FP8Linear, project
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
+from pdserve.engine.rope import RopeScaling, inv_freq
 
 Quantized = Callable[[str], "QuantWeight | None"]  # a parameter's GGUF blocks, by its name
 
@@ -41,25 +43,30 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
 class Rotary(nn.Module):
-    """Rotate-half RoPE, as in Hugging Face Llama."""
+    """Rotate-half RoPE, as in Hugging Face Llama (YaRN's frequencies and cos/sin factor when
+    the config scales it: engine/rope.py)."""
 
     inv_freq: torch.Tensor
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.factor = scaling.cos_sin_factor
+        self.register_buffer("inv_freq", inv_freq(head_dim, theta, scaling), persistent=False)
+
+    def reset(self, device: str | torch.device) -> None:
+        self.inv_freq = inv_freq(self.head_dim, self.theta, self.scaling).to(device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
                                                                             torch.Tensor]:
         """cos and sin [T, 1, hd] for the positions [T]: computed once per forward."""
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.factor != 1.0:
+            cos, sin = cos * self.factor, sin * self.factor
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -118,23 +125,34 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # nn.Linear, or FP8Linear once engine/fp8.py installed FP8 weights
+        self.gate_proj: nn.Linear | FP8Linear = nn.Linear(hidden_size, intermediate_size,
+                                                          bias=False)
+        self.up_proj: nn.Linear | FP8Linear = nn.Linear(hidden_size, intermediate_size,
+                                                        bias=False)
+        self.down_proj: nn.Linear | FP8Linear = nn.Linear(intermediate_size, hidden_size,
+                                                          bias=False)
         self.gate_up_product: FastLinear | None = None
         self.down_product: FastLinear | None = None
 
     def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
-        self.gate_up_product = fuse_rows(self.gate_proj, self.up_proj,
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if (isinstance(gate, FP8Linear) or isinstance(up, FP8Linear)
+                or isinstance(down, FP8Linear)):
+            for m in (gate, up, down):  # FP8 weights: each dequantizes inside its product
+                if isinstance(m, FP8Linear):
+                    m.prepare(kernel=backend.block_products)
+            return
+        self.gate_up_product = fuse_rows(gate, up,
                                   quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")],
                                   pack=backend.pack_weights)
-        self.down_product = FastLinear(self.down_proj.weight, quant=blocks("down_proj.weight"),
+        self.down_product = FastLinear(down.weight, quant=blocks("down_proj.weight"),
                                 pack=backend.pack_weights)
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         if self.gate_up_product is None or self.down_product is None:
-            out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-            return out
+            h = F.silu(project(self.gate_proj, x, decode)) * project(self.up_proj, x, decode)
+            return project(self.down_proj, h, decode)
         gate, up = self.gate_up_product(x, decode).chunk(2, dim=-1)
         return self.down_product(F.silu(gate) * up, decode)
 
@@ -167,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaBody(cfg)
-        self.rope = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -230,7 +248,7 @@ class LlamaForCausalLM(nn.Module):
 
     def reset_buffers(self, device: str | torch.device) -> None:
         """Recomputes non-persistent buffers (after building on the meta device)."""
-        self.rope.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(device)
+        self.rope.reset(device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch,

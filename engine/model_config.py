@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.layout import KVLayout
+from pdserve.engine.rope import RopeScaling, scaling_from_hf
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class LlamaConfig:
     eos_token_id: int | None = None
     qkv_bias: bool = False  # Qwen2
     o_bias: bool = False
+    rope_scaling: RopeScaling = RopeScaling()
 
     def kv_layout(self, dtype: str, block_tokens: int) -> KVLayout:
         # GQA: K and V of every KV head side by side (DESIGN §3).
@@ -65,6 +67,9 @@ class DeepseekV3Config:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    rope_scaling: RopeScaling = RopeScaling()
+    num_nextn_predict_layers: int = 0  # multi-token prediction layers after the last (skipped)
+    fp8_block: tuple[int, int] | None = None  # FP8 weights with block scales of this shape
 
     @property
     def qk_head_dim(self) -> int:
@@ -76,11 +81,39 @@ class DeepseekV3Config:
                         dtype, block_tokens)
 
 
-def _rope_theta(d: dict[str, Any]) -> tuple[float, str]:
+def _rope_theta(d: dict[str, Any]) -> float:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    return theta, kind
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+FP8_FIELDS = {"quant_method", "fmt", "activation_scheme", "weight_block_size"}
+
+
+def fp8_block_of(d: dict[str, Any]) -> tuple[int, int] | None:
+    """The weight block shape of a config's `quantization_config` (DeepSeek's FP8 format), None
+    without one; ValueError naming the field for any other quantization."""
+    q = d.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ValueError(f"config.json: quantization_config.quant_method {method!r} is not "
+                         "supported (only 'fp8', DeepSeek's block-scaled format)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"config.json: quantization_config.fmt {q['fmt']!r} is not supported "
+                         "(only 'e4m3')")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError("config.json: quantization_config.activation_scheme "
+                         f"{q['activation_scheme']!r} is not supported (only 'dynamic')")
+    block = q.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError("config.json: quantization_config.weight_block_size must be two "
+                         f"positive integers (got {block!r})")
+    unknown = sorted(set(q) - FP8_FIELDS)
+    if unknown:
+        raise ValueError(f"config.json: quantization_config.{unknown[0]} is not supported")
+    return block[0], block[1]
 
 
 def _first_id(v: Any) -> int | None:  # eos may be a list in generation configs
@@ -91,11 +124,9 @@ def _first_id(v: Any) -> int | None:  # eos may be a list in generation configs
 def config_from_hf(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
     """Our config from a Hugging Face `config.json` dict."""
     mt = d.get("model_type")
-    theta, rope = _rope_theta(d)
-    if rope != "default":
-        raise ValueError(f"config.json: rope type {rope!r} is not supported yet (only 'default')")
+    theta = _rope_theta(d)
     common = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                  intermediate_size=d["intermediate_size"],
+                  rope_scaling=scaling_from_hf(d), intermediate_size=d["intermediate_size"],
                   num_hidden_layers=d["num_hidden_layers"],
                   num_attention_heads=d["num_attention_heads"],
                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
@@ -104,6 +135,9 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
                   bos_token_id=_first_id(d.get("bos_token_id")),
                   eos_token_id=_first_id(d.get("eos_token_id")))
     if mt in ("llama", "mistral", "qwen2"):
+        if d.get("quantization_config"):
+            raise ValueError("config.json: quantization_config: quantized weights are read for "
+                             "DeepSeek-V2/V3 models only")
         heads = d["num_attention_heads"]
         return LlamaConfig(
             **common, num_key_value_heads=d.get("num_key_value_heads") or heads,
@@ -124,6 +158,8 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
             scoring_func=d.get("scoring_func", "sigmoid" if mt == "deepseek_v3" else "softmax"),
             topk_method=d.get("topk_method", "noaux_tc" if mt == "deepseek_v3" else "greedy"),
             rope_interleave=bool(d.get("rope_interleave", True)),
-            attention_bias=bool(d.get("attention_bias", False)))
+            attention_bias=bool(d.get("attention_bias", False)),
+            num_nextn_predict_layers=int(d.get("num_nextn_predict_layers") or 0),
+            fp8_block=fp8_block_of(d))
     raise ValueError(f"config.json: model_type {mt!r} is not supported "
                      "(llama, mistral, qwen2, deepseek_v2, deepseek_v3)")
