@@ -10,18 +10,21 @@ load, by name, from the settings (`--backend`), and never again per call.
 | `cuda-graphs` |                |                |             |          | x           |
 
 (packed weights: float32 weights pre-packed once for oneDNN; block products: decode steps'
-products read a GGUF file's Q4_1/Q8_0 blocks; C attention: decode attention over the pages in
-place; C layers: one C call per Llama layer per decode step; CUDA graphs: decode steps
-replayed from graphs.)
+products read a GGUF file's Q4_1/Q8_0 blocks, or FP8 weights with their block scales; C
+attention: decode attention over the pages in place; C layers: one C call per Llama layer per
+decode step; CUDA graphs: decode steps replayed from graphs.)
 
 `auto` (the default) takes the fastest one the device, dtype and model allow: on CPU in float32
-`cpu-fused` when the C kernels can be had (engine/cpu_kernels.py), else `onednn`; on CUDA
+`cpu-fused` (DeepSeek: `cpu-kernels`) when the C kernels can be had (engine/cpu_kernels.py),
+else `onednn`; on CUDA
 `cuda-graphs` for the Llama family, `torch` for DeepSeek (its MoE routes on the host). What it
 gave up, and why, is logged once. A name that cannot be had (the kernels on a GPU, CUDA graphs
 on a CPU, kernels without a compiler) is refused at start-up with a message naming the setting.
 What a model lacks is narrowed at load, once: a product without GGUF blocks runs its float32
 weights, and a Llama model whose products are not all from blocks runs `cpu-kernels` instead of
-`cpu-fused`; DeepSeek's MLA has no C path (`onednn`).
+`cpu-fused`. DeepSeek's C path is its FP8 products (block products of DeepSeek's FP8 format,
+engine/fp8.py); its attention (MLA) stays in torch, and a DeepSeek model without FP8 weights
+runs `onednn`.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ def choose_backend(name: str, device: str | torch.device, dtype: torch.dtype,
     if b.uses_kernels and cpu_kernels.kernel() is None:
         raise BackendError(f"--backend {name}: the CPU kernels cannot be had: "
                            f"{cpu_kernels.why_not()}")
-    if b.uses_kernels and family != "llama":
-        return b.narrowed("onednn", "DeepSeek's attention (MLA) has no C path")
+    if b.fused_layers and family != "llama":
+        return b.narrowed("cpu-kernels", "DeepSeek has no fused C decoder layer")
     return b
 
 
@@ -112,13 +115,11 @@ def _auto(dev: str, cpu32: bool, family: str) -> Backend:
         return _TABLE["cuda-graphs" if family == "llama" else "torch"]
     if not cpu32 or not _onednn_available():
         return _TABLE["torch"]
-    if family != "llama":
-        return _TABLE["onednn"]
     if cpu_kernels.kernel() is None:
         log.warning("CPU kernels unavailable; running float32 weights and torch layers",
                     extra={"reason": cpu_kernels.why_not()})
         return _TABLE["onednn"]
-    return _TABLE["cpu-fused"]
+    return _TABLE["cpu-fused" if family == "llama" else "cpu-kernels"]
 
 
 def without_fusion(b: Backend, why: str) -> Backend:

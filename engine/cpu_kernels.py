@@ -1,7 +1,8 @@
 """CPU kernels for the float32 decode step, in C (engine/csrc/cpu_kernels.c), loaded with ctypes.
 
 1. `qlinear`: GGUF block-quantized weights used as such: products that read 4-bit (Q4_1) and
-8-bit (Q8_0) blocks and rebuild each weight in float32 in cache.
+8-bit (Q8_0) blocks and rebuild each weight in float32 in cache; `fp8_linear` the same for
+DeepSeek's FP8 e4m3 weights with 128x128 block scales (engine/fp8.py).
 2. `decode_attention`: attention of one new token per sequence over its pages of the KV pool,
 read in place (the torch path copies every page of every layer first).
 3. `LlamaDecode`: a whole Llama decoder layer of a decode step in one call (RMSNorm, q|k|v,
@@ -49,8 +50,8 @@ from pdserve.engine.kernel_lib import (
 )
 
 __all__ = ["BLOCK", "KINDS", "DecodePlan", "LlamaDecode", "LlamaLayerWeights", "QuantWeight",
-           "decode_attention", "dequantize", "kernel", "kernel_dir", "library_path", "main",
-           "qlinear", "why_not"]
+           "decode_attention", "dequantize", "fp8_dequantize", "fp8_linear", "fp8_usable",
+           "kernel", "kernel_dir", "library_path", "main", "qlinear", "why_not"]
 
 # GGUF quantization type -> (kernel kind, bytes per block of 32 weights)
 KINDS: dict[str, tuple[int, int]] = {"Q4_1": (0, 20), "Q8_0": (1, 34)}
@@ -132,6 +133,44 @@ def dequantize(w: QuantWeight) -> torch.Tensor:
     out = torch.empty(w.shape, dtype=torch.float32)
     _check(k.dequant(KINDS[w.kind][0], w.blocks.data_ptr(), w.shape[0], w.shape[1],
                      out.data_ptr()), "dequantize")
+    return out
+
+
+def fp8_usable(weight: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether `fp8_linear` takes this FP8 weight (K and the block's columns multiples of 8)."""
+    return weight.shape[1] % 8 == 0 and block[1] % 8 == 0 and kernel() is not None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+               block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 (CPU) @ W^T (+ bias) for W in FP8 e4m3 with block scales (engine/fp8.py):
+    each weight rebuilt in float32, bit for bit DeepSeek's dequantization, inside the product."""
+    k = kernel()
+    if k is None:
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    n, kk = weight.shape
+    if x.dim() != 2 or x.shape[1] != kk or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"fp8_linear takes float32 CPU [M, {kk}], got {x.dtype} "
+                         f"{x.device.type} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _check(k.fp8_linear(x.data_ptr(), x.shape[0], kk, weight.data_ptr(), n,
+                        scale_inv.data_ptr(), block[0], block[1],
+                        None if bias is None else bias.data_ptr(), y.data_ptr(),
+                        torch.get_num_threads()), "fp8_linear")
+    return y
+
+
+def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight, by the kernel's own rebuild (what fp8_linear multiplies by)."""
+    k = kernel()
+    if k is None:
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    out = torch.empty(tuple(weight.shape), dtype=torch.float32)
+    _check(k.fp8_dequant(weight.data_ptr(), weight.shape[0], weight.shape[1],
+                         scale_inv.data_ptr(), block[0], block[1], out.data_ptr()),
+           "fp8_dequantize")
     return out
 
 

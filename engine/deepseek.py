@@ -25,22 +25,29 @@ from torch import nn
 
 from pdserve.engine.attention import AttnBatch, layer_pages
 from pdserve.engine.backend import Backend
+from pdserve.engine.fp8 import FP8Linear, project
 from pdserve.engine.linear import FastLinear
-from pdserve.engine.llama import MLP, RMSNorm, rope_inv_freq
+from pdserve.engine.llama import MLP, RMSNorm
 from pdserve.engine.model_config import DeepseekV3Config
+from pdserve.engine.rope import inv_freq as rope_inv_freq
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-               interleave: bool) -> torch.Tensor:
-    # x: [T, heads, d]
+               interleave: bool, factor: float = 1.0) -> torch.Tensor:
+    """x [T, heads, d] rotated by its positions; cos and sin times `factor` (YaRN's)."""
     freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, d/2]
     if interleave:
-        cos = freqs.cos().to(x.dtype).unsqueeze(1)
-        sin = freqs.sin().to(x.dtype).unsqueeze(1)
+        cos, sin = freqs.cos(), freqs.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype).unsqueeze(1), emb.sin().to(x.dtype).unsqueeze(1)
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -61,27 +68,49 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                             bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                                   bias=False)
+        # nn.Linear, or FP8Linear until prepare() dequantizes it
+        self.kv_b_proj: nn.Linear | FP8Linear = nn.Linear(
+            cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
-        self.scale = cfg.qk_head_dim ** -0.5
+        # YaRN scales every dimension's softmax temperature too (engine/rope.py).
+        self.scale = cfg.qk_head_dim ** -0.5 * cfg.rope_scaling.softmax_mscale
+        self.rope_factor = cfg.rope_scaling.cos_sin_factor
+
+    def prepare(self, kernel: bool = False) -> None:
+        """After the weights are loaded. With FP8 weights, kv_b_proj is dequantized once (the
+        absorbed decode splits it into W_UK and W_UV per head, as vLLM and SGLang do); the
+        others dequantize inside their products."""
+        if isinstance(self.kv_b_proj, FP8Linear):
+            fp8 = self.kv_b_proj
+            plain = nn.Linear(fp8.in_features, fp8.out_features, bias=fp8.bias is not None,
+                              device=fp8.weight.device)
+            plain.weight = nn.Parameter(fp8.dequantized(), requires_grad=False)
+            if fp8.bias is not None:
+                plain.bias = nn.Parameter(fp8.bias.detach().float(), requires_grad=False)
+            self.kv_b_proj = plain
+        for m in self.modules():
+            if isinstance(m, FP8Linear):
+                m.prepare(kernel)
 
     def forward(self, x: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
                 batch: AttnBatch) -> torch.Tensor:
         c = self.cfg
         t, h = x.shape[0], self.n_heads
         dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        dec = batch.decode_step
         if c.q_lora_rank is None:
-            q = self.q_proj(x)
+            q = project(self.q_proj, x, dec)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x, dec)), dec)
         q = q.view(t, h, dn + dr)
         q_nope, q_rope = q[..., :dn], q[..., dn:]
-        ckv = self.kv_a_proj_with_mqa(x)
+        ckv = project(self.kv_a_proj_with_mqa, x, dec)
         latent = self.kv_a_layernorm(ckv[:, :r])                                  # [T, r]
         k_rope = ckv[:, r:].view(t, 1, dr)
-        q_rope = apply_rope(q_rope, batch.positions, inv_freq, c.rope_interleave)
-        k_rope = apply_rope(k_rope, batch.positions, inv_freq, c.rope_interleave)
+        q_rope = apply_rope(q_rope, batch.positions, inv_freq, c.rope_interleave,
+                            self.rope_factor)
+        k_rope = apply_rope(k_rope, batch.positions, inv_freq, c.rope_interleave,
+                            self.rope_factor)
         # Step 1: cache [latent | k_rope] of the new tokens.
         batch.write(kv, self.layer, torch.cat([latent, k_rope.view(t, dr)], dim=-1))
         w = self.kv_b_proj.weight.view(h, dn + dv, r)
@@ -100,7 +129,7 @@ class MLAttention(nn.Module):
             o_lat = torch.softmax(scores, dim=-1).to(x.dtype) @ c_ctx            # [G, H, r]
             out[q_idx] = torch.einsum("ghr,hvr->ghv", o_lat, w_uv)
         if all(m is None for m in batch.masks):
-            return self._project_out(out, t)
+            return self._project_out(out, t, dec)
         # Step 3: prefill chunks, per sequence: keys and values expanded from the latents.
         cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
         for qs, cs, q_len, ctx, mask in batch.sequences():
@@ -115,12 +144,11 @@ class MLAttention(nn.Module):
                 qq.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=self.scale)
             out[qs] = o[0].transpose(0, 1)
-        return self._project_out(out, t)
+        return self._project_out(out, t, dec)
 
-    def _project_out(self, out: torch.Tensor, t: int) -> torch.Tensor:
+    def _project_out(self, out: torch.Tensor, t: int, decode: bool) -> torch.Tensor:
         """[T, H, dv] -> [T, D]."""
-        y: torch.Tensor = self.o_proj(out.reshape(t, -1))
-        return y
+        return project(self.o_proj, out.reshape(t, -1), decode)
 
 
 class Gate(nn.Module):
@@ -165,16 +193,16 @@ class MoE(nn.Module):
                                    cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, decode: bool) -> torch.Tensor:
         idx, w = self.gate(x)
         counts += torch.bincount(idx.flatten(), minlength=counts.numel())
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, pos = torch.where(idx == e)
-            y = self.experts[e](x[tok]) * w[tok, pos, None].to(x.dtype)
+            y = self.experts[e](x[tok], decode) * w[tok, pos, None].to(x.dtype)
             out.index_add_(0, tok, y)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, decode)
         return out
 
 
@@ -193,7 +221,9 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), inv_freq, kv, batch)
         x = self.post_attention_layernorm(h)
         mlp = self.mlp
-        out: torch.Tensor = h + (mlp(x, counts[self.layer]) if isinstance(mlp, MoE) else mlp(x))
+        dec = batch.decode_step
+        out: torch.Tensor = h + (mlp(x, counts[self.layer], dec) if isinstance(mlp, MoE)
+                                 else mlp(x, dec))
         return out
 
 
@@ -213,8 +243,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta,
+                                                       cfg.rope_scaling), persistent=False)
         # Tokens routed to each expert, per layer: the expert-parallel balancer's input.
         self.register_buffer("expert_counts", torch.zeros(
             cfg.num_hidden_layers, cfg.n_routed_experts, dtype=torch.int64), persistent=False)
@@ -223,8 +253,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def prepare(self, backend: Backend) -> Backend:
         """Called once the weights are in place on their device (see linear.py); returns the
-        backend the model runs (MLA has no C path: packed weights at most)."""
+        backend the model runs (its C path: the FP8 products of decode steps)."""
+        has_fp8 = any(isinstance(m, FP8Linear) for m in self.modules())
+        if backend.block_products and not has_fp8:
+            backend = backend.narrowed("onednn", "no FP8 weights: DeepSeek's C path is its FP8 "
+                                       "products")
         for layer in cast(list[DecoderLayer], list(self.model.layers)):
+            layer.self_attn.prepare(kernel=backend.block_products)
             mlp = layer.mlp
             parts = ([*cast(list[MLP], list(mlp.experts)), mlp.shared_experts]
                      if isinstance(mlp, MoE) else [mlp])
@@ -237,7 +272,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def reset_buffers(self, device: str | torch.device) -> None:
         c = self.config
-        self.inv_freq = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta).to(device)
+        self.inv_freq = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.expert_counts = torch.zeros(c.num_hidden_layers, c.n_routed_experts,
                                          dtype=torch.int64, device=device)
 

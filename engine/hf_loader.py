@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pdserve.engine.files import load_hf_tokenizer
+from pdserve.engine.fp8 import FP8, check_pair
 from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig, config_from_hf
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -39,20 +40,51 @@ def load_hf_dir(
     path: Path, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> tuple[LlamaConfig | DeepseekV3Config, dict[str, torch.Tensor], Tokenizer | None,
            dict[str, Any]]:
-    """Returns (config, state dict, tokenizer or None, the raw config.json)."""
+    """Returns (config, state dict, tokenizer or None, the raw config.json). FP8 weights stay
+    FP8, beside their float32 `_scale_inv` tensors (engine/fp8.py); the multi-token-prediction
+    layers after the last (DeepSeek-V3's `num_nextn_predict_layers`) are skipped. Anything else
+    the model has no place for is left in the dict, for the loader to refuse."""
     raw = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(raw)
+    block = cfg.fp8_block if isinstance(cfg, DeepseekV3Config) else None
+    mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + (
+        cfg.num_nextn_predict_layers if isinstance(cfg, DeepseekV3Config) else 0))
     state: dict[str, torch.Tensor] = {}
+    skipped = 0
     files = _weight_files(path)
     for f in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=not progress,
                   leave=False):
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
-                if (key.startswith("model.layers.")
-                        and int(key.split(".")[2]) >= cfg.num_hidden_layers):
-                    continue  # e.g. DeepSeek-V3's multi-token-prediction layer
+                if key.startswith("model.layers.") and int(key.split(".")[2]) in mtp:
+                    skipped += 1  # multi-token prediction: not served (yet)
+                    continue
                 t = st.get_tensor(key)
+                if t.dtype == FP8 or key.endswith("_scale_inv"):
+                    if block is None:
+                        raise ValueError(f"{key}: an FP8 tensor (or its scales), but config.json "
+                                         "has no FP8 quantization_config")
+                    state[key] = t if t.dtype == FP8 else t.float()
+                    continue
                 # The router stays in float32, as in the reference implementation.
                 keep32 = key.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp." in key
                 state[key] = t.float() if keep32 else t.to(dtype)
+    if skipped:
+        log.info("multi-token-prediction layers skipped", extra={
+            "layers": list(mtp), "tensors": skipped})
+    if block is not None:
+        check_fp8(state, block)
     return cfg, state, load_hf_tokenizer(path), raw
+
+
+def check_fp8(state: dict[str, torch.Tensor], block: tuple[int, int]) -> None:
+    """Every FP8 weight has its scales of the right shape, and every scale its FP8 weight
+    (ValueError naming the tensor)."""
+    for key, t in state.items():
+        if t.dtype == FP8:
+            check_pair(key, t, state.get(key + "_scale_inv"), block)
+        elif key.endswith("_scale_inv"):
+            w = state.get(key.removesuffix("_scale_inv"))
+            if w is None or w.dtype != FP8:
+                raise ValueError(f"{key}: block scales for {key.removesuffix('_scale_inv')}, "
+                                 "which is not an FP8 weight in this checkpoint")

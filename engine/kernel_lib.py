@@ -70,6 +70,16 @@ class _Kernel:
         self.dequant.restype = ctypes.c_int
         self.dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_void_p]
+        self.fp8_linear = lib.pdserve_fp8_linear
+        self.fp8_linear.restype = ctypes.c_int
+        self.fp8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self.fp8_dequant = lib.pdserve_fp8_dequant
+        self.fp8_dequant.restype = ctypes.c_int
+        self.fp8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_void_p]
         self.layer = lib.pdserve_llama_decode_layer
         self.layer.restype = ctypes.c_int
         self.layer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]

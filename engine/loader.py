@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pdserve.engine import fp8
 from pdserve.engine.backend import Backend, choose_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
@@ -77,6 +78,9 @@ def load_model(
     with torch.device("meta"):
         model = (DeepseekV3ForCausalLM(cfg) if isinstance(cfg, DeepseekV3Config)
                  else LlamaForCausalLM(cfg))
+    if isinstance(cfg, DeepseekV3Config) and cfg.fp8_block is not None:
+        n = fp8.install(model, state, cfg.fp8_block)
+        log.info("FP8 weights", extra={"linear_layers": n, "block": cfg.fp8_block})
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]

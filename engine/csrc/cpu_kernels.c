@@ -183,6 +183,72 @@ int pdserve_dequant(int kind, const uint8_t* wq, int N, int K, float* out) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * FP8 e4m3 weights with block scales (DeepSeek's checkpoint format): W [N, K] one byte each,
+ * scales [ceil(N / bn), ceil(K / bk)] float32; weight (n, k) = e4m3(W[n, k]) * s[n / bn][k / bk].
+ *
+ * An e4m3 byte's bits moved into a half float (sign to bit 15, exponent and mantissa shifted
+ * left by 7) are its value times 2^-8, exactly, for normal and subnormal numbers alike (NaN,
+ * 0x7F, does not occur in weights); the F16C conversion then gives float32, and one multiply
+ * by 256 * s (exact) gives w * s with the single rounding of DeepSeek's formula: the weights
+ * rebuilt are bit for bit the float32 dequantization's.
+ * ------------------------------------------------------------------------------------- */
+static inline __m256 fp8x8(const uint8_t* p, __m256 s256) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
+    const __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+    const __m128i mag = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, mag)), s256);
+}
+
+static void dequant_fp8_row(const uint8_t* row, int K, const float* srow, int bk, float* out) {
+    for (int k = 0; k < K; k += 8)
+        _mm256_storeu_ps(out + k, fp8x8(row + k, _mm256_set1_ps(srow[k / bk] * 256.0f)));
+}
+
+/* y [M, N] = x [M, K] . W^T (+ bias). Returns 0; -1 for a shape it does not take (K and bk
+   multiples of 8); -2 when a thread's buffer could not be allocated. */
+int pdserve_fp8_linear(const float* x, int M, int K, const uint8_t* w, int N, const float* s,
+                       int bn, int bk, const float* bias, float* y, int nthreads) {
+    if (K <= 0 || K % 8 || bn <= 0 || bk <= 0 || bk % 8 || M < 0 || N < 0) return -1;
+    const int sk = (K + bk - 1) / bk;
+    const int groups = (N + NR - 1) / NR;
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > groups) nthreads = groups > 0 ? groups : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* buf = aligned_alloc(64, sizeof(float) * NR * (size_t)K);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            if (!buf) continue;
+            const int n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
+            for (int r = 0; r < nr; r++)
+                dequant_fp8_row(w + (size_t)(n0 + r) * K, K, s + (size_t)((n0 + r) / bn) * sk,
+                                bk, buf + (size_t)r * K);
+            dots(x, M, K, buf, nr, y + n0, N);
+            if (bias)
+                for (int m = 0; m < M; m++)
+                    for (int r = 0; r < nr; r++) y[(size_t)m * N + n0 + r] += bias[n0 + r];
+        }
+        free(buf);
+    }
+    return failed ? -2 : 0;
+}
+
+/* W as float32 [N, K], by the same rebuild */
+int pdserve_fp8_dequant(const uint8_t* w, int N, int K, const float* s, int bn, int bk,
+                        float* out) {
+    if (K <= 0 || K % 8 || bn <= 0 || bk <= 0 || bk % 8 || N < 0) return -1;
+    const int sk = (K + bk - 1) / bk;
+    for (int n = 0; n < N; n++)
+        dequant_fp8_row(w + (size_t)n * K, K, s + (size_t)(n / bn) * sk, bk, out + (size_t)n * K);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
  * Decode attention over the paged pool, read in place.
  *
  * kv: the pool, float32 [P, L, Bt, 2 * KVH * hd] (a row is [K heads | V heads]); q: [T, H, hd];
