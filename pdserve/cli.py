@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="USD per million input tokens computed")
     rep.add_argument("--price-output", type=float, default=2.19,
                      help="USD per million output tokens")
+    mi = sub.add_parser("model-info", help="a model's parameters, weight and KV bytes, and what "
+                                           "one expert-parallel rank holds (reads config.json)")
+    mi.add_argument("model", help="a Hugging Face model directory, or its config.json")
+    mi.add_argument("--ep-size", default="", help="EP group sizes to size a rank for, "
+                                                 "comma-separated (e.g. 32,144)")
+    mi.add_argument("--redundant-experts", type=int, default=0,
+                    help="redundant expert slots across the group (EPLB)")
+    mi.add_argument("--kv-dtype", default="bfloat16",
+                    choices=["bfloat16", "float16", "float32", "float8_e4m3fn"])
+    mi.add_argument("--json", action="store_true", help="print one JSON object")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
     gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
@@ -218,6 +228,26 @@ def _analytics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_info(args: argparse.Namespace) -> int:
+    from pdserve.engine.model_config import config_from_hf
+    from pdserve.engine.model_info import as_dict, model_info, render
+
+    path = Path(args.model)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        raw = json.loads(path.read_text())
+        cfg = config_from_hf(raw)
+        sizes = [int(s) for s in args.ep_size.split(",") if s.strip()]
+        info = model_info(cfg, raw, args.kv_dtype)
+        ranks = [info.rank(n, args.redundant_experts) for n in sizes]
+    except (OSError, ValueError, KeyError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        print(f"pdserve model-info: {path}: {what}", file=sys.stderr)
+        return 2
+    print(json.dumps(as_dict(info, ranks)) if args.json else render(info, ranks))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from pdserve.cache.analytics import Prices, format_report, plot, report
     from pdserve.cache.errors import QueryError
@@ -250,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if cmd == "generate":
             return _generate(args)
+        if cmd == "model-info":
+            return _model_info(args)
         if cmd == "replay":
             return _replay(args)
         if cmd == "eplb":
