@@ -138,39 +138,53 @@ static void dots(const float* x, int M, int K, const float* w, int nr, float* y,
     }
 }
 
-/* Returns 0; -1 for a kind or shape it does not take; -2 when a thread's buffer could not be
-   allocated (y is then incomplete). */
-int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, int N,
-                    const float* bias, float* y, int nthreads) {
-    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || M < 0 || N < 0)
-        return -1;
-    const int nb = K / 32;
-    const size_t rowbytes = (size_t)nb * (kind == KIND_Q4_1 ? 20 : 34);
+/* Rebuilds row n of a quantized W [N, K] into out (K floats). */
+typedef void (*row_fn)(const void* w, int n, int K, float* out);
+
+/* y [M, N] = x [M, K] . W^T (+ bias), W rebuilt NR rows at a time into a thread's buffer.
+   Returns 0, or -2 when a thread's buffer could not be allocated (y is then incomplete). */
+static int rebuilt_linear(const float* x, int M, int K, row_fn row, const void* w, int N,
+                          const float* bias, float* y, int nthreads) {
     const int groups = (N + NR - 1) / NR;
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > groups) nthreads = groups > 0 ? groups : 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* w = aligned_alloc(64, sizeof(float) * NR * (size_t)K);
-        if (!w) {
+        float* buf = aligned_alloc(64, sizeof(float) * NR * (size_t)K);
+        if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int g = 0; g < groups; g++) {
-            if (!w) continue;
+            if (!buf) continue;
             const int n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
-            for (int r = 0; r < nr; r++)
-                dequant_row(kind, wq + (size_t)(n0 + r) * rowbytes, nb, w + (size_t)r * K);
-            dots(x, M, K, w, nr, y + n0, N);
+            for (int r = 0; r < nr; r++) row(w, n0 + r, K, buf + (size_t)r * K);
+            dots(x, M, K, buf, nr, y + n0, N);
             if (bias)
                 for (int m = 0; m < M; m++)
                     for (int r = 0; r < nr; r++) y[(size_t)m * N + n0 + r] += bias[n0 + r];
         }
-        free(w);
+        free(buf);
     }
     return failed ? -2 : 0;
+}
+
+typedef struct { int kind; const uint8_t* blocks; size_t rowbytes; } GgufRows;
+
+static void gguf_row(const void* w, int n, int K, float* out) {
+    const GgufRows* g = w;
+    dequant_row(g->kind, g->blocks + (size_t)n * g->rowbytes, K / 32, out);
+}
+
+/* Returns 0; -1 for a kind or shape it does not take; -2 as rebuilt_linear. */
+int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, int N,
+                    const float* bias, float* y, int nthreads) {
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || M < 0 || N < 0)
+        return -1;
+    const GgufRows g = {kind, wq, (size_t)(K / 32) * (kind == KIND_Q4_1 ? 20 : 34)};
+    return rebuilt_linear(x, M, K, gguf_row, &g, N, bias, y, nthreads);
 }
 
 /* W as float32 [N, K] */
@@ -204,38 +218,20 @@ static void dequant_fp8_row(const uint8_t* row, int K, const float* srow, int bk
         _mm256_storeu_ps(out + k, fp8x8(row + k, _mm256_set1_ps(srow[k / bk] * 256.0f)));
 }
 
+typedef struct { const uint8_t* w; const float* s; int bn, bk, sk; } Fp8Rows;
+
+static void fp8_row(const void* w, int n, int K, float* out) {
+    const Fp8Rows* f = w;
+    dequant_fp8_row(f->w + (size_t)n * K, K, f->s + (size_t)(n / f->bn) * f->sk, f->bk, out);
+}
+
 /* y [M, N] = x [M, K] . W^T (+ bias). Returns 0; -1 for a shape it does not take (K and bk
-   multiples of 8); -2 when a thread's buffer could not be allocated. */
+   multiples of 8); -2 as rebuilt_linear. */
 int pdserve_fp8_linear(const float* x, int M, int K, const uint8_t* w, int N, const float* s,
                        int bn, int bk, const float* bias, float* y, int nthreads) {
     if (K <= 0 || K % 8 || bn <= 0 || bk <= 0 || bk % 8 || M < 0 || N < 0) return -1;
-    const int sk = (K + bk - 1) / bk;
-    const int groups = (N + NR - 1) / NR;
-    int failed = 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > groups) nthreads = groups > 0 ? groups : 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float* buf = aligned_alloc(64, sizeof(float) * NR * (size_t)K);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int g = 0; g < groups; g++) {
-            if (!buf) continue;
-            const int n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
-            for (int r = 0; r < nr; r++)
-                dequant_fp8_row(w + (size_t)(n0 + r) * K, K, s + (size_t)((n0 + r) / bn) * sk,
-                                bk, buf + (size_t)r * K);
-            dots(x, M, K, buf, nr, y + n0, N);
-            if (bias)
-                for (int m = 0; m < M; m++)
-                    for (int r = 0; r < nr; r++) y[(size_t)m * N + n0 + r] += bias[n0 + r];
-        }
-        free(buf);
-    }
-    return failed ? -2 : 0;
+    const Fp8Rows f = {w, s, bn, bk, (K + bk - 1) / bk};
+    return rebuilt_linear(x, M, K, fp8_row, &f, N, bias, y, nthreads);
 }
 
 /* W as float32 [N, K], by the same rebuild */
