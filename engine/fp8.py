@@ -51,53 +51,53 @@ def check_pair(name: str, w: torch.Tensor, scale_inv: torch.Tensor | None,
                          f"{tuple(w.shape)} weight in {block[0]}x{block[1]} blocks needs {want}")
 
 
-class FP8Linear(nn.Module):
-    """y = x · dequantize(weight, weight_scale_inv)ᵀ + bias, the weight kept in FP8."""
+class FP8Product:
+    """y = x · dequantize(weight, scale_inv)ᵀ + bias for weights that stay FP8. Not a module:
+    it holds references to parameters registered elsewhere (an FP8Linear's, or gate|up's
+    concatenated, see `fused`), as linear.FastLinear does for float weights."""
 
-    def __init__(self, in_features: int, out_features: int, block: tuple[int, int],
-                 bias: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.block = in_features, out_features, block
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8),
-                                   requires_grad=False)
-        self.weight_scale_inv = nn.Parameter(
-            torch.empty(*scale_shape((out_features, in_features), block)), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False) if bias
-                     else None)
-        self._col_scales: torch.Tensor | None = None
-        self._kernel = False  # decode steps' products by the C kernel (cpu_kernels.fp8_linear)
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                 bias: torch.Tensor | None = None, kernel: bool = False) -> None:
+        self.weight, self.scale_inv, self.block = weight.detach(), scale_inv.detach(), block
+        self.bias = None if bias is None else bias.detach()
+        self.out_features, self.in_features = self.weight.shape
+        # Each block row's scales spread over the columns ([ceil(out/bn), in], 1/bn of the
+        # weight count), so a tile is one multiply.
+        self._col_scales = (self.scale_inv.float().repeat_interleave(block[1], 1)
+                            [:, :self.in_features].contiguous())
+        # Decode steps' products in C (and tiles rebuilt by C), reading the FP8 bytes.
+        self.kernel = (kernel and self.weight.device.type == "cpu"
+                       and cpu_kernels.fp8_usable(self.weight, block))
 
     @classmethod
-    def like(cls, linear: nn.Linear, block: tuple[int, int]) -> FP8Linear:
-        """An FP8Linear of `linear`'s shape, on `linear`'s device (meta while a model is built)."""
-        with torch.device(linear.weight.device):
-            return cls(linear.in_features, linear.out_features, block, linear.bias is not None)
-
-    def prepare(self, kernel: bool = False) -> None:
-        """After the weights are loaded: each block row's scales spread over the columns
-        ([ceil(out/bn), in] float32, 1/bn of the weight count), so a tile is one multiply; with
-        `kernel` (the backend's block products) decode steps' products run in C, reading the
-        FP8 bytes (prefill chunks keep the tiles: a prompt's KV is the same bits whatever the
-        chunking)."""
-        self._col_scales = (self.weight_scale_inv.detach().float()
-                            .repeat_interleave(self.block[1], 1)[:, :self.in_features]
-                            .contiguous())
-        self._kernel = (kernel and self.weight.device.type == "cpu"
-                        and cpu_kernels.fp8_usable(self.weight, self.block))
-
-    @property
-    def uses_kernel(self) -> bool:
-        """Whether decode steps' products run in C."""
-        return self._kernel
+    def fused(cls, parts: list[FP8Linear], kernel: bool) -> FP8Product | None:
+        """One product for several layers on the same input (gate|up): weights and scales
+        concatenated by rows, each layer's parameters becoming views of them (nothing is held
+        twice). None when a layer's rows are not whole blocks (its scale rows would straddle)."""
+        first = parts[0]
+        if any(p.in_features != first.in_features or p.block != first.block
+               or p.bias is not None or p.out_features % first.block[0] for p in parts):
+            return None
+        weight = torch.cat([p.weight.detach() for p in parts])
+        scales = torch.cat([p.weight_scale_inv.detach() for p in parts])
+        row, bn = 0, first.block[0]
+        for p in parts:
+            n = p.out_features
+            p.weight.data = weight[row:row + n]
+            p.weight_scale_inv.data = scales[row // bn:(row + n) // bn]
+            p.product = FP8Product(p.weight, p.weight_scale_inv, p.block, kernel=kernel)
+            row += n
+        return cls(weight, scales, first.block, kernel=kernel)
 
     def dequantized(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Rows r0:r1 (r0 a multiple of the block's rows) of the float32 weight."""
         r1 = self.out_features if r1 is None else min(r1, self.out_features)
         bn, c = self.block[0], self.in_features
-        if self._col_scales is None:
-            self.prepare()
-        assert self._col_scales is not None and r0 % bn == 0
-        w = self.weight.detach()[r0:r1].float()
+        assert r0 % bn == 0
+        if self.kernel:  # the same numbers, rebuilt by the C kernel (about 10x faster)
+            return cpu_kernels.fp8_dequantize(self.weight[r0:r1], self.scale_inv[r0 // bn:],
+                                              self.block)
+        w = self.weight[r0:r1].float()
         s = self._col_scales[r0 // bn:-(-r1 // bn)]
         full = (r1 - r0) // bn * bn
         if full:
@@ -106,13 +106,13 @@ class FP8Linear(nn.Module):
             w[full:].mul_(s[-1])
         return w
 
-    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if decode and self._kernel and x.dtype == torch.float32:
-            y = cpu_kernels.fp8_linear(x2, self.weight.detach(), self.weight_scale_inv.detach(),
-                                       self.block, None if bias is None else bias.contiguous())
+        if decode and self.kernel and x.dtype == torch.float32:
+            y = cpu_kernels.fp8_linear(x2, self.weight, self.scale_inv, self.block,
+                                       None if bias is None else bias.contiguous())
             return y.view(*shape[:-1], self.out_features)
         rows = max(self.block[0],
                    _TILE_ELEMENTS // max(self.in_features, 1) // self.block[0] * self.block[0])
@@ -126,6 +126,54 @@ class FP8Linear(nn.Module):
                                        None if bias is None else bias[r0:r1])
         return y.view(*shape[:-1], self.out_features)
 
+
+class FP8Linear(nn.Module):
+    """y = x · dequantize(weight, weight_scale_inv)ᵀ + bias, the weight kept in FP8 (the
+    parameters, as a checkpoint names them; the product is an FP8Product)."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int],
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.empty(*scale_shape((out_features, in_features), block)), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False) if bias
+                     else None)
+        self.product: FP8Product | None = None  # made by prepare(), once the weights are in
+
+    @classmethod
+    def like(cls, linear: nn.Linear, block: tuple[int, int]) -> FP8Linear:
+        """An FP8Linear of `linear`'s shape, on `linear`'s device (meta while a model is built)."""
+        with torch.device(linear.weight.device):
+            return cls(linear.in_features, linear.out_features, block, linear.bias is not None)
+
+    def prepare(self, kernel: bool = False) -> None:
+        """After the weights are loaded; with `kernel` (the backend's block products) decode
+        steps' products run in C (prefill chunks keep float32 products of rebuilt tiles: a
+        prompt's KV is the same bits whatever the chunking)."""
+        self.product = FP8Product(self.weight, self.weight_scale_inv, self.block, self.bias,
+                                  kernel)
+
+    def _product(self) -> FP8Product:
+        if self.product is None:
+            self.prepare()
+        assert self.product is not None
+        return self.product
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether decode steps' products run in C."""
+        return self._product().kernel
+
+    def dequantized(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows r0:r1 (r0 a multiple of the block's rows) of the float32 weight."""
+        return self._product().dequantized(r0, r1)
+
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        return self._product()(x, decode)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block={self.block[0]}x{self.block[1]}, fp8=e4m3")
@@ -135,6 +183,7 @@ def project(layer: nn.Module, x: torch.Tensor, decode: bool) -> torch.Tensor:
     """layer(x), telling an FP8Linear whether this is a decode step's product."""
     y: torch.Tensor = layer(x, decode) if isinstance(layer, FP8Linear) else layer(x)
     return y
+
 
 def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's rule (as their conversion scripts do it): each block's scale is its largest

@@ -16,7 +16,7 @@ from pdserve.engine import cpu_kernels
 from pdserve.engine.attention import AttnBatch, paged_attention
 from pdserve.engine.backend import Backend, without_fusion
 from pdserve.engine.cpu_kernels import QuantWeight
-from pdserve.engine.fp8 import FP8Linear, project
+from pdserve.engine.fp8 import FP8Linear, FP8Product, project
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.rope import RopeScaling, inv_freq
@@ -134,6 +134,7 @@ class MLP(nn.Module):
                                                           bias=False)
         self.gate_up_product: FastLinear | None = None
         self.down_product: FastLinear | None = None
+        self.gate_up_fp8: FP8Product | None = None  # gate|up fused, FP8 weights
 
     def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
@@ -142,6 +143,8 @@ class MLP(nn.Module):
             for m in (gate, up, down):  # FP8 weights: each dequantizes inside its product
                 if isinstance(m, FP8Linear):
                     m.prepare(kernel=backend.block_products)
+            if isinstance(gate, FP8Linear) and isinstance(up, FP8Linear):  # one product
+                self.gate_up_fp8 = FP8Product.fused([gate, up], backend.block_products)
             return
         self.gate_up_product = fuse_rows(gate, up,
                                   quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")],
@@ -150,6 +153,9 @@ class MLP(nn.Module):
                                 pack=backend.pack_weights)
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        if self.gate_up_fp8 is not None:
+            gate, up = self.gate_up_fp8(x, decode).chunk(2, dim=-1)
+            return project(self.down_proj, F.silu(gate) * up, decode)
         if self.gate_up_product is None or self.down_product is None:
             h = F.silu(project(self.gate_proj, x, decode)) * project(self.up_proj, x, decode)
             return project(self.down_proj, h, decode)

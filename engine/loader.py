@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -95,7 +96,18 @@ def load_model(
         chosen = model.prepare(chosen, blocks)
     else:
         chosen = model.prepare(chosen)
+    _return_freed_memory()  # the state dict read from the files, and copies made by prepare
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,
                                    "seconds": round(time.perf_counter() - t0, 2)})
     return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout, chosen)
+
+
+def _return_freed_memory() -> None:
+    """Gives the heap's free pages back to the system (glibc's malloc_trim): loading frees
+    gigabytes in pieces too small for their own mappings, which would otherwise stay resident."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.malloc_trim(0)

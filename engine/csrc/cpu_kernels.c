@@ -206,16 +206,29 @@ int pdserve_dequant(int kind, const uint8_t* wq, int N, int K, float* out) {
  * by 256 * s (exact) gives w * s with the single rounding of DeepSeek's formula: the weights
  * rebuilt are bit for bit the float32 dequantization's.
  * ------------------------------------------------------------------------------------- */
-static inline __m256 fp8x8(const uint8_t* p, __m256 s256) {
-    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
-    const __m128i sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
-    const __m128i mag = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+/* 8 e4m3 bytes, each in the high byte of a 16-bit lane (b << 8), -> 8 floats times s256 */
+static inline __m256 fp8x8_hi(__m128i h, __m256 s256) {
+    const __m128i sign = _mm_and_si128(h, _mm_set1_epi16((short)0x8000));
+    const __m128i mag = _mm_srli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F00)), 1);
     return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, mag)), s256);
 }
 
 static void dequant_fp8_row(const uint8_t* row, int K, const float* srow, int bk, float* out) {
-    for (int k = 0; k < K; k += 8)
-        _mm256_storeu_ps(out + k, fp8x8(row + k, _mm256_set1_ps(srow[k / bk] * 256.0f)));
+    const __m128i zero = _mm_setzero_si128();
+    for (int k0 = 0, j = 0; k0 < K; k0 += bk, j++) {  /* one scale per block of bk columns */
+        const __m256 s256 = _mm256_set1_ps(srow[j] * 256.0f);
+        const int k1 = k0 + bk < K ? k0 + bk : K;
+        int k = k0;
+        for (; k + 16 <= k1; k += 16) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(row + k));
+            _mm256_storeu_ps(out + k, fp8x8_hi(_mm_unpacklo_epi8(zero, b), s256));
+            _mm256_storeu_ps(out + k + 8, fp8x8_hi(_mm_unpackhi_epi8(zero, b), s256));
+        }
+        for (; k < k1; k += 8) {
+            const __m128i b = _mm_loadl_epi64((const __m128i*)(row + k));
+            _mm256_storeu_ps(out + k, fp8x8_hi(_mm_unpacklo_epi8(zero, b), s256));
+        }
+    }
 }
 
 typedef struct { const uint8_t* w; const float* s; int bn, bk, sk; } Fp8Rows;

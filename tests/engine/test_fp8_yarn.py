@@ -314,3 +314,29 @@ def test_the_c_kernel_rebuilds_every_e4m3_value_bit_for_bit_and_multiplies_by_it
         x = torch.randn(5, w.shape[1])
         torch.testing.assert_close(cpu_kernels.fp8_linear(x, w, s, (128, 128)), x @ want.T,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_gate_and_up_fused_into_one_product_hold_nothing_twice(kernel):
+    from pdserve.engine.fp8 import FP8Product, quantize
+
+    if kernel and cpu_kernels.kernel() is None:
+        pytest.skip("no C kernels on this machine")
+    layers = []
+    for seed in (1, 2):
+        lin = FP8Linear(200, 256, (128, 128))
+        q, s = quantize(torch.randn(256, 200, generator=torch.Generator().manual_seed(seed)),
+                        (128, 128))
+        lin.weight.data, lin.weight_scale_inv.data = q, s
+        lin.prepare(kernel)
+        layers.append(lin)
+    x = torch.randn(3, 200)
+    alone = [lin(x, decode=True) for lin in layers]
+    fused = FP8Product.fused(layers, kernel)
+    assert fused is not None
+    assert torch.equal(fused(x, decode=True), torch.cat(alone, dim=-1))
+    storage = fused.weight.untyped_storage().data_ptr()
+    assert all(lin.weight.untyped_storage().data_ptr() == storage for lin in layers)
+    assert [torch.equal(lin(x, decode=True), a) for lin, a in zip(layers, alone)] == [True, True]
+    odd = FP8Linear(200, 72, (128, 128))  # rows not whole blocks: not fused
+    assert FP8Product.fused([layers[0], odd], kernel) is None
