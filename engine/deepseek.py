@@ -17,6 +17,7 @@ the RMS-normed compressed latent and the shared, already rotated RoPE key.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from pdserve.engine.attention import AttnBatch, layer_pages
 from pdserve.engine.backend import Backend
+from pdserve.engine.ep.moe import ExpertParallel
 from pdserve.engine.fp8 import FP8Linear, project
 from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm
@@ -184,36 +186,50 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config) -> None:
+    """Routed experts (a dict by logical expert id, as checkpoints name them: all of them in one
+    process, the ones its slots hold on a rank of an EP group) and the shared experts."""
+
+    def __init__(self, cfg: DeepseekV3Config, layer: int,
+                 held: Sequence[int] | None = None) -> None:
         super().__init__()
+        self.layer = layer
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-                                     for _ in range(cfg.n_routed_experts))
+        ids = range(cfg.n_routed_experts) if held is None else held
+        self.experts = nn.ModuleDict({str(e): MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                      for e in ids})
         self.shared_experts = (MLP(cfg.hidden_size,
                                    cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.ep: ExpertParallel | None = None  # set on a rank of an EP group
+
+    def expert(self, e: int) -> MLP:
+        return cast(MLP, self.experts[str(e)])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, decode: bool) -> torch.Tensor:
         idx, w = self.gate(x)
         counts += torch.bincount(idx.flatten(), minlength=counts.numel())
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            tok, pos = torch.where(idx == e)
-            y = self.experts[e](x[tok], decode) * w[tok, pos, None].to(x.dtype)
-            out.index_add_(0, tok, y)
+        if self.ep is not None:  # across the group: every rank calls this, tokens or not
+            out = self.ep.routed(self.layer, self.expert, x, idx, w)
+        else:
+            out = torch.zeros_like(x)
+            for e in torch.unique(idx).tolist():
+                tok, pos = torch.where(idx == e)
+                y = self.expert(e)(x[tok], decode) * w[tok, pos, None].to(x.dtype)
+                out.index_add_(0, tok, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x, decode)
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, layer: int) -> None:
+    def __init__(self, cfg: DeepseekV3Config, layer: int,
+                 held: Sequence[int] | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: MoE | MLP = (MoE(cfg) if layer >= cfg.first_k_dense_replace
+        self.mlp: MoE | MLP = (MoE(cfg, layer, held) if layer >= cfg.first_k_dense_replace
                                else MLP(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, h: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
@@ -228,18 +244,23 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekBody(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config) -> None:
+    def __init__(self, cfg: DeepseekV3Config,
+                 held: Mapping[int, Sequence[int]] | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, None if held is None else held.get(i))
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config) -> None:
+    def __init__(self, cfg: DeepseekV3Config,
+                 held: Mapping[int, Sequence[int]] | None = None) -> None:
+        """`held`: on a rank of an EP group, the logical experts each layer holds (its slots';
+        engine/ep), None for all of them."""
         super().__init__()
         self.config = cfg
-        self.model = DeepseekBody(cfg)
+        self.model = DeepseekBody(cfg, held)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -261,7 +282,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for layer in cast(list[DecoderLayer], list(self.model.layers)):
             layer.self_attn.prepare(kernel=backend.block_products)
             mlp = layer.mlp
-            parts = ([*cast(list[MLP], list(mlp.experts)), mlp.shared_experts]
+            parts = ([*cast(list[MLP], list(mlp.experts.values())), mlp.shared_experts]
                      if isinstance(mlp, MoE) else [mlp])
             for m in parts:
                 if m is not None:
@@ -275,6 +296,34 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.expert_counts = torch.zeros(c.num_hidden_layers, c.n_routed_experts,
                                          dtype=torch.int64, device=device)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in cast(list[DecoderLayer], list(self.model.layers))
+                if isinstance(layer.mlp, MoE)]
+
+    def join_group(self, ep: ExpertParallel) -> None:
+        """Runs every MoE layer across an EP group (engine/ep): this rank holds only its
+        slots' experts (built with `held`)."""
+        for moe in self.moe_layers():
+            need = set(ep.slots.held_at(moe.layer, ep.rank))
+            have = {int(e) for e in moe.experts}
+            if not need <= have:
+                raise ValueError(f"layer {moe.layer}: rank {ep.rank}'s slots need experts "
+                                 f"{sorted(need - have)} it does not hold")
+            moe.ep = ep
+
+    @torch.inference_mode()
+    def idle_step(self) -> None:
+        """A step of an EP group with no tokens on this rank: every MoE layer's exchanges, in
+        layer order, with nothing of its own (its experts compute the others' rows)."""
+        c = self.config
+        empty = torch.empty(0, c.hidden_size, dtype=self.lm_head.weight.dtype,
+                            device=self.lm_head.weight.device)
+        no_idx = torch.empty(0, c.num_experts_per_tok, dtype=torch.long, device=empty.device)
+        for moe in self.moe_layers():
+            assert moe.ep is not None, "idle steps are for ranks of an EP group"
+            moe.ep.routed(moe.layer, moe.expert, empty, no_idx,
+                          torch.empty(0, c.num_experts_per_tok, device=empty.device))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,15 @@ def load_hf_config(path: Path) -> LlamaConfig | DeepseekV3Config:
 
 
 def load_hf_dir(
-    path: Path, dtype: torch.dtype = torch.float32, progress: bool = True
+    path: Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+    skip: Callable[[str], bool] | None = None,
 ) -> tuple[LlamaConfig | DeepseekV3Config, dict[str, torch.Tensor], Tokenizer | None,
            dict[str, Any]]:
     """Returns (config, state dict, tokenizer or None, the raw config.json). FP8 weights stay
     FP8, beside their float32 `_scale_inv` tensors (engine/fp8.py); the multi-token-prediction
-    layers after the last (DeepSeek-V3's `num_nextn_predict_layers`) are skipped. Anything else
-    the model has no place for is left in the dict, for the loader to refuse."""
+    layers after the last (DeepSeek-V3's `num_nextn_predict_layers`) are skipped, and so is
+    every tensor `skip` names (a rank of an EP group reads only its slots' experts). Anything
+    else the model has no place for is left in the dict, for the loader to refuse."""
     raw = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(raw)
     block = cfg.fp8_block if isinstance(cfg, DeepseekV3Config) else None
@@ -58,6 +61,8 @@ def load_hf_dir(
             for key in st.keys():
                 if key.startswith("model.layers.") and int(key.split(".")[2]) in mtp:
                     skipped += 1  # multi-token prediction: not served (yet)
+                    continue
+                if skip is not None and skip(key):
                     continue
                 t = st.get_tensor(key)
                 if t.dtype == FP8 or key.endswith("_scale_inv"):

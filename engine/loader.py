@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pdserve.engine import fp8
 from pdserve.engine.backend import Backend, choose_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
+from pdserve.engine.ep.moe import ExpertParallel
 from pdserve.engine.files import default_model_path, load_tokenizer, model_id_of
 from pdserve.engine.layout import KVLayout, dtype_name
 from pdserve.engine.llama import LlamaForCausalLM
@@ -47,6 +49,7 @@ def load_model(
     block_tokens: int = 64,
     progress: bool = False,
     backend: str = "auto",
+    ep: ExpertParallel | None = None,
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
     here). Backends whose decode products read GGUF blocks keep a GGUF file's Q4_1/Q8_0
@@ -63,7 +66,8 @@ def load_model(
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
         chosen = choose_backend(backend, device, dtype, family)
-        cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress)
+        skip = None if ep is None else _not_held(ep)
+        cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
         blocks: dict[str, QuantWeight] | None = None
     elif p.suffix == ".gguf":
         chosen = choose_backend(backend, device, dtype, "llama")
@@ -76,9 +80,16 @@ def load_model(
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
     model: LlamaForCausalLM | DeepseekV3ForCausalLM
+    if ep is not None and not (isinstance(cfg, DeepseekV3Config) and cfg.n_routed_experts):
+        raise ValueError(f"{p}: expert parallelism needs a mixture-of-experts model")
     with torch.device("meta"):
-        model = (DeepseekV3ForCausalLM(cfg) if isinstance(cfg, DeepseekV3Config)
-                 else LlamaForCausalLM(cfg))
+        if isinstance(cfg, DeepseekV3Config):
+            held = None if ep is None else {
+                layer: ep.slots.held_at(layer, ep.rank) for layer in range(cfg.num_hidden_layers)
+                if ep.slots.phy2log[layer]}
+            model = DeepseekV3ForCausalLM(cfg, held)
+        else:
+            model = LlamaForCausalLM(cfg)
     if isinstance(cfg, DeepseekV3Config) and cfg.fp8_block is not None:
         n = fp8.install(model, state, cfg.fp8_block)
         log.info("FP8 weights", extra={"linear_layers": n, "block": cfg.fp8_block})
@@ -96,6 +107,8 @@ def load_model(
         chosen = model.prepare(chosen, blocks)
     else:
         chosen = model.prepare(chosen)
+        if ep is not None:
+            model.join_group(ep)
     _return_freed_memory()  # the state dict read from the files, and copies made by prepare
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,
@@ -111,3 +124,18 @@ def _return_freed_memory() -> None:
     except OSError:  # not glibc
         return
     libc.malloc_trim(0)
+
+
+def _not_held(ep: ExpertParallel) -> Callable[[str], bool]:
+    """Names the routed-expert tensors that are not this rank's slots' (never read)."""
+    held = {layer: set(ep.slots.held_at(layer, ep.rank))
+            for layer in range(len(ep.slots.phy2log)) if ep.slots.phy2log[layer]}
+
+    def skip(key: str) -> bool:
+        parts = key.split(".")  # model.layers.L.mlp.experts.E.…
+        if len(parts) < 6 or parts[:2] != ["model", "layers"] or parts[3:5] != ["mlp", "experts"]:
+            return False
+        layer = int(parts[2])
+        return layer in held and int(parts[5]) not in held[layer]
+
+    return skip

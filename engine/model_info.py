@@ -81,9 +81,14 @@ def model_info(cfg: LlamaConfig | DeepseekV3Config, raw: dict[str, Any],
     dtype_bytes = _DTYPE_BYTES.get(stored, 2)
     block = cfg.fp8_block if isinstance(cfg, DeepseekV3Config) else None
     model: torch.nn.Module
+    # Every routed expert of a layer has the same shape: the model is built with one of them
+    # per MoE layer (held=[0], as a rank of an EP group is built with its own), and the other
+    # experts are counted as copies of it (V3 in full would be 44,544 expert modules).
     with torch.device("meta"):
-        model = (DeepseekV3ForCausalLM(cfg) if isinstance(cfg, DeepseekV3Config)
-                 else LlamaForCausalLM(cfg))
+        if isinstance(cfg, DeepseekV3Config):
+            model = DeepseekV3ForCausalLM(cfg, {i: [0] for i in range(cfg.num_hidden_layers)})
+        else:
+            model = LlamaForCausalLM(cfg)
     linears = {f"{n}.weight" for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
                and not n.endswith(".mlp.gate")}
@@ -108,6 +113,10 @@ def model_info(cfg: LlamaConfig | DeepseekV3Config, raw: dict[str, Any],
             per_expert += n
             expert_bytes += b
     routed = cfg.n_routed_experts if isinstance(cfg, DeepseekV3Config) else 0
+    moe_count = (cfg.num_hidden_layers - cfg.first_k_dense_replace
+                 if isinstance(cfg, DeepseekV3Config) else 0)
+    total += moe_count * (routed - 1) * per_expert  # the experts not built
+    weight_bytes += moe_count * (routed - 1) * expert_bytes
     k = cfg.num_experts_per_tok if isinstance(cfg, DeepseekV3Config) else 0
     moe_layers = (cfg.num_hidden_layers - cfg.first_k_dense_replace
                   if isinstance(cfg, DeepseekV3Config) else 0)
@@ -116,7 +125,8 @@ def model_info(cfg: LlamaConfig | DeepseekV3Config, raw: dict[str, Any],
     if isinstance(cfg, DeepseekV3Config) and cfg.num_nextn_predict_layers:
         # Each MTP module: a MoE decoder layer, enorm + hnorm, eh_proj [h, 2h], and (as V3's
         # checkpoint stores them) its own embedding, head norm and LM head.
-        layer = sum(p.numel() for p in model.model.layers[-1].parameters())
+        layer = (sum(p.numel() for p in model.model.layers[-1].parameters())
+                 + (routed - 1) * per_expert)
         h = cfg.hidden_size
         own = 3 * h + 2 * h * h + 2 * cfg.vocab_size * h
         mtp = cfg.num_nextn_predict_layers * (layer + own)

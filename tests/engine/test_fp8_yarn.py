@@ -280,6 +280,20 @@ def test_model_info_of_the_published_v3_config():
     assert info.rank(1).weight_bytes == info.weight_bytes
 
 
+def test_model_info_counts_what_the_whole_model_built_holds(fp8_dir):
+    from pdserve.engine.deepseek import DeepseekV3ForCausalLM
+
+    raw = json.loads((fp8_dir[0] / "config.json").read_text())
+    cfg = config_from_hf(raw)
+    with torch.device("meta"):  # every expert built this time
+        whole = sum(p.numel() for p in DeepseekV3ForCausalLM(cfg).parameters())
+    info = model_info(cfg, raw)
+    assert info.params_total == whole
+    k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
+    assert info.params_activated == whole - info.moe_layers * (e - k) * info.params_per_expert
+
+
+@pytest.mark.integration  # starts processes
 def test_model_info_cli_prints_the_counts_and_json():
     cmd = [sys.executable, "-m", "pdserve", "model-info", str(V3_CONFIG), "--ep-size", "32,144",
            "--redundant-experts", "32"]

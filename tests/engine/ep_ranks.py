@@ -1,0 +1,77 @@
+"""What each rank process of the EP tests runs (spawned: importable by the child processes).
+
+Every rank loads the same checkpoint holding only its slots' experts, joins a gloo group, and
+runs the engine loop with the EP step agreement over the requests given to it (a request may
+join at a given group step); it reports, per request, the tokens and every step's logits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REQUESTS = dict[str, tuple[list[int], int]]  # request id -> (prompt, the group step it joins)
+
+
+def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
+             requests: dict[int, REQUESTS], max_tokens: int, out: Any) -> None:
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.ep.comm import EPComm
+    from pdserve.engine.ep.hooks import EPHooks
+    from pdserve.engine.ep.moe import ExpertParallel
+    from pdserve.engine.ep.placement import SlotMap
+    from pdserve.engine.hf_loader import load_hf_config
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.engine.loader import load_model
+    from pdserve.engine.model_config import DeepseekV3Config
+    from pdserve.engine.runner import ModelRunner
+    from pdserve.engine.sampling import SamplingParams
+    from pdserve.engine.scheduler import BatchKind
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        cfg = load_hf_config(Path(model_dir))
+        assert isinstance(cfg, DeepseekV3Config)
+        moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
+        slots = SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,
+                                redundant)
+        ep = ExpertParallel(EPComm(), slots)
+        loaded = load_model(model_dir, block_tokens=16, ep=ep)
+        model = loaded.model
+        held = sorted({int(e) for m in model.moe_layers() for e in m.experts})
+        logits: dict[str, list[torch.Tensor]] = {}
+
+        class Recording(LLMEngine):
+            def postprocess(self, batch, result):  # type: ignore[no-untyped-def]
+                for i, c in enumerate(batch.chunks):
+                    if batch.kind is BatchKind.DECODE or c.completes_prompt:
+                        logits.setdefault(c.seq.request_id, []).append(result[i].clone())
+                return super().postprocess(batch, result)
+
+        hooks = EPHooks(ep, model)
+        eng = Recording(ModelRunner(model, KVPool(loaded.layout, 64), prefill_chunk_tokens=19),
+                        hooks=hooks)
+        mine = requests.get(rank, {})
+        seqs = {}
+        last_join = max((step for _, step in mine.values()), default=0)
+        last_join = max(v[0] for v in ep.comm.gather_ints([last_join]))
+        while True:
+            for rid, (prompt, step) in mine.items():
+                if step == hooks.steps and rid not in seqs:
+                    seqs[rid] = eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens))
+            before = hooks.steps
+            eng.step()
+            if hooks.steps == before:  # no rank had work
+                assert hooks.steps >= last_join, "the group went idle before a request joined"
+                break
+        out.put((rank, {rid: (s.output, [t.numpy() for t in logits.get(rid, [])])
+                        for rid, s in seqs.items()},
+                 {"steps": hooks.steps, "idle_steps": hooks.idle_steps, "held": held,
+                  "received": ep.comm.received_rows, "sent": ep.comm.sent_rows}))
+    finally:
+        dist.destroy_process_group()

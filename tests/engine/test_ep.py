@@ -1,0 +1,127 @@
+"""Expert parallelism across real rank processes (torch.distributed, gloo on CPU): a small
+random DeepSeek-V3 checkpoint, each rank holding only its slots' experts (redundant ones
+included) and its own requests, against the single-process engine on the same requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.ep.placement import SlotMap
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.loader import load_model
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling import SamplingParams
+from tests.engine.ep_ranks import run_rank
+from tests.engine.random_models import make_deepseek
+
+pytestmark = pytest.mark.integration  # starts processes
+
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def ds_dir(tmp_path_factory):
+    torch.manual_seed(4321)
+    path = tmp_path_factory.mktemp("dsv3-ep")
+    _, model = make_deepseek(path)
+    model.save_pretrained(path)
+    return path
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=run_rank, args=(r, world, init, str(model_dir), redundant,
+                                                requests, MAX_TOKENS, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:  # read before joining: a rank's report may not fit in the pipe
+        got = {rank: (outs, info) for rank, outs, info in (q.get(timeout=300)
+                                                          for _ in range(world))}
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * world
+    return got
+
+
+def single_process(model_dir, requests: dict) -> dict:
+    loaded = load_model(model_dir, block_tokens=16)
+    logits: dict[str, list[torch.Tensor]] = {}
+    from pdserve.engine.scheduler import BatchKind
+
+    class Recording(LLMEngine):
+        def postprocess(self, batch, result):
+            for i, c in enumerate(batch.chunks):
+                if batch.kind is BatchKind.DECODE or c.completes_prompt:
+                    logits.setdefault(c.seq.request_id, []).append(result[i].clone())
+            return super().postprocess(batch, result)
+
+    eng = Recording(ModelRunner(loaded.model, KVPool(loaded.layout, 64), prefill_chunk_tokens=19))
+    seqs = {rid: eng.add_request(rid, p, SamplingParams(max_tokens=MAX_TOKENS))
+            for per_rank in requests.values() for rid, (p, _) in per_rank.items()}
+    while eng.has_work:
+        eng.step()
+    return {rid: (s.output, logits[rid]) for rid, s in seqs.items()}
+
+
+def check_against_single_process(ds_dir, got: dict, requests: dict) -> None:
+    ref = single_process(ds_dir, requests)
+    for rank, (outs, _) in got.items():
+        assert set(outs) == set(requests.get(rank, {}))
+        for rid, (tokens, steps) in outs.items():
+            want_tokens, want_logits = ref[rid]
+            assert len(steps) == len(want_logits) == MAX_TOKENS
+            for i, (a, b) in enumerate(zip(steps, want_logits)):
+                torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, i=i, rid=rid: f"{rid} step {i}: {m}")
+            assert tokens == want_tokens, rid
+
+
+def test_ep2_with_redundant_experts_gives_the_single_process_logits_and_tokens(tmp_path, ds_dir):
+    requests = {0: {"a": (prompt(1, 41), 0), "b": (prompt(2, 23), 0)},
+                1: {"c": (prompt(3, 30), 0), "d": (prompt(4, 50), 6)}}  # d joins mid-run
+    got = run_group(tmp_path, ds_dir, world=2, redundant=2, requests=requests)
+    check_against_single_process(ds_dir, got, requests)
+    infos = [got[r][1] for r in range(2)]
+    assert infos[0]["steps"] == infos[1]["steps"]  # the group stepped together
+    # 10 slots over 2 ranks: experts 0-4 on rank 0, 5-7 plus the replicas of 0 and 1 on rank 1.
+    assert infos[0]["held"] == [0, 1, 2, 3, 4] and infos[1]["held"] == [0, 1, 5, 6, 7]
+    assert all(i["received"] > 0 and i["sent"] > 0 for i in infos)
+
+
+def test_ep4_with_an_idle_rank_and_one_joining_late(tmp_path, ds_dir):
+    requests = {0: {"a": (prompt(5, 37), 0)}, 1: {"b": (prompt(6, 20), 4)},
+                2: {"c": (prompt(7, 64), 0), "e": (prompt(8, 9), 0)}}  # rank 3: nothing
+    got = run_group(tmp_path, ds_dir, world=4, redundant=4, requests=requests)
+    check_against_single_process(ds_dir, got, requests)
+    idle = got[3][1]
+    assert idle["steps"] == idle["idle_steps"] > 0  # it joined every step with nothing
+    assert idle["received"] > 0  # and computed its experts for the others
+    assert got[1][1]["idle_steps"] == 4  # before its request joined
+
+
+def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position():
+    s = SlotMap.default([0], 1, num_experts=4, ep_size=2, redundant=2)  # slots: 0 1 2 3 | 0 1
+    idx = torch.tensor([[0, 2], [1, 3], [0, 2], [1, 3]])
+    # rank 1 holds slots 3, 4 (expert 0), 5 (expert 1): its own replicas first
+    assert s.choose(0, idx, rank=1).tolist() == [[4, 2], [5, 3], [4, 2], [5, 3]]
+    # rank 0 holds slots 0..2: own replica of 0, 1, 2; expert 3 only in slot 3
+    assert s.choose(0, idx, rank=0).tolist() == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    t = SlotMap.from_phy2log([[0, 1, 2, 3, 0, 0]], [0], 1, 4, ep_size=3)  # slots of rank 2: 4, 5
+    got = t.choose(0, torch.tensor([[0], [0], [0]]), rank=1)  # rank 1 (slots 2, 3): no 0
+    assert got.flatten().tolist() == [0, 4, 5]  # position mod 3 replicas
+    with pytest.raises(ValueError, match="every expert"):
+        SlotMap.from_phy2log([[0, 1, 2, 2]], [0], 1, 4, ep_size=2)
+    with pytest.raises(ValueError, match="split evenly"):
+        SlotMap.default([0], 1, num_experts=4, ep_size=3)
