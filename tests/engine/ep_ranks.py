@@ -17,7 +17,8 @@ REQUESTS = dict[str, tuple[list[int], int]]  # request id -> (prompt, the group 
 
 
 def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
-             requests: dict[int, REQUESTS], max_tokens: int, out: Any) -> None:
+             requests: dict[int, REQUESTS], max_tokens: int, out: Any,
+             eplb_interval: int = 0) -> None:
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.ep.comm import EPComm
     from pdserve.engine.ep.hooks import EPHooks
@@ -53,7 +54,13 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
                         logits.setdefault(c.seq.request_id, []).append(result[i].clone())
                 return super().postprocess(batch, result)
 
-        hooks = EPHooks(ep, model)
+        eplb = None
+        if eplb_interval:
+            from pdserve.engine.ep.eplb import ExpertReader, LiveEPLB
+
+            eplb = LiveEPLB(ep, model, eplb_interval,
+                            ExpertReader(Path(model_dir), torch.float32, loaded.backend))
+        hooks = EPHooks(ep, model, eplb)
         eng = Recording(ModelRunner(model, KVPool(loaded.layout, 64), prefill_chunk_tokens=19),
                         hooks=hooks)
         mine = requests.get(rank, {})
@@ -72,6 +79,27 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
         out.put((rank, {rid: (s.output, [t.numpy() for t in logits.get(rid, [])])
                         for rid, s in seqs.items()},
                  {"steps": hooks.steps, "idle_steps": hooks.idle_steps, "held": held,
-                  "received": ep.comm.received_rows, "sent": ep.comm.sent_rows}))
+                  "received": ep.comm.received_rows, "sent": ep.comm.sent_rows,
+                  "rebalances": 0 if eplb is None else eplb.rebalances,
+                  "balance": None if eplb is None else eplb.balance,
+                  "phy2log": [list(r) for r in ep.slots.phy2log],
+                  "canary": _canary(model, model_dir)}))
     finally:
         dist.destroy_process_group()
+
+
+def _canary(model: Any, model_dir: str) -> bool:
+    """Every expert module a rank holds has the checkpoint's weights of the expert it is named
+    for (after a rebalance moved some)."""
+    from safetensors import safe_open
+
+    want = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            want.update({k: st.get_tensor(k) for k in st.keys() if ".mlp.experts." in k})
+    for moe in model.moe_layers():
+        for e, mlp in moe.experts.items():
+            key = f"model.layers.{moe.layer}.mlp.experts.{e}.down_proj.weight"
+            if not torch.equal(mlp.down_proj.weight, want[key].float()):
+                return False
+    return True

@@ -35,12 +35,14 @@ def prompt(seed: int, n: int) -> list[int]:
     return torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict) -> dict:
+def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
+              eplb_interval: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
     procs = [ctx.Process(target=run_rank, args=(r, world, init, str(model_dir), redundant,
-                                                requests, MAX_TOKENS, q)) for r in range(world)]
+                                                requests, MAX_TOKENS, q, eplb_interval))
+             for r in range(world)]
     for p in procs:
         p.start()
     try:  # read before joining: a rank's report may not fit in the pipe
@@ -109,6 +111,21 @@ def test_ep4_with_an_idle_rank_and_one_joining_late(tmp_path, ds_dir):
     assert idle["steps"] == idle["idle_steps"] > 0  # it joined every step with nothing
     assert idle["received"] > 0  # and computed its experts for the others
     assert got[1][1]["idle_steps"] == 4  # before its request joined
+
+
+def test_eplb_applied_live_moves_experts_and_changes_no_output(tmp_path, ds_dir):
+    requests = {0: {"a": (prompt(9, 45), 0), "b": (prompt(10, 12), 2)},
+                1: {"c": (prompt(11, 33), 0)}}
+    got = run_group(tmp_path, ds_dir, world=2, redundant=2, requests=requests, eplb_interval=8)
+    check_against_single_process(ds_dir, got, requests)
+    infos = [got[r][1] for r in range(2)]
+    assert infos[0]["rebalances"] == infos[1]["rebalances"] >= 3  # every 8 of 30+ steps
+    assert infos[0]["phy2log"] == infos[1]["phy2log"]  # one placement, switched together
+    default = SlotMap.default([1, 2], 3, 8, 2, 2).phy2log
+    assert [tuple(r) for r in infos[0]["phy2log"]] != list(default)  # it did move experts
+    before, after = infos[0]["balance"]
+    assert after <= before  # the last window's load is no worse spread than before
+    assert all(i["canary"] for i in infos)  # every held expert has its checkpoint weights
 
 
 def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position():
