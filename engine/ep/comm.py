@@ -6,6 +6,7 @@ other micro-batch, while rows travel. A tensor gloo refuses (float8) travels as 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,10 +20,14 @@ class Pending:
 
     works: list[dist.Work]
     results: list[torch.Tensor]
+    comm: EPComm | None = None
 
     def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
         for w in self.works:
             w.wait()
+        if self.comm is not None:
+            self.comm.wait_s += time.perf_counter() - t0
         return self.results
 
 
@@ -41,14 +46,19 @@ class EPComm:
         self.sent_rows = 0      # rows this rank dispatched (for its metrics)
         self.received_rows = 0  # rows this rank's experts computed
         self.sent_bytes = 0
+        self.exchanges = 0      # MoE exchanges started (counts, dispatch, combine)
+        self.agreements = 0     # step agreements (one small all-gather each)
+        self.wait_s = 0.0       # time spent waiting for dispatches and combines
 
     def exchange_counts(self, send: torch.Tensor) -> torch.Tensor:
         """Each rank's row counts [N] for every rank -> the counts every rank sends it [N]."""
         recv = torch.empty_like(send)
+        self.exchanges += 1
         dist.all_to_all_single(recv, send, group=self.group)
         return recv
 
     def _a2a(self, tensors: Sequence[torch.Tensor], send: list[int], recv: list[int]) -> Pending:
+        self.exchanges += 1
         works, results = [], []
         for t in tensors:
             data = _as_bytes(t.contiguous())
@@ -57,7 +67,7 @@ class EPComm:
             assert w is not None
             works.append(w)
             results.append(out.view(t.dtype) if t.dtype != data.dtype else out)
-        return Pending(works, results)
+        return Pending(works, results, self)
 
     def dispatch(self, rows: torch.Tensor, slots: torch.Tensor, send: list[int],
                  recv: list[int]) -> Pending:
@@ -75,6 +85,7 @@ class EPComm:
 
     def gather_ints(self, values: Sequence[int]) -> list[list[int]]:
         """Every rank's `values` (the same length everywhere): the step agreement."""
+        self.agreements += 1
         mine = torch.tensor(list(values), dtype=torch.long)
         out = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(out, mine, group=self.group)

@@ -6,6 +6,7 @@ join at a given group step); it reports, per request, the tokens and every step'
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,11 @@ REQUESTS = dict[str, tuple[list[int], int]]  # request id -> (prompt, the group 
 
 def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
              requests: dict[int, REQUESTS], max_tokens: int, out: Any,
-             eplb_interval: int = 0) -> None:
+             eplb_interval: int = 0, phy2log: list[list[int]] | None = None,
+             exit_at: tuple[int, int] | None = None, idle_rounds: int = 0) -> None:
+    """`phy2log`: the MoE layers' placement (default: SlotMap.default); `exit_at`: (rank,
+    step): that rank dies (os._exit) when the group reaches that step; `idle_rounds`: after the work, that
+    many agreement rounds with nothing anywhere (to count what they issue)."""
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.ep.comm import EPComm
     from pdserve.engine.ep.hooks import EPHooks
@@ -39,8 +44,10 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
         cfg = load_hf_config(Path(model_dir))
         assert isinstance(cfg, DeepseekV3Config)
         moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
-        slots = SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,
-                                redundant)
+        slots = (SlotMap.from_phy2log(phy2log, moe, cfg.num_hidden_layers, cfg.n_routed_experts,
+                                      world) if phy2log is not None else
+                 SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,
+                                 redundant))
         ep = ExpertParallel(EPComm(), slots)
         loaded = load_model(model_dir, block_tokens=16, ep=ep)
         model = loaded.model
@@ -71,11 +78,16 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
             for rid, (prompt, step) in mine.items():
                 if step == hooks.steps and rid not in seqs:
                     seqs[rid] = eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens))
+            if exit_at is not None and (rank, hooks.steps) == exit_at:
+                os._exit(3)  # a rank dies mid-run
             before = hooks.steps
             eng.step()
             if hooks.steps == before:  # no rank had work
                 assert hooks.steps >= last_join, "the group went idle before a request joined"
                 break
+        exchanges = ep.comm.exchanges
+        for _ in range(idle_rounds):
+            eng.step()
         out.put((rank, {rid: (s.output, [t.numpy() for t in logits.get(rid, [])])
                         for rid, s in seqs.items()},
                  {"steps": hooks.steps, "idle_steps": hooks.idle_steps, "held": held,
@@ -83,6 +95,8 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
                   "rebalances": 0 if eplb is None else eplb.rebalances,
                   "balance": None if eplb is None else eplb.balance,
                   "phy2log": [list(r) for r in ep.slots.phy2log],
+                  "idle_exchanges": ep.comm.exchanges - exchanges,
+                  "agreements": ep.comm.agreements,
                   "canary": _canary(model, model_dir)}))
     finally:
         dist.destroy_process_group()

@@ -35,16 +35,21 @@ def prompt(seed: int, n: int) -> list[int]:
     return torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
-              eplb_interval: int = 0) -> dict:
+def start_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
+                **kw) -> tuple[list, object]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
     procs = [ctx.Process(target=run_rank, args=(r, world, init, str(model_dir), redundant,
-                                                requests, MAX_TOKENS, q, eplb_interval))
+                                                requests, MAX_TOKENS, q), kwargs=kw)
              for r in range(world)]
     for p in procs:
         p.start()
+    return procs, q
+
+
+def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict, **kw) -> dict:
+    procs, q = start_group(tmp_path, model_dir, world, redundant, requests, **kw)
     try:  # read before joining: a rank's report may not fit in the pipe
         got = {rank: (outs, info) for rank, outs, info in (q.get(timeout=300)
                                                           for _ in range(world))}
@@ -126,6 +131,35 @@ def test_eplb_applied_live_moves_experts_and_changes_no_output(tmp_path, ds_dir)
     before, after = infos[0]["balance"]
     assert after <= before  # the last window's load is no worse spread than before
     assert all(i["canary"] for i in infos)  # every held expert has its checkpoint weights
+
+
+def test_random_placements_give_the_same_outputs(tmp_path, ds_dir):
+    g = torch.Generator().manual_seed(17)
+    phy2log = []
+    for _ in range(2):  # the two MoE layers: experts shuffled over slots, 4 random replicas
+        layer = torch.randperm(8, generator=g).tolist() + torch.randint(0, 8, (4,),
+                                                                         generator=g).tolist()
+        phy2log.append([layer[i] for i in torch.randperm(12, generator=g).tolist()])
+    requests = {0: {"a": (prompt(12, 40), 0)}, 1: {"b": (prompt(13, 26), 0)}}
+    got = run_group(tmp_path, ds_dir, world=2, redundant=4, requests=requests, phy2log=phy2log,
+                    idle_rounds=5)
+    check_against_single_process(ds_dir, got, requests)
+    assert got[0][1]["phy2log"][1:] == phy2log
+    for rank in range(2):  # all idle: only the step agreements, no MoE exchange
+        info = got[rank][1]
+        assert info["idle_exchanges"] == 0 and info["agreements"] >= info["steps"] + 5
+
+
+def test_a_dead_rank_makes_the_others_exit_with_an_error_not_hang(tmp_path, ds_dir):
+    import time
+
+    requests = {0: {"a": (prompt(14, 30), 0)}, 1: {"b": (prompt(15, 30), 0)}}
+    procs, _ = start_group(tmp_path, ds_dir, 2, 2, requests, exit_at=(1, 3))
+    t0 = time.monotonic()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [1, 3], [p.exitcode for p in procs]
+    assert time.monotonic() - t0 < 90  # well within the group's collective timeout + start
 
 
 def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position():
