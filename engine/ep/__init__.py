@@ -3,8 +3,8 @@ rank a data-parallel attention instance with its own requests (DESIGN §8; resea
 shared/research/ep-tbo.md §6).
 
 - `placement.SlotMap`: which logical expert each physical slot holds, per layer, and which slot
-  each (token, choice) pair goes to (a replica on the token's own rank first, else the token's
-  position modulo the replica count: deterministic, no random draw).
+  each (token, choice) pair goes to (a replica on the token's own rank first, else the pair's
+  position plus the rank, modulo the replica count: deterministic, no random draw).
 - `comm.EPComm`: everything the group sends, behind one small interface (counts, dispatch,
   combine, each with a start/wait pair; the step agreement), over torch.distributed (gloo on
   CPU, nccl on CUDA tensors).

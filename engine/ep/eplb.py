@@ -85,6 +85,7 @@ class LiveEPLB:
         self.last_step = 0
         self.rebalances = 0
         self.balance: tuple[float, float] | None = None  # max/mean load before, after
+        self.received_at: list[int] = []  # this rank's received rows at each rebalance
 
     def due(self, step: int) -> bool:
         return step > self.last_step and step % self.interval == 0
@@ -92,6 +93,7 @@ class LiveEPLB:
     def rebalance(self, step: int) -> None:
         """Called by every rank at the same group step (a collective)."""
         self.last_step = step
+        self.received_at.append(self.ep.comm.received_rows)
         window = (self.model.expert_counts - self.counted).to(torch.float64)
         self.counted = self.model.expert_counts.clone()
         dist.all_reduce(window, group=self.ep.comm.group)
@@ -107,7 +109,7 @@ class LiveEPLB:
             table = torch.empty(len(self.moe_layers), slots, dtype=torch.long)
         dist.broadcast(table, src=0, group=self.ep.comm.group)
         new = SlotMap.from_phy2log(table.tolist(), self.moe_layers, len(old.phy2log),
-                                   old.num_experts, old.ep_size)
+                                   old.num_experts, old.ep_size, old.local_first)
         self._move_weights(new)
         before, after = self._balance(loads, old), self._balance(loads, new)
         self.ep.slots = new  # every rank switches here, between the same two steps

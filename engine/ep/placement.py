@@ -16,6 +16,9 @@ class SlotMap:
     phy2log: tuple[tuple[int, ...], ...]  # [layers, slots]; layers without experts: ()
     num_experts: int
     ep_size: int
+    # A rank's own replica first (no transfer for those rows), or every replica in turn (the
+    # even split EPLB's placement assumes; bench/bench_ep.py measures both).
+    local_first: bool = True
     _own: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, compare=False,
                                                       repr=False)
     _tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
@@ -35,23 +38,24 @@ class SlotMap:
 
     @classmethod
     def default(cls, moe_layers: Sequence[int], num_layers: int, num_experts: int, ep_size: int,
-                redundant: int = 0) -> SlotMap:
+                redundant: int = 0, local_first: bool = True) -> SlotMap:
         """Slot s < E holds expert s; redundant slot E + i holds expert i (before any load is
         known, every expert equally likely)."""
         slots = tuple(list(range(num_experts)) + [i % num_experts for i in range(redundant)])
         return cls(tuple(slots if layer in moe_layers else () for layer in range(num_layers)),
-                   num_experts, ep_size)
+                   num_experts, ep_size, local_first)
 
     @classmethod
     def from_phy2log(cls, phy2log: Sequence[Sequence[int]], moe_layers: Sequence[int],
-                     num_layers: int, num_experts: int, ep_size: int) -> SlotMap:
+                     num_layers: int, num_experts: int, ep_size: int,
+                     local_first: bool = True) -> SlotMap:
         """`phy2log` of the MoE layers only (as scheduler/eplb.py gives it), in layer order."""
         if len(phy2log) != len(moe_layers):
             raise ValueError(f"{len(phy2log)} layers of placement for {len(moe_layers)} MoE "
                              "layers")
         rows = dict(zip(moe_layers, phy2log))
         return cls(tuple(tuple(rows.get(layer, ())) for layer in range(num_layers)),
-                   num_experts, ep_size)
+                   num_experts, ep_size, local_first)
 
     def slots_per_rank(self, layer: int) -> int:
         return len(self.phy2log[layer]) // self.ep_size
@@ -97,10 +101,14 @@ class SlotMap:
         return got
 
     def choose(self, layer: int, idx: torch.Tensor, rank: int) -> torch.Tensor:
-        """Slots for logical experts `idx` [T, K] of a rank's tokens: the token's own rank's
-        replica if it has one, else replica number (token position mod replica count)."""
+        """Slots for logical experts `idx` [T, K] of a rank's tokens: with `local_first` the
+        token's own rank's replica if it has one; else replica number ((pair position + rank)
+        mod replica count), pairs numbered token by token: consecutive pairs, and the same pair
+        position on different ranks, go to different replicas."""
         table, count = self._table(layer)
+        pos = torch.arange(idx.numel()).view(idx.shape) + rank
+        spread = table[idx, pos % count[idx]]
+        if not self.local_first:
+            return spread
         own = self._own_slot(layer, rank)[idx]
-        pos = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
-        other = table[idx, pos % count[idx]]
-        return torch.where(own >= 0, own, other)
+        return torch.where(own >= 0, own, spread)

@@ -7,6 +7,7 @@ join at a given group step); it reports, per request, the tokens and every step'
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ REQUESTS = dict[str, tuple[list[int], int]]  # request id -> (prompt, the group 
 def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
              requests: dict[int, REQUESTS], max_tokens: int, out: Any,
              eplb_interval: int = 0, phy2log: list[list[int]] | None = None,
-             exit_at: tuple[int, int] | None = None, idle_rounds: int = 0) -> None:
+             exit_at: tuple[int, int] | None = None, idle_rounds: int = 0,
+             local_first: bool = True) -> None:
     """`phy2log`: the MoE layers' placement (default: SlotMap.default); `exit_at`: (rank,
-    step): that rank dies (os._exit) when the group reaches that step; `idle_rounds`: after the work, that
-    many agreement rounds with nothing anywhere (to count what they issue)."""
+    step): that rank dies (os._exit) when the group reaches that step; `idle_rounds`: after
+    the work, that many agreement rounds with nothing anywhere (to count what they issue)."""
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.ep.comm import EPComm
     from pdserve.engine.ep.hooks import EPHooks
@@ -45,9 +47,9 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
         assert isinstance(cfg, DeepseekV3Config)
         moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
         slots = (SlotMap.from_phy2log(phy2log, moe, cfg.num_hidden_layers, cfg.n_routed_experts,
-                                      world) if phy2log is not None else
+                                      world, local_first) if phy2log is not None else
                  SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,
-                                 redundant))
+                                 redundant, local_first))
         ep = ExpertParallel(EPComm(), slots)
         loaded = load_model(model_dir, block_tokens=16, ep=ep)
         model = loaded.model
@@ -68,12 +70,14 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
             eplb = LiveEPLB(ep, model, eplb_interval,
                             ExpertReader(Path(model_dir), torch.float32, loaded.backend))
         hooks = EPHooks(ep, model, eplb)
-        eng = Recording(ModelRunner(model, KVPool(loaded.layout, 64), prefill_chunk_tokens=19),
-                        hooks=hooks)
         mine = requests.get(rank, {})
+        pages = sum(loaded.layout.pages_for(len(p) + max_tokens) for p, _ in mine.values())
+        eng = Recording(ModelRunner(model, KVPool(loaded.layout, pages + 1),
+                                    prefill_chunk_tokens=19), hooks=hooks)
         seqs = {}
         last_join = max((step for _, step in mine.values()), default=0)
         last_join = max(v[0] for v in ep.comm.gather_ints([last_join]))
+        t0 = time.perf_counter()
         while True:
             for rid, (prompt, step) in mine.items():
                 if step == hooks.steps and rid not in seqs:
@@ -85,6 +89,7 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
             if hooks.steps == before:  # no rank had work
                 assert hooks.steps >= last_join, "the group went idle before a request joined"
                 break
+        seconds = time.perf_counter() - t0
         exchanges = ep.comm.exchanges
         for _ in range(idle_rounds):
             eng.step()
@@ -94,6 +99,9 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
                   "received": ep.comm.received_rows, "sent": ep.comm.sent_rows,
                   "rebalances": 0 if eplb is None else eplb.rebalances,
                   "balance": None if eplb is None else eplb.balance,
+                  "received_at": [] if eplb is None else eplb.received_at,
+                  "seconds": seconds, "wait_s": ep.comm.wait_s,
+                  "sent_bytes": ep.comm.sent_bytes,
                   "phy2log": [list(r) for r in ep.slots.phy2log],
                   "idle_exchanges": ep.comm.exchanges - exchanges,
                   "agreements": ep.comm.agreements,

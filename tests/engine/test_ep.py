@@ -36,12 +36,12 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def start_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
-                **kw) -> tuple[list, object]:
+                max_tokens: int = MAX_TOKENS, **kw) -> tuple[list, object]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
     procs = [ctx.Process(target=run_rank, args=(r, world, init, str(model_dir), redundant,
-                                                requests, MAX_TOKENS, q), kwargs=kw)
+                                                requests, max_tokens, q), kwargs=kw)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -62,7 +62,7 @@ def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict, *
     return got
 
 
-def single_process(model_dir, requests: dict) -> dict:
+def single_process(model_dir, requests: dict, max_tokens: int = MAX_TOKENS) -> dict:
     loaded = load_model(model_dir, block_tokens=16)
     logits: dict[str, list[torch.Tensor]] = {}
     from pdserve.engine.scheduler import BatchKind
@@ -74,8 +74,11 @@ def single_process(model_dir, requests: dict) -> dict:
                     logits.setdefault(c.seq.request_id, []).append(result[i].clone())
             return super().postprocess(batch, result)
 
-    eng = Recording(ModelRunner(loaded.model, KVPool(loaded.layout, 64), prefill_chunk_tokens=19))
-    seqs = {rid: eng.add_request(rid, p, SamplingParams(max_tokens=MAX_TOKENS))
+    pages = sum(loaded.layout.pages_for(len(p) + max_tokens) for per_rank in requests.values()
+                for p, _ in per_rank.values())
+    eng = Recording(ModelRunner(loaded.model, KVPool(loaded.layout, pages + 1),
+                                prefill_chunk_tokens=19))
+    seqs = {rid: eng.add_request(rid, p, SamplingParams(max_tokens=max_tokens))
             for per_rank in requests.values() for rid, (p, _) in per_rank.items()}
     while eng.has_work:
         eng.step()
@@ -162,7 +165,7 @@ def test_a_dead_rank_makes_the_others_exit_with_an_error_not_hang(tmp_path, ds_d
     assert time.monotonic() - t0 < 90  # well within the group's collective timeout + start
 
 
-def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position():
+def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position_and_rank():
     s = SlotMap.default([0], 1, num_experts=4, ep_size=2, redundant=2)  # slots: 0 1 2 3 | 0 1
     idx = torch.tensor([[0, 2], [1, 3], [0, 2], [1, 3]])
     # rank 1 holds slots 3, 4 (expert 0), 5 (expert 1): its own replicas first
@@ -171,7 +174,11 @@ def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position():
     assert s.choose(0, idx, rank=0).tolist() == [[0, 2], [1, 3], [0, 2], [1, 3]]
     t = SlotMap.from_phy2log([[0, 1, 2, 3, 0, 0]], [0], 1, 4, ep_size=3)  # slots of rank 2: 4, 5
     got = t.choose(0, torch.tensor([[0], [0], [0]]), rank=1)  # rank 1 (slots 2, 3): no 0
-    assert got.flatten().tolist() == [0, 4, 5]  # position mod 3 replicas
+    assert got.flatten().tolist() == [4, 5, 0]  # (position + rank) mod 3 replicas [0, 4, 5]
+    spread = SlotMap.default([0], 1, num_experts=4, ep_size=2, redundant=2, local_first=False)
+    # every replica in turn: the same pairs of ranks 0 and 1 go to different replicas
+    assert spread.choose(0, idx, rank=0).tolist() == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert spread.choose(0, idx, rank=1).tolist() == [[4, 2], [5, 3], [4, 2], [5, 3]]
     with pytest.raises(ValueError, match="every expert"):
         SlotMap.from_phy2log([[0, 1, 2, 2]], [0], 1, 4, ep_size=2)
     with pytest.raises(ValueError, match="split evenly"):
