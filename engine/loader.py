@@ -35,6 +35,7 @@ class LoadedModel:
     model_id: str
     layout: KVLayout
     backend: Backend  # how it runs (engine/backend.py), chosen once here
+    ep: ExpertParallel | None = None  # a rank of an EP group: its exchanges and slots
 
     @property
     def max_context(self) -> int:
@@ -113,7 +114,7 @@ def load_model(
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,
                                    "seconds": round(time.perf_counter() - t0, 2)})
-    return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout, chosen)
+    return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout, chosen, ep)
 
 
 def _return_freed_memory() -> None:

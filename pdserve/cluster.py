@@ -140,8 +140,9 @@ class LocalCluster:
             # With mutual TLS workers join on the gateway's internal port.
             self.gateway_internal_address = (f"{host}:{internal}" if internal
                                              else self.gateway_address)
-            self._say(f"loading the model in {self.s.num_prefill} prefill and "
-                      f"{self.s.num_decode} decode workers ...")
+            self._say(f"loading the model in {max(self.s.num_prefill, self.s.prefill_ep)} "
+                      f"prefill and {max(self.s.num_decode, self.s.decode_ep)} decode "
+                      "workers ...")
             workers = []
             # All workers share this machine's cores. A prefill step is a few large parallel
             # regions: its OpenMP threads lose little by sleeping between them, while spinning
@@ -151,18 +152,21 @@ class LocalCluster:
             # ... and take turns computing (services/cpu_turns.py).
             turns = (["--cpu-turns-path", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns
                      else [])
-            for i in range(self.s.num_prefill):
+            n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
+            n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
+            for i in range(n_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
                     "prefill", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--kvstore", self.kvstore_address, "--worker-id", f"prefill-{i}",
-                    "--num-pages", str(self.s.prefill_pages), *model, *threads, *turns,
-                    *common],
+                    "--num-pages", str(self.s.prefill_pages), *model, *threads,
+                    *self._ep_args("prefill", self.s.prefill_ep, i, turns), *common],
                     env=prefill_env))
-            for i in range(self.s.num_decode):
+            for i in range(n_decode):
                 workers.append(self._spawn(f"decode-{i}", [
                     "decode", "--port", "0", "--gateway", self.gateway_internal_address,
                     "--worker-id", f"decode-{i}", "--num-pages", str(self.s.decode_pages),
-                    *model, *threads, *turns, *common]))
+                    *model, *threads, *self._ep_args("decode", self.s.decode_ep, i, turns),
+                    *common]))
             self._wait_ready(workers, deadline)
             self._wait_serving(deadline)
         except BaseException:
@@ -174,6 +178,21 @@ class LocalCluster:
             self._say("metrics: " + ", ".join(
                 f"{s.name} http://127.0.0.1:{s.metrics_port}/metrics" for s in self.services))
         return self
+
+    def _ep_args(self, role: str, size: int, rank: int, turns: list[str]) -> list[str]:
+        """A worker's flags: its rank of the role's EP group (rendezvous through a file of this
+        start, made anew), or its CPU turns when it is a worker of its own. The ranks of a
+        group step together, so they cannot take turns one at a time."""
+        if size == 1:
+            return turns
+        rendezvous = self.run_dir / f"ep-{role}.rendezvous"
+        if rank == 0:
+            rendezvous.unlink(missing_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // size)
+        return ["--ep-size", str(size), "--ep-rank", str(rank), "--ep-group", role,
+                "--dist-init", f"file://{rendezvous}", "--threads", str(threads),
+                "--redundant-experts", str(self.s.redundant_experts),
+                "--eplb-interval-steps", str(self.s.eplb_interval_steps)]
 
     def metrics_urls(self) -> dict[str, str]:
         return {s.name: f"http://127.0.0.1:{s.metrics_port}/metrics"

@@ -60,6 +60,32 @@ class _ModelSettings(_Served):
                                    "lock-file path (the same for all of them) through which "
                                    "they take turns computing, prefill first "
                                    "(services/cpu_turns.py; pdserve up sets it)")
+    ep_size: int = Field(1, ge=1, le=1024, description="ranks of this worker's expert-parallel "
+                         "group (1 = none); every rank holds the attention and shared weights "
+                         "and its share of the expert slots (the model must be MoE)")
+    ep_rank: int = Field(0, ge=0, description="this worker's rank in its EP group")
+    ep_group: str = Field("", description="the EP group's name, the same on all its ranks")
+    dist_init: str = Field("", description="the EP group's rendezvous: tcp://HOST:PORT or "
+                           "file://PATH (torch.distributed init_method)")
+    redundant_experts: int = Field(0, ge=0, le=65536, description="EP: expert slots beyond one "
+                                   "per expert, for copies of hot experts")
+    eplb_interval_steps: int = Field(0, ge=0, description="EP: rebalance the experts over the "
+                                     "slots every this many group steps (0 = never)")
+    collective_timeout_s: float = Field(30.0, gt=0, le=3600, description="EP: a collective that "
+                                        "does not complete in this long ends the worker")
+
+    @model_validator(mode="after")
+    def _ep_group(self) -> _ModelSettings:
+        if self.ep_size == 1:
+            return self
+        if self.ep_rank >= self.ep_size:
+            raise ValueError(f"ep_rank {self.ep_rank} must be below ep_size {self.ep_size}")
+        if not self.dist_init.startswith(("tcp://", "file://")):
+            raise ValueError("dist_init: an EP group needs its rendezvous, tcp://HOST:PORT or "
+                             f"file://PATH (got {self.dist_init!r})")
+        if not self.ep_group:
+            raise ValueError("ep_group: an EP group needs a name")
+        return self
 
 
 class KVStoreSettings(_Served):
@@ -210,6 +236,15 @@ class UpSettings(_Secured):
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")
+    prefill_ep: int = Field(1, ge=1, le=64, description="prefill workers form one expert-"
+                            "parallel group of this many ranks (MoE models; replaces "
+                            "--num-prefill)")
+    decode_ep: int = Field(1, ge=1, le=64, description="decode workers form one expert-parallel "
+                           "group of this many ranks (MoE models; replaces --num-decode)")
+    redundant_experts: int = Field(0, ge=0, le=65536, description="EP groups: redundant expert "
+                                   "slots")
+    eplb_interval_steps: int = Field(0, ge=0, description="EP groups: rebalance the experts "
+                                     "every this many steps (0 = never)")
     cpu_turns: bool = Field(True, description="the workers, all on this machine, take turns "
                             "computing (one step at a time, prefill first, as one engine "
                             "would) instead of oversubscribing its cores")

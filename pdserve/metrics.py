@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from pdserve.cache.records import StoreStats
+    from pdserve.engine.ep.hooks import EPHooks
     from pdserve.services.kvstore.staging import StagingArea
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,47 @@ class StagingCollector(Collector):
             g = GaugeMetricFamily(f"pdserve_store_{name}", help_)
             g.add_metric([], value)
             yield g
+
+
+class EPCollector(Collector):
+    """A rank of an expert-parallel group (engine/ep/), read at scrape time: the rows it
+    dispatched and its experts received, the bytes it sent, the group's rebalances, and the
+    group's load balance in the last EPLB window (max/mean rows over the ranks)."""
+
+    def __init__(self, hooks: EPHooks) -> None:
+        self._hooks = hooks
+
+    def collect(self) -> Iterator[Metric]:
+        comm, eplb = self._hooks.ep.comm, self._hooks.eplb
+        for name, help_, value in (
+                ("moe_dispatched_tokens", "(token, expert) rows this rank dispatched",
+                 comm.sent_rows),
+                ("moe_received_tokens", "rows this rank's experts computed", comm.received_rows),
+                ("moe_dispatch_bytes", "bytes this rank dispatched", comm.sent_bytes),
+                ("eplb_rebalances", "expert placements applied",
+                 0 if eplb is None else eplb.rebalances),
+                ("ep_idle_steps", "group steps this rank joined with nothing of its own",
+                 self._hooks.idle_steps)):
+            c = CounterMetricFamily(f"pdserve_{name}", help_)
+            c.add_metric([], value)
+            yield c
+        g = GaugeMetricFamily("pdserve_moe_load_max_over_mean",
+                              "the group's max/mean expert load over the ranks in the last "
+                              "EPLB window, under the placement it had then (1 before any)")
+        g.add_metric([], 1.0 if eplb is None or eplb.balance is None else eplb.balance[0])
+        yield g
+        info = GaugeMetricFamily("pdserve_ep_rank", "this worker's rank in its EP group",
+                                 labels=["size"])
+        info.add_metric([str(comm.size)], comm.rank)
+        yield info
+
+
+def watch_ep(registry: CollectorRegistry, hooks: object) -> None:
+    """Registers an EPCollector when `hooks` are an EP group's."""
+    from pdserve.engine.ep.hooks import EPHooks
+
+    if isinstance(hooks, EPHooks):
+        registry.register(EPCollector(hooks))
 
 
 def parse_metrics(text: str) -> dict[str, float]:

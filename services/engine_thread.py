@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 IDLE_WAIT_S = 0.5  # an idle thread with no poll still looks at its stop flag this often
+GROUP_POLL_S = 0.005  # an idle EP group agrees on its next step this often
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ class EngineThread:
                  on_events: Callable[[list[EngineEvent]], None] | None = None,
                  poll: Callable[[], float] | None = None,
                  gather: GatherPolicy | None = None,
+                 group_steps: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`group_steps`: for a rank of an EP group, the group's step count (engine/ep/hooks.py):
+        the thread then steps even with nothing of its own (the step agreement decides whether
+        the group steps), and waits GROUP_POLL_S between agreements while no rank has work."""
         self.engine = engine
         self.outboxes = outboxes
         self.name = name
@@ -71,6 +76,7 @@ class EngineThread:
         self._poll = poll
         self._gather = gather if gather is not None and gather.wait_s > 0 else None
         self._clock = clock
+        self._group_steps = group_steps
         self._posted: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]] = (
             deque())
         self._wake = threading.Event()
@@ -122,6 +128,14 @@ class EngineThread:
             self._wake.clear()
             self._run_posted()
             sleep = self._poll_once()
+            if self._group_steps is not None:  # a rank of an EP group
+                before = self._group_steps()
+                events = self.engine.step()
+                if events:
+                    self._on_events(events)
+                if self._group_steps() == before:  # no rank had work
+                    self._wake.wait(min(sleep, GROUP_POLL_S))
+                continue
             if not self.engine.has_work:
                 idle = True
                 self._wake.wait(sleep)
@@ -178,3 +192,10 @@ class EngineThread:
             _, fut = self._posted.popleft()
             if fut is not None and not fut.done():
                 fut.set_exception(EngineStopped(f"{self.name} stopped"))
+
+
+def group_steps_of(hooks: object) -> Callable[[], int] | None:
+    """The group's step count when `hooks` are an EP group's (engine/ep/hooks.py), else None."""
+    from pdserve.engine.ep.hooks import EPHooks
+
+    return hooks.group_steps if isinstance(hooks, EPHooks) else None

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.cache.block_hash import hash_namespace
 from pdserve.config import DecodeSettings, PrefillSettings
+from pdserve.engine.ep.moe import ExpertParallel
+from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
@@ -54,9 +56,66 @@ def check_prompt(ids: Iterable[int], vocab_size: int, field: str = "prompt_token
 def load_for(settings: WorkerSettings) -> LoadedModel:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    ep = join_ep_group(settings) if settings.ep_size > 1 else None
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
-                      backend=settings.backend)
+                      backend=settings.backend, ep=ep)
+
+
+def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
+    """Joins the worker's EP group (torch.distributed, gloo; the collective timeout bounded)
+    and lays out its expert slots: every rank computes the same default placement."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pdserve.engine.ep.comm import EPComm
+    from pdserve.engine.ep.placement import SlotMap
+    from pdserve.engine.hf_loader import load_hf_config
+    from pdserve.engine.model_config import DeepseekV3Config
+
+    model = settings.model
+    cfg = load_hf_config(model) if model is not None and model.is_dir() else None
+    if not isinstance(cfg, DeepseekV3Config) or not cfg.n_routed_experts:
+        raise ValueError(f"--ep-size {settings.ep_size}: expert parallelism needs a "
+                         f"mixture-of-experts model (DeepSeek-V2/V3 directory), not {model}")
+    slots = cfg.n_routed_experts + settings.redundant_experts
+    if slots % settings.ep_size:
+        raise ValueError(f"--redundant-experts {settings.redundant_experts}: the "
+                         f"{cfg.n_routed_experts} experts + redundant ones ({slots} slots) must "
+                         f"split evenly over --ep-size {settings.ep_size}")
+    log.info("joining EP group", extra={"group": settings.ep_group, "rank": settings.ep_rank,
+                                        "size": settings.ep_size})
+    dist.init_process_group("gloo", init_method=settings.dist_init, rank=settings.ep_rank,
+                            world_size=settings.ep_size,
+                            timeout=timedelta(seconds=settings.collective_timeout_s))
+    moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
+    return ExpertParallel(EPComm(), SlotMap.default(moe, cfg.num_hidden_layers,
+                                                    cfg.n_routed_experts, settings.ep_size,
+                                                    settings.redundant_experts))
+
+
+def ep_hooks(settings: WorkerSettings, loaded: LoadedModel, inner: EngineHooks) -> EngineHooks:
+    """The engine hooks of a worker: `inner`, under the EP step agreement for a rank of a group
+    (whose collective failing ends the process: its group cannot go on without it)."""
+    if loaded.ep is None:
+        return inner
+    from pdserve.engine.deepseek import DeepseekV3ForCausalLM
+    from pdserve.engine.ep.eplb import ExpertReader, LiveEPLB
+    from pdserve.engine.ep.hooks import EPHooks
+
+    model = loaded.model
+    assert isinstance(model, DeepseekV3ForCausalLM) and settings.model is not None
+    eplb = (LiveEPLB(loaded.ep, model, settings.eplb_interval_steps,
+                     ExpertReader(settings.model, parse_dtype(settings.dtype), loaded.backend))
+            if settings.eplb_interval_steps else None)
+    return EPHooks(loaded.ep, model, eplb, inner=inner, on_failure=_group_failed)
+
+
+def _group_failed(e: BaseException) -> None:
+    log.critical("EP group collective failed; exiting", extra={"error": repr(e)})
+    logging.shutdown()
+    os._exit(70)
 
 
 async def wait_until_idle(busy: Callable[[], bool], timeout_s: float) -> None:

@@ -10,11 +10,13 @@ batch, a prefill's otherwise, so the same rows get the same products on whicheve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pdserve.engine.ep.moe import ExpertParallel
 from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.scheduler import BatchKind, ScheduledBatch
+from pdserve.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from pdserve.engine.deepseek import DeepseekV3ForCausalLM
@@ -25,14 +27,41 @@ _KINDS = {None: 0, BatchKind.PREFILL: 1, BatchKind.DECODE: 2}
 
 class EPHooks(EngineHooks):
     def __init__(self, ep: ExpertParallel, model: DeepseekV3ForCausalLM,
-                 eplb: LiveEPLB | None = None) -> None:
+                 eplb: LiveEPLB | None = None, inner: EngineHooks | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """`inner`: a worker's own hooks, kept (its CPU turns are not: ranks taking turns one
+        at a time would never meet in a collective); `on_failure`: what a failed collective
+        does (by default it raises)."""
         self.ep = ep
         self.model = model
         self.eplb = eplb
+        self.inner = inner or EngineHooks()
+        self.on_failure = on_failure
         self.steps = 0       # steps the group took (the same on every rank)
         self.idle_steps = 0  # of them, steps this rank joined with nothing of its own
 
+    def ready(self, seq: Sequence) -> bool:
+        return self.inner.ready(seq)
+
+    def before_layer(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        return self.inner.before_layer(batch)
+
+    def settle(self, seq: Sequence) -> int | None:
+        return self.inner.settle(seq)
+
+    def group_steps(self) -> int:
+        return self.steps
+
     def agree(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
+        try:
+            return self._agree(batch)
+        except RuntimeError as e:  # a collective failed: a rank is gone or timed out
+            if self.on_failure is None:
+                raise
+            self.on_failure(e)
+            return None
+
+    def _agree(self, batch: ScheduledBatch | None) -> ScheduledBatch | None:
         if batch is not None and batch.kind not in _KINDS:
             raise ValueError(f"an EP group does not run {batch.kind.value} batches")
         if self.eplb is not None and self.eplb.due(self.steps):

@@ -13,12 +13,13 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from pdserve.config import DecodeSettings
-from pdserve.metrics import DecodeMetrics
+from pdserve.metrics import DecodeMetrics, watch_ep
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.decode.servicer import DecodeServicer
 from pdserve.services.decode.worker import DecodeWorker
 from pdserve.services.worker import (
+    ep_hooks,
     in_passing_thread,
     load_for,
     serve_worker,
@@ -33,7 +34,8 @@ def build(settings: DecodeSettings) -> DecodeWorker:
     return DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
                         settings.device, agent_name=settings.worker_id or "decode",
                         quarantine_s=settings.quarantine_s,
-                        turns=CpuTurns(settings.cpu_turns_path))
+                        turns=CpuTurns(settings.cpu_turns_path),
+                        wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner))
 
 
 async def run(settings: DecodeSettings) -> None:
@@ -49,6 +51,7 @@ async def run(settings: DecodeSettings) -> None:
     worker.on_change = report_now
     prom = CollectorRegistry()
     worker.export_metrics(DecodeMetrics(prom))
+    watch_ep(prom, worker.engine.hooks)
     worker.start()
     servicer = DecodeServicer(worker)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
@@ -22,7 +23,7 @@ from pdserve.engine.sequence import EngineEvent, FailedEvent, FinishEvent, Token
 from pdserve.metrics import DecodeMetrics
 from pdserve.services.cpu_turns import CpuTurns, TakeTurns
 from pdserve.services.decode.requests import DecodeRequest, DecodeRequests, DecodeState
-from pdserve.services.engine_thread import EngineThread
+from pdserve.services.engine_thread import EngineThread, group_steps_of
 from pdserve.services.outbox import Outbox, Outboxes, RequestFailed
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import new_epoch
@@ -42,18 +43,24 @@ class DecodeWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, max_batch: int, lease_s: float,
                  device: str = "cpu", agent_name: str = "decode", quarantine_s: float = 60.0,
                  turns: CpuTurns | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None) -> None:
+        """`wrap_hooks`: what a rank of an EP group puts around the worker's engine hooks
+        (services/worker.py, ep_hooks)."""
         self.loaded = loaded
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
+        hooks: EngineHooks = TakeTurns(turns or CpuTurns(None))
+        hooks = wrap_hooks(hooks) if wrap_hooks is not None else hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool), max_batch=max_batch,
-                                hooks=TakeTurns(turns or CpuTurns(None)))
+                                hooks=hooks)
         self.requests = DecodeRequests(self.pool, lease_s, quarantine_s, clock)
         self.outboxes = Outboxes()
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
         self._metadata = self.endpoint.metadata
         self.thread = EngineThread(self.engine, self.outboxes, name="decode-engine",
-                                   on_events=self._on_events, poll=self._poll)
+                                   on_events=self._on_events, poll=self._poll,
+                                   group_steps=group_steps_of(hooks))
         self.draining = False
         self.on_change: Callable[[], None] | None = None  # thread-safe "report load now"
         self.metrics: DecodeMetrics | None = None

@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.config import PrefillSettings
-from pdserve.metrics import PrefillMetrics
+from pdserve.metrics import PrefillMetrics, watch_ep
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.prefill.servicer import PrefillServicer
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.services.worker import (
+    ep_hooks,
     in_passing_thread,
     load_for,
     serve_worker,
@@ -31,13 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def build(settings: PrefillSettings, kvstore: KVStoreClient) -> PrefillWorker:
+    loaded = load_for(settings)
     return PrefillWorker(
-        load_for(settings), settings.num_pages, kvstore, settings.prefill_chunk_tokens,
+        loaded, settings.num_pages, kvstore, settings.prefill_chunk_tokens,
         settings.transfer_timeout_s, settings.device,
         agent_name=settings.worker_id or "prefill",
         batch_wait_s=settings.prefill_batch_wait_ms / 1000,
         fetch_layer_groups=settings.kv_fetch_layer_groups,
-        fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path))
+        fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path),
+        wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner))
 
 
 async def run(settings: PrefillSettings) -> None:
@@ -48,6 +51,7 @@ async def run(settings: PrefillSettings) -> None:
     worker = in_passing_thread(lambda: build(settings, kvstore))
     prom = CollectorRegistry()
     worker.export_metrics(PrefillMetrics(prom))
+    watch_ep(prom, worker.engine.hooks)
     worker.start()
     servicer = PrefillServicer(worker)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks, hash_namespace
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
@@ -21,7 +22,7 @@ from pdserve.engine.sequence import TokenEvent
 from pdserve.metrics import PrefillMetrics
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services.cpu_turns import CpuTurns
-from pdserve.services.engine_thread import EngineThread, GatherPolicy
+from pdserve.services.engine_thread import EngineThread, GatherPolicy, group_steps_of
 from pdserve.services.errors import TransferError
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.outbox import Outboxes
@@ -48,7 +49,8 @@ class PrefillWorker:
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
                  batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
-                 fetch_nixl: bool = False, turns: CpuTurns | None = None) -> None:
+                 fetch_nixl: bool = False, turns: CpuTurns | None = None,
+                 wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -56,11 +58,13 @@ class PrefillWorker:
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
         self.hooks = PrefillHooks(turns or CpuTurns(None))
+        hooks = wrap_hooks(self.hooks) if wrap_hooks is not None else self.hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool, chunk_tokens),
                                 max_batch=PREFILL_MAX_BATCH, max_prefill_tokens=chunk_tokens,
-                                hooks=self.hooks)
+                                hooks=hooks)
         self.thread = EngineThread(self.engine, Outboxes(), name="prefill-engine",
-                                   gather=GatherPolicy(batch_wait_s, chunk_tokens))
+                                   gather=GatherPolicy(batch_wait_s, chunk_tokens),
+                                   group_steps=group_steps_of(hooks))
         self.guard = PageGuard(self.pool)
         self.compute = Compute(self.thread, self.hooks, self.guard)
         self.blocks = BlockIO(self.pool, self.fingerprint, kvstore, self.guard)

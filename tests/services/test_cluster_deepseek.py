@@ -20,6 +20,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from tests.engine.random_models import make_deepseek, make_deepseek_fp8
+from tests.helpers import service_metrics
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -74,3 +75,38 @@ def test_deepseek_served_disaggregated_with_hits(ds_cluster, deepseek_dir):
             c.generate(prompt="hello", max_tokens=4)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "no tokenizer" in e.value.details()
+
+
+def test_deepseek_served_by_expert_parallel_groups(deepseek_dir, tmp_path_factory):
+    """`pdserve up --prefill-ep 2 --decode-ep 2 --redundant-experts 2`: each role one EP group
+    of two ranks (each holding 5 of the 10 expert slots); the single-process engine's tokens,
+    hits on the repeat, and requests on both ranks of each group."""
+    from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
+
+    data = tmp_path_factory.mktemp("ep-data")
+    settings = UpSettings(data_dir=Path(data), port=0, model=deepseek_dir, prefill_ep=2,
+                          decode_ep=2, redundant_experts=2, eplb_interval_steps=8)
+    with LocalCluster(settings, progress=False) as c:
+        served_like_one_process(c, deepseek_dir)
+        loaded = load_model(deepseek_dir)
+        eng = LLMEngine(ModelRunner(loaded.model, KVPool(loaded.layout, 64)))
+        prompts = [torch.randint(0, 320, (40 + 9 * i,), generator=torch.Generator().manual_seed(
+            50 + i)).tolist() for i in range(6)]
+        expect = eng.generate(prompts, SamplingParams(max_tokens=12))
+        import concurrent.futures
+
+        with Client(c.gateway_address) as cl, concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda p: cl.generate(token_ids=p, max_tokens=12).token_ids,
+                                prompts))
+        assert got == expect
+        with grpc.insecure_channel(c.gateway_address) as ch:
+            stats = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
+        done = {w.worker_id: w.num_finished for w in stats.workers}
+        assert len(done) == 4 and all(w.in_rotation for w in stats.workers)
+        assert done["decode-0"] > 0 and done["decode-1"] > 0  # both ranks decoded requests
+        for name in ("prefill-0", "prefill-1", "decode-0", "decode-1"):  # real EP ranks
+            m = service_metrics(c, name)
+            assert m["pdserve_moe_received_tokens_total"] > 0, name
+            assert m["pdserve_moe_dispatched_tokens_total"] > 0, name
+        ranks = {service_metrics(c, f"decode-{i}")['pdserve_ep_rank{size="2"}'] for i in (0, 1)}
+        assert ranks == {0.0, 1.0}
