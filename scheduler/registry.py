@@ -33,6 +33,10 @@ class WorkerSpec:
     max_context: int
     vocab_size: int
     model_id: str = ""
+    ep_group: str = ""  # a rank of this expert-parallel group (with ep_size > 1)
+    ep_rank: int = 0
+    ep_size: int = 1
+    ep_epoch: int = 0   # the group's start: ranks of an older start do not count
 
 
 @dataclass(frozen=True)
@@ -187,8 +191,25 @@ class WorkerRegistry:
         return head, self.workers[dt.ids[d]], upstream
 
     def active(self, role: str) -> list[WorkerState]:
-        return sorted((w for w in self.workers.values() if w.spec.role == role and w.in_rotation),
+        """The role's workers in rotation; a rank of an EP group only while every rank of its
+        group (same group and epoch) is (a group with a rank missing cannot step)."""
+        ws = [w for w in self.workers.values() if w.spec.role == role and w.in_rotation]
+        ranks: dict[tuple[str, int], set[int]] = {}
+        for w in ws:
+            if w.spec.ep_size > 1:
+                ranks.setdefault((w.spec.ep_group, w.spec.ep_epoch), set()).add(w.spec.ep_rank)
+        return sorted((w for w in ws if w.spec.ep_size <= 1
+                       or len(ranks[(w.spec.ep_group, w.spec.ep_epoch)]) == w.spec.ep_size),
                       key=lambda w: w.spec.worker_id)
+
+    def group_of(self, worker_id: str) -> list[str]:
+        """The workers of `worker_id`'s EP group (itself alone when it has none)."""
+        w = self.workers.get(worker_id)
+        if w is None or w.spec.ep_size <= 1:
+            return [worker_id]
+        key = (w.spec.role, w.spec.ep_group, w.spec.ep_epoch)
+        return sorted(o.spec.worker_id for o in self.workers.values()
+                      if (o.spec.role, o.spec.ep_group, o.spec.ep_epoch) == key)
 
     def bump(self, worker_id: str, **delta: float) -> None:
         """Optimistic update between reports, so a burst does not all land on one worker."""

@@ -90,9 +90,13 @@ def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
                             world_size=settings.ep_size,
                             timeout=timedelta(seconds=settings.collective_timeout_s))
     moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
-    return ExpertParallel(EPComm(), SlotMap.default(moe, cfg.num_hidden_layers,
-                                                    cfg.n_routed_experts, settings.ep_size,
-                                                    settings.redundant_experts))
+    ep = ExpertParallel(EPComm(), SlotMap.default(moe, cfg.num_hidden_layers,
+                                                  cfg.n_routed_experts, settings.ep_size,
+                                                  settings.redundant_experts))
+    epoch = torch.tensor([time.time_ns()], dtype=torch.long)  # rank 0's: this start's
+    dist.broadcast(epoch, src=0)
+    ep.group_epoch = int(epoch.item())
+    return ep
 
 
 def ep_hooks(settings: WorkerSettings, loaded: LoadedModel, inner: EngineHooks) -> EngineHooks:
@@ -178,6 +182,10 @@ def worker_info(role: str, settings: WorkerSettings, loaded: LoadedModel, addres
         layout_fingerprint=fp, hash_namespace=hash_namespace(loaded.model_id, fp),
         block_tokens=loaded.layout.block_tokens, total_pages=total_pages,
         max_context=loaded.max_context, vocab_size=loaded.config.vocab_size,
+        ep_group=settings.ep_group if loaded.ep else "",
+        ep_rank=loaded.ep.rank if loaded.ep else 0,
+        ep_size=loaded.ep.comm.size if loaded.ep else 1,
+        ep_epoch=loaded.ep.group_epoch if loaded.ep else 0,
     )
 
 

@@ -32,6 +32,7 @@ class ExpertParallel:
         # Whether the experts run a decode step's products (hooks.EPHooks sets it each step,
         # the same on every rank, so a row gets the same product whichever rank computes it).
         self.decode_products = False
+        self.group_epoch = 0  # which start of the group this is (the same on every rank)
 
     @property
     def rank(self) -> int:

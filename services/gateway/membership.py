@@ -32,7 +32,9 @@ def spec_of(info: common_pb2.WorkerInfo) -> WorkerSpec:
         worker_id=info.worker_id, role=Role(info.role), address=info.address, epoch=info.epoch,
         hash_namespace=info.hash_namespace, layout_fingerprint=info.layout_fingerprint,
         block_tokens=info.block_tokens, total_pages=info.total_pages,
-        max_context=info.max_context, vocab_size=info.vocab_size, model_id=info.model_id)
+        max_context=info.max_context, vocab_size=info.vocab_size, model_id=info.model_id,
+        ep_group=info.ep_group, ep_rank=info.ep_rank, ep_size=max(1, info.ep_size),
+        ep_epoch=info.ep_epoch)
 
 
 def load_of(r: common_pb2.LoadReport) -> Load:
@@ -56,6 +58,13 @@ def check_info(info: common_pb2.WorkerInfo) -> None:
     for name in ("block_tokens", "total_pages", "max_context", "vocab_size"):
         if getattr(info, name) <= 0:
             raise InvalidArgument(f"register.{name}: {getattr(info, name)}, must be > 0")
+    if info.ep_size > 1:
+        if not 0 <= info.ep_rank < info.ep_size:
+            raise InvalidArgument(f"register.ep_rank: {info.ep_rank}, must be in "
+                                  f"0..{info.ep_size - 1}")
+        if not 0 < len(info.ep_group) <= MAX_WORKER_ID:
+            raise InvalidArgument(f"register.ep_group: {len(info.ep_group)} characters, must "
+                                  f"be 1..{MAX_WORKER_ID}")
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):

@@ -179,13 +179,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Stats(self, request: gateway_pb2.ClusterStatsRequest,
                     context: Context) -> gateway_pb2.ClusterStatsResponse:
         self._tenant(context)
+        active = [w for role in Role for w in self.registry.active(role.value)]
         return gateway_pb2.ClusterStatsResponse(
             requests_in_flight=len(self._inflight),
             workers=[gateway_pb2.WorkerStats(
                 worker_id=w.spec.worker_id, role=w.spec.role.value, address=w.spec.address,
-                epoch=w.spec.epoch, in_rotation=w.in_rotation, free_pages=w.load.free_pages,
+                epoch=w.spec.epoch, in_rotation=w.in_rotation and w in active,
+                free_pages=w.load.free_pages,
                 total_pages=w.load.total_pages, running=w.load.running,
-                queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished)
+                queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished,
+                ep_group=w.spec.ep_group, ep_rank=w.spec.ep_rank, ep_size=w.spec.ep_size)
                 for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
 
     async def close(self) -> None:

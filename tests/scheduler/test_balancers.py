@@ -72,6 +72,30 @@ def test_registry_rotation_expiry_and_epochs():
     assert r.active("decode") == []  # draining: out of rotation
 
 
+def test_an_ep_group_is_in_rotation_only_while_all_its_ranks_are():
+    from dataclasses import replace
+
+    r = WorkerRegistry()
+
+    def rank(i: int, epoch: int = 7) -> WorkerSpec:
+        return replace(spec(f"d{i}"), ep_group="decode", ep_rank=i, ep_size=2, ep_epoch=epoch)
+
+    r.join(spec("solo"), now=0.0)
+    r.join(rank(0), now=0.0)
+    assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]  # rank 1 not there yet
+    r.join(rank(1), now=0.0)
+    assert [w.spec.worker_id for w in r.active("decode")] == ["d0", "d1", "solo"]
+    assert r.group_of("d1") == ["d0", "d1"] and r.group_of("solo") == ["solo"]
+    assert r.leave("d1", 1)  # one rank gone: the whole group is out
+    assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]
+    r.join(rank(1, epoch=8), now=1.0)  # a rank of another start of the group: still not whole
+    assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]
+    r.join(rank(0, epoch=8), now=1.0)
+    assert [w.spec.worker_id for w in r.active("decode")] == ["d0", "d1", "solo"]
+    assert sorted(r.expire(now=5.0, timeout_s=2.0)) == ["d0", "d1", "solo"]
+    assert r.active("decode") == []
+
+
 def test_load_table_follows_reports_bumps_and_membership():
     r = WorkerRegistry()
     r.join(spec("d1"), now=0.0)

@@ -20,7 +20,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from tests.engine.random_models import make_deepseek, make_deepseek_fp8
-from tests.helpers import service_metrics
+from tests.helpers import service_metrics, wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -78,14 +78,15 @@ def test_deepseek_served_disaggregated_with_hits(ds_cluster, deepseek_dir):
 
 
 def test_deepseek_served_by_expert_parallel_groups(deepseek_dir, tmp_path_factory):
-    """`pdserve up --prefill-ep 2 --decode-ep 2 --redundant-experts 2`: each role one EP group
-    of two ranks (each holding 5 of the 10 expert slots); the single-process engine's tokens,
-    hits on the repeat, and requests on both ranks of each group."""
+    """`pdserve up --prefill-ep 2 --decode-ep 2 --redundant-experts 4`: each role one EP group
+    of two ranks (each holding 6 of the 12 expert slots); the single-process engine's tokens
+    (which equal transformers', test_hf_models.py), hits on the repeat, requests on both ranks
+    of each group, and a dead rank taking its group out."""
     from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
     data = tmp_path_factory.mktemp("ep-data")
     settings = UpSettings(data_dir=Path(data), port=0, model=deepseek_dir, prefill_ep=2,
-                          decode_ep=2, redundant_experts=2, eplb_interval_steps=8)
+                          decode_ep=2, redundant_experts=4, eplb_interval_steps=8)
     with LocalCluster(settings, progress=False) as c:
         served_like_one_process(c, deepseek_dir)
         loaded = load_model(deepseek_dir)
@@ -110,3 +111,21 @@ def test_deepseek_served_by_expert_parallel_groups(deepseek_dir, tmp_path_factor
             assert m["pdserve_moe_dispatched_tokens_total"] > 0, name
         ranks = {service_metrics(c, f"decode-{i}")['pdserve_ep_rank{size="2"}'] for i in (0, 1)}
         assert ranks == {0.0, 1.0}
+        assert {(w.worker_id, w.ep_group, w.ep_rank, w.ep_size) for w in stats.workers} == {
+            ("prefill-0", "prefill", 0, 2), ("prefill-1", "prefill", 1, 2),
+            ("decode-0", "decode", 0, 2), ("decode-1", "decode", 1, 2)}
+        # One rank dies: its group leaves rotation whole, and the other rank exits on its own
+        # (its next collective fails) instead of hanging.
+        c.kill("decode-1")
+        survivor = c.service("decode-0").proc
+        code = wait_until(lambda: survivor.poll(), 60, interval_s=0.1,
+                          what="the surviving rank exits")
+        assert code == 70
+
+        def decode_in_rotation() -> list[str]:
+            with grpc.insecure_channel(c.gateway_address) as ch:
+                st = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
+            return [w.worker_id for w in st.workers if w.role == "decode" and w.in_rotation]
+
+        wait_until(lambda: decode_in_rotation() == [], 30, interval_s=0.2,
+                   what="the decode group out of rotation")

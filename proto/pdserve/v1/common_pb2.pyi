@@ -201,6 +201,10 @@ class WorkerInfo(_message.Message):
     TOTAL_PAGES_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_FIELD_NUMBER: _builtins.int
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    EP_GROUP_FIELD_NUMBER: _builtins.int
+    EP_RANK_FIELD_NUMBER: _builtins.int
+    EP_SIZE_FIELD_NUMBER: _builtins.int
+    EP_EPOCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     """"prefill" or "decode" """
@@ -213,6 +217,14 @@ class WorkerInfo(_message.Message):
     total_pages: _builtins.int
     max_context: _builtins.int
     vocab_size: _builtins.int
+    ep_group: _builtins.str
+    """A rank of an expert-parallel group: the group is in rotation only while all ep_size
+    ranks of the same ep_epoch (one per start of the group) report.
+    """
+    ep_rank: _builtins.int
+    ep_size: _builtins.int
+    """0 or 1: a worker of its own"""
+    ep_epoch: _builtins.int
     def __init__(
         self,
         *,
@@ -227,10 +239,14 @@ class WorkerInfo(_message.Message):
         total_pages: _builtins.int = ...,
         max_context: _builtins.int = ...,
         vocab_size: _builtins.int = ...,
+        ep_group: _builtins.str = ...,
+        ep_rank: _builtins.int = ...,
+        ep_size: _builtins.int = ...,
+        ep_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_tokens", b"block_tokens", "epoch", b"epoch", "hash_namespace", b"hash_namespace", "layout_fingerprint", b"layout_fingerprint", "max_context", b"max_context", "model_id", b"model_id", "role", b"role", "total_pages", b"total_pages", "vocab_size", b"vocab_size", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "block_tokens", b"block_tokens", "ep_epoch", b"ep_epoch", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "hash_namespace", b"hash_namespace", "layout_fingerprint", b"layout_fingerprint", "max_context", b"max_context", "model_id", b"model_id", "role", b"role", "total_pages", b"total_pages", "vocab_size", b"vocab_size", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/gateway.proto\x12\npdserve.v1\"\x8a\x01\n\x10\x41nalyticsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x38\n\x06params\x18\x02 \x03(\x0b\x32(.pdserve.v1.AnalyticsRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0e\x41nalyticsValue\x12\x0b\n\x01s\x18\x01 \x01(\tH\x00\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x64\x18\x03 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\":\n\x0c\x41nalyticsRow\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.pdserve.v1.AnalyticsValue\"\xb9\x01\n\x11\x41nalyticsResponse\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12&\n\x04rows\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.AnalyticsRow\x12;\n\x07queries\x18\x03 \x03(\x0b\x32*.pdserve.v1.AnalyticsResponse.QueriesEntry\x1a.\n\x0cQueriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13\x43lusterStatsRequest\"\xca\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x13\n\x0bin_rotation\x18\x05 \x01(\x08\x12\x12\n\nfree_pages\x18\x06 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x07 \x01(\x05\x12\x0f\n\x07running\x18\x08 \x01(\x05\x12\x15\n\rqueued_tokens\x18\t \x01(\x03\x12\x14\n\x0cnum_finished\x18\n \x01(\x03\"\\\n\x14\x43lusterStatsResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.WorkerStats\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x05\"\x9b\x02\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12)\n\x08messages\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\r\n\x05top_k\x18\t \x01(\x05\x12\r\n\x05top_p\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\'\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\xb6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xab\x02\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12J\n\x05Stats\x12\x1f.pdserve.v1.ClusterStatsRequest\x1a .pdserve.v1.ClusterStatsResponse\x12M\n\x0eQueryAnalytics\x12\x1c.pdserve.v1.AnalyticsRequest\x1a\x1d.pdserve.v1.AnalyticsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/gateway.proto\x12\npdserve.v1\"\x8a\x01\n\x10\x41nalyticsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x38\n\x06params\x18\x02 \x03(\x0b\x32(.pdserve.v1.AnalyticsRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0e\x41nalyticsValue\x12\x0b\n\x01s\x18\x01 \x01(\tH\x00\x12\x0b\n\x01i\x18\x02 \x01(\x03H\x00\x12\x0b\n\x01\x64\x18\x03 \x01(\x01H\x00\x12\x0b\n\x01\x62\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\":\n\x0c\x41nalyticsRow\x12*\n\x06values\x18\x01 \x03(\x0b\x32\x1a.pdserve.v1.AnalyticsValue\"\xb9\x01\n\x11\x41nalyticsResponse\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\x12&\n\x04rows\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.AnalyticsRow\x12;\n\x07queries\x18\x03 \x03(\x0b\x32*.pdserve.v1.AnalyticsResponse.QueriesEntry\x1a.\n\x0cQueriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13\x43lusterStatsRequest\"\xfe\x01\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x13\n\x0bin_rotation\x18\x05 \x01(\x08\x12\x12\n\nfree_pages\x18\x06 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x07 \x01(\x05\x12\x0f\n\x07running\x18\x08 \x01(\x05\x12\x15\n\rqueued_tokens\x18\t \x01(\x03\x12\x14\n\x0cnum_finished\x18\n \x01(\x03\x12\x10\n\x08\x65p_group\x18\x0b \x01(\t\x12\x0f\n\x07\x65p_rank\x18\x0c \x01(\x05\x12\x0f\n\x07\x65p_size\x18\r \x01(\x05\"\\\n\x14\x43lusterStatsResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.WorkerStats\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x05\"\x9b\x02\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12)\n\x08messages\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\r\n\x05top_k\x18\t \x01(\x05\x12\r\n\x05top_p\x18\n \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x10\n\x08logprobs\x18\r \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\'\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\"\xb6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xab\x02\n\x07Gateway\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12J\n\x05Stats\x12\x1f.pdserve.v1.ClusterStatsRequest\x1a .pdserve.v1.ClusterStatsResponse\x12M\n\x0eQueryAnalytics\x12\x1c.pdserve.v1.AnalyticsRequest\x1a\x1d.pdserve.v1.AnalyticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,23 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATSREQUEST']._serialized_start=507
   _globals['_CLUSTERSTATSREQUEST']._serialized_end=528
   _globals['_WORKERSTATS']._serialized_start=531
-  _globals['_WORKERSTATS']._serialized_end=733
-  _globals['_CLUSTERSTATSRESPONSE']._serialized_start=735
-  _globals['_CLUSTERSTATSRESPONSE']._serialized_end=827
-  _globals['_GENERATEREQUEST']._serialized_start=830
-  _globals['_GENERATEREQUEST']._serialized_end=1113
-  _globals['_CHATMESSAGE']._serialized_start=1115
-  _globals['_CHATMESSAGE']._serialized_end=1159
-  _globals['_USAGE']._serialized_start=1161
-  _globals['_USAGE']._serialized_end=1241
-  _globals['_TIMING']._serialized_start=1243
-  _globals['_TIMING']._serialized_end=1282
-  _globals['_GENERATERESPONSE']._serialized_start=1285
-  _globals['_GENERATERESPONSE']._serialized_end=1467
-  _globals['_ABORTREQUEST']._serialized_start=1469
-  _globals['_ABORTREQUEST']._serialized_end=1503
-  _globals['_ABORTRESPONSE']._serialized_start=1505
-  _globals['_ABORTRESPONSE']._serialized_end=1535
-  _globals['_GATEWAY']._serialized_start=1538
-  _globals['_GATEWAY']._serialized_end=1837
+  _globals['_WORKERSTATS']._serialized_end=785
+  _globals['_CLUSTERSTATSRESPONSE']._serialized_start=787
+  _globals['_CLUSTERSTATSRESPONSE']._serialized_end=879
+  _globals['_GENERATEREQUEST']._serialized_start=882
+  _globals['_GENERATEREQUEST']._serialized_end=1165
+  _globals['_CHATMESSAGE']._serialized_start=1167
+  _globals['_CHATMESSAGE']._serialized_end=1211
+  _globals['_USAGE']._serialized_start=1213
+  _globals['_USAGE']._serialized_end=1293
+  _globals['_TIMING']._serialized_start=1295
+  _globals['_TIMING']._serialized_end=1334
+  _globals['_GENERATERESPONSE']._serialized_start=1337
+  _globals['_GENERATERESPONSE']._serialized_end=1519
+  _globals['_ABORTREQUEST']._serialized_start=1521
+  _globals['_ABORTREQUEST']._serialized_end=1555
+  _globals['_ABORTRESPONSE']._serialized_start=1557
+  _globals['_ABORTRESPONSE']._serialized_end=1587
+  _globals['_GATEWAY']._serialized_start=1590
+  _globals['_GATEWAY']._serialized_end=1889
 # @@protoc_insertion_point(module_scope)

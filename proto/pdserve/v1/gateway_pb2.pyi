@@ -194,6 +194,9 @@ class WorkerStats(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     QUEUED_TOKENS_FIELD_NUMBER: _builtins.int
     NUM_FINISHED_FIELD_NUMBER: _builtins.int
+    EP_GROUP_FIELD_NUMBER: _builtins.int
+    EP_RANK_FIELD_NUMBER: _builtins.int
+    EP_SIZE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     address: _builtins.str
@@ -204,6 +207,10 @@ class WorkerStats(_message.Message):
     running: _builtins.int
     queued_tokens: _builtins.int
     num_finished: _builtins.int
+    ep_group: _builtins.str
+    """its expert-parallel group ("" for a worker of its own)"""
+    ep_rank: _builtins.int
+    ep_size: _builtins.int
     def __init__(
         self,
         *,
@@ -217,10 +224,13 @@ class WorkerStats(_message.Message):
         running: _builtins.int = ...,
         queued_tokens: _builtins.int = ...,
         num_finished: _builtins.int = ...,
+        ep_group: _builtins.str = ...,
+        ep_rank: _builtins.int = ...,
+        ep_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
