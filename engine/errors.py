@@ -14,3 +14,8 @@ class OutOfPages(EngineError):
         super().__init__(f"needs {needed} KV pages, {free} free")
         self.needed = needed
         self.free = free
+
+
+class EPError(EngineError):
+    """An expert-parallel group that cannot be formed as set up; the message names the
+    setting."""

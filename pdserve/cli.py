@@ -310,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     from importlib import import_module
 
     from pdserve.engine.backend import BackendError
+    from pdserve.engine.errors import EPError
     from pdserve.services.gateway.auth import AuthError
     from pdserve.services.security import SecurityError
 
     module = import_module(f"pdserve.services.{cmd}.main")
     try:
         asyncio.run(module.run(settings))
-    except (FileNotFoundError, SecurityError, AuthError, BackendError) as e:  # e.g. the model
+    except (FileNotFoundError, SecurityError, AuthError, BackendError, EPError) as e:
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     return 0

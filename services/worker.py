@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from pdserve.cache.block_hash import hash_namespace
 from pdserve.config import DecodeSettings, PrefillSettings
 from pdserve.engine.ep.moe import ExpertParallel
+from pdserve.engine.errors import EPError
 from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
@@ -77,18 +78,22 @@ def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
     model = settings.model
     cfg = load_hf_config(model) if model is not None and model.is_dir() else None
     if not isinstance(cfg, DeepseekV3Config) or not cfg.n_routed_experts:
-        raise ValueError(f"--ep-size {settings.ep_size}: expert parallelism needs a "
+        raise EPError(f"--ep-size {settings.ep_size}: expert parallelism needs a "
                          f"mixture-of-experts model (DeepSeek-V2/V3 directory), not {model}")
     slots = cfg.n_routed_experts + settings.redundant_experts
     if slots % settings.ep_size:
-        raise ValueError(f"--redundant-experts {settings.redundant_experts}: the "
+        raise EPError(f"--redundant-experts {settings.redundant_experts}: the "
                          f"{cfg.n_routed_experts} experts + redundant ones ({slots} slots) must "
                          f"split evenly over --ep-size {settings.ep_size}")
     log.info("joining EP group", extra={"group": settings.ep_group, "rank": settings.ep_rank,
                                         "size": settings.ep_size})
-    dist.init_process_group("gloo", init_method=settings.dist_init, rank=settings.ep_rank,
-                            world_size=settings.ep_size,
-                            timeout=timedelta(seconds=settings.collective_timeout_s))
+    try:
+        dist.init_process_group("gloo", init_method=settings.dist_init, rank=settings.ep_rank,
+                                world_size=settings.ep_size,
+                                timeout=timedelta(seconds=settings.collective_timeout_s))
+    except (RuntimeError, ValueError) as e:  # includes torch's DistStoreError
+        raise EPError(f"--dist-init {settings.dist_init}: the group of {settings.ep_size} did "
+                      f"not form: {e}") from None
     moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
     ep = ExpertParallel(EPComm(), SlotMap.default(moe, cfg.num_hidden_layers,
                                                   cfg.n_routed_experts, settings.ep_size,

@@ -85,3 +85,15 @@ def test_settings_error_message_lists_every_bad_field():
         assert "--max-batch" in str(e) and "--lease-s" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_an_ep_group_set_up_wrong_stops_the_worker_naming_the_setting(tmp_path):
+    r = run_cli("decode", "--ep-size", "2")
+    assert r.returncode == 2 and "dist_init: an EP group needs its rendezvous" in r.stderr
+    r = run_cli("decode", "--ep-size", "2", "--ep-rank", "2", "--ep-group", "g",
+                "--dist-init", f"file://{tmp_path}/rv")
+    assert r.returncode == 2 and "ep_rank 2 must be below ep_size 2" in r.stderr
+    r = run_cli("decode", "--ep-size", "2", "--ep-group", "g", "--dist-init",
+                f"file://{tmp_path}/rv", "--port", "0")  # the default model is dense
+    assert r.returncode == 2
+    assert "--ep-size 2: expert parallelism needs a mixture-of-experts model" in r.stderr
