@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,21 +105,32 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"{what}: the kernel refused the arguments (rc {rc})")
 
 
-def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 (CPU) @ W^T (+ bias) -> [M, N] float32."""
+def _lib() -> Any:
     k = kernel()
     if k is None:
         raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
-    n, kk = w.shape
+    return k
+
+
+def _operands(x: torch.Tensor, n: int, kk: int, bias: torch.Tensor | None,
+              what: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(x, bias, y) as the kernels take them: x float32 CPU [M, kk] and bias [n] contiguous,
+    y the [M, n] output; ValueError naming what does not fit."""
     if x.dim() != 2 or x.shape[1] != kk or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"qlinear takes float32 CPU [M, {kk}], got {x.dtype} {x.device.type} "
+        raise ValueError(f"{what} takes float32 CPU [M, {kk}], got {x.dtype} {x.device.type} "
                          f"{tuple(x.shape)}")
-    x = x.contiguous()
     if bias is not None:
         bias = bias.detach().to(torch.float32).contiguous()
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    return x.contiguous(), bias, torch.empty(x.shape[0], n, dtype=torch.float32)
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 (CPU) @ W^T (+ bias) -> [M, N] float32."""
+    k = _lib()
+    n, kk = w.shape
+    x, bias, y = _operands(x, n, kk, bias, "qlinear")
     _check(k.qlinear(KINDS[w.kind][0], x.data_ptr(), x.shape[0], kk, w.blocks.data_ptr(), n,
                      None if bias is None else bias.data_ptr(), y.data_ptr(),
                      torch.get_num_threads()), "qlinear")
@@ -127,9 +139,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
 
 def dequantize(w: QuantWeight) -> torch.Tensor:
     """W as float32 [N, K], by the kernel's own rebuild of each weight."""
-    k = kernel()
-    if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    k = _lib()
     out = torch.empty(w.shape, dtype=torch.float32)
     _check(k.dequant(KINDS[w.kind][0], w.blocks.data_ptr(), w.shape[0], w.shape[1],
                      out.data_ptr()), "dequantize")
@@ -145,15 +155,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 (CPU) @ W^T (+ bias) for W in FP8 e4m3 with block scales (engine/fp8.py):
     each weight rebuilt in float32, bit for bit DeepSeek's dequantization, inside the product."""
-    k = kernel()
-    if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    k = _lib()
     n, kk = weight.shape
-    if x.dim() != 2 or x.shape[1] != kk or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"fp8_linear takes float32 CPU [M, {kk}], got {x.dtype} "
-                         f"{x.device.type} {tuple(x.shape)}")
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if not (weight.is_contiguous() and scale_inv.is_contiguous()
+            and scale_inv.dtype == torch.float32):
+        raise ValueError("fp8_linear takes a contiguous weight and float32 scales")
+    x, bias, y = _operands(x, n, kk, bias, "fp8_linear")
     _check(k.fp8_linear(x.data_ptr(), x.shape[0], kk, weight.data_ptr(), n,
                         scale_inv.data_ptr(), block[0], block[1],
                         None if bias is None else bias.data_ptr(), y.data_ptr(),
@@ -164,9 +171,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
 def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor,
                    block: tuple[int, int]) -> torch.Tensor:
     """The float32 weight, by the kernel's own rebuild (what fp8_linear multiplies by)."""
-    k = kernel()
-    if k is None:
-        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    k = _lib()
     out = torch.empty(tuple(weight.shape), dtype=torch.float32)
     _check(k.fp8_dequant(weight.data_ptr(), weight.shape[0], weight.shape[1],
                          scale_inv.data_ptr(), block[0], block[1], out.data_ptr()),
