@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine, table
 
+from tests.engine.random_models import make_skewed_deepseek
 from tests.engine.test_ep import run_group, single_process
 
 VOCAB = 320
@@ -35,27 +36,6 @@ VOCAB = 320
 
 def prompt(seed: int, n: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def skewed_checkpoint(path: Path, shape: dict | None = None) -> Path:
-    from tests.engine.random_models import make_deepseek
-
-    torch.manual_seed(7)
-    _, model = make_deepseek(path)
-    if shape:
-        from transformers import DeepseekV3ForCausalLM
-
-        cfg = model.config
-        for k, v in shape.items():
-            setattr(cfg, k, v)
-        model = DeepseekV3ForCausalLM(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers[model.config.first_k_dense_replace:]:
-            bias = layer.mlp.gate.e_score_correction_bias
-            bias.zero_()
-            bias[[0, 5]] = 0.6  # two hot experts (in different expert groups)
-    model.save_pretrained(path)
-    return path
 
 
 def fresh(tmp: Path) -> Path:
@@ -69,7 +49,7 @@ def windows(received_at: list[int], total: int) -> list[int]:
 
 
 def eplb_part(tmp: Path, interval: int, plot: Path | None, local_first: bool) -> None:
-    ckpt = skewed_checkpoint(tmp / "skewed")
+    ckpt = make_skewed_deepseek(tmp / "skewed")
     requests = {r: {f"r{r}-{i}": (prompt(100 * r + i, 24 + 8 * i), i) for i in range(8)}
                 for r in range(4)}
     got = run_group(fresh(tmp), ckpt, world=4, redundant=4, requests=requests,
@@ -122,7 +102,7 @@ def throughput_part(tmp: Path) -> None:
                  n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
                  kv_lora_rank=128, q_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=16,
                  v_head_dim=32, num_attention_heads=8)
-    ckpt = skewed_checkpoint(tmp / "mid", shape)
+    ckpt = make_skewed_deepseek(tmp / "mid", **shape)
     rows = []
     for name, n_prompt, new in (("prefill-heavy", 256, 2), ("decode-heavy", 16, 32)):
         requests = {r: {f"{name}-{r}-{i}": (prompt(10 * r + i, n_prompt), 0) for i in range(4)}

@@ -153,3 +153,24 @@ def make_deepseek_fp8(path: Path, seed: int = 7, reference: bool = True,
         return None, written
     ref = DeepseekV3ForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     return ref, written
+
+
+def make_skewed_deepseek(path: Path, hot: tuple[int, ...] = (0, 5),
+                         **shape: Any) -> Path:
+    """make_deepseek's checkpoint (or one of another `shape`) with a router skewed towards
+    the `hot` experts in every MoE layer (their selection bias raised), saved to `path`."""
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(7)
+    cfg, model = make_deepseek(path)
+    if shape:
+        for k, v in shape.items():
+            setattr(cfg, k, v)
+        model = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers[cfg.first_k_dense_replace:]:
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.zero_()
+            bias[list(hot)] = 0.6
+    model.save_pretrained(path)
+    return Path(path)

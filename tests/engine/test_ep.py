@@ -15,7 +15,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from tests.engine.ep_ranks import run_rank
-from tests.engine.random_models import make_deepseek
+from tests.engine.random_models import make_deepseek, make_skewed_deepseek
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -134,6 +134,29 @@ def test_eplb_applied_live_moves_experts_and_changes_no_output(tmp_path, ds_dir)
     before, after = infos[0]["balance"]
     assert after <= before  # the last window's load is no worse spread than before
     assert all(i["canary"] for i in infos)  # every held expert has its checkpoint weights
+
+
+def test_eplb_on_a_skewed_router_evens_the_load_over_the_ranks(tmp_path):
+    """Two hot experts per layer; EP 4 with 4 redundant slots, every replica in turn; the rows
+    each rank's experts receive per 8-step window: max/mean drops after the first rebalance,
+    and no output changes (a rebalance lands in the middle of the decodes)."""
+    ckpt = make_skewed_deepseek(tmp_path / "skewed")
+    requests = {r: {f"r{r}-{i}": (prompt(100 * r + i, 24 + 8 * i), i) for i in range(3)}
+                for r in range(4)}
+    got = run_group(tmp_path, ckpt, world=4, redundant=4, requests=requests, eplb_interval=8,
+                    local_first=False)
+    check_against_single_process(ckpt, got, requests)
+
+    def ratio(window: int) -> float:
+        loads = []
+        for r in range(4):
+            marks = [0, *got[r][1]["received_at"], got[r][1]["received"]]
+            loads.append(marks[window + 1] - marks[window])
+        return max(loads) / (sum(loads) / 4)
+
+    assert got[0][1]["rebalances"] >= 3 and all(got[r][1]["canary"] for r in range(4))
+    before, after = ratio(0), [ratio(w) for w in (1, 2)]
+    assert before > 1.4 and max(after) < 1.3 and max(after) < before, (before, after)
 
 
 def test_random_placements_give_the_same_outputs(tmp_path, ds_dir):
