@@ -220,3 +220,48 @@ def test_the_dev_overlay_runs(tmp_path):
         stop(pods)
     for p in pods:
         assert p.proc.returncode == 0, (p.workload, p.log.read_text()[-2000:])
+
+
+def test_the_ep_overlay_runs_each_role_as_one_expert_parallel_group():
+    from pdserve.config import DecodeSettings, PrefillSettings
+
+    docs = render("ep")
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    # The policies every overlay follows hold here too.
+    test_every_container_has_resources_probes_and_a_locked_down_security_context(("ep", docs))
+    test_every_workload_has_a_pdb_and_network_policies_select_every_pod(("ep", docs))
+    sets = {w["metadata"]["name"]: w for w in of_kind(docs, "StatefulSet")}
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
+    assert not of_kind(docs, "HorizontalPodAutoscaler")  # a group's size is fixed
+    assert not [w for w in of_kind(docs, "Deployment")
+                if w["metadata"]["name"] in ("pdserve-prefill", "pdserve-decode")]
+    for role, settings in (("prefill", PrefillSettings), ("decode", DecodeSettings)):
+        w = sets[f"pdserve-{role}"]
+        spec = w["spec"]
+        env = {e["name"]: e for e in containers(w)[0]["env"]}
+        size = int(env["PDSERVE_EP_SIZE"]["value"])
+        assert spec["replicas"] == size > 1 and spec["podManagementPolicy"] == "Parallel"
+        assert env["PDSERVE_EP_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "metadata.labels['apps.kubernetes.io/pod-index']")  # rank = the pod's index
+        headless = services[spec["serviceName"]]
+        assert headless["spec"]["clusterIP"] == "None"
+        assert headless["spec"]["publishNotReadyAddresses"] is True  # ranks meet before ready
+        assert selects(headless["spec"]["selector"], pod_labels(w))
+        init = env["PDSERVE_DIST_INIT"]["value"]
+        assert init == f"tcp://pdserve-{role}-0.{spec['serviceName']}:29500"  # pod 0
+        assert 29500 in {p["containerPort"] for p in containers(w)[0]["ports"]}
+        # The settings a rank starts with are valid, and V3's 256 experts + the redundant ones
+        # split evenly over the group.
+        values = {k.removeprefix("PDSERVE_").lower(): e["value"] for k, e in env.items()
+                  if k.startswith("PDSERVE_EP_") or k in (
+                      "PDSERVE_DIST_INIT", "PDSERVE_REDUNDANT_EXPERTS")
+                  if "value" in e}
+        s = settings(**values, ep_rank=size - 1)
+        assert (256 + s.redundant_experts) % s.ep_size == 0
+        # gloo: the ranks reach each other on ports they pick: the role's pods are open to
+        # the same role's pods, and to no other new source.
+        same = [r for r in policies[f"pdserve-{role}"]["ingress"] if "ports" not in r]
+        assert len(same) == 1 and [f["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                                   for f in same[0]["from"]] == [f"pdserve-{role}"]
