@@ -180,16 +180,16 @@ class LocalCluster:
         return self
 
     def _ep_args(self, role: str, size: int, rank: int, turns: list[str]) -> list[str]:
-        """A worker's flags: its rank of the role's EP group (rendezvous through a file of this
-        start, made anew), or its CPU turns when it is a worker of its own. The ranks of a
-        group step together, so they cannot take turns one at a time."""
+        """A worker's flags: its CPU turns (a group's rank 0 takes them for the group,
+        engine/ep/hooks.py), and its rank of the role's EP group (rendezvous through a file of
+        this start, made anew)."""
         if size == 1:
             return turns
         rendezvous = self.run_dir / f"ep-{role}.rendezvous"
         if rank == 0:
             rendezvous.unlink(missing_ok=True)
         threads = max(1, (os.cpu_count() or 1) // size)
-        return ["--ep-size", str(size), "--ep-rank", str(rank), "--ep-group", role,
+        return [*turns, "--ep-size", str(size), "--ep-rank", str(rank), "--ep-group", role,
                 "--dist-init", f"file://{rendezvous}", "--threads", str(threads),
                 "--redundant-experts", str(self.s.redundant_experts),
                 "--eplb-interval-steps", str(self.s.eplb_interval_steps)]

@@ -10,6 +10,7 @@ batch, a prefill's otherwise, so the same rows get the same products on whicheve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,9 +30,8 @@ class EPHooks(EngineHooks):
     def __init__(self, ep: ExpertParallel, model: DeepseekV3ForCausalLM,
                  eplb: LiveEPLB | None = None, inner: EngineHooks | None = None,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
-        """`inner`: a worker's own hooks, kept (its CPU turns are not: ranks taking turns one
-        at a time would never meet in a collective); `on_failure`: what a failed collective
-        does (by default it raises)."""
+        """`inner`: a worker's own hooks (its CPU turns taken by rank 0 for the group);
+        `on_failure`: what a failed collective does (by default it raises)."""
         self.ep = ep
         self.model = model
         self.eplb = eplb
@@ -48,6 +48,12 @@ class EPHooks(EngineHooks):
 
     def settle(self, seq: Sequence) -> int | None:
         return self.inner.settle(seq)
+
+    def turn(self, kind: BatchKind) -> contextlib.AbstractContextManager[None]:
+        """One CPU turn per group, not per rank: rank 0 takes the worker's turn, and the
+        others, held in lockstep by the group's collectives, compute inside it (ranks taking
+        turns one at a time would never meet in a collective)."""
+        return self.inner.turn(kind) if self.ep.rank == 0 else contextlib.nullcontext()
 
     def group_steps(self) -> int:
         return self.steps
