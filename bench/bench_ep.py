@@ -1,7 +1,8 @@
 """Expert parallelism on this machine (torch.distributed, gloo, one process per rank):
 
-1. Live EPLB on a skewed router: EP 4 with 4 redundant slots, the selection bias of two experts
-   per layer raised so that they take most tokens; rows each rank's experts received per window
+1. Live EPLB on a skewed router: EP 4, a small random V3 with 32 routed experts and 8
+   redundant slots, the selection bias of four experts per layer raised so that they take
+   most tokens; rows each rank's experts received per window
    of `--interval` steps, max/mean over the ranks, in the window before the first rebalance and
    in the ones after (goal: <= 1.15 after), with each replica choice (every replica in turn,
    the split EPLB's placement assumes; or the own rank's replica first, which saves transfers
@@ -32,6 +33,7 @@ from tests.engine.random_models import make_skewed_deepseek
 from tests.engine.test_ep import run_group, single_process
 
 VOCAB = 320
+EXPERTS, REDUNDANT, HOT = 32, 8, (0, 5, 9, 20)  # 40 slots, 10 a rank
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -49,10 +51,11 @@ def windows(received_at: list[int], total: int) -> list[int]:
 
 
 def eplb_part(tmp: Path, interval: int, plot: Path | None, local_first: bool) -> None:
-    ckpt = make_skewed_deepseek(tmp / "skewed")
+    ckpt = make_skewed_deepseek(tmp / f"skewed-{local_first}", hot=HOT,
+                                n_routed_experts=EXPERTS)
     requests = {r: {f"r{r}-{i}": (prompt(100 * r + i, 24 + 8 * i), i) for i in range(8)}
                 for r in range(4)}
-    got = run_group(fresh(tmp), ckpt, world=4, redundant=4, requests=requests,
+    got = run_group(fresh(tmp), ckpt, world=4, redundant=REDUNDANT, requests=requests,
                     eplb_interval=interval, max_tokens=64, local_first=local_first)
     per_rank = [windows(got[r][1]["received_at"], got[r][1]["received"]) for r in range(4)]
     n = min(len(w) for w in per_rank)
@@ -67,7 +70,8 @@ def eplb_part(tmp: Path, interval: int, plot: Path | None, local_first: bool) ->
                      "before" if i == 0 else "after", " / ".join(map(str, loads)),
                      f"{ratio:.2f}"))
     rule = "own rank's replica first" if local_first else "replicas in turn"
-    print(f"## Live EPLB, EP 4 + 4 redundant slots, skewed router; replica choice: {rule}\n")
+    print(f"## Live EPLB, EP 4, {EXPERTS} experts + {REDUNDANT} redundant slots, router skewed "
+          f"towards experts {HOT}; replica choice: {rule}\n")
     print(table(rows, ("window", "placement", "rows received per rank", "max / mean")))
     after = ratios[1:]
     if after:

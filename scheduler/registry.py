@@ -188,6 +188,8 @@ class WorkerRegistry:
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
                                   self.pipeline_min_tokens, self.pipeline_max_stages)
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
+        if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
+            upstream = []  # a rank of an EP group steps with its group, not as a stage
         return head, self.workers[dt.ids[d]], upstream
 
     def active(self, role: str) -> list[WorkerState]:

@@ -7,7 +7,7 @@ shared/research/ep-tbo.md §6).
   position plus the rank, modulo the replica count: deterministic, no random draw).
 - `comm.EPComm`: everything the group sends, behind one small interface (counts, dispatch,
   combine, each with a start/wait pair; the step agreement), over torch.distributed (gloo on
-  CPU, nccl on CUDA tensors).
+  CPU; written for nccl on CUDA tensors too, not yet run there).
 - `moe.ExpertParallel`: one MoE layer across the group: dispatch rows to the ranks holding their
   experts, run the local experts, combine back, sum on the source rank in ascending logical
   expert order (the single-process order).

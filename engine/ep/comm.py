@@ -1,5 +1,6 @@
 """What an EP group sends, behind one small interface, over torch.distributed: gloo on CPU
-(whose `all_to_all_single` takes uneven and empty splits and `async_op`), nccl on CUDA tensors.
+(whose `all_to_all_single` takes uneven and empty splits and `async_op`); nccl on CUDA tensors
+is the same calls, not yet run (the step agreement's small tensors would have to be CUDA's).
 
 Each exchange has a start and a wait (`Pending`), so that a step can do other work, or run the
 other micro-batch, while rows travel. A tensor gloo refuses (float8) travels as its bytes."""

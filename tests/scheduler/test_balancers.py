@@ -96,6 +96,21 @@ def test_an_ep_group_is_in_rotation_only_while_all_its_ranks_are():
     assert r.active("decode") == []
 
 
+def test_ranks_of_an_ep_group_are_never_pipeline_stages():
+    from dataclasses import replace
+
+    for ep in (False, True):
+        r = WorkerRegistry(pipeline_min_tokens=1000, pipeline_max_stages=2)
+        r.join(spec("d0"), now=0.0)
+        for i in range(2):
+            s = spec(f"p{i}", role="prefill")
+            if ep:
+                s = replace(s, ep_group="prefill", ep_rank=i, ep_size=2, ep_epoch=1)
+            r.join(s, now=0.0)
+        _, _, stages = r.pick(cached_blocks=0, n_prompt=50_000, pages=1)
+        assert len(stages) == (0 if ep else 1)
+
+
 def test_load_table_follows_reports_bumps_and_membership():
     r = WorkerRegistry()
     r.join(spec("d1"), now=0.0)
