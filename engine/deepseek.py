@@ -31,6 +31,7 @@ from pdserve.engine.fp8 import FP8Linear, project
 from pdserve.engine.linear import FastLinear
 from pdserve.engine.llama import MLP, RMSNorm
 from pdserve.engine.model_config import DeepseekV3Config
+from pdserve.engine.rope import cos_sin
 from pdserve.engine.rope import inv_freq as rope_inv_freq
 
 
@@ -39,17 +40,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     """x [T, heads, d] rotated by its positions; cos and sin times `factor` (YaRN's)."""
     freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, d/2]
     if interleave:
-        cos, sin = freqs.cos(), freqs.sin()
-        if factor != 1.0:
-            cos, sin = cos * factor, sin * factor
-        cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
+        cos, sin = (t.unsqueeze(1) for t in cos_sin(freqs, factor, x.dtype))
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    if factor != 1.0:
-        cos, sin = cos * factor, sin * factor
-    cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
+    cos, sin = (t.unsqueeze(1) for t in cos_sin(torch.cat([freqs, freqs], dim=-1), factor,
+                                                x.dtype))
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 

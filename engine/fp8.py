@@ -61,13 +61,14 @@ class FP8Product:
         self.weight, self.scale_inv, self.block = weight.detach(), scale_inv.detach(), block
         self.bias = None if bias is None else bias.detach()
         self.out_features, self.in_features = self.weight.shape
-        # Each block row's scales spread over the columns ([ceil(out/bn), in], 1/bn of the
-        # weight count), so a tile is one multiply.
-        self._col_scales = (self.scale_inv.float().repeat_interleave(block[1], 1)
-                            [:, :self.in_features].contiguous())
         # Decode steps' products in C (and tiles rebuilt by C), reading the FP8 bytes.
         self.kernel = (kernel and self.weight.device.type == "cpu"
                        and cpu_kernels.fp8_usable(self.weight, block))
+        # Without C: each block row's scales spread over the columns ([ceil(out/bn), in], 1/bn
+        # of the weight count), so a tile is one multiply.
+        self._col_scales = None if self.kernel else (
+            self.scale_inv.float().repeat_interleave(block[1], 1)[:, :self.in_features]
+            .contiguous())
 
     @classmethod
     def fused(cls, parts: list[FP8Linear], kernel: bool) -> FP8Product | None:
@@ -97,6 +98,7 @@ class FP8Product:
         if self.kernel:  # the same numbers, rebuilt by the C kernel (about 10x faster)
             return cpu_kernels.fp8_dequantize(self.weight[r0:r1], self.scale_inv[r0 // bn:],
                                               self.block)
+        assert self._col_scales is not None
         w = self.weight[r0:r1].float()
         s = self._col_scales[r0 // bn:-(-r1 // bn)]
         full = (r1 - r0) // bn * bn

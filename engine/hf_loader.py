@@ -33,6 +33,19 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Each tensor's name -> the safetensors file holding it (from the index when there is
+    one, else by listing every file's keys)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    out: dict[str, Path] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as st:
+            out.update(dict.fromkeys(st.keys(), f))
+    return out
+
+
 def load_hf_config(path: Path) -> LlamaConfig | DeepseekV3Config:
     return config_from_hf(json.loads((path / "config.json").read_text()))
 

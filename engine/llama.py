@@ -19,7 +19,7 @@ from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.fp8 import FP8Linear, FP8Product, project
 from pdserve.engine.linear import FastLinear, fuse_rows
 from pdserve.engine.model_config import LlamaConfig
-from pdserve.engine.rope import RopeScaling, inv_freq
+from pdserve.engine.rope import RopeScaling, cos_sin, inv_freq
 
 Quantized = Callable[[str], "QuantWeight | None"]  # a parameter's GGUF blocks, by its name
 
@@ -62,11 +62,8 @@ class Rotary(nn.Module):
                                                                             torch.Tensor]:
         """cos and sin [T, 1, hd] for the positions [T]: computed once per forward."""
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        if self.factor != 1.0:
-            cos, sin = cos * self.factor, sin * self.factor
-        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        cos, sin = cos_sin(torch.cat([freqs, freqs], dim=-1), self.factor, dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -60,6 +60,7 @@ def load_model(
         raise FileNotFoundError(f"model path does not exist: {p}")
     t0 = time.perf_counter()
     cfg: LlamaConfig | DeepseekV3Config
+    held = None if ep is None else ep.held()  # a rank of an EP group: its slots' experts
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"unsupported model directory {p}: no config.json")
@@ -67,7 +68,7 @@ def load_model(
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
         chosen = choose_backend(backend, device, dtype, family)
-        skip = None if ep is None else _not_held(ep)
+        skip = None if held is None else _not_held(held)
         cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
         blocks: dict[str, QuantWeight] | None = None
     elif p.suffix == ".gguf":
@@ -85,9 +86,6 @@ def load_model(
         raise ValueError(f"{p}: expert parallelism needs a mixture-of-experts model")
     with torch.device("meta"):
         if isinstance(cfg, DeepseekV3Config):
-            held = None if ep is None else {
-                layer: ep.slots.held_at(layer, ep.rank) for layer in range(cfg.num_hidden_layers)
-                if ep.slots.phy2log[layer]}
             model = DeepseekV3ForCausalLM(cfg, held)
         else:
             model = LlamaForCausalLM(cfg)
@@ -127,16 +125,15 @@ def _return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
-def _not_held(ep: ExpertParallel) -> Callable[[str], bool]:
-    """Names the routed-expert tensors that are not this rank's slots' (never read)."""
-    held = {layer: set(ep.slots.held_at(layer, ep.rank))
-            for layer in range(len(ep.slots.phy2log)) if ep.slots.phy2log[layer]}
+def _not_held(held: dict[int, list[int]]) -> Callable[[str], bool]:
+    """Names the routed-expert tensors of experts not in `held` (never read)."""
+    sets = {layer: set(experts) for layer, experts in held.items()}
 
     def skip(key: str) -> bool:
         parts = key.split(".")  # model.layers.L.mlp.experts.E.…
         if len(parts) < 6 or parts[:2] != ["model", "layers"] or parts[3:5] != ["mlp", "experts"]:
             return False
         layer = int(parts[2])
-        return layer in held and int(parts[5]) not in held[layer]
+        return layer in sets and int(parts[5]) not in sets[layer]
 
     return skip

@@ -72,6 +72,11 @@ class DeepseekV3Config:
     fp8_block: tuple[int, int] | None = None  # FP8 weights with block scales of this shape
 
     @property
+    def moe_layers(self) -> list[int]:
+        """The layers whose MLP is a mixture of experts (after the first dense ones)."""
+        return list(range(self.first_k_dense_replace, self.num_hidden_layers))
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

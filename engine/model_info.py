@@ -113,13 +113,10 @@ def model_info(cfg: LlamaConfig | DeepseekV3Config, raw: dict[str, Any],
             per_expert += n
             expert_bytes += b
     routed = cfg.n_routed_experts if isinstance(cfg, DeepseekV3Config) else 0
-    moe_count = (cfg.num_hidden_layers - cfg.first_k_dense_replace
-                 if isinstance(cfg, DeepseekV3Config) else 0)
-    total += moe_count * (routed - 1) * per_expert  # the experts not built
-    weight_bytes += moe_count * (routed - 1) * expert_bytes
+    moe_layers = len(cfg.moe_layers) if isinstance(cfg, DeepseekV3Config) else 0
+    total += moe_layers * (routed - 1) * per_expert  # the experts not built
+    weight_bytes += moe_layers * (routed - 1) * expert_bytes
     k = cfg.num_experts_per_tok if isinstance(cfg, DeepseekV3Config) else 0
-    moe_layers = (cfg.num_hidden_layers - cfg.first_k_dense_replace
-                  if isinstance(cfg, DeepseekV3Config) else 0)
     activated = total - moe_layers * (routed - k) * per_expert
     mtp = 0
     if isinstance(cfg, DeepseekV3Config) and cfg.num_nextn_predict_layers:

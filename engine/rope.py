@@ -115,6 +115,15 @@ def scaling_from_hf(d: dict[str, Any]) -> RopeScaling:
         attention_factor=opt("attention_factor"), truncate=bool(params.get("truncate", True)))
 
 
+def cos_sin(angles: torch.Tensor, factor: float,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles [T, d], times the cos/sin factor, in `dtype`."""
+    cos, sin = angles.cos(), angles.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
+
+
 def inv_freq(dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> torch.Tensor:
     """The rotary inverse frequencies [dim / 2], float32."""
     plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

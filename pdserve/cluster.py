@@ -140,8 +140,10 @@ class LocalCluster:
             # With mutual TLS workers join on the gateway's internal port.
             self.gateway_internal_address = (f"{host}:{internal}" if internal
                                              else self.gateway_address)
-            self._say(f"loading the model in {max(self.s.num_prefill, self.s.prefill_ep)} "
-                      f"prefill and {max(self.s.num_decode, self.s.decode_ep)} decode "
+            # An EP group's ranks are the role's workers.
+            n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
+            n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
+            self._say(f"loading the model in {n_prefill} prefill and {n_decode} decode "
                       "workers ...")
             workers = []
             # All workers share this machine's cores. A prefill step is a few large parallel
@@ -152,8 +154,6 @@ class LocalCluster:
             # ... and take turns computing (services/cpu_turns.py).
             turns = (["--cpu-turns-path", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns
                      else [])
-            n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
-            n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
             for i in range(n_prefill):
                 workers.append(self._spawn(f"prefill-{i}", [
                     "prefill", "--port", "0", "--gateway", self.gateway_internal_address,

@@ -79,12 +79,12 @@ def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
     cfg = load_hf_config(model) if model is not None and model.is_dir() else None
     if not isinstance(cfg, DeepseekV3Config) or not cfg.n_routed_experts:
         raise EPError(f"--ep-size {settings.ep_size}: expert parallelism needs a "
-                         f"mixture-of-experts model (DeepSeek-V2/V3 directory), not {model}")
+                      f"mixture-of-experts model (DeepSeek-V2/V3 directory), not {model}")
     slots = cfg.n_routed_experts + settings.redundant_experts
     if slots % settings.ep_size:
         raise EPError(f"--redundant-experts {settings.redundant_experts}: the "
-                         f"{cfg.n_routed_experts} experts + redundant ones ({slots} slots) must "
-                         f"split evenly over --ep-size {settings.ep_size}")
+                      f"{cfg.n_routed_experts} experts + redundant ones ({slots} slots) must "
+                      f"split evenly over --ep-size {settings.ep_size}")
     log.info("joining EP group", extra={"group": settings.ep_group, "rank": settings.ep_rank,
                                         "size": settings.ep_size})
     try:
@@ -94,8 +94,7 @@ def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
     except (RuntimeError, ValueError) as e:  # includes torch's DistStoreError
         raise EPError(f"--dist-init {settings.dist_init}: the group of {settings.ep_size} did "
                       f"not form: {e}") from None
-    moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
-    ep = ExpertParallel(EPComm(), SlotMap.default(moe, cfg.num_hidden_layers,
+    ep = ExpertParallel(EPComm(), SlotMap.default(cfg.moe_layers, cfg.num_hidden_layers,
                                                   cfg.n_routed_experts, settings.ep_size,
                                                   settings.redundant_experts))
     epoch = torch.tensor([time.time_ns()], dtype=torch.long)  # rank 0's: this start's

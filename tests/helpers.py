@@ -178,6 +178,25 @@ def hf_greedy(hf, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]
     return tokens, gaps
 
 
+def assert_logits_follow(ref: Any, runner: Any, seq: list[int], pages: Any, steps: int,
+                         atol: float = 1e-4) -> list[int]:
+    """Prefill `seq` with `runner`, then decode `steps` greedy tokens (the reference's argmax):
+    each step's logits must equal the reference model's (transformers, `ref(ids).logits`) on
+    the whole sequence so far, within `atol`. Returns the sequence grown by the steps."""
+    import torch
+
+    seq = list(seq)
+    logits = runner.prefill(seq, pages)
+    for step in range(steps):
+        with torch.no_grad():
+            expect = ref(torch.tensor([seq])).logits[0, -1].float()
+        torch.testing.assert_close(logits, expect, atol=atol, rtol=atol,
+                                   msg=lambda m, step=step: f"step {step}: {m}")
+        seq.append(int(torch.argmax(expect)))
+        logits = runner.decode([seq[-1]], [len(seq)], [pages])[0]
+    return seq
+
+
 def agree_until_near_tie(ours: list[int], ref: list[int], gaps: list[float],
                          tie: float = 1e-3) -> int:
     """Number of leading tokens that must agree: up to (and including) the first step whose

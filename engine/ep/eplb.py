@@ -10,9 +10,7 @@ changed (up to the usual float32 summation order of products with other row coun
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from pdserve.engine.ep.moe import ExpertParallel
 from pdserve.engine.ep.placement import SlotMap
 from pdserve.engine.fp8 import FP8, FP8Linear
+from pdserve.engine.hf_loader import tensor_files
 from pdserve.engine.llama import MLP
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 
@@ -38,24 +37,21 @@ class ExpertReader:
 
     def __init__(self, path: Path, dtype: torch.dtype, backend: Backend) -> None:
         self.dtype, self.backend = dtype, backend
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {k: path / f for k, f in weight_map.items()}
-        else:
-            self.file_of = {}
-            for f in sorted(path.glob("*.safetensors")):
-                with safe_open(str(f), framework="pt") as st:
-                    self.file_of.update(dict.fromkeys(st.keys(), f))
+        # (layer, expert) -> {tensor name within the expert: file}, indexed once.
+        self.index: dict[tuple[int, int], dict[str, Path]] = {}
+        for key, f in tensor_files(path).items():
+            parts = key.split(".", 6)  # model.layers.L.mlp.experts.E.<name>
+            if len(parts) == 7 and parts[3:5] == ["mlp", "experts"]:
+                self.index.setdefault((int(parts[2]), int(parts[5])), {})[parts[6]] = f
 
     def expert(self, layer: int, e: int, hidden: int, inter: int,
                block: tuple[int, int] | None) -> MLP:
-        prefix = f"model.layers.{layer}.mlp.experts.{e}."
         tensors: dict[str, torch.Tensor] = {}
-        for key, f in self.file_of.items():
-            if key.startswith(prefix):
-                with safe_open(str(f), framework="pt") as st:
-                    tensors[key.removeprefix(prefix)] = st.get_tensor(key)
+        names = self.index[(layer, e)]
+        for f in sorted(set(names.values())):  # each file opened once
+            with safe_open(str(f), framework="pt") as st:
+                tensors.update({n: st.get_tensor(f"model.layers.{layer}.mlp.experts.{e}.{n}")
+                                for n, nf in names.items() if nf == f})
         mlp = MLP(hidden, inter)
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = tensors[f"{name}.weight"]
@@ -74,11 +70,11 @@ class ExpertReader:
 
 class LiveEPLB:
     def __init__(self, ep: ExpertParallel, model: DeepseekV3ForCausalLM, interval_steps: int,
-                 reader: ExpertReader | Callable[..., MLP], num_nodes: int = 1) -> None:
+                 reader: ExpertReader, num_nodes: int = 1) -> None:
         if interval_steps < 1:
             raise ValueError(f"--eplb-interval-steps must be >= 1 (got {interval_steps})")
         self.ep, self.model, self.interval = ep, model, interval_steps
-        self.read = reader.expert if isinstance(reader, ExpertReader) else reader
+        self.reader = reader
         self.num_nodes = num_nodes
         self.moe_layers = [m.layer for m in model.moe_layers()]
         self.counted = model.expert_counts.clone()
@@ -125,8 +121,9 @@ class LiveEPLB:
             need = set(new.held_at(moe.layer, rank))
             have = {int(e) for e in moe.experts}
             for e in sorted(need - have):
-                moe.experts[str(e)] = self.read(moe.layer, e, cfg.hidden_size,
-                                                cfg.moe_intermediate_size, cfg.fp8_block)
+                moe.experts[str(e)] = self.reader.expert(moe.layer, e, cfg.hidden_size,
+                                                         cfg.moe_intermediate_size,
+                                                         cfg.fp8_block)
             for e in sorted(have - need):
                 del moe.experts[str(e)]
 

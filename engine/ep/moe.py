@@ -38,6 +38,11 @@ class ExpertParallel:
     def rank(self) -> int:
         return self.comm.rank
 
+    def held(self) -> dict[int, list[int]]:
+        """MoE layer -> the logical experts this rank's slots hold there."""
+        return {layer: self.slots.held_at(layer, self.rank)
+                for layer, slots in enumerate(self.slots.phy2log) if slots}
+
     def routed(self, layer: int, experts: Callable[[int], Expert], x: torch.Tensor,
                idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for this rank's tokens x [T, D]; `experts(e)`: the

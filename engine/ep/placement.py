@@ -64,14 +64,6 @@ class SlotMap:
         n = self.slots_per_rank(layer)
         return range(rank * n, (rank + 1) * n)
 
-    def held(self, rank: int) -> list[int]:
-        """The logical experts whose weights `rank` needs, over all layers (sorted)."""
-        out: set[int] = set()
-        for layer in range(len(self.phy2log)):
-            if self.phy2log[layer]:
-                out.update(self.phy2log[layer][s] for s in self.rank_slots(layer, rank))
-        return sorted(out)
-
     def held_at(self, layer: int, rank: int) -> list[int]:
         return sorted({self.phy2log[layer][s] for s in self.rank_slots(layer, rank)})
 

@@ -45,7 +45,7 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
     try:
         cfg = load_hf_config(Path(model_dir))
         assert isinstance(cfg, DeepseekV3Config)
-        moe = [i for i in range(cfg.num_hidden_layers) if i >= cfg.first_k_dense_replace]
+        moe = cfg.moe_layers
         slots = (SlotMap.from_phy2log(phy2log, moe, cfg.num_hidden_layers, cfg.n_routed_experts,
                                       world, local_first) if phy2log is not None else
                  SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,

@@ -29,7 +29,7 @@ from pdserve.engine.rope import RopeScaling, inv_freq, scaling_from_hf
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from tests.engine.random_models import YARN, make_deepseek_fp8, make_llama
-from tests.helpers import agree_until_near_tie
+from tests.helpers import agree_until_near_tie, assert_logits_follow
 
 V3_CONFIG = Path(__file__).parent.parent / "data" / "deepseek_v3_config.json"
 
@@ -88,15 +88,8 @@ def test_logits_match_transformers_for_prefill_and_each_decode_step_past_the_ori
     runner = ModelRunner(ours.model, pool, prefill_chunk_tokens=19)  # odd chunks on purpose
     seq = torch.randint(0, 320, (41,), generator=torch.Generator().manual_seed(0)).tolist()
     pages = pool.reserve(pool.layout.pages_for(len(seq) + 40))
-    logits = runner.prefill(seq, pages)
-    for step in range(36):  # positions 41..76: past original_max_position_embeddings (64)
-        with torch.no_grad():
-            expect = ref(torch.tensor([seq])).logits[0, -1].float()
-        torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m, step=step: f"step {step}: {m}")
-        nxt = int(torch.argmax(expect))
-        seq.append(nxt)
-        logits = runner.decode([nxt], [len(seq)], [pages])[0]
+    # positions 41..76: past original_max_position_embeddings (64)
+    seq = assert_logits_follow(ref, runner, seq, pages, 36)
     assert len(seq) > YARN["original_max_position_embeddings"]
 
 
@@ -233,14 +226,7 @@ def test_llama_with_yarn_matches_transformers_past_the_original_context(tmp_path
     runner = ModelRunner(ours.model, pool)
     seq = torch.randint(0, 320, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     pages = pool.reserve(pool.layout.pages_for(len(seq) + 12))
-    logits = runner.prefill(seq, pages)
-    for step in range(10):  # positions 30..39: past 32
-        with torch.no_grad():
-            expect = ref(torch.tensor([seq])).logits[0, -1].float()
-        torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m, step=step: f"step {step}: {m}")
-        seq.append(int(torch.argmax(expect)))
-        logits = runner.decode([seq[-1]], [len(seq)], [pages])[0]
+    assert_logits_follow(ref, runner, seq, pages, 10)  # positions 30..39: past 32
 
 
 @pytest.mark.parametrize("rope, message", [

@@ -12,6 +12,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from tests.engine.random_models import make_deepseek, make_llama, make_qwen2
+from tests.helpers import assert_logits_follow
 
 MAKERS = {"llama": make_llama, "qwen2": make_qwen2, "deepseek_v3": make_deepseek}
 
@@ -46,15 +47,7 @@ def test_logits_match_for_prefill_and_every_decode_step(pair):
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 320, (41,), generator=g).tolist()
     pages = pool.reserve(pool.layout.pages_for(len(seq) + 8))
-    logits = runner.prefill(seq, pages)
-    for step in range(8):
-        with torch.no_grad():
-            expect = ref(torch.tensor([seq])).logits[0, -1].float()
-        torch.testing.assert_close(logits, expect, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m, step=step: f"step {step}: {m}")
-        nxt = int(torch.argmax(expect))
-        seq.append(nxt)
-        logits = runner.decode([nxt], [len(seq)], [pages])[0]
+    assert_logits_follow(ref, runner, seq, pages, 8)
 
 
 def test_greedy_tokens_identical_for_32_steps(pair):
