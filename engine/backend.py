@@ -54,6 +54,8 @@ class Backend:
     c_attention: bool = False     # decode attention over the pages in place (CPU)
     fused_layers: bool = False    # a Llama decode step runs each layer as one C call (CPU)
     cuda_graphs: bool = False     # decode steps replayed from CUDA graphs
+    # every product in fixed row tiles and attention in fixed key tiles (engine/invariant.py)
+    batch_invariant: bool = False
 
     @property
     def uses_kernels(self) -> bool:
@@ -120,6 +122,22 @@ def _auto(dev: str, cpu32: bool, family: str) -> Backend:
                     extra={"reason": cpu_kernels.why_not()})
         return _TABLE["onednn"]
     return _TABLE["cpu-fused" if family == "llama" else "cpu-kernels"]
+
+
+def batch_invariant(name: str, device: str | torch.device, family: str) -> Backend:
+    """The backend of `--batch-invariant` (engine/invariant.py): plain torch, whose products
+    it tiles (the packed and C products would bypass them), on CPU, for DeepSeek models (whose
+    attention it has); BackendError naming the setting otherwise."""
+    if family != "deepseek":
+        raise BackendError("--batch-invariant: DeepSeek models only (their attention has a "
+                           "batch-invariant form)")
+    if torch.device(device).type != "cpu":
+        raise BackendError("--batch-invariant: CPU only (its products replace torch's CPU ones)")
+    if name not in ("auto", "torch"):
+        log.info("execution backend narrowed", extra={
+            "requested": name, "backend": "torch",
+            "reason": "--batch-invariant tiles torch's own products"})
+    return Backend("torch", batch_invariant=True)
 
 
 def without_fusion(b: Backend, why: str) -> Backend:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine import invariant
 from pdserve.engine.attention import AttnBatch, layer_pages
 from pdserve.engine.backend import Backend
 from pdserve.engine.ep.moe import ExpertParallel
@@ -69,6 +70,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj: nn.Linear | FP8Linear = nn.Linear(
             cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, d, bias=cfg.attention_bias)
+        self.batch_invariant = False  # engine/invariant.py (set by the model's prepare)
         # YaRN scales every dimension's softmax temperature too (engine/rope.py).
         self.scale = cfg.qk_head_dim ** -0.5 * cfg.rope_scaling.softmax_mscale
         self.rope_factor = cfg.rope_scaling.cos_sin_factor
@@ -91,9 +93,16 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
                 batch: AttnBatch) -> torch.Tensor:
+        q_nope, q_rope = self.project_in(x, inv_freq, kv, batch)
+        return self.attend(q_nope, q_rope, kv, batch)
+
+    def project_in(self, x: torch.Tensor, inv_freq: torch.Tensor, kv: torch.Tensor,
+                   batch: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections (DeepSeek's decode stage ATTN-0): the queries' no-RoPE and rotated
+        parts [T, H, dn|dr]; the new tokens' [latent | k_rope] written to the pool."""
         c = self.cfg
         t, h = x.shape[0], self.n_heads
-        dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        dn, dr, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
         dec = batch.decode_step
         if c.q_lora_rank is None:
             q = project(self.q_proj, x, dec)
@@ -108,27 +117,44 @@ class MLAttention(nn.Module):
                             self.rope_factor)
         k_rope = apply_rope(k_rope, batch.positions, inv_freq, c.rope_interleave,
                             self.rope_factor)
-        # Step 1: cache [latent | k_rope] of the new tokens.
         batch.write(kv, self.layer, torch.cat([latent, k_rope.view(t, dr)], dim=-1))
+        return q_nope, q_rope
+
+    def attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
+               batch: AttnBatch) -> torch.Tensor:
+        """Core attention over the pool and o_proj (ATTN-1 without the gate): [T, D]."""
+        c = self.cfg
+        t, h = q_nope.shape[0], self.n_heads
+        dn, dr, dv, r = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        dec = batch.decode_step
+        dtype = q_nope.dtype
         w = self.kv_b_proj.weight.view(h, dn + dv, r)
         w_uk, w_uv = w[:, :dn], w[:, dn:]                                         # [H, dn|dv, r]
-        out = torch.empty(t, h, dv, dtype=x.dtype, device=x.device)
+        out = torch.empty(t, h, dv, dtype=dtype, device=q_nope.device)
+        if self.batch_invariant:  # every sequence alone, absorbed, in fixed tiles
+            for i, (qs, _, _, ctx, _) in enumerate(batch.sequences()):
+                cached = layer_pages(kv, self.layer, batch.page_tables[i]).view(-1, r + dr)
+                q_lat = torch.einsum("thd,hdr->thr", q_nope[qs], w_uk)
+                o_lat = invariant.attention(q_lat, q_rope[qs], cached[:ctx].to(dtype), r,
+                                            batch.positions[qs], self.scale)
+                out[qs] = torch.einsum("thr,hvr->thv", o_lat, w_uv)
+            return self._project_out(out, t, dec)
         # Step 2: decode groups, batched, in the absorbed form over the gathered latents.
         for q_idx, tables, valid in batch.decode_groups:
             g = q_idx.numel()
             cached = layer_pages(kv, self.layer, tables.flatten()).view(g, -1, r + dr)
-            cached = cached.to(x.dtype)
+            cached = cached.to(dtype)
             c_ctx, kr_ctx = cached[..., :r], cached[..., r:]                      # [G, S, r|dr]
             q_lat = torch.einsum("ghd,hdr->ghr", q_nope[q_idx], w_uk)             # [G, H, r]
             scores = (q_lat @ c_ctx.transpose(1, 2)
                       + q_rope[q_idx] @ kr_ctx.transpose(1, 2)) * self.scale      # [G, H, S]
             scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
-            o_lat = torch.softmax(scores, dim=-1).to(x.dtype) @ c_ctx            # [G, H, r]
+            o_lat = torch.softmax(scores, dim=-1).to(dtype) @ c_ctx            # [G, H, r]
             out[q_idx] = torch.einsum("ghr,hvr->ghv", o_lat, w_uv)
         if all(m is None for m in batch.masks):
             return self._project_out(out, t, dec)
         # Step 3: prefill chunks, per sequence: keys and values expanded from the latents.
-        cached_all = batch.gather(kv, self.layer).to(x.dtype)                     # [N, r+dr]
+        cached_all = batch.gather(kv, self.layer).to(dtype)                     # [N, r+dr]
         for qs, cs, q_len, ctx, mask in batch.sequences():
             if q_len == 1:
                 continue
@@ -200,9 +226,14 @@ class MoE(nn.Module):
     def expert(self, e: int) -> MLP:
         return cast(MLP, self.experts[str(e)])
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, decode: bool) -> torch.Tensor:
+    def route(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's experts and weights for x [T, D]; counts the choices per expert."""
         idx, w = self.gate(x)
         counts += torch.bincount(idx.flatten(), minlength=counts.numel())
+        return idx, w
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, decode: bool) -> torch.Tensor:
+        idx, w = self.route(x, counts)
         if self.ep is not None:  # across the group: every rank calls this, tokens or not
             out = self.ep.routed(self.layer, self.expert, x, idx, w)
         else:
@@ -276,6 +307,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                                        "products")
         for layer in cast(list[DecoderLayer], list(self.model.layers)):
             layer.self_attn.prepare(kernel=backend.block_products)
+            layer.self_attn.batch_invariant = backend.batch_invariant
             mlp = layer.mlp
             parts = ([*cast(list[MLP], list(mlp.experts.values())), mlp.shared_experts]
                      if isinstance(mlp, MoE) else [mlp])
@@ -307,18 +339,30 @@ class DeepseekV3ForCausalLM(nn.Module):
                                  f"{sorted(need - have)} it does not hold")
             moe.ep = ep
 
+    @property
+    def ep(self) -> ExpertParallel | None:
+        moe = self.moe_layers()
+        return moe[0].ep if moe else None
+
     @torch.inference_mode()
     def idle_step(self) -> None:
         """A step of an EP group with no tokens on this rank: every MoE layer's exchanges, in
-        layer order, with nothing of its own (its experts compute the others' rows)."""
+        layer order, with nothing of its own (its experts compute the others' rows); two empty
+        micro-batches when the group overlaps this step."""
         c = self.config
+        ep = self.ep
+        assert ep is not None, "idle steps are for ranks of an EP group"
         empty = torch.empty(0, c.hidden_size, dtype=self.lm_head.weight.dtype,
                             device=self.lm_head.weight.device)
+        if ep.overlap:
+            from pdserve.engine.ep import overlap  # (it imports this module)
+
+            overlap.idle(self, empty, ep)
+            return
         no_idx = torch.empty(0, c.num_experts_per_tok, dtype=torch.long, device=empty.device)
         for moe in self.moe_layers():
-            assert moe.ep is not None, "idle steps are for ranks of an EP group"
-            moe.ep.routed(moe.layer, moe.expert, empty, no_idx,
-                          torch.empty(0, c.num_experts_per_tok, device=empty.device))
+            ep.routed(moe.layer, moe.expert, empty, no_idx,
+                      torch.empty(0, c.num_experts_per_tok, device=empty.device))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, kv: torch.Tensor, batch: AttnBatch,
@@ -328,10 +372,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         lo, hi = layers or (0, len(self.model.layers))
         h = self.model.embed_tokens(input_ids) if lo == 0 else hidden
         assert h is not None, "a stage after the first needs the previous stage's hidden states"
-        for i in range(lo, hi):
-            if batch.before_layer is not None:
-                batch.before_layer(i)
-            h = self.model.layers[i](h, self.inv_freq, kv, batch, self.expert_counts)
+        ep = self.ep
+        if ep is not None and ep.overlap:  # two micro-batches (engine/ep/tbo.py)
+            assert (lo, hi) == (0, len(self.model.layers)), "EP ranks are never pipeline stages"
+            from pdserve.engine.ep import overlap  # (it imports this module)
+
+            h = overlap.forward(self, h, kv, batch, ep)
+        else:
+            for i in range(lo, hi):
+                if batch.before_layer is not None:
+                    batch.before_layer(i)
+                h = self.model.layers[i](h, self.inv_freq, kv, batch, self.expert_counts)
         if hi < len(self.model.layers):
             return h
         h = self.model.norm(h[batch.last_indices])

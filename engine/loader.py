@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine import fp8
+from pdserve.engine import fp8, invariant
 from pdserve.engine.backend import Backend, choose_backend
+from pdserve.engine.backend import batch_invariant as invariant_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
 from pdserve.engine.ep.moe import ExpertParallel
@@ -51,10 +52,12 @@ def load_model(
     progress: bool = False,
     backend: str = "auto",
     ep: ExpertParallel | None = None,
+    batch_invariant: bool = False,
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
-    here). Backends whose decode products read GGUF blocks keep a GGUF file's Q4_1/Q8_0
-    blocks beside the float32 weights."""
+    here); `batch_invariant`: every row the same bits whatever else is in its step
+    (engine/invariant.py; for the whole process). Backends whose decode products read GGUF
+    blocks keep a GGUF file's Q4_1/Q8_0 blocks beside the float32 weights."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
@@ -67,12 +70,14 @@ def load_model(
         from pdserve.engine.hf_loader import load_hf_config, load_hf_dir
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
-        chosen = choose_backend(backend, device, dtype, family)
+        chosen = (choose_backend(backend, device, dtype, family) if not batch_invariant
+                  else invariant_backend(backend, device, family))
         skip = None if held is None else _not_held(held)
         cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
         blocks: dict[str, QuantWeight] | None = None
     elif p.suffix == ".gguf":
-        chosen = choose_backend(backend, device, dtype, "llama")
+        chosen = (choose_backend(backend, device, dtype, "llama") if not batch_invariant
+                  else invariant_backend(backend, device, "llama"))
         # GGUF Q4_1/Q8_0 blocks, kept for the CPU float32 decode kernel (cpu_kernels.py)
         blocks = {} if chosen.block_products else None
         from pdserve.engine.gguf_loader import load_gguf
@@ -81,6 +86,8 @@ def load_model(
     else:
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
+    if chosen.batch_invariant:
+        invariant.enable()
     model: LlamaForCausalLM | DeepseekV3ForCausalLM
     if ep is not None and not (isinstance(cfg, DeepseekV3Config) and cfg.n_routed_experts):
         raise ValueError(f"{p}: expert parallelism needs a mixture-of-experts model")

@@ -122,6 +122,8 @@ class LocalCluster:
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
         threads += ["--backend", self.s.backend]
+        if self.s.batch_invariant:
+            threads.append("--batch-invariant")
         try:
             self._say("starting kvstore ...")
             kv = self._spawn("kvstore", ["kvstore", "--port", "0", "--data-dir", str(self.data_dir),
@@ -192,7 +194,9 @@ class LocalCluster:
         return [*turns, "--ep-size", str(size), "--ep-rank", str(rank), "--ep-group", role,
                 "--dist-init", f"file://{rendezvous}", "--threads", str(threads),
                 "--redundant-experts", str(self.s.redundant_experts),
-                "--eplb-interval-steps", str(self.s.eplb_interval_steps)]
+                "--eplb-interval-steps", str(self.s.eplb_interval_steps),
+                "--tbo", self.s.tbo, "--tbo-min-tokens", str(self.s.tbo_min_tokens),
+                "--ep-dispatch-dtype", self.s.ep_dispatch_dtype]
 
     def metrics_urls(self) -> dict[str, str]:
         return {s.name: f"http://127.0.0.1:{s.metrics_port}/metrics"

@@ -214,12 +214,16 @@ class EPCollector(Collector):
         self._hooks = hooks
 
     def collect(self) -> Iterator[Metric]:
-        comm, eplb = self._hooks.ep.comm, self._hooks.eplb
+        ep, eplb = self._hooks.ep, self._hooks.eplb
+        comm, stats = ep.comm, ep.stats
         for name, help_, value in (
                 ("moe_dispatched_tokens", "(token, expert) rows this rank dispatched",
-                 comm.sent_rows),
-                ("moe_received_tokens", "rows this rank's experts computed", comm.received_rows),
-                ("moe_dispatch_bytes", "bytes this rank dispatched", comm.sent_bytes),
+                 stats.sent_rows),
+                ("moe_received_tokens", "rows this rank's experts computed", stats.received_rows),
+                ("moe_dispatch_bytes", "bytes of the rows this rank dispatched (values and "
+                 "scales, as --ep-dispatch-dtype sends them)", stats.dispatch_bytes),
+                ("tbo_steps", "group steps this rank ran as two overlapped micro-batches",
+                 self._hooks.overlapped_steps),
                 ("eplb_rebalances", "expert placements applied",
                  0 if eplb is None else eplb.rebalances),
                 ("ep_idle_steps", "group steps this rank joined with nothing of its own",
@@ -227,6 +231,10 @@ class EPCollector(Collector):
             c = CounterMetricFamily(f"pdserve_{name}", help_)
             c.add_metric([], value)
             yield c
+        w = CounterMetricFamily("pdserve_moe_wait_seconds", "time this rank waited for "
+                                "dispatches and combines to land (what overlap did not hide)")
+        w.add_metric([], stats.wait_s)
+        yield w
         g = GaugeMetricFamily("pdserve_moe_load_max_over_mean",
                               "the group's max/mean expert load over the ranks in the last "
                               "EPLB window, under the placement it had then (1 before any)")

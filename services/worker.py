@@ -60,7 +60,7 @@ def load_for(settings: WorkerSettings) -> LoadedModel:
     ep = join_ep_group(settings) if settings.ep_size > 1 else None
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
-                      backend=settings.backend, ep=ep)
+                      backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant)
 
 
 def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
@@ -94,9 +94,23 @@ def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
     except (RuntimeError, ValueError) as e:  # includes torch's DistStoreError
         raise EPError(f"--dist-init {settings.dist_init}: the group of {settings.ep_size} did "
                       f"not form: {e}") from None
-    ep = ExpertParallel(EPComm(), SlotMap.default(cfg.moe_layers, cfg.num_hidden_layers,
-                                                  cfg.n_routed_experts, settings.ep_size,
-                                                  settings.redundant_experts))
+    from pdserve.engine.ep.hooks import check_same_flags
+
+    comm = EPComm()
+    dispatch = settings.ep_dispatch_dtype
+    cfg_name = model.name if model is not None else ""
+    check_same_flags(comm, {  # settings whose collectives or arithmetic must match
+        "--tbo": settings.tbo, "--tbo-min-tokens": str(settings.tbo_min_tokens),
+        "--ep-dispatch-dtype": dispatch, "--redundant-experts": str(settings.redundant_experts),
+        "--batch-invariant": str(settings.batch_invariant), "--model": cfg_name,
+        "--eplb-interval-steps": str(settings.eplb_interval_steps)})
+    # Two-batch overlap: the second micro-batch's exchanges on a group of their own.
+    second = (EPComm(dist.new_group(list(range(settings.ep_size))), stats=comm.stats)
+              if settings.tbo != "off" else None)
+    ep = ExpertParallel(comm, SlotMap.default(cfg.moe_layers, cfg.num_hidden_layers,
+                                              cfg.n_routed_experts, settings.ep_size,
+                                              settings.redundant_experts),
+                        second, None if dispatch == "model" else dispatch)
     epoch = torch.tensor([time.time_ns()], dtype=torch.long)  # rank 0's: this start's
     dist.broadcast(epoch, src=0)
     ep.group_epoch = int(epoch.item())
@@ -117,7 +131,8 @@ def ep_hooks(settings: WorkerSettings, loaded: LoadedModel, inner: EngineHooks) 
     eplb = (LiveEPLB(loaded.ep, model, settings.eplb_interval_steps,
                      ExpertReader(settings.model, parse_dtype(settings.dtype), loaded.backend))
             if settings.eplb_interval_steps else None)
-    return EPHooks(loaded.ep, model, eplb, inner=inner, on_failure=_group_failed)
+    return EPHooks(loaded.ep, model, eplb, inner=inner, on_failure=_group_failed,
+                   tbo=settings.tbo, tbo_min_tokens=settings.tbo_min_tokens)
 
 
 def _group_failed(e: BaseException) -> None:

@@ -89,7 +89,7 @@ class LiveEPLB:
     def rebalance(self, step: int) -> None:
         """Called by every rank at the same group step (a collective)."""
         self.last_step = step
-        self.received_at.append(self.ep.comm.received_rows)
+        self.received_at.append(self.ep.stats.received_rows)
         window = (self.model.expert_counts - self.counted).to(torch.float64)
         self.counted = self.model.expert_counts.clone()
         dist.all_reduce(window, group=self.ep.comm.group)

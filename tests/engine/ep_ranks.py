@@ -22,10 +22,12 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
              requests: dict[int, REQUESTS], max_tokens: int, out: Any,
              eplb_interval: int = 0, phy2log: list[list[int]] | None = None,
              exit_at: tuple[int, int] | None = None, idle_rounds: int = 0,
-             local_first: bool = True) -> None:
+             local_first: bool = True, tbo: str = "off", dispatch: str | None = None,
+             batch_invariant: bool = False) -> None:
     """`phy2log`: the MoE layers' placement (default: SlotMap.default); `exit_at`: (rank,
     step): that rank dies (os._exit) when the group reaches that step; `idle_rounds`: after
-    the work, that many agreement rounds with nothing anywhere (to count what they issue)."""
+    the work, that many agreement rounds with nothing anywhere (to count what they issue);
+    `tbo`, `dispatch`, `batch_invariant`: as --tbo, --ep-dispatch-dtype, --batch-invariant."""
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.ep.comm import EPComm
     from pdserve.engine.ep.hooks import EPHooks
@@ -50,8 +52,10 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
                                       world, local_first) if phy2log is not None else
                  SlotMap.default(moe, cfg.num_hidden_layers, cfg.n_routed_experts, world,
                                  redundant, local_first))
-        ep = ExpertParallel(EPComm(), slots)
-        loaded = load_model(model_dir, block_tokens=16, ep=ep)
+        comm = EPComm()
+        second = EPComm(dist.new_group(list(range(world))), comm.stats) if tbo != "off" else None
+        ep = ExpertParallel(comm, slots, second, dispatch)
+        loaded = load_model(model_dir, block_tokens=16, ep=ep, batch_invariant=batch_invariant)
         model = loaded.model
         held = sorted({int(e) for m in model.moe_layers() for e in m.experts})
         logits: dict[str, list[torch.Tensor]] = {}
@@ -69,7 +73,7 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
 
             eplb = LiveEPLB(ep, model, eplb_interval,
                             ExpertReader(Path(model_dir), torch.float32, loaded.backend))
-        hooks = EPHooks(ep, model, eplb)
+        hooks = EPHooks(ep, model, eplb, tbo=tbo)
         mine = requests.get(rank, {})
         pages = sum(loaded.layout.pages_for(len(p) + max_tokens) for p, _ in mine.values())
         eng = Recording(ModelRunner(model, KVPool(loaded.layout, pages + 1),
@@ -90,21 +94,23 @@ def run_rank(rank: int, world: int, init: str, model_dir: str, redundant: int,
                 assert hooks.steps >= last_join, "the group went idle before a request joined"
                 break
         seconds = time.perf_counter() - t0
-        exchanges = ep.comm.exchanges
+        exchanges = ep.stats.exchanges
         for _ in range(idle_rounds):
             eng.step()
         out.put((rank, {rid: (s.output, [t.numpy() for t in logits.get(rid, [])])
                         for rid, s in seqs.items()},
                  {"steps": hooks.steps, "idle_steps": hooks.idle_steps, "held": held,
-                  "received": ep.comm.received_rows, "sent": ep.comm.sent_rows,
+                  "received": ep.stats.received_rows, "sent": ep.stats.sent_rows,
                   "rebalances": 0 if eplb is None else eplb.rebalances,
                   "balance": None if eplb is None else eplb.balance,
                   "received_at": [] if eplb is None else eplb.received_at,
-                  "seconds": seconds, "wait_s": ep.comm.wait_s,
-                  "sent_bytes": ep.comm.sent_bytes,
+                  "seconds": seconds, "wait_s": ep.stats.wait_s,
+                  "sent_bytes": ep.stats.dispatch_bytes,
                   "phy2log": [list(r) for r in ep.slots.phy2log],
-                  "idle_exchanges": ep.comm.exchanges - exchanges,
-                  "agreements": ep.comm.agreements,
+                  "idle_exchanges": ep.stats.exchanges - exchanges,
+                  "agreements": ep.stats.agreements,
+                  "overlapped": hooks.overlapped_steps,
+                  "kv": eng.pool.kv.numpy().copy() if batch_invariant else None,
                   "canary": _canary(model, model_dir)}))
     finally:
         dist.destroy_process_group()
@@ -125,3 +131,23 @@ def _canary(model: Any, model_dir: str) -> bool:
             if not torch.equal(mlp.down_proj.weight, want[key].float()):
                 return False
     return True
+
+
+def join_rank(rank: int, world: int, init: str, model_dir: str, flags: dict[str, Any],
+              out: Any) -> None:
+    """A worker's start-up as a rank of an EP group (services/worker.join_ep_group) with its
+    own settings `flags`: reports ("ok", "") or ("EPError", its message)."""
+    from pdserve.config import PrefillSettings
+    from pdserve.engine.errors import EPError
+    from pdserve.services.worker import join_ep_group
+
+    settings = PrefillSettings(model=Path(model_dir), ep_size=world, ep_rank=rank,
+                               ep_group="g", dist_init=init, collective_timeout_s=30, **flags)
+    try:
+        join_ep_group(settings)
+        out.put((rank, "ok", ""))
+    except EPError as e:
+        out.put((rank, "EPError", str(e)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -54,7 +54,8 @@ def make_qwen2(path: Path) -> tuple[Any, Any]:
     return cfg, m
 
 
-def make_deepseek(path: Path) -> tuple[Any, Any]:
+def make_deepseek(path: Path, **shape: Any) -> tuple[Any, Any]:
+    """A small random DeepSeek-V3 (`shape`: config fields to change)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     cfg = DeepseekV3Config(
@@ -64,6 +65,8 @@ def make_deepseek(path: Path) -> tuple[Any, Any]:
         qk_rope_head_dim=16, v_head_dim=24, qk_nope_head_dim=16, n_group=4, topk_group=2,
         num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=1024,
         initializer_range=0.15, tie_word_embeddings=False)
+    for k, v in shape.items():
+        setattr(cfg, k, v)
     m = DeepseekV3ForCausalLM(cfg)
     with torch.no_grad():  # a non-zero selection bias, so that it is exercised
         for layer in m.model.layers[1:]:

@@ -37,6 +37,7 @@ def prompt(seed: int, n: int) -> list[int]:
 
 def start_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
                 max_tokens: int = MAX_TOKENS, **kw) -> tuple[list, object]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -206,3 +207,64 @@ def test_slot_choice_prefers_the_own_rank_then_spreads_replicas_by_position_and_
         SlotMap.from_phy2log([[0, 1, 2, 2]], [0], 1, 4, ep_size=2)
     with pytest.raises(ValueError, match="split evenly"):
         SlotMap.default([0], 1, num_experts=4, ep_size=3)
+
+
+def test_two_batch_overlap_gives_the_same_bits_across_ranks(tmp_path, ds_dir):
+    """EP 2, batch-invariant products: overlap on and off, the same logits and KV pages
+    bitwise on every rank: prompts cut between the micro-batches, decode steps split by
+    sequence, and rank 1 idle until its request joins (two empty halves)."""
+    requests = {0: {"a": (prompt(16, 57), 0), "b": (prompt(17, 21), 0)},
+                1: {"c": (prompt(18, 44), 3), "d": (prompt(19, 30), 3)}}
+    runs = {mode: run_group(tmp_path / mode, ds_dir, world=2, redundant=2, requests=requests,
+                            tbo=mode, batch_invariant=True) for mode in ("off", "on")}
+    for rank in range(2):
+        (outs_off, off), (outs_on, on) = runs["off"][rank], runs["on"][rank]
+        assert off["overlapped"] == 0 and on["overlapped"] > 0
+        assert on["idle_steps"] == 3  # rank 1 idle, rank 0 alone: no veto, still overlapped
+        for rid, (tokens, steps) in outs_off.items():
+            assert outs_on[rid][0] == tokens
+            for i, (a, b) in enumerate(zip(steps, outs_on[rid][1])):
+                assert (a == b).all(), f"{rid} step {i}: max diff {abs(a - b).max()}"
+        assert (off["kv"] == on["kv"]).all()
+    # Rank 0 overlapped its steps alone while rank 1 idled (then both): every step but those
+    # where some rank had a single decode left.
+    assert runs["on"][0][1]["overlapped"] >= runs["on"][0][1]["steps"] // 2
+    check_against_single_process(ds_dir, runs["on"], requests)
+
+
+def test_fp8_dispatch_over_gloo_is_close_and_carries_fewer_bytes(tmp_path, ds_dir):
+    """The rows travel as float8 bytes over gloo (which refuses float8 tensors), with their
+    scales; the logits stay near the exact run's (hidden 96: one scale per row)."""
+    requests = {0: {"a": (prompt(20, 33), 0)}, 1: {"b": (prompt(21, 26), 0)}}
+    exact = run_group(tmp_path / "exact", ds_dir, 2, 2, requests)
+    fp8 = run_group(tmp_path / "fp8", ds_dir, 2, 2, requests, dispatch="fp8", tbo="on")
+    for rank in range(2):
+        info = fp8[rank][1]
+        assert info["sent_bytes"] == info["sent"] * (96 + 4)  # e4m3 bytes + one f32 scale
+        assert exact[rank][1]["sent_bytes"] == exact[rank][1]["sent"] * 96 * 4
+        for rid, (_, steps) in exact[rank][0].items():
+            first = torch.from_numpy(steps[0])  # the prefill's logits (same context)
+            got = torch.from_numpy(fp8[rank][0][rid][1][0])
+            rel = ((got - first).norm() / first.norm()).item()
+            assert 0 < rel < 0.05, (rid, rel)
+
+
+def test_ranks_started_with_different_overlap_or_dispatch_settings_refuse_to_start(tmp_path,
+                                                                                   ds_dir):
+    from tests.engine.ep_ranks import join_rank
+
+    ctx = mp.get_context("spawn")
+    for name, flags in (("--tbo", [{"tbo": "on"}, {"tbo": "off"}]),
+                        ("--ep-dispatch-dtype", [{"ep_dispatch_dtype": "fp8"}, {}])):
+        q = ctx.Queue()
+        init = f"file://{tmp_path / name.strip('-')}"
+        procs = [ctx.Process(target=join_rank, args=(r, 2, init, str(ds_dir), flags[r], q))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        got = sorted(q.get(timeout=120) for _ in range(2))
+        for p in procs:
+            p.join(timeout=60)
+        assert [kind for _, kind, _ in got] == ["EPError", "EPError"], got
+        assert all(msg.startswith(f"{name}: the ranks of the EP group disagree")
+                   for _, _, msg in got), got

@@ -129,3 +129,33 @@ def test_deepseek_served_by_expert_parallel_groups(deepseek_dir, tmp_path_factor
 
         wait_until(lambda: decode_in_rotation() == [], 30, interval_s=0.2,
                    what="the decode group out of rotation")
+
+
+def test_two_batch_overlap_through_the_whole_system(deepseek_dir, tmp_path_factory):
+    """`pdserve up --prefill-ep 2 --decode-ep 2 --batch-invariant` with `--tbo on` and with
+    `--tbo off`: the same greedy tokens for concurrent requests (however they are batched),
+    and the ranks of both roles did overlap steps."""
+    import concurrent.futures
+
+    prompts = [torch.randint(0, 320, (30 + 11 * i,), generator=torch.Generator().manual_seed(
+        70 + i)).tolist() for i in range(6)]
+    got = {}
+    for mode in ("off", "on"):
+        data = tmp_path_factory.mktemp(f"tbo-{mode}")
+        settings = UpSettings(data_dir=Path(data), port=0, model=deepseek_dir, prefill_ep=2,
+                              decode_ep=2, redundant_experts=4, tbo=mode, tbo_min_tokens=2,
+                              batch_invariant=True)
+        with LocalCluster(settings, progress=False) as c:
+            with Client(c.gateway_address) as cl, \
+                    concurrent.futures.ThreadPoolExecutor(6) as pool:
+                got[mode] = list(pool.map(
+                    lambda p, cl=cl: cl.generate(token_ids=p, max_tokens=10).token_ids, prompts))
+            overlapped = {name: service_metrics(c, name)["pdserve_tbo_steps_total"]
+                          for name in ("prefill-0", "prefill-1", "decode-0", "decode-1")}
+        if mode == "off":
+            assert not any(overlapped.values()), overlapped
+        else:
+            assert all(overlapped[f"prefill-{i}"] > 0 for i in (0, 1)), overlapped
+            assert overlapped["decode-0"] > 0 and overlapped["decode-1"] > 0, overlapped
+    assert got["on"] == got["off"]
+    assert all(len(t) == 10 for t in got["on"])
