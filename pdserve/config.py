@@ -74,11 +74,12 @@ class _ModelSettings(_Served):
     collective_timeout_s: float = Field(30.0, gt=0, le=3600, description="EP: a collective that "
                                         "does not complete in this long ends the worker")
     tbo: Literal["off", "on", "auto"] = Field(
-        "off", description="EP: two-batch overlap, each step's tokens in two micro-batches, "
+        "auto", description="EP: two-batch overlap, each step's tokens in two micro-batches, "
         "one's dispatch or combine in flight while the other computes (engine/ep/tbo.py); "
-        "auto: when every rank has --tbo-min-tokens or more")
-    tbo_min_tokens: int = Field(256, ge=2, description="EP, --tbo auto: the fewest tokens a "
-                                "rank's step has for the group to overlap it")
+        "auto: when every working rank has --tbo-min-tokens or more")
+    tbo_min_tokens: int = Field(1024, ge=2, description="EP, --tbo auto: the fewest tokens a "
+                                "rank's step has for the group to overlap it (on CPU over "
+                                "gloo it paid from about 1024, bench/results/tbo-cpu.md)")
     ep_dispatch_dtype: Literal["model", "fp8", "bf16", "fp32"] = Field(
         "model", description="EP: how dispatched rows travel: the model's dtype (exact against "
         "one process), fp8 (e4m3, one scale per token per 128 channels, DeepSeek's format; "
@@ -258,9 +259,9 @@ class UpSettings(_Secured):
                                    "slots")
     eplb_interval_steps: int = Field(0, ge=0, description="EP groups: rebalance the experts "
                                      "every this many steps (0 = never)")
-    tbo: Literal["off", "on", "auto"] = Field("off", description="EP groups: two-batch "
+    tbo: Literal["off", "on", "auto"] = Field("auto", description="EP groups: two-batch "
                                               "overlap (see `pdserve prefill --help`)")
-    tbo_min_tokens: int = Field(256, ge=2, description="EP groups, --tbo auto: the fewest "
+    tbo_min_tokens: int = Field(1024, ge=2, description="EP groups, --tbo auto: the fewest "
                                 "tokens per rank to overlap a step")
     ep_dispatch_dtype: Literal["model", "fp8", "bf16", "fp32"] = Field(
         "model", description="EP groups: how dispatched rows travel")

@@ -97,9 +97,9 @@ class ExpertParallel:
         # Whether this step runs as two overlapped micro-batches (EPHooks, the same everywhere).
         self.overlap = False
         self.group_epoch = 0  # which start of the group this is (the same on every rank)
-        # (operation, micro-batch) of overlapped steps, in the order they ran, when a test
-        # or benchmark asks for it (a list), else None
-        self.trace: list[tuple[str, int]] | None = None
+        # (operation, micro-batch, seconds) of overlapped steps, in the order they ran, when a
+        # test or benchmark asks for it (a list), else None
+        self.trace: list[tuple[str, int, float]] | None = None
 
     @property
     def comm(self) -> EPComm:

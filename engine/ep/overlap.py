@@ -4,6 +4,7 @@ step of the whole model over two micro-batches interleaved by the step's schedul
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -60,9 +61,12 @@ def run(model: DeepseekV3ForCausalLM, mbs: list[MicroBatch], ep: ExpertParallel,
 
     def runner(mb: MicroBatch) -> Callable[[str, int], None]:
         def one(op: str, layer: int) -> None:
-            if trace is not None:
-                trace.append((op, mb.index))
+            if trace is None:
+                run_op(layers[layer], op, mb, model.inv_freq, kv, model.expert_counts)
+                return
+            t0 = time.perf_counter()
             run_op(layers[layer], op, mb, model.inv_freq, kv, model.expert_counts)
+            trace.append((op, mb.index, time.perf_counter() - t0))
         return one
 
     tbo.interleave(tbo.stages(ops, runner(mbs[0])), tbo.stages(ops, runner(mbs[1])),

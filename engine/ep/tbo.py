@@ -89,6 +89,33 @@ def interleave(first: Iterator[None], second: Iterator[None], delta: int) -> Non
         step(1, second)
 
 
+def simulate(durations: Sequence[Sequence[float]], ops: Sequence[Op], delta: int,
+             delay_s: float) -> float:
+    """The timing model of `interleave`: how long two micro-batches take on one compute thread
+    when every transfer lands `delay_s` after its `_a` operation ends and nothing else is
+    slow. `durations[mb]`: the compute time of each non-yield operation of `ops`, in order
+    (measured with instant transfers). Transfers fly on their own, so the result is what the
+    schedule would take with perfect communication: the best an overlapped step can do."""
+    clock = 0.0
+    lands: dict[tuple[int, str, int], float] = {}
+    cursor = [0, 0]
+
+    def run(mb: int, op: str, layer: int) -> None:
+        nonlocal clock
+        if op.endswith("_b"):
+            clock = max(clock, lands.pop((mb, op[:-2], layer)))
+        clock += durations[mb][cursor[mb]]
+        cursor[mb] += 1
+        if op.endswith("_a"):
+            lands[(mb, op[:-2], layer)] = clock + delay_s
+
+    def executor(mb: int) -> Iterator[None]:
+        return stages(ops, lambda op, layer: run(mb, op, layer))
+
+    interleave(executor(0), executor(1), delta)
+    return clock
+
+
 def cut(positions: torch.Tensor) -> int:
     """Where the flat tokens split: the cut that leaves the attention work (position + 1 per
     token) on its two sides closest to equal, with at least one token on each (len >= 2)."""

@@ -143,7 +143,7 @@ def test_two_batch_overlap_through_the_whole_system(deepseek_dir, tmp_path_facto
     for mode in ("off", "on"):
         data = tmp_path_factory.mktemp(f"tbo-{mode}")
         settings = UpSettings(data_dir=Path(data), port=0, model=deepseek_dir, prefill_ep=2,
-                              decode_ep=2, redundant_experts=4, tbo=mode, tbo_min_tokens=2,
+                              decode_ep=2, redundant_experts=4, tbo=mode,
                               batch_invariant=True)
         with LocalCluster(settings, progress=False) as c:
             with Client(c.gateway_address) as cl, \
