@@ -9,6 +9,12 @@ shared/research/ep-tbo.md §6).
   combine, each with a start/wait pair; the step agreement), over torch.distributed (gloo on
   CPU; written for nccl on CUDA tensors too, not yet run there).
 - `moe.ExpertParallel`: one MoE layer across the group: dispatch rows to the ranks holding their
-  experts, run the local experts, combine back, sum on the source rank in ascending logical
-  expert order (the single-process order).
+  experts (in the model's dtype, bf16, or DeepSeek's FP8 format), run the local experts,
+  combine back, sum on the source rank in ascending logical expert order (the single-process
+  order), each a phase of its own.
+- `tbo`: two-batch overlap, the split and the schedules (DeepSeek's prefill figure, the
+  five-stage decode pipeline) run by two executors; `overlap`: the model's layers as
+  operations on one micro-batch.
+- `hooks.EPHooks`: the step agreement (tokens, kind, overlap vote); `eplb.LiveEPLB`: live
+  rebalancing.
 """
