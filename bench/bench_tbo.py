@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import machine, table
 
 from pdserve.engine.ep import tbo
+from tests.engine.ep_ranks import collect, spawn
 from tests.engine.random_models import make_deepseek
 from tests.engine.test_tbo import WIDE, OneRank
 
@@ -103,18 +104,8 @@ def gloo_rank(rank: int, init: str, model_dir: str, reps: int, out: Any) -> None
 
 
 def gloo_part(model_dir: Path, tmp: Path, reps: int) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     init = f"file://{tmp / 'rendezvous'}"
-    procs = [ctx.Process(target=gloo_rank, args=(r, init, str(model_dir), reps, q))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=1800) for _ in range(2))
-    for p in procs:
-        p.join(timeout=60)
+    got = dict(collect(*spawn(gloo_rank, 2, lambda r: (r, init, str(model_dir), reps)), 1800))
     res: dict[tuple[str, int, bool], tuple[float, float]] = {}
     for kind, size, overlap, step, wait in got[0]:
         other = next(r for r in got[1] if r[:3] == (kind, size, overlap))

@@ -8,12 +8,41 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def spawn(target: Callable[..., None], world: int, args_of: Callable[[int], tuple],
+          **kwargs: Any) -> tuple[list[Any], Any]:
+    """Starts `world` rank processes (spawned) running target(*args_of(rank), queue, **kwargs);
+    returns them and the queue they report on."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_of(r), q), kwargs=kwargs)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, q
+
+
+def collect(procs: list[Any], q: Any, timeout_s: float) -> list[Any]:
+    """Each rank's report (read before joining: a report may not fit in the pipe), then the
+    processes joined (killed after a minute)."""
+    try:
+        return [q.get(timeout=timeout_s) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+
 
 REQUESTS = dict[str, tuple[list[int], int]]  # request id -> (prompt, the group step it joins)
 

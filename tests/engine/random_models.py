@@ -54,6 +54,16 @@ def make_qwen2(path: Path) -> tuple[Any, Any]:
     return cfg, m
 
 
+def saved_deepseek(tmp_path_factory: Any, name: str, seed: int) -> Path:
+    """make_deepseek's model, seeded, saved in a new temporary directory (a module fixture's
+    checkpoint)."""
+    torch.manual_seed(seed)
+    path = Path(tmp_path_factory.mktemp(name))
+    _, model = make_deepseek(path)
+    model.save_pretrained(path)
+    return path
+
+
 def make_deepseek(path: Path, **shape: Any) -> tuple[Any, Any]:
     """A small random DeepSeek-V3 (`shape`: config fields to change)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.ep.placement import SlotMap
@@ -14,8 +13,8 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-from tests.engine.ep_ranks import run_rank
-from tests.engine.random_models import make_deepseek, make_skewed_deepseek
+from tests.engine.ep_ranks import collect, run_rank, spawn
+from tests.engine.random_models import make_skewed_deepseek, saved_deepseek
 
 pytestmark = pytest.mark.integration  # starts processes
 
@@ -24,11 +23,7 @@ MAX_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def ds_dir(tmp_path_factory):
-    torch.manual_seed(4321)
-    path = tmp_path_factory.mktemp("dsv3-ep")
-    _, model = make_deepseek(path)
-    model.save_pretrained(path)
-    return path
+    return saved_deepseek(tmp_path_factory, "dsv3-ep", 4321)
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -38,27 +33,14 @@ def prompt(seed: int, n: int) -> list[int]:
 def start_group(tmp_path, model_dir, world: int, redundant: int, requests: dict,
                 max_tokens: int = MAX_TOKENS, **kw) -> tuple[list, object]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=run_rank, args=(r, world, init, str(model_dir), redundant,
-                                                requests, max_tokens, q), kwargs=kw)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    return procs, q
+    return spawn(run_rank, world, lambda r: (r, world, init, str(model_dir), redundant,
+                                             requests, max_tokens), **kw)
 
 
 def run_group(tmp_path, model_dir, world: int, redundant: int, requests: dict, **kw) -> dict:
     procs, q = start_group(tmp_path, model_dir, world, redundant, requests, **kw)
-    try:  # read before joining: a rank's report may not fit in the pipe
-        got = {rank: (outs, info) for rank, outs, info in (q.get(timeout=300)
-                                                          for _ in range(world))}
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.exitcode is None:
-                p.kill()
+    got = {rank: (outs, info) for rank, outs, info in collect(procs, q, 300)}
     assert [p.exitcode for p in procs] == [0] * world
     return got
 
@@ -253,18 +235,11 @@ def test_ranks_started_with_different_overlap_or_dispatch_settings_refuse_to_sta
                                                                                    ds_dir):
     from tests.engine.ep_ranks import join_rank
 
-    ctx = mp.get_context("spawn")
     for name, flags in (("--tbo", [{"tbo": "on"}, {"tbo": "off"}]),
                         ("--ep-dispatch-dtype", [{"ep_dispatch_dtype": "fp8"}, {}])):
-        q = ctx.Queue()
         init = f"file://{tmp_path / name.strip('-')}"
-        procs = [ctx.Process(target=join_rank, args=(r, 2, init, str(ds_dir), flags[r], q))
-                 for r in range(2)]
-        for p in procs:
-            p.start()
-        got = sorted(q.get(timeout=120) for _ in range(2))
-        for p in procs:
-            p.join(timeout=60)
+        got = sorted(collect(*spawn(join_rank, 2, lambda r, init=init, flags=flags: (
+            r, 2, init, str(ds_dir), flags[r])), 120))
         assert [kind for _, kind, _ in got] == ["EPError", "EPError"], got
         assert all(msg.startswith(f"{name}: the ranks of the EP group disagree")
                    for _, _, msg in got), got

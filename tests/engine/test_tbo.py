@@ -23,7 +23,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler import BatchKind
-from tests.engine.random_models import make_deepseek
+from tests.engine.random_models import make_deepseek, saved_deepseek
 
 COMPUTE = {"attn", "attn0", "attn1", "shared", "experts"}
 NAMES = {"attn": "ATTN", "attn0": "ATTN-0", "attn1": "ATTN-1", "shared": "SHARED",
@@ -125,11 +125,7 @@ def test_votes():
 
 @pytest.fixture(scope="module")
 def ds_dir(tmp_path_factory):
-    torch.manual_seed(4321)
-    path = tmp_path_factory.mktemp("dsv3-tbo")
-    _, model = make_deepseek(path)
-    model.save_pretrained(path)
-    return path
+    return saved_deepseek(tmp_path_factory, "dsv3-tbo", 4321)
 
 
 def run_engine(model_dir, tbo_mode: str, prompts: list[list[int]], delay_s: float = 0.0,
@@ -279,11 +275,11 @@ def test_overlap_hides_transfers_that_take_time(tmp_path):
     model.save_pretrained(tmp_path)
     rank = OneRank(tmp_path, 384, layers=7, experts=16)
     n = 2 * 6
-    compute, = rank.medians([(False, 0.0)], 3)
-    d = compute / 2 / n
-    compute_split, off, on = rank.medians([(True, 0.0), (False, d), (True, d)], 5)
+    d = rank.medians([(False, 0.0)], 3)[0] / 2 / n  # a first estimate of C sets d
+    compute, compute_split, off, on = rank.medians(
+        [(False, 0.0), (True, 0.0), (False, d), (True, d)], 5)  # interleaved rounds
     best = max(compute_split, compute_split / 2 + n * d)
-    assert off >= compute + n * d * 0.9  # the transfers cost what they should
+    assert off >= compute + n * d * 0.8, (compute, off)  # the transfers cost what they should
     assert off - on >= 0.5 * (off - best) > 0, (compute, compute_split, off, on, best)
 
 

@@ -19,18 +19,14 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.loader import load_model
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-from tests.engine.random_models import make_deepseek, make_deepseek_fp8
+from tests.engine.random_models import make_deepseek_fp8, saved_deepseek
 from tests.helpers import service_metrics, wait_until
 
 pytestmark = pytest.mark.integration  # starts processes
 
 @pytest.fixture(scope="module")
 def deepseek_dir(tmp_path_factory):
-    torch.manual_seed(99)
-    path = tmp_path_factory.mktemp("dsv3")
-    _, model = make_deepseek(path)
-    model.save_pretrained(path)
-    return path
+    return saved_deepseek(tmp_path_factory, "dsv3", 99)
 
 
 @pytest.fixture(scope="module")
