@@ -174,8 +174,9 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> TokenEvent:
         """`greedy`: the argmax of `logits`, computed for the whole batch at once."""
-        token = (greedy if seq.params.temperature <= 0.0
-                 else sample(logits, seq.params, len(seq.output)))
+        params = seq.params
+        token = (greedy if params.temperature <= 0.0 and not params.holds_stops(len(seq.output))
+                 else sample(logits, params, len(seq.output)))
         lp = logprob_of(logits, token) if seq.params.logprobs else None
         seq.output.append(token)
         if lp is not None:

@@ -27,6 +27,11 @@ class SamplingParams:
     top_p: float = 1.0    # nucleus mass kept; 1 = no limit
     logprobs: bool = False
     position_offset: int = 0  # output position of this request's first token (migration)
+    min_tokens: int = 0       # the stop tokens cannot be drawn before this many outputs
+
+    def holds_stops(self, index: int) -> bool:
+        """Whether output position `index` (this request's) may not draw a stop token."""
+        return bool(self.stop_token_ids) and index + self.position_offset < self.min_tokens
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -51,6 +56,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     The random stream is seeded by (seed, index), so the prefill worker (token 0) and a decode
     worker (tokens 1..) draw exactly what one process would.
     """
+    if params.holds_stops(index):  # min_tokens: as vLLM, the stop tokens are masked
+        logits = logits.clone()
+        logits[sorted(params.stop_token_ids)] = float("-inf")
     if params.temperature <= 0.0:
         return int(torch.argmax(logits).item())
     gen = torch.Generator(device="cpu")

@@ -61,12 +61,14 @@ class Client:
         temperature: float = 0.0,
         cache_salt: str = "",
         request_id: str = "",
-        seed: int = 0,
+        seed: int | None = None,  # None: derived from the request id
         top_k: int = 0,
         top_p: float = 0.0,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         logprobs: bool = False,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
         timeout: float | None = 600,
         on_text: Callable[[str], None] | None = None,
     ) -> Result:
@@ -75,7 +77,8 @@ class Client:
             messages=[gateway_pb2.ChatMessage(role=r, content=c) for r, c in (messages or [])],
             max_tokens=max_tokens, temperature=temperature, cache_salt=cache_salt,
             request_id=request_id, seed=seed, top_k=top_k, top_p=top_p, stop=list(stop),
-            stop_token_ids=list(stop_token_ids), logprobs=logprobs)
+            stop_token_ids=list(stop_token_ids), logprobs=logprobs, ignore_eos=ignore_eos,
+            min_tokens=min_tokens)  # seed None: unset
         res = Result()
         t0 = time.perf_counter()
         for msg in self.stub.Generate(req, timeout=timeout, metadata=self.metadata):

@@ -82,6 +82,7 @@ class LocalCluster:
         self.run_dir = self.data_dir / "run"
         self.services: list[Service] = []
         self.gateway_address = ""
+        self.http_url: str | None = None  # the OpenAI-compatible API, once started
         self.kvstore_address = ""
         self.env = {**os.environ, **(extra_env or {})}
         from pdserve.services.security import load_tls
@@ -132,13 +133,16 @@ class LocalCluster:
             self.kvstore_address = f"127.0.0.1:{kv.port}"
             self._say("starting gateway ...")
             gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port",
-                                         str(self.s.port),
+                                         str(self.s.port), "--http-port", str(self.s.http_port),
                                          "--kvstore", self.kvstore_address, "--internal-port", "0",
                                          "--data-dir", str(self.data_dir), *model, *common])
             self._wait_ready([gw], deadline)
             host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
             self.gateway_address = f"{host}:{gw.port}"
             internal = json.loads(gw.ready_file.read_text()).get("internal_port")
+            http = json.loads(gw.ready_file.read_text()).get("http_port")
+            scheme = "https" if self.s.tls_cert_file else "http"
+            self.http_url = f"{scheme}://{host}:{http}" if http else None
             # With mutual TLS workers join on the gateway's internal port.
             self.gateway_internal_address = (f"{host}:{internal}" if internal
                                              else self.gateway_address)
@@ -174,6 +178,8 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+        if self.http_url:
+            self._say(f"OpenAI-compatible API: {self.http_url}/v1")
         self._say(f"pdserve up: gateway on {self.gateway_address} "
                   f"(ready in {time.monotonic() - t0:.1f} s, data in {self.data_dir})")
         if self.s.metrics:

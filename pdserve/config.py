@@ -173,6 +173,9 @@ class DecodeSettings(_ModelSettings):
 class GatewaySettings(_Served):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50051, ge=0, le=65535, description="public gRPC port (0 = any free port)")
+    http_port: int = Field(8000, ge=-1, le=65535, description="OpenAI-compatible HTTP API port "
+                           "(/v1/chat/completions, /v1/completions, /v1/models, /health, "
+                           "/metrics; 0 = any free port, -1 = off); TLS with the same files")
     kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
                          "('' = no store)")
     model: Path | None = Field(None, description="model whose tokenizer serves text prompts")
@@ -238,6 +241,8 @@ class GatewaySettings(_Served):
 class UpSettings(_Secured):
     host: str = Field("127.0.0.1", description="gateway listen address")
     port: int = Field(50051, ge=0, le=65535, description="gateway port (0 = any free port)")
+    http_port: int = Field(8000, ge=-1, le=65535, description="the gateway's OpenAI-compatible "
+                           "HTTP port (0 = any free port, -1 = off)")
     data_dir: Path = Field(Path("data"), description="directory holding all state")
     model: Path | None = Field(None, description="model to serve (default: SmolLM2-135M-Instruct)")
     num_prefill: int = Field(1, ge=1, le=64, description="prefill workers")

@@ -90,7 +90,8 @@ def main(settings: UpSettings, max_tokens: int, keep_data: bool) -> int:
     tmp = None
     if not keep_data:
         tmp = tempfile.TemporaryDirectory(prefix="pdserve-demo-")
-        settings = settings.model_copy(update={"data_dir": Path(tmp.name), "port": 0})
+        settings = settings.model_copy(update={"data_dir": Path(tmp.name), "port": 0,
+                                               "http_port": 0})
     try:
         with LocalCluster(settings) as cluster:
             run_workload(cluster.gateway_address, max_tokens=max_tokens)

@@ -41,7 +41,7 @@ def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, seed=sp.seed,
                           stop_token_ids=frozenset(sp.stop_token_ids), top_k=sp.top_k,
                           top_p=sp.top_p if 0.0 < sp.top_p < 1.0 else 1.0, logprobs=sp.logprobs,
-                          position_offset=sp.position_offset)
+                          position_offset=sp.position_offset, min_tokens=sp.min_tokens)
 
 
 def check_prompt(ids: Iterable[int], vocab_size: int, field: str = "prompt_token_ids") -> None:

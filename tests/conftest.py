@@ -11,6 +11,8 @@ os.environ.setdefault("UCX_LOG_LEVEL", "error")
 # The test clusters' kvstores register a smaller NIXL staging buffer than the 256 MiB default
 # (registration makes it resident): several clusters run at once on a 24 GiB machine.
 os.environ.setdefault("PDSERVE_NIXL_STAGING_MB", "64")
+# Several gateways run at once: their HTTP edges take any free port (the default is 8000).
+os.environ.setdefault("PDSERVE_HTTP_PORT", "0")
 
 @pytest.fixture(scope="session")
 def loaded():

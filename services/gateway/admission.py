@@ -28,6 +28,7 @@ class Admitted:
     top_p: float
     stop_token_ids: list[int]
     stop: list[str]
+    min_tokens: int = 0
 
 
 def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_size: int,
@@ -49,7 +50,8 @@ def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_s
         raise InvalidRequest(f"cache_salt: {len(req.cache_salt)} characters, limit {MAX_SALT}")
     if req.temperature < 0 or req.temperature != req.temperature:
         raise InvalidRequest(f"temperature: {req.temperature}, must be >= 0")
-    if req.max_tokens <= 0:
+    given_max = req.HasField("max_tokens")
+    if given_max and req.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens: {req.max_tokens}, must be > 0")
     if not 0 <= req.top_k <= vocab_size:
         raise InvalidRequest(f"top_k: {req.top_k}, must be in [0, {vocab_size}] (0 = no limit)")
@@ -91,13 +93,24 @@ def admit(req: gateway_pb2.GenerateRequest, tokenizer: Tokenizer | None, vocab_s
     if max_prompt_tokens and len(prompt) > max_prompt_tokens:
         raise InvalidRequest(f"prompt: {len(prompt)} tokens, limit --max-prompt-tokens "
                              f"{max_prompt_tokens}")
-    if max_tokens_limit and req.max_tokens > max_tokens_limit:
-        raise InvalidRequest(f"max_tokens: {req.max_tokens}, limit --max-tokens-limit "
+    max_tokens = req.max_tokens
+    if not given_max:  # what the context leaves, within the gateway's limit
+        max_tokens = max_context - len(prompt)
+        if max_tokens_limit:
+            max_tokens = min(max_tokens, max_tokens_limit)
+        if max_tokens <= 0:
+            raise InvalidRequest(f"prompt: {len(prompt)} tokens leave no room for an answer "
+                                 f"in the context limit {max_context}")
+    if max_tokens_limit and max_tokens > max_tokens_limit:
+        raise InvalidRequest(f"max_tokens: {max_tokens}, limit --max-tokens-limit "
                              f"{max_tokens_limit}")
-    if len(prompt) + req.max_tokens > max_context:
+    if len(prompt) + max_tokens > max_context:
         raise InvalidRequest(
-            f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) = "
-            f"{len(prompt) + req.max_tokens}, context limit {max_context}")
-    return Admitted(prompt, req.max_tokens, float(req.temperature), req.top_k,
+            f"max_tokens: prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
+            f"{len(prompt) + max_tokens}, context limit {max_context}")
+    if not 0 <= req.min_tokens <= max_tokens:
+        raise InvalidRequest(f"min_tokens: {req.min_tokens}, must be in [0, max_tokens "
+                             f"{max_tokens}]")
+    return Admitted(prompt, max_tokens, float(req.temperature), req.top_k,
                     float(req.top_p) if 0.0 < req.top_p < 1.0 else 1.0,
-                    list(req.stop_token_ids), list(req.stop))
+                    list(req.stop_token_ids), list(req.stop), req.min_tokens)

@@ -21,7 +21,8 @@ from pdserve.scheduler.registry import Role, WorkerRegistry
 from pdserve.services import security
 from pdserve.services.gateway.accounting import kv_usage
 from pdserve.services.gateway.auth import TokenTable
-from pdserve.services.gateway.membership import RegistryServicer, watch_readiness
+from pdserve.services.gateway.http_edge import Edge, HTTPEdge, bind
+from pdserve.services.gateway.membership import Readiness, RegistryServicer, watch_readiness
 from pdserve.services.gateway.servicer import GatewayServicer
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
@@ -68,15 +69,27 @@ async def run(settings: GatewaySettings) -> None:
     server, port, health = await create_server(
         add_gateway + add_registry, names + reg_names, settings.host, settings.port,
         internal=False, max_message_bytes=settings.max_message_bytes)
+    readiness = Readiness()
+    edge = None
+    if settings.http_port >= 0:
+        edge = HTTPEdge(Edge(gateway, readiness.serving, prom, settings.max_message_bytes),
+                        bind(settings.host, settings.http_port),
+                        (str(settings.tls_cert_file), str(settings.tls_key_file))
+                        if settings.tls_cert_file and settings.tls_key_file else None)
+        edge.start()
     stop = asyncio.Event()
     watcher = asyncio.create_task(
-        watch_readiness(registry, health, kvstore, settings.worker_timeout_s, stop))
+        watch_readiness(registry, health, kvstore, settings.worker_timeout_s, stop, readiness))
     sampler = (asyncio.create_task(gateway.acct.sample_workers(settings.worker_sample_s, stop))
                if ledger is not None else None)
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
     write_ready_file(settings.ready_file, port, metrics_port=metrics_port,
-                     internal_port=internal_port)
-    log.info("gateway listening", extra={"port": port, "internal_port": internal_port})
+                     internal_port=internal_port, http_port=edge.port if edge else None)
+    log.info("gateway listening", extra={"port": port, "internal_port": internal_port,
+                                         "http_port": edge.port if edge else None})
+
+    async def drain() -> None:
+        readiness.draining = True  # GET /health answers 503 from now on
 
     async def cleanup() -> None:
         stop.set()
@@ -89,5 +102,7 @@ async def run(settings: GatewaySettings) -> None:
             await asyncio.to_thread(ledger.close)  # every queued row is written
         if internal is not None:
             await internal.stop(2)
+        if edge is not None:
+            await edge.stop()  # in-flight HTTP requests finish (uvicorn's graceful shutdown)
 
-    await serve_until_signal(server, health, cleanup)
+    await serve_until_signal(server, health, cleanup, drain=drain)

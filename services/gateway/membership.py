@@ -96,9 +96,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.JoinResponse(reason="stream closed")
 
 
+class Readiness:
+    """Whether the gateway serves, for the HTTP edge's GET /health: ready (a prefill and a
+    decode worker in rotation, the store reachable) and not draining."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+
+    def serving(self) -> bool:
+        return self.ready and not self.draining
+
+
 async def watch_readiness(registry: WorkerRegistry, health_servicer: HealthServicer,
                           kvstore: KVStoreClient, worker_timeout_s: float,
-                          stop: asyncio.Event) -> None:
+                          stop: asyncio.Event, readiness: Readiness | None = None) -> None:
     """Keeps the health status in step with the registry; expires silent workers."""
     store_ok = not kvstore.enabled  # no store configured: nothing to wait for
     last = None
@@ -112,6 +124,8 @@ async def watch_readiness(registry: WorkerRegistry, health_servicer: HealthServi
             next_store_check = now + 0.5
         ready = (store_ok and bool(registry.active(Role.PREFILL))
                  and bool(registry.active(Role.DECODE)))
+        if readiness is not None:
+            readiness.ready = ready
         if ready != last:
             status = SERVING if ready else NOT_SERVING
             await health_servicer.set("", status)

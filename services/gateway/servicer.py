@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class RequestFailed(Exception):
+    """A request ended with `status` (already recorded in its ledger row); each edge answers
+    with it in its own terms."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, registry: WorkerRegistry, kvstore: KVStoreClient,
                  tokenizer: Tokenizer | None, ledger: Ledger | None = None,
@@ -75,16 +84,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: Context
                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        try:
+            async for msg in self.generate(request, context.invocation_metadata(),
+                                           context.peer()):
+                yield msg
+        except RequestFailed as e:
+            await abort(context, e.status)
+
+    async def generate(self, request: gateway_pb2.GenerateRequest,
+                       metadata: Iterable[tuple[str, str | bytes]] | None, peer: str,
+                       ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One request through the cluster, whichever edge it came by (gRPC, HTTP): auth
+        (`metadata`: its headers), the client's limits (by tenant, else `peer`), admission,
+        the flow, and one ledger row and its counts whatever the outcome. An error ends it
+        with RequestFailed carrying the status (recorded); a cancellation (the client went
+        away) is recorded as CANCELLED and passes through."""
         rec = Outcome(time.time(), time.monotonic(), request.request_id or uuid.uuid4().hex,
                       tenant_of(request.cache_salt))
         client = None
         if self.metrics:
             self.metrics.in_flight.inc()
         try:
-            tenant = self._tenant(context)
+            tenant = self.tokens.check(metadata) if self.tokens is not None else None
             if tenant is not None:
                 rec.tenant = tenant.tenant
-            who = tenant.tenant if tenant else peer_host(context.peer())
+            who = tenant.tenant if tenant else peer_host(peer)
             refusal = self.limits.acquire(who)
             if refusal is not None:
                 raise Backpressure(refusal)
@@ -96,10 +120,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             finally:
                 self._inflight.pop(rec.request_id, None)
             rec.status = rec.status or "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             rec.status = rec.status or "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
             raise
         except Exception as e:
             status = status_of(e)
@@ -108,7 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 status = Status(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); "
                                                           "the request was not served")
             rec.status, rec.error = status.code.name, status.message[:200]
-            await abort(context, status)
+            raise RequestFailed(status) from e
         finally:
             if client is not None:
                 self.limits.release(client)
@@ -129,12 +151,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         rid = rec.request_id
         if rid in self._inflight:
             raise AlreadyExists(f"request_id: {rid!r} is running")
-        seed = request.seed or int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little")
-        stops = set(self.tokenizer.stop_token_ids) if self.tokenizer else set()
+        seed = (request.seed if request.HasField("seed") else
+                int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little"))
+        stops = (set(self.tokenizer.stop_token_ids) if self.tokenizer and not request.ignore_eos
+                 else set())
         sampling = common_pb2.SamplingParams(
             max_tokens=adm.max_tokens, temperature=adm.temperature, seed=seed,
             stop_token_ids=sorted(stops | set(adm.stop_token_ids)), top_k=adm.top_k,
-            top_p=adm.top_p, logprobs=request.logprobs)
+            top_p=adm.top_p, logprobs=request.logprobs, min_tokens=adm.min_tokens)
         flight = self._inflight[rid] = InFlight(tenant=tenant.tenant if tenant else None)
         rec.prompt_tokens = len(adm.prompt)
         return GenerateFlow(

@@ -209,3 +209,31 @@ def test_request_rate_per_client(secure):
     limited = [m for code, m in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert 40 <= len(invalid) <= 45 and len(invalid) + len(limited) == 60
     assert "--rate-limit-rps 2" in limited[0] and "retry in" in limited[0]
+
+
+def test_the_http_edge_takes_the_same_tokens_over_tls(secure):
+    """The OpenAI-compatible edge serves TLS with the gateway's certificate and the same bearer
+    tokens: an unknown token is the SDK's AuthenticationError, a tenant's token is answered."""
+    import ssl
+
+    import openai
+
+    ctx = ssl.create_default_context(cafile=str(secure.certs / "ca.pem"))
+    ctx.check_hostname = False  # the certificate names the cluster, not 127.0.0.1
+    assert secure.http_url.startswith("https://")
+
+    def api(token: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=secure.http_url + "/v1", api_key=token, max_retries=0,
+                             http_client=openai.DefaultHttpxClient(verify=ctx))
+
+    with pytest.raises(openai.AuthenticationError) as e:
+        api("not-a-known-token-at-all").chat.completions.create(
+            model="", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        api("not-a-known-token-at-all").models.list()
+    good = api(TOKEN_A)
+    model = good.models.list().data[0].id
+    r = good.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2

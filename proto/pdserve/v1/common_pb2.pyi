@@ -32,6 +32,7 @@ class SamplingParams(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     POSITION_OFFSET_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     temperature: _builtins.float
     seed: _builtins.int
@@ -43,6 +44,10 @@ class SamplingParams(_message.Message):
     """return the log-probability of each chosen token"""
     position_offset: _builtins.int
     """output tokens before this request's first (a migrated request"""
+    min_tokens: _builtins.int
+    """continues its seeded random stream where it stopped)
+    the stop tokens cannot be drawn before this many output tokens
+    """
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -56,10 +61,11 @@ class SamplingParams(_message.Message):
         top_p: _builtins.float = ...,
         logprobs: _builtins.bool = ...,
         position_offset: _builtins.int = ...,
+        min_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_tokens", b"max_tokens", "position_offset", b"position_offset", "seed", b"seed", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "position_offset", b"position_offset", "seed", b"seed", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -276,24 +276,34 @@ class GenerateRequest(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """one user message; the server applies the chat template. Exactly one"""
     max_tokens: _builtins.int
-    """of prompt_token_ids, prompt, messages is set"""
+    """of prompt_token_ids, prompt, messages is set
+    unset: what the context leaves (capped by the gateway's
+    """
     temperature: _builtins.float
-    """0 = greedy"""
+    """--max-tokens-limit)
+    0 = greedy
+    """
     cache_salt: _builtins.str
     """tenant isolation: different salts never share KV blocks"""
     request_id: _builtins.str
     """optional; the server makes one when empty"""
     seed: _builtins.int
-    """for temperature > 0; 0 = derived from the request id"""
+    """for temperature > 0; unset = derived from the request id"""
     top_k: _builtins.int
     """0 = no limit"""
     top_p: _builtins.float
     """0 or 1 = no limit"""
     logprobs: _builtins.bool
     """return the log-probability of each token"""
+    ignore_eos: _builtins.bool
+    """do not stop at the model's end-of-turn tokens"""
+    min_tokens: _builtins.int
+    """no stop token before this many tokens (0 = none)"""
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -313,23 +323,32 @@ class GenerateRequest(_message.Message):
         *,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         prompt: _builtins.str = ...,
-        max_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int | None = ...,
         temperature: _builtins.float = ...,
         cache_salt: _builtins.str = ...,
         request_id: _builtins.str = ...,
-        seed: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         top_k: _builtins.int = ...,
         top_p: _builtins.float = ...,
         stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         logprobs: _builtins.bool = ...,
+        ignore_eos: _builtins.bool = ...,
+        min_tokens: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "max_tokens", b"max_tokens", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "cache_salt", b"cache_salt", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "min_tokens", b"min_tokens", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
