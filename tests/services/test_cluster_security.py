@@ -237,3 +237,31 @@ def test_the_http_edge_takes_the_same_tokens_over_tls(secure):
     r = good.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                      max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+def test_the_http_edge_answers_a_full_client_with_429_and_a_retry_hint(secure):
+    """Two streams per client (PDSERVE_MAX_STREAMS_PER_CLIENT): a third is a 429 carrying
+    retry-after-ms, which the openai client reads."""
+    import ssl
+
+    import openai
+
+    ctx = ssl.create_default_context(cafile=str(secure.certs / "ca.pem"))
+    ctx.check_hostname = False
+    api = openai.OpenAI(base_url=secure.http_url + "/v1", api_key=TOKEN_B, max_retries=0,
+                        http_client=openai.DefaultHttpxClient(verify=ctx))
+    model = api.models.list().data[0].id
+    streams = [api.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "count"}], max_tokens=200,
+        temperature=0, stream=True, extra_body={"ignore_eos": True}) for _ in range(2)]
+    try:
+        for s in streams:  # both hold their slot: the first chunk is out
+            next(iter(s))
+        with pytest.raises(openai.RateLimitError) as e:
+            api.chat.completions.create(model=model, max_tokens=2,
+                                        messages=[{"role": "user", "content": "hi"}])
+        assert int(e.value.response.headers["retry-after-ms"]) > 0
+        assert e.value.response.headers["retry-after"]
+    finally:
+        for s in streams:
+            s.close()

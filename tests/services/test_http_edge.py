@@ -97,8 +97,9 @@ def test_cached_tokens_equal_grpc_and_the_ledger(cluster, api, model):
                                        temperature=0, extra_headers={"X-Request-Id": "edge-warm"})
     cached = warm.usage.prompt_tokens_details.cached_tokens
     assert cached >= 128 and cached % 64 == 0 and cached <= warm.usage.prompt_tokens
-    assert warm.model_extra["prompt_cache_hit_tokens"] == cached
-    assert warm.model_extra["prompt_cache_miss_tokens"] == warm.usage.prompt_tokens - cached
+    extra = warm.usage.model_extra or {}  # DeepSeek's names
+    assert extra["prompt_cache_hit_tokens"] == cached
+    assert extra["prompt_cache_miss_tokens"] == warm.usage.prompt_tokens - cached
     row = ledger(cluster, "edge-warm")
     assert (row["status"], row["prompt_tokens"], row["cached_tokens"],
             row["completion_tokens"]) == ("OK", warm.usage.prompt_tokens, cached,
