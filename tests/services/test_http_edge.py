@@ -221,3 +221,25 @@ def busy(c) -> bool:
     with grpc.insecure_channel(c.gateway_address) as ch:
         st = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
     return st.requests_in_flight > 0
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(tmp_path):
+    """The only decode worker dies mid-stream (no other to migrate to): the stream ends with a
+    `data: {"error": …}` event and [DONE], which the SDK raises as APIError; the ledger row
+    says why."""
+    with local_cluster(tmp_path) as c:
+        api = openai.OpenAI(base_url=c.http_url + "/v1", api_key="unused", max_retries=0)
+        model = api.models.list().data[0].id
+        stream = api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=300,
+            temperature=0, stream=True, extra_body={"ignore_eos": True},
+            extra_headers={"X-Request-Id": "edge-broken"})
+        seen = 0
+        with pytest.raises(openai.APIError) as e:
+            for _ in stream:
+                seen += 1
+                if seen == 3:
+                    c.kill("decode-0")
+        assert seen >= 3 and e.value.message  # the error event's message, raised
+        row = ledger(c, "edge-broken")
+        assert row["status"] not in ("OK", "CANCELLED") and row["completion_tokens"] < 300
