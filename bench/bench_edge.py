@@ -6,12 +6,15 @@
    TTFT and inter-token latency (p50), output tokens/s, and the share of prompt tokens served
    from the KV store, as each client measured them. Goals: HTTP throughput >= 0.95x gRPC, TTFT
    overhead < 5 ms at p50.
-2. With `--aiperf PATH` (an aiperf executable; `pip install aiperf` in a venv of its own), NVIDIA's
+2. With `--guidellm PATH` (`pip install -c <(echo torch==2.13.0) guidellm` in a venv of its
+   own), the vLLM project's load tool against the edge at the same concurrencies; the share of
+   prompt tokens from the store from the gateway's counters.
+3. With `--aiperf PATH` (an aiperf executable; `pip install aiperf` in a venv of its own), NVIDIA's
    load tool against the edge at the same concurrencies, with the model's tokenizer exported
    to a local directory (no hub access), run at the lowest CPU priority (its timing loop
    spins a core).
 
-Usage: python bench/bench_edge.py [--requests 32] [--aiperf /path/to/aiperf]
+Usage: python bench/bench_edge.py [--requests 32] [--guidellm PATH] [--aiperf PATH]
 """
 
 from __future__ import annotations
@@ -136,10 +139,43 @@ def aiperf(exe: str, url: str, model: str, tokenizer: Path, concurrency: int, re
             "tok_s": float(records["output_token_throughput"]["avg"])}
 
 
+def guidellm(exe: str, url: str, model: str, tokenizer: Path, concurrency: int,
+             requests: int, out: Path) -> dict[str, float]:
+    """guidellm (the vLLM project's load tool) against the edge: a shared 128-token prefix +
+    64 tokens, 32 out (it always sends ignore_eos), medians of its own measurements."""
+    subprocess.run([exe, "run", "--backend", f"kind=openai_http,target={url},model={model}",
+                    "--profile", f"kind=concurrent,streams={concurrency}", "--data",
+                    "kind=synthetic_text,prompt_tokens=64,output_tokens="
+                    f"{OUTPUT_TOKENS},prefix_tokens=128",
+                    "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+                    "--constraint", f"kind=max_requests,count={requests}",
+                    "--output", f"kind=json,path={out}", "--disable-console-interactive",
+                    "--disable-progress"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.STDOUT)
+    m = json.loads(out.read_text())["benchmarks"][0]["metrics"]
+
+    def ok(name: str, stat: str) -> float:
+        return float(m[name]["successful"][stat])
+    return {"ttft": ok("time_to_first_token_ms", "median") / 1e3,
+            "itl": ok("inter_token_latency_ms", "median") / 1e3,
+            "tok_s": ok("output_tokens_per_second", "mean")}
+
+
+def store_share(metrics_url: str) -> tuple[float, float]:
+    """(cached, prompt) tokens the gateway has counted so far."""
+    from tests.helpers import read_metrics
+
+    m = read_metrics(metrics_url)
+    cached = sum(v for k, v in m.items() if k.startswith("pdserve_cached_tokens_total"))
+    return cached, m.get("pdserve_prompt_tokens_total", 0.0)  # cached: over its sources
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--aiperf", default="", help="an aiperf executable")
+    ap.add_argument("--guidellm", default="", help="a guidellm executable")
+    ap.add_argument("--tools-only", action="store_true", help="only the outside load tools")
     args = ap.parse_args()
     print(f"# The HTTP edge against gRPC\n{machine()}\n")
     rows = []
@@ -152,7 +188,7 @@ def main() -> int:
         http, grpc_ = via_http(c.http_url, model), via_grpc(c.gateway_address)
         for send in (http, grpc_):  # warm: the shared system prompt's blocks in the store
             send("warm up")
-        for conc in (1, 4, 16):
+        for conc in () if args.tools_only else (1, 4, 16):
             users = prompts(args.requests)
             got: dict[str, list[dict[str, float]]] = {"http": [], "grpc": []}
             for rnd in range(2):  # alternating rounds
@@ -170,11 +206,30 @@ def main() -> int:
                          f"{(h['ttft'] - g['ttft']) * 1e3:+.1f}",
                          f"{h['itl'] * 1e3:.1f} / {g['itl'] * 1e3:.1f}",
                          f"{h['hit']:.0%} / {g['hit']:.0%}"))
-        print(f"## The same load, HTTP (openai client) / gRPC (pdserve client), {args.requests} "
-              f"requests x 2 rounds per level, {OUTPUT_TOKENS} output tokens (ignore_eos)\n")
-        print(table(rows, ("concurrency", "output tok/s", "HTTP / gRPC", "TTFT p50 ms",
-                           "TTFT overhead ms", "ITL p50 ms", "prompt tokens from the store")))
-        print("\n(goals: HTTP / gRPC >= 0.95; TTFT overhead < 5 ms)\n")
+        if rows:
+            print(f"## The same load, HTTP (openai client) / gRPC (pdserve client), "
+                  f"{args.requests} requests x 2 rounds per level, {OUTPUT_TOKENS} output "
+                  "tokens (ignore_eos)\n")
+            print(table(rows, ("concurrency", "output tok/s", "HTTP / gRPC", "TTFT p50 ms",
+                               "TTFT overhead ms", "ITL p50 ms",
+                               "prompt tokens from the store")))
+            print("\n(goals: HTTP / gRPC >= 0.95; TTFT overhead < 5 ms)\n")
+        if args.guidellm:
+            tok = export_tokenizer(Path(d) / "tokenizer-gl")
+            grows = []
+            gw_metrics = c.metrics_urls()["gateway"]
+            for conc in (1, 4, 16):
+                c0, p0 = store_share(gw_metrics)
+                r = guidellm(args.guidellm, c.http_url, model, tok, conc, args.requests,
+                             Path(d) / f"guidellm-{conc}.json")
+                c1, p1 = store_share(gw_metrics)
+                grows.append((conc, f"{r['tok_s']:.1f}", f"{r['ttft'] * 1e3:.1f}",
+                              f"{r['itl'] * 1e3:.1f}", f"{(c1 - c0) / max(1.0, p1 - p0):.0%}"))
+            print(f"## guidellm against the edge (a shared 128-token prefix + 64 tokens, "
+                  f"{OUTPUT_TOKENS} out, {args.requests} requests per level)\n")
+            print(table(grows, ("concurrency", "output tok/s", "TTFT p50 ms", "ITL p50 ms",
+                                "prompt tokens from the store (gateway's counters)")))
+            print()
         if args.aiperf:
             tok = export_tokenizer(Path(d) / "tokenizer")
             arows = []
