@@ -96,11 +96,20 @@ def test_deepseek_served_by_expert_parallel_groups(deepseek_dir, tmp_path_factor
             got = list(pool.map(lambda p: cl.generate(token_ids=p, max_tokens=12).token_ids,
                                 prompts))
         assert got == expect
-        with grpc.insecure_channel(c.gateway_address) as ch:
-            stats = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
-        done = {w.worker_id: w.num_finished for w in stats.workers}
-        assert len(done) == 4 and all(w.in_rotation for w in stats.workers)
-        assert done["decode-0"] > 0 and done["decode-1"] > 0  # both ranks decoded requests
+
+        def stats_now() -> gateway_pb2.ClusterStatsResponse:
+            with grpc.insecure_channel(c.gateway_address) as ch:
+                return gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
+
+        def finished() -> dict[str, int]:
+            return {w.worker_id: w.num_finished for w in stats_now().workers}
+
+        # Finished counts arrive with the workers' periodic load reports: poll until both
+        # decode ranks' reports say they decoded requests.
+        wait_until(lambda: finished()["decode-0"] > 0 and finished()["decode-1"] > 0, 15,
+                   interval_s=0.2, what="both decode ranks reporting finished requests")
+        stats = stats_now()
+        assert len(stats.workers) == 4 and all(w.in_rotation for w in stats.workers)
         for name in ("prefill-0", "prefill-1", "decode-0", "decode-1"):  # real EP ranks
             m = service_metrics(c, name)
             assert m["pdserve_moe_received_tokens_total"] > 0, name
