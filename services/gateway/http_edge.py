@@ -104,7 +104,7 @@ class Edge:
         @app.get("/v1/models")
         async def models(request: Request) -> Response:
             try:
-                self._auth(request)
+                self.gateway.tenant_of(list(request.headers.items()))
             except Exception as e:  # noqa: BLE001  # mapped like every other error
                 return _error(self._status(e))
             return JSONResponse({"object": "list", "data": [
@@ -129,10 +129,6 @@ class Edge:
                 return JSONResponse(body, status_code=413)
             response: Response = await call_next(request)
             return response
-
-    def _auth(self, request: Request) -> None:
-        if self.gateway.tokens is not None:
-            self.gateway.tokens.check(list(request.headers.items()))
 
     @staticmethod
     def _status(e: BaseException) -> Status:

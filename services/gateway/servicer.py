@@ -75,11 +75,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries))
         self._inflight: dict[str, InFlight] = {}
 
+    def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant | None:
+        """The tenant of a call's headers (Unauthenticated without a known token), None when
+        auth is off: for either edge."""
+        return self.tokens.check(metadata) if self.tokens is not None else None
+
     def _tenant(self, context: Context) -> Tenant | None:
-        """The caller's tenant (Unauthenticated without a known token), None when auth is off."""
-        if self.tokens is None:
-            return None
-        return self.tokens.check(context.invocation_metadata())
+        return self.tenant_of(context.invocation_metadata())
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: Context
@@ -105,7 +107,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.metrics:
             self.metrics.in_flight.inc()
         try:
-            tenant = self.tokens.check(metadata) if self.tokens is not None else None
+            tenant = self.tenant_of(metadata)
             if tenant is not None:
                 rec.tenant = tenant.tenant
             who = tenant.tenant if tenant else peer_host(peer)
