@@ -170,13 +170,19 @@ def report(data_dir: Path, since: str | None = None, until: str | None = None,
                min(ts), max(ts + to_microseconds(CAST(e2e_s * 1e6 AS BIGINT)))
         FROM requests WHERE ts >= $since AND ts < $until""", period)
     ok, failed, inp, cached, out, rate, kv_sum, first, last = row
-    # Worker time: from the gateway's worker samples; without any, each worker's span of
-    # requests in the period.
+    # Worker time: from the gateways' worker samples; without any, each worker's span of
+    # requests in the period. Every gateway samples every worker once per interval (in the
+    # middle of the same wall-clock slots, accounting.sample_workers): a worker's slot counts
+    # once whichever gateways sampled it, so worker-hours are one gateway's view.
     _, wrows = run_query(data_dir, """
-        SELECT role, sum(interval_s) FILTER (in_rotation), max(n) FROM (
-            SELECT role, interval_s, in_rotation,
-                   count(*) FILTER (in_rotation) OVER (PARTITION BY ts, role) AS n
-            FROM workers WHERE ts >= $since AND ts < $until) GROUP BY role""", period)
+        SELECT role, sum(secs), max(n) FROM (
+            SELECT role, secs, count(secs) OVER (PARTITION BY slot, role) AS n FROM (
+                SELECT role, worker_id, slot, max(interval_s) FILTER (in_rotation) AS secs
+                FROM (SELECT role, worker_id, interval_s, in_rotation,
+                             CAST(floor(epoch(ts) / interval_s) AS BIGINT) AS slot
+                      FROM workers WHERE ts >= $since AND ts < $until AND interval_s > 0)
+                GROUP BY role, worker_id, slot))
+        GROUP BY role""", period)
     secs = {r: s or 0.0 for r, s, _ in wrows}
     peak = {r: int(n or 0) for r, _, n in wrows}
     if not wrows and ok:

@@ -60,6 +60,7 @@ REQUEST_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("miss_reason", "VARCHAR", object),      # see MISS_REASONS; '' = nothing to explain
     ("error", "VARCHAR", object),
     ("attempts", "BIGINT", np.int64),        # 1, or more after retries / migrations
+    ("gateway", "VARCHAR", object),          # the gateway that served it (--gateway-id)
 )
 
 WORKER_COLUMNS: tuple[tuple[str, str, Any], ...] = (
@@ -72,6 +73,7 @@ WORKER_COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("used_pages", "BIGINT", np.int64),
     ("total_pages", "BIGINT", np.int64),
     ("interval_s", "DOUBLE", np.float64),    # the time this sample stands for
+    ("gateway", "VARCHAR", object),          # the gateway that took the sample
 )
 
 TABLES = {"requests": REQUEST_COLUMNS, "workers": WORKER_COLUMNS}
@@ -127,6 +129,14 @@ def live_files(directory: Path) -> tuple[list[Path], list[Path]]:
         else:
             live.append(p)
     return live, covered
+
+
+def table_files(directory: Path) -> list[Path]:
+    """The live segment files of one table: its own directory's (a ledger without a gateway
+    id) and every gateway's directory under it."""
+    dirs = [directory] + (sorted(p for p in directory.iterdir() if p.is_dir())
+                          if directory.is_dir() else [])
+    return [f for d in dirs for f in live_files(d)[0]]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -276,20 +286,34 @@ class SegmentLog:
 
 
 class Ledger:
-    """The gateway's two tables: `requests` (one row per request) and `workers` (samples)."""
+    """One gateway's two tables: `requests` (one row per request) and `workers` (samples).
+
+    Several gateways share a data directory (or their volumes are gathered later): each writes
+    its segments under `<table>/<gateway>/`, and readers read every gateway's directory (and
+    the table directory itself, where a ledger without a gateway id writes). Two gateways with
+    the same id on one directory are refused (the second fails at start-up naming it)."""
 
     def __init__(self, data_dir: Path, flush_records: int = 256, flush_s: float = 1.0,
-                 max_pending: int = 100_000, compact_after: int = 32) -> None:
+                 max_pending: int = 100_000, compact_after: int = 32,
+                 gateway: str = "") -> None:
+        from pdserve.supervise import DirLock
+
         root = ledger_dir(data_dir)
-        self.requests = SegmentLog(root / "requests", REQUEST_COLUMNS, flush_records, flush_s,
-                                   max_pending, compact_after)
-        self.workers = SegmentLog(root / "workers", WORKER_COLUMNS, flush_records, flush_s,
-                                  max_pending, compact_after)
+        self.gateway = gateway
+        # Before any segment is touched: one writer per gateway id.
+        self._lock = DirLock(root, f".writer-{gateway or '_'}.lock", "--gateway-id",
+                             "another gateway", repr(gateway))
+        self.requests = SegmentLog(root / "requests" / gateway, REQUEST_COLUMNS, flush_records,
+                                   flush_s, max_pending, compact_after)
+        self.workers = SegmentLog(root / "workers" / gateway, WORKER_COLUMNS, flush_records,
+                                  flush_s, max_pending, compact_after)
 
     def record_request(self, **fields: Any) -> bool:
+        fields["gateway"] = self.gateway
         return self.requests.append(tuple(fields[n] for n, _, _ in REQUEST_COLUMNS))
 
     def record_worker(self, **fields: Any) -> bool:
+        fields["gateway"] = self.gateway
         return self.workers.append(tuple(fields[n] for n, _, _ in WORKER_COLUMNS))
 
     def flush(self) -> None:
@@ -299,6 +323,7 @@ class Ledger:
     def close(self) -> None:
         self.requests.close()
         self.workers.close()
+        self._lock.release()
 
 
 def ledger_dir(data_dir: Path) -> Path:
@@ -312,7 +337,7 @@ def connect_ledger(data_dir: Path) -> duckdb.DuckDBPyConnection:
                                  "autoload_known_extensions": False})
     con.execute("SET TimeZone = 'UTC'")
     for table, columns in TABLES.items():
-        live, _ = live_files(root / table)
+        live = table_files(root / table)
         if live:
             files = ", ".join(f"'{p}'" for p in live)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], "

@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true", help="print one JSON object")
     gen = sub.add_parser("generate", help="send one request to a gateway, stream the answer")
     gen.add_argument("prompt", nargs="?", default="", help="text (a user message)")
-    gen.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
+    gen.add_argument("--address", default="127.0.0.1:50051",
+                     help="gateway address, or several comma-separated (the request goes to "
+                     "one of them, another when one is down before answering)")
     gen.add_argument("--token-ids", default="", help="comma-separated token ids instead of text")
     gen.add_argument("--system", default="", help="system message")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -295,14 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, service=cmd)
+    from pdserve.cluster import ClusterError
+    from pdserve.supervise import DirectoryInUse, die_with_parent
+
     if isinstance(settings, config.UpSettings):
-        if cmd == "up":
-            from pdserve.cluster import run_up
+        try:
+            if cmd == "up":
+                from pdserve.cluster import run_up
 
-            return run_up(settings)
-        from pdserve.demo import main as demo_main
+                return run_up(settings)
+            from pdserve.demo import main as demo_main
 
-        return demo_main(settings, args.max_tokens, args.keep_data)
+            return demo_main(settings, args.max_tokens, args.keep_data)
+        except DirectoryInUse as e:
+            print(f"pdserve {cmd}: {e}", file=sys.stderr)
+            return 2
+        except ClusterError as e:  # a service did not start; its log's tail says why
+            print(f"pdserve {cmd}: {e}", file=sys.stderr)
+            return 1
+    die_with_parent()  # started by `pdserve up`: die with it
     if isinstance(settings, config.KVStoreSettings) and args.action != "serve":
         from pdserve.cache.offline import run_offline
 
@@ -313,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.engine.errors import EPError
     from pdserve.services.gateway.auth import AuthError
     from pdserve.services.security import SecurityError
+    from pdserve.services.server import ListenError
 
     module = import_module(f"pdserve.services.{cmd}.main")
     try:
         asyncio.run(module.run(settings))
-    except (FileNotFoundError, SecurityError, AuthError, BackendError, EPError) as e:
+    except (FileNotFoundError, SecurityError, AuthError, BackendError, EPError,
+            ListenError, DirectoryInUse) as e:
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,13 @@
 """`pdserve up`: the whole cluster on one machine, one process per service on loopback.
 
-Start order: kvstore -> gateway -> prefill and decode workers (which join the gateway). Ready
-when the gateway's overall health says SERVING. Stop order is the reverse, each with SIGTERM
-(graceful: drain, then exit) and SIGKILL only after a grace period.
+Start order: kvstore -> gateways -> prefill and decode workers (which join every gateway).
+Ready when every gateway's overall health says SERVING. Stop order is the reverse, each with
+SIGTERM (graceful: drain, then exit) and SIGKILL only after a grace period.
+
+Supervision: every service dies with `pdserve up`, however `pdserve up` dies (the kernel's
+parent-death signal, pdserve/supervise.py); a second `pdserve up` on the same data directory
+fails at once naming it and the process holding it, and one on a port in use fails at the
+gateway's start with the port's flag (no gRPC port is shared: SO_REUSEPORT is off).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.config import UpSettings
+from pdserve.supervise import DirLock, supervised_env
 
 
 class ClusterError(RuntimeError):
@@ -38,9 +45,13 @@ class Service:
         self.log_path = run_dir / f"{name}.log"
         self.ready_file.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
+        # Services with durable state shut down cleanly (SIGTERM) when `pdserve up` dies;
+        # workers have none, and a drain would wait for requests nobody reads (SIGKILL).
+        death = signal.SIGTERM if args[0] in ("gateway", "kvstore") else signal.SIGKILL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve", *self.args, "--ready-file", str(self.ready_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=self._log, stderr=subprocess.STDOUT, env={**env, **supervised_env(death)},
+            start_new_session=True)
         self.port: int | None = None
         self.metrics_port: int | None = None
 
@@ -81,8 +92,11 @@ class LocalCluster:
         self.data_dir = settings.data_dir.resolve()
         self.run_dir = self.data_dir / "run"
         self.services: list[Service] = []
-        self.gateway_address = ""
-        self.http_url: str | None = None  # the OpenAI-compatible API, once started
+        self.gateway_address = ""  # the first gateway
+        self.gateway_addresses: list[str] = []  # every gateway, once started
+        self.http_url: str | None = None  # the first gateway's OpenAI-compatible API
+        self.http_urls: list[str] = []
+        self._lock: DirLock | None = None
         self.kvstore_address = ""
         self.env = {**os.environ, **(extra_env or {})}
         from pdserve.services.security import load_tls
@@ -113,7 +127,29 @@ class LocalCluster:
                 raise ClusterError("timed out starting " + ", ".join(s.name for s in pending))
             time.sleep(0.05)
 
+    @property
+    def gateway_names(self) -> list[str]:
+        n = self.s.gateways
+        return ["gateway"] if n == 1 else [f"gateway-{i}" for i in range(n)]
+
+    def _gateway_ports(self) -> list[int]:
+        """Consecutive ports from --port; with --port 0, free ones picked now (every gateway
+        needs its peers' addresses before it starts)."""
+        n = self.s.gateways
+        if self.s.port or n == 1:
+            return [self.s.port + i if self.s.port else 0 for i in range(n)]
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for sk in socks:
+                sk.bind((self.s.host, 0))
+            return [sk.getsockname()[1] for sk in socks]
+        finally:
+            for sk in socks:
+                sk.close()
+
     def start(self) -> LocalCluster:
+        # Before anything in the directory is touched: one `pdserve up` per data directory.
+        self._lock = DirLock(self.data_dir, ".pdserve-up.lock", "--data-dir", "pdserve up")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         deadline = t0 + self.s.startup_timeout_s
@@ -131,21 +167,33 @@ class LocalCluster:
                                          *common])
             self._wait_ready([kv], deadline)
             self.kvstore_address = f"127.0.0.1:{kv.port}"
-            self._say("starting gateway ...")
-            gw = self._spawn("gateway", ["gateway", "--host", self.s.host, "--port",
-                                         str(self.s.port), "--http-port", str(self.s.http_port),
-                                         "--kvstore", self.kvstore_address, "--internal-port", "0",
-                                         "--data-dir", str(self.data_dir), *model, *common])
-            self._wait_ready([gw], deadline)
+            names = self.gateway_names
+            self._say(f"starting {len(names)} gateway{'s' if len(names) > 1 else ''} ...")
             host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
-            self.gateway_address = f"{host}:{gw.port}"
-            internal = json.loads(gw.ready_file.read_text()).get("internal_port")
-            http = json.loads(gw.ready_file.read_text()).get("http_port")
+            ports = self._gateway_ports()
+            peers = ",".join(f"{host}:{p}" for p in ports) if len(ports) > 1 else ""
+            http_base = self.s.http_port
+            gws = [self._spawn(name, [
+                "gateway", "--host", self.s.host, "--port", str(port), "--http-port",
+                str(http_base + i if http_base > 0 else http_base), "--gateway-id", name,
+                *(["--peers", peers] if peers else []),
+                "--kvstore", self.kvstore_address, "--internal-port", "0",
+                "--data-dir", str(self.data_dir), *model, *common])
+                for i, (name, port) in enumerate(zip(names, ports))]
+            self._wait_ready(gws, deadline)
             scheme = "https" if self.s.tls_cert_file else "http"
-            self.http_url = f"{scheme}://{host}:{http}" if http else None
-            # With mutual TLS workers join on the gateway's internal port.
-            self.gateway_internal_address = (f"{host}:{internal}" if internal
-                                             else self.gateway_address)
+            internals = []
+            for gw in gws:
+                ready = json.loads(gw.ready_file.read_text())
+                self.gateway_addresses.append(f"{host}:{gw.port}")
+                if ready.get("http_port"):
+                    self.http_urls.append(f"{scheme}://{host}:{ready['http_port']}")
+                # With mutual TLS workers join on the gateway's internal port.
+                internal = ready.get("internal_port")
+                internals.append(f"{host}:{internal}" if internal else f"{host}:{gw.port}")
+            self.gateway_address = self.gateway_addresses[0]
+            self.http_url = self.http_urls[0] if self.http_urls else None
+            self.gateway_internal_address = ",".join(internals)
             # An EP group's ranks are the role's workers.
             n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
             n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
@@ -178,9 +226,10 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
-        if self.http_url:
-            self._say(f"OpenAI-compatible API: {self.http_url}/v1")
-        self._say(f"pdserve up: gateway on {self.gateway_address} "
+        if self.http_urls:
+            self._say("OpenAI-compatible API: " + ", ".join(f"{u}/v1" for u in self.http_urls))
+        self._say(f"pdserve up: gateway{'s' if len(self.gateway_addresses) > 1 else ''} on "
+                  f"{', '.join(self.gateway_addresses)} "
                   f"(ready in {time.monotonic() - t0:.1f} s, data in {self.data_dir})")
         if self.s.metrics:
             self._say("metrics: " + ", ".join(
@@ -209,9 +258,15 @@ class LocalCluster:
                 for s in self.services if s.metrics_port}
 
     def _wait_serving(self, deadline: float) -> None:
+        for address in self.gateway_addresses:
+            self.wait_gateway_serving(address, deadline)
+
+    def wait_gateway_serving(self, address: str, deadline: float) -> None:
+        """Waits until the gateway at `address` says SERVING (it has a prefill and a decode
+        worker, and the store answered); ClusterError when a service died or at `deadline`."""
         from pdserve.services.security import sync_channel
 
-        with sync_channel(self.gateway_address, self.tls) as ch:
+        with sync_channel(address, self.tls) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 for s in self.services:
@@ -223,7 +278,7 @@ class LocalCluster:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise ClusterError("gateway never became SERVING")
+                    raise ClusterError(f"gateway {address} never became SERVING")
                 time.sleep(0.1)
 
     def service(self, name: str) -> Service:
@@ -242,13 +297,13 @@ class LocalCluster:
         their peers reconnect; workers as new processes, hence new epochs)."""
         old = self.service(name)
         internal = None
-        if name == "gateway" and old.ready_file.exists():
+        if _tier(name) == 1 and old.ready_file.exists():
             internal = json.loads(old.ready_file.read_text()).get("internal_port")
         old.terminate()
         old.wait(30)
         self.services.remove(old)
         args = list(old.base_args)
-        if name in ("kvstore", "gateway"):
+        if _tier(name):
             args[args.index("--port") + 1] = str(old.port)
         if internal:
             args[args.index("--internal-port") + 1] = str(internal)
@@ -260,22 +315,28 @@ class LocalCluster:
         self.restart("kvstore", timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        # Workers first (they drain), then the gateway, then the store.
-        order = sorted(self.services, key=lambda s: {"gateway": 1, "kvstore": 2}.get(s.name, 0))
-        for group in (0, 1, 2):
-            members = [s for s in order
-                       if {"gateway": 1, "kvstore": 2}.get(s.name, 0) == group]
+        # Workers first (they drain), then the gateways, then the store.
+        for tier in (0, 1, 2):
+            members = [s for s in self.services if _tier(s.name) == tier]
             for s in members:
                 s.terminate()
             for s in members:
                 s.wait(grace_s)
         self.services.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _tier(name: str) -> int:
+    """Stop order: workers (0), gateways (1), the store (2)."""
+    return 2 if name == "kvstore" else 1 if name.startswith("gateway") else 0
 
 
 def run_up(settings: UpSettings) -> int:
@@ -288,14 +349,23 @@ def run_up(settings: UpSettings) -> int:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     cluster.start()
-    print(f"serving on {cluster.gateway_address}; Ctrl-C stops", flush=True)
+    print(f"serving on {','.join(cluster.gateway_addresses)}; Ctrl-C stops", flush=True)
     try:
         while not stop["now"]:
-            for s in cluster.services:
-                if s.proc.poll() is not None:
-                    print(f"{s.name} exited ({s.proc.returncode}); stopping\n{s.log_tail()}",
-                          file=sys.stderr)
-                    return 1
+            for s in list(cluster.services):
+                if s.proc.poll() is None:
+                    continue
+                others = [g for g in cluster.services if g is not s
+                          and g.name.startswith("gateway") and g.proc.poll() is None]
+                if s.name.startswith("gateway") and others:
+                    # The other gateways serve meanwhile; this one comes back on its port.
+                    print(f"{s.name} exited ({s.proc.returncode}); restarting it",
+                          file=sys.stderr, flush=True)
+                    cluster.restart(s.name, timeout_s=settings.startup_timeout_s)
+                    continue
+                print(f"{s.name} exited ({s.proc.returncode}); stopping\n{s.log_tail()}",
+                      file=sys.stderr)
+                return 1
             time.sleep(0.2)
     finally:
         print("stopping ...", file=sys.stderr, flush=True)

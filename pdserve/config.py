@@ -11,10 +11,22 @@ import argparse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Address = str  # "host:port"
+
+
+def check_addresses(value: str) -> str:
+    """A comma-separated list of host:port (IPv6 hosts in brackets); ValueError otherwise."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r} is not host:port")
+    if not items:
+        raise ValueError("empty, expected host:port (comma-separated)")
+    return ",".join(items)
 
 
 class _Base(BaseSettings):
@@ -121,13 +133,27 @@ class KVStoreSettings(_Served):
                                  "by their reader are dropped after this long")
 
 
-class PrefillSettings(_ModelSettings):
+class _Worker(_ModelSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
-    gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
+    gateway: str = Field("127.0.0.1:50051", description="gateways to register with: "
+                         "host:port, comma-separated, where a host name that resolves to "
+                         "several addresses (a headless Service) is one gateway per address, "
+                         "re-resolved every --gateway-resolve-s")
+    gateway_resolve_s: float = Field(5.0, gt=0, le=3600, description="look up the "
+                                     "--gateway names again this often (gateways that appear "
+                                     "get this worker's registration at once)")
     advertise_host: str = Field("", description="host the gateway and peers use to reach this "
                                 "worker (default: --host, or the hostname when --host is "
                                 "0.0.0.0); on Kubernetes, the pod IP")
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateways(cls, v: str) -> str:
+        return check_addresses(v)
+
+
+class PrefillSettings(_Worker):
     kvstore: str = Field("127.0.0.1:50060", description="kvstore shard addresses, comma-separated "
                          "('' = no store)")
     num_pages: int = Field(256, ge=1, description="KV pages in this worker's pool")
@@ -152,13 +178,7 @@ class PrefillSettings(_ModelSettings):
                                    "queued prefills to finish before stopping")
 
 
-class DecodeSettings(_ModelSettings):
-    host: str = Field("127.0.0.1", description="listen address")
-    port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = any free port)")
-    gateway: Address = Field("127.0.0.1:50051", description="gateway address to register with")
-    advertise_host: str = Field("", description="host the gateway and peers use to reach this "
-                                "worker (default: --host, or the hostname when --host is "
-                                "0.0.0.0); on Kubernetes, the pod IP")
+class DecodeSettings(_Worker):
     num_pages: int = Field(512, ge=1, description="KV pages in this worker's pool")
     max_batch: int = Field(64, ge=1, description="most requests decoded in one step")
     lease_s: float = Field(60.0, gt=0, description="free reserved pages if no KV lands by then")
@@ -173,6 +193,18 @@ class DecodeSettings(_ModelSettings):
 class GatewaySettings(_Served):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(50051, ge=0, le=65535, description="public gRPC port (0 = any free port)")
+    gateway_id: str = Field("", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                            description="this gateway's name in the ledger (its `gateway` "
+                            "column, and its segment directory DATA_DIR/ledger/<table>/<id>); "
+                            "'' = the host name (on Kubernetes, the pod name)")
+    peers: str = Field("", description="the other gateways (host:port, comma-separated, or a "
+                       "name resolving to every gateway; this one may be among them): an Abort "
+                       "for a request this gateway does not hold is forwarded to them")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: str) -> str:
+        return check_addresses(v) if v.strip() else ""
     http_port: int = Field(8000, ge=-1, le=65535, description="OpenAI-compatible HTTP API port "
                            "(/v1/chat/completions, /v1/completions, /v1/models, /health, "
                            "/metrics; 0 = any free port, -1 = off); TLS with the same files")
@@ -240,9 +272,13 @@ class GatewaySettings(_Served):
 
 class UpSettings(_Secured):
     host: str = Field("127.0.0.1", description="gateway listen address")
-    port: int = Field(50051, ge=0, le=65535, description="gateway port (0 = any free port)")
-    http_port: int = Field(8000, ge=-1, le=65535, description="the gateway's OpenAI-compatible "
-                           "HTTP port (0 = any free port, -1 = off)")
+    port: int = Field(50051, ge=0, le=65535, description="gateway port, the first of "
+                      "--gateways consecutive ones (0 = any free ports)")
+    http_port: int = Field(8000, ge=-1, le=65535, description="the gateways' OpenAI-compatible "
+                           "HTTP port, the first of consecutive ones (0 = any free port, "
+                           "-1 = off)")
+    gateways: int = Field(1, ge=1, le=16, description="gateways, each routing on its own view "
+                          "of every worker (every worker registers with all of them)")
     data_dir: Path = Field(Path("data"), description="directory holding all state")
     model: Path | None = Field(None, description="model to serve (default: SmolLM2-135M-Instruct)")
     num_prefill: int = Field(1, ge=1, le=64, description="prefill workers")

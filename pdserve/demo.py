@@ -94,7 +94,7 @@ def main(settings: UpSettings, max_tokens: int, keep_data: bool) -> int:
                                                "http_port": 0})
     try:
         with LocalCluster(settings) as cluster:
-            run_workload(cluster.gateway_address, max_tokens=max_tokens)
+            run_workload(",".join(cluster.gateway_addresses), max_tokens=max_tokens)
             print("\nstopping the cluster ...", file=sys.stderr, flush=True)
         # The gateway wrote one ledger row per request; what `pdserve report` makes of them:
         from pdserve.cache.analytics import format_report, report, run_named

@@ -47,7 +47,13 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int | No
     """Starts the /metrics HTTP server (port 0 = any free port); None when port < 0 (off)."""
     if port < 0:
         return None
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        from pdserve.services.server import ListenError
+
+        raise ListenError(f"--metrics-port {port}: cannot listen on {host}:{port}: {e}") \
+            from None
     actual = server.server_port
     log.info("metrics serving", extra={"port": actual})
     return actual
@@ -80,6 +86,10 @@ class GatewayMetrics:
         self.retries = Counter("pdserve_request_retries", "attempts restarted on another worker "
                                "(stage: prefill = before any token, decode = migration)",
                                ["stage"], registry=r)
+        self.reserve_refused = Counter(
+            "pdserve_reserve_refused", "decode reservations refused for room and placed on the "
+            "next candidate (several gateways placed on the same loads between reports)",
+            registry=r)
         self.workers = Gauge("pdserve_workers_in_rotation", "workers taking requests", ["role"],
                              registry=r)
         self.queued_tokens = Gauge("pdserve_cluster_queued_tokens",

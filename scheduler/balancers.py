@@ -42,9 +42,14 @@ class DecodeCandidate:
 
 
 def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b: float,
-                  allowed: np.ndarray) -> int | None:
+                  allowed: np.ndarray, rng: np.random.Generator | None = None) -> int | None:
     """Index minimising max(resulting max of a / mean a, resulting max of b / mean b); ties go
-    to the lower current normalised load, then the lower index. O(n), vectorised."""
+    to the lower current normalised load, then to a random one of those (`rng`; without it,
+    the lowest index). O(n), vectorised.
+
+    Random, not lowest-index: several gateways placing on the same loads between two reports
+    would otherwise all pick the same worker, and a burst through N gateways would land N
+    requests on it before any report says so."""
     n = len(loads_a)
     if not allowed.any():
         return None
@@ -68,18 +73,22 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
     score = np.where(allowed, score, np.inf)
     best = score.min()
     candidates = np.flatnonzero(score <= best)
-    # np.argmin returns the first of equal values: the lowest index wins remaining ties.
-    return int(candidates[np.argmin(tie[candidates])])
+    least = tie[candidates]
+    candidates = candidates[least <= least.min()]
+    if rng is None or len(candidates) == 1:
+        return int(candidates[0])
+    return int(candidates[rng.integers(len(candidates))])
 
 
 def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
-                       new: int, allowed: np.ndarray | None = None) -> int | None:
+                       new: int, allowed: np.ndarray | None = None,
+                       rng: np.random.Generator | None = None) -> int | None:
     """Array form of pick_prefill: queued attention work and tokens per worker -> row
-    (`allowed`: rows that may be picked; default all)."""
+    (`allowed`: rows that may be picked; default all; `rng`: random tie breaks)."""
     if len(attention) == 0:
         return None
     ok = np.ones(len(attention), dtype=bool) if allowed is None else allowed
-    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok)
+    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok, rng)
 
 
 def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
@@ -91,7 +100,8 @@ def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
 
 def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
                        allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
-                       max_stages: int = 0) -> list[int]:
+                       max_stages: int = 0, rng: np.random.Generator | None = None
+                       ) -> list[int]:
     """Rows that prefill the request: one row, or, for a prompt with at least
     `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
     layers over the whole prompt and so take 1/G of its attention work and token volume
@@ -102,7 +112,7 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     runs the last layers and owns the result. Empty when no row is allowed."""
     n = len(attention)
     ok = np.ones(n, dtype=bool) if allowed is None else allowed
-    single = pick_prefill_index(attention, tokens, cached, new, ok)
+    single = pick_prefill_index(attention, tokens, cached, new, ok, rng)
     if single is None:
         return []
     rows = np.flatnonzero(ok)
@@ -127,13 +137,14 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
 
 
 def pick_decode_index(used: np.ndarray, free: np.ndarray, running: np.ndarray,
-                      pages_needed: int, allowed: np.ndarray | None = None) -> int | None:
+                      pages_needed: int, allowed: np.ndarray | None = None,
+                      rng: np.random.Generator | None = None) -> int | None:
     """Array form of pick_decode: used / free pages and running requests per worker -> row."""
     if len(used) == 0:
         return None
     ok = free >= pages_needed
     return _pick_min_max(used, float(pages_needed), running, 1.0,
-                         ok if allowed is None else ok & allowed)
+                         ok if allowed is None else ok & allowed, rng)
 
 
 def pick_prefill(cands: Sequence[PrefillCandidate], cached: int, new: int) -> str | None:

@@ -98,6 +98,8 @@ class WorkerRegistry:
     # (0: none) over at most this many prefill workers (0: all in rotation).
     pipeline_min_tokens: int = 0
     pipeline_max_stages: int = 0
+    # Ties between equally loaded workers are broken at random (balancers._pick_min_max).
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
     def table(self, role: str) -> LoadTable:
         t = self._tables.get(role)
@@ -147,12 +149,14 @@ class WorkerRegistry:
             self._refresh(w)
         return True
 
-    def leave(self, worker_id: str, epoch: int) -> bool:
-        w = self.workers.get(worker_id)
-        if w is None or w.spec.epoch != epoch:
+    def leave(self, state: WorkerState) -> bool:
+        """Removes the worker `state` registered, unless a later registration (a newer epoch,
+        or the same process again over a new stream) replaced it."""
+        wid = state.spec.worker_id
+        if self.workers.get(wid) is not state:
             return False
-        del self.workers[worker_id]
-        self._changed(w.spec.role)
+        del self.workers[wid]
+        self._changed(state.spec.role)
         return True
 
     def expire(self, now: float, timeout_s: float) -> list[str]:
@@ -182,15 +186,27 @@ class WorkerRegistry:
             raise NoWorker("no prefill or decode worker in rotation"
                            + (" (besides the ones that failed this request)" if excluded else ""))
         cached = cached_blocks * self.workers[pt.ids[0]].spec.block_tokens
-        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok)
-        if d is None:
-            raise NoRoom(pages)
+        decode = self.pick_decode(pages, excluded)
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
-                                  self.pipeline_min_tokens, self.pipeline_max_stages)
+                                  self.pipeline_min_tokens, self.pipeline_max_stages, self.rng)
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
             upstream = []  # a rank of an EP group steps with its group, not as a stage
-        return head, self.workers[dt.ids[d]], upstream
+        return head, decode, upstream
+
+    def pick_decode(self, pages: int, excluded: frozenset[str] | set[str] = frozenset()
+                    ) -> WorkerState:
+        """The decode worker for a request of `pages` pages, by the decode balancer; NoRoom
+        when no worker outside `excluded` can hold it (NoWorker when none is in rotation)."""
+        dt = self.table("decode")
+        d_ok = np.array([w not in excluded for w in dt.ids], dtype=bool)
+        if not d_ok.any():
+            raise NoWorker("no decode worker in rotation"
+                           + (" (besides the ones that failed this request)" if excluded else ""))
+        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, pages, d_ok, self.rng)
+        if d is None:
+            raise NoRoom(pages)
+        return self.workers[dt.ids[d]]
 
     def active(self, role: str) -> list[WorkerState]:
         """The role's workers in rotation; a rank of an EP group only while every rank of its

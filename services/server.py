@@ -44,6 +44,10 @@ LIVENESS = "liveness"  # health service name for liveness probes: SERVING while 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class ListenError(OSError):
+    """A service cannot listen where it was told to; the message names the flag."""
+
+
 class _Malformed:
     def __init__(self, why: str) -> None:
         self.why = why
@@ -128,13 +132,16 @@ async def create_server(
     internal: bool = True,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     interceptors: Iterable[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    flag: str = "--port",
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Builds and starts a server; returns (server, bound port, health servicer). With TLS
     configured (services/security.py) the port is TLS, and an internal one requires the
-    cluster credential (a client certificate signed by the cluster CA)."""
+    cluster credential (a client certificate signed by the cluster CA). The port is this
+    server's alone (SO_REUSEPORT off: gRPC's default would let a second service bind it and
+    split the connections); one in use is an OSError naming `flag`."""
     options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"]
     server = grpc.aio.server(options=options + [
-        ("grpc.max_receive_message_length", max_message_bytes)],
+        ("grpc.max_receive_message_length", max_message_bytes), ("grpc.so_reuseport", 0)],
         interceptors=[MalformedRequests(), *interceptors])
     for add in register:
         add(server)
@@ -148,20 +155,26 @@ async def create_server(
                  reflection.SERVICE_NAME], server)
     creds = security.server_credentials(internal)
     address = f"{host}:{port}"
-    bound = (server.add_secure_port(address, creds) if creds is not None
-             else server.add_insecure_port(address))
+    try:
+        bound = (server.add_secure_port(address, creds) if creds is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise ListenError(f"{flag} {port}: cannot listen on {host}:{port} (in use by another "
+                      "process, or not an address of this machine)")
     await server.start()
     return server, bound, health_servicer
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """A channel to another pdserve service (TLS with the cluster credential when configured)."""
+def channel(address: str, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """A channel to another pdserve service (TLS with the cluster credential when configured);
+    `options` replace CHANNEL_OPTIONS."""
+    opts = CHANNEL_OPTIONS if options is None else options
     creds, extra = security.channel_credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS + extra)
+        return grpc.aio.insecure_channel(address, options=opts)
+    return grpc.aio.secure_channel(address, creds, options=opts + extra)
 
 
 def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:

@@ -27,7 +27,7 @@ from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
 from pdserve.metrics import serve_metrics
 from pdserve.services.errors import InvalidArgument
-from pdserve.services.registration import join_gateway
+from pdserve.services.registration import Registrations
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
 from pdserve.v1 import common_pb2
 
@@ -237,8 +237,9 @@ async def serve_worker(role: str, settings: WorkerSettings, worker: ServedWorker
     info = worker_info(role, settings, worker.loaded, advertised_address(settings, port),
                        worker.epoch, worker.num_pages)
     stop = asyncio.Event()
-    joiner = asyncio.create_task(join_gateway(settings.gateway, info, worker.report, stop,
-                                              changed))
+    joins = Registrations(settings.gateway, settings.gateway_resolve_s, info, worker.report,
+                          stop, changed)
+    joiner = asyncio.create_task(joins.run())
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
     write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
                      metrics_port=metrics_port)

@@ -230,7 +230,7 @@ def ledger_row(i: int, **kw: Any) -> dict[str, Any]:
                 finish_reason="stop", prompt_tokens=100, cached_tokens=64, completion_tokens=5,
                 ttft_s=0.1, tpot_s=0.01, e2e_s=0.2, prefill_worker="p0", decode_worker="d0",
                 kv_bytes=1000, fetch_s=0.001, compute_s=0.05, miss_reason="partial_block",
-                error="", attempts=1)
+                error="", attempts=1, gateway="")
     base.update(kw)
     return base
 

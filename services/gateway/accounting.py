@@ -134,8 +134,11 @@ class Accounting:
     async def sample_workers(self, every_s: float, stop: asyncio.Event) -> None:
         """Writes every worker's last load report into the ledger's `workers` table."""
         while not stop.is_set():
+            # In the middle of the wall-clock slots of `every_s` seconds, as every gateway
+            # does: the report counts a worker once per slot (cache/analytics.py).
+            wait = every_s - (time.time() - every_s / 2) % every_s
             try:
-                await asyncio.wait_for(stop.wait(), every_s)
+                await asyncio.wait_for(stop.wait(), wait)
             except asyncio.TimeoutError:
                 pass
             now = time.time()

@@ -68,6 +68,10 @@ class Aborted(Exception):
     """The client aborted the request while a call for it was in progress."""
 
 
+class DecodeFull(Exception):
+    """A decode worker refused a reservation: it has no room for it now."""
+
+
 class WorkerFailed(Exception):
     """A worker failed this attempt; another one may finish the request."""
 
@@ -192,13 +196,12 @@ class GenerateFlow:
         sampling.CopyFrom(self.sampling)
         sampling.max_tokens, sampling.position_offset = remaining, len(self.out)
         place = await self._place(ctx, remaining)
-        decode = self.c.clients.decode(place.decode.spec.address)
+        # A RESERVE is never cancelled: one the worker still carried out would hold its
+        # pages until its lease ran out. It is short; the abort is seen after it.
+        decode, res = await self._reserve_somewhere(place, iid, ctx, sampling, remaining)
         stream: DecodeStream | None = None
         finished = prefill_sent = False
         try:
-            # A RESERVE is never cancelled: one the worker still carried out would hold its
-            # pages until its lease ran out. It is short; the abort is seen after it.
-            res = await self._reserve(decode, place, iid, ctx, sampling)
             if self.flight.aborted.is_set():
                 raise Aborted
             # Open the decode stream before the prefill, so no token can be missed.
@@ -273,6 +276,35 @@ class GenerateFlow:
                 "stages": [w.spec.worker_id for w in stages]})
         return _Placement(keys, cacheable, found, pw, dw, stages)
 
+    async def _reserve_somewhere(self, place: _Placement, iid: str, ctx: list[int],
+                                 sampling: common_pb2.SamplingParams, remaining: int
+                                 ) -> tuple[decode_pb2_grpc.DecodeAsyncStub,
+                                            common_pb2.Reservation]:
+        """RESERVE on the placed decode worker; one that refuses for room (its pages went to
+        requests another gateway placed on the same stale loads) is no candidate for this
+        request, and the next one the balancer picks is tried, until none is left (NoRoom:
+        RESOURCE_EXHAUSTED to the client). Sets `place.decode` to the worker that took it."""
+        full: set[str] = set()
+        pages = request_pages(self.spec.block_tokens, len(ctx), remaining)
+        while True:
+            decode = self.c.clients.decode(place.decode.spec.address)
+            try:
+                return decode, await self._reserve(decode, place, iid, ctx, sampling)
+            except asyncio.CancelledError:  # the client went away: the pages go back now
+                await release(decode, iid, unwritten=True)
+                raise
+            except DecodeFull as e:
+                full.add(place.decode.spec.worker_id)
+                log.info("decode worker refused the reservation, trying the next", extra={
+                    "request_id": self.rid, "worker": place.decode.spec.worker_id,
+                    "why": str(e)})
+                if self.c.metrics:
+                    self.c.metrics.reserve_refused.inc()
+                dw = self.c.registry.pick_decode(pages, self.excluded | full)  # NoRoom
+                self.c.registry.bump(dw.spec.worker_id, free_pages=-pages, running=1)
+                place.decode = dw
+                self.rec.decode_worker = dw.spec.worker_id
+
     async def _reserve(self, decode: decode_pb2_grpc.DecodeAsyncStub, place: _Placement, iid: str,
                        ctx: list[int], sampling: common_pb2.SamplingParams
                        ) -> common_pb2.Reservation:
@@ -283,8 +315,9 @@ class GenerateFlow:
                 request_id=iid, prompt_token_ids=ctx, sampling=sampling),
                 timeout=self.c.settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            grpc.StatusCode.INVALID_ARGUMENT):
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise DecodeFull(e.details()) from None
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise error_for(e.code(), f"decode reserve: {e.details()}") from None
             raise WorkerFailed(Role.DECODE, place.decode.spec.worker_id,
                                grpc.StatusCode.UNAVAILABLE,

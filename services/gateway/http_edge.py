@@ -38,6 +38,7 @@ from pdserve.services.gateway.openai_api import (
 )
 from pdserve.services.gateway.servicer import GatewayServicer, RequestFailed
 from pdserve.services.limits import MAX_REQUEST_ID
+from pdserve.services.server import ListenError
 from pdserve.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(f"--http-port {port}: cannot listen on {host}:{port}: {e}") from None
+        raise ListenError(f"--http-port {port}: cannot listen on {host}:{port}: {e}") from None
     sock.listen(128)
     return sock
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
@@ -37,8 +38,10 @@ async def run(settings: GatewaySettings) -> None:
     registry = WorkerRegistry(pipeline_min_tokens=settings.pipeline_min_tokens,
                               pipeline_max_stages=settings.pipeline_max_stages)
     kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
+    gateway_id = settings.gateway_id or socket.gethostname()
     ledger = (Ledger(settings.data_dir, settings.ledger_flush_records, settings.ledger_flush_s,
-                     settings.ledger_max_pending) if settings.ledger else None)
+                     settings.ledger_max_pending, gateway=gateway_id)
+              if settings.ledger else None)
     prom = CollectorRegistry()
     metrics = GatewayMetrics(prom)
     def in_rotation(role: Role) -> Callable[[], int]:
@@ -63,7 +66,8 @@ async def run(settings: GatewaySettings) -> None:
         # The registry moves to its own port, which only peers with the cluster credential
         # reach; the public port serves TLS to clients without certificates.
         internal, internal_port, ihealth = await create_server(
-            add_registry, reg_names, settings.host, settings.internal_port, internal=True)
+            add_registry, reg_names, settings.host, settings.internal_port, internal=True,
+            flag="--internal-port")
         await ihealth.set("", SERVING)
         add_registry, reg_names = [], []
     server, port, health = await create_server(

@@ -80,7 +80,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         info = first.register
         check_info(info)
         try:
-            self.registry.join(spec_of(info), time.monotonic())
+            state = self.registry.join(spec_of(info), time.monotonic())
         except RegistryError as e:
             raise FailedPrecondition(str(e)) from None
         log.info("worker joined", extra={"worker_id": info.worker_id, "role": info.role})
@@ -91,7 +91,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                                                 time.monotonic()):
                         break  # replaced by a newer epoch
         finally:
-            if self.registry.leave(info.worker_id, info.epoch):
+            if self.registry.leave(state):
                 log.info("worker left", extra={"worker_id": info.worker_id})
         return registry_pb2.JoinResponse(reason="stream closed")
 

@@ -39,12 +39,15 @@ from pdserve.services.gateway.flow import Cluster, FlowSettings, GenerateFlow, I
 from pdserve.services.gateway.output import OutputText
 from pdserve.services.gateway.workers import WorkerClients, release
 from pdserve.services.kvstore_client import KVStoreClient
+from pdserve.services.registration import parse_targets, resolve
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 if TYPE_CHECKING:
     from pdserve.services.server import Context
 
 log = logging.getLogger(__name__)
+FORWARDED_KEY = "pdserve-forwarded"  # an Abort from a peer gateway: not forwarded again
+PEER_TIMEOUT_S = 2.0
 
 
 class RequestFailed(Exception):
@@ -193,13 +196,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     context: Context) -> gateway_pb2.AbortResponse:
         tenant = self._tenant(context)
         flight = self._inflight.get(request.request_id)
-        if flight is None or (tenant is not None and flight.tenant != tenant.tenant):
+        if flight is None:  # maybe another gateway holds it (a client's calls may spread)
+            metadata = tuple(context.invocation_metadata() or ())
+            if any(k == FORWARDED_KEY for k, _ in metadata):
+                return gateway_pb2.AbortResponse(found=False)  # asked by a peer: ours only
+            auth = tuple((k, v) for k, v in metadata if k == "authorization")
+            return gateway_pb2.AbortResponse(found=await self._abort_at_peers(request, auth))
+        if tenant is not None and flight.tenant != tenant.tenant:
             return gateway_pb2.AbortResponse(found=False)  # another tenant's id is not found
         flight.aborted.set()  # the flow stops at its next step, or its call is cancelled
         if flight.decode is not None:  # a relay ends when its reservation goes; before it,
             # the flow sees the abort itself and releases (at once if nothing was written)
             await release(flight.decode, flight.iid or request.request_id)
         return gateway_pb2.AbortResponse(found=True)
+
+    async def _abort_at_peers(self, request: gateway_pb2.AbortRequest,
+                              auth: tuple[tuple[str, str | bytes], ...]) -> bool:
+        """Forwards an Abort to every --peers gateway (with the caller's token: each checks
+        the tenant itself); True when one of them held the request."""
+        if not self.settings.peers:
+            return False
+        resolved = await resolve(parse_targets(self.settings.peers))
+        peers = sorted({a for addrs in resolved.values() for a in addrs})
+        metadata = (*auth, (FORWARDED_KEY, "1"))
+
+        async def ask(address: str) -> bool:
+            try:
+                r = await self.clients.gateway(address).Abort(
+                    request, metadata=metadata, timeout=PEER_TIMEOUT_S)
+                return r.found
+            except grpc.aio.AioRpcError as e:
+                log.info("abort not forwarded", extra={"peer": address, "code": e.code().name})
+                return False
+
+        return any(await asyncio.gather(*(ask(a) for a in peers)))
 
     @answers_errors
     async def Stats(self, request: gateway_pb2.ClusterStatsRequest,

@@ -1,12 +1,12 @@
-"""The gateway's connections to its workers: one channel per address, kept, and the calls the
-request flow makes that never fail it."""
+"""The gateway's connections to its workers (and peer gateways): one channel per address, kept,
+and the calls the request flow makes that never fail it."""
 
 from __future__ import annotations
 
 import grpc
 
 from pdserve.services.server import channel
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
 
 RELEASE_TIMEOUT_S = 5.0
 
@@ -26,6 +26,10 @@ class WorkerClients:
 
     def prefill(self, address: str) -> prefill_pb2_grpc.PrefillAsyncStub:
         return prefill_pb2_grpc.PrefillStub(self._channel(address))
+
+    def gateway(self, address: str) -> gateway_pb2_grpc.GatewayAsyncStub:
+        """A peer gateway (Abort forwarding)."""
+        return gateway_pb2_grpc.GatewayStub(self._channel(address))
 
     async def close(self) -> None:
         for ch in self._channels.values():

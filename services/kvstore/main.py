@@ -36,6 +36,7 @@ from pdserve.services.server import (
     serve_until_signal,
     write_ready_file,
 )
+from pdserve.supervise import DirLock
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ async def run(settings: KVStoreSettings) -> None:
     security.configure(settings)  # before any server or channel exists
     if settings.low_watermark > settings.high_watermark:
         raise ValueError("--low-watermark must not exceed --high-watermark")
+    # One kvstore per directory; a second fails here naming it and the holder.
+    lock = DirLock(settings.data_dir / "kvstore", ".lock", "--data-dir", "a kvstore")
     store = open_store(settings)
     staging = open_staging(settings)
     servicer = KVStoreServicer(store, staging)
@@ -120,5 +123,6 @@ async def run(settings: KVStoreSettings) -> None:
             poller.cancel()
             staging.close()
         await asyncio.to_thread(store.close)
+        lock.release()
 
     await serve_until_signal(server, health_servicer, cleanup)

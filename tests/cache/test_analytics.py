@@ -156,3 +156,37 @@ def test_cli_report_json_and_plot(ledger, tmp_path, capsys):
     assert (tmp_path / "r.png").exists()
     assert cli.main(["report", "--data-dir", str(ledger), "--until", "tomorrow"]) == 2
     assert "until: 'tomorrow'" in capsys.readouterr().err
+
+
+def test_several_gateways_ledgers_read_as_one_and_workers_count_once(tmp_path):
+    """Two gateways on one data directory: each writes its own segments (rows carry its id),
+    the queries read both, each request counts once, and the report's worker-hours are one
+    gateway's view (both sampled the same workers in the same slots, at different instants),
+    also while one of them was down; a second writer with a taken id is refused."""
+    from pdserve.supervise import DirectoryInUse
+
+    a, b = (Ledger(tmp_path, gateway=g) for g in ("gw-a", "gw-b"))
+    with pytest.raises(DirectoryInUse, match="--gateway-id 'gw-a'"):
+        Ledger(tmp_path, gateway="gw-a")
+    for i, led in enumerate((a, b, a)):
+        led.record_request(**ledger_row(i, ts=T0 + i))
+    for k in range(8):  # 8 slots of 60 s; gateway b was down for the last 3
+        for led, phase in ((a, 30.0), (b, 41.5)):
+            if led is b and k >= 5:
+                continue
+            for wid, role in (("p0", "prefill"), ("d0", "decode")):
+                led.record_worker(ts=T0 + 60 * k + phase, worker_id=wid, role=role,
+                                  in_rotation=True, running=0, queued_tokens=0, used_pages=0,
+                                  total_pages=8, interval_s=60.0)
+    a.close()
+    b.close()
+    assert {r["request_id"] for r in q(tmp_path, "slowest", limit=10)} == {"r0", "r1", "r2"}
+    from pdserve.cache.ledger import run_query
+
+    _, rows = run_query(tmp_path, "SELECT gateway, count(*) FROM requests GROUP BY 1 ORDER BY 1")
+    assert rows == [("gw-a", 2), ("gw-b", 1)]
+    r = report(tmp_path)
+    assert r.requests == 3
+    assert r.prefill_worker_hours == pytest.approx(8 * 60 / H, abs=1e-6)  # a's view: 8 slots
+    assert r.decode_worker_hours == pytest.approx(8 * 60 / H, abs=1e-6)
+    assert r.peak_prefill_workers == 1 and r.peak_decode_workers == 1

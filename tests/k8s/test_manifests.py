@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.client import Client
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.helpers import wait_until
 from tests.k8s.render import (
     WORKLOADS,
@@ -131,14 +132,32 @@ def test_overlay_specifics(overlay):
     limits = [c["resources"]["limits"] for w in workers for c in containers(w)]
     images = {c["image"] for w in of_kind(docs, *WORKLOADS) for c in containers(w)}
     assert len(images) == 1  # one image, set in one place (base/kustomization.yaml)
-    [kvstore] = of_kind(docs, "StatefulSet")
+    sets = {w["metadata"]["name"]: w for w in of_kind(docs, "StatefulSet")}
+    kvstore = sets["pdserve-kvstore"]
     assert kvstore["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     [headless] = [s for s in services if s["metadata"]["name"] == kvstore["spec"]["serviceName"]]
     assert headless["spec"]["clusterIP"] == "None"
+    # Several gateways: rolled one at a time, a ledger volume each, workers register with
+    # every one through a headless Service (which lists them before they are ready).
+    gw = sets["pdserve-gateway"]
+    assert gw["spec"]["replicas"] >= 2 and gw["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert [t["metadata"]["name"] for t in gw["spec"]["volumeClaimTemplates"]] == ["ledger"]
+    [gw_headless] = [s for s in services if s["metadata"]["name"] == gw["spec"]["serviceName"]]
+    assert gw_headless["spec"]["clusterIP"] == "None"
+    assert gw_headless["spec"]["publishNotReadyAddresses"] is True
+    [cm] = of_kind(docs, "ConfigMap")
+    assert cm["data"]["PDSERVE_GATEWAY"] == f"{gw['spec']['serviceName']}:50051"
+    env = {e["name"]: e for e in containers(gw)[0]["env"]}
+    assert env["PDSERVE_GATEWAY_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["PDSERVE_PEERS"]["value"] == f"{gw['spec']['serviceName']}:50051"
+    [pdb] = [b for b in of_kind(docs, "PodDisruptionBudget")
+             if b["metadata"]["name"] == "pdserve-gateway"]
+    assert pdb["spec"]["maxUnavailable"] == 1  # a drain may take one gateway at a time
     if name == "dev":
         assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
         assert not any("nvidia.com/gpu" in lim for lim in limits)
-        assert all(w["spec"]["replicas"] == 1 for w in of_kind(docs, *WORKLOADS))
+        assert all(w["spec"]["replicas"] == 1 for w in of_kind(docs, *WORKLOADS)
+                   if w is not gw)
         assert not of_kind(docs, "HorizontalPodAutoscaler")
     else:
         exposed = [s["metadata"]["name"] for s in services
@@ -152,7 +171,6 @@ def test_overlay_specifics(overlay):
         assert set(hpas) == {"pdserve-prefill", "pdserve-decode"}
         metrics = {h["spec"]["metrics"][0]["pods"]["metric"]["name"] for h in hpas.values()}
         assert metrics == {"pdserve_prefill_queued_tokens", "pdserve_kv_usage_ratio"}
-        [cm] = of_kind(docs, "ConfigMap")
         shards = cm["data"]["PDSERVE_KVSTORE"].split(",")
         assert len(shards) == kvstore["spec"]["replicas"] == 4
         assert all(re.fullmatch(rf"pdserve-kvstore-{i}\.pdserve-kvstore:50060", s)
@@ -196,6 +214,9 @@ def test_the_dev_overlay_runs(tmp_path):
     pods = local_pods(render("dev"), tmp_path)
     assert {p.workload for p in pods} == {"pdserve-gateway", "pdserve-prefill",
                                           "pdserve-decode", "pdserve-kvstore"}
+    # Workers register with every gateway: the headless Service's name resolves to both.
+    [worker] = [p for p in pods if p.workload == "pdserve-prefill"]
+    assert len(worker.env["PDSERVE_GATEWAY"].split(",")) == 2
     start(pods, tmp_path)
     try:
         def all_ready() -> bool:
@@ -209,13 +230,20 @@ def test_the_dev_overlay_runs(tmp_path):
         wait_until(all_ready, 300, interval_s=0.2, what="every pod's readiness probe")
         for p in pods:
             assert health(*p.liveness) == health_pb2.HealthCheckResponse.SERVING, p.workload
-        [gw] = [p for p in pods if p.workload == "pdserve-gateway"]
-        with Client(f"127.0.0.1:{gw.readiness[0]}") as c:
-            r = c.generate(prompt="What is the capital of France?", max_tokens=8)
-        assert r.completion_tokens > 0 and r.text
-        # The ledger went where the gateway's volume is mounted.
-        assert (tmp_path / "pdserve-gateway" / "ledger").is_dir()
-        assert any((tmp_path / "pdserve-kvstore" / "data").iterdir())
+        gateways = [p for p in pods if p.workload == "pdserve-gateway"]
+        assert len(gateways) == 2
+        for gw in gateways:  # the workers registered with both; each serves
+            address = f"127.0.0.1:{gw.readiness[0]}"
+            with grpc.insecure_channel(address) as ch:
+                st = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest(),
+                                                            timeout=5)
+            assert sorted(w.role for w in st.workers if w.in_rotation) == ["decode", "prefill"]
+            with Client(address) as c:
+                r = c.generate(prompt="What is the capital of France?", max_tokens=8)
+            assert r.completion_tokens > 0 and r.text
+            # The ledger went where this gateway's own volume is mounted, under its pod name.
+            assert (tmp_path / gw.pod / "ledger" / "ledger" / "requests" / gw.pod).is_dir()
+        assert any((tmp_path / "pdserve-kvstore-0" / "data").iterdir())
     finally:
         stop(pods)
     for p in pods:

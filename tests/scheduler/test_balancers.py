@@ -35,6 +35,32 @@ def test_prefill_tie_goes_to_first_in_order():
     assert pick_prefill([], 0, 10) is None
 
 
+def test_ties_are_broken_at_random_with_a_generator():
+    """Several gateways place on the same stale loads: with random tie breaks they spread
+    over the tied workers instead of all taking the lowest index."""
+    import numpy as np
+
+    from pdserve.scheduler.balancers import pick_decode_index, pick_prefill_index
+
+    zeros, free = np.zeros(4), np.full(4, 100.0)
+    rng = np.random.default_rng(0)
+    picks = {pick_prefill_index(zeros, zeros, 0, 10, rng=rng) for _ in range(64)}
+    assert picks == {0, 1, 2, 3}
+    picks = {pick_decode_index(zeros, free, zeros, 1, rng=rng) for _ in range(64)}
+    assert picks == {0, 1, 2, 3}
+    # Only exact ties are random: a less loaded worker still wins every time.
+    busy = np.array([5.0, 0.0, 5.0, 5.0])
+    assert {pick_decode_index(busy, free, busy, 1, rng=rng) for _ in range(16)} == {1}
+    # Two registries (two gateways) with the same view do not herd one burst onto one worker.
+    regs = [WorkerRegistry(rng=np.random.default_rng(seed)) for seed in (1, 2)]
+    for r in regs:
+        for i in range(4):
+            r.join(spec(f"d{i}"), now=0.0)
+            r.join(spec(f"p{i}", role="prefill"), now=0.0)
+    firsts = {r.pick(0, 100, 1)[1].spec.worker_id for r in regs for _ in range(8)}
+    assert len(firsts) > 1
+
+
 def test_decode_never_picks_a_worker_that_cannot_hold_the_request():
     cands = [DecodeCandidate("a", used_pages=0, free_pages=3, running=0),
              DecodeCandidate("b", used_pages=50, free_pages=60, running=9)]
@@ -54,16 +80,19 @@ def spec(wid: str, role: str = "decode", epoch: int = 1, ns: str = "ns") -> Work
 
 def test_registry_rotation_expiry_and_epochs():
     r = WorkerRegistry()
-    r.join(spec("d0"), now=0.0)
+    first = r.join(spec("d0"), now=0.0)
     r.join(spec("p0", role="prefill"), now=0.0)
     assert [w.spec.worker_id for w in r.active("decode")] == ["d0"]
     assert r.report("d0", 1, Load(free_pages=10, total_pages=100), now=1.0)
     assert not r.report("d0", 2, Load(), now=1.0)  # wrong epoch ignored
     assert r.expire(now=2.5, timeout_s=2.0) == ["p0"]
     assert r.active("prefill") == []
-    r.join(spec("d0", epoch=5), now=3.0)  # restarted: new epoch replaces the old entry
+    restarted = r.join(spec("d0", epoch=5), now=3.0)  # new epoch replaces the old entry
     assert r.workers["d0"].spec.epoch == 5 and r.workers["d0"].load.free_pages == 100
-    assert not r.leave("d0", 1)  # the old epoch's stream closing does not remove the new one
+    assert not r.leave(first)  # the old epoch's stream closing does not remove the new one
+    again = r.join(spec("d0", epoch=5), now=3.0)  # the same process over a new stream
+    assert not r.leave(restarted)  # ... whose older stream ends after the new one began
+    assert r.workers["d0"] is again
     with pytest.raises(RegistryError):
         r.join(spec("d0", epoch=4), now=3.0)
     with pytest.raises(RegistryError, match="serves"):
@@ -83,10 +112,10 @@ def test_an_ep_group_is_in_rotation_only_while_all_its_ranks_are():
     r.join(spec("solo"), now=0.0)
     r.join(rank(0), now=0.0)
     assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]  # rank 1 not there yet
-    r.join(rank(1), now=0.0)
+    d1 = r.join(rank(1), now=0.0)
     assert [w.spec.worker_id for w in r.active("decode")] == ["d0", "d1", "solo"]
     assert r.group_of("d1") == ["d0", "d1"] and r.group_of("solo") == ["solo"]
-    assert r.leave("d1", 1)  # one rank gone: the whole group is out
+    assert r.leave(d1)  # one rank gone: the whole group is out
     assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]
     r.join(rank(1, epoch=8), now=1.0)  # a rank of another start of the group: still not whole
     assert [w.spec.worker_id for w in r.active("decode")] == ["solo"]
@@ -124,7 +153,7 @@ def test_load_table_follows_reports_bumps_and_membership():
     assert t.free_pages.tolist() == [90, 40] and t.running.tolist() == [1, 3]
     r.report("d1", 1, Load(free_pages=40, total_pages=100, draining=True), now=2.0)
     assert r.table("decode").ids == ["d0"]  # membership changed: rebuilt
-    r.leave("d0", 1)
+    r.leave(r.workers["d0"])
     assert r.table("decode").ids == []
 
 
@@ -187,7 +216,8 @@ def test_registry_pick_returns_the_pipeline_stages_and_the_head():
         assert dec.spec.worker_id == "d0"
         return head.spec.worker_id, [w.spec.worker_id for w in upstream]
 
-    assert pick(500) == ("p0", [])  # short: one worker
+    head, upstream = pick(500)  # short: one worker (any of the idle ones: a random tie)
+    assert head in ("p0", "p1", "p2") and upstream == []
     assert pick(4000) == ("p0", ["p1", "p2"])  # long, all idle: all three
     assert pick(4000, excluded={"p0"}) == ("p1", ["p2"])
     r.report("p0", 1, Load(free_pages=100, total_pages=100, queued_attention=1e9,
