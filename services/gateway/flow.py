@@ -36,6 +36,7 @@ import grpc
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
 from pdserve.metrics import GatewayMetrics
 from pdserve.scheduler.balancers import attention_work, request_pages
+from pdserve.scheduler.errors import NoRoom, NoWorker
 from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec, WorkerState
 from pdserve.services.errors import Fault, error_for, fault_of
 from pdserve.services.gateway.accounting import Accounting, Outcome
@@ -300,7 +301,10 @@ class GenerateFlow:
                     "why": str(e)})
                 if self.c.metrics:
                     self.c.metrics.reserve_refused.inc()
-                dw = self.c.registry.pick_decode(pages, self.excluded | full)  # NoRoom
+                try:
+                    dw = self.c.registry.pick_decode(pages, self.excluded | full)
+                except NoWorker:  # every one refused: no room in the cluster now
+                    raise NoRoom(pages) from None
                 self.c.registry.bump(dw.spec.worker_id, free_pages=-pages, running=1)
                 place.decode = dw
                 self.rec.decode_worker = dw.spec.worker_id

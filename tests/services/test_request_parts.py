@@ -33,7 +33,7 @@ from pdserve.services.kvstore_client import LookupResult
 from pdserve.services.limits import MAX_REQUEST_ID
 from pdserve.services.outbox import Outboxes
 from pdserve.services.server import create_server
-from pdserve.v1 import gateway_pb2
+from pdserve.v1 import decode_pb2_grpc, gateway_pb2
 
 VOCAB, CONTEXT = 1000, 100
 
@@ -199,3 +199,76 @@ def test_the_gateway_never_imports_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+class _Decode(decode_pb2_grpc.DecodeServicer):
+    """A decode worker's Reserve only (the other methods: UNIMPLEMENTED): refuses for room
+    (as a worker whose pages went to requests another gateway placed) or grants; counts the
+    calls. For the flow's state machine (RESERVE -> next candidate), over real gRPC."""
+
+    def __init__(self, full: bool) -> None:
+        self.full, self.calls = full, 0
+
+    async def Reserve(self, request, context):
+        self.calls += 1
+        if self.full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pages: 0 free")
+        from pdserve.v1 import common_pb2
+
+        return common_pb2.Reservation(request_id=request.request_id)
+
+
+async def test_a_refused_reservation_goes_to_the_next_decode_candidate():
+    import time
+
+    from pdserve.services.gateway.accounting import Outcome
+    from pdserve.services.gateway.flow import Cluster, FlowSettings, GenerateFlow, InFlight
+    from pdserve.services.gateway.flow import _Placement as Placement
+    from pdserve.services.gateway.output import OutputText
+    from pdserve.services.gateway.workers import WorkerClients
+    from pdserve.v1 import common_pb2
+
+    decoders, servers, registry = {}, [], WorkerRegistry()
+    for wid, full in (("d-full-a", True), ("d-full-b", True), ("d-ok", False)):
+        dec = decoders[wid] = _Decode(full)
+        server, port, _ = await create_server(
+            [lambda s, d=dec: decode_pb2_grpc.add_DecodeServicer_to_server(d, s)], [],
+            "127.0.0.1", 0)
+        servers.append(server)
+        registry.join(WorkerSpec(wid, Role.DECODE, f"127.0.0.1:{port}", 1, "ns", "fp", 16, 100,
+                                 CONTEXT, VOCAB), 0.0)
+    p = registry.join(WorkerSpec("p0", Role.PREFILL, "127.0.0.1:1", 1, "ns", "fp", 16, 100,
+                                 CONTEXT, VOCAB), 0.0)
+    # The stale view: d-ok looks busiest, so both full workers are tried first.
+    from pdserve.scheduler.registry import Load
+
+    registry.report("d-ok", 1, Load(free_pages=50, total_pages=100, running=5), 0.0)
+    clients = WorkerClients()
+    cluster = Cluster(registry, None, clients, None, None,  # type: ignore[arg-type]
+                      FlowSettings(5.0, 0, False, 1))
+    spec = registry.workers["d-ok"].spec
+
+    def flow() -> GenerateFlow:
+        return GenerateFlow(cluster, Outcome(time.time(), time.monotonic(), "r", ""), spec,
+                            [1, 2, 3], 4, "", common_pb2.SamplingParams(), OutputText(None, []),
+                            False, InFlight())
+
+    try:
+        f = flow()
+        first = registry.pick_decode(1)
+        place = Placement([], 0, LookupResult(0), p, first, [])
+        _, res = await f._reserve_somewhere(place, "r", [1, 2, 3], common_pb2.SamplingParams(), 4)
+        assert res.request_id == "r" and place.decode.spec.worker_id == "d-ok"
+        assert f.rec.decode_worker == "d-ok"
+        assert decoders["d-full-a"].calls == decoders["d-full-b"].calls == 1
+        # Every candidate refuses: RESOURCE_EXHAUSTED for the client (NoRoom), each asked once.
+        decoders["d-ok"].full = True
+        f = flow()
+        place = Placement([], 0, LookupResult(0), p, registry.pick_decode(1), [])
+        with pytest.raises(NoRoom):
+            await f._reserve_somewhere(place, "r", [1, 2, 3], common_pb2.SamplingParams(), 4)
+        assert [d.calls for d in decoders.values()] == [2, 2, 2]
+    finally:
+        await clients.close()
+        for s in servers:
+            await s.stop(0)
