@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table
 
-from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec
 from pdserve.scheduler.replay import POLICIES, CostModel, load_trace, simulate
@@ -65,11 +64,12 @@ def replay(path: str, limit: int) -> None:
 
 
 def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
-    """One routing decision as the gateway makes it: both balancers (the prefill one sizing a
-    pipeline for long prompts) over the registry's load tables (kept up to date by reports),
-    plus the optimistic bump of the chosen workers."""
+    """One routing decision as each gateway makes it on its own registry (every worker
+    reports to every gateway): `WorkerRegistry.pick` (both balancers over the load tables kept
+    up to date by reports, random tie breaks, the prefill one sizing a pipeline for long
+    prompts), plus the optimistic bumps of the chosen workers, as the request flow does."""
     rng = random.Random(0)
-    reg = WorkerRegistry()
+    reg = WorkerRegistry(pipeline_min_tokens=32_768, pipeline_max_stages=8)
     for role in ("prefill", "decode"):
         for i in range(workers):
             wid = f"{role}-{i}"
@@ -80,18 +80,14 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
                                     queued_attention=rng.random() * 1e9), 0.0)
     lat = []
     for _ in range(n):
+        # Prompts up to 48k new tokens: a third of them pipelined (at most 8 stages, the
+        # gateway's default).
+        cached, new, pages = rng.randint(0, 125), rng.randint(1, 48_000), rng.randint(1, 200)
         t = time.perf_counter()
-        pt, dt = reg.table("prefill"), reg.table("decode")
-        d = pick_decode_index(dt.used_pages, dt.free_pages, dt.running, rng.randint(1, 200))
-        # Prompts up to 48k new tokens: a third of them pipelined (plan_prefill_index sorts
-        # the workers by load to size the pipeline), at most 8 stages (the gateway's default).
-        plan = plan_prefill_index(pt.attention, pt.tokens, rng.randint(0, 8000),
-                                  rng.randint(1, 48_000), min_pipeline_tokens=32_768,
-                                  max_stages=8)
-        if d is not None:
-            reg.bump(dt.ids[d], free_pages=-1, running=1)
-        for p in plan:
-            reg.bump(pt.ids[p], queued_tokens=1)
+        head, dec, stages = reg.pick(cached, cached * 64 + new, pages)
+        reg.bump(dec.spec.worker_id, free_pages=-pages, running=1)
+        for w in (head, *stages):
+            reg.bump(w.spec.worker_id, queued_tokens=new // (1 + len(stages)))
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2], lat[int(0.99 * len(lat))]

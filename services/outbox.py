@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ OutboxMessage = EngineEvent | RequestFailed
 class Outbox:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[OutboxMessage] = field(default_factory=asyncio.Queue)
+    claimed: bool = True  # an RPC reads it (else: kept a while after the request ends)
 
     def put(self, msg: OutboxMessage) -> None:
         """From any thread."""
@@ -47,25 +50,51 @@ def _put_all(items: list[tuple[Outbox, OutboxMessage]]) -> None:
 
 
 class Outboxes:
-    """The outboxes of one worker's requests, by request id (thread-safe)."""
+    """The outboxes of one worker's requests, by request id (thread-safe).
 
-    def __init__(self) -> None:
+    A box opened unclaimed (the RPC that reads it comes later: a decode worker's Stream) and
+    closed before any RPC claimed it keeps its messages for `linger_s` (at most `max_ended`
+    such boxes): a request that ended before its reader arrived (one token, under load) is
+    still read whole, instead of answering that it has no reservation."""
+
+    def __init__(self, linger_s: float = 60.0, max_ended: int = 4096) -> None:
         self._boxes: dict[str, Outbox] = {}
+        self._ended: OrderedDict[str, tuple[Outbox, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self.linger_s, self.max_ended = linger_s, max_ended
 
-    def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> Outbox:
+    def open(self, request_id: str, loop: asyncio.AbstractEventLoop,
+             claimed: bool = True) -> Outbox:
         with self._lock:
             if request_id in self._boxes:
                 raise KeyError(request_id)
-            box = self._boxes[request_id] = Outbox(loop)
+            self._ended.pop(request_id, None)
+            box = self._boxes[request_id] = Outbox(loop, claimed=claimed)
         return box
 
     def get(self, request_id: str) -> Outbox | None:
         return self._boxes.get(request_id)
 
+    def claim(self, request_id: str) -> Outbox | None:
+        """The request's box for the RPC that reads it: open, or ended unread a moment ago."""
+        with self._lock:
+            box = self._boxes.get(request_id)
+            if box is None:
+                box, _ = self._ended.pop(request_id, (None, 0.0))
+            if box is not None:
+                box.claimed = True
+            return box
+
     def close(self, request_id: str) -> Outbox | None:
         with self._lock:
-            return self._boxes.pop(request_id, None)
+            box = self._boxes.pop(request_id, None)
+            now = time.monotonic()
+            if box is not None and not box.claimed:
+                self._ended[request_id] = (box, now)
+            while self._ended and (len(self._ended) > self.max_ended
+                                   or next(iter(self._ended.values()))[1] < now - self.linger_s):
+                self._ended.popitem(last=False)
+            return box
 
     def __len__(self) -> int:
         return len(self._boxes)

@@ -92,7 +92,7 @@ class DecodeWorker:
         """Pages for the request (AlreadyExists, OutOfPages), with the NIXL descriptors a
         prefill worker WRITEs its KV into."""
         req = self.requests.reserve(request_id, prompt, params)
-        self.outboxes.open(request_id, loop)
+        self.outboxes.open(request_id, loop, claimed=False)  # the Stream claims it
         self.thread.wake()
         self._notify_change()
         pages = req.seq.pages
@@ -103,7 +103,8 @@ class DecodeWorker:
             layout_fingerprint=self.loaded.layout.fingerprint(), lease_s=self.lease_s)
 
     def outbox(self, request_id: str) -> Outbox | None:
-        return self.outboxes.get(request_id)
+        """The request's outbox for its Stream (also one that ended a moment before)."""
+        return self.outboxes.claim(request_id)
 
     def release(self, request_id: str, unwritten: bool = False) -> bool:
         """Frees whatever the request holds and ends its stream (`abort`); `unwritten`: the

@@ -133,6 +133,35 @@ async def test_outboxes_deliver_from_another_thread_in_order_and_drop_closed_one
     assert isinstance(last, TokenEvent) and last.finish_reason is FinishReason.STOP
 
 
+async def test_a_box_that_ended_before_its_reader_came_is_still_read_whole():
+    """A decode request of one token ends when its KV lands, maybe before the gateway's Stream
+    reaches the worker: the late reader gets every message (and then it is gone)."""
+    boxes = Outboxes(linger_s=60.0, max_ended=2)
+    loop = asyncio.get_running_loop()
+    box = boxes.open("late", loop, claimed=False)
+    boxes.deliver([("late", TokenEvent("late", 7, FinishReason.LENGTH))])
+    boxes.close("late")  # the request ended: nobody claimed it yet
+    assert boxes.get("late") is None
+    got = boxes.claim("late")
+    assert got is box
+    msg = await asyncio.wait_for(got.get(), 10)
+    assert isinstance(msg, TokenEvent) and msg.finish_reason is FinishReason.LENGTH
+    assert boxes.claim("late") is None  # claimed once
+    # A claimed box is not kept after it closes; unclaimed ones only up to max_ended.
+    boxes.open("read", loop, claimed=False)
+    assert boxes.claim("read") is not None
+    boxes.close("read")
+    assert boxes.claim("read") is None
+    for rid in ("x", "y", "z"):
+        boxes.open(rid, loop, claimed=False)
+        boxes.close(rid)
+    assert boxes.claim("x") is None and boxes.claim("z") is not None
+    # Boxes a reader owns from the start (the default) are never kept.
+    boxes.open("owned", loop)
+    boxes.close("owned")
+    assert boxes.claim("owned") is None
+
+
 # -- errors to statuses -------------------------------------------------------------------------
 def test_domain_errors_map_to_statuses_in_one_place():
     room = status_of(NoRoom(7))
