@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -106,6 +107,17 @@ async def burst(addresses: list[str], n: int, tag: str) -> None:
         await c.close()
 
 
+def cpu_s(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds (user + system) each gateway process has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for svc in cluster.services:
+        if svc.name.startswith("gateway"):
+            fields = Path(f"/proc/{svc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[svc.name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def refused(cluster: LocalCluster) -> float:
     total = 0.0
     for name, url in cluster.metrics_urls().items():
@@ -162,13 +174,18 @@ def main() -> None:
             tput: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in setups}
             stale: dict[str, list[tuple[float, float]]] = {k: [] for k in setups}
             ref: dict[str, float] = dict.fromkeys(setups, 0.0)
+            busy: dict[str, list[str]] = {k: [] for k in setups}
             asyncio.run(rps(both, 4, 2.0, "warm"))  # connections, first steps
             for rnd in range(a.rounds):
                 for name, addrs in setups.items():
                     print(f"round {rnd + 1}: {name} throughput ...", file=sys.stderr,
                           flush=True)
+                    cpu0, t0 = cpu_s(c), time.monotonic()
                     tput[name].append(asyncio.run(rps(addrs, a.clients, a.seconds,
                                                       f"t{rnd}{len(addrs)}")))
+                    wall, cpu1 = time.monotonic() - t0, cpu_s(c)
+                    busy[name].append(" ".join(f"{(cpu1[g] - cpu0[g]) / wall:.2f}"
+                                               for g in sorted(cpu1)))
                     print(f"round {rnd + 1}: {name} burst ...", file=sys.stderr, flush=True)
                     before = refused(c)
                     tag = f"b{rnd}-{len(addrs)}"
@@ -180,8 +197,10 @@ def main() -> None:
         r = tput[name]
         rows.append((name, f"{statistics.mean(x[0] for x in r):.1f}",
                      f"{statistics.mean(x[1] for x in r) * 1e3:.0f}",
-                     f"{statistics.mean(x[2] for x in r) * 1e3:.0f}", sum(x[3] for x in r)))
-    print(table(rows, ("setup", "requests/s", "p50 ms", "p99 ms", "errors")))
+                     f"{statistics.mean(x[2] for x in r) * 1e3:.0f}", sum(x[3] for x in r),
+                     " / ".join(busy[name])))
+    print(table(rows, ("setup", "requests/s", "p50 ms", "p99 ms", "errors",
+                       "gateway-0 gateway-1 CPU (cores), per round")))
     one_, two = (statistics.mean(x[0] for x in tput[k]) for k in setups)
     print(f"\n2 gateways / 1 gateway requests/s: {two / one_:.2f}\n")
     rows = [(name, " ".join(f"{d:+.0f}" for d, _ in stale[name]),
