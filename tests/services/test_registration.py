@@ -1,0 +1,92 @@
+"""A worker's registrations with several gateways, over real gRPC registry servers on port 0
+(no model): one stream per gateway, every report to each, a restarted gateway joined again
+at once, a name resolving to several addresses taken as several gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pdserve.scheduler.registry import WorkerRegistry
+from pdserve.services.gateway.membership import RegistryServicer
+from pdserve.services.registration import REPORT_INTERVAL_S, Registrations, parse_targets, resolve
+from pdserve.services.server import create_server
+from pdserve.v1 import common_pb2, registry_pb2_grpc
+from tests.helpers import async_wait_until
+
+INFO = common_pb2.WorkerInfo(
+    worker_id="decode-7", role="decode", address="127.0.0.1:1", epoch=1, hash_namespace="ns",
+    layout_fingerprint="fp", block_tokens=16, total_pages=10, max_context=100, vocab_size=50)
+
+
+async def gateway(port: int = 0):
+    registry = WorkerRegistry()
+    server, bound, _ = await create_server(
+        [lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(registry),
+                                                                     s)],
+        [], "127.0.0.1", port)
+    return server, bound, registry
+
+
+async def test_a_worker_reports_to_every_gateway_and_rejoins_a_restarted_one_at_once():
+    (s1, p1, r1), (s2, p2, r2) = await gateway(), await gateway()
+    free = {"pages": 10}
+    stop, changed = asyncio.Event(), asyncio.Event()
+
+    def load() -> common_pb2.LoadReport:
+        return common_pb2.LoadReport(free_pages=free["pages"], total_pages=10)
+
+    joins = Registrations(f"127.0.0.1:{p1}, 127.0.0.1:{p2}", 60.0, INFO, load, stop, changed)
+    task = asyncio.create_task(joins.run())
+    try:
+        await async_wait_until(lambda: "decode-7" in r1.workers and "decode-7" in r2.workers,
+                               10, what="registered with both")
+        assert joins.addresses == sorted([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"])
+        # A change reaches both gateways at once (not only at the next interval).
+        free["pages"] = 3
+        changed.set()
+        await async_wait_until(
+            lambda: r1.workers["decode-7"].load.free_pages == 3
+            and r2.workers["decode-7"].load.free_pages == 3, 5, what="the change at both")
+        # One gateway goes away and comes back on its port: the other never loses the worker,
+        # and the new one has it again within about two report intervals of listening.
+        await s2.stop(0)
+        s2, _, r2 = await gateway(p2)
+        t0 = time.monotonic()
+        await async_wait_until(lambda: "decode-7" in r2.workers, 10, interval_s=0.005,
+                               what="registered with the restarted gateway")
+        back = time.monotonic() - t0
+        assert back < 4 * REPORT_INTERVAL_S, back
+        assert r1.workers["decode-7"].in_rotation  # the other gateway kept it all along
+        assert r1.workers["decode-7"].last_report > t0  # and its reports went on
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await s1.stop(0)
+        await s2.stop(0)
+    # Stopping ends both streams: each gateway sees the worker leave.
+    assert "decode-7" not in r1.workers
+
+
+async def test_names_resolve_to_every_address_and_literals_stay():
+    assert parse_targets("a:1, [::1]:2,10.0.0.1:3") == [("a", 1), ("::1", 2), ("10.0.0.1", 3)]
+    got = await resolve([("localhost", 50051), ("10.1.2.3", 7), ("::1", 9)])
+    # localhost: its IPv4 address only (a dual-stack name would list each gateway twice).
+    assert got == {"localhost:50051": ["127.0.0.1:50051"], "10.1.2.3:7": ["10.1.2.3:7"],
+                   "[::1]:9": ["[::1]:9"]}
+    # A name that does not resolve keeps what it resolved to before (else the name itself).
+    missing = ("no-such-gateway.invalid", 1)
+    assert await resolve([missing]) == {"no-such-gateway.invalid:1": ["no-such-gateway.invalid:1"]}
+    before = {"no-such-gateway.invalid:1": ["10.9.9.9:1", "10.9.9.8:1"]}
+    assert await resolve([missing], before) == before
+
+
+@pytest.mark.parametrize("spec", ["", "a", "a:0", "a:x", ":5"])
+def test_bad_gateway_lists_are_refused_naming_the_flag(spec):
+    from pdserve.config import DecodeSettings, SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="--gateway"):
+        load_settings(DecodeSettings, gateway=spec)
