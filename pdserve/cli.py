@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times")
     rp.add_argument("--store-blocks", type=int, default=0, help="KV store capacity in 512-token "
                                                                 "blocks (0 = unbounded)")
-    rp.add_argument("--policies", default="pdserve,round_robin,least_requests,cache_affinity")
+    rp.add_argument("--policies", default="pdserve,round_robin,least_requests,dynamo,llm_d,"
+                    "sglang,mooncake", help="simulated policies (pdserve's balancers, simple "
+                    "ones, and the anchors' own: scheduler/replay.py)")
+    rp.add_argument("--dynamo-temperature", type=float, default=0.0,
+                    help="the dynamo policy's softmax temperature (0 = lowest cost)")
     rp.add_argument("--json", action="store_true", help="one JSON object per policy")
     rp.add_argument("--live", action="store_true",
                     help="send the (scaled) trace to a running gateway instead of simulating")
@@ -178,7 +182,7 @@ def _replay(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"replaying {len(trace)} requests with {policy} ...", file=sys.stderr)
         r = simulate(trace, policy.strip(), args.prefill, args.decode,
-                     store_blocks=args.store_blocks)
+                     store_blocks=args.store_blocks, dynamo_temperature=args.dynamo_temperature)
         print(json.dumps(r) if args.json else
               "  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     return 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pdserve.scheduler.replay import CostModel, TraceRequest, load_trace, simulate
+from pdserve.scheduler.replay import POLICIES, CostModel, TraceRequest, load_trace, simulate
 
 
 def spaced_trace():
@@ -34,7 +34,7 @@ def ideal_hit_share(trace):
     return hit / total
 
 
-@pytest.mark.parametrize("policy", ["pdserve", "round_robin", "least_requests", "cache_affinity"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_hit_share_equals_the_ideal_with_an_unbounded_store(policy):
     trace = spaced_trace()
     r = simulate(trace, policy, 2, 2)
@@ -121,10 +121,62 @@ def test_cli_replays_the_shared_trace_slice(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["policy"] for r in rows] == ["pdserve", "round_robin", "least_requests",
-                                           "cache_affinity"]
+                                           "dynamo", "llm_d", "sglang", "mooncake"]
     for r in rows:
         assert set(r) >= {"ttft_p50_s", "ttft_p99_s", "hit_share", "rejected",
                           "prefill_load_max_over_mean"}
     with open(trace) as f:
         lines = sum(1 for line in f if line.strip())
     assert len(load_trace(trace, limit=200)) == min(200, lines)
+
+
+def _placements(policy: str, trace, n_prefill: int = 2, **kw) -> list[int]:
+    """The prefill instance of each request (from the instances' served blocks)."""
+    from pdserve.scheduler import replay
+
+    placed: list[int] = []
+    real = replay._anchor_prefill
+
+    def spy(*a, **k):
+        placed.append(real(*a, **k))
+        return placed[-1]
+
+    replay._anchor_prefill = spy
+    try:
+        simulate(trace, policy, n_prefill, 1, **kw)
+    finally:
+        replay._anchor_prefill = real
+    return placed
+
+
+def test_the_anchors_follow_their_documented_rules():
+    # A conversation's second turn: its first turn's instance holds its prefix.
+    first = TraceRequest(0.0, 2100, 2, (1, 2, 3, 4))
+    other = TraceRequest(0.05, 2100, 2, (9, 8, 7, 6))  # while instance 0 computes the first
+    second = TraceRequest(100.0, 2600, 2, (1, 2, 3, 4, 5))
+    # SGLang: the prefix match (4 of 5 blocks > 0.3) wins over the idle, emptier instance.
+    assert _placements("sglang", [first, other, second]) == [0, 1, 0]
+    # Below the threshold it takes the smallest tree: instance 1 holds fewer blocks.
+    small = TraceRequest(0.5, 600, 2, (9, 8))
+    fresh = TraceRequest(100.0, 5200, 2, (1, 20, 21, 22, 23, 24, 25, 26, 27, 28))
+    assert _placements("sglang", [first, small, fresh])[-1] == 1
+    # Dynamo: with no load anywhere the overlap decides.
+    assert _placements("dynamo", [first, other, second]) == [0, 1, 0]
+    # llm-d: ties at random; the queue scorer sends the second request elsewhere, and the
+    # prefix scorer (weight 3) brings the next turn back to its first turn's instance.
+    a, b, c = _placements("llm_d", [first, other, second])
+    assert b != a and c == a
+    # Mooncake: the lowest estimated TTFT: instance 0 is busy for a long prompt, so the
+    # next one goes to the idle instance although 0 holds its prefix (the store is shared).
+    long_ = TraceRequest(0.0, 200_000, 2, tuple(range(100, 490)))
+    again = TraceRequest(0.1, 2600, 2, (100, 101, 102, 103, 104))
+    assert _placements("mooncake", [long_, again]) == [0, 1]
+    assert _placements("dynamo", [long_, again]) == [0, 1]  # its prefill blocks say so too
+
+
+def test_dynamo_temperature_draws_among_workers():
+    trace = [TraceRequest(0.01 * i, 1000, 2, (i,)) for i in range(40)]
+    cold = set(_placements("dynamo", trace, 4))
+    hot = _placements("dynamo", trace, 4, dynamo_temperature=5.0)
+    assert len(set(hot)) == 4 and len(cold) >= 1
+    assert hot != _placements("dynamo", trace, 4, dynamo_temperature=5.0, seed=1)
