@@ -1,7 +1,9 @@
 """Scheduler figures, ratios in one run:
 
-1. replay of the Mooncake synthetic trace with 4 prefill + 4 decode instances, every policy,
-   ours against round robin;
+1. replay of the Mooncake synthetic trace, and of the stress shapes of scheduler/traces.py
+   (bursts, one huge prompt, many tenants), with 4 prefill + 4 decode instances, every policy
+   (scheduler/replay.py: pdserve's, simple ones, and the anchors' own: Dynamo, llm-d, SGLang,
+   Mooncake), ours against round robin and against the best anchor on each figure;
 2. routing decision latency (prefill + decode balancer) at 1,000 workers;
 3. EPLB: max/mean GPU load with and without redundant experts, random and Zipf-skewed loads.
 
@@ -23,19 +25,22 @@ from common import machine, table
 
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec
-from pdserve.scheduler.replay import POLICIES, CostModel, load_trace, simulate
+from pdserve.scheduler.replay import ANCHORS, POLICIES, CostModel, load_trace, simulate
+from pdserve.scheduler.traces import SHAPES, stress_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
 
-def replay(path: str, limit: int) -> None:
-    trace = load_trace(path, limit)
+def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
+    """Every policy over `trace` (4 prefill + 4 decode instances); prints the table and
+    pdserve against the best anchor on each figure."""
     rows, res = [], {}
     no_pipe = replace(CostModel(), pipeline_min_tokens=0)
     runs = [(p, p, CostModel()) for p in POLICIES] + [
         ("pdserve, no pipelined prefill", "pdserve", no_pipe)]
     for name, policy, cost in runs:
-        print(f"replaying {len(trace)} requests with {name} ...", file=sys.stderr, flush=True)
+        print(f"{label}: replaying {len(trace)} requests with {name} ...", file=sys.stderr,
+              flush=True)
         res[name] = r = simulate(trace, policy, 4, 4, cost)
         rows.append((name, f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}",
                      f"{r['hit_share']:.3f}", r["rejected"],
@@ -43,24 +48,33 @@ def replay(path: str, limit: int) -> None:
                      f"{r['prefill_tokens_max_over_mean']:.2f}",
                      f"{r['decode_kv_max_over_mean']:.2f}",
                      f"{r['decode_requests_max_over_mean']:.2f}"))
+    print(f"### {label}\n")
     print(table(rows, ("policy", "TTFT p50 s", "TTFT p99 s", "hit share", "rejected",
                        "prefill attn max/mean", "prefill tokens max/mean", "decode KV max/mean",
                        "decode reqs max/mean")))
     ours, rr = res["pdserve"], res["round_robin"]
-    print(f"\npdserve vs round_robin: p99 TTFT {ours['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x, "
-          f"p50 TTFT {ours['ttft_p50_s'] / max(rr['ttft_p50_s'], 1e-9):.2f}x\n")
-    # The pipelining threshold trades the median TTFT (short prompts wait behind stages on
-    # every instance) against balance and the tail.
-    scan = []
-    for mt in (8_192, 16_384, 32_768, 65_536):
-        print(f"replaying with pipeline_min_tokens={mt} ...", file=sys.stderr, flush=True)
-        r = simulate(trace, "pdserve", 4, 4, replace(CostModel(), pipeline_min_tokens=mt))
-        scan.append((mt, f"{r['prefill_load_max_over_mean']:.2f}",
-                     f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['ttft_p50_s']:.2f}",
-                     f"{r['ttft_p99_s']:.2f}"))
-    print(table(scan, ("pipeline_min_tokens", "prefill attn max/mean", "prefill tokens max/mean",
-                       "TTFT p50 s", "TTFT p99 s")))
-    print()
+    best99 = min(ANCHORS, key=lambda a: res[a]["ttft_p99_s"])
+    best50 = min(ANCHORS, key=lambda a: res[a]["ttft_p50_s"])
+    bestmm = min(ANCHORS, key=lambda a: res[a]["prefill_load_max_over_mean"])
+    print(f"\npdserve vs round_robin: p99 TTFT {ours['ttft_p99_s'] / rr['ttft_p99_s']:.2f}x; "
+          f"vs the best anchor: p99 TTFT {ours['ttft_p99_s'] / res[best99]['ttft_p99_s']:.2f}x "
+          f"({best99}), p50 TTFT {ours['ttft_p50_s'] / max(res[best50]['ttft_p50_s'], 1e-9):.2f}x"
+          f" ({best50}), prefill attention max/mean {ours['prefill_load_max_over_mean']:.2f} "
+          f"against {res[bestmm]['prefill_load_max_over_mean']:.2f} ({bestmm})\n")
+    if scan:
+        # The pipelining threshold trades the median TTFT (short prompts wait behind stages on
+        # every instance) against balance and the tail.
+        scans = []
+        for mt in (8_192, 16_384, 32_768, 65_536):
+            print(f"replaying with pipeline_min_tokens={mt} ...", file=sys.stderr, flush=True)
+            r = simulate(trace, "pdserve", 4, 4, replace(CostModel(), pipeline_min_tokens=mt))
+            scans.append((mt, f"{r['prefill_load_max_over_mean']:.2f}",
+                          f"{r['prefill_tokens_max_over_mean']:.2f}", f"{r['ttft_p50_s']:.2f}",
+                          f"{r['ttft_p99_s']:.2f}"))
+        print(table(scans, ("pipeline_min_tokens", "prefill attn max/mean",
+                            "prefill tokens max/mean", "TTFT p50 s", "TTFT p99 s")))
+        print()
+    return res
 
 
 def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
@@ -116,10 +130,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--shape-requests", type=int, default=1200)
     args = ap.parse_args()
     print(f"machine: {machine()}\nsettings: 4 prefill + 4 decode instances, cost model defaults "
           "(scheduler/replay.py), unbounded store\n")
-    replay(args.trace, args.limit)
+    replay(load_trace(args.trace, args.limit), f"Mooncake synthetic trace ({args.trace})",
+           scan=True)
+    for shape in SHAPES:
+        replay(stress_trace(shape, seed=0, n=args.shape_requests), f"stress shape `{shape}` "
+               f"({args.shape_requests} requests, scheduler/traces.py, seed 0)")
     p50, p99 = decision_latency()
     print(table([("routing decision (prefill + decode balancer), 1,000 workers",
                   f"p50 {p50 * 1e3:.3f} ms", f"p99 {p99 * 1e3:.3f} ms")],

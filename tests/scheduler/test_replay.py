@@ -180,3 +180,20 @@ def test_dynamo_temperature_draws_among_workers():
     hot = _placements("dynamo", trace, 4, dynamo_temperature=5.0)
     assert len(set(hot)) == 4 and len(cold) >= 1
     assert hot != _placements("dynamo", trace, 4, dynamo_temperature=5.0, seed=1)
+
+
+def test_stress_shapes_are_seeded_and_have_their_shape():
+    from pdserve.scheduler.traces import SHAPES, stress_trace
+
+    for shape in SHAPES:
+        a, b = stress_trace(shape, 1, 300), stress_trace(shape, 1, 300)
+        assert a == b and a != stress_trace(shape, 2, 300) and len(a) == 300
+        assert all(x.arrival_s <= y.arrival_s for x, y in zip(a, a[1:]))
+        assert all(len(r.hash_ids) == -(-r.input_length // 512) for r in a)
+    bursts = stress_trace("bursts", 0, 120)
+    starts = sorted({round(r.arrival_s) for r in bursts})
+    assert len(starts) <= 6  # 3 bursts of 40, each within 50 ms
+    assert max(r.input_length for r in stress_trace("huge", 0, 300)) == 190_000
+    tenants = stress_trace("tenants", 0, 600)
+    firsts = {r.hash_ids[0] for r in tenants}
+    assert 10 <= len(firsts) <= 60  # Zipf-popular tenants, each behind its own prefix
