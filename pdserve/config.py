@@ -201,10 +201,6 @@ class GatewaySettings(_Served):
                        "name resolving to every gateway; this one may be among them): an Abort "
                        "for a request this gateway does not hold is forwarded to them")
 
-    @field_validator("peers")
-    @classmethod
-    def _peers(cls, v: str) -> str:
-        return check_addresses(v) if v.strip() else ""
     http_port: int = Field(8000, ge=-1, le=65535, description="OpenAI-compatible HTTP API port "
                            "(/v1/chat/completions, /v1/completions, /v1/models, /health, "
                            "/metrics; 0 = any free port, -1 = off); TLS with the same files")
@@ -260,6 +256,11 @@ class GatewaySettings(_Served):
                           "another one (re-prefill prompt + tokens sent) instead of failing "
                           "with UNAVAILABLE")
     migrate_retries: int = Field(2, ge=1, le=8, description="migrations per request at most")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: str) -> str:
+        return check_addresses(v) if v.strip() else ""
 
     @model_validator(mode="after")
     def _ledger_bounds(self) -> GatewaySettings:
