@@ -129,6 +129,9 @@ def library_path() -> Path:
 
 
 def _build(path: Path) -> None:
+    from pdserve.startup import phase
+
+    phase("weight packing")  # what came before the build
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
@@ -144,6 +147,7 @@ def _build(path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        phase("kernel build")
 
 
 def kernel() -> _Kernel | None:

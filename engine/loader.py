@@ -22,6 +22,7 @@ from pdserve.engine.layout import KVLayout, dtype_name
 from pdserve.engine.llama import LlamaForCausalLM
 from pdserve.engine.model_config import DeepseekV3Config, LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.startup import phase
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def load_model(
     else:
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
+    phase("model load")  # the weights read from the file
     if chosen.batch_invariant:
         invariant.enable()
     model: LlamaForCausalLM | DeepseekV3ForCausalLM
@@ -116,6 +118,7 @@ def load_model(
         if ep is not None:
             model.join_group(ep)
     _return_freed_memory()  # the state dict read from the files, and copies made by prepare
+    phase("weight packing")
     layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,
                                    "seconds": round(time.perf_counter() - t0, 2)})

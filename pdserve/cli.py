@@ -331,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.services.gateway.auth import AuthError
     from pdserve.services.security import SecurityError
     from pdserve.services.server import ListenError
+    from pdserve.startup import phase
 
+    phase("interpreter start")
     module = import_module(f"pdserve.services.{cmd}.main")
+    phase("imports")
     try:
         asyncio.run(module.run(settings))
     except (FileNotFoundError, SecurityError, AuthError, BackendError, EPError,

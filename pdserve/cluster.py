@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.config import UpSettings
+from pdserve.startup import summary
 from pdserve.supervise import DirLock, supervised_env
 
 
@@ -54,6 +56,8 @@ class Service:
             start_new_session=True)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.phases: dict[str, float] = {}  # its start-up, from its ready file
+        self.started = time.monotonic()
 
     def poll_ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -62,6 +66,7 @@ class Service:
         if self.ready_file.exists():
             ready = json.loads(self.ready_file.read_text())
             self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
+            self.phases = ready.get("phases") or {}
             return True
         return False
 
@@ -136,16 +141,9 @@ class LocalCluster:
         """Consecutive ports from --port; with --port 0, free ones picked now (every gateway
         needs its peers' addresses before it starts)."""
         n = self.s.gateways
-        if self.s.port or n == 1:
-            return [self.s.port + i if self.s.port else 0 for i in range(n)]
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            for sk in socks:
-                sk.bind((self.s.host, 0))
-            return [sk.getsockname()[1] for sk in socks]
-        finally:
-            for sk in socks:
-                sk.close()
+        if self.s.port:
+            return [self.s.port + i for i in range(n)]
+        return free_ports(n, self.s.host)
 
     def start(self) -> LocalCluster:
         # Before anything in the directory is touched: one `pdserve up` per data directory.
@@ -162,43 +160,38 @@ class LocalCluster:
         if self.s.batch_invariant:
             threads.append("--batch-invariant")
         try:
-            self._say("starting kvstore ...")
-            kv = self._spawn("kvstore", ["kvstore", "--port", "0", "--data-dir", str(self.data_dir),
-                                         *common])
-            self._wait_ready([kv], deadline)
-            self.kvstore_address = f"127.0.0.1:{kv.port}"
+            # Every service starts at once: the ports are chosen first, so each knows where
+            # the others will be (workers join a gateway, and fetch from the store, as soon as
+            # it listens); the workers' model load is the long pole.
             names = self.gateway_names
-            self._say(f"starting {len(names)} gateway{'s' if len(names) > 1 else ''} ...")
+            mutual = self.tls is not None and self.tls.mutual
             host = "127.0.0.1" if self.s.host in ("0.0.0.0", "::") else self.s.host
             ports = self._gateway_ports()
+            kv_port, *internal_ports = free_ports(1 + (len(names) if mutual else 0),
+                                                  "127.0.0.1")
+            self.kvstore_address = f"127.0.0.1:{kv_port}"
+            self._say(f"starting the kvstore, {len(names)} gateway"
+                      f"{'s' if len(names) > 1 else ''} and the workers ...")
+            kv = self._spawn("kvstore", ["kvstore", "--port", str(kv_port), "--data-dir",
+                                         str(self.data_dir), *common])
             peers = ",".join(f"{host}:{p}" for p in ports) if len(ports) > 1 else ""
             http_base = self.s.http_port
             gws = [self._spawn(name, [
                 "gateway", "--host", self.s.host, "--port", str(port), "--http-port",
                 str(http_base + i if http_base > 0 else http_base), "--gateway-id", name,
                 *(["--peers", peers] if peers else []),
-                "--kvstore", self.kvstore_address, "--internal-port", "0",
+                "--kvstore", self.kvstore_address, "--internal-port",
+                str(internal_ports[i] if mutual else 0),
                 "--data-dir", str(self.data_dir), *model, *common])
                 for i, (name, port) in enumerate(zip(names, ports))]
-            self._wait_ready(gws, deadline)
-            scheme = "https" if self.s.tls_cert_file else "http"
-            internals = []
-            for gw in gws:
-                ready = json.loads(gw.ready_file.read_text())
-                self.gateway_addresses.append(f"{host}:{gw.port}")
-                if ready.get("http_port"):
-                    self.http_urls.append(f"{scheme}://{host}:{ready['http_port']}")
-                # With mutual TLS workers join on the gateway's internal port.
-                internal = ready.get("internal_port")
-                internals.append(f"{host}:{internal}" if internal else f"{host}:{gw.port}")
+            self.gateway_addresses = [f"{host}:{p}" for p in ports]
             self.gateway_address = self.gateway_addresses[0]
-            self.http_url = self.http_urls[0] if self.http_urls else None
-            self.gateway_internal_address = ",".join(internals)
+            # With mutual TLS workers join on the gateways' internal ports.
+            self.gateway_internal_address = ",".join(
+                f"{host}:{p}" for p in (internal_ports if mutual else ports))
             # An EP group's ranks are the role's workers.
             n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
             n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
-            self._say(f"loading the model in {n_prefill} prefill and {n_decode} decode "
-                      "workers ...")
             workers = []
             # All workers share this machine's cores. A prefill step is a few large parallel
             # regions: its OpenMP threads lose little by sleeping between them, while spinning
@@ -221,11 +214,21 @@ class LocalCluster:
                     "--worker-id", f"decode-{i}", "--num-pages", str(self.s.decode_pages),
                     *model, *threads, *self._ep_args("decode", self.s.decode_ep, i, turns),
                     *common]))
-            self._wait_ready(workers, deadline)
+            self._wait_ready([kv, *gws, *workers], deadline)
+            scheme = "https" if self.s.tls_cert_file else "http"
+            for gw in gws:
+                http = json.loads(gw.ready_file.read_text()).get("http_port")
+                if http:
+                    self.http_urls.append(f"{scheme}://{host}:{http}")
+            self.http_url = self.http_urls[0] if self.http_urls else None
             self._wait_serving(deadline)
         except BaseException:
             self.stop()
             raise
+        self._say("start-up, per service (pdserve/startup.py; KV pool size: --decode-pages, "
+                  "--prefill-pages):")
+        for svc in self.services:
+            self._say(f"  {svc.name:<10} {summary(svc.phases)}")
         if self.http_urls:
             self._say("OpenAI-compatible API: " + ", ".join(f"{u}/v1" for u in self.http_urls))
         self._say(f"pdserve up: gateway{'s' if len(self.gateway_addresses) > 1 else ''} on "
@@ -332,6 +335,32 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free now, below the kernel's ephemeral range where it can (a freed
+    ephemeral port may be taken by an outgoing connection before its service binds it, and no
+    pdserve port is shared: SO_REUSEPORT is off)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError):
+        low = 0
+    out: list[int] = []
+    rng = random.Random()
+    for _ in range(100 * n):
+        if len(out) == n:
+            return out
+        port = rng.randrange(20_100, low) if low > 20_200 else 0
+        with socket.socket() as sk:
+            try:
+                sk.bind((host, port))
+            except OSError:
+                continue
+            port = sk.getsockname()[1]
+        if port not in out:
+            out.append(port)
+    raise ClusterError(f"could not find {n} free ports on {host}")
 
 
 def _tier(name: str) -> int:

@@ -29,6 +29,7 @@ from pdserve.metrics import serve_metrics
 from pdserve.services.errors import InvalidArgument
 from pdserve.services.registration import Registrations
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.startup import PHASES, phase
 from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,9 @@ async def serve_worker(role: str, settings: WorkerSettings, worker: ServedWorker
                           stop, changed)
     joiner = asyncio.create_task(joins.run())
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
+    phase("serving")
     write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
-                     metrics_port=metrics_port)
+                     metrics_port=metrics_port, phases=PHASES)
     log.info(f"{role} serving", extra={"port": port, "worker_id": info.worker_id})
 
     async def drain() -> None:

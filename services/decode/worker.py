@@ -27,6 +27,7 @@ from pdserve.services.engine_thread import EngineThread, group_steps_of
 from pdserve.services.outbox import Outbox, Outboxes, RequestFailed
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import new_epoch
+from pdserve.startup import phase
 from pdserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class DecodeWorker:
         self.loaded = loaded
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
+        phase("KV pool allocation")
         hooks: EngineHooks = TakeTurns(turns or CpuTurns(None))
         hooks = wrap_hooks(hooks) if wrap_hooks is not None else hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool), max_batch=max_batch,
@@ -57,6 +59,7 @@ class DecodeWorker:
         self.requests = DecodeRequests(self.pool, lease_s, quarantine_s, clock)
         self.outboxes = Outboxes()
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
+        phase("NIXL registration")
         self._metadata = self.endpoint.metadata
         self.thread = EngineThread(self.engine, self.outboxes, name="decode-engine",
                                    on_events=self._on_events, poll=self._poll,

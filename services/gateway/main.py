@@ -27,6 +27,7 @@ from pdserve.services.gateway.membership import Readiness, RegistryServicer, wat
 from pdserve.services.gateway.servicer import GatewayServicer
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.startup import PHASES, phase
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 async def run(settings: GatewaySettings) -> None:
     security.configure(settings)  # before any server or channel exists
     tokenizer = load_tokenizer(settings.model)
+    phase("tokenizer load")
     registry = WorkerRegistry(pipeline_min_tokens=settings.pipeline_min_tokens,
                               pipeline_max_stages=settings.pipeline_max_stages)
     kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
@@ -87,7 +89,8 @@ async def run(settings: GatewaySettings) -> None:
     sampler = (asyncio.create_task(gateway.acct.sample_workers(settings.worker_sample_s, stop))
                if ledger is not None else None)
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
-    write_ready_file(settings.ready_file, port, metrics_port=metrics_port,
+    phase("serving")
+    write_ready_file(settings.ready_file, port, metrics_port=metrics_port, phases=PHASES,
                      internal_port=internal_port, http_port=edge.port if edge else None)
     log.info("gateway listening", extra={"port": port, "internal_port": internal_port,
                                          "http_port": edge.port if edge else None})

@@ -36,6 +36,7 @@ from pdserve.services.server import (
     serve_until_signal,
     write_ready_file,
 )
+from pdserve.startup import PHASES, phase
 from pdserve.supervise import DirLock
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -91,7 +92,9 @@ async def run(settings: KVStoreSettings) -> None:
     # One kvstore per directory; a second fails here naming it and the holder.
     lock = DirLock(settings.data_dir / "kvstore", ".lock", "--data-dir", "a kvstore")
     store = open_store(settings)
+    phase("store open")
     staging = open_staging(settings)
+    phase("NIXL registration")
     servicer = KVStoreServicer(store, staging)
     server, port, health_servicer = await create_server(
         [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)],
@@ -113,7 +116,8 @@ async def run(settings: KVStoreSettings) -> None:
     if staging is not None:
         prom.register(StagingCollector(staging))
     metrics_port = serve_metrics(prom, settings.host, settings.metrics_port)
-    write_ready_file(settings.ready_file, port, metrics_port=metrics_port)
+    phase("serving")
+    write_ready_file(settings.ready_file, port, metrics_port=metrics_port, phases=PHASES)
     log.info("kvstore serving", extra={"port": port, "blocks": store.stats.num_blocks})
 
     async def cleanup() -> None:

@@ -37,6 +37,7 @@ from pdserve.services.prefill.pipeline import Peers, head_share
 from pdserve.services.prefill.stage import PipelineStage
 from pdserve.services.transfer import NixlEndpoint, pages_checksum
 from pdserve.services.worker import new_epoch, sampling_from_proto
+from pdserve.startup import phase
 from pdserve.v1 import common_pb2, prefill_pb2
 
 # The engine's batch size does not bound a prefill worker: its prompts leave the engine with
@@ -57,6 +58,7 @@ class PrefillWorker:
         self.namespace = hash_namespace(loaded.model_id, self.fingerprint)
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
+        phase("KV pool allocation")
         self.hooks = PrefillHooks(turns or CpuTurns(None))
         hooks = wrap_hooks(self.hooks) if wrap_hooks is not None else self.hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool, chunk_tokens),
@@ -72,6 +74,7 @@ class PrefillWorker:
         self.fetch_layer_groups = fetch_layer_groups
         self.fetch_nixl = fetch_nixl  # READ blocks from the stores' staging buffers over NIXL
         self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
+        phase("NIXL registration")
         self.transfer_timeout_s = transfer_timeout_s
         self.load = PrefillLoad()
         peers = Peers()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pdserve.cluster import free_ports
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -44,28 +44,6 @@ def pod_labels(w: dict) -> dict:
     return w["spec"]["template"]["metadata"]["labels"]
 
 
-_taken: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now, below the kernel's ephemeral range (an outgoing connection may take a
-    freed ephemeral port before the pod binds it: our servers share no port, SO_REUSEPORT off)
-    and above the UCX range the ConfigMap sets (20000-20099)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randrange(21000, max(21001, low))
-        if port in _taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
 @dataclass
 class LocalPod:
     workload: str
@@ -91,9 +69,10 @@ def local_pods(docs: list[dict], workdir: Path) -> list[LocalPod]:
     replicas = {w["metadata"]["name"]: [f"{w['metadata']['name']}-{i}"
                                         for i in range(w["spec"].get("replicas", 1))]
                 for w in workloads}
-    ports = {(pod, p["containerPort"]): free_port()
-             for w in workloads for pod in replicas[w["metadata"]["name"]]
-             for c in w["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    keys = [(pod, p["containerPort"])
+            for w in workloads for pod in replicas[w["metadata"]["name"]]
+            for c in w["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+    ports = dict(zip(keys, free_ports(len(keys), "0.0.0.0")))
     services: dict[str, dict[int, list[int]]] = {}
     for s in of_kind(docs, "Service"):
         [w] = [w for w in workloads if selects(s["spec"]["selector"], pod_labels(w))]
