@@ -7,9 +7,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
-import gguf
 from tokenizers import Tokenizer as HFTokenizer
 
 from pdserve.engine.tokenizer import Tokenizer
@@ -44,17 +42,6 @@ def model_id_of(path: Path) -> str:
     return f"{path.name}@{h.hexdigest()[:16]}"
 
 
-def read_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # noqa: BLE001 - exotic field types we do not need
-            continue
-    return out
-
-
-
 def load_hf_tokenizer(path: Path) -> Tokenizer | None:
     tj = path / "tokenizer.json"
     if not tj.exists():
@@ -81,4 +68,6 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer | None:
     p = Path(path) if path else default_model_path()
     if p.is_dir():
         return load_hf_tokenizer(p)
-    return Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(p))))
+    from pdserve.engine.gguf_file import GGUFFile
+
+    return Tokenizer.from_gguf_fields(GGUFFile(p).fields)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from pdserve.engine.cpu_kernels import KINDS, QuantWeight
-from pdserve.engine.files import read_fields
+from pdserve.engine.gguf_file import GGUFFile
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -80,8 +80,8 @@ def load_gguf(
     given, also receives each Q4_1/Q8_0 weight's GGUF blocks under the same name (rows in the
     state dict's order), for the quantized-weight kernel (cpu_kernels.py)."""
     t0 = time.perf_counter()
-    reader = gguf.GGUFReader(str(path))
-    fields = read_fields(reader)
+    reader = GGUFFile(path)
+    fields = reader.fields
     cfg = config_from_fields(fields)
     tokenizer = Tokenizer.from_gguf_fields(fields)
     state: dict[str, torch.Tensor] = {}

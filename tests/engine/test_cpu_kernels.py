@@ -286,3 +286,20 @@ def test_a_fresh_directory_gets_the_library_built(tmp_path):
     built = list((tmp_path / "k").glob("cpu_kernels-*.so"))
     assert len(built) == 1 and str(built[0]) in r.stdout
     assert not list((tmp_path / "k").glob("*.tmp"))  # the temporary file was renamed in place
+
+
+def test_the_fast_gguf_reader_gives_what_gguf_s_reader_gives():
+    """engine/gguf_file.py against the `gguf` package's reader on the default model: every
+    field's value and every tensor's name, type, shape, dtype and bytes."""
+    from pdserve.engine.gguf_file import GGUFFile
+    from pdserve.engine.loader import default_model_path
+
+    path = default_model_path()
+    reader, fast = gguf.GGUFReader(str(path)), GGUFFile(path)
+    ref = {k: f.contents() for k, f in reader.fields.items()}
+    assert ref == fast.fields and len(ref["tokenizer.ggml.tokens"]) == 49152
+    assert len(reader.tensors) == len(fast.tensors) == 272
+    for a, b in zip(reader.tensors, fast.tensors):
+        assert (a.name, a.tensor_type) == (b.name, b.tensor_type)
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
+        assert np.array_equal(a.data, b.data), a.name
