@@ -1,8 +1,11 @@
 """Engine throughput against Hugging Face transformers, same model, same batch, same run.
 
 1. decode tokens/s at batch 1, 16, 64: the decode phase alone, timed from every sequence's
-   first token (ours: after the prefill steps; transformers: a logits processor's first call)
-   to `--new-tokens` more, best of 2 runs after a warm-up, on both sides;
+   first token (ours: after the prefill steps; transformers: a logits processor's first call;
+   llama.cpp, when llama-cpp-python is installed and the model is a GGUF file: after the
+   prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides; at
+   batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over a streaming
+   read's rate, measured in the same run);
 2. prefill tokens/s;
 3. the whole disaggregated system under 16 concurrent clients against the single-process
    engine on the same requests.
@@ -120,6 +123,97 @@ def hf_decode(model, batch: list[list[int]], new: int) -> float:
     return times.times[-1] - times.times[0]
 
 
+def decode_bytes(loaded) -> int:
+    """Bytes of weights one decode step reads at batch 1: every product's GGUF blocks where it
+    reads blocks, else its float32 (or packed) weight."""
+    from pdserve.engine.linear import FastLinear
+
+    seen: set[int] = set()
+    total = 0
+
+    def products(obj: object) -> list[FastLinear]:
+        out = []
+        for v in vars(obj).values():
+            out += [x for x in (v if isinstance(v, (list, tuple)) else [v])
+                    if isinstance(x, FastLinear)]
+        return out
+
+    for m in loaded.model.modules():
+        for fl in products(m):
+            if id(fl) in seen:
+                continue
+            seen.add(id(fl))
+            w = fl.quant.blocks if fl.quant is not None else (
+                fl.packed if fl.packed is not None else fl.weight)
+            total += w.numel() * w.element_size()
+    return total
+
+
+def streaming_read_rate(nbytes: int = 512 << 20, runs: int = 5) -> float:
+    """Bytes/s of reading a buffer larger than the caches, one pass (numpy sum over it), the
+    best of `runs`: the memory bandwidth one decode step can have at best."""
+    import numpy as np
+
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    best = 0.0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        float(a.sum())
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def llama_cpp_decode(path: Path, batch: list[list[int]], new: int, threads: int) -> float:
+    """Seconds of llama.cpp's decode phase (llama-cpp-python's low-level batch API, the same
+    GGUF): from every sequence's prompt evaluated to `new` more greedy tokens each, one batch
+    of one token per sequence per step, as pdserve decodes."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    n = len(batch)
+    ctx_len = n * (max(len(p) for p in batch) + new + 8)
+    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = ctx_len, ctx_len, ctx_len
+    cp.n_seq_max, cp.n_threads, cp.n_threads_batch = n, threads, threads
+    ctx = lc.llama_init_from_model(model, cp)
+    vocab = lc.llama_n_vocab(lc.llama_model_get_vocab(model))
+    lb = lc.llama_batch_init(ctx_len, 0, n)
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> None:  # token, pos, seq, logits
+        lb.n_tokens = len(items)
+        for i, (tok, pos, seq, want) in enumerate(items):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i] = tok, pos, 1
+            lb.seq_id[i][0], lb.logits[i] = seq, want
+        if lc.llama_decode(ctx, lb) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(i: int) -> int:
+        row = lc.llama_get_logits_ith(ctx, i)
+        return int(np.argmax(np.ctypeslib.as_array(
+            ctypes.cast(row, ctypes.POINTER(ctypes.c_float)), shape=(vocab,))))
+
+    try:
+        items = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(batch)
+                 for pos, t in enumerate(p)]
+        decode(items)
+        last = [k for k, it in enumerate(items) if it[3]]
+        toks = [greedy(k) for k in last]
+        pos = [len(p) for p in batch]
+        t0 = time.perf_counter()
+        for _ in range(new):
+            decode([(toks[s], pos[s], s, True) for s in range(n)])
+            toks = [greedy(s) for s in range(n)]
+            pos = [x + 1 for x in pos]
+        return time.perf_counter() - t0
+    finally:
+        lc.llama_batch_free(lb)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -214,6 +308,16 @@ def main() -> None:
     else:
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     hf = hf.to(args.device).eval()
+    llama = None
+    if path.suffix == ".gguf" and args.device == "cpu":
+        try:
+            import llama_cpp as llama  # optional baseline: llama-cpp-python, built here
+        except ImportError:
+            print("llama.cpp baseline skipped: llama-cpp-python is not installed "
+                  '(CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)', flush=True)
+    threads = torch.get_num_threads()
+    bandwidth = streaming_read_rate() if args.device == "cpu" else 0.0
+    step_bytes = decode_bytes(loaded)
     rows = []
     for b in [int(x) for x in args.batches.split(",")] if not args.only_cluster else []:
         batch = prompts(b, args.prompt_tokens)
@@ -222,6 +326,18 @@ def main() -> None:
         rows.append((f"decode, batch {b}", f"{ours:.1f} tok/s", f"{ref:.1f} tok/s",
                      f"{ours / ref:.2f}x"))
         print(rows[-1], flush=True)
+        if llama is not None:
+            cpp = decode_rate(lambda bb, n: llama_cpp_decode(path, bb, n, threads), batch,
+                              args.new_tokens)
+            rows.append((f"decode, batch {b}, against llama.cpp", f"{ours:.1f} tok/s",
+                         f"{cpp:.1f} tok/s (llama.cpp)", f"{ours / cpp:.2f}x"))
+            print(rows[-1], flush=True)
+        if b == 1 and args.device == "cpu":
+            rows.append(("decode, batch 1: memory-bandwidth ceiling",
+                         f"{bandwidth / step_bytes:.1f} tok/s",
+                         f"{step_bytes / 1e6:.0f} MB a step / {bandwidth / 1e9:.1f} GB/s",
+                         f"{ours / (bandwidth / step_bytes):.2f}x"))
+            print(rows[-1], flush=True)
         if args.device == "cuda":
             eager = decode_rate(lambda bb, n: ours_decode(loaded, bb, n, graphs=False), batch,
                                 args.new_tokens)
