@@ -97,3 +97,29 @@ def test_an_ep_group_set_up_wrong_stops_the_worker_naming_the_setting(tmp_path):
                 f"file://{tmp_path}/rv", "--port", "0")  # the default model is dense
     assert r.returncode == 2
     assert "--ep-size 2: expert parallelism needs a mixture-of-experts model" in r.stderr
+
+
+def test_startup_phases_add_up_and_print_in_order():
+    """pdserve/startup.py: each mark ends a phase (time since the previous mark, the first
+    since the process started); a phase marked twice adds up; the summary keeps their order."""
+    import time
+
+    from pdserve import startup
+
+    saved, last = dict(startup.PHASES), startup._last
+    try:
+        startup.PHASES.clear()
+        startup._last = None
+        startup.phase("first")
+        assert startup.PHASES["first"] > 0  # the process started before this test
+        startup._last = time.monotonic() - 0.5
+        startup.phase("model load")
+        startup._last = time.monotonic() - 0.25
+        startup.phase("model load")
+        assert 0.75 <= startup.PHASES["model load"] < 1.0
+        text = startup.summary({"a": 1.0, "tiny": 0.01, "b": 2.5})
+        assert text == "3.5 s: a 1.0, b 2.5"
+    finally:
+        startup.PHASES.clear()
+        startup.PHASES.update(saved)
+        startup._last = last
