@@ -301,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pdserve {cmd}: {e}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, service=cmd)
-    from pdserve.cluster import ClusterError
     from pdserve.supervise import DirectoryInUse, die_with_parent
 
     if isinstance(settings, config.UpSettings):
+        from pdserve.cluster import ClusterError
+
         try:
             if cmd == "up":
                 from pdserve.cluster import run_up

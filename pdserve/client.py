@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from pdserve.config import parse_addresses
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -45,15 +46,13 @@ def grpc_target(address: str) -> str:
     """A gRPC target for one gateway address or several (comma-separated): one host:port as
     is (a name gRPC resolves, every address of it in the rotation); several as the `ipv4:` /
     `ipv6:` list of all their addresses, names looked up now."""
-    items = [a.strip() for a in address.split(",") if a.strip()]
-    if len(items) <= 1:
-        return items[0] if items else address
+    items = parse_addresses(address)
+    if len(items) == 1:
+        return address.strip()
     v4: list[str] = []
     v6: list[str] = []
-    for item in items:
-        host, _, port = item.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        for fam, *_, sa in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+    for host, port in items:
+        for fam, *_, sa in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
             (v4 if fam == socket.AF_INET else v6).append(
                 f"{sa[0]}:{port}" if fam == socket.AF_INET else f"[{sa[0]}]:{port}")
     v4, v6 = list(dict.fromkeys(v4)), list(dict.fromkeys(v6))

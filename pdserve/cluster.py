@@ -57,7 +57,6 @@ class Service:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.phases: dict[str, float] = {}  # its start-up, from its ready file
-        self.started = time.monotonic()
 
     def poll_ready(self) -> bool:
         if self.proc.poll() is not None:

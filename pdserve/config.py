@@ -17,16 +17,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Address = str  # "host:port"
 
 
-def check_addresses(value: str) -> str:
-    """A comma-separated list of host:port (IPv6 hosts in brackets); ValueError otherwise."""
-    items = [x.strip() for x in value.split(",") if x.strip()]
-    for item in items:
+def parse_addresses(value: str) -> list[tuple[str, int]]:
+    """(host, port) of each entry of a comma-separated list of host:port (IPv6 hosts in
+    brackets, returned without them); ValueError naming a bad entry, or an empty list."""
+    out = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{item!r} is not host:port")
-    if not items:
+        out.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    if not out:
         raise ValueError("empty, expected host:port (comma-separated)")
-    return ",".join(items)
+    return out
+
+
+def check_addresses(value: str) -> str:
+    """The settings' check of an address list: the list, normalised (ValueError otherwise)."""
+    parse_addresses(value)
+    return ",".join(x.strip() for x in value.split(",") if x.strip())
 
 
 class _Base(BaseSettings):

@@ -40,7 +40,8 @@ def phase(name: str) -> None:
 
 
 def summary(phases: dict[str, float]) -> str:
-    """'total 9.8 s: model load 3.9, weight packing 2.0, …' (phases under 0.05 s left out)."""
+    """'9.8 s: model load 3.9, weight packing 2.0, …' (the total, then the phases; those under
+    0.05 s left out)."""
     total = sum(phases.values())
     parts = [f"{k} {v:.1f}" for k, v in phases.items() if v >= 0.05]
     return f"{total:.1f} s: " + ", ".join(parts)

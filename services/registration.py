@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from pdserve.config import check_addresses
+from pdserve.config import parse_addresses
 from pdserve.services.server import CHANNEL_OPTIONS, channel
 from pdserve.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -35,16 +35,6 @@ RECONNECT_MS = 200
 _REGISTRATION_OPTIONS = [o for o in CHANNEL_OPTIONS if "reconnect_backoff" not in o[0]] + [
     ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", RECONNECT_MS)]
-
-
-def parse_targets(spec: str) -> list[tuple[str, int]]:
-    """host:port entries of a comma-separated list (IPv6 hosts in brackets), as the settings
-    checked it (config.check_addresses)."""
-    out = []
-    for item in check_addresses(spec).split(","):
-        host, _, port = item.rpartition(":")
-        out.append((host.removeprefix("[").removesuffix("]"), int(port)))
-    return out
 
 
 def _join_host(host: str, port: int) -> str:
@@ -120,7 +110,7 @@ class Registrations:
     def __init__(self, spec: str, resolve_s: float, info: common_pb2.WorkerInfo,
                  load: Callable[[], common_pb2.LoadReport], stop: asyncio.Event,
                  changed: asyncio.Event | None = None) -> None:
-        self.targets = parse_targets(spec)
+        self.targets = parse_addresses(spec)
         self.resolve_s = resolve_s
         self.info, self.load, self.stop, self.changed = info, load, stop, changed
         self.joins: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}

@@ -17,7 +17,7 @@ import grpc
 
 from pdserve.cache.analytics import NAMED_QUERIES
 from pdserve.cache.ledger import Ledger
-from pdserve.config import GatewaySettings
+from pdserve.config import GatewaySettings, parse_addresses
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.metrics import GatewayMetrics
 from pdserve.scheduler.registry import Role, WorkerRegistry
@@ -39,7 +39,7 @@ from pdserve.services.gateway.flow import Cluster, FlowSettings, GenerateFlow, I
 from pdserve.services.gateway.output import OutputText
 from pdserve.services.gateway.workers import WorkerClients, release
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.registration import parse_targets, resolve
+from pdserve.services.registration import resolve
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         the tenant itself); True when one of them held the request."""
         if not self.settings.peers:
             return False
-        resolved = await resolve(parse_targets(self.settings.peers))
+        resolved = await resolve(parse_addresses(self.settings.peers))
         peers = sorted({a for addrs in resolved.values() for a in addrs})
         metadata = (*auth, (FORWARDED_KEY, "1"))
 

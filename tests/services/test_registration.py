@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from pdserve.config import parse_addresses
 from pdserve.scheduler.registry import WorkerRegistry
 from pdserve.services.gateway.membership import RegistryServicer
-from pdserve.services.registration import REPORT_INTERVAL_S, Registrations, parse_targets, resolve
+from pdserve.services.registration import REPORT_INTERVAL_S, Registrations, resolve
 from pdserve.services.server import create_server
 from pdserve.v1 import common_pb2, registry_pb2_grpc
 from tests.helpers import async_wait_until
@@ -72,7 +73,7 @@ async def test_a_worker_reports_to_every_gateway_and_rejoins_a_restarted_one_at_
 
 
 async def test_names_resolve_to_every_address_and_literals_stay():
-    assert parse_targets("a:1, [::1]:2,10.0.0.1:3") == [("a", 1), ("::1", 2), ("10.0.0.1", 3)]
+    assert parse_addresses("a:1, [::1]:2,10.0.0.1:3") == [("a", 1), ("::1", 2), ("10.0.0.1", 3)]
     got = await resolve([("localhost", 50051), ("10.1.2.3", 7), ("::1", 9)])
     # localhost: its IPv4 address only (a dual-stack name would list each gateway twice).
     assert got == {"localhost:50051": ["127.0.0.1:50051"], "10.1.2.3:7": ["10.1.2.3:7"],
