@@ -185,7 +185,9 @@ def report(data_dir: Path, since: str | None = None, until: str | None = None,
         GROUP BY role""", period)
     secs = {r: s or 0.0 for r, s, _ in wrows}
     peak = {r: int(n or 0) for r, _, n in wrows}
-    if not wrows and ok:
+    # A role no sample caught in rotation (a run shorter than the sampling interval: the one
+    # sample may come before its workers joined) falls back to the spans, role by role.
+    if ok and not all(secs.get(r) for r in ("prefill", "decode")):
         _, spans = run_query(data_dir, """
             SELECT role, sum(span) FROM (
                 SELECT 'prefill' AS role, prefill_worker AS w, epoch(max(ts)) - epoch(min(ts))
@@ -195,7 +197,7 @@ def report(data_dir: Path, since: str | None = None, until: str | None = None,
                 SELECT 'decode', decode_worker, epoch(max(ts)) - epoch(min(ts)) + max(e2e_s)
                 FROM requests WHERE status = 'OK' AND ts >= $since AND ts < $until GROUP BY 2)
             GROUP BY role""", period)
-        secs = {r: s or 0.0 for r, s in spans}
+        secs.update({r: s or 0.0 for r, s in spans if not secs.get(r)})
     ps, ds = secs.get("prefill", 0.0), secs.get("decode", 0.0)
     hours = (ps + ds) / 3600
     cost = hours * prices.gpus_per_worker * prices.gpu_hour

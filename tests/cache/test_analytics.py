@@ -190,3 +190,19 @@ def test_several_gateways_ledgers_read_as_one_and_workers_count_once(tmp_path):
     assert r.prefill_worker_hours == pytest.approx(8 * 60 / H, abs=1e-6)  # a's view: 8 slots
     assert r.decode_worker_hours == pytest.approx(8 * 60 / H, abs=1e-6)
     assert r.peak_prefill_workers == 1 and r.peak_decode_workers == 1
+
+
+def test_a_role_no_sample_caught_in_rotation_falls_back_to_its_request_spans(tmp_path):
+    """A run shorter than the sampling interval: the one sample came before the decode worker
+    joined. Prefill time comes from the sample, decode time from the decode worker's span of
+    requests (not 0)."""
+    led = Ledger(tmp_path, gateway="g")
+    for i in range(3):
+        led.record_request(**ledger_row(i, ts=T0 + 2 * i, e2e_s=1.0, ttft_s=0.2))
+    led.record_worker(ts=T0 + 1, worker_id="p0", role="prefill", in_rotation=True, running=0,
+                      queued_tokens=0, used_pages=0, total_pages=8, interval_s=10.0)
+    led.close()
+    r = report(tmp_path)
+    assert r.prefill_worker_hours == pytest.approx(10.0 / H, abs=1e-6)  # the sample's
+    assert r.decode_worker_hours == pytest.approx(5.0 / H, abs=1e-6)  # d0: 4 s + the last 1 s
+    assert r.peak_prefill_workers == 1
