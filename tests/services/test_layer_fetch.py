@@ -90,9 +90,27 @@ def test_layer_groups_cover_every_layer_once():
     assert layer_groups(30, 1) == [30]
 
 
+async def spread_shards(loaded, tmp_path, n: int = 2) -> tuple[list, KVStoreClient]:
+    """`n` shards on port 0 over which the prompt's blocks land on every shard (placement
+    hashes the shard addresses: with 10 blocks over 2 shards, 1 start in 512 puts them all
+    on one; start again then)."""
+    from pdserve.cache.block_hash import hash_namespace
+
+    ns = hash_namespace(loaded.model_id, loaded.layout.fingerprint())
+    keys = block_hashes(ns, "", PROMPT, loaded.layout.block_tokens)
+    for attempt in range(5):
+        shards = [await start_shard(tmp_path / f"s{attempt}-{i}") for i in range(n)]
+        client = KVStoreClient(",".join(s.address for s in shards), timeout_s=5.0)
+        if len({rendezvous(k, client.shard_names) for k in keys}) == n:
+            return shards, client
+        await client.close()
+        for s in shards:
+            await s.stop()
+    raise AssertionError("5 starts of the shards put every block on one shard")
+
+
 async def test_layered_fetch_gives_the_bytes_and_token_of_loading_whole_blocks(loaded, tmp_path):
-    shards = [await start_shard(tmp_path / f"s{i}") for i in range(2)]
-    client = KVStoreClient(",".join(s.address for s in shards), timeout_s=5.0)
+    shards, client = await spread_shards(loaded, tmp_path)
     w = worker(loaded, client, groups=4)
     bt = w.layout.block_tokens
     keys, cold_first, cold_kv = await cold_then_store(w)
