@@ -1,4 +1,5 @@
-"""Process allocator settings for services that move multi-megabyte KV blocks.
+"""Memory for services that move multi-megabyte KV blocks: the process allocator's settings,
+and large buffers (KV pools, staging buffers) backed up front without a start-up cost.
 
 glibc serves an allocation above its mmap threshold (128 KiB at start) with a fresh mmap and
 returns it with munmap: every 3 MB block read from RocksDB or received over gRPC then pays
@@ -13,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +37,54 @@ def keep_large_buffers_on_heap(mmap_bytes: int = 64 << 20, trim_bytes: int = 256
     log.debug("malloc thresholds", extra={"mmap_bytes": mmap_bytes, "trim_bytes": trim_bytes,
                                           "ok": ok})
     return ok
+
+
+# Linux madvise(2) advice values (Python's mmap module lacks the second).
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable, contents unchanged
+PREFAULT_CHUNK = 32 << 20
+
+
+def _madvise(addr: int, length: int, advice: int) -> bool:
+    """madvise through ctypes, which releases the GIL for the call (mmap.madvise does not)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length),
+                                ctypes.c_int(advice))) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class AnonymousBuffer:
+    """A large buffer of anonymous memory: zero pages from the kernel, each backed only when
+    first written (so allocating it costs no start-up time; zeroing 1.5 GB of KV pool took
+    2 s of a worker's start), in huge pages where the kernel gives them on request (512x
+    fewer faults and TLB entries for memory read whole by attention and transfers), and
+    backed ahead of use by `prefault` once the service is up: a page's first write otherwise
+    faults it in inside a NIXL transfer or a fetch, on a request's time (measured: a 94 MB
+    WRITE into fresh pages took 6x as long)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.mmap = mmap.mmap(-1, max(1, nbytes))
+        self.nbytes = len(self.mmap)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+        _madvise(self.addr, self.nbytes, MADV_HUGEPAGE)
+
+    def prefault(self, stop: threading.Event | None = None) -> int:
+        """Backs the whole buffer now, in chunks, contents unchanged (safe while parts of it
+        are in use). Returns the bytes populated (fewer where the kernel cannot, or when
+        `stop` is set: the rest then faults in on first use, as before)."""
+        done = 0
+        while done < self.nbytes and not (stop is not None and stop.is_set()):
+            n = min(PREFAULT_CHUNK, self.nbytes - done)
+            if not _madvise(self.addr + done, n, MADV_POPULATE_WRITE):
+                log.debug("prefault unavailable", extra={"errno": ctypes.get_errno()})
+                return done
+            done += n
+        return done
+
+    def prefault_in_background(self) -> threading.Thread:
+        """`prefault` on a daemon thread (a service's, after it is ready)."""
+        t = threading.Thread(target=self.prefault, name="prefault", daemon=True)
+        t.start()
+        return t

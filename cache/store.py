@@ -124,8 +124,9 @@ class BlockStore:
     def get_many(self, keys: Sequence[BlockHash]) -> list[bytes]:
         return self.reader.get_many(keys)
 
-    def get_into(self, keys: Sequence[BlockHash], out: memoryview | bytearray) -> list[int]:
-        return self.reader.get_into(keys, out)
+    def get_into(self, keys: Sequence[BlockHash], out: memoryview | bytearray,
+                 verify: bool = True) -> list[int]:
+        return self.reader.get_into(keys, out, verify)
 
     def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
                   ) -> Generator[list[bytes], None, None]:

@@ -7,7 +7,6 @@ One page = `block_tokens` tokens of every layer = one contiguous region = one NI
 from __future__ import annotations
 
 import math
-import mmap
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -16,6 +15,7 @@ from typing import NewType
 import numpy as np
 import torch
 
+from pdserve.cache.memory import AnonymousBuffer
 from pdserve.engine.errors import OutOfPages
 from pdserve.engine.layout import KVLayout
 
@@ -34,18 +34,26 @@ class KVPool:
         self.layout = layout
         self.num_pages = num_pages
         shape = (num_pages, layout.num_layers, layout.block_tokens, layout.kv_dim)
-        self._buffer: mmap.mmap | None = None
+        self._buffer: AnonymousBuffer | None = None
         if torch.device(device).type == "cpu":
-            # Anonymous memory: zero pages from the kernel, each touched only when first
-            # written (torch.zeros wrote 1.5 GB up front: 2 s of a worker's start).
             itemsize = torch.empty((), dtype=layout.torch_dtype).element_size()
-            self._buffer = mmap.mmap(-1, max(1, math.prod(shape) * itemsize))
-            self.kv = torch.frombuffer(self._buffer, dtype=layout.torch_dtype).view(shape)
+            self._buffer = AnonymousBuffer(math.prod(shape) * itemsize)
+            self.kv = torch.frombuffer(self._buffer.mmap, dtype=layout.torch_dtype,
+                                       count=math.prod(shape)).view(shape)
         else:
             self.kv = torch.zeros(shape, dtype=layout.torch_dtype, device=device)
         self._free: deque[PageId] = deque(PageId(i) for i in range(num_pages))
         self._used: set[PageId] = set()
         self._lock = threading.Lock()
+
+    def prefault(self, stop: threading.Event | None = None) -> int:
+        """Backs the whole pool with memory now, contents unchanged (cache/memory.py,
+        AnonymousBuffer); 0 for a GPU pool."""
+        return 0 if self._buffer is None else self._buffer.prefault(stop)
+
+    def prefault_in_background(self) -> threading.Thread | None:
+        """`prefault` on a daemon thread (a serving worker's, after it is ready)."""
+        return None if self._buffer is None else self._buffer.prefault_in_background()
 
     # -- allocation ---------------------------------------------------------------
     @property

@@ -31,6 +31,9 @@ from pdserve.config import UpSettings
 from pdserve.startup import summary
 from pdserve.supervise import DirLock, supervised_env
 
+# What `pdserve up` gives prefill workers' OpenMP threads (LocalCluster.start says why).
+PREFILL_OMP_ENV = {"GOMP_SPINCOUNT": "10000"}
+
 
 class ClusterError(RuntimeError):
     """A service failed to start; the message carries the tail of its log."""
@@ -192,11 +195,14 @@ class LocalCluster:
             n_prefill = self.s.prefill_ep if self.s.prefill_ep > 1 else self.s.num_prefill
             n_decode = self.s.decode_ep if self.s.decode_ep > 1 else self.s.num_decode
             workers = []
-            # All workers share this machine's cores. A prefill step is a few large parallel
-            # regions: its OpenMP threads lose little by sleeping between them, while spinning
-            # there takes the cores decode needs for its thousands of small regions (an
-            # OMP_WAIT_POLICY set by the user wins).
-            prefill_env = {"OMP_WAIT_POLICY": "PASSIVE", **self.env}
+            # All workers share this machine's cores. Between two parallel regions a prefill
+            # worker's OpenMP threads spin briefly, then sleep: a long spin (libgomp's default
+            # 300,000) takes the cores decode needs once the step is over, no spin at all
+            # (OMP_WAIT_POLICY=PASSIVE) costs a short prompt's step, hundreds of small
+            # regions, a futex wake each (measured: a 64-token suffix over 1,984 cached tokens
+            # 225 ms passive, 155 ms with this spin, 165 ms with the default). Settings the
+            # user gave win.
+            prefill_env = {**PREFILL_OMP_ENV, **self.env}
             # ... and take turns computing (services/cpu_turns.py).
             turns = (["--cpu-turns-path", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns
                      else [])

@@ -162,6 +162,9 @@ class EngineThread:
     def _hold_for_more(self, woke_at: float) -> None:
         if self._gather is None:
             return
+        waiting = self.engine.waiting
+        if waiting and not any(self.engine.hooks.ready(s) for s in waiting):
+            return  # only prompts whose cached KV is still arriving: they wait for it anyway
         while not self._stop.is_set():
             self._wake.clear()
             self._run_posted()

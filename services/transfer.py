@@ -39,11 +39,21 @@ class TransferState(enum.Enum):
     TIMED_OUT = "timed_out"
 
 
+def page_digest(pool: KVPool, page: int) -> int:
+    """xxh3_64 of one page's bytes: the same number as the checksum in the header of the
+    store block holding that page (cache/codec.py), so a page fetched verified from the store
+    needs no hashing again."""
+    return xxhash.xxh3_64_intdigest(pool.page_bytes(page).cpu().numpy().data)
+
+
+def combine_digests(digests: Sequence[int]) -> int:
+    """A transfer's checksum (TransferNotice.kv_checksum): xxh3_64 over its pages' digests,
+    8 bytes little-endian each, in page order."""
+    return xxhash.xxh3_64_intdigest(b"".join(d.to_bytes(8, "little") for d in digests))
+
+
 def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
-    h = xxhash.xxh3_64()
-    for p in pages:
-        h.update(pool.page_bytes(p).cpu().numpy().data)
-    return h.intdigest()
+    return combine_digests([page_digest(pool, p) for p in pages])
 
 
 # One READ: (local (addr, length) ranges, remote (addr, length, device) ranges).
@@ -92,13 +102,16 @@ class NixlEndpoint:
 
     async def read_groups(self, remote: str, groups: Sequence[ReadGroup], remote_mem: str,
                           on_group: Callable[[int], None], timeout_s: float) -> int:
-        """Posts one READ per group of (local ranges <- remote ranges): local ranges are
-        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) in
-        group order as each group and those before it complete. Returns how many groups were
-        delivered (fewer on a NIXL error or at the deadline)."""
+        """READs each group of (local ranges <- remote ranges) in turn: local ranges are
+        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) as
+        each completes. One READ at a time, the next posted as the last completes: posted all
+        at once they progress together, and the first group, which the forward waits for,
+        landed only about when the last did. Returns how many groups were delivered (fewer on
+        a NIXL error or at the deadline)."""
         dev = max(self.pool.kv.get_device(), 0)
         handles = []
         delivered = 0
+        deadline = time.monotonic() + timeout_s
         try:
             for local, rem in groups:
                 h = self.agent.initialize_xfer(
@@ -106,18 +119,14 @@ class NixlEndpoint:
                                                       self.mem_type),
                     self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
                 handles.append(h)
-                if self._post(h) is TransferState.FAILED:
+                state = self._post(h)
+                while state is TransferState.POSTED and time.monotonic() <= deadline:
+                    await asyncio.sleep(0.0005)
+                    state = self._state(self.agent.check_xfer_state(h))
+                if state is not TransferState.DONE:
                     return delivered
-            deadline = time.monotonic() + timeout_s
-            while delivered < len(handles):
-                state = self._state(self.agent.check_xfer_state(handles[delivered]))
-                if state is TransferState.DONE:
-                    on_group(delivered)
-                    delivered += 1
-                    continue
-                if state is TransferState.FAILED or time.monotonic() > deadline:
-                    return delivered
-                await asyncio.sleep(0.0005)
+                on_group(delivered)
+                delivered += 1
             return delivered
         except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
             log.warning("NIXL read failed", extra={"peer": remote,
@@ -140,37 +149,44 @@ class NixlEndpoint:
         self,
         local_pages: Sequence[int],
         res: common_pb2.Reservation,
-        notice: common_pb2.TransferNotice,
+        notice: common_pb2.TransferNotice | None,
         timeout_s: float,
+        first: int = 0,
     ) -> int:
-        """WRITEs local pages into the reservation's first pages, then notifies. Returns bytes."""
+        """WRITEs local pages into the reservation's pages from `first` on, then notifies
+        (no notice: a part written ahead of the rest, which the last WRITE's notice covers).
+        Returns bytes."""
         n = len(local_pages)
-        if n > len(res.pages):
-            raise TransferError(f"{n} pages to send, reservation holds {len(res.pages)}")
+        rid = res.request_id if notice is None else notice.request_id
+        if first < 0 or first + n > len(res.pages):
+            raise TransferError(f"pages [{first}, {first + n}) to send, reservation holds "
+                                f"{len(res.pages)}")
         size = self.pool.page_nbytes
-        for i, d in enumerate(res.pages[:n]):
+        for i, d in enumerate(res.pages[first:first + n], first):
             if d.length != size:
                 raise TransferError(f"reservation page {i} is {d.length} bytes, pages are {size}")
         try:
-            return await self._write(local_pages, res, notice, timeout_s, n, size)
+            return await self._write(local_pages, res, notice, timeout_s, first, size, rid)
         except TransferError:
             raise
         except Exception as e:
-            raise TransferError(f"KV transfer failed for request {notice.request_id}: "
+            raise TransferError(f"KV transfer failed for request {rid}: "
                                 f"{type(e).__name__}: {e}") from e
 
     async def _write(self, local_pages: Sequence[int], res: common_pb2.Reservation,
-                     notice: common_pb2.TransferNotice, timeout_s: float, n: int,
-                     size: int) -> int:
+                     notice: common_pb2.TransferNotice | None, timeout_s: float, first: int,
+                     size: int, rid: str) -> int:
         remote = self._remote(res)
+        n = len(local_pages)
         local = self.agent.get_xfer_descs(
             [(self.pool.page_addr(p), size, max(self.pool.kv.get_device(),
                                                 0)) for p in local_pages],
             self.mem_type)
         remote_descs = self.agent.get_xfer_descs(
-            [(d.addr, d.length, d.device_id) for d in res.pages[:n]], res.mem_type or "DRAM")
+            [(d.addr, d.length, d.device_id) for d in res.pages[first:first + n]],
+            res.mem_type or "DRAM")
         handle = self.agent.initialize_xfer("WRITE", local, remote_descs, remote,
-                                            notice.SerializeToString())
+                                            b"" if notice is None else notice.SerializeToString())
         try:
             state = self._post(handle)
             deadline = time.monotonic() + timeout_s
@@ -184,9 +200,9 @@ class NixlEndpoint:
             try:
                 self.agent.release_xfer_handle(handle)
             except Exception:  # noqa: BLE001 - a still-running handle may refuse release
-                log.warning("transfer handle not released", extra={"request_id": notice.request_id})
+                log.warning("transfer handle not released", extra={"request_id": rid})
         if state is not TransferState.DONE:
-            raise TransferError(f"KV transfer {state.value} for request {notice.request_id}")
+            raise TransferError(f"KV transfer {state.value} for request {rid}")
         return n * size
 
     def _post(self, handle: Any) -> TransferState:  # a NIXL transfer handle

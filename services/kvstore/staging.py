@@ -1,11 +1,16 @@
 """The kvstore's NIXL staging buffer: bulk block reads by one-sided NIXL READ.
 
-A prefill worker calls `Stage(keys)`; the store reads the leading stored blocks, verified, into
-a region of one registered buffer (`BlockStore.get_into`: one copy from the page cache) and
-answers each block's header and the address of its payload. The prefill READs the payloads
+A prefill worker calls `Stage(keys)`; the store reads the leading stored blocks into a region
+of one registered buffer (`BlockStore.get_into`: one copy from the page cache, headers checked)
+and answers each block's header and the address of its payload. The prefill READs the payloads
 straight into its KV pages — in layer groups, as the gRPC part stream does — checks them
 against the headers' checksums, and notifies the store's agent with a `StageRelease`; the
 region is then free. A reader that never releases loses its region when the lease ends.
+
+Payloads are checked once, end to end, by the reader (the store checking them too cost a
+second pass over every byte on the way to a first token); the release names any block whose
+payload did not match, and the store then verifies that block (`get_many`, which deletes and
+counts a corrupt one), so a bad block is not served again.
 
 The store's agent must make progress for remote READs to complete (NIXL runs without a progress
 thread here, which would spin a core), so `poll` runs while any region is leased, reading
@@ -28,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from pdserve.cache.block_hash import BlockHash
 from pdserve.cache.codec import HEADER_SIZE
+from pdserve.cache.memory import AnonymousBuffer
 from pdserve.cache.store import BlockStore
 from pdserve.services.nixl_agent import new_agent
 from pdserve.v1 import kvstore_pb2
@@ -75,15 +81,18 @@ class _Lease:
     start: int
     size: int
     expires: float
+    store: BlockStore
+    keys: list[BlockHash]
 
 
 class StagingArea:
     def __init__(self, name: str, nbytes: int, lease_s: float = 10.0) -> None:
         self.name = name
         self.lease_s = lease_s
-        self.buffer = np.empty(nbytes, dtype=np.uint8)
+        self.memory = AnonymousBuffer(nbytes)  # backed by `prefault`, once serving
+        self.buffer = np.frombuffer(self.memory.mmap, dtype=np.uint8)
         self._view = self.buffer.data  # a memoryview of the buffer
-        self.base = self.buffer.ctypes.data
+        self.base = self.memory.addr
         self.extents = Extents(nbytes)
         self.agent = new_agent(name)
         self._reg = self.agent.register_memory(
@@ -95,6 +104,8 @@ class StagingArea:
         self.released = 0
         self.expired = 0
         self.staged_blocks = 0
+        self.mismatched = 0  # staged blocks a reader found not matching their checksum
+        self._suspects: list[tuple[BlockStore, BlockHash]] = []
 
     @property
     def leased(self) -> int:
@@ -115,7 +126,7 @@ class StagingArea:
         assert start is not None
         try:
             lengths = await asyncio.to_thread(store.get_into, keys[:n],
-                                              self._view[start:start + total])
+                                              self._view[start:start + total], False)
         except BaseException:
             self.extents.free(start, total)
             raise
@@ -127,7 +138,8 @@ class StagingArea:
         if not used:
             return resp
         stage_id = next(self._ids)
-        self._leases[stage_id] = _Lease(start, used, time.monotonic() + self.lease_s)
+        self._leases[stage_id] = _Lease(start, used, time.monotonic() + self.lease_s, store,
+                                        list(keys[:len(lengths)]))
         self._wake.set()
         pos = start
         for size in lengths:
@@ -139,12 +151,28 @@ class StagingArea:
         self.staged_blocks += len(lengths)
         return resp
 
-    def release(self, stage_id: int) -> bool:
+    def release(self, stage_id: int, mismatched: Sequence[int] = ()) -> bool:
+        """Frees a staged region; `mismatched` (indexes of its blocks) are verified later."""
         lease = self._leases.pop(stage_id, None)
         if lease is None:
             return False
         self.extents.free(lease.start, lease.size)
+        for i in mismatched:
+            if i < len(lease.keys):
+                self.mismatched += 1
+                self._suspects.append((lease.store, lease.keys[i]))
         return True
+
+    def verify_suspects(self) -> int:
+        """Verifies the blocks readers reported (a corrupt one is deleted and counted by the
+        store); returns how many were looked at. Off the event loop: it reads whole blocks."""
+        suspects, self._suspects = self._suspects, []
+        for store, key in suspects:
+            store.get_many([key])
+        if suspects:
+            log.warning("staged blocks reported mismatched; verified",
+                        extra={"blocks": len(suspects)})
+        return len(suspects)
 
     def poll_once(self) -> None:
         for _agent, msgs in self.agent.get_new_notifs().items():
@@ -155,7 +183,7 @@ class StagingArea:
                 except DecodeError:
                     log.warning("malformed staging notification dropped", extra={"bytes": len(raw)})
                     continue
-                if self.release(msg.stage_id):
+                if self.release(msg.stage_id, msg.mismatched):
                     self.released += 1
         now = time.monotonic()
         for stage_id in [s for s, lease in self._leases.items() if lease.expires < now]:
@@ -170,6 +198,8 @@ class StagingArea:
                 self._wake.clear()
                 await self._wake.wait()
             self.poll_once()
+            if self._suspects:
+                await asyncio.to_thread(self.verify_suspects)
             await asyncio.sleep(0.0005)
 
     def close(self) -> None:

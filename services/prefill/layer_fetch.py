@@ -15,9 +15,11 @@ stream where a store cannot stage (no buffer, full, unreachable over NIXL).
 
 Verification: a part cannot be checked on its own; the block's checksum covers its assembled
 payload and is checked when its last part arrives, before the last layers are released to the
-forward. A block that fails (or never completes) holds the forward at its layer until the fetch
-settles; the request then recomputes from that block (the engine discards the step's output for
-it: engine/hooks.py, `settle`), so an unverified byte never reaches a token.
+forward (for a staged block this is the only check of its payload; one that does not match is
+reported to the store, which verifies it: services/kvstore/staging.py). A block that fails (or
+never completes) holds the forward at its layer until the fetch settles; the request then
+recomputes from that block (the engine discards the step's output for it: engine/hooks.py,
+`settle`), so an unverified byte never reaches a token.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pdserve.cache.codec import CHECKSUM_MISMATCH, HEADER_SIZE, check_header
 from pdserve.cache.errors import CorruptBlock
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.transfer import NixlEndpoint
+from pdserve.services.transfer import NixlEndpoint, ReadGroup
 from pdserve.v1 import kvstore_pb2
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class LayerLoad:
         self._hash = [xxhash.xxh3_64() for _ in range(self.n)]
         self._checksum = [0] * self.n
         self._bad = self.n                               # first block that failed
+        self.mismatched: set[int] = set()                # payloads not matching their header
         self._ready_parts = 0
         self.ready_layers = 0
         self.good: int | None = None
@@ -87,6 +90,12 @@ class LayerLoad:
     def good_tokens(self) -> int:
         """Leading prompt tokens fetched whole and verified (0 until settled)."""
         return (self.good or 0) * self.pool.layout.block_tokens
+
+    def digests(self) -> list[int]:
+        """The payload checksums of the blocks fetched whole and verified, from their headers:
+        each is the digest of the page holding that block (services/transfer.py,
+        page_digest)."""
+        return self._checksum[:self.good or 0]
 
     def on_part(self, i: int, part: int, value: bytes) -> None:
         """A part that came as bytes (the gRPC stream): checked, written into the page."""
@@ -141,6 +150,7 @@ class LayerLoad:
         self._hash[i].update(payload)
         self._parts[i] += 1
         if part == len(self.layer_ends) - 1 and self._hash[i].intdigest() != self._checksum[i]:
+            self.mismatched.add(i)
             self.reject(i, CorruptBlock(CHECKSUM_MISMATCH))
             return
         self._complete[part] += 1
@@ -197,34 +207,110 @@ async def fetch(load: LayerLoad, client: KVStoreClient, endpoint: NixlEndpoint |
     await asyncio.gather(*(from_shard(s, idx) for s, idx in client.group(load.keys).items()))
 
 
-async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: list[int],
-                       endpoint: NixlEndpoint, timeout_s: float) -> list[int]:
-    """READs what the shard staged, one READ per layer group; returns the blocks left over
-    (not staged: for the gRPC stream)."""
-    resp = await client.stage(shard, [load.keys[i] for i in idx])
-    if resp is None or not resp.blocks:
-        return idx
-    staged = idx[:len(resp.blocks)]
-    try:
-        remote = endpoint.remote(resp.agent_name, resp.agent_metadata)
-    except Exception as e:  # noqa: BLE001 - unusable metadata: the stream instead
-        log.warning("kvstore NIXL agent unusable", extra={"error": str(e)})
-        return idx
-    try:
-        for i, b in zip(staged, resp.blocks):
+# Blocks per Stage call. Whole blocks: small chunks, each released once READ, so a long chain
+# needs little staging space. In layer groups: the forward waits for group 0 of every block,
+# which comes soonest from one Stage (measured on a 31-block prefix: 24-30 ms from one call,
+# 31-38 ms from chunks of 8 staged one after the other).
+STAGE_CHUNK_BLOCKS = 8
+STAGE_CHUNK_BLOCKS_LAYERED = 64
+
+
+class _Staged:
+    """One chunk of blocks staged by a shard: what to READ of it, and its release."""
+
+    def __init__(self, load: LayerLoad, resp: kvstore_pb2.StageResponse, blocks: list[int],
+                 endpoint: NixlEndpoint) -> None:
+        self.load, self.resp, self.blocks, self.endpoint = load, resp, blocks, endpoint
+        self.remote = endpoint.remote(resp.agent_name, resp.agent_metadata)  # may raise
+        self.released = False
+        for i, b in zip(blocks, resp.blocks):
             if b.length == load.bounds[-1]:
                 load.expect(i, b.header)
             else:
                 load.reject(i, CorruptBlock(f"staged payload of {b.length} bytes"))
-        groups = []
-        for g in range(len(load.layer_ends)):
-            lo, hi = load.bounds[g], load.bounds[g + 1]
-            groups.append(([(endpoint.pool.page_addr(load.pages[i]) + lo, hi - lo)
-                            for i in staged],
-                           [(b.addr + lo, hi - lo, 0) for b in resp.blocks]))
-        await endpoint.read_groups(remote, groups, resp.mem_type or "DRAM",
-                                   lambda g: load.landed(staged, g), timeout_s)
+
+    def group(self, g: int) -> ReadGroup:
+        lo, hi = self.load.bounds[g], self.load.bounds[g + 1]
+        return ([(self.endpoint.pool.page_addr(self.load.pages[i]) + lo, hi - lo)
+                 for i in self.blocks], [(b.addr + lo, hi - lo, 0) for b in self.resp.blocks])
+
+    def release(self) -> None:
+        """Frees the staged space; blocks that did not match their checksum are named, and
+        the store verifies them."""
+        if self.released:
+            return
+        self.released = True
+        mismatched = [j for j, i in enumerate(self.blocks) if i in self.load.mismatched]
+        self.endpoint.notify(self.remote, kvstore_pb2.StageRelease(
+            stage_id=self.resp.stage_id, mismatched=mismatched).SerializeToString())
+
+
+async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: list[int],
+                       endpoint: NixlEndpoint, timeout_s: float) -> list[int]:
+    """READs what the shard stages into the blocks' pages; returns the blocks not staged (for
+    the gRPC stream). A READ that fails ends the reading: blocks left incomplete are
+    recomputed.
+
+    The blocks are staged in chunks, one `Stage` call at a time (sent all at once, the store
+    copied them all together and the first was staged only about when the last was). The
+    READs go in layer-group order, one READ per group of a chunk: group 0 of each chunk as
+    soon as it is staged, then group 1 of every chunk, and so on (what the forward waits for
+    first comes first). A chunk is released after its last group: whole blocks, read in one
+    group, hold one chunk of staging space at a time, so a chain longer than the store's
+    staging buffer is READ whole, in turns."""
+    size = STAGE_CHUNK_BLOCKS if len(load.layer_ends) == 1 else STAGE_CHUNK_BLOCKS_LAYERED
+    chunks = [idx[i:i + size] for i in range(0, len(idx), size)]
+
+    def stage(k: int) -> asyncio.Future[kvstore_pb2.StageResponse | None]:
+        return asyncio.ensure_future(client.stage(shard, [load.keys[i] for i in chunks[k]]))
+
+    calls = [stage(0)]
+    staged: list[_Staged] = []
+    last = len(load.layer_ends) - 1
+    try:
+        for k, chunk in enumerate(chunks):  # the leading chunks, while staged whole
+            resp = await calls[k]
+            if k + 1 < len(chunks):  # one chunk staging at a time, while this one is READ
+                calls.append(stage(k + 1))
+            if resp is None or not resp.blocks:
+                break
+            try:
+                staged.append(_Staged(load, resp, chunk[:len(resp.blocks)], endpoint))
+            except Exception as e:  # noqa: BLE001 - unusable metadata: the stream instead
+                log.warning("kvstore NIXL agent unusable", extra={"error": str(e)})
+                break
+            if not await _read(load, staged[-1], 0, endpoint, timeout_s):  # as the next stages
+                return []
+            if not last:
+                staged[-1].release()
+            if len(resp.blocks) < len(chunk):
+                break
+        for g in range(1, last + 1):
+            for s in staged:
+                if not await _read(load, s, g, endpoint, timeout_s):
+                    return []
+                if g == last:
+                    s.release()
+        return idx[sum(len(s.blocks) for s in staged):]
     finally:
-        endpoint.notify(remote,
-                        kvstore_pb2.StageRelease(stage_id=resp.stage_id).SerializeToString())
-    return idx[len(staged):]
+        for s in staged:
+            s.release()
+        for call in calls:  # staged but not READ (after a chunk fell short): free it now
+            if not call.done():
+                call.cancel()  # staged meanwhile: freed when its lease ends
+            elif (not call.cancelled() and call.exception() is None
+                  and (r := call.result()) is not None and r.blocks
+                  and not any(s.resp is r for s in staged)):
+                try:
+                    endpoint.notify(endpoint.remote(r.agent_name, r.agent_metadata),
+                                    kvstore_pb2.StageRelease(stage_id=r.stage_id)
+                                    .SerializeToString())
+                except Exception:  # noqa: BLE001 - unusable metadata: the lease frees it
+                    log.warning("staged blocks left to their lease", extra={"shard": shard})
+
+
+async def _read(load: LayerLoad, s: _Staged, g: int, endpoint: NixlEndpoint,
+                timeout_s: float) -> bool:
+    """READs group g of one staged chunk; True when it landed."""
+    return await endpoint.read_groups(s.remote, [s.group(g)], s.resp.mem_type or "DRAM",
+                                      lambda _: load.landed(s.blocks, g), timeout_s) == 1

@@ -35,7 +35,7 @@ from pdserve.services.prefill.layer_fetch import LayerLoad
 from pdserve.services.prefill.load import PrefillLoad
 from pdserve.services.prefill.pipeline import Peers, head_share
 from pdserve.services.prefill.stage import PipelineStage
-from pdserve.services.transfer import NixlEndpoint, pages_checksum
+from pdserve.services.transfer import NixlEndpoint, combine_digests, page_digest
 from pdserve.services.worker import new_epoch, sampling_from_proto
 from pdserve.startup import phase
 from pdserve.v1 import common_pb2, prefill_pb2
@@ -43,6 +43,52 @@ from pdserve.v1 import common_pb2, prefill_pb2
 # The engine's batch size does not bound a prefill worker: its prompts leave the engine with
 # their first token, and the step's token budget bounds a step.
 PREFILL_MAX_BATCH = 1 << 16
+
+
+def page_digests(pool: KVPool, pages: Sequence[PageId]) -> list[int]:
+    return [page_digest(pool, p) for p in pages]
+
+
+def check_lease(lease_end: float | None, res: common_pb2.Reservation) -> None:
+    """Decode may reuse reserved pages after the lease: never start a WRITE after it."""
+    if lease_end is not None and time.monotonic() > lease_end:
+        raise TransferError(f"KV transfer not started: the decode reservation's "
+                            f"{res.lease_s:g} s lease ended first")
+
+
+class WriteAhead:
+    """The pages of a prompt's fetched prefix WRITTEN into the decode reservation's first
+    pages while the rest of the prompt computes (no notice: the last WRITE's covers them),
+    so only the computed pages are left to send after the first token. Their digests are
+    the verified blocks' checksums."""
+
+    def __init__(self, endpoint: NixlEndpoint, res: common_pb2.Reservation,
+                 lease_end: float | None, timeout_s: float) -> None:
+        self.endpoint = endpoint
+        self.res = res
+        self.lease_end = lease_end
+        self.timeout_s = timeout_s
+        self.task: asyncio.Task[int] | None = None
+        self.digests: list[int] = []
+
+    def start(self, pages: Sequence[PageId], digests: list[int]) -> None:
+        """Starts the WRITE of these fetched pages (none: nothing to send ahead; a lease
+        already over: the final WRITE reports it)."""
+        if not pages or self.task is not None:
+            return
+        if self.lease_end is not None and time.monotonic() > self.lease_end:
+            return
+        self.digests = digests
+        self.task = asyncio.create_task(self.endpoint.write(pages, self.res, None,
+                                                            self.timeout_s))
+        # A request that failed before `done` never looks at it: its error is not news.
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def done(self) -> tuple[int, list[int]]:
+        """Bytes written ahead and those pages' digests (0 and none if nothing was)."""
+        if self.task is None:
+            return 0, []
+        return await self.task, self.digests
 
 
 class PrefillWorker:
@@ -138,6 +184,7 @@ class PrefillWorker:
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it.
         lease_end = time.monotonic() + req.reservation.lease_s if req.reservation.lease_s else None
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
+        ahead: WriteAhead | None = None
         try:
             t0 = time.perf_counter()
             if req.pipeline:  # the stages load the same cached blocks: whole, first
@@ -146,8 +193,10 @@ class PrefillWorker:
                 fetch_s = t1 - t0
                 first = await self.head.prefill(req, prompt, pages, n_cached, params)
             elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
+                ahead = WriteAhead(self.endpoint, req.reservation, lease_end,
+                                   self.transfer_timeout_s)
                 first, n_cached, fetch_s = await self.compute_while_fetching(
-                    req.request_id, prompt, pages, keys[:want], params)
+                    req.request_id, prompt, pages, keys[:want], params, ahead)
                 t1 = t0  # computing started at once
             else:
                 n_cached = await self.blocks.load(keys[:want], pages)
@@ -155,19 +204,25 @@ class PrefillWorker:
                 fetch_s = t1 - t0
                 first = await self.compute_prompt(req.request_id, prompt, pages, n_cached * bt,
                                                   params)
-            checksum = await self.guard.run(pages_checksum, self.pool, pages, pages=pages)
+            # Pages written ahead (fetched ones, while the rest computed) are verified store
+            # blocks: their digests are their headers' checksums; the rest are hashed here.
+            early, known = (await ahead.done()) if ahead is not None else (0, [])
+            rest = await self.guard.run(page_digests, self.pool, pages[len(known):],
+                                        pages=pages)
             t2 = time.perf_counter()
-            if lease_end is not None and time.monotonic() > lease_end:
-                raise TransferError(f"KV transfer not started: the decode reservation's "
-                                    f"{req.reservation.lease_s:g} s lease ended first")
+            check_lease(lease_end, req.reservation)
             notice = common_pb2.TransferNotice(
                 request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
-                num_prompt_tokens=len(prompt), kv_checksum=checksum)
-            nbytes = await self.endpoint.write(pages, req.reservation, notice,
-                                               self.transfer_timeout_s)
+                num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
+            nbytes = early + await self.endpoint.write(
+                pages[len(known):], req.reservation, notice, self.transfer_timeout_s,
+                first=len(known))
             t3 = time.perf_counter()
             new_blocks = await self.blocks.encode(keys, pages, n_cached)
         finally:
+            if ahead is not None and ahead.task is not None:
+                ahead.task.cancel()  # the pages stay held until its WRITE is over
+                self.guard.hold(pages, ahead.task)
             self.guard.free(pages)
         self.blocks.put_later(new_blocks)
         self.num_prefills += 1
@@ -194,11 +249,13 @@ class PrefillWorker:
 
     async def compute_while_fetching(self, request_id: str, prompt: list[int],
                                      pages: list[PageId], keys: Sequence[BlockHash],
-                                     params: SamplingParams | None = None
+                                     params: SamplingParams | None = None,
+                                     ahead: WriteAhead | None = None
                                      ) -> tuple[TokenEvent, int, float]:
         """Computes the prompt's uncached part while its cached blocks stream in by layer
         group (layer_fetch.py); returns the first token, the blocks used from the store and the
-        fetch's duration."""
+        fetch's duration. With `ahead`, the fetched pages are WRITTEN to decode as soon as they
+        are all in and verified, while the rest computes."""
         load = LayerLoad(self.pool, self.fingerprint, keys, pages, self.fetch_layer_groups)
 
         async def fetch() -> None:
@@ -208,6 +265,8 @@ class PrefillWorker:
                                         self.kvstore.timeout_s)
             finally:
                 load.finish()  # whatever happened: releases a forward waiting for it
+            if ahead is not None:
+                ahead.start(pages[:load.good or 0], load.digests())
 
         task = asyncio.create_task(fetch())
         try:

@@ -45,3 +45,37 @@ def test_layout_fingerprint_differs_by_dtype_and_block():
     assert a.fingerprint() != KVLayout(30, 384, "float32", 32).fingerprint()
     assert a.bytes_per_token == 30 * 384 * 4
     assert a.pages_for(64) == 1 and a.pages_for(65) == 2
+
+
+def _resident_bytes(pool: KVPool) -> int:
+    """Bytes of the pool's memory backed by RAM now (mincore(2) over its range)."""
+    import ctypes
+    import mmap
+
+    base, size = pool.kv.data_ptr(), pool.kv.numel() * pool.kv.element_size()
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(base), ctypes.c_size_t(size), vec) == 0
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def test_prefault_backs_the_pool_and_keeps_what_pages_hold():
+    pool = KVPool(KVLayout(num_layers=2, kv_dim=64, dtype="float32", block_tokens=16), 64)
+    size = pool.kv.numel() * pool.kv.element_size()
+    pool.write_page(3, bytes(range(256)) * (pool.page_nbytes // 256))
+    before = _resident_bytes(pool)
+    assert before < size // 2  # untouched pages take no memory until written
+    assert pool.prefault() == size
+    assert _resident_bytes(pool) == size
+    assert pool.read_pages([3]) == bytes(range(256)) * (pool.page_nbytes // 256)
+    assert not pool.kv[:3].any() and not pool.kv[4:].any()
+
+
+def test_prefault_stops_when_asked():
+    import threading
+
+    pool = KVPool(KVLayout(num_layers=2, kv_dim=64, dtype="float32", block_tokens=16), 8)
+    stop = threading.Event()
+    stop.set()
+    assert pool.prefault(stop) == 0

@@ -262,12 +262,18 @@ def test_live_replay_of_a_trace_slice_hits_the_ideal_share(cluster, tmp_path):
     assert out["hit_share"] == out["ideal_hit_share"]
 
 
-def test_prefill_workers_wait_passively_and_decode_workers_spin(cluster):
-    """`pdserve up` shares one machine's cores between workers: prefill's OpenMP threads sleep
-    between its large parallel regions, decode's keep libgomp's default (spin, then sleep)."""
+def test_prefill_workers_spin_briefly_and_decode_workers_keep_the_default(cluster):
+    """`pdserve up` shares one machine's cores between workers: prefill's OpenMP threads spin
+    briefly between parallel regions, then sleep (PREFILL_OMP_ENV); decode's keep libgomp's
+    default (a long spin, then sleep); a setting of the user's own wins."""
+    from pdserve.cluster import PREFILL_OMP_ENV
+
     def env_of(name):
         raw = open(f"/proc/{cluster.service(name).proc.pid}/environ", "rb").read()
         return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
 
-    assert env_of("prefill-0").get("OMP_WAIT_POLICY") == "PASSIVE"
-    assert env_of("decode-0").get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY")
+    assert PREFILL_OMP_ENV == {"GOMP_SPINCOUNT": "10000"}
+    want = os.environ.get("GOMP_SPINCOUNT", "10000")
+    assert env_of("prefill-0").get("GOMP_SPINCOUNT") == want
+    assert env_of("prefill-0").get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY")
+    assert env_of("decode-0").get("GOMP_SPINCOUNT") == os.environ.get("GOMP_SPINCOUNT")

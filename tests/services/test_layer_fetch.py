@@ -15,7 +15,12 @@ from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
 from pdserve.cache.codec import HEADER_SIZE, encode_block
 from pdserve.cache.store import BlockStore
 from pdserve.services.kvstore_client import KVStoreClient, rendezvous
-from pdserve.services.prefill.layer_fetch import LayerLoad, layer_groups
+from pdserve.services.prefill.layer_fetch import (
+    STAGE_CHUNK_BLOCKS,
+    STAGE_CHUNK_BLOCKS_LAYERED,
+    LayerLoad,
+    layer_groups,
+)
 from pdserve.services.prefill.worker import PrefillWorker
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from tests.helpers import async_wait_until, start_shard
@@ -243,17 +248,19 @@ async def test_bad_part_cuts_are_refused_naming_the_field(tmp_path):
     await shard.stop()
 
 
-@pytest.mark.parametrize("staging_mb", [64, 4])
+@pytest.mark.parametrize(("staging_mb", "groups"), [(64, 4), (4, 4), (64, 1)])
 async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, monkeypatch,
-                                                             staging_mb):
-    """64 MiB holds the whole chain: every block is READ over NIXL in layer groups, nothing
-    goes through the gRPC stream, and the staging space is released by the reader's
-    notification. 4 MiB holds one block: that one over NIXL, the rest through the stream.
-    Either way the bytes and the token are those of whole blocks loaded before computing."""
+                                                             staging_mb, groups):
+    """64 MiB holds the whole chain: every block is READ over NIXL (in 4 layer groups: one
+    Stage of all 10 blocks; whole blocks: Stage calls of STAGE_CHUNK_BLOCKS, 8 + 2, the
+    second staged while the first is READ), nothing goes through the gRPC stream, and each
+    staged chunk's space is released by the reader's notification. 4 MiB holds one block:
+    that one over NIXL, the rest through the stream, the space released. Either way the
+    bytes and the token are those of whole blocks loaded before computing."""
     shard = await start_shard(tmp_path / "s", staging_mb=staging_mb)
     staging = shard.staging
     client = KVStoreClient(shard.address, timeout_s=5.0)
-    w = worker(loaded, client, groups=4, nixl=True)
+    w = worker(loaded, client, groups=groups, nixl=True)
     bt = w.layout.block_tokens
     keys, _, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
@@ -273,7 +280,8 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     assert n2 == want and first2 == first1
     assert torch.equal(rows(w.pool, p1, len(PROMPT)), rows(w.pool, p2, len(PROMPT)))
     assert streamed == ([] if staging_mb == 64 else [want - 1])
-    await async_wait_until(lambda: staging.released == 1, 10)
+    assert STAGE_CHUNK_BLOCKS == 8 and STAGE_CHUNK_BLOCKS_LAYERED >= want
+    await async_wait_until(lambda: staging.released == (2 if groups == 1 else 1), 10)
     assert staging.leased == 0 and staging.extents.free_bytes == staging_mb << 20
     w.pool.release(p1 + p2)
     await client.close()
@@ -282,7 +290,9 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
 
 async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(loaded, tmp_path):
     """No staging buffer: Stage is UNIMPLEMENTED and the blocks come through the stream. A
-    block damaged on disk: the store stops staging at it, the prompt is computed from it."""
+    block damaged on disk: the store stages it (headers checked, payloads not), the reader's
+    checksum stops at it, the prompt is computed from it, and the release names it: the
+    store verifies it and deletes it."""
     plain = await start_shard(tmp_path / "plain")
     client = KVStoreClient(plain.address, timeout_s=5.0)
     w = worker(loaded, client, groups=4, nixl=True)
@@ -303,7 +313,9 @@ async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(load
     damage(store, keys[6])
     pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
     first, n, _ = await fetch_and_compute(w, pages, keys[:want])
-    assert n == 6 and store.stats.corrupt == 1
+    assert n == 6
+    await async_wait_until(lambda: store.stats.corrupt == 1, 10)
+    assert shard.staging.mismatched == 1 and store.lookup(keys) == 6  # deleted, counted once
     p1 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
     assert await w.blocks.load(keys[:6], p1) == 6
     first1 = await compute(w, PROMPT, p1, 6 * bt)

@@ -159,3 +159,58 @@ async def test_reservation_too_small_is_refused(workers):
     finally:
         pre.pool.release(pages)
         dec.release("r5")
+
+
+async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the_cold_kv(
+        workers, tokenizer, tmp_path, monkeypatch):
+    """A prompt's cached prefix fetched over NIXL from a real kvstore is WRITTEN to decode
+    while the rest computes (one WRITE of the fetched pages without a notice, then one of the
+    computed pages with it, whose checksum combines the fetched blocks' header checksums with
+    the computed pages' digests): decode accepts it, and holds the cold request's KV bit for
+    bit and decodes the same tokens."""
+    from pdserve.cache.block_hash import cacheable_blocks
+    from pdserve.services.transfer import NixlEndpoint
+    from tests.helpers import start_shard
+
+    pre, dec = workers
+    shard = await start_shard(tmp_path / "s", staging_mb=64)
+    client = KVStoreClient(shard.address, timeout_s=5.0)
+    saved = pre.kvstore, pre.fetch_layer_groups, pre.fetch_nixl
+    pre.kvstore, pre.fetch_layer_groups, pre.fetch_nixl = client, 4, True
+    loop = asyncio.get_running_loop()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue? "
+                                                                        * 20}])
+    bt, n = pre.layout.block_tokens, pre.layout.pages_for(len(prompt))
+    cached = cacheable_blocks(len(prompt), bt)
+    assert cached >= 2 and n > cached
+    try:
+        res = dec.reserve("cold", prompt, SamplingParams(max_tokens=6), loop)
+        cold = await pre.prefill(request("cold", prompt, res))
+        cold_rows = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
+        cold_tokens = [i.token for i in await drain(dec.outbox("cold"))]
+        await async_wait_until(lambda: shard.store.stats.num_blocks >= cached, 10)  # put_later
+
+        writes: list[tuple[int, int, bool]] = []
+        real = NixlEndpoint.write
+
+        async def spy(self, pages, res, notice, timeout_s, first=0):
+            writes.append((first, len(pages), notice is not None))
+            return await real(self, pages, res, notice, timeout_s, first)
+
+        monkeypatch.setattr(NixlEndpoint, "write", spy)
+        res = dec.reserve("warm", prompt, SamplingParams(max_tokens=6), loop)
+        req = request("warm", prompt, res)
+        req.cached_blocks_hint = cached
+        warm = await pre.prefill(req)
+        assert warm.cached_tokens == cached * bt and warm.first_token == cold.first_token
+        assert writes == [(0, cached, False), (cached, n - cached, True)]
+        assert warm.bytes_transferred == n * pre.pool.page_nbytes
+        warm_rows = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
+        assert all(torch.equal(a, b) for a, b in zip(cold_rows, warm_rows))
+        assert [i.token for i in await drain(dec.outbox("warm"))] == cold_tokens
+    finally:
+        pre.kvstore, pre.fetch_layer_groups, pre.fetch_nixl = saved
+        await pre.blocks.drain()
+        await client.close()
+        await shard.stop()
+    await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 
 import pytest
 
@@ -53,31 +54,45 @@ print(base, after_passing, threads())
     assert after_main > base  # the main thread's team stays: what the passing thread avoids
 
 
+@dataclass
+class Prompt:
+    tokens: int
+    ready: bool = True  # False: its cached KV is still arriving
+
+
 class Steps:
-    """An engine stand-in for the engine thread's timing: queued prompt tokens, and the steps
-    it was asked to run with what was queued at each (a fake for a timing test only)."""
+    """An engine stand-in for the engine thread's timing: queued prompts, and the steps it was
+    asked to run with what was queued at each (a fake for a timing test only)."""
 
     def __init__(self, budget: int = 300) -> None:
-        self.queued: list[int] = []
+        self.queued: list[Prompt] = []
         self.steps: list[list[int]] = []
         self.threads: set[str] = set()
         self.scheduler = self
+        self.hooks = self
         self.budget = budget
 
     @property
     def queued_tokens(self) -> int:
-        return sum(self.queued)
+        return sum(p.tokens for p in self.queued)
+
+    @property
+    def waiting(self) -> list[Prompt]:
+        return list(self.queued)
+
+    def ready(self, p: Prompt) -> bool:
+        return p.ready
 
     @property
     def has_work(self) -> bool:
         return bool(self.queued)
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, ready: bool = True) -> None:
         self.threads.add(threading.current_thread().name)
-        self.queued.append(n)
+        self.queued.append(Prompt(n, ready))
 
     def step(self) -> list:
-        self.steps.append(list(self.queued))
+        self.steps.append([p.tokens for p in self.queued])
         self.queued.clear()
         return []
 
@@ -120,3 +135,17 @@ def test_gathering_ends_at_its_deadline_and_a_call_gets_its_result():
         t.stop()
     with pytest.raises(EngineStopped):
         t.call(lambda: None).result(timeout=1)
+
+
+def test_a_prompt_still_fetching_its_cached_kv_is_not_held_for_more():
+    """Gathering holds a step for more prompts; a prompt whose cached KV is still arriving
+    waits for it in its first layer anyway, so alone it steps at once, not after 60 s."""
+    eng = Steps()
+    t = EngineThread(eng, Outboxes(), name="steps", gather=GatherPolicy(60.0, 300))
+    t.start()
+    try:
+        t.post(lambda: eng.add(64, ready=False))
+        wait_until(lambda: eng.steps, 30, what="a step")
+        assert eng.steps == [[64]]
+    finally:
+        t.stop()

@@ -170,7 +170,7 @@ class TransferNotice(_message.Message):
     first_token: _builtins.int
     num_prompt_tokens: _builtins.int
     kv_checksum: _builtins.int
-    """xxh3_64 over the written pages' bytes, in page order"""
+    """xxh3_64 over the pages' xxh3_64 digests (8 bytes LE each), in page order"""
     num_bytes: _builtins.int
     def __init__(
         self,

@@ -313,15 +313,23 @@ class StageRelease(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STAGE_ID_FIELD_NUMBER: _builtins.int
+    MISMATCHED_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.int
+    @_builtins.property
+    def mismatched(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Staged blocks (indexes into the StageResponse's blocks) whose payload did not match its
+        header's checksum at the reader: the store verifies them and deletes a corrupt one.
+        """
+
     def __init__(
         self,
         *,
         stage_id: _builtins.int = ...,
+        mismatched: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stage_id", b"stage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mismatched", b"mismatched", "stage_id", b"stage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

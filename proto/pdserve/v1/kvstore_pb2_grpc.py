@@ -86,7 +86,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stage(self, request, context):
-        """Reads the leading stored blocks (verified) into the store's NIXL staging buffer, for the
+        """Reads the leading stored blocks into the store's NIXL staging buffer (headers checked;
+        payloads are checked by the caller against the headers' checksums, end to end), for the
         caller to READ over NIXL; the caller then sends the store's agent a NIXL notification
         holding a serialized StageRelease, or the staging space is freed when the lease ends.
         UNIMPLEMENTED when the store has no staging buffer; RESOURCE_EXHAUSTED when it is full.

@@ -41,7 +41,8 @@ class KVStoreStub:
     """
     Put: _grpc.StreamUnaryMultiCallable[_kvstore_pb2.Block, _kvstore_pb2.PutResponse]
     Stage: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.StageRequest, _kvstore_pb2.StageResponse]
-    """Reads the leading stored blocks (verified) into the store's NIXL staging buffer, for the
+    """Reads the leading stored blocks into the store's NIXL staging buffer (headers checked;
+    payloads are checked by the caller against the headers' checksums, end to end), for the
     caller to READ over NIXL; the caller then sends the store's agent a NIXL notification
     holding a serialized StageRelease, or the staging space is freed when the lease ends.
     UNIMPLEMENTED when the store has no staging buffer; RESOURCE_EXHAUSTED when it is full.
@@ -59,7 +60,8 @@ class KVStoreAsyncStub(KVStoreStub):
     """
     Put: _aio.StreamUnaryMultiCallable[_kvstore_pb2.Block, _kvstore_pb2.PutResponse]  # type: ignore[assignment]
     Stage: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.StageRequest, _kvstore_pb2.StageResponse]  # type: ignore[assignment]
-    """Reads the leading stored blocks (verified) into the store's NIXL staging buffer, for the
+    """Reads the leading stored blocks into the store's NIXL staging buffer (headers checked;
+    payloads are checked by the caller against the headers' checksums, end to end), for the
     caller to READ over NIXL; the caller then sends the store's agent a NIXL notification
     holding a serialized StageRelease, or the staging space is freed when the lease ends.
     UNIMPLEMENTED when the store has no staging buffer; RESOURCE_EXHAUSTED when it is full.
@@ -98,7 +100,8 @@ class KVStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _kvstore_pb2.StageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvstore_pb2.StageResponse, _abc.Awaitable[_kvstore_pb2.StageResponse]]:
-        """Reads the leading stored blocks (verified) into the store's NIXL staging buffer, for the
+        """Reads the leading stored blocks into the store's NIXL staging buffer (headers checked;
+        payloads are checked by the caller against the headers' checksums, end to end), for the
         caller to READ over NIXL; the caller then sends the store's agent a NIXL notification
         holding a serialized StageRelease, or the staging space is freed when the lease ends.
         UNIMPLEMENTED when the store has no staging buffer; RESOURCE_EXHAUSTED when it is full.
