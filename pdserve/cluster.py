@@ -201,8 +201,10 @@ class LocalCluster:
             # (OMP_WAIT_POLICY=PASSIVE) costs a short prompt's step, hundreds of small
             # regions, a futex wake each (measured: a 64-token suffix over 1,984 cached tokens
             # 225 ms passive, 155 ms with this spin, 165 ms with the default). Settings the
-            # user gave win.
-            prefill_env = {**PREFILL_OMP_ENV, **self.env}
+            # user gave win (libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY, so a
+            # user's policy means no spin count of ours).
+            ours = {} if "OMP_WAIT_POLICY" in self.env else PREFILL_OMP_ENV
+            prefill_env = {**ours, **self.env}
             # ... and take turns computing (services/cpu_turns.py).
             turns = (["--cpu-turns-path", str(self.run_dir / "cpu-turns")] if self.s.cpu_turns
                      else [])

@@ -202,7 +202,9 @@ class StagingCollector(Collector):
         for name, help_, value in (
                 ("staged_blocks", "blocks staged for NIXL READ", st.staged_blocks),
                 ("stage_released", "staged regions released by their reader", st.released),
-                ("stage_expired", "staged regions dropped when their lease ended", st.expired)):
+                ("stage_expired", "staged regions dropped when their lease ended", st.expired),
+                ("staged_mismatched", "staged blocks a reader found not matching their "
+                 "checksum (then verified by the store)", st.mismatched)):
             c = CounterMetricFamily(f"pdserve_store_{name}", help_)
             c.add_metric([], value)
             yield c

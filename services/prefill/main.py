@@ -8,6 +8,7 @@ block writes, stop the engine thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -54,8 +55,10 @@ async def run(settings: PrefillSettings) -> None:
     watch_ep(prom, worker.engine.hooks)
     worker.start()
     servicer = PrefillServicer(worker)
+    connecting = asyncio.create_task(worker.connect_stores())  # in the background
 
     async def cleanup() -> None:
+        connecting.cancel()
         await worker.stop()
         await kvstore.close()
 

@@ -7,6 +7,7 @@ endpoint that WRITEs to decode, and the load it reports (load.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -39,6 +40,8 @@ from pdserve.services.transfer import NixlEndpoint, combine_digests, page_digest
 from pdserve.services.worker import new_epoch, sampling_from_proto
 from pdserve.startup import phase
 from pdserve.v1 import common_pb2, prefill_pb2
+
+log = logging.getLogger(__name__)
 
 # The engine's batch size does not bound a prefill worker: its prompts leave the engine with
 # their first token, and the step's token budget bounds a step.
@@ -165,6 +168,31 @@ class PrefillWorker:
         await self.blocks.drain()
         self.thread.stop()
 
+    async def connect_stores(self, within_s: float = 60.0) -> int:
+        """Connects this worker's NIXL agent to every kvstore shard's staging agent ahead of
+        the first fetch (a `Stage` of no blocks answers the agent's metadata): the first READ
+        from a store otherwise sets up the connection on a request's time. Shards not up yet
+        are asked again until `within_s`; returns how many were connected."""
+        if not self.fetch_nixl or not self.kvstore.enabled:
+            return 0
+        todo = set(range(len(self.kvstore.shards)))
+        deadline = time.monotonic() + within_s
+        while todo and time.monotonic() < deadline:
+            for shard in sorted(todo):
+                resp = await self.kvstore.stage(shard, [])
+                if resp is None or not resp.agent_name:
+                    continue
+                try:
+                    name = self.endpoint.remote(resp.agent_name, resp.agent_metadata)
+                    self.endpoint.agent.make_connection(name)
+                except Exception as e:  # noqa: BLE001 - the first READ connects instead
+                    log.info("kvstore NIXL agent not connected ahead",
+                             extra={"shard": shard, "error": str(e)})
+                todo.discard(shard)
+            if todo:
+                await asyncio.sleep(0.5)
+        return len(self.kvstore.shards) - len(todo)
+
     # -- one request -------------------------------------------------------------------------
     async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         prompt = list(req.prompt_token_ids)
@@ -218,13 +246,12 @@ class PrefillWorker:
                 pages[len(known):], req.reservation, notice, self.transfer_timeout_s,
                 first=len(known))
             t3 = time.perf_counter()
-            new_blocks = await self.blocks.encode(keys, pages, n_cached)
+            self.blocks.store_later(keys, pages, n_cached)  # holds the pages until encoded
         finally:
             if ahead is not None and ahead.task is not None:
                 ahead.task.cancel()  # the pages stay held until its WRITE is over
                 self.guard.hold(pages, ahead.task)
             self.guard.free(pages)
-        self.blocks.put_later(new_blocks)
         self.num_prefills += 1
         if (m := self.metrics) is not None:
             m.computed_tokens.inc(len(prompt) - n_cached * bt)

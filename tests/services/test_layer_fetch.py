@@ -404,3 +404,45 @@ async def test_a_slow_fetch_holds_up_no_prompt_queued_with_it(loaded, tmp_path):
     w.pool.release(p0 + pages + p2)
     await client.close()
     await shard.stop()
+
+
+async def test_the_worker_connects_to_the_stores_staging_agents_ahead(loaded, tmp_path):
+    """At start a prefill worker asks each shard for its staging agent (a Stage of no blocks:
+    nothing staged, nothing leased) and connects to it, so the first READ does not; a shard
+    without staging is left to the stream; a worker that does not fetch over NIXL skips it."""
+    shard = await start_shard(tmp_path / "s", staging_mb=4)
+    plain = await start_shard(tmp_path / "p")
+    client = KVStoreClient(f"{shard.address},{plain.address}", timeout_s=5.0)
+    w = worker(loaded, client, groups=4, nixl=True)
+    assert await w.connect_stores(within_s=1.0) == 1
+    assert shard.staging.name in w.endpoint._remote_md
+    assert shard.staging.leased == 0 and shard.staging.staged_blocks == 0
+    w.fetch_nixl = False
+    assert await w.connect_stores(within_s=1.0) == 0
+    await client.close()
+    await shard.stop()
+    await plain.stop()
+
+
+async def test_new_blocks_are_stored_after_the_answer_from_pages_held_until_encoded(
+        loaded, tmp_path):
+    """A prefill answers before its new blocks are encoded: `store_later` holds the pages
+    (PageGuard), so freeing them at once defers their release until the encoding is done;
+    the store then has every block, byte for byte the pages' KV."""
+    from pdserve.services.prefill.blocks import encode_blocks
+
+    shard = await start_shard(tmp_path / "s")
+    client = KVStoreClient(shard.address, timeout_s=5.0)
+    w = worker(loaded, client, groups=4)
+    keys = block_hashes(w.namespace, "later", PROMPT, w.layout.block_tokens)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    await compute(w, PROMPT, pages)
+    want = [b.value for b in encode_blocks(w.pool, w.fingerprint, pages, keys, 0)]
+    w.blocks.store_later(keys, pages, 0)
+    w.guard.free(pages)
+    assert w.guard.num_deferred == 1  # 10 blocks (30 MB) are not encoded in no time
+    await w.blocks.drain()
+    assert w.pool.num_free == w.pool.num_pages and w.guard.num_deferred == 0
+    assert shard.store.get_many(keys) == want
+    await client.close()
+    await shard.stop()
