@@ -59,10 +59,12 @@ class AnonymousBuffer:
     """A large buffer of anonymous memory: zero pages from the kernel, each backed only when
     first written (so allocating it costs no start-up time; zeroing 1.5 GB of KV pool took
     2 s of a worker's start), in huge pages where the kernel gives them on request (512x
-    fewer faults and TLB entries for memory read whole by attention and transfers), and
-    backed ahead of use by `prefault` once the service is up: a page's first write otherwise
-    faults it in inside a NIXL transfer or a fetch, on a request's time (measured: a 94 MB
-    WRITE into fresh pages took 6x as long)."""
+    fewer faults and TLB entries for memory read whole by attention and transfers).
+    `prefault` backs it ahead of use (benchmarks do, so that no first write is timed).
+    Serving workers do not: backing a local cluster's 2.5 GB of pools in the background took
+    the cores and memory bandwidth from its first requests (the demo: 34-40 tokens/s against
+    56 without it, also at nice 19); their pools hand out the most recently freed pages
+    first instead (engine/kv_pool.py), so pages are faulted in once and stay warm."""
 
     def __init__(self, nbytes: int) -> None:
         self.mmap = mmap.mmap(-1, max(1, nbytes))
@@ -82,9 +84,3 @@ class AnonymousBuffer:
                 return done
             done += n
         return done
-
-    def prefault_in_background(self) -> threading.Thread:
-        """`prefault` on a daemon thread (a service's, after it is ready)."""
-        t = threading.Thread(target=self.prefault, name="prefault", daemon=True)
-        t.start()
-        return t

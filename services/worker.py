@@ -22,7 +22,6 @@ from pdserve.config import DecodeSettings, PrefillSettings
 from pdserve.engine.ep.moe import ExpertParallel
 from pdserve.engine.errors import EPError
 from pdserve.engine.hooks import EngineHooks
-from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
@@ -214,7 +213,6 @@ class ServedWorker(Protocol):
     """What `serve_worker` needs of a prefill or decode worker."""
 
     loaded: LoadedModel
-    pool: KVPool
     epoch: int
     draining: bool
 
@@ -248,7 +246,6 @@ async def serve_worker(role: str, settings: WorkerSettings, worker: ServedWorker
     write_ready_file(settings.ready_file, port, worker_id=info.worker_id,
                      metrics_port=metrics_port, phases=PHASES)
     log.info(f"{role} serving", extra={"port": port, "worker_id": info.worker_id})
-    worker.pool.prefault_in_background()  # after start-up: it costs no start time
 
     async def drain() -> None:
         # Leave rotation first (the next report says so), then let accepted requests finish.

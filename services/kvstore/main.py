@@ -119,8 +119,6 @@ async def run(settings: KVStoreSettings) -> None:
     phase("serving")
     write_ready_file(settings.ready_file, port, metrics_port=metrics_port, phases=PHASES)
     log.info("kvstore serving", extra={"port": port, "blocks": store.stats.num_blocks})
-    if staging is not None:
-        staging.memory.prefault_in_background()  # after start-up: it costs no start time
 
     async def cleanup() -> None:
         stop.set()

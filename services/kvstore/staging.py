@@ -89,7 +89,7 @@ class StagingArea:
     def __init__(self, name: str, nbytes: int, lease_s: float = 10.0) -> None:
         self.name = name
         self.lease_s = lease_s
-        self.memory = AnonymousBuffer(nbytes)  # backed by `prefault`, once serving
+        self.memory = AnonymousBuffer(nbytes)  # first-fit reuse keeps its low end warm
         self.buffer = np.frombuffer(self.memory.mmap, dtype=np.uint8)
         self._view = self.buffer.data  # a memoryview of the buffer
         self.base = self.memory.addr

@@ -17,7 +17,9 @@ def test_reserve_release_exact_ids():
     assert pool.reserve(2) == [0, 1]
     assert pool.reserve(1) == [2]
     pool.release([0])
-    assert pool.reserve(2) == [3, 0]  # FIFO free list
+    assert pool.reserve(2) == [0, 3]  # the page freed last comes first (it is warm)
+    pool.release([3, 0, 2])
+    assert pool.reserve(3) == [3, 0, 2]  # in the order freed
     assert pool.num_free == 0
     with pytest.raises(OutOfPages) as e:
         pool.reserve(1)
