@@ -178,6 +178,9 @@ class PrefillWorker:
         todo = set(range(len(self.kvstore.shards)))
         deadline = time.monotonic() + within_s
         while todo and time.monotonic() < deadline:
+            if not await self.kvstore.ready():  # starting with it: wait (quietly)
+                await asyncio.sleep(0.5)
+                continue
             for shard in sorted(todo):
                 resp = await self.kvstore.stage(shard, [])
                 if resp is None or not resp.agent_name:
