@@ -178,13 +178,75 @@ static void gguf_row(const void* w, int n, int K, float* out) {
     dequant_row(g->kind, g->blocks + (size_t)n * g->rowbytes, K / 32, out);
 }
 
+/* The 32 weights of block b of a row, rebuilt in registers exactly as dequant_row writes them
+   (w[0..8), w[8..16), w[16..24), w[24..32)). */
+static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4]) {
+    if (kind == KIND_Q4_1) {
+        const uint8_t* blk = row + (size_t)b * 20;
+        const __m256 d = _mm256_set1_ps(half_at(blk)), m = _mm256_set1_ps(half_at(blk + 2));
+        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 4));
+        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]))), m);
+    } else {
+        const uint8_t* blk = row + (size_t)b * 34;
+        const __m256 d = _mm256_set1_ps(half_at(blk));
+        const __m128i q0 = _mm_loadu_si128((const __m128i*)(blk + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i*)(blk + 18));
+        const __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])));
+    }
+}
+
+/* y[0..nr) = x . w[n0 + r] for ONE row of x: the weights rebuilt in registers and used at once,
+   never stored. The same chains as dots() with M = 1 over the rebuilt rows (one 8-lane
+   accumulator per row of W, k in steps of 8, then hsum): the same bits, batch invariance kept. */
+static void gguf_dots1(const float* x, int K, const GgufRows* g, int n0, int nr, float* y) {
+    const int nb = K / 32;
+    __m256 acc[NR], w[4];
+    const uint8_t* rows[NR];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm256_setzero_ps();
+        rows[r] = g->blocks + (size_t)(n0 + r) * g->rowbytes;
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* xb = x + (size_t)b * 32;
+        const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+        const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+        for (int r = 0; r < nr; r++) {
+            block_weights(g->kind, rows[r], b, w);
+            acc[r] = _mm256_fmadd_ps(x0, w[0], acc[r]);
+            acc[r] = _mm256_fmadd_ps(x1, w[1], acc[r]);
+            acc[r] = _mm256_fmadd_ps(x2, w[2], acc[r]);
+            acc[r] = _mm256_fmadd_ps(x3, w[3], acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) y[r] = hsum(acc[r]);
+}
+
 /* Returns 0; -1 for a kind or shape it does not take; -2 as rebuilt_linear. */
 int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, int N,
                     const float* bias, float* y, int nthreads) {
     if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || M < 0 || N < 0)
         return -1;
     const GgufRows g = {kind, wq, (size_t)(K / 32) * (kind == KIND_Q4_1 ? 20 : 34)};
-    return rebuilt_linear(x, M, K, gguf_row, &g, N, bias, y, nthreads);
+    if (M != 1) return rebuilt_linear(x, M, K, gguf_row, &g, N, bias, y, nthreads);
+    /* One row of x (a batch-1 decode step): rebuilding weights into a buffer and reading
+       them back was most of the step; here they go from the blocks to the FMAs. */
+    const int groups = (N + NR - 1) / NR;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > groups) nthreads = groups > 0 ? groups : 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int gi = 0; gi < groups; gi++) {
+        const int n0 = gi * NR, nr = N - n0 < NR ? N - n0 : NR;
+        gguf_dots1(x, K, &g, n0, nr, y + n0);
+        if (bias)
+            for (int r = 0; r < nr; r++) y[n0 + r] += bias[n0 + r];
+    }
+    return 0;
 }
 
 /* W as float32 [N, K] */

@@ -71,13 +71,19 @@ def test_products_match_f_linear_on_the_rebuilt_weights(kind, rows, bias):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_a_row_s_product_does_not_depend_on_the_batch():
-    qw, _ = quantized("Q4_1", 96, 576, seed=3)
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize(("n", "bias"), [(96, False), (43, True)])
+def test_a_row_s_product_does_not_depend_on_the_batch(kind, n, bias):
+    """Bit for bit, whatever the batch: a lone row (batch-1 decode, whose weights are rebuilt
+    in registers, never stored) and the same row in batches of 6 and 17 (rebuilt into a
+    buffer); 43 rows end in a group of one, with a bias."""
+    qw, _ = quantized(kind, n, 576, seed=3)
+    b = torch.randn(n) if bias else None
     x = torch.randn(17, 576)
-    whole = cpu_kernels.qlinear(x, qw)
+    whole = cpu_kernels.qlinear(x, qw, b)
     for i in (0, 5, 16):
-        assert torch.equal(cpu_kernels.qlinear(x[i:i + 1], qw)[0], whole[i])
-    assert torch.equal(cpu_kernels.qlinear(x[3:9], qw), whole[3:9])
+        assert torch.equal(cpu_kernels.qlinear(x[i:i + 1], qw, b)[0], whole[i])
+    assert torch.equal(cpu_kernels.qlinear(x[3:9], qw, b), whole[3:9])
 
 
 def test_bad_arguments_are_refused():
