@@ -1,7 +1,9 @@
 """CPU kernels for the float32 decode step, in C (engine/csrc/cpu_kernels.c), loaded with ctypes.
 
 1. `qlinear`: GGUF block-quantized weights used as such: products that read 4-bit (Q4_1) and
-8-bit (Q8_0) blocks and rebuild each weight in float32 in cache; `fp8_linear` the same for
+8-bit (Q8_0) blocks and rebuild each weight in float32 in cache (for one row of x, a batch-1
+decode step, in registers and used at once, with AVX-512 where the CPU has it; the same
+accumulation chains, so the same bits, as rebuilding into a buffer); `fp8_linear` the same for
 DeepSeek's FP8 e4m3 weights with 128x128 block scales (engine/fp8.py).
 2. `decode_attention`: attention of one new token per sequence over its pages of the KV pool,
 read in place (the torch path copies every page of every layer first).

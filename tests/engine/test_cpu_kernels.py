@@ -86,6 +86,38 @@ def test_a_row_s_product_does_not_depend_on_the_batch(kind, n, bias):
     assert torch.equal(cpu_kernels.qlinear(x[3:9], qw, b), whole[3:9])
 
 
+def _lone_row_products() -> str:
+    """(Run in a child process.) xxh3 of batch-1 products over both kinds, with a tail."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for kind in ("Q4_1", "Q8_0"):
+        qw, _ = quantized(kind, 43, 576, seed=7)
+        x = torch.randn(4, 576, generator=torch.Generator().manual_seed(7))
+        for i in range(4):
+            h.update(cpu_kernels.qlinear(x[i:i + 1], qw).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.integration
+def test_the_wide_and_the_plain_batch_1_kernels_give_the_same_bits():
+    """A batch-1 product rebuilds its weights with AVX-512 where the CPU has it, else with
+    AVX2 (PDSERVE_NO_AVX512=1 forces that): the same chains, so the same bits. Each in a
+    fresh process (the choice is made once per process)."""
+    code = ("import sys; sys.path.insert(0, '.'); "
+            "from tests.engine.test_cpu_kernels import _lone_row_products as f; print(f())")
+    runs = {}
+    for wide in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "PDSERVE_NO_AVX512"}
+        if wide == "0":
+            env["PDSERVE_NO_AVX512"] = "1"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[wide] = r.stdout.split()[-1]
+    assert runs["0"] == runs["1"]
+
+
 def test_bad_arguments_are_refused():
     qw, _ = quantized("Q8_0", 8, 64, seed=4)
     with pytest.raises(ValueError, match="float32 CPU"):
