@@ -48,12 +48,15 @@ def checksum(data: bytes | memoryview) -> int:
 
 
 def encode_block(key: BlockHash, fingerprint: str, num_tokens: int,
-                 payload: bytes | memoryview) -> bytes:
+                 payload: bytes | memoryview, payload_checksum: int | None = None) -> bytes:
+    """Header + payload, in one copy of the payload; `payload_checksum` when the caller has
+    it already (xxh3-64 of exactly these bytes), else computed here."""
     if len(key) != 32:
         raise ValueError(f"block key must be 32 bytes, got {len(key)}")
     header = _HEADER.pack(MAGIC, VERSION, 0, layout_id(fingerprint), key, num_tokens,
-                          len(payload), checksum(payload))
-    return header + bytes(payload)
+                          len(payload), checksum(payload) if payload_checksum is None
+                          else payload_checksum)
+    return b"".join((header, payload))
 
 
 def read_header(value: bytes | memoryview, total: int | None = None) -> BlockHeader:

@@ -38,12 +38,15 @@ def load_blocks(pool: KVPool, fingerprint: str, pages: Sequence[PageId],
 
 
 def encode_blocks(pool: KVPool, fingerprint: str, pages: Sequence[PageId],
-                  keys: Sequence[BlockHash], start: int) -> list[StoreBlock]:
-    """The store's form of the full blocks from `start` on (key, encoded block, depth)."""
+                  keys: Sequence[BlockHash], start: int,
+                  digests: Sequence[int] | None = None) -> list[StoreBlock]:
+    """The store's form of the full blocks from `start` on (key, encoded block, depth): one
+    copy of each page. `digests[i]`, where given, is page i's xxh3-64 (transfer.page_digest,
+    taken for the transfer's checksum): the block's checksum, not computed again."""
     bt = pool.layout.block_tokens
-    return [StoreBlock(keys[i], encode_block(keys[i], fingerprint, bt,
-                                             pool.page_bytes(pages[i]).cpu().numpy().tobytes()),
-                       i)
+    return [StoreBlock(keys[i], encode_block(
+                keys[i], fingerprint, bt, pool.page_bytes(pages[i]).cpu().numpy().data,
+                None if digests is None else digests[i]), i)
             for i in range(start, len(keys))]
 
 
@@ -66,26 +69,15 @@ class BlockIO:
                                     blocks, pages=pages)
 
     async def encode(self, keys: Sequence[BlockHash], pages: Sequence[PageId],
-                     start: int) -> list[StoreBlock]:
+                     start: int, digests: Sequence[int] | None = None) -> list[StoreBlock]:
         return await self.guard.run(encode_blocks, self.pool, self.fingerprint, pages, keys,
-                                    start, pages=pages)
+                                    start, digests, pages=pages)
 
-    def store_later(self, keys: Sequence[BlockHash], pages: Sequence[PageId],
-                    start: int) -> None:
-        """Encodes the full blocks from `start` on and writes them to the kvstore, in the
-        background (best effort): the pages are held until encoded (PageGuard), so the caller
-        may free them at once and answer without waiting (encoding a 2,048-token prompt's 32
-        blocks held its first token back by about 60 ms)."""
-        if not self.kvstore.enabled or start >= len(keys):
+    def put_later(self, blocks: list[StoreBlock]) -> None:
+        """Writes the blocks to the kvstore in the background (best effort)."""
+        if not blocks or not self.kvstore.enabled:
             return
-        fut = asyncio.get_running_loop().run_in_executor(
-            None, encode_blocks, self.pool, self.fingerprint, pages, keys, start)
-        self.guard.hold(pages, fut)  # before the caller frees them
-
-        async def put() -> int:
-            return await self.kvstore.put(await fut)
-
-        task = asyncio.create_task(put())
+        task = asyncio.create_task(self.kvstore.put(blocks))
         self._puts.add(task)
         task.add_done_callback(self._puts.discard)
 

@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import grpc
+
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks, hash_namespace
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.hooks import EngineHooks
@@ -39,7 +41,7 @@ from pdserve.services.prefill.stage import PipelineStage
 from pdserve.services.transfer import NixlEndpoint, combine_digests, page_digest
 from pdserve.services.worker import new_epoch, sampling_from_proto
 from pdserve.startup import phase
-from pdserve.v1 import common_pb2, prefill_pb2
+from pdserve.v1 import common_pb2, kvstore_pb2, prefill_pb2
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +178,28 @@ class PrefillWorker:
         if not self.fetch_nixl or not self.kvstore.enabled:
             return 0
         todo = set(range(len(self.kvstore.shards)))
+        connected = 0
         deadline = time.monotonic() + within_s
         while todo and time.monotonic() < deadline:
-            if not await self.kvstore.ready():  # starting with it: wait (quietly)
-                await asyncio.sleep(0.5)
-                continue
             for shard in sorted(todo):
-                resp = await self.kvstore.stage(shard, [])
-                if resp is None or not resp.agent_name:
+                try:  # quietly: a store still starting is asked again
+                    resp = await self.kvstore.shards[shard].stub.Stage(
+                        kvstore_pb2.StageRequest(), timeout=self.kvstore.timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no staging buffer
+                        todo.discard(shard)
                     continue
                 try:
                     name = self.endpoint.remote(resp.agent_name, resp.agent_metadata)
                     self.endpoint.agent.make_connection(name)
+                    connected += 1
                 except Exception as e:  # noqa: BLE001 - the first READ connects instead
                     log.info("kvstore NIXL agent not connected ahead",
                              extra={"shard": shard, "error": str(e)})
                 todo.discard(shard)
             if todo:
                 await asyncio.sleep(0.5)
-        return len(self.kvstore.shards) - len(todo)
+        return connected
 
     # -- one request -------------------------------------------------------------------------
     async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
@@ -249,12 +254,14 @@ class PrefillWorker:
                 pages[len(known):], req.reservation, notice, self.transfer_timeout_s,
                 first=len(known))
             t3 = time.perf_counter()
-            self.blocks.store_later(keys, pages, n_cached)  # holds the pages until encoded
+            # The new blocks, with the checksums the transfer took: one copy of each page.
+            new_blocks = await self.blocks.encode(keys, pages, n_cached, known + rest)
         finally:
             if ahead is not None and ahead.task is not None:
                 ahead.task.cancel()  # the pages stay held until its WRITE is over
                 self.guard.hold(pages, ahead.task)
             self.guard.free(pages)
+        self.blocks.put_later(new_blocks)  # before the answer: a next request finds them
         self.num_prefills += 1
         if (m := self.metrics) is not None:
             m.computed_tokens.inc(len(prompt) - n_cached * bt)

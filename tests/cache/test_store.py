@@ -316,3 +316,17 @@ def test_get_parts_streams_every_block_part_by_part_and_checks_the_whole(tmp_pat
     with pytest.raises(ValueError, match="increasing"):
         list(s.get_parts(keys, [3000, 3000]))
     s.close()
+
+
+def test_a_block_encoded_with_a_known_checksum_is_the_same_bytes():
+    """encode_block takes the payload's xxh3 when the caller has it (prefill: the transfer's
+    page digests) and gives the same bytes as computing it; the store verifies either."""
+    from pdserve.cache.codec import checksum, encode_block, verify_block
+
+    key = block_hashes("ns", "", list(range(64)), 64)[0]
+    payload = bytes(range(256)) * 40
+    a = encode_block(key, "fp", 64, memoryview(payload))
+    assert a == encode_block(key, "fp", 64, payload, checksum(payload))
+    assert bytes(verify_block(key, a)) == payload
+    with pytest.raises(CorruptBlock, match="checksum"):
+        verify_block(key, encode_block(key, "fp", 64, payload, checksum(payload) ^ 1))

@@ -423,26 +423,3 @@ async def test_the_worker_connects_to_the_stores_staging_agents_ahead(loaded, tm
     await shard.stop()
     await plain.stop()
 
-
-async def test_new_blocks_are_stored_after_the_answer_from_pages_held_until_encoded(
-        loaded, tmp_path):
-    """A prefill answers before its new blocks are encoded: `store_later` holds the pages
-    (PageGuard), so freeing them at once defers their release until the encoding is done;
-    the store then has every block, byte for byte the pages' KV."""
-    from pdserve.services.prefill.blocks import encode_blocks
-
-    shard = await start_shard(tmp_path / "s")
-    client = KVStoreClient(shard.address, timeout_s=5.0)
-    w = worker(loaded, client, groups=4)
-    keys = block_hashes(w.namespace, "later", PROMPT, w.layout.block_tokens)
-    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
-    await compute(w, PROMPT, pages)
-    want = [b.value for b in encode_blocks(w.pool, w.fingerprint, pages, keys, 0)]
-    w.blocks.store_later(keys, pages, 0)
-    w.guard.free(pages)
-    assert w.guard.num_deferred == 1  # 10 blocks (30 MB) are not encoded in no time
-    await w.blocks.drain()
-    assert w.pool.num_free == w.pool.num_pages and w.guard.num_deferred == 0
-    assert shard.store.get_many(keys) == want
-    await client.close()
-    await shard.stop()

@@ -188,7 +188,7 @@ async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the
         cold = await pre.prefill(request("cold", prompt, res))
         cold_rows = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
         cold_tokens = [i.token for i in await drain(dec.outbox("cold"))]
-        await async_wait_until(lambda: shard.store.stats.num_blocks >= cached, 10)  # store_later
+        await async_wait_until(lambda: shard.store.stats.num_blocks >= cached, 10)  # put_later
 
         writes: list[tuple[int, int, bool]] = []
         real = NixlEndpoint.write
