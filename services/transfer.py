@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import xxhash
@@ -100,44 +100,26 @@ class NixlEndpoint:
             self._remote_md[agent_name] = metadata
         return agent_name
 
-    async def read_groups(self, remote: str, groups: Sequence[ReadGroup], remote_mem: str,
-                          on_group: Callable[[int], None], timeout_s: float) -> int:
-        """READs each group of (local ranges <- remote ranges) in turn: local ranges are
-        (addr, length) in this pool, remote ones (addr, length, device); calls on_group(g) as
-        each completes. One READ at a time, the next posted as the last completes: posted all
-        at once they progress together, and the first group, which the forward waits for,
-        landed only about when the last did. Returns how many groups were delivered (fewer on
-        a NIXL error or at the deadline)."""
+    async def read(self, remote: str, group: ReadGroup, remote_mem: str,
+                   timeout_s: float) -> bool:
+        """One READ of (local ranges <- remote ranges): local ranges are (addr, length) in this
+        pool, remote ones (addr, length, device). True when it landed; False on a NIXL error or
+        at the deadline."""
+        local, rem = group
         dev = max(self.pool.kv.get_device(), 0)
-        handles = []
-        delivered = 0
-        deadline = time.monotonic() + timeout_s
+        handle = None
         try:
-            for local, rem in groups:
-                h = self.agent.initialize_xfer(
-                    "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local],
-                                                      self.mem_type),
-                    self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
-                handles.append(h)
-                state = self._post(h)
-                while state is TransferState.POSTED and time.monotonic() <= deadline:
-                    await asyncio.sleep(0.0005)
-                    state = self._state(self.agent.check_xfer_state(h))
-                if state is not TransferState.DONE:
-                    return delivered
-                on_group(delivered)
-                delivered += 1
-            return delivered
+            handle = self.agent.initialize_xfer(
+                "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local], self.mem_type),
+                self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
+            return await self._complete(handle, timeout_s) is TransferState.DONE
         except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
             log.warning("NIXL read failed", extra={"peer": remote,
                                                    "error": f"{type(e).__name__}: {e}"})
-            return delivered
+            return False
         finally:
-            for h in handles:
-                try:
-                    self.agent.release_xfer_handle(h)
-                except Exception:  # noqa: BLE001 - a still-running handle may refuse release
-                    log.warning("read handle not released", extra={"peer": remote})
+            if handle is not None:
+                self._release(handle, {"peer": remote})
 
     def notify(self, remote: str, message: bytes) -> None:
         try:
@@ -188,25 +170,30 @@ class NixlEndpoint:
         handle = self.agent.initialize_xfer("WRITE", local, remote_descs, remote,
                                             b"" if notice is None else notice.SerializeToString())
         try:
-            state = self._post(handle)
-            deadline = time.monotonic() + timeout_s
-            while state is TransferState.POSTED:
-                if time.monotonic() > deadline:
-                    state = TransferState.TIMED_OUT
-                    break
-                await asyncio.sleep(0.0005)
-                state = self._state(self.agent.check_xfer_state(handle))
+            state = await self._complete(handle, timeout_s)
         finally:
-            try:
-                self.agent.release_xfer_handle(handle)
-            except Exception:  # noqa: BLE001 - a still-running handle may refuse release
-                log.warning("transfer handle not released", extra={"request_id": rid})
+            self._release(handle, {"request_id": rid})
         if state is not TransferState.DONE:
             raise TransferError(f"KV transfer {state.value} for request {rid}")
         return n * size
 
-    def _post(self, handle: Any) -> TransferState:  # a NIXL transfer handle
-        return self._state(self.agent.transfer(handle))
+    async def _complete(self, handle: Any, timeout_s: float) -> TransferState:
+        """Posts a transfer (a NIXL handle) and polls it to its end: DONE, FAILED, or
+        TIMED_OUT at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        state = self._state(self.agent.transfer(handle))
+        while state is TransferState.POSTED:
+            if time.monotonic() > deadline:
+                return TransferState.TIMED_OUT
+            await asyncio.sleep(0.0005)
+            state = self._state(self.agent.check_xfer_state(handle))
+        return state
+
+    def _release(self, handle: Any, context: dict[str, str]) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception:  # noqa: BLE001 - a still-running handle may refuse release
+            log.warning("transfer handle not released", extra=context)
 
     @staticmethod
     def _state(s: str) -> TransferState:

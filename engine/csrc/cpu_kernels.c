@@ -40,43 +40,37 @@ static inline float half_at(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
-/* 8 bytes (low half of b) -> 8 floats: d * q (+ m) */
-static inline void put8(float* out, __m128i b, __m256 d, __m256 m, int with_m, int is_signed) {
-    __m256i q = is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
-    __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
-    if (with_m) v = _mm256_add_ps(v, m);
-    _mm256_storeu_ps(out, v);
-}
-
-static void dequant_q4_1(const uint8_t* row, int nb, float* out) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (int b = 0; b < nb; b++, row += 20, out += 32) {
-        const __m256 d = _mm256_set1_ps(half_at(row)), m = _mm256_set1_ps(half_at(row + 2));
-        const __m128i q = _mm_loadu_si128((const __m128i*)(row + 4));
-        const __m128i lo = _mm_and_si128(q, low);                     /* weights 0..15 */
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);  /* weights 16..31 */
-        put8(out, lo, d, m, 1, 0);
-        put8(out + 8, _mm_srli_si128(lo, 8), d, m, 1, 0);
-        put8(out + 16, hi, d, m, 1, 0);
-        put8(out + 24, _mm_srli_si128(hi, 8), d, m, 1, 0);
-    }
-}
-
-static void dequant_q8_0(const uint8_t* row, int nb, float* out) {
-    for (int b = 0; b < nb; b++, row += 34, out += 32) {
-        const __m256 d = _mm256_set1_ps(half_at(row));
-        const __m128i q0 = _mm_loadu_si128((const __m128i*)(row + 2));
-        const __m128i q1 = _mm_loadu_si128((const __m128i*)(row + 18));
-        put8(out, q0, d, d, 0, 1);
-        put8(out + 8, _mm_srli_si128(q0, 8), d, d, 0, 1);
-        put8(out + 16, q1, d, d, 0, 1);
-        put8(out + 24, _mm_srli_si128(q1, 8), d, d, 0, 1);
+/* The 32 weights of block b of a row, rebuilt in registers (w[0..8), w[8..16), w[16..24),
+   w[24..32)): Q4_1 d * q + m, Q8_0 d * q, each a float32 multiply then add, as gguf-py's
+   dequantize. The buffered products store them (dequant_row), a batch-1 product uses them at
+   once (gguf_dots1): the same numbers either way. */
+static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4]) {
+    if (kind == KIND_Q4_1) {
+        const uint8_t* blk = row + (size_t)b * 20;
+        const __m256 d = _mm256_set1_ps(half_at(blk)), m = _mm256_set1_ps(half_at(blk + 2));
+        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 4));
+        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]))), m);
+    } else {
+        const uint8_t* blk = row + (size_t)b * 34;
+        const __m256 d = _mm256_set1_ps(half_at(blk));
+        const __m128i q0 = _mm_loadu_si128((const __m128i*)(blk + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i*)(blk + 18));
+        const __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])));
     }
 }
 
 static inline void dequant_row(int kind, const uint8_t* row, int nb, float* out) {
-    if (kind == KIND_Q4_1) dequant_q4_1(row, nb, out);
-    else dequant_q8_0(row, nb, out);
+    __m256 w[4];
+    for (int b = 0; b < nb; b++, out += 32) {
+        block_weights(kind, row, b, w);
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + 8 * i, w[i]);
+    }
 }
 
 static inline float hsum(__m256 v) {
@@ -176,29 +170,6 @@ typedef struct { int kind; const uint8_t* blocks; size_t rowbytes; } GgufRows;
 static void gguf_row(const void* w, int n, int K, float* out) {
     const GgufRows* g = w;
     dequant_row(g->kind, g->blocks + (size_t)n * g->rowbytes, K / 32, out);
-}
-
-/* The 32 weights of block b of a row, rebuilt in registers exactly as dequant_row writes them
-   (w[0..8), w[8..16), w[16..24), w[24..32)). */
-static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4]) {
-    if (kind == KIND_Q4_1) {
-        const uint8_t* blk = row + (size_t)b * 20;
-        const __m256 d = _mm256_set1_ps(half_at(blk)), m = _mm256_set1_ps(half_at(blk + 2));
-        const __m128i low = _mm_set1_epi8(0x0F);
-        const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 4));
-        const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int i = 0; i < 4; i++)
-            w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]))), m);
-    } else {
-        const uint8_t* blk = row + (size_t)b * 34;
-        const __m256 d = _mm256_set1_ps(half_at(blk));
-        const __m128i q0 = _mm_loadu_si128((const __m128i*)(blk + 2));
-        const __m128i q1 = _mm_loadu_si128((const __m128i*)(blk + 18));
-        const __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
-        for (int i = 0; i < 4; i++)
-            w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])));
-    }
 }
 
 /* y[0..nr) = x . w[n0 + r] for ONE row of x: the weights rebuilt in registers and used at once,

@@ -165,8 +165,7 @@ class PipelineHead:
                 raise PipelineError(f"stage agent {kv.agent_name!r}: {e}") from e
             local = [(self.pool.page_addr(p) + kv.layer_begin * lb, size) for p in pages]
             rem = [(r.addr, r.length, r.device_id) for r in kv.ranges]
-            done = await self.endpoint.read_groups(remote, [(local, rem)], kv.mem_type or "DRAM",
-                                                   lambda g: None, self.timeout_s)
-            if done != 1:
+            if not await self.endpoint.read(remote, (local, rem), kv.mem_type or "DRAM",
+                                            self.timeout_s):
                 raise PipelineError(f"NIXL READ of layers [{kv.layer_begin}, {kv.layer_end}) "
                                     f"from {kv.agent_name} failed")

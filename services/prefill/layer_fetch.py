@@ -234,15 +234,27 @@ class _Staged:
         return ([(self.endpoint.pool.page_addr(self.load.pages[i]) + lo, hi - lo)
                  for i in self.blocks], [(b.addr + lo, hi - lo, 0) for b in self.resp.blocks])
 
+    async def read(self, g: int, timeout_s: float) -> bool:
+        """READs layer group g of this chunk into its pages; True when it landed."""
+        if not await self.endpoint.read(self.remote, self.group(g),
+                                        self.resp.mem_type or "DRAM", timeout_s):
+            return False
+        self.load.landed(self.blocks, g)
+        return True
+
     def release(self) -> None:
         """Frees the staged space; blocks that did not match their checksum are named, and
         the store verifies them."""
-        if self.released:
-            return
-        self.released = True
-        mismatched = [j for j, i in enumerate(self.blocks) if i in self.load.mismatched]
-        self.endpoint.notify(self.remote, kvstore_pb2.StageRelease(
-            stage_id=self.resp.stage_id, mismatched=mismatched).SerializeToString())
+        if not self.released:
+            self.released = True
+            _release(self.endpoint, self.remote, self.resp, [
+                j for j, i in enumerate(self.blocks) if i in self.load.mismatched])
+
+
+def _release(endpoint: NixlEndpoint, remote: str, resp: kvstore_pb2.StageResponse,
+             mismatched: list[int]) -> None:
+    endpoint.notify(remote, kvstore_pb2.StageRelease(
+        stage_id=resp.stage_id, mismatched=mismatched).SerializeToString())
 
 
 async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: list[int],
@@ -251,13 +263,15 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
     the gRPC stream). A READ that fails ends the reading: blocks left incomplete are
     recomputed.
 
-    The blocks are staged in chunks, one `Stage` call at a time (sent all at once, the store
-    copied them all together and the first was staged only about when the last was). The
-    READs go in layer-group order, one READ per group of a chunk: group 0 of each chunk as
-    soon as it is staged, then group 1 of every chunk, and so on (what the forward waits for
-    first comes first). A chunk is released after its last group: whole blocks, read in one
-    group, hold one chunk of staging space at a time, so a chain longer than the store's
-    staging buffer is READ whole, in turns."""
+    The blocks are staged in chunks, one `Stage` call at a time, and READ one group of a
+    chunk at a time (sent or posted all at once, the copies progressed together, and the
+    first, which the forward waits for, was done only about when the last was). The READs go
+    in layer-group order: group 0 of each chunk as soon as it is staged, then group 1 of
+    every chunk, and so on (what the forward waits for first comes first).
+
+    A chunk is released after its last group: whole blocks, read in one group, hold one chunk
+    of staging space at a time, so a chain longer than the store's staging buffer is READ
+    whole, in turns."""
     size = STAGE_CHUNK_BLOCKS if len(load.layer_ends) == 1 else STAGE_CHUNK_BLOCKS_LAYERED
     chunks = [idx[i:i + size] for i in range(0, len(idx), size)]
 
@@ -279,7 +293,7 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
             except Exception as e:  # noqa: BLE001 - unusable metadata: the stream instead
                 log.warning("kvstore NIXL agent unusable", extra={"error": str(e)})
                 break
-            if not await _read(load, staged[-1], 0, endpoint, timeout_s):  # as the next stages
+            if not await staged[-1].read(0, timeout_s):  # while the next chunk stages
                 return []
             if not last:
                 staged[-1].release()
@@ -287,7 +301,7 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
                 break
         for g in range(1, last + 1):
             for s in staged:
-                if not await _read(load, s, g, endpoint, timeout_s):
+                if not await s.read(g, timeout_s):
                     return []
                 if g == last:
                     s.release()
@@ -302,15 +316,7 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
                   and (r := call.result()) is not None and r.blocks
                   and not any(s.resp is r for s in staged)):
                 try:
-                    endpoint.notify(endpoint.remote(r.agent_name, r.agent_metadata),
-                                    kvstore_pb2.StageRelease(stage_id=r.stage_id)
-                                    .SerializeToString())
+                    _release(endpoint, endpoint.remote(r.agent_name, r.agent_metadata), r, [])
                 except Exception:  # noqa: BLE001 - unusable metadata: the lease frees it
                     log.warning("staged blocks left to their lease", extra={"shard": shard})
 
-
-async def _read(load: LayerLoad, s: _Staged, g: int, endpoint: NixlEndpoint,
-                timeout_s: float) -> bool:
-    """READs group g of one staged chunk; True when it landed."""
-    return await endpoint.read_groups(s.remote, [s.group(g)], s.resp.mem_type or "DRAM",
-                                      lambda _: load.landed(s.blocks, g), timeout_s) == 1
