@@ -52,8 +52,12 @@ def combine_digests(digests: Sequence[int]) -> int:
     return xxhash.xxh3_64_intdigest(b"".join(d.to_bytes(8, "little") for d in digests))
 
 
+def page_digests(pool: KVPool, pages: Sequence[int]) -> list[int]:
+    return [page_digest(pool, p) for p in pages]
+
+
 def pages_checksum(pool: KVPool, pages: Sequence[int]) -> int:
-    return combine_digests([page_digest(pool, p) for p in pages])
+    return combine_digests(page_digests(pool, pages))
 
 
 # One READ: (local (addr, length) ranges, remote (addr, length, device) ranges).

@@ -28,7 +28,6 @@ from bisect import insort
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from pdserve.cache.block_hash import BlockHash
@@ -90,8 +89,7 @@ class StagingArea:
         self.name = name
         self.lease_s = lease_s
         self.memory = AnonymousBuffer(nbytes)  # first-fit reuse keeps its low end warm
-        self.buffer = np.frombuffer(self.memory.mmap, dtype=np.uint8)
-        self._view = self.buffer.data  # a memoryview of the buffer
+        self._view = memoryview(self.memory.mmap)
         self.base = self.memory.addr
         self.extents = Extents(nbytes)
         self.agent = new_agent(name)

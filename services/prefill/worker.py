@@ -38,7 +38,7 @@ from pdserve.services.prefill.layer_fetch import LayerLoad
 from pdserve.services.prefill.load import PrefillLoad
 from pdserve.services.prefill.pipeline import Peers, head_share
 from pdserve.services.prefill.stage import PipelineStage
-from pdserve.services.transfer import NixlEndpoint, combine_digests, page_digest
+from pdserve.services.transfer import NixlEndpoint, combine_digests, page_digests
 from pdserve.services.worker import new_epoch, sampling_from_proto
 from pdserve.startup import phase
 from pdserve.v1 import common_pb2, kvstore_pb2, prefill_pb2
@@ -50,13 +50,13 @@ log = logging.getLogger(__name__)
 PREFILL_MAX_BATCH = 1 << 16
 
 
-def page_digests(pool: KVPool, pages: Sequence[PageId]) -> list[int]:
-    return [page_digest(pool, p) for p in pages]
+def lease_over(lease_end: float | None) -> bool:
+    """Decode may reuse reserved pages after the lease: no WRITE starts after it."""
+    return lease_end is not None and time.monotonic() > lease_end
 
 
 def check_lease(lease_end: float | None, res: common_pb2.Reservation) -> None:
-    """Decode may reuse reserved pages after the lease: never start a WRITE after it."""
-    if lease_end is not None and time.monotonic() > lease_end:
+    if lease_over(lease_end):
         raise TransferError(f"KV transfer not started: the decode reservation's "
                             f"{res.lease_s:g} s lease ended first")
 
@@ -79,9 +79,7 @@ class WriteAhead:
     def start(self, pages: Sequence[PageId], digests: list[int]) -> None:
         """Starts the WRITE of these fetched pages (none: nothing to send ahead; a lease
         already over: the final WRITE reports it)."""
-        if not pages or self.task is not None:
-            return
-        if self.lease_end is not None and time.monotonic() > self.lease_end:
+        if not pages or self.task is not None or lease_over(self.lease_end):
             return
         self.digests = digests
         self.task = asyncio.create_task(self.endpoint.write(pages, self.res, None,
