@@ -265,22 +265,36 @@ class OneRank:
 
 
 def test_overlap_hides_transfers_that_take_time(tmp_path):
-    """d ms per transfer, n transfers per step (dispatch and combine per MoE layer), d set so
-    that they take half the step's compute C. Without overlap the step takes C + n·d. With
-    it, each micro-batch's own transfers stay on its own path (its half of the compute and
-    all n), so the best it can take is max(C', C'/2 + n·d) (C': the compute of the split
-    step): at least half that saving is had (measured: about all of it)."""
+    """d ms per transfer, n transfers per step (dispatch and combine per MoE layer). Without
+    overlap the step takes C + n·d (C: its compute). With it, each micro-batch's own transfers
+    stay on its own path (its half of the compute and all n), so the best it can take is
+    max(C', C'/2 + n·d) (C': the compute of the split step); d is set so that n·d = C'/2, where
+    the saving is largest: at least half of it is had (measured: about three quarters).
+    The step is long enough (1,024 tokens) that splitting it costs nothing: at 384 tokens C'
+    was 1.4 C here and up to 1.7 C on a slower machine, leaving almost nothing to save. One
+    compute thread, as the timing model has: two threads spinning at barriers measured wildly
+    apart from round to round while another process kept a core busy; one thread did not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        overlap_saves_time(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def overlap_saves_time(tmp_path) -> None:
     torch.manual_seed(8)
     _, model = make_deepseek(tmp_path, **WIDE)
     model.save_pretrained(tmp_path)
-    rank = OneRank(tmp_path, 384, layers=7, experts=16)
+    rank = OneRank(tmp_path, 1024, layers=7, experts=16)
     n = 2 * 6
-    d = rank.medians([(False, 0.0)], 3)[0] / 2 / n  # a first estimate of C sets d
+    d = rank.medians([(True, 0.0)], 3)[0] / 2 / n  # a first estimate of C' sets d
     compute, compute_split, off, on = rank.medians(
         [(False, 0.0), (True, 0.0), (False, d), (True, d)], 5)  # interleaved rounds
     best = max(compute_split, compute_split / 2 + n * d)
     assert off >= compute + n * d * 0.8, (compute, off)  # the transfers cost what they should
-    assert off - on >= 0.5 * (off - best) > 0, (compute, compute_split, off, on, best)
+    assert off - best > 0.2 * off, (compute, compute_split, off, best)  # there is time to save
+    assert off - on >= 0.5 * (off - best), (compute, compute_split, off, on, best)
 
 
 def test_act_quant_is_deepseeks_formula_bitwise():
