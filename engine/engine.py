@@ -28,7 +28,13 @@ from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams, finish_reason, logprob_of, sample
-from pdserve.engine.scheduler import BatchKind, ScheduledBatch, ScheduledChunk, Scheduler
+from pdserve.engine.scheduler import (
+    STAGE_AGE_LIMIT_S,
+    BatchKind,
+    ScheduledBatch,
+    ScheduledChunk,
+    Scheduler,
+)
 from pdserve.engine.sequence import (
     EngineEvent,
     FailedEvent,
@@ -49,11 +55,13 @@ def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, max_batch: int = 64,
-                 max_prefill_tokens: int = 2048, hooks: EngineHooks | None = None) -> None:
+                 max_prefill_tokens: int = 2048, hooks: EngineHooks | None = None,
+                 stage_age_limit_s: float = STAGE_AGE_LIMIT_S) -> None:
         self.runner = runner
         self.pool = runner.pool
         self.hooks = hooks or EngineHooks()
-        self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.hooks.ready)
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.hooks.ready,
+                                   stage_age_limit_s)
         self.num_steps = 0
         self.in_step: ScheduledBatch | None = None  # the batch being run (for observers)
 

@@ -1,13 +1,18 @@
 """The engine's scheduler: which sequences wait, which run, and what the next step computes.
 
-Policy (pure: no model, no clock, no threads):
-1. A pipeline stage's next chunk, when it can run (oldest stage first): later workers in the
-   pipeline wait on it.
+Policy (pure: no model, no threads; the clock is a parameter):
+1. A pipeline stage's next chunk, when it can run and its stage has waited `stage_age_limit_s`
+   since it reached this worker (oldest stage first).
 2. Otherwise, when sequences wait and the batch has room: prompt chunks of several of them
    within a token budget (chunked prefill, first come first served). A sequence whose cached
    KV is still arriving runs only when no other is ready (`ready`): a step waits for the
    slowest fetch in it, and a slow store must not hold up prompts that need nothing from it.
-3. Otherwise, when sequences run: one decode step for up to `max_batch` of them.
+3. Otherwise, a pipeline stage's next chunk, when it can run (oldest stage first). Stages run
+   in the gaps between whole prompts: a pipelined prompt (a long one, over several workers)
+   would otherwise stall all of them at once, every short prompt waiting behind it; the age
+   limit keeps it from waiting for ever (scheduler/replay.py measures the trade).
+4. Otherwise, prompts whose KV is still arriving (the step waits for it).
+5. Otherwise, when sequences run: one decode step for up to `max_batch` of them.
 
     waiting ──prefill chunks──> (prompt done) ──> running ──decode steps──> finished
        │                              └── stop_after_prefill: leaves with its first token
@@ -17,6 +22,7 @@ Policy (pure: no model, no clock, no threads):
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.sequence import Sequence
+
+STAGE_AGE_LIMIT_S = 20.0  # step 1 (scheduler/replay.py: CostModel.pipeline_age_limit_s)
 
 
 class BatchKind(enum.Enum):
@@ -91,13 +99,19 @@ def _always_ready(seq: Sequence) -> bool:
 
 class Scheduler:
     def __init__(self, max_batch: int = 64, max_prefill_tokens: int = 2048,
-                 ready: Callable[[Sequence], bool] = _always_ready) -> None:
+                 ready: Callable[[Sequence], bool] = _always_ready,
+                 stage_age_limit_s: float = STAGE_AGE_LIMIT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_batch <= 0 or max_prefill_tokens <= 0:
             raise ValueError(f"max_batch {max_batch} and max_prefill_tokens "
                              f"{max_prefill_tokens} must be positive")
+        if stage_age_limit_s < 0:
+            raise ValueError(f"stage_age_limit_s {stage_age_limit_s} must be >= 0")
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.ready = ready
+        self.stage_age_limit_s = stage_age_limit_s
+        self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stages: list[Sequence] = []
@@ -141,18 +155,23 @@ class Scheduler:
                     or any(self._stage_chunk(s) is not None for s in self.stages))
 
     def schedule(self) -> ScheduledBatch | None:
-        for seq in self.stages:  # step 1
-            chunk = self._stage_chunk(seq)
-            if chunk is not None:
+        chunks = [c for c in map(self._stage_chunk, self.stages) if c is not None]
+        now = self.clock()
+        for chunk in chunks:  # step 1
+            stage = chunk.seq.stage
+            assert stage is not None
+            if now - stage.since >= self.stage_age_limit_s:
                 return ScheduledBatch(BatchKind.STAGE, (chunk,))
         room = self.max_batch - len(self.running)
-        if self.waiting and room > 0:  # step 2
-            candidates = list(self.waiting)[:room]
-            ready = [s for s in candidates if self.ready(s)]
-            plan = plan_chunks(ready or candidates, self.max_prefill_tokens)
-            if plan:
-                return ScheduledBatch(BatchKind.PREFILL, tuple(plan))
-        if self.running:  # step 3
+        candidates = list(self.waiting)[:room] if room > 0 else []
+        ready = [s for s in candidates if self.ready(s)]
+        plan = plan_chunks(ready, self.max_prefill_tokens)  # step 2
+        if not plan and chunks:  # step 3
+            return ScheduledBatch(BatchKind.STAGE, (chunks[0],))
+        plan = plan or plan_chunks(candidates, self.max_prefill_tokens)  # step 4
+        if plan:
+            return ScheduledBatch(BatchKind.PREFILL, tuple(plan))
+        if self.running:  # step 5
             return ScheduledBatch(BatchKind.DECODE, tuple(
                 ScheduledChunk(s, s.num_tokens - 1, 1) for s in self.running[:self.max_batch]))
         return None

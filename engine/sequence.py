@@ -11,6 +11,7 @@ A sequence is one of three kinds, by what the engine does with it:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class StageWork:
     layer_end: int
     chunk_tokens: int
     inputs: deque[tuple[int, torch.Tensor]] = field(default_factory=deque)
+    since: float = field(default_factory=time.monotonic)  # when it reached this worker
 
     @property
     def first(self) -> bool:

@@ -4,14 +4,15 @@ A Mooncake-format trace (timestamp ms, input_length, output_length, hash_ids of 
 blocks) drives N prefill and M decode instances with a cost model:
 
 - prefill of n new tokens after c cached ones takes  n / prefill_tps + attention_s * n * (c + n/2)
-  seconds; each prefill instance serves its queue in order, skipping a pipeline stage that
-  cannot start yet;
+  seconds; each prefill instance computes a whole prompt without a break, in arrival order;
 - `pdserve` prefills a prompt of at least `pipeline_min_tokens` new tokens as a pipeline over
   the instances the balancer picks (scheduler/balancers.py, plan_prefill_index; the workers do
   it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
-  prompt, so takes 1/G of the time and work; stage g starts once stage g-1 has started and
-  finishes no sooner than one chunk (and one hop) after it (chunks as the workers cut them,
-  balancers.pipeline_chunk);
+  prompt, so takes 1/G of the time and work, chunk by chunk (chunks as the workers cut them,
+  balancers.pipeline_chunk), a chunk once the stage before computed it and one hop passed. A
+  stage's chunks run in the gaps between whole prompts (engine/scheduler.py does the same:
+  a pipelined prompt must not stall every instance at once), unless the prompt has waited
+  `pipeline_age_limit_s` since it arrived: then first (`pipeline_yields=False`: arrival order);
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
 - a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
@@ -116,6 +117,8 @@ class CostModel:
     pipeline_chunk_tokens: int = 8_192  # largest chunk handed from stage to stage (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
+    pipeline_yields: bool = True       # pipelined prompts run in whole prompts' gaps...
+    pipeline_age_limit_s: float = 20.0  # ... until they waited this long (from arrival)
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -146,7 +149,9 @@ class LRUStore:
 
 @dataclass
 class _Stage:
-    """A request's share of one prefill instance: the whole prefill, or one pipeline stage."""
+    """A request's share of one prefill instance: the whole prefill (one piece), or one
+    pipeline stage (`chunks` pieces, chunk k computable once the stage before finished its
+    chunk k and handed it over)."""
     i: int                 # request index
     w: int                 # instance
     stage: int
@@ -155,16 +160,31 @@ class _Stage:
     work: float
     tokens: float
     chunks: int
-    started: float | None = None
-    done: float | None = None
+    ends: list[float] = field(default_factory=list)  # when each of its chunks finished
+    left: float = -1.0     # seconds still to compute (set from `duration`)
 
-    def ready(self) -> bool:
-        return self.stage == 0 or self.stages[self.stage - 1].started is not None
+    def __post_init__(self) -> None:
+        self.left = self.duration
+
+    @property
+    def piece_s(self) -> float:
+        return self.duration / self.chunks
+
+    def ready(self, t: float, hop_s: float) -> bool:
+        """Its next piece can start at `t`."""
+        k = len(self.ends)
+        if k >= self.chunks:
+            return False
+        if self.stage == 0:
+            return True
+        prev = self.stages[self.stage - 1].ends
+        return len(prev) > k and prev[k] + hop_s <= t + 1e-12
 
 
 @dataclass
 class _Prefill:
     queue: list[_Stage] = field(default_factory=list)
+    running: _Stage | None = None
     busy_until: float = 0.0
     work: float = 0.0      # outstanding attention work (queued + running)
     tokens: float = 0.0    # outstanding new tokens
@@ -172,10 +192,10 @@ class _Prefill:
     served: set[int] = field(default_factory=set)    # block ids this instance computed (affinity)
 
     def wait(self, t: float) -> float:
-        """Time until this instance could start a new prefill: the running one's rest and every
-        queued one (Mooncake's queueing estimate)."""
+        """Time until this instance could start a new prefill: the running piece's rest and
+        everything queued (Mooncake's queueing estimate)."""
         return (max(0.0, self.busy_until - t)
-                + sum(s.duration for s in self.queue if s.started is None))
+                + sum(s.left for s in self.queue if s is not self.running))
 
 
 @dataclass
@@ -331,22 +351,22 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         meters["decode_kv"].advance(t, [d.kv + d.reserved for d in decodes])
         meters["decode_requests"].advance(t, [len(d.running) for d in decodes])
 
+    yields = policy == "pdserve" and cost.pipeline_yields
+
     def start_next(w: int, t: float) -> None:
+        """Instance `w`, idle at `t`, starts its next piece of work, if any is ready."""
         p = prefills[w]
-        if p.busy_until > t:
+        if p.running is not None:
             return
-        s = next((s for s in p.queue if s.started is None and s.ready()), None)
-        if s is None:
+        ready = [s for s in p.queue if s.ready(t, cost.pipeline_hop_s)]
+        if not ready:
             return
-        s.started, s.done = t, t + s.duration
-        if s.stage:  # a chunk reaches this stage only after the stage before computed it
-            prev = s.stages[s.stage - 1]
-            assert prev.done is not None  # the stage before started first (`ready`)
-            s.done = max(s.done, prev.done + s.duration / s.chunks + cost.pipeline_hop_s)
-        p.busy_until = s.done
-        heapq.heappush(events, (s.done, next(seq), "prefill_done", s.i, w))
-        if s.stage + 1 < len(s.stages):
-            start_next(s.stages[s.stage + 1].w, t)
+        s = ready[0]  # first come first served
+        if yields:  # a pipeline's pieces run in the gaps, unless it waited past the limit
+            aged = [x for x in ready if t - trace[x.i].arrival_s > cost.pipeline_age_limit_s]
+            s = aged[0] if aged else min(ready, key=lambda x: (len(x.stages) > 1, x.i))
+        p.running, p.busy_until = s, t + s.piece_s
+        heapq.heappush(events, (p.busy_until, next(seq), "piece_done", s.i, w))
 
     def step(d_idx: int, t: float) -> None:
         d = decodes[d_idx]
@@ -410,9 +430,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             g = len(plan)
             stages: list[_Stage] = []
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
+                chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1
                 stages.append(_Stage(i, pw, s_idx, stages, cost.prefill_s(c, n) / g,
-                                     attention_work(c, n) / g, n / g,
-                                     -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens))))
+                                     attention_work(c, n) / g, n / g, chunks))
                 prefills[pw].queue.append(stages[-1])
                 prefills[pw].work += stages[-1].work
                 prefills[pw].tokens += stages[-1].tokens
@@ -420,9 +440,21 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             cached_total += c
             input_total += r.input_length
             start_next(stages[0].w, t)
-        elif kind == "prefill_done":
+        elif kind == "wake":  # a pipeline chunk reached instance w
+            start_next(w, t)
+        elif kind == "piece_done":
             p = prefills[w]
-            s = next(s for s in p.queue if s.i == i and s.done == t)
+            s = p.running
+            assert s is not None and s.i == i
+            p.running = None
+            s.ends.append(t)
+            s.left = max(0.0, s.left - s.piece_s)
+            if s.stage + 1 < len(s.stages):  # the chunk goes on to the next stage
+                heapq.heappush(events, (t + cost.pipeline_hop_s, next(seq), "wake", i,
+                                        s.stages[s.stage + 1].w))
+            if len(s.ends) < s.chunks:
+                start_next(w, t)
+                continue
             p.queue.remove(s)
             p.work -= s.work
             p.tokens -= s.tokens
@@ -455,6 +487,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         "requests": len(trace),
         "ttft_p50_s": round(_pct(ttft, 0.5), 4),
         "ttft_p99_s": round(_pct(ttft, 0.99), 4),
+        "ttft_max_s": round(max(ttft, default=0.0), 4),
         "hit_share": round(cached_total / input_total, 4) if input_total else 0.0,
         "rejected": rejected,
         "prefill_load_max_over_mean": round(meters["prefill_attention"].result(), 4),

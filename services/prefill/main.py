@@ -41,7 +41,8 @@ def build(settings: PrefillSettings, kvstore: KVStoreClient) -> PrefillWorker:
         batch_wait_s=settings.prefill_batch_wait_ms / 1000,
         fetch_layer_groups=settings.kv_fetch_layer_groups,
         fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path),
-        wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner))
+        wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner),
+        stage_age_limit_s=settings.pipeline_age_limit_s)
 
 
 async def run(settings: PrefillSettings) -> None:

@@ -90,19 +90,41 @@ def test_a_prompt_still_fetching_runs_only_when_nothing_else_is_ready():
     assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["a"]
 
 
-def test_stage_chunks_go_first_and_a_full_batch_decodes():
-    s = Scheduler(max_batch=2, max_prefill_tokens=100)
-    later = seq("later", 10, stage=StageWork(2, 4, chunk_tokens=8))
-    first = seq("first", 10, stage=StageWork(0, 2, chunk_tokens=8))
+def test_stage_chunks_run_in_the_gaps_until_aged_and_a_full_batch_decodes():
+    now = [100.0]
+    s = Scheduler(max_batch=2, max_prefill_tokens=100, stage_age_limit_s=20.0,
+                  clock=lambda: now[0])
+    later = seq("later", 10, stage=StageWork(2, 4, chunk_tokens=8, since=100.0))
+    first = seq("first", 10, stage=StageWork(0, 2, chunk_tokens=8, since=100.0))
     s.add(later)
     s.add(first)
-    s.add(seq("w", 10))
+    waiting = seq("w", 10)
+    s.add(waiting)
+    batch = s.schedule()  # a whole prompt waits: it goes before the pipeline's chunks
+    assert batch is not None and batch.kind is BatchKind.PREFILL
+    assert [c.seq.request_id for c in batch.chunks] == ["w"]
+    now[0] = 120.0  # the stages have waited their limit: their chunks go first
     batch = s.schedule()  # `later` has no input yet; `first` cuts its own chunks
     assert batch is not None and batch.kind is BatchKind.STAGE
     assert (batch.chunks[0].seq.request_id, batch.chunks[0].num_tokens) == ("first", 8)
+    now[0] = 110.0
+    s.waiting.remove(waiting)
+    batch = s.schedule()  # nothing else waits: the stage runs in the gap
+    assert batch is not None and batch.kind is BatchKind.STAGE
+    fetching = seq("f", 10)
+    s2 = Scheduler(max_prefill_tokens=100, ready=lambda q: q is not fetching,
+                   clock=lambda: now[0])
+    s2.add(fetching)
+    s2.add(first)
+    batch = s2.schedule()  # a stage chunk before a prompt whose KV is still arriving
+    assert batch is not None and batch.kind is BatchKind.STAGE
+    s2.stages.clear()
+    batch = s2.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["f"]
     s.stages.clear()
     s.add_running(seq("r1", 4, done=4))
     s.add_running(seq("r2", 4, done=4))
+    s.add(waiting)
     batch = s.schedule()  # the batch is full: decode, the waiting prompt waits
     assert batch is not None and batch.kind is BatchKind.DECODE and len(batch.chunks) == 2
 

@@ -102,6 +102,32 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
+def test_short_prompts_run_in_a_pipelines_gaps_until_it_is_aged():
+    """An 8,000-token prompt pipelined over both instances (two stages of 4 s, chunks of
+    0.5 s), two 500-token prompts arriving at 1.2 s, one per instance."""
+    from dataclasses import replace
+
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=2000,
+                     pipeline_chunk_tokens=1000, pipeline_hop_s=0.0)
+    trace = [TraceRequest(0.0, 8000, 2, ()), TraceRequest(1.2, 500, 2, ()),
+             TraceRequest(1.2, 500, 2, ())]
+    # They run at the next chunk boundary (1.5 s) and take 0.5 s: TTFT 0.8 s; the pipelined
+    # prompt ends 0.5 s later than alone (4 s + one chunk behind stage 0: 4.5 s).
+    r = simulate(trace, "pdserve", 2, 2, cost)
+    assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(0.8), pytest.approx(5.0))
+    # In arrival order (or once the pipeline waited past the age limit) they wait for its
+    # stages: the one behind stage 0 from 4 s, the one behind the head from 4.5 s.
+    for late in (replace(cost, pipeline_yields=False), replace(cost, pipeline_age_limit_s=1.0)):
+        r = simulate(trace, "pdserve", 2, 2, late)
+        assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(3.8), pytest.approx(4.5))
+    # The replay's default is the workers' (engine/scheduler.py, the prefill setting).
+    from pdserve.config import PrefillSettings
+    from pdserve.engine.scheduler import STAGE_AGE_LIMIT_S
+
+    assert CostModel().pipeline_age_limit_s == STAGE_AGE_LIMIT_S == \
+        PrefillSettings().pipeline_age_limit_s
+
+
 @pytest.mark.integration
 def test_cli_replays_the_shared_trace_slice(tmp_path):
     import os
