@@ -71,6 +71,34 @@ class BlockReader:
         self._fetch(keys, read)
         return lengths
 
+    def locate(self, keys: Sequence[BlockHash]) -> list[tuple[Where, bytes]]:
+        """Where the leading stored blocks lie in their segment files, with their headers
+        (checked: key, layout, sizes), for a reader that READs them in place and checks each
+        payload against its header's checksum itself (the NIXL staging path maps the segment
+        files). Stops at the first block missing, kept outside a segment (an old store's), or
+        with a bad header (deleted and counted)."""
+        out: list[tuple[Where, bytes]] = []
+
+        def read(key: BlockHash, where: Where, fds: dict[int, int]) -> bool:
+            seg, off, size = where
+            if seg < 0:
+                return False
+            header = bytearray(HEADER_SIZE)
+            try:
+                got = self.segments.read_into(seg, off, memoryview(header), fds)
+            except FileNotFoundError as e:
+                raise CorruptBlock("segment file missing") from e
+            except OSError as e:
+                raise CorruptBlock(f"unreadable: {e}") from e
+            if got != HEADER_SIZE:
+                raise CorruptBlock(f"segment holds {got} of the block's {size} bytes")
+            check_header(key, memoryview(header), size)
+            out.append((where, bytes(header)))
+            return True
+
+        self._fetch(keys, read)
+        return out
+
     def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
                   ) -> Generator[list[bytes], None, None]:
         """The leading stored blocks in parts (kvstore.proto, GetRequest.part_cuts): yields

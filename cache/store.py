@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pdserve.cache.block_hash import BlockHash
-from pdserve.cache.catalog import Catalog
+from pdserve.cache.catalog import Catalog, Where
 from pdserve.cache.codec import MAGIC as BLOCK_MAGIC
 from pdserve.cache.codec import verify_block
 from pdserve.cache.reader import BlockReader
@@ -131,6 +131,12 @@ class BlockStore:
     def get_parts(self, keys: Sequence[BlockHash], cuts: Sequence[int]
                   ) -> Generator[list[bytes], None, None]:
         return self.reader.get_parts(keys, cuts)
+
+    def locate(self, keys: Sequence[BlockHash]) -> list[tuple[Where, bytes]]:
+        return self.reader.locate(keys)
+
+    def segment_path(self, seg: int) -> Path:
+        return self.segments.path(seg)
 
     # -- upkeep (cache/upkeep.py) --------------------------------------------------------------
     def eviction_order(self) -> list[BlockHash]:

@@ -200,7 +200,10 @@ class StagingCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         st = self._staging
         for name, help_, value in (
-                ("staged_blocks", "blocks staged for NIXL READ", st.staged_blocks),
+                ("staged_blocks", "blocks staged for NIXL READ, copied into the buffer",
+                 st.staged_blocks),
+                ("staged_in_place_blocks", "blocks staged for NIXL READ where they lie (their "
+                 "segment files mapped)", st.mapped_blocks),
                 ("stage_released", "staged regions released by their reader", st.released),
                 ("stage_expired", "staged regions dropped when their lease ended", st.expired),
                 ("staged_mismatched", "staged blocks a reader found not matching their "
@@ -211,7 +214,9 @@ class StagingCollector(Collector):
         for name, help_, value in (
                 ("staging_bytes", "size of the NIXL staging buffer", st.extents.size),
                 ("staging_leased_bytes", "staging bytes held for readers",
-                 st.extents.size - st.extents.free_bytes)):
+                 st.extents.size - st.extents.free_bytes),
+                ("staging_mapped_segments", "segment files mapped for in-place staging",
+                 st.mapped_segments)):
             g = GaugeMetricFamily(f"pdserve_store_{name}", help_)
             g.add_metric([], value)
             yield g

@@ -74,6 +74,7 @@ class NixlEndpoint:
         self.agent = new_agent(name)
         self._reg = self.agent.register_memory(self.agent.get_reg_descs(pool.kv))
         self._remote_md: dict[str, bytes] = {}
+        self._regions: dict[str, set[bytes]] = {}  # partial metadata loaded, per peer
         self.num_notices = 0  # transfer notices received (a receiver's)
 
     @property
@@ -95,6 +96,7 @@ class NixlEndpoint:
         """Knows the peer agent (its metadata carried in a protobuf field); returns its name."""
         known = self._remote_md.get(agent_name)
         if known != metadata:
+            self._regions.pop(agent_name, None)
             if known is not None:  # the peer restarted: forget its old memory
                 self.agent.remove_remote_agent(agent_name)
             name = self.agent.add_remote_agent(metadata)
@@ -103,6 +105,14 @@ class NixlEndpoint:
                 raise TransferError(f"peer named {agent_name!r}, its metadata is for {name!r}")
             self._remote_md[agent_name] = metadata
         return agent_name
+
+    def load_regions(self, remote: str, metadata: Sequence[bytes]) -> None:
+        """Loads partial metadata of memory a known peer registered since (each once)."""
+        loaded = self._regions.setdefault(remote, set())
+        for md in metadata:
+            if md not in loaded:
+                self.agent.add_remote_agent(md)
+                loaded.add(md)
 
     async def read(self, remote: str, group: ReadGroup, remote_mem: str,
                    timeout_s: float) -> bool:

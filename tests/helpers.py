@@ -79,7 +79,8 @@ class FakeClock:
 
 # -- real services -----------------------------------------------------------------------------
 async def start_shard(path: Path, staging_mb: int = 0, lease_s: float = 10.0,
-                      name: str = "", **store_settings: Any) -> Shard:
+                      name: str = "", map_segments: bool = True,
+                      **store_settings: Any) -> Shard:
     """A kvstore shard (the real servicer over a real store) on port 0; with `staging_mb` a
     NIXL staging buffer too, its agent polled as the service does. `store_settings` go to
     BlockStore (capacity, watermarks, clock, ...)."""
@@ -91,7 +92,7 @@ async def start_shard(path: Path, staging_mb: int = 0, lease_s: float = 10.0,
 
     store = BlockStore(path, **store_settings)
     staging = (StagingArea(name or f"kvstore-test-{path.name}-{time.time_ns()}",
-                           staging_mb << 20, lease_s) if staging_mb else None)
+                           staging_mb << 20, lease_s, map_segments) if staging_mb else None)
     servicer = KVStoreServicer(store, staging)
     server, port, _ = await create_server(
         [lambda s: kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, s)], [],

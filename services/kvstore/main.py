@@ -62,7 +62,7 @@ def open_staging(settings: KVStoreSettings) -> StagingArea | None:
         return None
     try:
         return StagingArea(f"kvstore-{time.time_ns()}", settings.nixl_staging_mb << 20,
-                           settings.stage_lease_s)
+                           settings.stage_lease_s, settings.stage_in_place)
     except Exception as e:  # noqa: BLE001 - NIXL and UCX raise their own types
         log.warning("NIXL staging unavailable; blocks go through gRPC only",
                     extra={"staging_mb": settings.nixl_staging_mb,

@@ -23,11 +23,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
+import os
 import time
 from bisect import insort
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from pdserve.cache.block_hash import BlockHash
@@ -38,6 +44,8 @@ from pdserve.services.nixl_agent import new_agent
 from pdserve.v1 import kvstore_pb2
 
 log = logging.getLogger(__name__)
+
+MAX_MAPPED_SEGMENTS = 256  # segment files kept mapped (64 MB each by default), least recent out
 
 
 class Extents:
@@ -75,19 +83,63 @@ class Extents:
         self._free = merged
 
 
+class _Mapping:
+    """One segment file mapped read-only and registered with the agent: its blocks are READ
+    where they lie, in the page cache."""
+
+    def __init__(self, agent: Any, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.length = os.fstat(self.fd).st_size
+            self.mmap = mmap.mmap(self.fd, self.length, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.addr = _address(self.mmap)
+        self.agent = agent
+        descs = agent.get_reg_descs([(self.addr, self.length, 0, "")], "DRAM")
+        self.reg = agent.register_memory(descs)
+        self.metadata: bytes = agent.get_partial_agent_metadata(descs, False)  # for readers
+        self.leases = 0      # leases whose blocks lie here
+        self.retired = False  # no new leases; closed once `leases` is 0
+
+    def current(self, end: int) -> bool:
+        """Holds bytes [0, end) of a segment file still linked (not deleted)."""
+        return not self.retired and end <= self.length and os.fstat(self.fd).st_nlink > 0
+
+    def close(self) -> None:
+        try:
+            self.agent.deregister_memory(self.reg)
+        except Exception:  # noqa: BLE001 - shutting down, or the agent is gone
+            pass
+        self.mmap.close()
+        os.close(self.fd)
+
+
+def _address(m: mmap.mmap) -> int:
+    """The address of a read-only mapping (ctypes.from_buffer wants a writable one)."""
+    return int(np.frombuffer(m, dtype=np.uint8).ctypes.data)
+
+
 @dataclass
 class _Lease:
-    start: int
+    start: int           # staging buffer region; -1: blocks READ in place (mappings)
     size: int
     expires: float
     store: BlockStore
     keys: list[BlockHash]
+    maps: list[_Mapping] = field(default_factory=list)
 
 
 class StagingArea:
-    def __init__(self, name: str, nbytes: int, lease_s: float = 10.0) -> None:
+    def __init__(self, name: str, nbytes: int, lease_s: float = 10.0,
+                 map_segments: bool = True) -> None:
         self.name = name
         self.lease_s = lease_s
+        self.map_segments = map_segments
+        self._maps: OrderedDict[tuple[int, int], _Mapping] = OrderedDict()  # (store, segment)
+        self._retired: list[_Mapping] = []
+        self.mapped_blocks = 0  # blocks staged in place (their segment files mapped)
         self.memory = AnonymousBuffer(nbytes)  # first-fit reuse keeps its low end warm
         self._view = memoryview(self.memory.mmap)
         self.base = self.memory.addr
@@ -109,10 +161,26 @@ class StagingArea:
     def leased(self) -> int:
         return len(self._leases)
 
+    @property
+    def mapped_segments(self) -> int:
+        return len(self._maps) + len(self._retired)
+
     async def stage(self, store: BlockStore, keys: Sequence[BlockHash]
                     ) -> kvstore_pb2.StageResponse:
-        """Stages the leading stored blocks that fit in one free region (possibly none).
-        Event loop only (the allocator is not locked); the read runs in a thread."""
+        """Stages the leading stored blocks: in place, their segment files mapped, or else
+        copied into one free region of the buffer, those that fit (possibly none). Event loop
+        only (the allocator and the mappings are not locked); file reads run in a thread."""
+        if self.map_segments:
+            located = await asyncio.to_thread(store.locate, keys)
+            if located:
+                try:
+                    return self._in_place(store, keys, located)
+                except FileNotFoundError:  # a segment deleted meanwhile: copied, this time
+                    pass
+                except Exception as e:  # noqa: BLE001 - NIXL raises its own types
+                    log.warning("segment files cannot be mapped and registered; staging by copy",
+                                extra={"error": f"{type(e).__name__}: {e}"})
+                    self.map_segments = False
         sizes = store.sizes(keys)
         room, total, n = self.extents.largest(), 0, 0
         while n < len(sizes) and total + sizes[n] <= room:
@@ -149,12 +217,69 @@ class StagingArea:
         self.staged_blocks += len(lengths)
         return resp
 
+    def _in_place(self, store: BlockStore, keys: Sequence[BlockHash],
+                  located: list[tuple[tuple[int, int, int], bytes]]
+                  ) -> kvstore_pb2.StageResponse:
+        """A lease on blocks READ where they lie: each one's segment file mapped (kept mapped
+        for later stages), its payload's address in the mapping."""
+        resp = kvstore_pb2.StageResponse(agent_name=self.name, agent_metadata=self.metadata,
+                                         lease_s=self.lease_s, mem_type="DRAM")
+        lease = _Lease(-1, 0, time.monotonic() + self.lease_s, store,
+                       list(keys[:len(located)]))
+        ends: dict[int, int] = {}
+        for (seg, off, size), _ in located:
+            ends[seg] = max(ends.get(seg, 0), off + size)
+        maps = {seg: self._mapping(store, seg, end) for seg, end in ends.items()}
+        for (seg, off, size), header in located:
+            resp.blocks.append(kvstore_pb2.StagedBlock(
+                header=header, addr=maps[seg].addr + off + HEADER_SIZE,
+                length=size - HEADER_SIZE))
+        lease.maps = list(maps.values())
+        for m in lease.maps:
+            m.leases += 1
+        resp.region_metadata.extend(m.metadata for m in lease.maps)
+        resp.stage_id = stage_id = next(self._ids)
+        self._leases[stage_id] = lease
+        self._wake.set()
+        self.mapped_blocks += len(located)
+        return resp
+
+    def _mapping(self, store: BlockStore, seg: int, end: int) -> _Mapping:
+        """The mapping of a segment file that holds bytes [0, end): the one kept, or a new
+        one (a segment that grew since, or one deleted and written anew, is mapped again)."""
+        key = (id(store), seg)
+        m = self._maps.get(key)
+        if m is not None and m.current(end):
+            self._maps.move_to_end(key)
+            return m
+        if m is not None:
+            self._retire(self._maps.pop(key))
+        m = self._maps[key] = _Mapping(self.agent, store.segment_path(seg))
+        if m.length < end:
+            raise OSError(f"segment {seg} holds {m.length} bytes, a block ends at {end}")
+        while len(self._maps) > MAX_MAPPED_SEGMENTS:
+            self._retire(self._maps.popitem(last=False)[1])
+        return m
+
+    def _retire(self, m: _Mapping) -> None:
+        m.retired = True
+        if m.leases:
+            self._retired.append(m)  # closed when its last lease ends
+        else:
+            m.close()
+
     def release(self, stage_id: int, mismatched: Sequence[int] = ()) -> bool:
         """Frees a staged region; `mismatched` (indexes of its blocks) are verified later."""
         lease = self._leases.pop(stage_id, None)
         if lease is None:
             return False
-        self.extents.free(lease.start, lease.size)
+        if lease.start >= 0:
+            self.extents.free(lease.start, lease.size)
+        for m in lease.maps:
+            m.leases -= 1
+            if m.retired and not m.leases:
+                self._retired.remove(m)
+                m.close()
         for i in mismatched:
             if i < len(lease.keys):
                 self.mismatched += 1
@@ -201,6 +326,10 @@ class StagingArea:
             await asyncio.sleep(0.0005)
 
     def close(self) -> None:
+        for m in [*self._maps.values(), *self._retired]:
+            m.close()
+        self._maps.clear()
+        self._retired.clear()
         try:
             self.agent.deregister_memory(self._reg)
         except Exception:  # noqa: BLE001 - shutting down

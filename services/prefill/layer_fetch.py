@@ -222,6 +222,7 @@ class _Staged:
                  endpoint: NixlEndpoint) -> None:
         self.load, self.resp, self.blocks, self.endpoint = load, resp, blocks, endpoint
         self.remote = endpoint.remote(resp.agent_name, resp.agent_metadata)  # may raise
+        endpoint.load_regions(self.remote, resp.region_metadata)  # blocks staged in place
         self.released = False
         for i, b in zip(blocks, resp.blocks):
             if b.length == load.bounds[-1]:

@@ -248,16 +248,19 @@ async def test_bad_part_cuts_are_refused_naming_the_field(tmp_path):
     await shard.stop()
 
 
-@pytest.mark.parametrize(("staging_mb", "groups"), [(64, 4), (4, 4), (64, 1)])
+@pytest.mark.parametrize(("staging_mb", "groups", "in_place"), [
+    (64, 4, True), (64, 1, True), (64, 4, False), (4, 4, False), (64, 1, False)])
 async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, monkeypatch,
-                                                             staging_mb, groups):
-    """64 MiB holds the whole chain: every block is READ over NIXL (in 4 layer groups: one
-    Stage of all 10 blocks; whole blocks: Stage calls of STAGE_CHUNK_BLOCKS, 8 + 2, the
-    second staged while the first is READ), nothing goes through the gRPC stream, and each
-    staged chunk's space is released by the reader's notification. 4 MiB holds one block:
-    that one over NIXL, the rest through the stream, the space released. Either way the
-    bytes and the token are those of whole blocks loaded before computing."""
-    shard = await start_shard(tmp_path / "s", staging_mb=staging_mb)
+                                                             staging_mb, groups, in_place):
+    """In place (the default): the store maps the blocks' segment files and every block is
+    READ over NIXL where it lies, the buffer unused. Copied: 64 MiB holds the whole chain:
+    every block is READ over NIXL (in 4 layer groups: one Stage of all 10 blocks; whole
+    blocks: Stage calls of STAGE_CHUNK_BLOCKS, 8 + 2, the second staged while the first is
+    READ), nothing goes through the gRPC stream, and each staged chunk's space is released by
+    the reader's notification. 4 MiB holds one block: that one over NIXL, the rest through
+    the stream, the space released. Every way the bytes and the token are those of whole
+    blocks loaded before computing."""
+    shard = await start_shard(tmp_path / "s", staging_mb=staging_mb, map_segments=in_place)
     staging = shard.staging
     client = KVStoreClient(shard.address, timeout_s=5.0)
     w = worker(loaded, client, groups=groups, nixl=True)
@@ -283,6 +286,8 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     assert STAGE_CHUNK_BLOCKS == 8 and STAGE_CHUNK_BLOCKS_LAYERED >= want
     await async_wait_until(lambda: staging.released == (2 if groups == 1 else 1), 10)
     assert staging.leased == 0 and staging.extents.free_bytes == staging_mb << 20
+    assert (staging.mapped_blocks, staging.staged_blocks) == ((want, 0) if in_place else
+                                                               (0, min(want, staging_mb // 3)))
     w.pool.release(p1 + p2)
     await client.close()
     await shard.stop()
@@ -326,7 +331,7 @@ async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(load
 
 
 async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_path):
-    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.2)
+    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.2, map_segments=False)
     staging = shard.staging
     keys = block_hashes("ns", "", list(range(128)), 64)
     shard.store.put_many([(k, encode_block(k, "fp", 64, bytes(300_000))) for k in keys])
@@ -344,6 +349,38 @@ async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Get" in e.value.details()
     await async_wait_until(lambda: staging.expired == 2, 10)
     assert staging.leased == 0 and staging.extents.free_bytes == 1 << 20
+    await shard.stop()
+
+
+async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path):
+    """In place: a Stage answers addresses inside the mapped segment file (the payloads are
+    there, byte for byte) and the metadata of that mapping, and copies nothing into the
+    buffer. A segment that grew is mapped again; the old mapping stays while a lease holds
+    blocks in it and goes when the lease ends."""
+    import ctypes
+
+    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.3)
+    staging = shard.staging
+    keys = block_hashes("ns", "", list(range(256)), 64)
+    payloads = [bytes([i]) * 300_000 for i in range(4)]
+    shard.store.put_many([(k, encode_block(k, "fp", 64, p)) for k, p in zip(keys[:2], payloads)])
+    async with grpc.aio.insecure_channel(shard.address) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        r = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:2]))
+        assert [b.length for b in r.blocks] == [300_000, 300_000] and len(r.region_metadata) == 1
+        for b, p in zip(r.blocks, payloads):
+            assert ctypes.string_at(b.addr, b.length) == p
+        assert staging.extents.free_bytes == 1 << 20 and staging.mapped_blocks == 2
+        assert staging.mapped_segments == 1
+        # The active segment grows: the new blocks lie past the mapping, which is mapped again.
+        shard.store.put_many([(k, encode_block(k, "fp", 64, p))
+                              for k, p in zip(keys[2:4], payloads[2:])])
+        r2 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
+        assert len(r2.blocks) == 4 and r2.region_metadata != r.region_metadata
+        assert [ctypes.string_at(b.addr, b.length) for b in r2.blocks] == payloads
+        assert staging.mapped_segments == 2  # the first lease still holds the old mapping
+    await async_wait_until(lambda: staging.expired == 2, 10)
+    assert staging.leased == 0 and staging.mapped_segments == 1
     await shard.stop()
 
 

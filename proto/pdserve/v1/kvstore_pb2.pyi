@@ -276,6 +276,7 @@ class StageResponse(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     LEASE_S_FIELD_NUMBER: _builtins.int
     MEM_TYPE_FIELD_NUMBER: _builtins.int
+    REGION_METADATA_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.int
     agent_name: _builtins.str
     """the store's NIXL agent (a restarted store has a new name)"""
@@ -288,6 +289,13 @@ class StageResponse(_message.Message):
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StagedBlock]:
         """the leading keys' blocks that were staged, in order"""
 
+    @_builtins.property
+    def region_metadata(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """NIXL partial metadata of the memory the blocks lie in when they are staged in place (a
+        segment file the store mapped and registered after agent_metadata was taken): a reader
+        loads each one it has not loaded yet before it READs.
+        """
+
     def __init__(
         self,
         *,
@@ -297,10 +305,11 @@ class StageResponse(_message.Message):
         blocks: _abc.Iterable[Global___StagedBlock] | None = ...,
         lease_s: _builtins.float = ...,
         mem_type: _builtins.str = ...,
+        region_metadata: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_metadata", b"agent_metadata", "agent_name", b"agent_name", "blocks", b"blocks", "lease_s", b"lease_s", "mem_type", b"mem_type", "stage_id", b"stage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_metadata", b"agent_metadata", "agent_name", b"agent_name", "blocks", b"blocks", "lease_s", b"lease_s", "mem_type", b"mem_type", "region_metadata", b"region_metadata", "stage_id", b"stage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
