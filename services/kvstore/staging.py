@@ -1,11 +1,20 @@
-"""The kvstore's NIXL staging buffer: bulk block reads by one-sided NIXL READ.
+"""The kvstore's NIXL staging: bulk block reads by one-sided NIXL READ.
 
-A prefill worker calls `Stage(keys)`; the store reads the leading stored blocks into a region
-of one registered buffer (`BlockStore.get_into`: one copy from the page cache, headers checked)
-and answers each block's header and the address of its payload. The prefill READs the payloads
-straight into its KV pages — in layer groups, as the gRPC part stream does — checks them
-against the headers' checksums, and notifies the store's agent with a `StageRelease`; the
-region is then free. A reader that never releases loses its region when the lease ends.
+A prefill worker calls `Stage(keys)`; the store finds the leading stored blocks in their
+segment files (`BlockStore.locate`, headers checked), maps those files read-only and registers
+the mappings with its agent, and answers each block's header and the address of its payload in
+the mapping, with the NIXL partial metadata of those mappings (registered after the reader
+took the agent's metadata). The prefill READs the payloads straight from the page cache into
+its KV pages — in layer groups, as the gRPC part stream does — checks them against the
+headers' checksums, and notifies the store's agent with a `StageRelease`. Mappings are kept
+for later stages (least recently used out past MAX_MAPPED_SEGMENTS; a file that grew or was
+deleted is mapped anew), each closed once no lease holds blocks in it. A block deleted while
+READ reads as the zeros punched over it and fails the reader's checksum.
+
+Without in-place staging (`map_segments=False`, or files that cannot be mapped or registered)
+the store copies the blocks into a region of one registered buffer (`BlockStore.get_into`: one
+copy from the page cache) and answers addresses there; the region is free once released. A
+reader that never releases loses its lease (and region) when the lease ends.
 
 Payloads are checked once, end to end, by the reader (the store checking them too cost a
 second pass over every byte on the way to a first token); the release names any block whose
@@ -175,8 +184,9 @@ class StagingArea:
             if located:
                 try:
                     return self._in_place(store, keys, located)
-                except FileNotFoundError:  # a segment deleted meanwhile: copied, this time
-                    pass
+                except (OSError, ValueError) as e:  # a file deleted or cut meanwhile: copied,
+                    log.info("segment not mapped; staging by copy",  # this time
+                             extra={"error": f"{type(e).__name__}: {e}"})
                 except Exception as e:  # noqa: BLE001 - NIXL raises its own types
                     log.warning("segment files cannot be mapped and registered; staging by copy",
                                 extra={"error": f"{type(e).__name__}: {e}"})
