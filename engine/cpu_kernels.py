@@ -56,13 +56,16 @@ __all__ = ["BLOCK", "KINDS", "DecodePlan", "LlamaDecode", "LlamaLayerWeights", "
            "decode_attention", "dequantize", "fp8_dequantize", "fp8_linear", "fp8_usable",
            "kernel", "kernel_dir", "library_path", "main", "qlinear", "why_not"]
 
-# GGUF quantization type -> (kernel kind, bytes per block of 32 weights)
-KINDS: dict[str, tuple[int, int]] = {"Q4_1": (0, 20), "Q8_0": (1, 34)}
+# GGUF quantization type -> (kernel kind, bytes per block of 32 weights as the kernels take it:
+# GGUF's block with its half-float scales widened to float32, which is exact)
+KINDS: dict[str, tuple[int, int]] = {"Q4_1": (0, 24), "Q8_0": (1, 36)}
+_GGUF_BLOCK = {"Q4_1": (20, 2), "Q8_0": (34, 1)}  # GGUF's bytes per block, half-float scales
 BLOCK = 32
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A weight [N, K] as GGUF blocks: `blocks` is uint8 [N, K / 32 * block bytes]."""
+    """A weight [N, K] as blocks of 32 weights: `blocks` is uint8 [N, K / 32 * block bytes], each
+    block GGUF's with its scales as float32 (`from_gguf` repacks)."""
 
     kind: str
     blocks: torch.Tensor
@@ -81,10 +84,23 @@ class QuantWeight:
 
     @classmethod
     def from_gguf(cls, kind: str, data: np.ndarray, shape: tuple[int, int]) -> QuantWeight:
-        """`data`: the tensor's bytes as GGUFReader gives them; `shape`: (rows, row length)."""
+        """`data`: the tensor's bytes as GGUFReader gives them; `shape`: (rows, row length).
+        Each block's half-float scales (Q4_1: d, m; Q8_0: d) become float32 ahead of its
+        quants: a batch-1 product then loads them as they are instead of converting two halves
+        per 32 weights."""
         n, k = shape
-        raw = np.ascontiguousarray(data).view(np.uint8).reshape(n, -1)
-        return cls(kind, torch.from_numpy(raw.copy()), (n, k))
+        if kind not in KINDS:
+            raise ValueError(f"unsupported quantization {kind!r}; have {sorted(KINDS)}")
+        if k % BLOCK:
+            raise ValueError(f"row length {k} is not a multiple of {BLOCK}")
+        size, n_scales = _GGUF_BLOCK[kind]
+        raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1, size)
+        if raw.shape[0] != n * (k // BLOCK):
+            raise ValueError(f"{kind} data for {shape} must hold {n * (k // BLOCK)} blocks, "
+                             f"got {raw.shape[0]}")
+        scales = np.ascontiguousarray(raw[:, :2 * n_scales]).view(np.float16).astype(np.float32)
+        packed = np.concatenate([scales.view(np.uint8), raw[:, 2 * n_scales:]], axis=1)
+        return cls(kind, torch.from_numpy(packed.reshape(n, -1)), (n, k))
 
     @staticmethod
     def cat(parts: Sequence[QuantWeight | None]) -> QuantWeight | None:

@@ -29,7 +29,7 @@ log = logging.getLogger("pdserve.engine.cpu_kernels")
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared",
          "-fPIC", "-lm"]
-_ABI = 1
+_ABI = 2
 
 
 Fields = Sequence[tuple[str, Any]]  # a ctypes.Structure's (name, C type) list

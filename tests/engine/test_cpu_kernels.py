@@ -86,26 +86,49 @@ def test_a_row_s_product_does_not_depend_on_the_batch(kind, n, bias):
     assert torch.equal(cpu_kernels.qlinear(x[3:9], qw, b), whole[3:9])
 
 
-def _lone_row_products() -> str:
-    """(Run in a child process.) xxh3 of batch-1 products over both kinds, with a tail."""
+def fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 e4m3 weight [n, k] (bytes) with 8 x 8 block scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 4).to(torch.float8_e4m3fn).view(torch.uint8)
+    return w.contiguous(), torch.rand((n + 7) // 8, k // 8, generator=g) + 0.5
+
+
+@pytest.mark.parametrize("k", [576, 200])  # 200: a row that ends 8 past a multiple of 16
+def test_an_fp8_row_s_product_does_not_depend_on_the_batch(k):
+    w, s = fp8_weight(43, k, seed=k)
+    x = torch.randn(9, k)
+    whole = cpu_kernels.fp8_linear(x, w, s, (8, 8))
+    for i in range(9):
+        assert torch.equal(cpu_kernels.fp8_linear(x[i:i + 1], w, s, (8, 8))[0], whole[i])
+    ref = F.linear(x, cpu_kernels.fp8_dequantize(w, s, (8, 8)))
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-4)
+
+
+def _products_digest() -> str:
+    """(Run in a child process.) xxh3 of products over both GGUF kinds (batch 1, 4 and 5, a
+    tail group of one row of W) and FP8 (batch 1 and 5, a row 8 past a multiple of 16)."""
     import xxhash
 
     h = xxhash.xxh3_64()
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(7))
     for kind in ("Q4_1", "Q8_0"):
         qw, _ = quantized(kind, 43, 576, seed=7)
-        x = torch.randn(4, 576, generator=torch.Generator().manual_seed(7))
-        for i in range(4):
-            h.update(cpu_kernels.qlinear(x[i:i + 1], qw).numpy().tobytes())
+        for rows in (x[:1], x[1:2], x[:4], x):
+            h.update(cpu_kernels.qlinear(rows, qw).numpy().tobytes())
+    w, s = fp8_weight(43, 200, seed=7)
+    for rows in (x[:1, :200], x[:, :200]):
+        h.update(cpu_kernels.fp8_linear(rows.contiguous(), w, s, (8, 8)).numpy().tobytes())
     return h.hexdigest()
 
 
 @pytest.mark.integration
-def test_the_wide_and_the_plain_batch_1_kernels_give_the_same_bits():
-    """A batch-1 product rebuilds its weights with AVX-512 where the CPU has it, else with
-    AVX2 (PDSERVE_NO_AVX512=1 forces that): the same chains, so the same bits. Each in a
-    fresh process (the choice is made once per process)."""
+def test_the_wide_and_the_plain_kernels_give_the_same_bits():
+    """Products run with AVX-512 where the CPU has it, else with AVX2 (PDSERVE_NO_AVX512=1
+    forces that): the same chains, so the same bits, at batch 1 (weights rebuilt in registers)
+    and above (rebuilt into a buffer). Each in a fresh process (the choice is made once per
+    process)."""
     code = ("import sys; sys.path.insert(0, '.'); "
-            "from tests.engine.test_cpu_kernels import _lone_row_products as f; print(f())")
+            "from tests.engine.test_cpu_kernels import _products_digest as f; print(f())")
     runs = {}
     for wide in ("0", "1"):
         env = {k: v for k, v in os.environ.items() if k != "PDSERVE_NO_AVX512"}
