@@ -27,7 +27,8 @@
  * go from the blocks to the FMAs in registers.
  *
  * Build: cc -O3 -mavx2 -mfma -mf16c -ffp-contract=off -fopenmp -shared -fPIC ... -lm
- * (-ffp-contract=off: d * q + m must stay two roundings, not one fused multiply-add.)
+ * (-ffp-contract=off: the compiler fuses nothing on its own; every rounding is the source's: the
+ * RMSNorm, RoPE and softmax below follow torch's operations one rounding at a time.)
  */
 #include <immintrin.h>
 #include <math.h>
@@ -67,8 +68,9 @@ static int has_avx512(void) {
 }
 
 /* The 32 weights of block b of a row, rebuilt in registers (w[0..8), w[8..16), w[16..24),
-   w[24..32)): Q4_1 d * q + m, Q8_0 d * q, each a float32 multiply then add, as gguf-py's
-   dequantize. */
+   w[24..32)): Q4_1 d * q + m, Q8_0 d * q, as gguf-py's dequantize (a float32 multiply, then
+   an add). d is a half float (11 significant bits) and q has at most 8, so d * q is exact in
+   float32: a fused multiply-add rounds once where gguf-py rounds twice, to the same number. */
 static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4]) {
     if (kind == KIND_Q4_1) {
         const uint8_t* blk = row + (size_t)b * Q4_1_BYTES;
@@ -78,7 +80,7 @@ static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4
         const __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
         const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
         for (int i = 0; i < 4; i++)
-            w[i] = _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]))), m);
+            w[i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), m);
     } else {
         const uint8_t* blk = row + (size_t)b * Q8_0_BYTES;
         const __m256 d = _mm256_set1_ps(f32_at(blk));
@@ -254,8 +256,8 @@ WIDE static void gguf_dots1_wide(const float* x, int K, const GgufRows* g, int n
             if (g->kind == KIND_Q4_1) {
                 const uint8_t* blk = rows[r] + (size_t)b * Q4_1_BYTES;
                 const __m256 d = _mm256_set1_ps(f32_at(blk)), m = _mm256_set1_ps(f32_at(blk + 4));
-                const __m256 t_lo = _mm256_add_ps(_mm256_mul_ps(d, iota_lo), m);
-                const __m256 t_hi = _mm256_add_ps(_mm256_mul_ps(d, iota_hi), m);
+                const __m256 t_lo = _mm256_fmadd_ps(d, iota_lo, m); /* d * q exact: see */
+                const __m256 t_hi = _mm256_fmadd_ps(d, iota_hi, m); /* block_weights */
                 /* byte i -> lane: the permute reads the low 4 bits, the low nibble */
                 const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 8)));
                 const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 16)));
