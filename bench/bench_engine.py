@@ -3,7 +3,8 @@
 1. decode tokens/s at batch 1, 16, 64: the decode phase alone, timed from every sequence's
    first token (ours: after the prefill steps; transformers: a logits processor's first call;
    llama.cpp, when llama-cpp-python is installed and the model is a GGUF file: after the
-   prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides; at
+   prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides (against
+   llama.cpp in `--llama-rounds` alternating rounds, the median kept); at
    batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over a streaming
    read's rate, measured in the same run);
 2. prefill tokens/s;
@@ -21,6 +22,7 @@ before timing (CUDA graphs are captured then).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -242,6 +244,24 @@ def llama_cpp_decode(path: Path, batch: list[list[int]], new: int, threads: int)
         lc.llama_model_free(model)
 
 
+def against_llama_cpp(loaded, path: Path, batch: list[list[int]], new: int, threads: int,
+                      rounds: int) -> list[tuple[float, float]]:
+    """(pdserve, llama.cpp) decode tokens/s, `rounds` times, alternating: this machine's speed
+    drifts over minutes (a round's two rates are measured seconds apart; one run of each, a
+    minute apart, gave ratios from 0.83x to 1.03x on the same code). Empty when llama.cpp
+    fails."""
+    out = []
+    for r in range(rounds):
+        ours = decode_rate(lambda bb, n: ours_decode(loaded, bb, n), batch, new)
+        cpp = llama_cpp_rate(path, batch, new, threads)
+        if cpp is None:
+            return []
+        print(f"  batch {len(batch)}, round {r + 1}/{rounds}: pdserve {ours:.1f}, "
+              f"llama.cpp {cpp:.1f} tok/s ({ours / cpp:.2f}x)", flush=True)
+        out.append((ours, cpp))
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -319,6 +339,8 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="the engine's execution backend "
                     "(engine/backend.py; auto = the fastest this machine allows)")
     ap.add_argument("--out", type=Path, help="also write the tables to this file")
+    ap.add_argument("--llama-rounds", type=int, default=3,
+                    help="alternating rounds against llama.cpp per batch (the median is kept)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -363,10 +385,15 @@ def main() -> None:
         rows.append((f"decode, batch {b}", f"{ours:.1f} tok/s", f"{ref:.1f} tok/s",
                      f"{ours / ref:.2f}x"))
         print(rows[-1], flush=True)
-        cpp = llama_cpp_rate(path, batch, args.new_tokens, threads) if llama else None
-        if cpp is not None:
-            rows.append((f"decode, batch {b}, against llama.cpp", f"{ours:.1f} tok/s",
-                         f"{cpp:.1f} tok/s (llama.cpp)", f"{ours / cpp:.2f}x"))
+        pairs = (against_llama_cpp(loaded, path, batch, args.new_tokens, threads,
+                                   args.llama_rounds) if llama else [])
+        if pairs:
+            ratios = ", ".join(f"{o / c:.2f}" for o, c in pairs)
+            rows.append((f"decode, batch {b}, against llama.cpp (median of {len(pairs)} "
+                         f"alternating rounds: {ratios})",
+                         f"{statistics.median(o for o, _ in pairs):.1f} tok/s",
+                         f"{statistics.median(c for _, c in pairs):.1f} tok/s (llama.cpp)",
+                         f"{statistics.median(o / c for o, c in pairs):.2f}x"))
             print(rows[-1], flush=True)
         if b == 1 and args.device == "cpu":
             rows.append(("decode, batch 1: memory-bandwidth ceiling",
