@@ -56,6 +56,9 @@ class Backend:
     cuda_graphs: bool = False     # decode steps replayed from CUDA graphs
     # every product in fixed row tiles and attention in fixed key tiles (engine/invariant.py)
     batch_invariant: bool = False
+    # the model runs decode steps only (a decode worker): a product that reads blocks there
+    # packs its float32 weights for oneDNN only if a prefill ever comes (start time, memory)
+    decode_only: bool = False
 
     @property
     def uses_kernels(self) -> bool:

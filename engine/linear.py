@@ -40,22 +40,33 @@ class FastLinear:
     module: the weights stay registered where they were."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 quant: QuantWeight | None = None, *, pack: bool = False) -> None:
+                 quant: QuantWeight | None = None, *, pack: bool = False,
+                 defer_pack: bool = False) -> None:
+        """`defer_pack` (a decode-only model): with blocks, whose decode products never read
+        the float32 weights, the packing waits for the first prefill product, if any."""
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.packed: torch.Tensor | None = None
-        if pack:
-            if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
-                raise ValueError("packed weights are float32 on CPU")
-            self.packed = self._pack()
+        if pack and (self.weight.device.type != "cpu" or self.weight.dtype != torch.float32):
+            raise ValueError("packed weights are float32 on CPU")
         self.quant: QuantWeight | None = None
         if quant is not None:
             if quant.shape != tuple(self.weight.shape):
                 raise ValueError(f"quantized weight {quant.shape} does not match the weight "
                                  f"{tuple(self.weight.shape)}")
             self.quant = quant
-        self._prefill: Product = self._onednn if self.packed is not None else self._plain
+        self._prefill: Product = self._plain
+        if pack and defer_pack and quant is not None:
+            self._prefill = self._pack_first
+        elif pack:
+            self.packed = self._pack()
+            self._prefill = self._onednn if self.packed is not None else self._plain
         self._decode: Product = self._blocks if self.quant is not None else self._prefill
+
+    def _pack_first(self, x: torch.Tensor) -> torch.Tensor:
+        self.packed = self._pack()
+        self._prefill = self._onednn if self.packed is not None else self._plain
+        return self._prefill(x)
 
     def _pack(self) -> torch.Tensor | None:
         try:
@@ -90,7 +101,7 @@ class FastLinear:
 
 
 def fuse_rows(*linears: torch.nn.Linear, quant: Sequence[QuantWeight | None] = (),
-              pack: bool = False) -> FastLinear:
+              pack: bool = False, defer_pack: bool = False) -> FastLinear:
     """One product for several linears on the same input: their weights (and biases) are
     concatenated into one tensor and each module's parameter becomes a view of its rows, so the
     fused weight costs no extra memory and a state dict still reads the same. `quant`: each
@@ -110,4 +121,5 @@ def fuse_rows(*linears: torch.nn.Linear, quant: Sequence[QuantWeight | None] = (
             assert bias is not None
             m.bias.data = bias[row:row + n]
         row += n
-    return FastLinear(weight, bias, QuantWeight.cat(quant) if quant else None, pack=pack)
+    return FastLinear(weight, bias, QuantWeight.cat(quant) if quant else None, pack=pack,
+                      defer_pack=defer_pack)

@@ -92,9 +92,9 @@ class Attention(nn.Module):
         """After the weights are loaded: one q|k|v product, packed weights on CPU."""
         self.qkv_product = fuse_rows(self.q_proj, self.k_proj, self.v_proj,
                               quant=[blocks(f"{p}_proj.weight") for p in "qkv"],
-                              pack=backend.pack_weights)
+                              pack=backend.pack_weights, defer_pack=backend.decode_only)
         self.o_product = FastLinear(self.o_proj.weight, self.o_proj.bias, blocks("o_proj.weight"),
-                             pack=backend.pack_weights)
+                             pack=backend.pack_weights, defer_pack=backend.decode_only)
         self.c_attention = backend.c_attention and self.hd % 8 == 0
 
     def forward(
@@ -145,9 +145,9 @@ class MLP(nn.Module):
             return
         self.gate_up_product = fuse_rows(gate, up,
                                   quant=[blocks("gate_proj.weight"), blocks("up_proj.weight")],
-                                  pack=backend.pack_weights)
+                                  pack=backend.pack_weights, defer_pack=backend.decode_only)
         self.down_product = FastLinear(down.weight, quant=blocks("down_proj.weight"),
-                                pack=backend.pack_weights)
+                                pack=backend.pack_weights, defer_pack=backend.decode_only)
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         if self.gate_up_fp8 is not None:
@@ -213,7 +213,10 @@ class LlamaForCausalLM(nn.Module):
         head = q.get("lm_head.weight")
         if head is None and self.config.tie_word_embeddings:
             head = q.get("model.embed_tokens.weight")
-        self.head_product = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights)
+        # The head reads its blocks for prefill's logits too (forward): with blocks it packs
+        # float32 weights only if asked for a prefill product.
+        self.head_product = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights,
+                                       defer_pack=True)
         layers = self._fusable_layers() if backend.fused_layers else None
         if backend.fused_layers and layers is None:
             backend = without_fusion(backend, "not every product has GGUF blocks")

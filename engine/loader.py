@@ -6,7 +6,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,11 +54,13 @@ def load_model(
     backend: str = "auto",
     ep: ExpertParallel | None = None,
     batch_invariant: bool = False,
+    decode_only: bool = False,
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
     here); `batch_invariant`: every row the same bits whatever else is in its step
     (engine/invariant.py; for the whole process). Backends whose decode products read GGUF
-    blocks keep a GGUF file's Q4_1/Q8_0 blocks beside the float32 weights."""
+    blocks keep a GGUF file's Q4_1/Q8_0 blocks beside the float32 weights. `decode_only` (a
+    decode worker): those products pack no float32 weights for prefill unless one comes."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
@@ -90,6 +92,8 @@ def load_model(
     phase("model load")  # the weights read from the file
     if chosen.batch_invariant:
         invariant.enable()
+    if decode_only and chosen.pack_weights:
+        chosen = replace(chosen, decode_only=True)
     model: LlamaForCausalLM | DeepseekV3ForCausalLM
     if ep is not None and not (isinstance(cfg, DeepseekV3Config) and cfg.n_routed_experts):
         raise ValueError(f"{p}: expert parallelism needs a mixture-of-experts model")

@@ -55,13 +55,15 @@ def check_prompt(ids: Iterable[int], vocab_size: int, field: str = "prompt_token
         raise InvalidArgument(f"{field}: token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
-def load_for(settings: WorkerSettings) -> LoadedModel:
+def load_for(settings: WorkerSettings, decode_only: bool = False) -> LoadedModel:
+    """The worker's model; `decode_only` for a decode worker (engine/loader.py)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     ep = join_ep_group(settings) if settings.ep_size > 1 else None
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
-                      backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant)
+                      backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant,
+                      decode_only=decode_only)
 
 
 def join_ep_group(settings: WorkerSettings) -> ExpertParallel:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def build(settings: DecodeSettings) -> DecodeWorker:
-    loaded = load_for(settings)
+    loaded = load_for(settings, decode_only=True)
     return DecodeWorker(loaded, settings.num_pages, settings.max_batch, settings.lease_s,
                         settings.device, agent_name=settings.worker_id or "decode",
                         quarantine_s=settings.quarantine_s,

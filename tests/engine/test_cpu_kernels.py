@@ -364,3 +364,37 @@ def test_the_fast_gguf_reader_gives_what_gguf_s_reader_gives():
         assert (a.name, a.tensor_type) == (b.name, b.tensor_type)
         assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
         assert np.array_equal(a.data, b.data), a.name
+
+
+def _products(model) -> list:
+    layers = model.model.layers
+    return ([layer.self_attn.qkv_product for layer in layers]
+            + [layer.self_attn.o_product for layer in layers]
+            + [layer.mlp.gate_up_product for layer in layers]
+            + [layer.mlp.down_product for layer in layers] + [model.head_product])
+
+
+def test_a_decode_only_model_packs_only_when_a_prefill_comes(loaded):
+    """A decode worker's model (decode_only): products that read blocks at decode hold no
+    packed float32 copy (the start-up's weight packing, and the memory); a prefill, should one
+    come, packs them then and gives the bits the eagerly packed model gives, and so does a
+    decode step. The head, whose logits come from its blocks at prefill too, packs in
+    neither."""
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.engine.loader import load_model
+
+    lean = load_model(decode_only=True)
+    assert lean.backend.name == loaded.backend.name == "cpu-fused"
+    assert all(p.quant is not None and p.packed is None for p in _products(lean.model))
+    assert all(p.packed is not None for p in _products(loaded.model)[:-1])
+    prompt = torch.tensor(list(range(300, 340)))
+    out = []
+    for m in (loaded, lean):
+        pool = KVPool(m.layout, 4)
+        first = m.model(prompt, pool.kv, AttnBatch.build([40], [40], [[0]], 64))
+        out.append((first, decode_logits(m.model, pool.kv, [41], [[0]], [7], 64), pool.kv))
+    # packed by the prefill; the head's logits come from its blocks at prefill too
+    assert all(p.packed is not None for p in _products(lean.model)[:-1])
+    assert lean.model.head_product.packed is loaded.model.head_product.packed is None
+    for a, b in zip(out[0], out[1]):
+        assert torch.equal(a, b)
