@@ -58,6 +58,7 @@ class BlockIO:
         self.kvstore = kvstore
         self.guard = guard
         self._puts: set[asyncio.Task[int]] = set()
+        self._writing: dict[BlockHash, asyncio.Task[int]] = {}  # keys of writes in flight
 
     async def load(self, keys: Sequence[BlockHash], pages: Sequence[PageId]) -> int:
         """Fetches the keys' blocks and loads the verified leading ones into the pages; returns
@@ -79,7 +80,26 @@ class BlockIO:
             return
         task = asyncio.create_task(self.kvstore.put(blocks))
         self._puts.add(task)
-        task.add_done_callback(self._puts.discard)
+        for b in blocks:
+            self._writing[b.key] = task
+
+        def done(t: asyncio.Task[int]) -> None:
+            self._puts.discard(t)
+            for b in blocks:
+                if self._writing.get(b.key) is t:
+                    del self._writing[b.key]
+
+        task.add_done_callback(done)
+
+    async def written(self, keys: Sequence[BlockHash], timeout_s: float) -> bool:
+        """Waits (up to timeout_s) for this worker's writes of any of the keys still in flight;
+        whether there were any: a request that came right after the one that wrote its blocks
+        (the gateway found them missing) finds them in the store once they land."""
+        pending = {t for k in keys if (t := self._writing.get(k)) is not None}
+        if not pending:
+            return False
+        await asyncio.wait(pending, timeout=timeout_s)
+        return True
 
     async def drain(self) -> None:
         if self._puts:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # The engine's batch size does not bound a prefill worker: its prompts leave the engine with
 # their first token, and the step's token budget bounds a step.
 PREFILL_MAX_BATCH = 1 << 16
+# How long a request waits for this worker's own writes of its prompt's blocks (tens of
+# milliseconds as a rule) before computing them instead.
+WRITTEN_WAIT_S = 2.0
 
 
 def lease_over(lease_end: float | None) -> bool:
@@ -206,7 +209,14 @@ class PrefillWorker:
         prompt = list(req.prompt_token_ids)
         bt = self.layout.block_tokens
         keys = block_hashes(self.namespace, req.cache_salt, prompt, bt)
-        want = min(max(req.cached_blocks_hint, 0), cacheable_blocks(len(prompt), bt))
+        full = cacheable_blocks(len(prompt), bt)
+        want = min(max(req.cached_blocks_hint, 0), full)
+        if (want < full and not req.pipeline and self.kvstore.enabled
+                and await self.blocks.written(keys[want:full], WRITTEN_WAIT_S)):
+            # This worker was still writing some of these blocks when the gateway looked
+            # (a prompt's blocks go to the store after its answer): they are there now.
+            found = await self.kvstore.lookup(keys[:full])
+            want = max(want, found or 0)
         # Queue accounting assumes the hint holds; a pipeline's head does its share of layers.
         share = head_share(self.layout.num_layers, len(req.pipeline))
         c, n_new = want * bt, len(prompt) - want * bt
