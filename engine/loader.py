@@ -92,7 +92,7 @@ def load_model(
     phase("model load")  # the weights read from the file
     if chosen.batch_invariant:
         invariant.enable()
-    if decode_only and chosen.pack_weights:
+    if decode_only:
         chosen = replace(chosen, decode_only=True)
     model: LlamaForCausalLM | DeepseekV3ForCausalLM
     if ep is not None and not (isinstance(cfg, DeepseekV3Config) and cfg.n_routed_experts):

@@ -15,11 +15,9 @@
  * as between any two matmul kernels. A decode step reads 0.75 (Q4_1) or 1.1 (Q8_0) bytes per
  * weight instead of 4: on a CPU that is what bounds small-batch decode.
  *
- * Every y[m, n] is one 16-lane accumulator chain over k in steps of 16, then lanes 0-7 plus
- * lanes 8-15 and a fixed 8-lane horizontal sum (with AVX2 the chain is two 8-lane halves, the
- * same arithmetic; a row length that is 8 past a multiple of 16, FP8 only, ends with one step
- * on the low half). A row's result does not depend on M, on the rows around it, or on the
- * instruction set (batch invariance; tested).
+ * Every y[m, n] is one 8-lane accumulator chain over k in steps of 8, then a fixed horizontal
+ * sum: a row's result does not depend on M, on the rows around it, or on the instruction set
+ * (batch invariance; tested).
  *
  * Threads: one OpenMP team (libgomp.so.1, the library torch itself loads, so the two share one
  * pool of threads). For several rows of x each thread dequantizes 3 rows of W at a time into
@@ -41,6 +39,8 @@
 
 enum { KIND_Q4_1 = 0, KIND_Q8_0 = 1 };
 enum { Q4_1_BYTES = 24, Q8_0_BYTES = 36 };
+
+static inline size_t block_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 
 int pdserve_kernels_abi(void) { return 2; }
 
@@ -94,7 +94,7 @@ static inline void block_weights(int kind, const uint8_t* row, int b, __m256 w[4
 
 static inline void dequant_row(int kind, const uint8_t* row, int nb, float* out) {
     __m256 w[4];
-    const size_t bytes = kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+    const size_t bytes = block_bytes(kind);
     for (int b = 0; b < nb; b++, out += 32) {
         prefetch_block(row + (size_t)b * bytes);
         block_weights(kind, row, b, w);
@@ -206,7 +206,7 @@ static void gguf_row(const void* w, int n, int K, float* out) {
    accumulator per row of W, k in steps of 8, then hsum): the same bits, batch invariance kept. */
 static void gguf_dots1(const float* x, int K, const GgufRows* g, int n0, int nr, float* y) {
     const int nb = K / 32;
-    const size_t bytes = g->rowbytes / nb;
+    const size_t bytes = block_bytes(g->kind);
     __m256 acc[NR], w[4];
     const uint8_t* rows[NR];
     for (int r = 0; r < nr; r++) {
@@ -231,13 +231,13 @@ static void gguf_dots1(const float* x, int K, const GgufRows* g, int n0, int nr,
 
 /* gguf_dots1 with AVX-512 (the products stay 8-lane FMAs in the same order: the same chains,
    the same bits), where the CPU has it. A Q4_1 block's 16 possible weights d * q + m (q =
-   0..15, a multiply then an add, as everywhere) are made once, as two 8-lane registers, and
+   0..15, rounded as in block_weights) are made once, as two 8-lane registers, and
    each weight is picked from them by its nibble: one two-table permute per 8 weights instead
    of a conversion, a multiply and an add. Q8_0 rebuilds 16 weights per instruction. */
 WIDE static void gguf_dots1_wide(const float* x, int K, const GgufRows* g, int n0, int nr,
                                  float* y) {
     const int nb = K / 32;
-    const size_t bytes = g->rowbytes / nb;
+    const size_t bytes = block_bytes(g->kind);
     const __m256 iota_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 iota_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
     __m256 acc[NR];
@@ -291,7 +291,7 @@ int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, i
                     const float* bias, float* y, int nthreads) {
     if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || M < 0 || N < 0)
         return -1;
-    const GgufRows g = {kind, wq, (size_t)(K / 32) * (kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES)};
+    const GgufRows g = {kind, wq, (size_t)(K / 32) * block_bytes(kind)};
     if (M != 1) return rebuilt_linear(x, M, K, gguf_row, &g, N, bias, y, nthreads);
     /* One row of x (a batch-1 decode step): rebuilding weights into a buffer and reading
        them back was most of the step; here they go from the blocks to the FMAs. */
@@ -313,7 +313,7 @@ int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, i
 int pdserve_dequant(int kind, const uint8_t* wq, int N, int K, float* out) {
     if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || N < 0) return -1;
     const int nb = K / 32;
-    const size_t rowbytes = (size_t)nb * (kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+    const size_t rowbytes = (size_t)nb * block_bytes(kind);
     for (int n = 0; n < N; n++) dequant_row(kind, wq + (size_t)n * rowbytes, nb, out + (size_t)n * K);
     return 0;
 }
