@@ -141,11 +141,9 @@ class KVStoreSettings(_Served):
         "one-sided READ (0 = off: blocks go through gRPC only)")
     stage_lease_s: float = Field(10.0, gt=0, le=3600, description="staged blocks not released "
                                  "by their reader are dropped after this long")
-    # Off by default: in a cluster, some READs of blocks staged in place failed with
-    # NIXL_ERR_NOT_FOUND (the block then computed again), not yet understood; see README.
-    stage_in_place: bool = Field(False, description="staged blocks are READ where they lie "
+    stage_in_place: bool = Field(True, description="staged blocks are READ where they lie "
                                  "(segment files mapped and registered with NIXL), not "
-                                 "copied into the staging buffer first (experimental)")
+                                 "copied into the staging buffer first")
 
 
 class _Worker(_ModelSettings):

@@ -75,6 +75,9 @@ class NixlEndpoint:
         self._reg = self.agent.register_memory(self.agent.get_reg_descs(pool.kv))
         self._remote_md: dict[str, bytes] = {}
         self._regions: dict[str, set[bytes]] = {}  # partial metadata loaded, per peer
+        self._closed: dict[str, int] = {}  # regions each peer had closed when last seen
+        self._reading: dict[str, int] = {}  # READs in flight, per peer
+        self.regions_forgotten = 0  # times a peer's regions were forgotten (see load_regions)
         self.num_notices = 0  # transfer notices received (a receiver's)
 
     @property
@@ -97,6 +100,7 @@ class NixlEndpoint:
         known = self._remote_md.get(agent_name)
         if known != metadata:
             self._regions.pop(agent_name, None)
+            self._closed.pop(agent_name, None)
             if known is not None:  # the peer restarted: forget its old memory
                 self.agent.remove_remote_agent(agent_name)
             name = self.agent.add_remote_agent(metadata)
@@ -106,13 +110,54 @@ class NixlEndpoint:
             self._remote_md[agent_name] = metadata
         return agent_name
 
-    def load_regions(self, remote: str, metadata: Sequence[bytes]) -> None:
-        """Loads partial metadata of memory a known peer registered since (each once)."""
+    async def load_regions(self, remote: str, metadata: Sequence[bytes], closed: int = 0,
+                           drain_s: float = 1.0) -> None:
+        """Loads partial metadata of memory a known peer registered since (each once).
+
+        `closed` counts the regions the peer has unregistered so far. Once it grows, an
+        address range this agent loaded may lie inside a new region, and NIXL would then not
+        find the new one (it checks only the entry at or just before an address: an
+        overlapping old entry hides it, NIXL_ERR_NOT_FOUND). So the peer's regions are
+        forgotten first (its full metadata loaded again), once this endpoint's READs from it
+        have ended (waiting up to `drain_s`); readers call this before every READ, which
+        loads their regions again.
+
+        A partial metadata that fails to load makes NIXL drop all it knew of the peer, so
+        the peer is then forgotten here too (known anew by the next `remote` call) and the
+        error raised."""
+        if closed > self._closed.get(remote, 0) and self._regions.get(remote):
+            deadline = time.monotonic() + drain_s
+            while self._reading.get(remote, 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.0005)
+            if closed > self._closed.get(remote, 0) and self._regions.get(remote):
+                try:
+                    self.agent.remove_remote_agent(remote)
+                    self.agent.add_remote_agent(self._remote_md[remote])
+                except Exception:
+                    self.forget(remote)
+                    raise
+                self._regions[remote] = set()
+                self.regions_forgotten += 1
+        self._closed[remote] = max(closed, self._closed.get(remote, 0))
         loaded = self._regions.setdefault(remote, set())
         for md in metadata:
             if md not in loaded:
-                self.agent.add_remote_agent(md)
+                try:
+                    self.agent.add_remote_agent(md)
+                except Exception:
+                    self.forget(remote)
+                    raise
                 loaded.add(md)
+
+    def forget(self, remote: str) -> None:
+        """Drops all this agent knows of a peer; the next `remote` call loads it anew."""
+        self._remote_md.pop(remote, None)
+        self._regions.pop(remote, None)
+        self._closed.pop(remote, None)
+        try:
+            self.agent.remove_remote_agent(remote)
+        except Exception:  # noqa: BLE001 - NIXL may have dropped it already
+            pass
 
     async def read(self, remote: str, group: ReadGroup, remote_mem: str,
                    timeout_s: float) -> bool:
@@ -122,6 +167,7 @@ class NixlEndpoint:
         local, rem = group
         dev = max(self.pool.kv.get_device(), 0)
         handle = None
+        self._reading[remote] = self._reading.get(remote, 0) + 1
         try:
             handle = self.agent.initialize_xfer(
                 "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local], self.mem_type),
@@ -132,6 +178,7 @@ class NixlEndpoint:
                                                    "error": f"{type(e).__name__}: {e}"})
             return False
         finally:
+            self._reading[remote] -= 1
             if handle is not None:
                 self._release(handle, {"peer": remote})
 

@@ -7,9 +7,13 @@ the mapping, with the NIXL partial metadata of those mappings (registered after 
 took the agent's metadata). The prefill READs the payloads straight from the page cache into
 its KV pages — in layer groups, as the gRPC part stream does — checks them against the
 headers' checksums, and notifies the store's agent with a `StageRelease`. Mappings are kept
-for later stages (least recently used out past MAX_MAPPED_SEGMENTS; a file that grew or was
-deleted is mapped anew), each closed once no lease holds blocks in it. A block deleted while
-READ reads as the zeros punched over it and fails the reader's checksum.
+for later stages (least recently used out past MAX_MAPPED_SEGMENTS; a file deleted, or grown
+past its mapping, is mapped anew), each closed once no lease holds blocks in it. Each file is
+mapped at the segment size, so the segment being written grows into its mapping and new
+blocks need no new region. Answers carry the count of mappings closed so far: a closed
+mapping's addresses can be mapped again, and a reader that kept the old region would not find
+the new one (services/transfer.py, `load_regions`). A block deleted while READ reads as the
+zeros punched over it and fails the reader's checksum.
 
 Without in-place staging (`map_segments=False`, or files that cannot be mapped or registered)
 the store copies the blocks into a region of one registered buffer (`BlockStore.get_into`: one
@@ -30,6 +34,7 @@ protobuf message, never unpickled.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import logging
 import mmap
@@ -42,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from pdserve.cache.block_hash import BlockHash
@@ -94,21 +98,32 @@ class Extents:
 
 class _Mapping:
     """One segment file mapped read-only and registered with the agent: its blocks are READ
-    where they lie, in the page cache."""
+    where they lie, in the page cache.
 
-    def __init__(self, agent: Any, path: Path) -> None:
+    The mapping is `capacity` bytes (the store's segment size), or the file's size if larger,
+    whatever the file holds yet: the segment being written grows into it, and its new blocks
+    need no new mapping (pages past the end of the file are never read: only blocks the store
+    located are staged). Each new mapping is a new region for every reader to load, and each
+    closed one makes readers forget all of the store's regions (`StagingArea.closed`)."""
+
+    def __init__(self, agent: Any, path: Path, capacity: int) -> None:
         self.fd = os.open(path, os.O_RDONLY)
         try:
-            self.length = os.fstat(self.fd).st_size
-            self.mmap = mmap.mmap(self.fd, self.length, mmap.MAP_SHARED, mmap.PROT_READ)
+            size = os.fstat(self.fd).st_size
+            self.length = -(-max(capacity, size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+            self.addr = _mmap(self.length, self.fd)
         except BaseException:
             os.close(self.fd)
             raise
-        self.addr = _address(self.mmap)
         self.agent = agent
-        descs = agent.get_reg_descs([(self.addr, self.length, 0, "")], "DRAM")
-        self.reg = agent.register_memory(descs)
-        self.metadata: bytes = agent.get_partial_agent_metadata(descs, False)  # for readers
+        try:
+            descs = agent.get_reg_descs([(self.addr, self.length, 0, "")], "DRAM")
+            self.reg = agent.register_memory(descs)
+            self.metadata: bytes = agent.get_partial_agent_metadata(descs, False)  # readers'
+        except BaseException:
+            _munmap(self.addr, self.length)
+            os.close(self.fd)
+            raise
         self.leases = 0      # leases whose blocks lie here
         self.retired = False  # no new leases; closed once `leases` is 0
 
@@ -121,13 +136,30 @@ class _Mapping:
             self.agent.deregister_memory(self.reg)
         except Exception:  # noqa: BLE001 - shutting down, or the agent is gone
             pass
-        self.mmap.close()
+        _munmap(self.addr, self.length)
         os.close(self.fd)
 
 
-def _address(m: mmap.mmap) -> int:
-    """The address of a read-only mapping (ctypes.from_buffer wants a writable one)."""
-    return int(np.frombuffer(m, dtype=np.uint8).ctypes.data)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(length: int, fd: int) -> int:
+    """A shared read-only mapping of `length` bytes of a file, which may reach past its end
+    (Python's mmap refuses that)."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {length} bytes: {os.strerror(err)}")
+    return int(addr)
+
+
+def _munmap(addr: int, length: int) -> None:
+    _libc.munmap(addr, length)
 
 
 @dataclass
@@ -149,6 +181,7 @@ class StagingArea:
         self._maps: OrderedDict[tuple[int, int], _Mapping] = OrderedDict()  # (store, segment)
         self._retired: list[_Mapping] = []
         self.mapped_blocks = 0  # blocks staged in place (their segment files mapped)
+        self.closed = 0  # mappings closed (their address ranges free to be mapped again)
         self.memory = AnonymousBuffer(nbytes)  # first-fit reuse keeps its low end warm
         self._view = memoryview(self.memory.mmap)
         self.base = self.memory.addr
@@ -248,6 +281,7 @@ class StagingArea:
         for m in lease.maps:
             m.leases += 1
         resp.region_metadata.extend(m.metadata for m in lease.maps)
+        resp.regions_closed = self.closed
         resp.stage_id = stage_id = next(self._ids)
         self._leases[stage_id] = lease
         self._wake.set()
@@ -264,7 +298,8 @@ class StagingArea:
             return m
         if m is not None:
             self._retire(self._maps.pop(key))
-        m = self._maps[key] = _Mapping(self.agent, store.segment_path(seg))
+        m = self._maps[key] = _Mapping(self.agent, store.segment_path(seg),
+                                       store.segments.segment_bytes)
         if m.length < end:
             raise OSError(f"segment {seg} holds {m.length} bytes, a block ends at {end}")
         while len(self._maps) > MAX_MAPPED_SEGMENTS:
@@ -276,7 +311,11 @@ class StagingArea:
         if m.leases:
             self._retired.append(m)  # closed when its last lease ends
         else:
-            m.close()
+            self._close(m)
+
+    def _close(self, m: _Mapping) -> None:
+        m.close()
+        self.closed += 1
 
     def release(self, stage_id: int, mismatched: Sequence[int] = ()) -> bool:
         """Frees a staged region; `mismatched` (indexes of its blocks) are verified later."""
@@ -289,7 +328,7 @@ class StagingArea:
             m.leases -= 1
             if m.retired and not m.leases:
                 self._retired.remove(m)
-                m.close()
+                self._close(m)
         for i in mismatched:
             if i < len(lease.keys):
                 self.mismatched += 1

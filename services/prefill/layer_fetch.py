@@ -219,16 +219,24 @@ class _Staged:
     """One chunk of blocks staged by a shard: what to READ of it, and its release."""
 
     def __init__(self, load: LayerLoad, resp: kvstore_pb2.StageResponse, blocks: list[int],
-                 endpoint: NixlEndpoint) -> None:
+                 endpoint: NixlEndpoint, remote: str) -> None:
         self.load, self.resp, self.blocks, self.endpoint = load, resp, blocks, endpoint
-        self.remote = endpoint.remote(resp.agent_name, resp.agent_metadata)  # may raise
-        endpoint.load_regions(self.remote, resp.region_metadata)  # blocks staged in place
+        self.remote = remote
         self.released = False
         for i, b in zip(blocks, resp.blocks):
             if b.length == load.bounds[-1]:
                 load.expect(i, b.header)
             else:
                 load.reject(i, CorruptBlock(f"staged payload of {b.length} bytes"))
+
+    @classmethod
+    async def open(cls, load: LayerLoad, resp: kvstore_pb2.StageResponse, blocks: list[int],
+                   endpoint: NixlEndpoint) -> _Staged:
+        """Knows the store's agent and the regions its blocks lie in (staged in place);
+        raises when NIXL cannot load them."""
+        remote = endpoint.remote(resp.agent_name, resp.agent_metadata)
+        await endpoint.load_regions(remote, resp.region_metadata, resp.regions_closed)
+        return cls(load, resp, blocks, endpoint, remote)
 
     def group(self, g: int) -> ReadGroup:
         lo, hi = self.load.bounds[g], self.load.bounds[g + 1]
@@ -237,6 +245,12 @@ class _Staged:
 
     async def read(self, g: int, timeout_s: float) -> bool:
         """READs layer group g of this chunk into its pages; True when it landed."""
+        try:  # loaded again if the store's regions were forgotten since (load_regions)
+            await self.endpoint.load_regions(self.remote, self.resp.region_metadata,
+                                             self.resp.regions_closed)
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own types
+            log.warning("kvstore regions cannot be loaded", extra={"error": str(e)})
+            return False
         if not await self.endpoint.read(self.remote, self.group(g),
                                         self.resp.mem_type or "DRAM", timeout_s):
             return False
@@ -290,7 +304,8 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
             if resp is None or not resp.blocks:
                 break
             try:
-                staged.append(_Staged(load, resp, chunk[:len(resp.blocks)], endpoint))
+                staged.append(await _Staged.open(load, resp, chunk[:len(resp.blocks)],
+                                                 endpoint))
             except Exception as e:  # noqa: BLE001 - unusable metadata: the stream instead
                 log.warning("kvstore NIXL agent unusable", extra={"error": str(e)})
                 break

@@ -355,15 +355,23 @@ async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_
 async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path):
     """In place: a Stage answers addresses inside the mapped segment file (the payloads are
     there, byte for byte) and the metadata of that mapping, and copies nothing into the
-    buffer. A segment that grew is mapped again; the old mapping stays while a lease holds
-    blocks in it and goes when the lease ends."""
+    buffer. The segment being written grows into its mapping (mapped at the segment size):
+    new blocks need no new region. A segment past its mapping is mapped again, the old mapping
+    kept while a lease holds blocks in it and closed when the lease ends, and the answers
+    count the closed mappings (readers then forget the store's old regions)."""
     import ctypes
 
-    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.3)
+    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.3,
+                              segment_bytes=1_000_000)
     staging = shard.staging
-    keys = block_hashes("ns", "", list(range(256)), 64)
-    payloads = [bytes([i]) * 300_000 for i in range(4)]
-    shard.store.put_many([(k, encode_block(k, "fp", 64, p)) for k, p in zip(keys[:2], payloads)])
+    keys = block_hashes("ns", "", list(range(512)), 64)
+    payloads = [bytes([i]) * 300_000 for i in range(6)]
+
+    def put(lo: int, hi: int) -> None:
+        shard.store.put_many([(k, encode_block(k, "fp", 64, p))
+                              for k, p in zip(keys[lo:hi], payloads[lo:hi])])
+
+    put(0, 2)
     async with grpc.aio.insecure_channel(shard.address) as ch:
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
         r = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:2]))
@@ -371,17 +379,84 @@ async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path):
         for b, p in zip(r.blocks, payloads):
             assert ctypes.string_at(b.addr, b.length) == p
         assert staging.extents.free_bytes == 1 << 20 and staging.mapped_blocks == 2
-        assert staging.mapped_segments == 1
-        # The active segment grows: the new blocks lie past the mapping, which is mapped again.
-        shard.store.put_many([(k, encode_block(k, "fp", 64, p))
-                              for k, p in zip(keys[2:4], payloads[2:])])
-        r2 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
-        assert len(r2.blocks) == 4 and r2.region_metadata != r.region_metadata
-        assert [ctypes.string_at(b.addr, b.length) for b in r2.blocks] == payloads
-        assert staging.mapped_segments == 2  # the first lease still holds the old mapping
-    await async_wait_until(lambda: staging.expired == 2, 10)
-    assert staging.leased == 0 and staging.mapped_segments == 1
+        assert staging.mapped_segments == 1 and r.regions_closed == 0
+        # The segment being written grows within its mapping: the same region.
+        put(2, 3)
+        r2 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:3]))
+        assert len(r2.blocks) == 3 and r2.region_metadata == r.region_metadata
+        assert [ctypes.string_at(b.addr, b.length) for b in r2.blocks] == payloads[:3]
+        assert staging.mapped_segments == 1 and r2.regions_closed == 0
+        # One more block takes it past 1,000,000 bytes (the segment then ends): past the
+        # mapping's end, so it is mapped again; the old mapping stays while leased.
+        put(3, 4)
+        r3 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
+        assert len(r3.blocks) == 4 and r3.region_metadata != r.region_metadata
+        assert [ctypes.string_at(b.addr, b.length) for b in r3.blocks] == payloads[:4]
+        assert staging.mapped_segments == 2 and r3.regions_closed == 0
+    await async_wait_until(lambda: staging.expired == 3, 10)
+    assert staging.leased == 0 and staging.mapped_segments == 1 and staging.closed == 1
+    async with grpc.aio.insecure_channel(shard.address) as ch:
+        r4 = await kvstore_pb2_grpc.KVStoreStub(ch).Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
+        assert len(r4.blocks) == 4 and r4.regions_closed == 1
     await shard.stop()
+
+
+async def test_a_reader_forgets_regions_the_store_closed(tmp_path):
+    """A closed region's address range can be mapped again by a larger region. NIXL finds a
+    remote address by the entry at or just before it, so an old entry inside the new region
+    hides it (NIXL_ERR_NOT_FOUND: the cluster tests' lost cache hits). The store's count of
+    closed regions makes the reader forget the old ones; without it, the READ fails."""
+    import mmap
+
+    from pdserve.engine.kv_pool import KVLayout, KVPool
+    from pdserve.services.nixl_agent import new_agent
+    from pdserve.services.transfer import NixlEndpoint
+
+    store = new_agent(f"closing-store-{tmp_path.name}")
+    pool = KVPool(KVLayout(num_layers=1, kv_dim=64, dtype="float32"), num_pages=1)
+    reader = NixlEndpoint(f"closing-reader-{tmp_path.name}", pool)
+    n = pool.page_nbytes
+    memory = mmap.mmap(-1, 64 * n)
+    for i in range(64):
+        memory[i * n:(i + 1) * n] = bytes([i]) * n
+    base = ctypes_address(memory)
+    remote = reader.remote(store.name, store.get_agent_metadata())
+
+    def register(lo: int, hi: int) -> tuple[object, bytes]:
+        descs = store.get_reg_descs([(base + lo * n, (hi - lo) * n, 0, "")], "DRAM")
+        return store.register_memory(descs), store.get_partial_agent_metadata(descs, False)
+
+    async def read(i: int) -> bool:
+        return await reader.read(remote, ([(pool.page_addr(0), n)], [(base + i * n, n, 0)]),
+                                 "DRAM", 5.0)
+
+    async def progress() -> None:  # the store's side of the READs
+        while True:
+            store.get_new_notifs()
+            await asyncio.sleep(0.0005)
+
+    poller = asyncio.create_task(progress())
+    try:
+        old, md = register(32, 40)
+        await reader.load_regions(remote, [md], closed=0)
+        assert await read(33) and bytes(pool.page_bytes(0).numpy().data) == bytes([33]) * n
+        store.deregister_memory(old)
+        new, md = register(0, 64)  # holds the old region's range
+        await reader.load_regions(remote, [md], closed=0)  # not told: the old entry stays
+        assert await read(1)       # before the old entry: found
+        assert not await read(50)  # after the old entry's start: hidden by it
+        await reader.load_regions(remote, [md], closed=1)
+        assert reader.regions_forgotten == 1
+        assert await read(50) and bytes(pool.page_bytes(0).numpy().data) == bytes([50]) * n
+        assert await read(33)
+    finally:
+        poller.cancel()
+
+
+def ctypes_address(m) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 
 def test_a_store_that_cannot_stage_starts_without_staging(monkeypatch, caplog):

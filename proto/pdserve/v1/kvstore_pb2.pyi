@@ -277,6 +277,7 @@ class StageResponse(_message.Message):
     LEASE_S_FIELD_NUMBER: _builtins.int
     MEM_TYPE_FIELD_NUMBER: _builtins.int
     REGION_METADATA_FIELD_NUMBER: _builtins.int
+    REGIONS_CLOSED_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.int
     agent_name: _builtins.str
     """the store's NIXL agent (a restarted store has a new name)"""
@@ -285,6 +286,12 @@ class StageResponse(_message.Message):
     """the staging space is reused after this long"""
     mem_type: _builtins.str
     """NIXL memory type of the staging buffer ("DRAM")"""
+    regions_closed: _builtins.int
+    """How many of those mappings the store has closed so far. A closed mapping's address range
+    can be mapped again, overlapping what a reader loaded for it, and NIXL then cannot find the
+    new region (it looks only at the entry at or just before an address): a reader that sees
+    this count grow forgets the store's regions (loads its agent_metadata again) first.
+    """
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StagedBlock]:
         """the leading keys' blocks that were staged, in order"""
@@ -306,10 +313,11 @@ class StageResponse(_message.Message):
         lease_s: _builtins.float = ...,
         mem_type: _builtins.str = ...,
         region_metadata: _abc.Iterable[_builtins.bytes] | None = ...,
+        regions_closed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_metadata", b"agent_metadata", "agent_name", b"agent_name", "blocks", b"blocks", "lease_s", b"lease_s", "mem_type", b"mem_type", "region_metadata", b"region_metadata", "stage_id", b"stage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_metadata", b"agent_metadata", "agent_name", b"agent_name", "blocks", b"blocks", "lease_s", b"lease_s", "mem_type", b"mem_type", "region_metadata", b"region_metadata", "regions_closed", b"regions_closed", "stage_id", b"stage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
