@@ -29,6 +29,7 @@
  * RMSNorm, RoPE and softmax below follow torch's operations one rounding at a time.)
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -392,6 +393,9 @@ int pdserve_fp8_dequant(const uint8_t* w, int N, int K, const float* s, int bn, 
  * threads). A task walks its rows in order twice: the K halves (scores), then the V halves
  * (weighted sum), each row's part read as one run so that the hardware prefetcher streams
  * it (reading one head's 256 bytes out of each 1.5 KB row ran at a fifth of the bandwidth).
+ * A thread takes a contiguous range of tasks; while it computes one, the rows of its next come
+ * in, a few cache lines after each block of 8 scores (12-14 % less time over a batch-16 step's
+ * 30 layers than fetching each task's rows before computing it; the same bits).
  * Each query head's result is one fixed chain of operations whatever the batch.
  * ------------------------------------------------------------------------------------- */
 
@@ -452,12 +456,22 @@ static float softmax_unnormalised(float* p, int n) {
     return sum;
 }
 
+/* The next task's rows, prefetched a few cache lines at a time while this task computes. */
+typedef struct { const float* const* rows; int n, lines_per_row, at; } Ahead;
+
+static inline void ahead_some(Ahead* a, int lines) {
+    const int total = a->n * a->lines_per_row;
+    for (int i = 0; i < lines && a->at < total; i++, a->at++)
+        _mm_prefetch((const char*)a->rows[a->at / a->lines_per_row] + 64 * (a->at % a->lines_per_row),
+                     _MM_HINT_T1);
+}
+
 /* One KV head c of one sequence: its G query heads qh [G][hd] -> oh [G][hd]. rows[j] points at
    row j of the layer (K heads then V heads); p: G * ctx floats of scratch. Accumulators stay
    in registers (an accumulator kept in memory across rows stalled on false store-to-load
    dependencies with the rows being read). */
 static void attend_kv_head(const float* qh, const float* const* rows, int ctx, int c, int G,
-                           int hd, int half, float scale, float* p, float* oh) {
+                           int hd, int half, float scale, float* p, float* oh, Ahead* ah, int per8) {
     const __m256 sc = _mm256_set1_ps(scale);
     for (int g = 0; g < G; g++) {
         const float* qg = qh + (size_t)g * hd;
@@ -472,6 +486,7 @@ static void attend_kv_head(const float* qh, const float* const* rows, int ctx, i
                     a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j + r] + (size_t)c * hd + d), a[r]);
             }
             _mm256_storeu_ps(pg + j, _mm256_mul_ps(hsum8(a), sc));
+            ahead_some(ah, per8);
         }
         for (; j < ctx; j++) pg[j] = dot_n(qg, rows[j] + (size_t)c * hd, hd) * scale;
     }
@@ -512,30 +527,50 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        /* scores [G][max_ctx] and row pointers [max_ctx] of one task */
+        /* scores [G][max_ctx], row pointers [max_ctx] of this task and of the next */
         float* p = malloc(sizeof(float) * (size_t)G * (size_t)max_ctx
-                          + sizeof(float*) * (size_t)max_ctx);
+                          + 2 * sizeof(float*) * (size_t)max_ctx);
         if (!p) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
-        for (int t = 0; t < tasks; t++) {
-            if (!p) continue;
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int t0 = (int)((long long)tasks * tid / nth), t1 = (int)((long long)tasks * (tid + 1) / nth);
+        const float** rows = p ? (const float**)(p + (size_t)G * max_ctx) : NULL;
+        const float** next = p ? rows + max_ctx : NULL;
+        const int lines = (int)(((size_t)row * sizeof(float) + 63) / 64);
+        int have_next = 0;
+        for (int t = t0; t < t1 && p; t++) {
             const int s = t / split, ctx = ctx_lens[s];
             const int kv0 = split == 1 ? 0 : t % split, kv1 = split == 1 ? KVH : kv0 + 1;
-            const int* pages = tables + table_off[s];
-            const float** rows = (const float**)(p + (size_t)G * max_ctx);
-            for (int j = 0; j < ctx; j++) {
-                rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
-                if (j >= AHEAD) /* the whole row: its other heads and its V part come next */
-                    for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
-                        _mm_prefetch((const char*)rows[j - AHEAD] + b, _MM_HINT_T1);
+            if (have_next) { const float** tmp = rows; rows = next; next = tmp; }
+            else { /* a thread's first task: its rows fetched ahead of its compute */
+                const int* pages = tables + table_off[s];
+                for (int j = 0; j < ctx; j++) {
+                    rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
+                    if (j >= AHEAD)
+                        for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
+                            _mm_prefetch((const char*)rows[j - AHEAD] + b, _MM_HINT_T1);
+                }
             }
+            Ahead ah = {next, 0, lines, 0};
+            have_next = 0;
+            if (t + 1 < t1) {
+                const int s2 = (t + 1) / split, ctx2 = ctx_lens[s2];
+                const int* pages2 = tables + table_off[s2];
+                for (int j = 0; j < ctx2; j++)
+                    next[j] = kv + (size_t)pages2[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
+                ah.n = ctx2;
+                have_next = 1;
+            }
+            /* the next task's lines spread over this task's blocks of 8 scores */
+            const int blocks8 = (kv1 - kv0) * G * (ctx / 8);
+            const int per8 = blocks8 ? (ah.n * lines + blocks8 - 1) / blocks8 : 0;
             for (int c = kv0; c < kv1; c++) {
                 const size_t at = (size_t)q_rows[s] * H * hd + (size_t)c * G * hd;
-                attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at);
+                attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
             }
+            ahead_some(&ah, 1 << 30);
         }
         free(p);
     }
