@@ -6,7 +6,8 @@
    prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides (against
    llama.cpp in `--llama-rounds` alternating rounds, the median kept); at
    batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over a streaming
-   read's rate, measured in the same run);
+   read's rate, measured in the same run); at larger batches the compute ceiling (the products'
+   fused multiply-adds per token over the FMA rate bench/fma_peak.c measures in the same run);
 2. prefill tokens/s;
 3. the whole disaggregated system under 16 concurrent clients against the single-process
    engine on the same requests.
@@ -22,6 +23,7 @@ before timing (CUDA graphs are captured then).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -163,6 +165,43 @@ def streaming_read_rate(nbytes: int = 512 << 20, runs: int = 5) -> float:
         float(a.sum())
         best = max(best, nbytes / (time.perf_counter() - t0))
     return best
+
+
+def fma_rate(threads: int, runs: int = 3) -> float:
+    """Float32 FMA lanes/s the cores sustain (bench/fma_peak.c: 8-lane FMAs in registers on
+    `threads` threads), the best of `runs`; 0.0 when it cannot be built here."""
+    import shutil
+    import subprocess
+
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return 0.0
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / "fma_peak"
+        built = subprocess.run([cc, "-O3", "-funroll-loops", "-mavx2", "-mfma", "-fopenmp",
+                                str(Path(__file__).with_name("fma_peak.c")), "-o", str(exe)],
+                               capture_output=True)
+        if built.returncode:
+            return 0.0
+        return max(float(subprocess.run([str(exe), str(threads)], capture_output=True,
+                                        text=True, check=True).stdout.split()[0])
+                   for _ in range(runs))
+
+
+def decode_fma_lanes(loaded) -> int:
+    """Fused multiply-adds one token costs in the decode step's products (every product's
+    weights, the head's included; attention not counted)."""
+    from pdserve.engine.linear import FastLinear
+
+    seen: set[int] = set()
+    total = 0
+    for m in loaded.model.modules():
+        for v in vars(m).values():
+            for fl in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(fl, FastLinear) and id(fl) not in seen:
+                    seen.add(id(fl))
+                    total += fl.weight.shape[0] * fl.weight.shape[1]
+    return total
 
 
 def _quiet_callback():  # a no-op for llama.cpp's log (kept alive at module level)
@@ -377,6 +416,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     bandwidth = streaming_read_rate() if args.device == "cpu" else 0.0
     step_bytes = decode_bytes(loaded)
+    fma = fma_rate(threads) if args.device == "cpu" else 0.0
+    step_fmas = decode_fma_lanes(loaded)
     rows = []
     for b in [int(x) for x in args.batches.split(",")] if not args.only_cluster else []:
         batch = prompts(b, args.prompt_tokens)
@@ -400,6 +441,13 @@ def main() -> None:
                          f"{bandwidth / step_bytes:.1f} tok/s",
                          f"{step_bytes / 1e6:.0f} MB a step / {bandwidth / 1e9:.1f} GB/s",
                          f"{ours / (bandwidth / step_bytes):.2f}x"))
+            print(rows[-1], flush=True)
+        if b > 1 and args.device == "cpu" and fma > 0:
+            ceiling = fma / step_fmas  # tokens/s if the products alone ran at the FMA peak
+            rows.append((f"decode, batch {b}: compute ceiling (products at the FMA peak)",
+                         f"{ceiling:.1f} tok/s",
+                         f"{step_fmas / 1e6:.0f} M FMAs a token / {fma / 1e9:.1f} G lanes/s",
+                         f"{ours / ceiling:.2f}x"))
             print(rows[-1], flush=True)
         if args.device == "cuda":
             eager = decode_rate(lambda bb, n: ours_decode(loaded, bb, n, graphs=False), batch,
