@@ -138,6 +138,8 @@ class NixlEndpoint:
                     raise
                 self._regions[remote] = set()
                 self.regions_forgotten += 1
+                log.info("peer's regions forgotten: it closed some since they were loaded",
+                         extra={"peer": remote, "closed": closed})
         self._closed[remote] = max(closed, self._closed.get(remote, 0))
         loaded = self._regions.setdefault(remote, set())
         for md in metadata:
