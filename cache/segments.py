@@ -8,7 +8,10 @@ Here a put is one `writev` + `fdatasync` of the batch plus a small synced RocksD
 locations, and a get is one `pread` per block (bench/bench_store.py).
 
 Layout: `<store>/segments/<id:016x>.seg`, blocks back to back. One segment is written at a time
-(the active one); a new one is started after `segment_bytes`, and after every restart. When a
+(the active one); a batch that would take it past `segment_bytes` starts a new one (a batch
+larger than that fills a segment alone), and so does every restart. So a segment either stays
+within `segment_bytes` or is one batch that never grows: the kvstore maps each file once, at
+that size, and new blocks need no new mapping (services/kvstore/staging.py). When a
 block leaves the store its byte range is freed at once by punching a hole (fallocate), and a
 segment left without any live block is unlinked. At start, each segment is cut after its last
 live block (a crash can leave the bytes of an unacknowledged put behind) and segments without a
@@ -126,7 +129,8 @@ class Segments:
     def append(self, values: Sequence[bytes | memoryview]) -> tuple[int, int]:
         """Appends the values back to back to the active segment, synced when the policy says
         so; returns (segment, offset of the first). On an error nothing stays appended."""
-        if self._fd < 0 or self._size >= self.segment_bytes:
+        incoming = sum(memoryview(v).nbytes for v in values)
+        if self._fd < 0 or (self._size and self._size + incoming > self.segment_bytes):
             self._roll()
         start = self._size
         try:

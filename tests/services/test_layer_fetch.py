@@ -352,15 +352,19 @@ async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_
     await shard.stop()
 
 
-async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path):
+async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path, monkeypatch):
     """In place: a Stage answers addresses inside the mapped segment file (the payloads are
     there, byte for byte) and the metadata of that mapping, and copies nothing into the
-    buffer. The segment being written grows into its mapping (mapped at the segment size):
-    new blocks need no new region. A segment past its mapping is mapped again, the old mapping
-    kept while a lease holds blocks in it and closed when the lease ends, and the answers
-    count the closed mappings (readers then forget the store's old regions)."""
+    buffer. The segment being written grows into its mapping (mapped at the segment size): new
+    blocks need no new region. A block that does not fit starts a new segment, a new region.
+    Past the mapped-file bound the least recent mapping goes, kept while a lease holds blocks
+    in it and closed when the lease ends; the answers count the closed mappings (readers then
+    forget the store's old regions)."""
     import ctypes
 
+    from pdserve.services.kvstore import staging as staging_module
+
+    monkeypatch.setattr(staging_module, "MAX_MAPPED_SEGMENTS", 1)
     shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.3,
                               segment_bytes=1_000_000)
     staging = shard.staging
@@ -386,18 +390,20 @@ async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path):
         assert len(r2.blocks) == 3 and r2.region_metadata == r.region_metadata
         assert [ctypes.string_at(b.addr, b.length) for b in r2.blocks] == payloads[:3]
         assert staging.mapped_segments == 1 and r2.regions_closed == 0
-        # One more block takes it past 1,000,000 bytes (the segment then ends): past the
-        # mapping's end, so it is mapped again; the old mapping stays while leased.
+        # A fourth block would take the segment past 1,000,000 bytes: it starts a new segment,
+        # mapped as a second region; the first mapping (leased) stays past the bound of 1.
         put(3, 4)
+        assert shard.store.location(keys[3]).path != shard.store.location(keys[0]).path
         r3 = await stub.Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
-        assert len(r3.blocks) == 4 and r3.region_metadata != r.region_metadata
+        assert len(r3.blocks) == 4 and len(r3.region_metadata) == 2
         assert [ctypes.string_at(b.addr, b.length) for b in r3.blocks] == payloads[:4]
         assert staging.mapped_segments == 2 and r3.regions_closed == 0
     await async_wait_until(lambda: staging.expired == 3, 10)
     assert staging.leased == 0 and staging.mapped_segments == 1 and staging.closed == 1
     async with grpc.aio.insecure_channel(shard.address) as ch:
-        r4 = await kvstore_pb2_grpc.KVStoreStub(ch).Stage(kvstore_pb2.StageRequest(keys=keys[:4]))
-        assert len(r4.blocks) == 4 and r4.regions_closed == 1
+        r4 = await kvstore_pb2_grpc.KVStoreStub(ch).Stage(
+            kvstore_pb2.StageRequest(keys=keys[3:4]))
+        assert len(r4.blocks) == 1 and r4.regions_closed == 1
     await shard.stop()
 
 
