@@ -103,8 +103,10 @@ class _Mapping:
     The mapping is `capacity` bytes (the store's segment size), or the file's size if larger,
     whatever the file holds yet: the segment being written grows into it, and its new blocks
     need no new mapping (pages past the end of the file are never read: only blocks the store
-    located are staged). Each new mapping is a new region for every reader to load, and each
-    closed one makes readers forget all of the store's regions (`StagingArea.closed`)."""
+    located are staged, and a segment is never cut below a located block; a READ there would
+    fault: the reader's over shared memory, the store's over TCP). Each new mapping is a new
+    region for every reader to load, and each closed one makes readers forget all of the
+    store's regions (`StagingArea.closed`)."""
 
     def __init__(self, agent: Any, path: Path, capacity: int) -> None:
         self.fd = os.open(path, os.O_RDONLY)
