@@ -411,7 +411,8 @@ async def test_a_reader_forgets_regions_the_store_closed(tmp_path):
     """A closed region's address range can be mapped again by a larger region. NIXL finds a
     remote address by the entry at or just before it, so an old entry inside the new region
     hides it (NIXL_ERR_NOT_FOUND: the cluster tests' lost cache hits). The store's count of
-    closed regions makes the reader forget the old ones; without it, the READ fails."""
+    closed regions makes the reader forget the old ones; without it, the READ fails. A partial
+    metadata NIXL refuses makes the reader forget the peer until it is known again."""
     import mmap
 
     from pdserve.engine.kv_pool import KVLayout, KVPool
@@ -455,6 +456,21 @@ async def test_a_reader_forgets_regions_the_store_closed(tmp_path):
         assert reader.regions_forgotten == 1
         assert await read(50) and bytes(pool.page_bytes(0).numpy().data) == bytes([50]) * n
         assert await read(33)
+        # A partial metadata NIXL refuses (it then drops all it knew of the peer): the reader
+        # forgets the peer too, and knows it anew from its full metadata on the next request.
+        real_add = reader.agent.add_remote_agent
+
+        def refuse(md):
+            raise RuntimeError("NIXL_ERR_NOT_ALLOWED")
+
+        reader.agent.add_remote_agent = refuse
+        with pytest.raises(RuntimeError):
+            await reader.load_regions(remote, [md + b"?"], closed=1)
+        reader.agent.add_remote_agent = real_add
+        assert not await read(7)  # forgotten: no READ from it until it is known again
+        assert reader.remote(store.name, store.get_agent_metadata()) == remote
+        await reader.load_regions(remote, [md], closed=1)
+        assert await read(7) and bytes(pool.page_bytes(0).numpy().data) == bytes([7]) * n
     finally:
         poller.cancel()
 
