@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pdserve.cache.records import StoreStats
     from pdserve.engine.ep.hooks import EPHooks
     from pdserve.services.kvstore.staging import StagingArea
+    from pdserve.services.transfer import NixlEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,26 @@ class StagingCollector(Collector):
             g = GaugeMetricFamily(f"pdserve_store_{name}", help_)
             g.add_metric([], value)
             yield g
+
+
+class StoreReadCollector(Collector):
+    """A prefill worker's NIXL READs from the kvstores (services/transfer.py), read at scrape
+    time: READs that failed (their blocks then computed again: a hit lost), and the times a
+    store's regions were forgotten because it had closed some (a reload, not an error)."""
+
+    def __init__(self, endpoint: NixlEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def collect(self) -> Iterator[Metric]:
+        e = self._endpoint
+        for name, help_, value in (
+                ("store_read_failures", "NIXL READs of staged blocks that failed or timed out "
+                 "(those blocks then computed again)", e.read_failures),
+                ("store_regions_forgotten", "times a kvstore's regions were forgotten, it "
+                 "having closed some since they were loaded", e.regions_forgotten)):
+            c = CounterMetricFamily(f"pdserve_prefill_{name}", help_)
+            c.add_metric([], value)
+            yield c
 
 
 class EPCollector(Collector):

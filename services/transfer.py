@@ -78,6 +78,7 @@ class NixlEndpoint:
         self._closed: dict[str, int] = {}  # regions each peer had closed when last seen
         self._reading: dict[str, int] = {}  # READs in flight, per peer
         self.regions_forgotten = 0  # times a peer's regions were forgotten (see load_regions)
+        self.read_failures = 0  # READs that failed or timed out
         self.num_notices = 0  # transfer notices received (a receiver's)
 
     @property
@@ -174,8 +175,14 @@ class NixlEndpoint:
             handle = self.agent.initialize_xfer(
                 "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local], self.mem_type),
                 self.agent.get_xfer_descs(rem, remote_mem), remote, b"")
-            return await self._complete(handle, timeout_s) is TransferState.DONE
+            state = await self._complete(handle, timeout_s)
+            if state is not TransferState.DONE:
+                self.read_failures += 1
+                log.warning("NIXL read did not complete", extra={"peer": remote,
+                                                                 "state": state.value})
+            return state is TransferState.DONE
         except Exception as e:  # noqa: BLE001 - NIXL raises its own types (remote disconnect...)
+            self.read_failures += 1
             log.warning("NIXL read failed", extra={"peer": remote,
                                                    "error": f"{type(e).__name__}: {e}"})
             return False

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.config import PrefillSettings
-from pdserve.metrics import PrefillMetrics, watch_ep
+from pdserve.metrics import PrefillMetrics, StoreReadCollector, watch_ep
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
@@ -53,6 +53,7 @@ async def run(settings: PrefillSettings) -> None:
     worker = in_passing_thread(lambda: build(settings, kvstore))
     prom = CollectorRegistry()
     worker.export_metrics(PrefillMetrics(prom))
+    prom.register(StoreReadCollector(worker.endpoint))
     watch_ep(prom, worker.engine.hooks)
     worker.start()
     servicer = PrefillServicer(worker)

@@ -211,6 +211,8 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
         if name != "gateway":
             assert not any(k.startswith("pdserve_cached_tokens") for k in after[name]), name
     pre0, pre1 = before["prefill-0"], after["prefill-0"]
+    assert pre1["pdserve_prefill_store_read_failures_total"] == 0  # no hit lost to a READ
+    assert "pdserve_prefill_store_regions_forgotten_total" in pre1
     assert (pre1["pdserve_prefill_fetched_tokens_total"]
             - pre0["pdserve_prefill_fetched_tokens_total"]) == cached_total
     assert (pre1["pdserve_prefill_computed_tokens_total"]
