@@ -127,29 +127,27 @@ def hf_decode(model, batch: list[list[int]], new: int) -> float:
     return times.times[-1] - times.times[0]
 
 
+def _products(loaded) -> list:
+    """Every FastLinear of the model (engine/linear.py), each once."""
+    from pdserve.engine.linear import FastLinear
+
+    found: dict[int, FastLinear] = {}
+    for m in loaded.model.modules():
+        for v in vars(m).values():
+            for x in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(x, FastLinear):
+                    found.setdefault(id(x), x)
+    return list(found.values())
+
+
 def decode_bytes(loaded) -> int:
     """Bytes of weights one decode step reads at batch 1: every product's GGUF blocks where it
     reads blocks, else its float32 (or packed) weight."""
-    from pdserve.engine.linear import FastLinear
-
-    seen: set[int] = set()
     total = 0
-
-    def products(obj: object) -> list[FastLinear]:
-        out = []
-        for v in vars(obj).values():
-            out += [x for x in (v if isinstance(v, (list, tuple)) else [v])
-                    if isinstance(x, FastLinear)]
-        return out
-
-    for m in loaded.model.modules():
-        for fl in products(m):
-            if id(fl) in seen:
-                continue
-            seen.add(id(fl))
-            w = fl.quant.blocks if fl.quant is not None else (
-                fl.packed if fl.packed is not None else fl.weight)
-            total += w.numel() * w.element_size()
+    for fl in _products(loaded):
+        w = fl.quant.blocks if fl.quant is not None else (
+            fl.packed if fl.packed is not None else fl.weight)
+        total += w.numel() * w.element_size()
     return total
 
 
@@ -191,17 +189,7 @@ def fma_rate(threads: int, runs: int = 3) -> float:
 def decode_fma_lanes(loaded) -> int:
     """Fused multiply-adds one token costs in the decode step's products (every product's
     weights, the head's included; attention not counted)."""
-    from pdserve.engine.linear import FastLinear
-
-    seen: set[int] = set()
-    total = 0
-    for m in loaded.model.modules():
-        for v in vars(m).values():
-            for fl in (v if isinstance(v, (list, tuple)) else [v]):
-                if isinstance(fl, FastLinear) and id(fl) not in seen:
-                    seen.add(id(fl))
-                    total += fl.weight.shape[0] * fl.weight.shape[1]
-    return total
+    return sum(fl.weight.shape[0] * fl.weight.shape[1] for fl in _products(loaded))
 
 
 def _quiet_callback():  # a no-op for llama.cpp's log (kept alive at module level)

@@ -77,6 +77,7 @@ class NixlEndpoint:
         self._regions: dict[str, set[bytes]] = {}  # partial metadata loaded, per peer
         self._closed: dict[str, int] = {}  # regions each peer had closed when last seen
         self._reading: dict[str, int] = {}  # READs in flight, per peer
+        self._idle: dict[str, asyncio.Event] = {}  # set while no READ from the peer is in flight
         self.regions_forgotten = 0  # times a peer's regions were forgotten (see load_regions)
         self.read_failures = 0  # READs that failed or timed out
         self.num_notices = 0  # transfer notices received (a receiver's)
@@ -127,9 +128,11 @@ class NixlEndpoint:
         the peer is then forgotten here too (known anew by the next `remote` call) and the
         error raised."""
         if closed > self._closed.get(remote, 0) and self._regions.get(remote):
-            deadline = time.monotonic() + drain_s
-            while self._reading.get(remote, 0) and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
+            if self._reading.get(remote, 0):
+                try:
+                    await asyncio.wait_for(self._idle[remote].wait(), drain_s)
+                except TimeoutError:
+                    pass  # those READs may fail: their blocks are then computed
             if closed > self._closed.get(remote, 0) and self._regions.get(remote):
                 try:
                     self.agent.remove_remote_agent(remote)
@@ -171,6 +174,7 @@ class NixlEndpoint:
         dev = max(self.pool.kv.get_device(), 0)
         handle = None
         self._reading[remote] = self._reading.get(remote, 0) + 1
+        self._idle.setdefault(remote, asyncio.Event()).clear()
         try:
             handle = self.agent.initialize_xfer(
                 "READ", self.agent.get_xfer_descs([(a, n, dev) for a, n in local], self.mem_type),
@@ -188,6 +192,8 @@ class NixlEndpoint:
             return False
         finally:
             self._reading[remote] -= 1
+            if not self._reading[remote]:
+                self._idle[remote].set()
             if handle is not None:
                 self._release(handle, {"peer": remote})
 
