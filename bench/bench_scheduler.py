@@ -36,8 +36,8 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
     pdserve against the best anchor on each figure."""
     rows, res = [], {}
     runs = [(p, p, CostModel()) for p in POLICIES] + [
-        ("pdserve, pipelines in arrival order", "pdserve",
-         replace(CostModel(), pipeline_yields=False)),
+        ("pdserve, arrival order (prefill_slack 0)", "pdserve",
+         replace(CostModel(), prefill_slack=0.0)),
         ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0))]
     for name, policy, cost in runs:
         print(f"{label}: replaying {len(trace)} requests with {name} ...", file=sys.stderr,
@@ -66,13 +66,12 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
           f"against {res[bestmm]['prefill_load_max_over_mean']:.2f} ({bestmm})\n")
     if scan:
         # The pipelining threshold trades the median TTFT against balance and the tail; the
-        # age limit after which a pipeline's chunks stop yielding to whole prompts trades the
-        # tail against the longest wait.
+        # slack of the workers' deadline order trades the tail against the longest wait.
         scans = []
         for label_, kw in [(f"pipeline_min_tokens {mt}", {"pipeline_min_tokens": mt})
                            for mt in (8_192, 16_384, 32_768, 65_536)] + [
-                (f"pipeline_age_limit_s {a:g}", {"pipeline_age_limit_s": a})
-                for a in (5.0, 10.0, 20.0, 60.0, float("inf"))]:
+                (f"prefill_slack {a:g}", {"prefill_slack": a})
+                for a in (0.0, 1.0, 2.0, 3.0, 4.0, 8.0)]:
             print(f"replaying with {label_} ...", file=sys.stderr, flush=True)
             r = simulate(trace, "pdserve", 4, 4, replace(CostModel(), **kw))
             scans.append((label_, f"{r['prefill_load_max_over_mean']:.2f}",

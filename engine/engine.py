@@ -21,6 +21,7 @@ Lifecycle of a sequence:
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -29,11 +30,12 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams, finish_reason, logprob_of, sample
 from pdserve.engine.scheduler import (
-    STAGE_AGE_LIMIT_S,
+    PREFILL_SLACK,
     BatchKind,
     ScheduledBatch,
     ScheduledChunk,
     Scheduler,
+    prefill_work,
 )
 from pdserve.engine.sequence import (
     EngineEvent,
@@ -56,12 +58,12 @@ def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, max_batch: int = 64,
                  max_prefill_tokens: int = 2048, hooks: EngineHooks | None = None,
-                 stage_age_limit_s: float = STAGE_AGE_LIMIT_S) -> None:
+                 prefill_slack: float = PREFILL_SLACK) -> None:
         self.runner = runner
         self.pool = runner.pool
         self.hooks = hooks or EngineHooks()
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.hooks.ready,
-                                   stage_age_limit_s)
+                                   prefill_slack)
         self.num_steps = 0
         self.in_step: ScheduledBatch | None = None  # the batch being run (for observers)
 
@@ -115,6 +117,7 @@ class LLMEngine:
         self.in_step = batch
         try:
             with self.hooks.turn(batch.kind):
+                started = time.perf_counter()
                 out = self.run(batch)
         except Exception as e:
             log.exception("engine step failed", extra={"kind": batch.kind.value,
@@ -123,7 +126,13 @@ class LLMEngine:
         finally:
             self.in_step = None
         self.num_steps += 1
-        return self.postprocess(batch, out)
+        events = self.postprocess(batch, out)
+        if batch.kind is BatchKind.PREFILL:  # the prefill rate deadlines are set with (its
+            # sampling waited for the device)
+            self.scheduler.rate.observe(sum(prefill_work(c.start, c.num_tokens)
+                                            for c in batch.chunks),
+                                        time.perf_counter() - started)
+        return events
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """The model over the batch: logits [B, vocab] (a stage's middle layers: hidden

@@ -11,7 +11,6 @@ A sequence is one of three kinds, by what the engine does with it:
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,7 +33,6 @@ class StageWork:
     layer_end: int
     chunk_tokens: int
     inputs: deque[tuple[int, torch.Tensor]] = field(default_factory=deque)
-    since: float = field(default_factory=time.monotonic)  # when it reached this worker
 
     @property
     def first(self) -> bool:
@@ -55,6 +53,7 @@ class Sequence:
     # caller, not the engine, frees its pages (it still sends them to a decode worker).
     stop_after_prefill: bool = False
     stage: StageWork | None = None  # a pipeline stage's layer range (implies the above)
+    deadline: float = 0.0  # the scheduler's order for its prompt (engine/scheduler.py)
 
     @property
     def num_tokens(self) -> int:

@@ -176,10 +176,11 @@ class PrefillSettings(_Worker):
         20.0, ge=0, le=1000, description="an idle worker given a prompt waits up to this long "
         "for more to batch with it (a burst is then prefilled in one step, not one alone "
         "first); it stops waiting once a step's token budget is queued")
-    pipeline_age_limit_s: float = Field(
-        20.0, ge=0, description="a pipeline stage's chunks run between whole prompts' steps "
-        "(a long pipelined prompt must not stall every worker it spans) until the stage has "
-        "waited this long; then before them (0 = always first)")
+    prefill_slack: float = Field(
+        3.0, ge=0, le=1000, description="prompts (and pipeline stages) are computed earliest "
+        "deadline first, a prompt's deadline being its arrival plus this many times its own "
+        "prefill time: short prompts pass long ones, each long one only for so long (0 = "
+        "first come first served)")
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
     kv_fetch_layer_groups: int = Field(
         4, ge=1, le=1024, description="cached blocks are fetched in this many layer groups "

@@ -4,15 +4,17 @@ A Mooncake-format trace (timestamp ms, input_length, output_length, hash_ids of 
 blocks) drives N prefill and M decode instances with a cost model:
 
 - prefill of n new tokens after c cached ones takes  n / prefill_tps + attention_s * n * (c + n/2)
-  seconds; each prefill instance computes a whole prompt without a break, in arrival order;
+  seconds; each prefill instance computes a whole prompt without a break, in arrival order
+  (the anchors' workers, as vLLM's and SGLang's by default), or, for `pdserve`, by deadline:
+  arrival + `prefill_slack` x the prompt's own prefill time, earliest first (engine/scheduler.py
+  does the same; 0: arrival order);
 - `pdserve` prefills a prompt of at least `pipeline_min_tokens` new tokens as a pipeline over
   the instances the balancer picks (scheduler/balancers.py, plan_prefill_index; the workers do
   it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
   prompt, so takes 1/G of the time and work, chunk by chunk (chunks as the workers cut them,
-  balancers.pipeline_chunk), a chunk once the stage before computed it and one hop passed. A
-  stage's chunks run in the gaps between whole prompts (engine/scheduler.py does the same:
-  a pipelined prompt must not stall every instance at once), unless the prompt has waited
-  `pipeline_age_limit_s` since it arrived: then first (`pipeline_yields=False`: arrival order);
+  balancers.pipeline_chunk), a chunk once the stage before computed it and one hop passed,
+  each chunk in the deadline order of its prompt (the whole prompt's own time: a long
+  pipelined prompt lets shorter ones by, but only for so long);
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
 - a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
@@ -117,8 +119,7 @@ class CostModel:
     pipeline_chunk_tokens: int = 8_192  # largest chunk handed from stage to stage (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
-    pipeline_yields: bool = True       # pipelined prompts run in whole prompts' gaps...
-    pipeline_age_limit_s: float = 20.0  # ... until they waited this long (from arrival)
+    prefill_slack: float = 3.0         # pdserve: deadline = arrival + this x own prefill time
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -160,6 +161,7 @@ class _Stage:
     work: float
     tokens: float
     chunks: int
+    deadline: float        # pdserve's order: earliest first
     ends: list[float] = field(default_factory=list)  # when each of its chunks finished
     left: float = -1.0     # seconds still to compute (set from `duration`)
 
@@ -351,7 +353,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         meters["decode_kv"].advance(t, [d.kv + d.reserved for d in decodes])
         meters["decode_requests"].advance(t, [len(d.running) for d in decodes])
 
-    yields = policy == "pdserve" and cost.pipeline_yields
+    by_deadline = policy == "pdserve"
 
     def start_next(w: int, t: float) -> None:
         """Instance `w`, idle at `t`, starts its next piece of work, if any is ready."""
@@ -362,9 +364,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         if not ready:
             return
         s = ready[0]  # first come first served
-        if yields:  # a pipeline's pieces run in the gaps, unless it waited past the limit
-            aged = [x for x in ready if t - trace[x.i].arrival_s > cost.pipeline_age_limit_s]
-            s = aged[0] if aged else min(ready, key=lambda x: (len(x.stages) > 1, x.i))
+        if by_deadline:
+            s = min(ready, key=lambda x: (x.deadline, x.i))
         p.running, p.busy_until = s, t + s.piece_s
         heapq.heappush(events, (p.busy_until, next(seq), "piece_done", s.i, w))
 
@@ -428,11 +429,12 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             if policy != "pdserve":
                 plan = [pw]
             g = len(plan)
+            deadline = r.arrival_s + cost.prefill_slack * cost.prefill_s(c, n)
             stages: list[_Stage] = []
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1
                 stages.append(_Stage(i, pw, s_idx, stages, cost.prefill_s(c, n) / g,
-                                     attention_work(c, n) / g, n / g, chunks))
+                                     attention_work(c, n) / g, n / g, chunks, deadline))
                 prefills[pw].queue.append(stages[-1])
                 prefills[pw].work += stages[-1].work
                 prefills[pw].tokens += stages[-1].tokens

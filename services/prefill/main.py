@@ -42,7 +42,7 @@ def build(settings: PrefillSettings, kvstore: KVStoreClient) -> PrefillWorker:
         fetch_layer_groups=settings.kv_fetch_layer_groups,
         fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path),
         wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner),
-        stage_age_limit_s=settings.pipeline_age_limit_s)
+        prefill_slack=settings.prefill_slack)
 
 
 async def run(settings: PrefillSettings) -> None:

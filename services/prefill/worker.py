@@ -20,7 +20,7 @@ from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.scheduler import STAGE_AGE_LIMIT_S
+from pdserve.engine.scheduler import PREFILL_SLACK
 from pdserve.engine.sequence import Sequence as EngineSequence
 from pdserve.engine.sequence import TokenEvent
 from pdserve.metrics import PrefillMetrics
@@ -105,7 +105,7 @@ class PrefillWorker:
                  batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
                  fetch_nixl: bool = False, turns: CpuTurns | None = None,
                  wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None,
-                 stage_age_limit_s: float = STAGE_AGE_LIMIT_S) -> None:
+                 prefill_slack: float = PREFILL_SLACK) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -117,7 +117,7 @@ class PrefillWorker:
         hooks = wrap_hooks(self.hooks) if wrap_hooks is not None else self.hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool, chunk_tokens),
                                 max_batch=PREFILL_MAX_BATCH, max_prefill_tokens=chunk_tokens,
-                                hooks=hooks, stage_age_limit_s=stage_age_limit_s)
+                                hooks=hooks, prefill_slack=prefill_slack)
         self.thread = EngineThread(self.engine, Outboxes(), name="prefill-engine",
                                    gather=GatherPolicy(batch_wait_s, chunk_tokens),
                                    group_steps=group_steps_of(hooks))

@@ -18,7 +18,14 @@ from pdserve.engine.llama import LlamaForCausalLM
 from pdserve.engine.model_config import LlamaConfig
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import FinishReason, SamplingParams
-from pdserve.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, plan_chunks
+from pdserve.engine.scheduler import (
+    BatchKind,
+    PrefillRate,
+    ScheduledBatch,
+    Scheduler,
+    plan_chunks,
+    prefill_work,
+)
 from pdserve.engine.sequence import (
     FailedEvent,
     FinishEvent,
@@ -90,26 +97,38 @@ def test_a_prompt_still_fetching_runs_only_when_nothing_else_is_ready():
     assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["a"]
 
 
-def test_stage_chunks_run_in_the_gaps_until_aged_and_a_full_batch_decodes():
+def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_decodes():
     now = [100.0]
-    s = Scheduler(max_batch=2, max_prefill_tokens=100, stage_age_limit_s=20.0,
-                  clock=lambda: now[0])
-    later = seq("later", 10, stage=StageWork(2, 4, chunk_tokens=8, since=100.0))
-    first = seq("first", 10, stage=StageWork(0, 2, chunk_tokens=8, since=100.0))
+    s = Scheduler(max_batch=2, max_prefill_tokens=100, prefill_slack=3.0, clock=lambda: now[0])
+    s.rate.observe(100.0, 1.0)  # this worker prefills 100 tokens' worth a second
+    # A pipelined 1,000-token prompt: its deadline is the whole prompt's, as on one worker:
+    # 100 + 3 x (1,000 + its attention) / 100 s.
+    later = seq("later", 1000, stage=StageWork(2, 4, chunk_tokens=8))
+    first = seq("first", 1000, stage=StageWork(0, 2, chunk_tokens=8))
     s.add(later)
     s.add(first)
-    waiting = seq("w", 10)
+    assert first.deadline == pytest.approx(100 + 3 * prefill_work(0, 1000) / 100)
+    now[0] = 105.0
+    waiting = seq("w", 10)  # deadline 105.3: before the stage's
     s.add(waiting)
-    batch = s.schedule()  # a whole prompt waits: it goes before the pipeline's chunks
+    batch = s.schedule()
     assert batch is not None and batch.kind is BatchKind.PREFILL
     assert [c.seq.request_id for c in batch.chunks] == ["w"]
-    now[0] = 120.0  # the stages have waited their limit: their chunks go first
+    assert waiting.deadline == 105.0  # started: its place is kept
+    s.waiting.remove(waiting)
+    now[0] = 106.0
+    big = seq("big", 5000)  # a longer prompt after it: its deadline is later
+    s.add(big)
     batch = s.schedule()  # `later` has no input yet; `first` cuts its own chunks
     assert batch is not None and batch.kind is BatchKind.STAGE
     assert (batch.chunks[0].seq.request_id, batch.chunks[0].num_tokens) == ("first", 8)
-    now[0] = 110.0
-    s.waiting.remove(waiting)
-    batch = s.schedule()  # nothing else waits: the stage runs in the gap
+    s.waiting.remove(big)
+    fifo = Scheduler(max_prefill_tokens=100, prefill_slack=0.0, clock=lambda: now[0])
+    fifo.rate.observe(100.0, 1.0)
+    fifo.add(first)  # slack 0: arrival order, whatever the lengths
+    now[0] = 107.0
+    fifo.add(seq("short", 10))
+    batch = fifo.schedule()
     assert batch is not None and batch.kind is BatchKind.STAGE
     fetching = seq("f", 10)
     s2 = Scheduler(max_prefill_tokens=100, ready=lambda q: q is not fetching,
@@ -127,6 +146,52 @@ def test_stage_chunks_run_in_the_gaps_until_aged_and_a_full_batch_decodes():
     s.add(waiting)
     batch = s.schedule()  # the batch is full: decode, the waiting prompt waits
     assert batch is not None and batch.kind is BatchKind.DECODE and len(batch.chunks) == 2
+    with pytest.raises(ValueError, match="prefill_slack"):
+        Scheduler(prefill_slack=-1.0)
+
+
+def test_a_started_prompt_is_not_passed_by_a_shorter_one():
+    now = [0.0]
+    s = Scheduler(max_batch=4, max_prefill_tokens=100, clock=lambda: now[0])
+    s.rate.observe(100.0, 1.0)
+    long = seq("long", 1000)  # deadline 0 + 3 x 10 s
+    s.add(long)
+    batch = s.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["long"]
+    long.num_computed = 100
+    now[0] = 1.0
+    s.add(seq("short", 10))  # deadline 1.3 s: before the long one's 30 s, but it started
+    batch = s.schedule()
+    assert batch is not None and [(c.seq.request_id, c.num_tokens) for c in batch.chunks] == [
+        ("long", 100)]
+    s2 = Scheduler(max_batch=4, max_prefill_tokens=100, clock=lambda: now[0])
+    s2.rate.observe(100.0, 1.0)
+    s2.add(seq("long", 1000))
+    now[0] = 1.0
+    s2.add(seq("short", 10))  # neither started: the earlier deadline first, then the long one
+    batch = s2.schedule()
+    assert batch is not None and [(c.seq.request_id, c.num_tokens) for c in batch.chunks] == [
+        ("short", 10), ("long", 90)]
+
+
+def test_the_prefill_rate_weighs_steps_by_their_work_and_follows_the_recent_ones():
+    r = PrefillRate(decay=0.9)
+    assert r.seconds_for(100.0) == 0.0  # nothing measured: deadlines are arrival times
+    r.observe(100.0, 1.0)
+    r.observe(0.0, 5.0)  # a step that computed nothing says nothing about the rate
+    assert r.seconds_for(50.0) == pytest.approx(0.5)
+    r.observe(300.0, 1.0)  # (0.9 x 100 + 300) tokens' worth over (0.9 x 1 + 1) s
+    assert r.seconds_for(390.0) == pytest.approx(1.9)
+
+
+def test_the_engine_measures_its_prefill_rate(model):
+    eng = engine(model)
+    eng.generate([prompt(40, 1), prompt(30, 2)], SamplingParams(max_tokens=2))
+    # Its two prefill steps (a budget of 64: 40 + 24 tokens, then the last 6 after 24), the
+    # first decayed once; decode steps' tokens are not a prompt's.
+    first = prefill_work(0, 40) + prefill_work(0, 24)
+    assert eng.scheduler.rate.work == pytest.approx(0.9 * first + prefill_work(24, 6))
+    assert eng.scheduler.rate.seconds_for(1000.0) > 0
 
 
 # -- the loop and its hooks -------------------------------------------------------------------

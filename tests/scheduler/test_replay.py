@@ -102,7 +102,7 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
-def test_short_prompts_run_in_a_pipelines_gaps_until_it_is_aged():
+def test_short_prompts_pass_a_pipelined_one_until_its_deadline():
     """An 8,000-token prompt pipelined over both instances (two stages of 4 s, chunks of
     0.5 s), two 500-token prompts arriving at 1.2 s, one per instance."""
     from dataclasses import replace
@@ -111,21 +111,43 @@ def test_short_prompts_run_in_a_pipelines_gaps_until_it_is_aged():
                      pipeline_chunk_tokens=1000, pipeline_hop_s=0.0)
     trace = [TraceRequest(0.0, 8000, 2, ()), TraceRequest(1.2, 500, 2, ()),
              TraceRequest(1.2, 500, 2, ())]
-    # They run at the next chunk boundary (1.5 s) and take 0.5 s: TTFT 0.8 s; the pipelined
+    # Deadlines (slack 3): the long prompt 0 + 3 x 8 s, the short ones 1.2 + 3 x 0.5 s. They
+    # run at the next chunk boundary (1.5 s) and take 0.5 s: TTFT 0.8 s; the pipelined
     # prompt ends 0.5 s later than alone (4 s + one chunk behind stage 0: 4.5 s).
     r = simulate(trace, "pdserve", 2, 2, cost)
     assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(0.8), pytest.approx(5.0))
-    # In arrival order (or once the pipeline waited past the age limit) they wait for its
-    # stages: the one behind stage 0 from 4 s, the one behind the head from 4.5 s.
-    for late in (replace(cost, pipeline_yields=False), replace(cost, pipeline_age_limit_s=1.0)):
+    # In arrival order (slack 0), or once the long prompt's deadline came before theirs
+    # (slack 0.1: 0.8 s against 1.25 s), they wait for its stages: the one behind stage 0
+    # from 4 s, the one behind the head from 4.5 s.
+    for late in (replace(cost, prefill_slack=0.0), replace(cost, prefill_slack=0.1)):
         r = simulate(trace, "pdserve", 2, 2, late)
         assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(3.8), pytest.approx(4.5))
     # The replay's default is the workers' (engine/scheduler.py, the prefill setting).
     from pdserve.config import PrefillSettings
-    from pdserve.engine.scheduler import STAGE_AGE_LIMIT_S
+    from pdserve.engine.scheduler import PREFILL_SLACK
 
-    assert CostModel().pipeline_age_limit_s == STAGE_AGE_LIMIT_S == \
-        PrefillSettings().pipeline_age_limit_s
+    assert CostModel().prefill_slack == PREFILL_SLACK == PrefillSettings().prefill_slack
+
+
+def test_deadlines_let_short_prompts_through_a_queue_but_not_for_ever():
+    """One instance; a 10 s prompt at 0, then 20 prompts of 0.5 s every 0.25 s from 0.1 s:
+    more work than the instance computes, so a queue builds up behind the first prompt."""
+    from dataclasses import replace
+
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=0)
+    trace = [TraceRequest(0.0, 10_000, 2, ()), TraceRequest(0.05, 20_000, 2, ())] + [
+        TraceRequest(0.1 + 0.25 * k, 500, 2, ()) for k in range(20)]
+    fifo = simulate(trace, "pdserve", 1, 1, replace(cost, prefill_slack=0.0))
+    edf = simulate(trace, "pdserve", 1, 1, cost)
+    # In arrival order every short prompt waits for both long ones (30 s of work): the k-th
+    # ends at 30 + 0.5 (k + 1) s, TTFT 30.4 + 0.25 k s; by deadline they pass the 20 s one
+    # (deadline 60 s) and wait for the first alone: 10.4 + 0.25 k s. The median is k = 9
+    # in arrival order (the 20 s prompt, 29.95 s, sorts before them), k = 10 by deadline.
+    assert fifo["ttft_p50_s"] == pytest.approx(30.4 + 0.25 * 9)
+    assert edf["ttft_p50_s"] == pytest.approx(10.4 + 0.25 * 10)
+    # The 20 s prompt waits for the short ones instead (10 s of them), no longer.
+    assert edf["ttft_max_s"] == pytest.approx(10 + 10 + 20 - 0.05)
+    assert fifo["ttft_max_s"] < edf["ttft_max_s"]
 
 
 @pytest.mark.integration
