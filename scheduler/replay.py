@@ -21,7 +21,8 @@ blocks) drives N prefill and M decode instances with a cost model:
   prefill computed it; a request's cached tokens are its leading stored blocks (never its last
   token); a request whose KV does not fit any decode instance it may use is rejected.
 
-Policies: `pdserve` (DeepSeek's balancers, scheduler/balancers.py), `round_robin`,
+Policies: `pdserve` (DeepSeek's balancers, scheduler/balancers.py, ties broken at random as a
+gateway breaks them, from `seed`), `round_robin`,
 `least_requests`, and the policies users of the anchors run, each from its documentation with
 its defaults (the instance-local prefix they score is what that instance prefilled before,
 Dynamo's from KV events once stored; or, for SGLang's and llm-d's approximate trees, what was
@@ -64,9 +65,8 @@ from typing import Any
 import numpy as np
 
 from pdserve.scheduler.balancers import (
-    DecodeCandidate,
     attention_work,
-    pick_decode,
+    pick_decode_index,
     pipeline_chunk,
     plan_prefill_index,
 )
@@ -332,6 +332,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}")
     rng = random.Random(seed)  # the anchors' random tie breaks and draws
+    np_rng = np.random.default_rng(seed)  # pdserve's, as a gateway breaks ties (registry.py)
     prefills = [_Prefill() for _ in range(n_prefill)]
     decodes = [_Decode() for _ in range(n_decode)]
     store = LRUStore(store_blocks)
@@ -392,11 +393,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             k = next(rr)
             # Decode choice.
             if policy == "pdserve":
-                pick = pick_decode([DecodeCandidate(str(j), d.kv + d.reserved,
-                                                    cost.decode_kv_tokens - d.kv - d.reserved,
-                                                    len(d.running)) for j, d in enumerate(decodes)],
-                                   need)
-                dj = None if pick is None else int(pick)
+                dj = pick_decode_index(
+                    np.array([float(d.kv + d.reserved) for d in decodes]),
+                    np.array([float(cost.decode_kv_tokens - d.kv - d.reserved) for d in decodes]),
+                    np.array([float(len(d.running)) for d in decodes]), need, rng=np_rng)
             elif policy in ANCHORS:
                 dj = _anchor_decode(policy, decodes, need, cost, rng, dynamo_temperature)
             else:
@@ -416,7 +416,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                 plan = plan_prefill_index(np.array([p.work for p in prefills]),
                                           np.array([float(p.tokens) for p in prefills]), c, n,
                                           min_pipeline_tokens=cost.pipeline_min_tokens,
-                                          max_stages=cost.pipeline_max_stages)
+                                          max_stages=cost.pipeline_max_stages,
+                                          rng=np_rng)
             elif policy == "round_robin":
                 pw = k % n_prefill
             elif policy == "least_requests":
