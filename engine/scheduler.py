@@ -15,8 +15,9 @@ them) wait little and the longest wait longer: on the synthetic trace p99 TTFT f
 
 1. When sequences wait and the batch has room: prompt chunks of several of them within a
    token budget (chunked prefill), by deadline; a pipeline stage's next chunk first if its
-   prompt's deadline is earlier. A prompt once started keeps its place (its deadline becomes
-   the time it started, if earlier): a prompt passed halfway would have waited for nothing.
+   prompt's deadline is earlier. A prompt once started keeps its place (from then on it counts
+   as due when it started, if that is earlier): a prompt passed halfway would have waited for
+   nothing.
    A sequence whose cached KV is still arriving runs only when no other is ready (`ready`): a
    step waits for the slowest fetch in it, and a slow store must not hold up prompts that
    need nothing from it.
@@ -151,6 +152,7 @@ class Scheduler:
         self.ready = ready
         self.prefill_slack = prefill_slack
         self.rate = PrefillRate()
+        self.num_late = 0  # prompts (and stages) whose prefill ended after their deadline
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -178,8 +180,11 @@ class Scheduler:
         return None
 
     def remove_prefilled(self, seq: Sequence) -> None:
-        """A sequence whose prompt is done leaves the prefill queues."""
+        """A sequence whose prompt is done leaves the prefill queues (counted in `num_late`
+        if after its deadline)."""
         (self.stages if seq.stage is not None else self.waiting).remove(seq)
+        if self.clock() > seq.deadline:
+            self.num_late += 1
 
     def drop_finished(self) -> None:
         self.running = [s for s in self.running if not s.finished]
@@ -200,11 +205,11 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         chunks = [c for c in map(self._stage_chunk, self.stages) if c is not None]
-        stage = min(chunks, key=lambda c: c.seq.deadline) if chunks else None  # stable
+        stage = min(chunks, key=lambda c: c.seq.order) if chunks else None  # stable
         room = self.max_batch - len(self.running)
-        candidates = sorted(self.waiting, key=lambda s: s.deadline)[:room] if room > 0 else []
+        candidates = sorted(self.waiting, key=lambda s: s.order)[:room] if room > 0 else []
         ready = [s for s in candidates if self.ready(s)]
-        if stage is not None and (not ready or stage.seq.deadline < ready[0].deadline):
+        if stage is not None and (not ready or stage.seq.order < ready[0].order):
             return ScheduledBatch(BatchKind.STAGE, (stage,))  # steps 1 and 2
         plan = plan_chunks(ready, self.max_prefill_tokens)  # step 1
         if not plan and stage is not None:  # step 2
@@ -213,7 +218,8 @@ class Scheduler:
         if plan:
             now = self.clock()
             for c in plan:  # a prompt once started is not passed (as the replay's, whole)
-                c.seq.deadline = min(c.seq.deadline, now)
+                if c.seq.started_at is None:
+                    c.seq.started_at = now
             return ScheduledBatch(BatchKind.PREFILL, tuple(plan))
         if self.running:  # step 4
             return ScheduledBatch(BatchKind.DECODE, tuple(

@@ -53,7 +53,15 @@ class Sequence:
     # caller, not the engine, frees its pages (it still sends them to a decode worker).
     stop_after_prefill: bool = False
     stage: StageWork | None = None  # a pipeline stage's layer range (implies the above)
-    deadline: float = 0.0  # the scheduler's order for its prompt (engine/scheduler.py)
+    # The scheduler's order for its prompt (engine/scheduler.py): when its prefill is due,
+    # and when its first chunk was planned (a prompt once started keeps its place).
+    deadline: float = 0.0
+    started_at: float | None = None
+
+    @property
+    def order(self) -> float:
+        """Its place in the prefill order: the deadline, or the start if earlier."""
+        return self.deadline if self.started_at is None else min(self.deadline, self.started_at)
 
     @property
     def num_tokens(self) -> int:

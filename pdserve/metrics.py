@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from pdserve.cache.records import StoreStats
     from pdserve.engine.ep.hooks import EPHooks
+    from pdserve.engine.scheduler import Scheduler
     from pdserve.services.kvstore.staging import StagingArea
     from pdserve.services.transfer import NixlEndpoint
 
@@ -241,6 +242,28 @@ class StoreReadCollector(Collector):
             c = CounterMetricFamily(f"pdserve_prefill_{name}", help_)
             c.add_metric([], value)
             yield c
+
+
+class PrefillOrderCollector(Collector):
+    """A prefill worker's deadline order (engine/scheduler.py), read at scrape time: the
+    prefill rate its deadlines are set with, and how many prompts (and pipeline stages) ended
+    after their deadline (many: the worker is overloaded, or `--prefill-slack` is tight)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._scheduler
+        rate = s.rate.work / s.rate.seconds if s.rate.seconds else 0.0
+        g = GaugeMetricFamily("pdserve_prefill_rate_tokens_per_second", "the prefill rate "
+                              "this worker measured (tokens' worth of work a second, "
+                              "attention counted), which its prompts' deadlines are set with")
+        g.add_metric([], rate)
+        yield g
+        c = CounterMetricFamily("pdserve_prefill_late_prompts", "prompts (and pipeline "
+                                "stages) whose prefill ended after their deadline")
+        c.add_metric([], s.num_late)
+        yield c
 
 
 class EPCollector(Collector):

@@ -15,7 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.config import PrefillSettings
-from pdserve.metrics import PrefillMetrics, StoreReadCollector, watch_ep
+from pdserve.metrics import (
+    PrefillMetrics,
+    PrefillOrderCollector,
+    StoreReadCollector,
+    watch_ep,
+)
 from pdserve.services import security
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.kvstore_client import KVStoreClient
@@ -54,6 +59,7 @@ async def run(settings: PrefillSettings) -> None:
     prom = CollectorRegistry()
     worker.export_metrics(PrefillMetrics(prom))
     prom.register(StoreReadCollector(worker.endpoint))
+    prom.register(PrefillOrderCollector(worker.engine.scheduler))
     watch_ep(prom, worker.engine.hooks)
     worker.start()
     servicer = PrefillServicer(worker)

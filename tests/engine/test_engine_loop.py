@@ -114,8 +114,10 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     batch = s.schedule()
     assert batch is not None and batch.kind is BatchKind.PREFILL
     assert [c.seq.request_id for c in batch.chunks] == ["w"]
-    assert waiting.deadline == 105.0  # started: its place is kept
-    s.waiting.remove(waiting)
+    assert waiting.started_at == 105.0 and waiting.order == 105.0  # started: it keeps its place
+    assert waiting.deadline == pytest.approx(105 + 3 * prefill_work(0, 10) / 100)
+    s.remove_prefilled(waiting)
+    assert s.num_late == 0  # done at 105 s, due at 105.3 s
     now[0] = 106.0
     big = seq("big", 5000)  # a longer prompt after it: its deadline is later
     s.add(big)
@@ -146,6 +148,13 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     s.add(waiting)
     batch = s.schedule()  # the batch is full: decode, the waiting prompt waits
     assert batch is not None and batch.kind is BatchKind.DECODE and len(batch.chunks) == 2
+    s.running.clear()
+    s.waiting.clear()
+    now[0] = 131.0
+    s.add(waiting)  # due at 131.3 s
+    now[0] = 132.0
+    s.remove_prefilled(waiting)  # done after it
+    assert s.num_late == 1
     with pytest.raises(ValueError, match="prefill_slack"):
         Scheduler(prefill_slack=-1.0)
 

@@ -213,6 +213,9 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
     pre0, pre1 = before["prefill-0"], after["prefill-0"]
     assert pre1["pdserve_prefill_store_read_failures_total"] == 0  # no hit lost to a READ
     assert "pdserve_prefill_store_regions_forgotten_total" in pre1
+    # The deadline order's rate, measured from the prefill steps run, and its late prompts.
+    assert pre1["pdserve_prefill_rate_tokens_per_second"] > 0
+    assert 0 <= pre1["pdserve_prefill_late_prompts_total"] <= 5
     assert (pre1["pdserve_prefill_fetched_tokens_total"]
             - pre0["pdserve_prefill_fetched_tokens_total"]) == cached_total
     assert (pre1["pdserve_prefill_computed_tokens_total"]
