@@ -163,8 +163,9 @@ class Scheduler:
         """A sequence with prompt left to compute (a stage: with a layer range); its deadline
         is set now. A stage's is its whole prompt's, as on one worker, the same on every
         stage's worker."""
-        seq.deadline = self.clock() + self.prefill_slack * self.rate.seconds_for(
+        seq.allowance = self.prefill_slack * self.rate.seconds_for(
             prefill_work(seq.num_computed, seq.prefill_left))
+        seq.deadline = self.clock() + seq.allowance
         (self.stages if seq.stage is not None else self.waiting).append(seq)
 
     def add_running(self, seq: Sequence) -> None:
@@ -181,9 +182,10 @@ class Scheduler:
 
     def remove_prefilled(self, seq: Sequence) -> None:
         """A sequence whose prompt is done leaves the prefill queues (counted in `num_late`
-        if after its deadline)."""
+        if after a deadline that had an estimate: not in arrival order, nor before the
+        worker's first prefill step measured its rate)."""
         (self.stages if seq.stage is not None else self.waiting).remove(seq)
-        if self.clock() > seq.deadline:
+        if seq.allowance > 0 and self.clock() > seq.deadline:
             self.num_late += 1
 
     def drop_finished(self) -> None:

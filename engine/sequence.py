@@ -56,6 +56,7 @@ class Sequence:
     # The scheduler's order for its prompt (engine/scheduler.py): when its prefill is due,
     # and when its first chunk was planned (a prompt once started keeps its place).
     deadline: float = 0.0
+    allowance: float = 0.0  # deadline - arrival (0: no estimate, first come first served)
     started_at: float | None = None
 
     @property

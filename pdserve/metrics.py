@@ -261,7 +261,9 @@ class PrefillOrderCollector(Collector):
         g.add_metric([], rate)
         yield g
         c = CounterMetricFamily("pdserve_prefill_late_prompts", "prompts (and pipeline "
-                                "stages) whose prefill ended after their deadline")
+                                "stages) whose prefill ended after their deadline (with "
+                                "--prefill-slack > 0, once a first prefill step measured "
+                                "the rate)")
         c.add_metric([], s.num_late)
         yield c
 

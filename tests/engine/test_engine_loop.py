@@ -155,6 +155,10 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     now[0] = 132.0
     s.remove_prefilled(waiting)  # done after it
     assert s.num_late == 1
+    fifo.add(waiting)  # arrival order: no deadline to be late for
+    now[0] = 140.0
+    fifo.remove_prefilled(waiting)
+    assert fifo.num_late == 0
     with pytest.raises(ValueError, match="prefill_slack"):
         Scheduler(prefill_slack=-1.0)
 
