@@ -69,9 +69,14 @@ class PrefillRate:
             self.work = self.work * self.decay + work
             self.seconds = self.seconds * self.decay + seconds
 
+    @property
+    def per_second(self) -> float:
+        """Tokens' worth of work a second (0 before any step)."""
+        return self.work / self.seconds if self.seconds else 0.0
+
     def seconds_for(self, work: float) -> float:
         """The time `work` takes at the rate measured so far (0 before any step)."""
-        return work * self.seconds / self.work if self.work else 0.0
+        return work / self.per_second if self.work else 0.0
 
 
 class BatchKind(enum.Enum):

@@ -254,11 +254,10 @@ class PrefillOrderCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._scheduler
-        rate = s.rate.work / s.rate.seconds if s.rate.seconds else 0.0
         g = GaugeMetricFamily("pdserve_prefill_rate_tokens_per_second", "the prefill rate "
                               "this worker measured (tokens' worth of work a second, "
                               "attention counted), which its prompts' deadlines are set with")
-        g.add_metric([], rate)
+        g.add_metric([], s.rate.per_second)
         yield g
         c = CounterMetricFamily("pdserve_prefill_late_prompts", "prompts (and pipeline "
                                 "stages) whose prefill ended after their deadline (with "

@@ -430,11 +430,12 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             if policy != "pdserve":
                 plan = [pw]
             g = len(plan)
-            deadline = r.arrival_s + cost.prefill_slack * cost.prefill_s(c, n)
+            own_s = cost.prefill_s(c, n)
+            deadline = r.arrival_s + cost.prefill_slack * own_s
             stages: list[_Stage] = []
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1
-                stages.append(_Stage(i, pw, s_idx, stages, cost.prefill_s(c, n) / g,
+                stages.append(_Stage(i, pw, s_idx, stages, own_s / g,
                                      attention_work(c, n) / g, n / g, chunks, deadline))
                 prefills[pw].queue.append(stages[-1])
                 prefills[pw].work += stages[-1].work

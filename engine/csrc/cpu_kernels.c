@@ -418,8 +418,6 @@ static inline __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-#define AHEAD 4 /* rows prefetched ahead */
-
 static inline float dot_n(const float* a, const float* b, int n) {
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
@@ -464,6 +462,13 @@ static inline void ahead_some(Ahead* a, int lines) {
     for (int i = 0; i < lines && a->at < total; i++, a->at++)
         _mm_prefetch((const char*)a->rows[a->at / a->lines_per_row] + 64 * (a->at % a->lines_per_row),
                      _MM_HINT_T1);
+}
+
+/* rows[j] = row j of sequence s's context at the layer (its page's base + layer + slot) */
+static inline void task_rows(const float** rows, const float* kv, const int* pages, int ctx,
+                             long long page_stride, long long layer_offset, int Bt, int row) {
+    for (int j = 0; j < ctx; j++)
+        rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
 }
 
 /* One KV head c of one sequence: its G query heads qh [G][hd] -> oh [G][hd]. rows[j] points at
@@ -545,22 +550,18 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
             const int kv0 = split == 1 ? 0 : t % split, kv1 = split == 1 ? KVH : kv0 + 1;
             if (have_next) { const float** tmp = rows; rows = next; next = tmp; }
             else { /* a thread's first task: its rows fetched ahead of its compute */
-                const int* pages = tables + table_off[s];
-                for (int j = 0; j < ctx; j++) {
-                    rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
-                    if (j >= AHEAD)
-                        for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
-                            _mm_prefetch((const char*)rows[j - AHEAD] + b, _MM_HINT_T1);
-                }
+                task_rows(rows, kv, tables + table_off[s], ctx, page_stride, layer_offset, Bt, row);
+                for (int j = 0; j < ctx; j++)
+                    for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
+                        _mm_prefetch((const char*)rows[j] + b, _MM_HINT_T1);
             }
             Ahead ah = {next, 0, lines, 0};
             have_next = 0;
             if (t + 1 < t1) {
-                const int s2 = (t + 1) / split, ctx2 = ctx_lens[s2];
-                const int* pages2 = tables + table_off[s2];
-                for (int j = 0; j < ctx2; j++)
-                    next[j] = kv + (size_t)pages2[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
-                ah.n = ctx2;
+                const int s2 = (t + 1) / split;
+                task_rows(next, kv, tables + table_off[s2], ctx_lens[s2], page_stride,
+                          layer_offset, Bt, row);
+                ah.n = ctx_lens[s2];
                 have_next = 1;
             }
             /* the next task's lines spread over this task's blocks of 8 scores */

@@ -195,6 +195,7 @@ def test_the_prefill_rate_weighs_steps_by_their_work_and_follows_the_recent_ones
     assert r.seconds_for(50.0) == pytest.approx(0.5)
     r.observe(300.0, 1.0)  # (0.9 x 100 + 300) tokens' worth over (0.9 x 1 + 1) s
     assert r.seconds_for(390.0) == pytest.approx(1.9)
+    assert r.per_second == pytest.approx(390.0 / 1.9)
 
 
 def test_the_engine_measures_its_prefill_rate(model):
