@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table
 
+from pdserve.scheduler.balancers import due_profile, prefill_work
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec
 from pdserve.scheduler.replay import ANCHORS, POLICIES, CostModel, load_trace, simulate
@@ -39,7 +40,9 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
     runs = [(p, p, CostModel()) for p in POLICIES] + [
         ("pdserve, arrival order (prefill_slack 0)", "pdserve",
          replace(CostModel(), prefill_slack=0.0)),
-        ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0))]
+        ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0)),
+        ("pdserve, balance ties by load, not queue", "pdserve",
+         replace(CostModel(), due_ties=False))]
     for name, policy, cost in runs:
         print(f"{label}: replaying {len(trace)} requests with {name} ...", file=sys.stderr,
               flush=True)
@@ -85,11 +88,14 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
                             "pdserve prefill attn max/mean")))
         print()
         # The pipelining threshold trades the median TTFT against balance and the tail; the
-        # slack of the workers' deadline order trades the tail against the longest wait. Each
-        # setting over the five tie-break seeds: the median, and p99's range.
+        # chunk bounds how long a short prompt waits behind a stage; the slack of the
+        # workers' deadline order trades the tail against the longest wait. Each setting
+        # over the five tie-break seeds: the median, and p99's range.
         scans = []
         for label_, kw in [(f"pipeline_min_tokens {mt}", {"pipeline_min_tokens": mt})
                            for mt in (8_192, 16_384, 32_768, 65_536)] + [
+                (f"pipeline_chunk_tokens {ct}", {"pipeline_chunk_tokens": ct})
+                for ct in (2048, 4096, 8192)] + [
                 (f"prefill_slack {a:g}", {"prefill_slack": a})
                 for a in (0.0, 1.0, 2.0, 3.0, 4.0, 8.0)]:
             print(f"replaying with {label_}, seeds 0-4 ...", file=sys.stderr, flush=True)
@@ -115,7 +121,8 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
     """One routing decision as each gateway makes it on its own registry (every worker
     reports to every gateway): `WorkerRegistry.pick` (both balancers over the load tables kept
     up to date by reports, random tie breaks, the prefill one sizing a pipeline for long
-    prompts), plus the optimistic bumps of the chosen workers, as the request flow does."""
+    prompts and breaking ties by the prefill workers' queues by deadline), plus the
+    optimistic bumps of the chosen workers, as the request flow does."""
     rng = random.Random(0)
     reg = WorkerRegistry(pipeline_min_tokens=32_768, pipeline_max_stages=8)
     for role in ("prefill", "decode"):
@@ -125,7 +132,12 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
             reg.report(wid, 1, Load(free_pages=rng.randint(0, 4000), total_pages=4000,
                                     running=rng.randint(0, 64),
                                     queued_tokens=rng.randint(0, 100_000),
-                                    queued_attention=rng.random() * 1e9), 0.0)
+                                    queued_attention=rng.random() * 1e9,
+                                    due_s=tuple(due_profile(
+                                        (rng.expovariate(0.05), rng.expovariate(1.0))
+                                        for _ in range(rng.randint(0, 20)))),
+                                    prefill_rate=rng.uniform(5000, 20_000),
+                                    prefill_slack=3.0), 0.0)
     lat = []
     for _ in range(n):
         # Prompts up to 48k new tokens: a third of them pipelined (at most 8 stages, the
@@ -135,7 +147,8 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
         head, dec, stages = reg.pick(cached, cached * 64 + new, pages)
         reg.bump(dec.spec.worker_id, free_pages=-pages, running=1)
         for w in (head, *stages):
-            reg.bump(w.spec.worker_id, queued_tokens=new // (1 + len(stages)))
+            reg.bump(w.spec.worker_id, prefill_work(cached * 64, new), 1 / (1 + len(stages)),
+                     queued_tokens=new // (1 + len(stages)))
         lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[len(lat) // 2], lat[int(0.99 * len(lat))]

@@ -35,7 +35,6 @@ from pdserve.engine.scheduler import (
     ScheduledBatch,
     ScheduledChunk,
     Scheduler,
-    prefill_work,
 )
 from pdserve.engine.sequence import (
     EngineEvent,
@@ -46,7 +45,7 @@ from pdserve.engine.sequence import (
     Sequence,
     TokenEvent,
 )
-from pdserve.scheduler.balancers import request_pages
+from pdserve.scheduler.balancers import prefill_work, request_pages
 
 log = logging.getLogger(__name__)
 

@@ -41,17 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.sequence import Sequence
-from pdserve.scheduler.balancers import attention_work
+from pdserve.scheduler.balancers import due_profile, prefill_work
 
 PREFILL_SLACK = 3.0  # deadline = arrival + this x own prefill time (replay: CostModel)
-# A unit of attention work (balancers.attention_work) in tokens' worth of prefill time: the
-# replay's cost model's ratio (attention_s x prefill_tps); it matters for long prompts only.
-ATTENTION_PER_TOKEN = 2.4e-5
-
-
-def prefill_work(cached: int, new: int) -> float:
-    """A prompt's prefill in tokens' worth of work: its new tokens and their attention."""
-    return new + ATTENTION_PER_TOKEN * attention_work(cached, new)
 
 
 class PrefillRate:
@@ -203,6 +195,21 @@ class Scheduler:
     def queued_tokens(self) -> int:
         """Prompt tokens still to compute, over the waiting sequences."""
         return sum(s.prefill_left for s in self.waiting)
+
+    def due(self, num_layers: int) -> list[float]:
+        """The prefill queued here as balancers.due_profile: the seconds of it due within each
+        horizon from now, in this scheduler's order, at the measured rate (a stage: its
+        layers' share; all 0 before the first measured step). What a new prompt would wait
+        for, for the gateway; safe to call from another thread (it reads copies of the
+        queues)."""
+        now = self.clock()
+        items = []
+        for seq in (*list(self.waiting), *list(self.stages)):
+            seconds = self.rate.seconds_for(prefill_work(seq.num_computed, seq.prefill_left))
+            if seq.stage is not None:
+                seconds *= (seq.stage.layer_end - seq.stage.layer_begin) / num_layers
+            items.append((seq.order - now, seconds))
+        return due_profile(items)
 
     # -- the plan ----------------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -8,7 +8,9 @@ them in O(n) from the top two values, vectorised with numpy (1,000 workers well 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,48 @@ def attention_work(cached: int, new: int) -> float:
     """Core-attention cost of computing `new` tokens after `cached` ones: each new token attends
     to the cached prefix and, causally, to half the new tokens on average."""
     return new * (cached + new / 2)
+
+
+# A unit of attention work in tokens' worth of prefill time: the replay's cost model's ratio
+# (attention_s x prefill_tps); it matters for long prompts only.
+ATTENTION_PER_TOKEN = 2.4e-5
+
+
+def prefill_work(cached: int, new: int) -> float:
+    """A prompt's prefill in tokens' worth of work: its new tokens and their attention."""
+    return new + ATTENTION_PER_TOKEN * attention_work(cached, new)
+
+
+# What a prefill worker reports of its queue, for the tie between equally balanced workers:
+# the seconds of prefill due (in its earliest-deadline order) within each of these horizons
+# from the report. A new prompt waits for the work due before its own deadline, not for the
+# whole queue: a long prompt due in a minute does not hold up a short one due in a second.
+DUE_HORIZONS_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, math.inf)
+
+
+def due_profile(items: Iterable[tuple[float, float]]) -> list[float]:
+    """(due in seconds from now, seconds of work) pieces -> the seconds of work due within
+    each of DUE_HORIZONS_S, cumulative (the last is all of it)."""
+    out = [0.0] * len(DUE_HORIZONS_S)
+    for due, seconds in items:
+        out[bisect.bisect_left(DUE_HORIZONS_S, due)] += seconds
+    for k in range(1, len(out)):
+        out[k] += out[k - 1]
+    return out
+
+
+def work_ahead(profiles: np.ndarray, due: np.ndarray) -> np.ndarray:
+    """Per row of `due_profile`s [n, H], the seconds due within that row's `due` seconds
+    (linear between horizons): how long a prompt due then would wait there for work due
+    before it. Vectorised: a gateway's thousand workers in microseconds."""
+    horizons = np.asarray(DUE_HORIZONS_S)
+    k = np.clip(np.searchsorted(horizons, due, side="right") - 1, 0, len(horizons) - 2)
+    lo, hi = horizons[k], horizons[k + 1]
+    rows = np.arange(len(profiles))
+    at_lo, at_hi = profiles[rows, k], profiles[rows, k + 1]
+    frac = np.where(np.isinf(hi), 0.0, (due - lo) / np.where(np.isinf(hi), 1.0, hi - lo))
+    result: np.ndarray = at_lo + (at_hi - at_lo) * np.clip(frac, 0.0, 1.0)
+    return result
 
 
 @dataclass(frozen=True)
@@ -42,10 +86,11 @@ class DecodeCandidate:
 
 
 def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b: float,
-                  allowed: np.ndarray, rng: np.random.Generator | None = None) -> int | None:
+                  allowed: np.ndarray, rng: np.random.Generator | None = None,
+                  prefer: np.ndarray | None = None) -> int | None:
     """Index minimising max(resulting max of a / mean a, resulting max of b / mean b); ties go
-    to the lower current normalised load, then to a random one of those (`rng`; without it,
-    the lowest index). O(n), vectorised.
+    to the lowest `prefer` (when given), then to the lower current normalised load, then to a
+    random one of those (`rng`; without it, the lowest index). O(n), vectorised.
 
     Random, not lowest-index: several gateways placing on the same loads between two reports
     would otherwise all pick the same worker, and a burst through N gateways would land N
@@ -73,6 +118,9 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
     score = np.where(allowed, score, np.inf)
     best = score.min()
     candidates = np.flatnonzero(score <= best)
+    if prefer is not None:
+        first = prefer[candidates]
+        candidates = candidates[first <= first.min()]
     least = tie[candidates]
     candidates = candidates[least <= least.min()]
     if rng is None or len(candidates) == 1:
@@ -82,13 +130,17 @@ def _pick_min_max(loads_a: np.ndarray, add_a: float, loads_b: np.ndarray, add_b:
 
 def pick_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int,
                        new: int, allowed: np.ndarray | None = None,
-                       rng: np.random.Generator | None = None) -> int | None:
+                       rng: np.random.Generator | None = None,
+                       ahead: np.ndarray | None = None) -> int | None:
     """Array form of pick_prefill: queued attention work and tokens per worker -> row
-    (`allowed`: rows that may be picked; default all; `rng`: random tie breaks)."""
+    (`allowed`: rows that may be picked; default all; `rng`: random tie breaks; `ahead`: the
+    seconds this prompt would wait on each row for work due before it (work_ahead), which
+    breaks ties between rows the balance cannot tell apart)."""
     if len(attention) == 0:
         return None
     ok = np.ones(len(attention), dtype=bool) if allowed is None else allowed
-    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok, rng)
+    return _pick_min_max(attention, attention_work(cached, new), tokens, float(new), ok, rng,
+                         ahead)
 
 
 def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
@@ -100,8 +152,8 @@ def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
 
 def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
                        allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
-                       max_stages: int = 0, rng: np.random.Generator | None = None
-                       ) -> list[int]:
+                       max_stages: int = 0, rng: np.random.Generator | None = None,
+                       ahead: np.ndarray | None = None) -> list[int]:
     """Rows that prefill the request: one row, or, for a prompt with at least
     `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
     layers over the whole prompt and so take 1/G of its attention work and token volume
@@ -112,7 +164,7 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     runs the last layers and owns the result. Empty when no row is allowed."""
     n = len(attention)
     ok = np.ones(n, dtype=bool) if allowed is None else allowed
-    single = pick_prefill_index(attention, tokens, cached, new, ok, rng)
+    single = pick_prefill_index(attention, tokens, cached, new, ok, rng, ahead)
     if single is None:
         return []
     rows = np.flatnonzero(ok)

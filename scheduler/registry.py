@@ -11,7 +11,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from pdserve.scheduler.balancers import pick_decode_index, plan_prefill_index
+from pdserve.scheduler.balancers import (
+    DUE_HORIZONS_S,
+    pick_decode_index,
+    plan_prefill_index,
+    prefill_work,
+    work_ahead,
+)
 from pdserve.scheduler.errors import NoRoom, NoWorker, RegistryError
 
 
@@ -49,6 +55,24 @@ class Load:
     queued_attention: float = 0.0
     draining: bool = False
     num_finished: int = 0
+    # A prefill worker's queue by deadline (balancers.due_profile; empty: not reported) and
+    # how it sets deadlines: its measured rate (0: none yet) and slack.
+    due_s: tuple[float, ...] = ()
+    prefill_rate: float = 0.0
+    prefill_slack: float = 0.0
+
+    def due_in(self, work: float) -> float:
+        """When a prompt of `work` (balancers.prefill_work) placed now is due on it."""
+        return self.prefill_slack * work / self.prefill_rate if self.prefill_rate > 0 else 0.0
+
+    def charged(self, work: float, share: float = 1.0) -> Load:
+        """This load with `share` of a prompt of `work` placed on it (a pipeline stage's share
+        is due when its whole prompt is), until its next report says so."""
+        if not self.due_s or self.prefill_rate <= 0:
+            return self
+        seconds, due = share * work / self.prefill_rate, self.due_in(work)
+        return replace(self, due_s=tuple(v + seconds if h >= due else v
+                                         for v, h in zip(self.due_s, DUE_HORIZONS_S)))
 
 
 @dataclass
@@ -70,6 +94,8 @@ class LoadTable:
     used_pages: np.ndarray
     free_pages: np.ndarray
     running: np.ndarray
+    due: np.ndarray = field(default_factory=lambda: np.zeros((0, len(DUE_HORIZONS_S))))
+    due_per_work: np.ndarray = field(default_factory=lambda: np.zeros(0))  # slack / rate
     row: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -78,11 +104,19 @@ class LoadTable:
         t = cls([w.spec.worker_id for w in states], np.zeros(n), np.zeros(n), np.zeros(n),
                 np.zeros(n), np.zeros(n))
         t.row = {wid: i for i, wid in enumerate(t.ids)}
+        t.due, t.due_per_work = np.zeros((n, len(DUE_HORIZONS_S))), np.zeros(n)
         for i, w in enumerate(states):
             t.set(i, w.load)
         return t
 
+    def ahead(self, cached: int, new: int) -> np.ndarray:
+        """Per row, the seconds a prompt placed there now would wait for prefill due before
+        it (balancers.work_ahead over the worker's reported queue)."""
+        return work_ahead(self.due, self.due_per_work * prefill_work(cached, new))
+
     def set(self, i: int, load: Load) -> None:
+        self.due[i] = load.due_s or 0.0  # not reported: nothing ahead
+        self.due_per_work[i] = load.due_in(1.0)
         self.attention[i] = load.queued_attention
         self.tokens[i] = load.queued_tokens
         self.used_pages[i] = load.total_pages - load.free_pages
@@ -188,7 +222,8 @@ class WorkerRegistry:
         cached = cached_blocks * self.workers[pt.ids[0]].spec.block_tokens
         decode = self.pick_decode(pages, excluded)
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
-                                  self.pipeline_min_tokens, self.pipeline_max_stages, self.rng)
+                                  self.pipeline_min_tokens, self.pipeline_max_stages, self.rng,
+                                  pt.ahead(cached, n_prompt - cached))
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
             upstream = []  # a rank of an EP group steps with its group, not as a stage
@@ -229,10 +264,14 @@ class WorkerRegistry:
         return sorted(o.spec.worker_id for o in self.workers.values()
                       if (o.spec.role, o.spec.ep_group, o.spec.ep_epoch) == key)
 
-    def bump(self, worker_id: str, **delta: float) -> None:
-        """Optimistic update between reports, so a burst does not all land on one worker."""
+    def bump(self, worker_id: str, prompt_work: float = 0.0, share: float = 1.0,
+             **delta: float) -> None:
+        """Optimistic update between reports, so a burst does not all land on one worker
+        (`prompt_work`: a prompt's prefill_work, `share` of it placed on the worker's queue
+        by deadline)."""
         w = self.workers.get(worker_id)
         if w is None:
             return
-        w.load = replace(w.load, **{k: getattr(w.load, k) + v for k, v in delta.items()})
+        load = replace(w.load, **{k: getattr(w.load, k) + v for k, v in delta.items()})
+        w.load = load.charged(prompt_work, share) if prompt_work else load
         self._refresh(w)

@@ -66,9 +66,11 @@ import numpy as np
 
 from pdserve.scheduler.balancers import (
     attention_work,
+    due_profile,
     pick_decode_index,
     pipeline_chunk,
     plan_prefill_index,
+    work_ahead,
 )
 
 BLOCK = 512  # tokens per trace block
@@ -116,10 +118,12 @@ class CostModel:
     decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
     pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
     pipeline_max_stages: int = 0       # over at most this many instances (0: all)
-    pipeline_chunk_tokens: int = 8_192  # largest chunk handed from stage to stage (see
+    pipeline_chunk_tokens: int = 4_096  # largest chunk handed from stage to stage (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
     prefill_slack: float = 3.0         # pdserve: deadline = arrival + this x own prefill time
+    due_ties: bool = True              # pdserve: balance ties go to the instance where the prompt
+    # waits least for work due before it (its reported queue), else to the lower load
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -198,6 +202,14 @@ class _Prefill:
         everything queued (Mooncake's queueing estimate)."""
         return (max(0.0, self.busy_until - t)
                 + sum(s.left for s in self.queue if s is not self.running))
+
+    def due(self, t: float) -> list[float]:
+        """Its queue as a worker reports it (balancers.due_profile): the running piece's rest
+        due now, each stage's other pieces at its deadline."""
+        items = [(0.0, max(0.0, self.busy_until - t))]
+        for s in self.queue:
+            items.append((s.deadline - t, s.left - (s.piece_s if s is self.running else 0.0)))
+        return due_profile(items)
 
 
 @dataclass
@@ -412,12 +424,19 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             decodes[dj].reserved += need
             decode_of[i] = dj
             # Prefill choice.
+            own_s = cost.prefill_s(c, n)
+            deadline = r.arrival_s + cost.prefill_slack * own_s
             if policy == "pdserve":
+                # ties go to the instance where the prompt would wait least for work due
+                # before its deadline, from the profile a worker reports
+                ahead = (work_ahead(np.array([p.due(t) for p in prefills]),
+                                    np.full(n_prefill, deadline - t))
+                         if cost.due_ties else None)
                 plan = plan_prefill_index(np.array([p.work for p in prefills]),
                                           np.array([float(p.tokens) for p in prefills]), c, n,
                                           min_pipeline_tokens=cost.pipeline_min_tokens,
                                           max_stages=cost.pipeline_max_stages,
-                                          rng=np_rng)
+                                          rng=np_rng, ahead=ahead)
             elif policy == "round_robin":
                 pw = k % n_prefill
             elif policy == "least_requests":
@@ -430,8 +449,6 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             if policy != "pdserve":
                 plan = [pw]
             g = len(plan)
-            own_s = cost.prefill_s(c, n)
-            deadline = r.arrival_s + cost.prefill_slack * own_s
             stages: list[_Stage] = []
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1

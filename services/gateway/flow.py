@@ -35,7 +35,7 @@ import grpc
 
 from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
 from pdserve.metrics import GatewayMetrics
-from pdserve.scheduler.balancers import attention_work, request_pages
+from pdserve.scheduler.balancers import attention_work, prefill_work, request_pages
 from pdserve.scheduler.errors import NoRoom, NoWorker
 from pdserve.scheduler.registry import Role, WorkerRegistry, WorkerSpec, WorkerState
 from pdserve.services.errors import Fault, error_for, fault_of
@@ -269,7 +269,8 @@ class GenerateFlow:
         reg.bump(dw.spec.worker_id, free_pages=-pages, running=1)
         new = len(ctx) - hint * bt
         for w in (pw, *stages):  # a pipeline's stages share the work
-            reg.bump(w.spec.worker_id, queued_tokens=new // (1 + len(stages)),
+            reg.bump(w.spec.worker_id, prefill_work(hint * bt, new), 1 / (1 + len(stages)),
+                     queued_tokens=new // (1 + len(stages)),
                      queued_attention=attention_work(hint * bt, new) / (1 + len(stages)))
         if stages:
             log.info("pipelined prefill", extra={

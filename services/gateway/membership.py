@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from pdserve.scheduler.balancers import DUE_HORIZONS_S
 from pdserve.scheduler.errors import RegistryError
 from pdserve.scheduler.registry import Load, Role, WorkerRegistry, WorkerSpec
 from pdserve.services.errors import FailedPrecondition, InvalidArgument, answers_errors
@@ -41,7 +43,21 @@ def load_of(r: common_pb2.LoadReport) -> Load:
     return Load(free_pages=r.free_pages, total_pages=r.total_pages, running=r.running,
                 waiting=r.waiting, queued_tokens=r.queued_tokens,
                 queued_attention=r.queued_attention, draining=r.draining,
-                num_finished=r.num_finished)
+                num_finished=r.num_finished, due_s=_due_of(r),
+                prefill_rate=_nonnegative(r.prefill_rate),
+                prefill_slack=_nonnegative(r.prefill_slack))
+
+
+def _nonnegative(x: float) -> float:
+    return x if math.isfinite(x) and x >= 0 else 0.0
+
+
+def _due_of(r: common_pb2.LoadReport) -> tuple[float, ...]:
+    """The reported due profile, or none when it is not one (a tie-break, not worth failing
+    a worker's reports over)."""
+    due = tuple(r.due_s)
+    ok = len(due) == len(DUE_HORIZONS_S) and all(math.isfinite(x) and x >= 0 for x in due)
+    return due if ok else ()
 
 
 def check_info(info: common_pb2.WorkerInfo) -> None:

@@ -244,7 +244,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 free_pages=w.load.free_pages,
                 total_pages=w.load.total_pages, running=w.load.running,
                 queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished,
-                ep_group=w.spec.ep_group, ep_rank=w.spec.ep_rank, ep_size=w.spec.ep_size)
+                ep_group=w.spec.ep_group, ep_rank=w.spec.ep_rank, ep_size=w.spec.ep_size,
+                prefill_rate=w.load.prefill_rate, prefill_slack=w.load.prefill_slack,
+                due_s=w.load.due_s)
                 for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
 
     async def close(self) -> None:

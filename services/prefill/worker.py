@@ -159,12 +159,13 @@ class PrefillWorker:
         m.queued_tokens.set_function(lambda: self.load.queued_tokens)
 
     def report(self) -> common_pb2.LoadReport:
-        ld = self.load
+        ld, sched = self.load, self.engine.scheduler
         return common_pb2.LoadReport(
             free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
             running=len(self.engine.scheduler), queued_tokens=ld.queued_tokens,
             queued_attention=ld.queued_attention, num_finished=self.num_prefills,
-            draining=self.draining)
+            draining=self.draining, due_s=sched.due(self.layout.num_layers),
+            prefill_rate=sched.rate.per_second, prefill_slack=sched.prefill_slack)
 
     def start(self) -> None:
         self.thread.start()

@@ -24,7 +24,6 @@ from pdserve.engine.scheduler import (
     ScheduledBatch,
     Scheduler,
     plan_chunks,
-    prefill_work,
 )
 from pdserve.engine.sequence import (
     FailedEvent,
@@ -34,6 +33,7 @@ from pdserve.engine.sequence import (
     StageWork,
     TokenEvent,
 )
+from pdserve.scheduler.balancers import DUE_HORIZONS_S, prefill_work
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -95,6 +95,32 @@ def test_a_prompt_still_fetching_runs_only_when_nothing_else_is_ready():
     s.waiting.remove(batch.chunks[0].seq)
     batch = s.schedule()  # only the fetching one is left: it runs (its layers wait)
     assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["a"]
+
+
+def test_the_queue_is_reported_as_seconds_due_within_each_horizon():
+    """What a prefill worker tells the gateway (balancers.due_profile): its queued prefill by
+    when it is due in its order, at its measured rate; a stage counts its layers' share."""
+    now = [10.0]
+    s = Scheduler(prefill_slack=3.0, clock=lambda: now[0])
+    assert s.due(num_layers=4) == [0.0] * len(DUE_HORIZONS_S)
+    s.add(seq("unmeasured", 50))  # before any step: no estimate, no seconds
+    assert s.due(num_layers=4)[-1] == 0.0
+    s.waiting.clear()
+    s.rate.observe(100.0, 1.0)  # 100 tokens' worth a second
+    short, long_ = seq("short", 10), seq("long", 1000)
+    s.add(short)  # 0.1 s of work, due in 0.3 s
+    s.add(long_)  # about 10 s, due in about 30 s
+    s.add(seq("stage", 1000, stage=StageWork(2, 4, chunk_tokens=8)))  # half of the layers
+    own = prefill_work(0, 1000) / 100
+    due = s.due(num_layers=4)
+    at = dict(zip(DUE_HORIZONS_S, due))
+    assert at[0.0] == 0.0
+    assert at[0.5] == pytest.approx(prefill_work(0, 10) / 100)
+    assert at[16.0] == at[0.5] and at[32.0] == pytest.approx(at[0.5] + own + own / 2)
+    assert due == sorted(due)  # cumulative
+    now[0] = 10.25  # a started prompt is due when it started
+    short.started_at = 10.0
+    assert s.due(num_layers=4)[0] == pytest.approx(prefill_work(0, 10) / 100)
 
 
 def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_decodes():

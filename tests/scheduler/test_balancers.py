@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pdserve.scheduler.balancers import (
+    DUE_HORIZONS_S,
     DecodeCandidate,
     PrefillCandidate,
     attention_work,
+    due_profile,
     pick_decode,
     pick_prefill,
+    prefill_work,
+    work_ahead,
 )
 from pdserve.scheduler.registry import Load, RegistryError, WorkerRegistry, WorkerSpec
 
@@ -59,6 +64,50 @@ def test_ties_are_broken_at_random_with_a_generator():
             r.join(spec(f"p{i}", role="prefill"), now=0.0)
     firsts = {r.pick(0, 100, 1)[1].spec.worker_id for r in regs for _ in range(8)}
     assert len(firsts) > 1
+
+
+def test_due_profile_sums_work_by_horizon_and_work_ahead_reads_it_between_them():
+    assert DUE_HORIZONS_S[:4] == (0.0, 0.5, 1.0, 2.0) and DUE_HORIZONS_S[-1] == float("inf")
+    # overdue (-1 s) and due now count at 0; 0.3 s by 0.5; 10 s by 16; a day only at inf
+    profile = due_profile([(-1.0, 2.0), (0.3, 1.0), (10.0, 4.0), (86_400.0, 8.0)])
+    assert profile == [2, 3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 15]
+    rows = np.array([profile] * 5, dtype=float)
+    ahead = work_ahead(rows, np.array([0.0, 0.25, 12.0, 300.0, 1e9]))
+    # linear between horizons (0.25 s: halfway from 2 to 3); past the last finite horizon
+    # the work due "some day" does not count: it is due after any deadline
+    assert ahead.tolist() == [2.0, 2.5, 5.0, 7.0, 7.0]
+    assert work_ahead(np.zeros((2, len(DUE_HORIZONS_S))), np.array([1.0, 5.0])).tolist() == [0, 0]
+
+
+def test_a_tie_goes_to_the_worker_where_the_prompt_would_wait_least():
+    """p2 holds the most work; p0 a long prompt due in two minutes, p1 a short one due now. A
+    short prompt on p0 or p1 leaves the highest load where it is (a tie on the balance), and
+    the lower load would send it behind p1's; by deadline it goes first on p0, so it goes
+    there."""
+    r = WorkerRegistry(rng=np.random.default_rng(0))
+    r.join(spec("d0"), now=0.0)
+    for w in ("p0", "p1", "p2"):
+        r.join(spec(w, role="prefill"), now=0.0)
+    rate = {"prefill_rate": 1000.0, "prefill_slack": 3.0}
+    queues = {"p0": (60_000, 120.0), "p1": (1000, 0.0), "p2": (100_000, 240.0)}
+    for w, (tokens, due) in queues.items():
+        r.report(w, 1, Load(queued_tokens=tokens, queued_attention=attention_work(0, tokens),
+                            due_s=tuple(due_profile([(due, tokens / 1000)])), **rate), now=0.0)
+    t = r.table("prefill")
+    assert t.ahead(0, 100).tolist() == [0.0, 1.0, 0.0]
+    assert {r.pick(0, 100, 1)[0].spec.worker_id for _ in range(8)} == {"p0"}
+    # Unreported profiles (all zero) leave the old tie break: the lower load.
+    for w, (tokens, _) in queues.items():
+        r.report(w, 1, Load(queued_tokens=tokens, queued_attention=attention_work(0, tokens)),
+                 now=1.0)
+    assert {r.pick(0, 100, 1)[0].spec.worker_id for _ in range(8)} == {"p1"}
+    # A placement charges its worker's profile until the next report: 100 tokens' worth at
+    # 1,000 a second, due in 0.3 s (slack 3), a third of it for a three-stage share.
+    r.report("p1", 1, Load(due_s=tuple(due_profile([])), **rate), now=2.0)
+    r.bump("p1", prefill_work(0, 100), 1 / 3, queued_tokens=33)
+    at = dict(zip(DUE_HORIZONS_S, r.table("prefill").due[1]))
+    assert at[0.0] == 0.0 and at[0.5] == pytest.approx(prefill_work(0, 100) / 1000 / 3)
+    assert r.workers["p1"].load.queued_tokens == 33
 
 
 def test_decode_never_picks_a_worker_that_cannot_hold_the_request():

@@ -124,7 +124,8 @@ def test_short_prompts_pass_a_pipelined_one_until_its_deadline():
         assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(3.8), pytest.approx(4.5))
     # The replay's default is the workers' (engine/scheduler.py, the prefill setting).
     from pdserve.config import PrefillSettings
-    from pdserve.engine.scheduler import ATTENTION_PER_TOKEN, PREFILL_SLACK
+    from pdserve.engine.scheduler import PREFILL_SLACK
+    from pdserve.scheduler.balancers import ATTENTION_PER_TOKEN
 
     assert CostModel().prefill_slack == PREFILL_SLACK == PrefillSettings().prefill_slack
     # and the workers weigh attention against tokens as the replay's cost model does

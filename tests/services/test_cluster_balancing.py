@@ -17,6 +17,7 @@ from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
+from pdserve.scheduler.balancers import DUE_HORIZONS_S
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.helpers import service_metrics, wait_until
 
@@ -58,6 +59,12 @@ def test_a_burst_spreads_over_every_worker(cluster2):
         done = {wid: w.num_finished for wid, w in workers(cluster2, role).items()}
         assert len(done) == 2 and sum(done.values()) == 8
         assert min(done.values()) >= 2, f"{role} burst not spread: {done}"
+    # Each prefill worker reports how it orders prompts, for the balancer's ties: the rate its
+    # steps measured, its slack, and its queue by deadline (empty now: all of it done).
+    idle = [0.0] * len(DUE_HORIZONS_S)
+    wait_for(lambda: all(list(w.due_s) == idle for w in workers(cluster2, "prefill").values()))
+    for w in workers(cluster2, "prefill").values():
+        assert w.prefill_rate > 0 and w.prefill_slack == 3.0
 
 
 def test_a_long_prompt_is_prefilled_by_both_workers_as_a_pipeline(cluster2, loaded):

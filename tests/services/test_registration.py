@@ -10,8 +10,9 @@ import time
 import pytest
 
 from pdserve.config import parse_addresses
+from pdserve.scheduler.balancers import DUE_HORIZONS_S
 from pdserve.scheduler.registry import WorkerRegistry
-from pdserve.services.gateway.membership import RegistryServicer
+from pdserve.services.gateway.membership import RegistryServicer, load_of
 from pdserve.services.registration import REPORT_INTERVAL_S, Registrations, resolve
 from pdserve.services.server import create_server
 from pdserve.v1 import common_pb2, registry_pb2_grpc
@@ -70,6 +71,19 @@ async def test_a_worker_reports_to_every_gateway_and_rejoins_a_restarted_one_at_
         await s2.stop(0)
     # Stopping ends both streams: each gateway sees the worker leave.
     assert "decode-7" not in r1.workers
+
+
+def test_a_load_report_keeps_a_prefill_queue_profile_only_when_it_is_one():
+    good = [0.0, 1.0] + [2.0] * (len(DUE_HORIZONS_S) - 2)
+    ld = load_of(common_pb2.LoadReport(due_s=good, prefill_rate=500.0, prefill_slack=3.0))
+    assert (ld.due_s, ld.prefill_rate, ld.prefill_slack) == (tuple(good), 500.0, 3.0)
+    assert ld.due_in(100.0) == 0.6  # due 3 x its own 0.2 s after it is placed
+    # A profile of the wrong length, or with a value that is not a time, is dropped (it only
+    # breaks ties), as are a rate or slack that are not ones; the rest of the report stands.
+    for bad in (good[:-1], [float("nan")] + good[1:], [-1.0] + good[1:]):
+        ld = load_of(common_pb2.LoadReport(due_s=bad, free_pages=7, prefill_rate=-5.0,
+                                           prefill_slack=float("inf")))
+        assert (ld.due_s, ld.prefill_rate, ld.prefill_slack, ld.free_pages) == ((), 0, 0, 7)
 
 
 async def test_names_resolve_to_every_address_and_literals_stay():

@@ -272,6 +272,9 @@ class LoadReport(_message.Message):
     QUEUED_ATTENTION_FIELD_NUMBER: _builtins.int
     NUM_FINISHED_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    DUE_S_FIELD_NUMBER: _builtins.int
+    PREFILL_RATE_FIELD_NUMBER: _builtins.int
+    PREFILL_SLACK_FIELD_NUMBER: _builtins.int
     free_pages: _builtins.int
     total_pages: _builtins.int
     running: _builtins.int
@@ -280,6 +283,17 @@ class LoadReport(_message.Message):
     queued_attention: _builtins.float
     num_finished: _builtins.int
     draining: _builtins.bool
+    prefill_rate: _builtins.float
+    prefill_slack: _builtins.float
+    @_builtins.property
+    def due_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """A prefill worker's queue, for the tie between workers the balance cannot tell apart
+        (scheduler/balancers.py): seconds of prefill due within each of DUE_HORIZONS_S from
+        the report, cumulative, in its earliest-deadline order (empty: none reported); the
+        rate its deadlines use (tokens' worth of work a second, 0: not measured yet) and its
+        slack (a prompt is due this many times its own prefill time after it arrives).
+        """
+
     def __init__(
         self,
         *,
@@ -291,10 +305,13 @@ class LoadReport(_message.Message):
         queued_attention: _builtins.float = ...,
         num_finished: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        due_s: _abc.Iterable[_builtins.float] | None = ...,
+        prefill_rate: _builtins.float = ...,
+        prefill_slack: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "free_pages", b"free_pages", "num_finished", b"num_finished", "queued_attention", b"queued_attention", "queued_tokens", b"queued_tokens", "running", b"running", "total_pages", b"total_pages", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "due_s", b"due_s", "free_pages", b"free_pages", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_attention", b"queued_attention", "queued_tokens", b"queued_tokens", "running", b"running", "total_pages", b"total_pages", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -197,6 +197,9 @@ class WorkerStats(_message.Message):
     EP_GROUP_FIELD_NUMBER: _builtins.int
     EP_RANK_FIELD_NUMBER: _builtins.int
     EP_SIZE_FIELD_NUMBER: _builtins.int
+    PREFILL_RATE_FIELD_NUMBER: _builtins.int
+    PREFILL_SLACK_FIELD_NUMBER: _builtins.int
+    DUE_S_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     address: _builtins.str
@@ -211,6 +214,13 @@ class WorkerStats(_message.Message):
     """its expert-parallel group ("" for a worker of its own)"""
     ep_rank: _builtins.int
     ep_size: _builtins.int
+    prefill_rate: _builtins.float
+    """A prefill worker's last report of how it orders prompts (common.LoadReport): its measured
+    rate, its slack, and its queue's seconds due within each horizon.
+    """
+    prefill_slack: _builtins.float
+    @_builtins.property
+    def due_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -227,10 +237,13 @@ class WorkerStats(_message.Message):
         ep_group: _builtins.str = ...,
         ep_rank: _builtins.int = ...,
         ep_size: _builtins.int = ...,
+        prefill_rate: _builtins.float = ...,
+        prefill_slack: _builtins.float = ...,
+        due_s: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "due_s", b"due_s", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
