@@ -10,8 +10,9 @@ until its deadline, so nothing waits for ever. 0 is first come first served. In 
 builds up (more prompt work arriving than the workers compute), arrival order makes every
 prompt wait as long as the queue, the shortest included; by deadline the short ones (most of
 them) wait little and the longest wait longer: on the synthetic trace p99 TTFT falls from
-35.8 to 29.9 s and the median from 0.55 to 0.11 s, while the longest wait grows from 41 to
-109 s (a 135k-token prompt that takes 29 s itself; scheduler/replay.py, README's Scheduler).
+35.4 to 29.6 s and the median from 0.60 to 0.08 s, while the longest wait grows from 40 to
+107 s (a 135k-token prompt that takes 29 s itself; scheduler/replay.py, README's Scheduler).
+`due` tells the gateway how long a new prompt would wait here, in that order.
 
 1. When sequences wait and the batch has room: prompt chunks of several of them within a
    token budget (chunked prefill), by deadline; a pipeline stage's next chunk first if its

@@ -21,8 +21,10 @@ blocks) drives N prefill and M decode instances with a cost model:
   prefill computed it; a request's cached tokens are its leading stored blocks (never its last
   token); a request whose KV does not fit any decode instance it may use is rejected.
 
-Policies: `pdserve` (DeepSeek's balancers, scheduler/balancers.py, ties broken at random as a
-gateway breaks them, from `seed`), `round_robin`,
+Policies: `pdserve` (DeepSeek's balancers, scheduler/balancers.py; ties go to the instance
+where the prompt would wait least for work due before its deadline, from the queue profile a
+worker reports, `due_ties`, then at random as a gateway breaks them, from `seed`),
+`round_robin`,
 `least_requests`, and the policies users of the anchors run, each from its documentation with
 its defaults (the instance-local prefix they score is what that instance prefilled before,
 Dynamo's from KV events once stored; or, for SGLang's and llm-d's approximate trees, what was
