@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdserve.scheduler.balancers import (
     DUE_HORIZONS_S,
@@ -77,6 +81,26 @@ def test_due_profile_sums_work_by_horizon_and_work_ahead_reads_it_between_them()
     # the work due "some day" does not count: it is due after any deadline
     assert ahead.tolist() == [2.0, 2.5, 5.0, 7.0, 7.0]
     assert work_ahead(np.zeros((2, len(DUE_HORIZONS_S))), np.array([1.0, 5.0])).tolist() == [0, 0]
+
+
+@given(st.lists(st.tuples(st.floats(-10, 1000), st.floats(0, 100)), max_size=30),
+       st.lists(st.floats(-5, 2000), min_size=1, max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_work_ahead_lies_between_the_work_due_at_the_horizons_around_it(items, dues):
+    """Read between two horizons, the wait ahead is at least the work due by the earlier one
+    and at most the work due by the later one, and it never falls as the deadline grows."""
+    profile = np.array([due_profile(items)])
+    last = -1.0
+    for due in sorted(dues):
+        got = float(work_ahead(profile, np.array([due]))[0])
+        lo = max((h for h in DUE_HORIZONS_S if h <= due), default=0.0)
+        above = [h for h in DUE_HORIZONS_S if h > due]
+        hi = above[0] if above and not math.isinf(above[0]) else lo
+        exact_lo = sum(w for d, w in items if d <= lo)
+        exact_hi = sum(w for d, w in items if d <= hi)
+        assert exact_lo - 1e-6 <= got <= exact_hi + 1e-6
+        assert got >= last - 1e-9
+        last = got
 
 
 def test_a_tie_goes_to_the_worker_where_the_prompt_would_wait_least():
