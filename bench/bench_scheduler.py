@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table
 
+from pdserve.scheduler.anchors import ANCHORS
 from pdserve.scheduler.balancers import due_profile, prefill_work
 from pdserve.scheduler.eplb import gpu_loads, max_over_mean, rebalance_experts
 from pdserve.scheduler.registry import Load, WorkerRegistry, WorkerSpec
-from pdserve.scheduler.replay import ANCHORS, POLICIES, CostModel, load_trace, simulate
-from pdserve.scheduler.traces import SHAPES, stress_trace
+from pdserve.scheduler.replay import POLICIES, CostModel, simulate
+from pdserve.scheduler.traces import SHAPES, load_trace, stress_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 

@@ -163,7 +163,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from pdserve.scheduler.replay import load_trace, simulate
+    from pdserve.scheduler.replay import simulate
+    from pdserve.scheduler.traces import load_trace
 
     if args.prefill < 1 or args.decode < 1:
         print("pdserve replay: --prefill and --decode must be >= 1", file=sys.stderr)

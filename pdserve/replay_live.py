@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from pdserve.client import Client
-from pdserve.scheduler.replay import BLOCK, TraceRequest
+from pdserve.scheduler.traces import BLOCK, TraceRequest
 
 
 def block_tokens(hash_id: int, n: int, vocab: int) -> list[int]:

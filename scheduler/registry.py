@@ -13,6 +13,7 @@ import numpy as np
 
 from pdserve.scheduler.balancers import (
     DUE_HORIZONS_S,
+    due_profile,
     pick_decode_index,
     plan_prefill_index,
     prefill_work,
@@ -70,9 +71,8 @@ class Load:
         is due when its whole prompt is), until its next report says so."""
         if not self.due_s or self.prefill_rate <= 0:
             return self
-        seconds, due = share * work / self.prefill_rate, self.due_in(work)
-        return replace(self, due_s=tuple(v + seconds if h >= due else v
-                                         for v, h in zip(self.due_s, DUE_HORIZONS_S)))
+        added = due_profile([(self.due_in(work), share * work / self.prefill_rate)])
+        return replace(self, due_s=tuple(v + a for v, a in zip(self.due_s, added)))
 
 
 @dataclass

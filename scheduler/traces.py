@@ -1,6 +1,7 @@
-"""Trace shapes that stress a balancer, in the Mooncake trace format (scheduler/replay.py):
-arrival time, prompt and output lengths, and the 512-token block ids a prompt shares with
-others. Seeded: the same shape and seed give the same trace.
+"""Traces for the replay (scheduler/replay.py) in the Mooncake trace format: arrival time,
+prompt and output lengths, and the 512-token block ids a prompt shares with others. Read from
+a JSONL file (`load_trace`), or generated in shapes that stress a balancer (`stress_trace`;
+seeded: the same shape and seed give the same trace):
 
 - `bursts`: groups of requests arriving within 50 ms, every few seconds, each group behind one
   of a few shared system prompts; prompts of 1k-24k tokens.
@@ -12,9 +13,39 @@ others. Seeded: the same shape and seed give the same trace.
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass
 
-from pdserve.scheduler.replay import BLOCK, TraceRequest
+BLOCK = 512  # tokens per trace block
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def load_trace(path: str, limit: int = 0, time_scale: float = 1.0) -> list[TraceRequest]:
+    """Reads a Mooncake-format JSONL trace; arrival times count from its first request, so a
+    slice cut from the middle of a trace replays from time 0."""
+    out = []
+    t0 = None
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            t0 = d["timestamp"] if t0 is None else t0
+            out.append(TraceRequest((d["timestamp"] - t0) / 1000 * time_scale,
+                                    int(d["input_length"]),
+                                    max(1, int(d["output_length"])), tuple(d["hash_ids"])))
+            if limit and len(out) >= limit:
+                break
+    return out
+
 
 SHAPES = ("bursts", "huge", "tenants")
 

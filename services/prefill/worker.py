@@ -162,7 +162,7 @@ class PrefillWorker:
         ld, sched = self.load, self.engine.scheduler
         return common_pb2.LoadReport(
             free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
-            running=len(self.engine.scheduler), queued_tokens=ld.queued_tokens,
+            running=len(sched), queued_tokens=ld.queued_tokens,
             queued_attention=ld.queued_attention, num_finished=self.num_prefills,
             draining=self.draining, due_s=sched.due(self.layout.num_layers),
             prefill_rate=sched.rate.per_second, prefill_slack=sched.prefill_slack)

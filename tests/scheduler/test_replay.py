@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pdserve.scheduler.replay import POLICIES, CostModel, TraceRequest, load_trace, simulate
+from pdserve.scheduler.replay import POLICIES, CostModel, simulate
+from pdserve.scheduler.traces import TraceRequest, load_trace
 
 
 def spaced_trace():
@@ -186,17 +187,17 @@ def _placements(policy: str, trace, n_prefill: int = 2, **kw) -> list[int]:
     from pdserve.scheduler import replay
 
     placed: list[int] = []
-    real = replay._anchor_prefill
+    real = replay.anchor_prefill
 
     def spy(*a, **k):
         placed.append(real(*a, **k))
         return placed[-1]
 
-    replay._anchor_prefill = spy
+    replay.anchor_prefill = spy
     try:
         simulate(trace, policy, n_prefill, 1, **kw)
     finally:
-        replay._anchor_prefill = real
+        replay.anchor_prefill = real
     return placed
 
 

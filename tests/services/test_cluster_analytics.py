@@ -22,7 +22,7 @@ from pdserve.cache.analytics import report, run_named
 from pdserve.cache.ledger import run_query
 from pdserve.client import Client
 from pdserve.metrics import parse_metrics
-from pdserve.scheduler.replay import load_trace
+from pdserve.scheduler.traces import load_trace
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
 from tests.helpers import wait_until
 
