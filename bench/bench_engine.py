@@ -289,6 +289,26 @@ def against_llama_cpp(loaded, path: Path, batch: list[list[int]], new: int, thre
     return out
 
 
+def greedy_head_pairs(loaded, batch: list[list[int]], new: int,
+                      rounds: int) -> list[tuple[float, float]]:
+    """(with, without) the greedy head (engine/greedy_head.py), decode tokens/s, alternating;
+    empty when the model has none (a head without Q8_0 blocks, a CPU without VNNI)."""
+    model = loaded.model
+    head = getattr(model, "greedy_head", None)
+    if head is None:
+        return []
+    out = []
+    for _ in range(rounds):
+        on = decode_rate(lambda bb, n: ours_decode(loaded, bb, n), batch, new)
+        model.greedy_head = None
+        try:
+            off = decode_rate(lambda bb, n: ours_decode(loaded, bb, n), batch, new)
+        finally:
+            model.greedy_head = head
+        out.append((on, off))
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -429,6 +449,14 @@ def main() -> None:
                          f"{bandwidth / step_bytes:.1f} tok/s",
                          f"{step_bytes / 1e6:.0f} MB a step / {bandwidth / 1e9:.1f} GB/s",
                          f"{ours / (bandwidth / step_bytes):.2f}x"))
+            print(rows[-1], flush=True)
+        heads = greedy_head_pairs(loaded, batch, args.new_tokens, 3) if b > 1 else []
+        if heads:
+            rows.append((f"decode, batch {b}: the greedy head against the full head (median "
+                         f"of {len(heads)} alternating rounds)",
+                         f"{statistics.median(o for o, _ in heads):.1f} tok/s",
+                         f"{statistics.median(f for _, f in heads):.1f} tok/s (full head)",
+                         f"{statistics.median(o / f for o, f in heads):.2f}x"))
             print(rows[-1], flush=True)
         if b > 1 and args.device == "cpu" and fma > 0:
             ceiling = fma / step_fmas  # tokens/s if the products alone ran at the FMA peak

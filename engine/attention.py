@@ -62,6 +62,10 @@ class AttnBatch:
     # them (cpu_kernels.py); prefill chunks keep the float32 products, so a prompt's KV is the
     # same bits however it is chunked.
     decode_step: bool = False
+    # Per sequence: whether its caller reads only the argmax of its logits (greedy sampling
+    # without log-probabilities). The head may then return, for those rows, exact logits at
+    # every token that can be the argmax and -inf elsewhere (engine/greedy_head.py).
+    argmax_only: list[bool] | None = None
     _plan: cpu_kernels.DecodePlan | None = None
 
     def decode_plan(self) -> cpu_kernels.DecodePlan:

@@ -50,6 +50,13 @@ from pdserve.scheduler.balancers import prefill_work, request_pages
 log = logging.getLogger(__name__)
 
 
+def argmax_only(seq: Sequence) -> bool:
+    """Whether this step reads only the argmax of the sequence's logits (_append: greedy, no
+    stop tokens held back, no log-probabilities)."""
+    p = seq.params
+    return p.temperature <= 0.0 and not p.logprobs and not p.holds_stops(len(seq.output))
+
+
 def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
     return request_pages(pool.layout.block_tokens, prompt_tokens, max_tokens)
 
@@ -139,7 +146,7 @@ class LLMEngine:
         if batch.kind is BatchKind.DECODE:
             seqs = batch.seqs
             return self.runner.decode([s.last_token for s in seqs], [s.num_tokens for s in seqs],
-                                      [s.pages for s in seqs])
+                                      [s.pages for s in seqs], [argmax_only(s) for s in seqs])
         if batch.kind is BatchKind.STAGE:
             (c,) = batch.chunks
             stage = c.seq.stage

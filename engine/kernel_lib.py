@@ -27,9 +27,11 @@ from typing import Any, ClassVar
 log = logging.getLogger("pdserve.engine.cpu_kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+# one library from these (greedy_head.c calls cpu_kernels.c's exact row products)
+SOURCES = (SOURCE, SOURCE.with_name("greedy_head.c"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared",
          "-fPIC", "-lm"]
-_ABI = 2
+_ABI = 3
 
 
 Fields = Sequence[tuple[str, Any]]  # a ctypes.Structure's (name, C type) list
@@ -94,6 +96,12 @@ class _Kernel:
                            ctypes.c_longlong, *[ctypes.c_int] * 5, *[ctypes.c_void_p] * 4,
                            ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
         self.attention.argtypes = args
+        self.greedy_head_usable = bool(lib.pdserve_greedy_head_usable())
+        self.greedy_head = lib.pdserve_greedy_head
+        self.greedy_head.restype = ctypes.c_int
+        self.greedy_head.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     *[ctypes.c_void_p] * 5, ctypes.c_int,
+                                     *[ctypes.c_void_p] * 2, ctypes.c_int]
 
 
 _lock = threading.Lock()
@@ -124,7 +132,8 @@ def kernel_dir() -> Path:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in SOURCES)
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:16]
     return kernel_dir() / f"cpu_kernels-{digest}.so"
 
 
@@ -139,7 +148,7 @@ def _build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")

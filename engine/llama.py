@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine import cpu_kernels
+from pdserve.engine import cpu_kernels, greedy_head
 from pdserve.engine.attention import AttnBatch, paged_attention
 from pdserve.engine.backend import Backend, without_fusion
 from pdserve.engine.cpu_kernels import QuantWeight
@@ -194,6 +194,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.head_product: FastLinear | None = None
         self.fused_decode: cpu_kernels.LlamaDecode | None = None
+        self.greedy_head: greedy_head.LazyGreedyHead | None = None
         self.backend = Backend("torch")
 
     def prepare(self, backend: Backend,
@@ -217,6 +218,8 @@ class LlamaForCausalLM(nn.Module):
         # float32 weights only if asked for a prefill product.
         self.head_product = FastLinear(self.lm_head.weight, quant=head, pack=backend.pack_weights,
                                        defer_pack=True)
+        self.greedy_head = (greedy_head.LazyGreedyHead(head)
+                            if head is not None and greedy_head.usable(head) else None)
         layers = self._fusable_layers() if backend.fused_layers else None
         if backend.fused_layers and layers is None:
             backend = without_fusion(backend, "not every product has GGUF blocks")
@@ -280,6 +283,31 @@ class LlamaForCausalLM(nn.Module):
         if hi < len(self.model.layers):
             return h
         h = self.model.norm(h[batch.last_indices])
+        return self._logits(h, batch)
+
+    def _logits(self, h: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
+        """The head over h [B, D]; a decode step's argmax-only rows through the greedy head
+        (engine/greedy_head.py) when the model has one and there are enough of them."""
+        full = self._full_logits
+        rows = batch.argmax_only
+        if self.greedy_head is None or not batch.decode_step or rows is None:
+            return full(h)
+        pick = [i for i, only in enumerate(rows) if only]
+        if len(pick) < greedy_head.MIN_ROWS:
+            return full(h)
+        if len(pick) == h.shape[0]:
+            got = self.greedy_head.logits(h)
+            return full(h) if got is None else got
+        got = self.greedy_head.logits(h[pick])
+        if got is None:
+            return full(h)
+        rest = [i for i, only in enumerate(rows) if not only]
+        out = torch.empty(h.shape[0], got.shape[1], dtype=torch.float32)
+        out[pick] = got
+        out[rest] = full(h[rest])
+        return out
+
+    def _full_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = (self.head_product(h, True) if self.head_product is not None
                                 else self.lm_head(h))
         return logits.float()

@@ -100,10 +100,11 @@ class ModelRunner:
 
     def decode(
         self, last_tokens: Sequence[int], ctx_lens: Sequence[int],
-        page_tables: Sequence[Sequence[int]]
+        page_tables: Sequence[Sequence[int]], argmax_only: Sequence[bool] | None = None
     ) -> torch.Tensor:
         """One token for each sequence: last_tokens[i] sits at position ctx_lens[i] - 1.
-        Returns logits [B, vocab]."""
+        Returns logits [B, vocab]. `argmax_only[i]`: the caller reads only row i's argmax
+        (see AttnBatch.argmax_only): the row may be -inf away from the tokens that can be it."""
         graphs = self.graphs
         if graphs is not None and graphs.fits(
                 len(last_tokens), max(-(-c // self.block_tokens) for c in ctx_lens)):
@@ -117,5 +118,7 @@ class ModelRunner:
         batch = AttnBatch.build([1] * len(last_tokens), list(ctx_lens),
                                 [list(t) for t in page_tables], self.block_tokens, self.device,
                                 decode_step=True)
+        if argmax_only is not None:
+            batch.argmax_only = list(argmax_only)
         ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device)
         return self._model(ids, batch)

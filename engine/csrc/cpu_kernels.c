@@ -43,7 +43,7 @@ enum { Q4_1_BYTES = 24, Q8_0_BYTES = 36 };
 
 static inline size_t block_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 
-int pdserve_kernels_abi(void) { return 2; }
+int pdserve_kernels_abi(void) { return 3; }
 
 static inline float f32_at(const uint8_t* p) {
     float f;
@@ -306,6 +306,21 @@ int pdserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* wq, i
         else gguf_dots1(x, K, &g, n0, nr, y + n0);
         if (bias)
             for (int r = 0; r < nr; r++) y[n0 + r] += bias[n0 + r];
+    }
+    return 0;
+}
+
+/* y[i] = x . W[rows[i]] for one row of x and the listed rows of W (engine/csrc/greedy_head.c's
+   exact logits): each the same chain as every other product of these blocks, so the same bits
+   as the full product's y[n]. */
+int pdserve_gguf_rows_dot(int kind, const float* x, int K, const uint8_t* wq, const int* rows,
+                          int n, float* y) {
+    if ((kind != KIND_Q4_1 && kind != KIND_Q8_0) || K <= 0 || K % 32 || n < 0) return -1;
+    const GgufRows g = {kind, wq, (size_t)(K / 32) * block_bytes(kind)};
+    const int wide = has_avx512();
+    for (int i = 0; i < n; i++) {
+        if (wide) gguf_dots1_wide(x, K, &g, rows[i], 1, y + i);
+        else gguf_dots1(x, K, &g, rows[i], 1, y + i);
     }
     return 0;
 }
