@@ -197,9 +197,36 @@ static int rebuilt_linear(const float* x, int M, int K, row_fn row, const void* 
 
 typedef struct { int kind; const uint8_t* blocks; size_t rowbytes; } GgufRows;
 
+/* dequant_row with AVX-512: the same weights (bit for bit: gguf_dots1_wide's table, d * q + m
+   by one fused multiply-add per block for all 16 values of q, picked by nibble; Q8_0 d * q), at
+   about half the instructions. At batch 16 rebuilding the weights was a quarter of a product. */
+WIDE static void dequant_row_wide(int kind, const uint8_t* row, int nb, float* out) {
+    const size_t bytes = block_bytes(kind);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int b = 0; b < nb; b++, out += 32) {
+        const uint8_t* blk = row + (size_t)b * bytes;
+        prefetch_block(blk);
+        if (kind == KIND_Q4_1) {
+            const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(f32_at(blk)), iota,
+                                                 _mm512_set1_ps(f32_at(blk + 4)));
+            /* the permute reads an index's low 4 bits: byte i's low nibble is weight i */
+            const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 8)));
+            _mm512_storeu_ps(out, _mm512_permutexvar_ps(q, table));
+            _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+        } else {
+            const __m512 d = _mm512_set1_ps(f32_at(blk));
+            for (int h = 0; h < 2; h++)
+                _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(d, _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 4 + 16 * h))))));
+        }
+    }
+}
+
 static void gguf_row(const void* w, int n, int K, float* out) {
     const GgufRows* g = w;
-    dequant_row(g->kind, g->blocks + (size_t)n * g->rowbytes, K / 32, out);
+    const uint8_t* row = g->blocks + (size_t)n * g->rowbytes;
+    if (has_avx512()) dequant_row_wide(g->kind, row, K / 32, out);
+    else dequant_row(g->kind, row, K / 32, out);
 }
 
 /* y[0..nr) = x . w[n0 + r] for ONE row of x: the weights rebuilt in registers and used at once,
