@@ -555,12 +555,103 @@ static void attend_kv_head(const float* qh, const float* const* rows, int ctx, i
     }
 }
 
+/* attend_kv_head with AVX-512's 32 registers, where the CPU has it: up to 3 query heads of the
+   group at once, so each key row is read once per 3 heads instead of once per head, and each
+   value row once per 3 heads (32 lanes of the head at a time). Every score and every output
+   lane is the same chain as attend_kv_head's (a score: 8-lane FMAs over the head's dims, then
+   hsum8 over 8 rows; an output lane: FMAs over the context in order, then the division): the
+   same bits. At batch 16 a task's keys (about 40 KB) do not stay in L1 between heads.
+   NG (1..3) is a constant at each call, so the accumulators stay in registers. */
+#define INLINE_WIDE __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static inline
+
+/* scores of rows j..j+7 for query heads qh[0..NG) (each hd floats apart) into p[g * ctx + j] */
+INLINE_WIDE void scores8(const int NG, const float* qh, const float* const* rows, int j,
+                         size_t koff, int hd, __m256 sc, float* p, int ctx) {
+    __m256 a[3][8];
+    for (int g = 0; g < NG; g++)
+        for (int r = 0; r < 8; r++) a[g][r] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) { /* 24 accumulators, 3 queries, 1 key row */
+        __m256 qv[3];
+        for (int g = 0; g < NG; g++) qv[g] = _mm256_loadu_ps(qh + (size_t)g * hd + d);
+        for (int r = 0; r < 8; r++) {
+            const __m256 k = _mm256_loadu_ps(rows[j + r] + koff + d);
+            for (int g = 0; g < NG; g++) a[g][r] = _mm256_fmadd_ps(qv[g], k, a[g][r]);
+        }
+    }
+    for (int g = 0; g < NG; g++)
+        _mm256_storeu_ps(p + (size_t)g * ctx + j, _mm256_mul_ps(hsum8(a[g]), sc));
+}
+
+/* lanes d0..d0+8W of the outputs of query heads [0..NG): sum over the context of p * v, / total */
+INLINE_WIDE void values32(const int NG, const int w, const float* p, int ctx,
+                          const float* const* rows, size_t voff, const float* total, float* oh,
+                          int hd) {
+    __m256 a[3][4];
+    for (int g = 0; g < NG; g++)
+        for (int r = 0; r < 4; r++) a[g][r] = _mm256_setzero_ps();
+    for (int jj = 0; jj < ctx; jj++) {
+        const float* v = rows[jj] + voff;
+        __m256 vv[4];
+        for (int r = 0; r < w; r++) vv[r] = _mm256_loadu_ps(v + 8 * r);
+        for (int g = 0; g < NG; g++) {
+            const __m256 pj = _mm256_set1_ps(p[(size_t)g * ctx + jj]);
+            for (int r = 0; r < w; r++) a[g][r] = _mm256_fmadd_ps(pj, vv[r], a[g][r]);
+        }
+    }
+    for (int g = 0; g < NG; g++) {
+        const __m256 t = _mm256_set1_ps(total[g]);
+        for (int r = 0; r < w; r++) _mm256_storeu_ps(oh + (size_t)g * hd + 8 * r, _mm256_div_ps(a[g][r], t));
+    }
+}
+
+WIDE static void attend_kv_head_wide(const float* qh, const float* const* rows, int ctx, int c,
+                                     int G, int hd, int half, float scale, float* p, float* oh,
+                                     Ahead* ah, int per8) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    const size_t koff = (size_t)c * hd;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        const float* q0 = qh + (size_t)g0 * hd;
+        float* p0 = p + (size_t)g0 * ctx;
+        int j = 0;
+        for (; j + 8 <= ctx; j += 8) {
+            if (ng == 3) scores8(3, q0, rows, j, koff, hd, sc, p0, ctx);
+            else if (ng == 2) scores8(2, q0, rows, j, koff, hd, sc, p0, ctx);
+            else scores8(1, q0, rows, j, koff, hd, sc, p0, ctx);
+            ahead_some(ah, per8 * ng);
+        }
+        for (; j < ctx; j++)
+            for (int g = 0; g < ng; g++)
+                p0[(size_t)g * ctx + j] = dot_n(q0 + (size_t)g * hd, rows[j] + koff, hd) * scale;
+    }
+    float total[64];
+    for (int g = 0; g < G; g++) total[g] = softmax_unnormalised(p + (size_t)g * ctx, ctx);
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int d0 = 0; d0 < hd; d0 += 32) {
+            const int w = (hd - d0 < 32 ? hd - d0 : 32) / 8;
+            const float* p0 = p + (size_t)g0 * ctx;
+            const size_t voff = (size_t)half + koff + d0;
+            float* o = oh + (size_t)g0 * hd + d0;
+            if (w == 4 && ng == 3) values32(3, 4, p0, ctx, rows, voff, total + g0, o, hd);
+            else if (w == 4 && ng == 2) values32(2, 4, p0, ctx, rows, voff, total + g0, o, hd);
+            else if (w == 4) values32(1, 4, p0, ctx, rows, voff, total + g0, o, hd);
+            else /* a head's last lanes (hd not a multiple of 32): 8 at a time */
+                for (int g = 0; g < ng; g++)
+                    for (int r = 0; r < w; r++)
+                        values32(1, 1, p0 + (size_t)g * ctx, ctx, rows, voff + 8 * r,
+                                 total + g0 + g, o + (size_t)g * hd + 8 * r, hd);
+        }
+    }
+}
+
 int pdserve_decode_attention(const float* q, const float* kv, long long page_stride,
                              long long layer_offset, int Bt, int H, int KVH, int hd, int nseq,
                              const int* q_rows, const int* ctx_lens, const int* table_off,
                              const int* tables, float scale, float* out, int nthreads) {
     if (hd <= 0 || hd % 8 || KVH <= 0 || H % KVH || Bt <= 0 || nseq < 0) return -1;
     const int G = H / KVH, half = KVH * hd, row = 2 * half;
+    const int wide = has_avx512() && G <= 64;
     int max_ctx = 0;
     for (int s = 0; s < nseq; s++) {
         if (ctx_lens[s] <= 0 || (ctx_lens[s] + Bt - 1) / Bt > table_off[s + 1] - table_off[s]) return -1;
@@ -611,7 +702,8 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
             const int per8 = blocks8 ? (ah.n * lines + blocks8 - 1) / blocks8 : 0;
             for (int c = kv0; c < kv1; c++) {
                 const size_t at = (size_t)q_rows[s] * H * hd + (size_t)c * G * hd;
-                attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
+                if (wide) attend_kv_head_wide(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
+                else attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
             }
             ahead_some(&ah, 1 << 30);
         }

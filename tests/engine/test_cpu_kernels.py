@@ -106,7 +106,8 @@ def test_an_fp8_row_s_product_does_not_depend_on_the_batch(k):
 
 def _products_digest() -> str:
     """(Run in a child process.) xxh3 of products over both GGUF kinds (batch 1, 4 and 5, a
-    tail group of one row of W) and FP8 (batch 1 and 5, a row 8 past a multiple of 16)."""
+    tail group of one row of W) and FP8 (batch 1 and 5, a row 8 past a multiple of 16), and of
+    decode attention."""
     import xxhash
 
     h = xxhash.xxh3_64()
@@ -118,14 +119,29 @@ def _products_digest() -> str:
     w, s = fp8_weight(43, 200, seed=7)
     for rows in (x[:1, :200], x[:, :200]):
         h.update(cpu_kernels.fp8_linear(rows.contiguous(), w, s, (8, 8)).numpy().tobytes())
+    # decode attention: groups of 3 query heads (one chunk of the wide kernel) and of 4 (a
+    # chunk and a rest), heads of 64 and of 40 dims (a partial 32-lane block), short and
+    # ragged contexts
+    g = torch.Generator().manual_seed(7)
+    ctx_lens = [5, 16, 33, 70]
+    firsts = [0, 1, 2, 5]
+    tables = [torch.arange(f, f + -(-c // 16)) for f, c in zip(firsts, ctx_lens)]
+    for heads, n_kv, hd in ((9, 3, 64), (8, 2, 40)):
+        kv = torch.randn(12, 2, 16, 2 * n_kv * hd, generator=g)
+        q = torch.randn(4, heads, hd, generator=g)
+        out = torch.zeros_like(q)
+        cpu_kernels.decode_attention(q, kv, 1, n_kv, DecodePlan.build(range(4), ctx_lens, tables),
+                                     0.125, out)
+        h.update(out.numpy().tobytes())
     return h.hexdigest()
 
 
 @pytest.mark.integration
 def test_the_wide_and_the_plain_kernels_give_the_same_bits():
-    """Products run with AVX-512 where the CPU has it, else with AVX2 (PDSERVE_NO_AVX512=1
-    forces that): the same chains, so the same bits, at batch 1 (weights rebuilt in registers)
-    and above (rebuilt into a buffer). Each in a fresh process (the choice is made once per
+    """Products and attention run with AVX-512 where the CPU has it, else with AVX2
+    (PDSERVE_NO_AVX512=1 forces that): the same chains, so the same bits, at batch 1 (weights
+    rebuilt in registers) and above (rebuilt into a buffer), and attention's several query heads
+    at once. Each in a fresh process (the choice is made once per
     process)."""
     code = ("import sys; sys.path.insert(0, '.'); "
             "from tests.engine.test_cpu_kernels import _products_digest as f; print(f())")
