@@ -44,3 +44,20 @@ def test_finish_reasons():
     assert finish_reason(7, 1, p) == "stop"
     assert finish_reason(5, 3, p) == "length"
     assert finish_reason(5, 2, p) is None
+
+
+def test_argmax_rows_is_torch_s_argmax():
+    """The engine's batched argmax (numpy on CPU) against torch.argmax: ties go to the first
+    index, a NaN counts as the maximum, a row of -inf gives 0."""
+    from pdserve.engine.engine import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        x = torch.randn(7, 50, generator=g)
+        x[torch.rand(7, 50, generator=g) < 0.3] = float("-inf")
+        x[:, 10] = x[:, 3]
+        if trial % 3 == 0:
+            x[2, 5] = float("nan")
+        if trial % 5 == 0:
+            x[4] = float("-inf")
+        assert argmax_rows(x) == x.argmax(-1).tolist()
