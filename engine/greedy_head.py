@@ -113,19 +113,29 @@ class LazyGreedyHead:
     def __init__(self, weight: QuantWeight) -> None:
         self.weight = weight
         self._head: GreedyHead | None = None
+        self._failed = False
         self._lock = threading.Lock()
         self.kept = torch.zeros(0, dtype=torch.int32)  # the last call's tokens computed per row
 
     def logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """As GreedyHead.__call__, the logits only."""
+        """As GreedyHead.__call__, the logits only; None (take the full product) also when the
+        packing failed, which is logged once and never tried again."""
         if self._head is None:
             with self._lock:
-                if self._head is None:
+                if self._head is None and not self._failed:
                     started = time.perf_counter()
-                    self._head = GreedyHead.from_blocks(self.weight)
-                    log.info("greedy head packed", extra={
-                        "rows": self.weight.shape[0],
-                        "seconds": round(time.perf_counter() - started, 3)})
+                    try:
+                        self._head = GreedyHead.from_blocks(self.weight)
+                    except MemoryError as e:
+                        self._failed = True
+                        log.warning("greedy head not packed; full products from now on",
+                                    extra={"error": repr(e)})
+                    else:
+                        log.info("greedy head packed", extra={
+                            "rows": self.weight.shape[0],
+                            "seconds": round(time.perf_counter() - started, 3)})
+        if self._head is None:
+            return None
         got = self._head(x)
         if got is None:
             return None

@@ -119,6 +119,22 @@ def test_non_finite_input_asks_for_the_full_product():
         assert head(x) is None
 
 
+def test_a_head_that_cannot_be_packed_falls_back_to_the_full_product(monkeypatch, caplog):
+    calls = []
+
+    def no_memory(weight: QuantWeight) -> GreedyHead:
+        calls.append(weight)
+        raise MemoryError("no room for the packed head")
+
+    monkeypatch.setattr(GreedyHead, "from_blocks", staticmethod(no_memory))
+    lazy = greedy_head.LazyGreedyHead(q8_head(np.ones((40, 32))))
+    with caplog.at_level("WARNING", logger="pdserve.engine.greedy_head"):
+        assert lazy.logits(torch.ones(4, 32)) is None
+        assert lazy.logits(torch.ones(4, 32)) is None
+    assert len(calls) == 1, "tried once, not at every step"
+    assert sum("greedy head not packed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_bad_arguments_are_refused():
     head = GreedyHead.from_blocks(q8_head(np.random.default_rng(4).standard_normal((40, 64))))
     with pytest.raises(ValueError, match=r"\[M, 64\]"):
