@@ -50,11 +50,17 @@ from pdserve.scheduler.balancers import prefill_work, request_pages
 log = logging.getLogger(__name__)
 
 
-def argmax_only(seq: Sequence) -> bool:
-    """Whether this step reads only the argmax of the sequence's logits (_append: greedy, no
-    stop tokens held back, no log-probabilities)."""
+def takes_argmax(seq: Sequence) -> bool:
+    """Whether this step's token is the argmax of the sequence's logits (greedy, no stop
+    tokens held back by min_tokens)."""
     p = seq.params
-    return p.temperature <= 0.0 and not p.logprobs and not p.holds_stops(len(seq.output))
+    return p.temperature <= 0.0 and not p.holds_stops(len(seq.output))
+
+
+def argmax_only(seq: Sequence) -> bool:
+    """Whether this step reads nothing of the sequence's logits but their argmax (it takes the
+    argmax and wants no log-probability): the head may skip the rest (AttnBatch.argmax_only)."""
+    return takes_argmax(seq) and not seq.params.logprobs
 
 
 def argmax_rows(logits: torch.Tensor) -> list[int]:
@@ -208,8 +214,7 @@ class LLMEngine:
     def _append(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> TokenEvent:
         """`greedy`: the argmax of `logits`, computed for the whole batch at once."""
         params = seq.params
-        token = (greedy if params.temperature <= 0.0 and not params.holds_stops(len(seq.output))
-                 else sample(logits, params, len(seq.output)))
+        token = greedy if takes_argmax(seq) else sample(logits, params, len(seq.output))
         lp = logprob_of(logits, token) if seq.params.logprobs else None
         seq.output.append(token)
         if lp is not None:

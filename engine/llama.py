@@ -295,12 +295,12 @@ class LlamaForCausalLM(nn.Module):
         pick = [i for i, only in enumerate(rows) if only]
         if len(pick) < greedy_head.MIN_ROWS:
             return full(h)
-        if len(pick) == h.shape[0]:
-            got = self.greedy_head.logits(h)
-            return full(h) if got is None else got
-        got = self.greedy_head.logits(h[pick])
+        every = len(pick) == h.shape[0]
+        got = self.greedy_head.logits(h if every else h[pick])
         if got is None:
             return full(h)
+        if every:
+            return got
         rest = [i for i, only in enumerate(rows) if not only]
         out = torch.empty(h.shape[0], got.shape[1], dtype=torch.float32)
         out[pick] = got

@@ -69,7 +69,7 @@ class PrefillRate:
 
     def seconds_for(self, work: float) -> float:
         """The time `work` takes at the rate measured so far (0 before any step)."""
-        return work / self.per_second if self.work else 0.0
+        return work * self.seconds / self.work if self.work else 0.0
 
 
 class BatchKind(enum.Enum):

@@ -36,6 +36,7 @@
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #define TILE 16
 #define MG 8 /* rows of x per pass over a tile: 8 independent integer chains */
+#define KIND_Q8_0 1 /* cpu_kernels.c's kind of the head's blocks */
 
 int pdserve_gguf_rows_dot(int kind, const float* x, int K, const uint8_t* wq, const int* rows,
                           int n, float* y);
@@ -159,7 +160,7 @@ VNNI static int keep_row(const float* x, int K, const uint8_t* wq, int N, float 
         if (ym[n] >= lb) list[c++] = n;
         else ym[n] = -INFINITY;
     }
-    pdserve_gguf_rows_dot(1, x, K, wq, list, c, got);
+    pdserve_gguf_rows_dot(KIND_Q8_0, x, K, wq, list, c, got);
     for (int i = 0; i < c; i++) ym[list[i]] = got[i];
     return c;
 }
@@ -209,7 +210,7 @@ VNNI int pdserve_greedy_head(const float* x, int M, int K, const uint8_t* wt, co
                     kept[m] = keep_row(x + (size_t)m * K, K, wq, N, lb[m], ym, list, got);
                 } else { /* no scratch: this row computes every logit exactly */
                     for (int n = 0; n < N; n++)
-                        pdserve_gguf_rows_dot(1, x + (size_t)m * K, K, wq, &n, 1, ym + n);
+                        pdserve_gguf_rows_dot(KIND_Q8_0, x + (size_t)m * K, K, wq, &n, 1, ym + n);
                     kept[m] = N;
                 }
             }
