@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from pdserve.cache.block_hash import BlockHash
@@ -21,6 +22,9 @@ from pdserve.services.prefill.guard import PageGuard
 log = logging.getLogger(__name__)
 
 PUT_DRAIN_S = 10.0  # at shutdown, pending block writes get this long
+# Keys of this worker's finished writes it remembers (32 bytes each, about 3 MiB at most): a
+# request whose gateway looked while one of them was in flight may come after it finished.
+RECENT_WRITES = 1 << 16
 
 
 def load_blocks(pool: KVPool, fingerprint: str, pages: Sequence[PageId],
@@ -59,6 +63,7 @@ class BlockIO:
         self.guard = guard
         self._puts: set[asyncio.Task[int]] = set()
         self._writing: dict[BlockHash, asyncio.Task[int]] = {}  # keys of writes in flight
+        self._recent: OrderedDict[BlockHash, None] = OrderedDict()  # keys of finished writes
 
     async def load(self, keys: Sequence[BlockHash], pages: Sequence[PageId]) -> int:
         """Fetches the keys' blocks and loads the verified leading ones into the pages; returns
@@ -88,18 +93,24 @@ class BlockIO:
             for b in blocks:
                 if self._writing.get(b.key) is t:
                     del self._writing[b.key]
+                self._recent[b.key] = None
+                self._recent.move_to_end(b.key)
+            while len(self._recent) > RECENT_WRITES:
+                self._recent.popitem(last=False)
 
         task.add_done_callback(done)
 
     async def written(self, keys: Sequence[BlockHash], timeout_s: float) -> bool:
-        """Waits (up to timeout_s) for this worker's writes of any of the keys still in flight;
-        whether there were any: a request that came right after the one that wrote its blocks
-        (the gateway found them missing) finds them in the store once they land."""
+        """Whether this worker wrote any of the keys lately or is writing them now, waiting
+        (up to timeout_s) for the writes still in flight: a request that came right after the
+        one that wrote its blocks (the gateway looked while the write was in flight, so found
+        them missing) finds them in the store once they land. A write that finished between
+        the gateway's look and this one counts too."""
         pending = {t for k in keys if (t := self._writing.get(k)) is not None}
-        if not pending:
-            return False
-        await asyncio.wait(pending, timeout=timeout_s)
-        return True
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+            return True
+        return any(k in self._recent for k in keys)
 
     async def drain(self) -> None:
         if self._puts:
