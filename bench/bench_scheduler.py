@@ -42,6 +42,8 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
         ("pdserve, arrival order (prefill_slack 0)", "pdserve",
          replace(CostModel(), prefill_slack=0.0)),
         ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0)),
+        ("pdserve, no pipelines over idle instances", "pdserve",
+         replace(CostModel(), idle_pipeline_tokens=0)),
         ("pdserve, balance ties by load, not queue", "pdserve",
          replace(CostModel(), due_ties=False))]
     for name, policy, cost in runs:
@@ -125,7 +127,8 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
     prompts and breaking ties by the prefill workers' queues by deadline), plus the
     optimistic bumps of the chosen workers, as the request flow does."""
     rng = random.Random(0)
-    reg = WorkerRegistry(pipeline_min_tokens=32_768, pipeline_max_stages=8)
+    reg = WorkerRegistry(pipeline_min_tokens=32_768, pipeline_max_stages=8,
+                         pipeline_idle_tokens=4096)
     for role in ("prefill", "decode"):
         for i in range(workers):
             wid = f"{role}-{i}"

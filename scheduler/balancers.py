@@ -153,7 +153,8 @@ def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
 def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
                        allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
                        max_stages: int = 0, rng: np.random.Generator | None = None,
-                       ahead: np.ndarray | None = None) -> list[int]:
+                       ahead: np.ndarray | None = None, idle_pipeline_tokens: int = 0
+                       ) -> list[int]:
     """Rows that prefill the request: one row, or, for a prompt with at least
     `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
     layers over the whole prompt and so take 1/G of its attention work and token volume
@@ -161,7 +162,10 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     least loaded rows; G, up to `max_stages` (0: every allowed row), minimises the highest
     normalised load among them once each has its share (the request is done when its slowest
     stage is), the smallest G on ties. The first row is the head (the least loaded), which
-    runs the last layers and owns the result. Empty when no row is allowed."""
+    runs the last layers and owns the result. A prompt with fewer new tokens, but at least
+    `idle_pipeline_tokens` (0: none), is pipelined over the allowed rows with nothing queued,
+    when there are two or more (at most `max_stages`; the head first, then in row order).
+    Empty when no row is allowed."""
     n = len(attention)
     ok = np.ones(n, dtype=bool) if allowed is None else allowed
     single = pick_prefill_index(attention, tokens, cached, new, ok, rng, ahead)
@@ -169,8 +173,17 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
         return []
     rows = np.flatnonzero(ok)
     limit = len(rows) if max_stages <= 0 else min(max_stages, len(rows))
-    if not min_pipeline_tokens or new < min_pipeline_tokens or limit < 2:
+    if not min_pipeline_tokens or limit < 2:
         return [single]
+    if new < min_pipeline_tokens:
+        if not idle_pipeline_tokens or new < idle_pipeline_tokens:
+            return [single]
+        # A shorter prompt goes over the instances with nothing queued, when there are two or
+        # more: their idle time shortens its first token and takes nothing from anyone.
+        idle = rows[(attention[rows] <= 0) & (tokens[rows] <= 0)]
+        if len(idle) < 2 or single not in idle:
+            return [single]
+        return [single] + [int(r) for r in idle if r != single][:limit - 1]
     work = attention_work(cached, new)
     mean_a = (attention.sum() + work) / n or 1.0
     mean_b = (tokens.sum() + new) / n or 1.0

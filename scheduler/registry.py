@@ -129,9 +129,11 @@ class WorkerRegistry:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     _tables: dict[str, LoadTable] = field(default_factory=dict)
     # Pipelined prefill (balancers.plan_prefill_index): prompts with this many uncached tokens
-    # (0: none) over at most this many prefill workers (0: all in rotation).
+    # (0: none) over at most this many prefill workers (0: all in rotation), and prompts with
+    # this many (0: none) over the workers with nothing queued.
     pipeline_min_tokens: int = 0
     pipeline_max_stages: int = 0
+    pipeline_idle_tokens: int = 0
     # Ties between equally loaded workers are broken at random (balancers._pick_min_max).
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
@@ -223,7 +225,8 @@ class WorkerRegistry:
         decode = self.pick_decode(pages, excluded)
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
                                   self.pipeline_min_tokens, self.pipeline_max_stages, self.rng,
-                                  pt.ahead(cached, n_prompt - cached))
+                                  pt.ahead(cached, n_prompt - cached),
+                                  self.pipeline_idle_tokens)
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
             upstream = []  # a rank of an EP group steps with its group, not as a stage

@@ -38,7 +38,8 @@ async def run(settings: GatewaySettings) -> None:
     tokenizer = load_tokenizer(settings.model)
     phase("tokenizer load")
     registry = WorkerRegistry(pipeline_min_tokens=settings.pipeline_min_tokens,
-                              pipeline_max_stages=settings.pipeline_max_stages)
+                              pipeline_max_stages=settings.pipeline_max_stages,
+                              pipeline_idle_tokens=settings.pipeline_idle_tokens)
     kvstore = KVStoreClient(settings.kvstore, settings.lookup_timeout_s)
     gateway_id = settings.gateway_id or socket.gethostname()
     ledger = (Ledger(settings.data_dir, settings.ledger_flush_records, settings.ledger_flush_s,

@@ -278,6 +278,32 @@ def test_plan_prefill_pipelines_only_long_prompts_over_the_least_loaded():
     assert plan_prefill_index(att, tok, 0, 8000, np.zeros(4, dtype=bool), 4096) == []
 
 
+def test_a_shorter_prompt_goes_over_the_idle_workers_only():
+    import numpy as np
+
+    from pdserve.scheduler.balancers import plan_prefill_index
+
+    att = np.array([4e6, 0.0, 1e6, 0.0, 0.0])
+    tok = np.array([2000.0, 0.0, 1000.0, 0.0, 0.0])
+    kw = dict(min_pipeline_tokens=16_384, idle_pipeline_tokens=4096)
+    # 5,000 new tokens (below 16,384, at least 4,096): the head is the balancer's pick, the
+    # other stages are the workers with nothing queued, in row order; a busy one never is.
+    plan = plan_prefill_index(att, tok, 0, 5000, **kw)
+    assert plan[0] in (1, 3, 4) and sorted(plan) == [1, 3, 4]
+    assert len(plan_prefill_index(att, tok, 0, 5000, max_stages=2, **kw)) == 2
+    # Below the idle threshold, or with it off, or with pipelining off: one worker.
+    assert len(plan_prefill_index(att, tok, 0, 4000, **kw)) == 1
+    assert len(plan_prefill_index(att, tok, 0, 5000, min_pipeline_tokens=16_384)) == 1
+    assert len(plan_prefill_index(att, tok, 0, 5000, idle_pipeline_tokens=4096)) == 1
+    # One idle worker: no pipeline; none: the balancer's pick alone.
+    one = np.array([4e6, 0.0, 1e6, 2e6, 3e6])
+    assert len(plan_prefill_index(one, one / 1000, 0, 5000, **kw)) == 1
+    assert plan_prefill_index(one + 1, one / 1000 + 1, 0, 5000, **kw) == [1]
+    # Excluded idle workers are no stages.
+    ok = np.array([True, True, True, False, True])
+    assert sorted(plan_prefill_index(att, tok, 0, 5000, ok, **kw)) == [1, 4]
+
+
 def test_registry_pick_returns_the_pipeline_stages_and_the_head():
     r = WorkerRegistry(pipeline_min_tokens=1000)
     for i in range(3):
@@ -296,3 +322,9 @@ def test_registry_pick_returns_the_pipeline_stages_and_the_head():
     r.report("p0", 1, Load(free_pages=100, total_pages=100, queued_attention=1e9,
                            queued_tokens=5000), now=0.0)
     assert pick(4000) == ("p1", ["p2"])  # p0 far behind: no stage
+    # Idle pipelining: a prompt below pipeline_min_tokens goes over the idle workers only.
+    r.pipeline_min_tokens, r.pipeline_idle_tokens = 10_000, 600
+    head, upstream = pick(700)
+    assert sorted([head, *upstream]) == ["p1", "p2"]
+    head, upstream = pick(500)
+    assert upstream == []

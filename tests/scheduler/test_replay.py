@@ -103,6 +103,24 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
+def test_a_mid_sized_prompt_goes_over_idle_instances_only():
+    """A 3,000-token prompt (3 s on one instance) below pipeline_min_tokens but above the
+    idle threshold: on two idle instances it is pipelined; behind other work it is not."""
+    from dataclasses import replace
+
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=10_000,
+                     idle_pipeline_tokens=2000, pipeline_chunk_tokens=1000, pipeline_hop_s=0.0)
+    alone = [TraceRequest(0.0, 3000, 2, ())]
+    # Two stages of 1.5 s in chunks of 375 tokens (pipeline_chunk: at least 4 per stage, at
+    # least 256 tokens): the head ends one chunk (0.1875 s) after stage 0.
+    assert simulate(alone, "pdserve", 2, 2, cost)["ttft_p50_s"] == pytest.approx(1.6875)
+    off = replace(cost, idle_pipeline_tokens=0)
+    assert simulate(alone, "pdserve", 2, 2, off)["ttft_p50_s"] == pytest.approx(3.0)
+    # Instance 0 busy with a 500-token prompt: the 3,000-token one goes to instance 1 alone.
+    busy = [TraceRequest(0.0, 500, 2, ()), TraceRequest(0.01, 3000, 2, ())]
+    assert simulate(busy, "pdserve", 2, 2, cost)["ttft_max_s"] == pytest.approx(3.0)
+
+
 def test_short_prompts_pass_a_pipelined_one_until_its_deadline():
     """An 8,000-token prompt pipelined over both instances (two stages of 4 s, chunks of
     0.5 s), two 500-token prompts arriving at 1.2 s, one per instance."""
