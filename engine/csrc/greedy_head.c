@@ -188,17 +188,23 @@ VNNI int pdserve_greedy_head(const float* x, int M, int K, const uint8_t* wt, co
         if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
         {
-            float mine[MG];
-            for (int m0 = 0; m0 < Mp; m0 += MG) {
-                for (int i = 0; i < MG; i++) mine[i] = -INFINITY;
-#pragma omp for schedule(static)
-                for (int t = 0; t < tiles; t++)
-                    screen_tile(wt, dt, lt, wmax, t, nb, N, xq, s, e, corr, x1, m0, M, K, g, y,
-                                mine);
-#pragma omp critical
-                for (int i = 0; i < MG; i++)
-                    if (mine[i] > lb[m0 + i]) lb[m0 + i] = mine[i];
+            /* Every group of MG rows of x over a tile while its weights (nb * 512 bytes) are
+               in L1: the head's 28 MB are read once per step, not once per group. */
+            float* mine = malloc(sizeof(float) * (size_t)Mp);
+            if (!mine) {
+#pragma omp atomic write
+                rc = -2;
             }
+            for (int m = 0; mine && m < Mp; m++) mine[m] = -INFINITY;
+#pragma omp for schedule(static)
+            for (int t = 0; t < tiles; t++)
+                for (int m0 = 0; mine && m0 < Mp; m0 += MG)
+                    screen_tile(wt, dt, lt, wmax, t, nb, N, xq, s, e, corr, x1, m0, M, K, g, y,
+                                mine + m0);
+#pragma omp critical
+            for (int m = 0; mine && m < Mp; m++)
+                if (mine[m] > lb[m]) lb[m] = mine[m];
+            free(mine);
 #pragma omp barrier
             /* pass 2: per row of x, the candidates exactly, -inf for the rest */
             int* list = malloc(sizeof(int) * (size_t)N);
