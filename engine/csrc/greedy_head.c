@@ -104,6 +104,9 @@ VNNI static void screen_tile(const uint8_t* wt, const float* dt, const float* lt
         __m512i dot[MG];
         for (int i = 0; i < MG; i++) dot[i] = _mm512_setzero_si512();
         const uint8_t* wb = wtile + (size_t)b * 8 * 64;
+        /* the stream of tiles 8 blocks ahead (a prefetch past the end faults nothing): the
+           hardware's prefetcher alone left the screen waiting on memory, 12 % slower */
+        for (int j = 0; j < 8; j++) _mm_prefetch((const char*)(wb + 4096 + 64 * j), _MM_HINT_T0);
         for (int j = 0; j < 8; j++) {
             const __m512i w = _mm512_loadu_si512((const void*)(wb + 64 * j));
             for (int i = 0; i < MG; i++) {
