@@ -43,7 +43,7 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
          replace(CostModel(), prefill_slack=0.0)),
         ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0)),
         ("pdserve, no pipelines over idle instances", "pdserve",
-         replace(CostModel(), idle_pipeline_tokens=0)),
+         replace(CostModel(), pipeline_idle_tokens=0)),
         ("pdserve, balance ties by load, not queue", "pdserve",
          replace(CostModel(), due_ties=False))]
     for name, policy, cost in runs:

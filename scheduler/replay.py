@@ -74,7 +74,7 @@ class CostModel:
     decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
     pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
     pipeline_max_stages: int = 0       # over at most this many instances (0: all)
-    idle_pipeline_tokens: int = 4_096  # and prompts of this many over the instances now idle
+    pipeline_idle_tokens: int = 4_096  # and prompts of this many over the instances now idle
     pipeline_chunk_tokens: int = 4_096  # largest chunk handed from stage to stage (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
@@ -314,7 +314,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                                           min_pipeline_tokens=cost.pipeline_min_tokens,
                                           max_stages=cost.pipeline_max_stages,
                                           rng=np_rng, ahead=ahead,
-                                          idle_pipeline_tokens=cost.idle_pipeline_tokens)
+                                          idle_pipeline_tokens=cost.pipeline_idle_tokens)
             elif policy == "round_robin":
                 pw = k % n_prefill
             elif policy == "least_requests":

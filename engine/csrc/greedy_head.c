@@ -178,8 +178,10 @@ VNNI int pdserve_greedy_head(const float* x, int M, int K, const uint8_t* wt, co
                              float* y, int* kept, int nthreads) {
     if (M <= 0 || K <= 0 || K % 32 || N <= 0) return -1;
     const int nb = K / 32, Mp = (M + MG - 1) / MG * MG, tiles = (N + TILE - 1) / TILE;
+    if (nthreads < 1) nthreads = 1;
     int8_t* xq = aligned_alloc(64, (size_t)Mp * K);
-    float* fs = malloc(sizeof(float) * ((size_t)3 * Mp * nb + 2 * (size_t)Mp));
+    /* s, e, x1, lb, then each thread's lower bounds */
+    float* fs = malloc(sizeof(float) * ((size_t)3 * Mp * nb + (size_t)(2 + nthreads) * Mp));
     int32_t* corr = malloc(sizeof(int32_t) * (size_t)Mp * nb);
     int rc = 0;
     if (!xq || !fs || !corr) rc = -2;
@@ -187,27 +189,20 @@ VNNI int pdserve_greedy_head(const float* x, int M, int K, const uint8_t* wt, co
     if (rc == 0) rc = quantize_x(x, M, Mp, K, xq, s, e, corr, x1);
     if (rc == 0) {
         const float g = (float)(K + 64) / 8388608.0f;
-        for (int m = 0; m < Mp; m++) lb[m] = -INFINITY;
-        if (nthreads < 1) nthreads = 1;
+        for (int m = 0; m < (1 + nthreads) * Mp; m++) lb[m] = -INFINITY;
 #pragma omp parallel num_threads(nthreads)
         {
             /* Every group of MG rows of x over a tile while its weights (nb * 512 bytes) are
                in L1: the head's 28 MB are read once per step, not once per group. */
-            float* mine = malloc(sizeof(float) * (size_t)Mp);
-            if (!mine) {
-#pragma omp atomic write
-                rc = -2;
-            }
-            for (int m = 0; mine && m < Mp; m++) mine[m] = -INFINITY;
+            float* mine = lb + (size_t)(1 + omp_get_thread_num()) * Mp;
 #pragma omp for schedule(static)
             for (int t = 0; t < tiles; t++)
-                for (int m0 = 0; mine && m0 < Mp; m0 += MG)
+                for (int m0 = 0; m0 < Mp; m0 += MG)
                     screen_tile(wt, dt, lt, wmax, t, nb, N, xq, s, e, corr, x1, m0, M, K, g, y,
                                 mine + m0);
 #pragma omp critical
-            for (int m = 0; mine && m < Mp; m++)
+            for (int m = 0; m < Mp; m++)
                 if (mine[m] > lb[m]) lb[m] = mine[m];
-            free(mine);
 #pragma omp barrier
             /* pass 2: per row of x, the candidates exactly, -inf for the rest */
             int* list = malloc(sizeof(int) * (size_t)N);

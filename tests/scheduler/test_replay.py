@@ -109,12 +109,12 @@ def test_a_mid_sized_prompt_goes_over_idle_instances_only():
     from dataclasses import replace
 
     cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=10_000,
-                     idle_pipeline_tokens=2000, pipeline_chunk_tokens=1000, pipeline_hop_s=0.0)
+                     pipeline_idle_tokens=2000, pipeline_chunk_tokens=1000, pipeline_hop_s=0.0)
     alone = [TraceRequest(0.0, 3000, 2, ())]
     # Two stages of 1.5 s in chunks of 375 tokens (pipeline_chunk: at least 4 per stage, at
     # least 256 tokens): the head ends one chunk (0.1875 s) after stage 0.
     assert simulate(alone, "pdserve", 2, 2, cost)["ttft_p50_s"] == pytest.approx(1.6875)
-    off = replace(cost, idle_pipeline_tokens=0)
+    off = replace(cost, pipeline_idle_tokens=0)
     assert simulate(alone, "pdserve", 2, 2, off)["ttft_p50_s"] == pytest.approx(3.0)
     # Instance 0 busy with a 500-token prompt: the 3,000-token one goes to instance 1 alone.
     busy = [TraceRequest(0.0, 500, 2, ()), TraceRequest(0.01, 3000, 2, ())]
@@ -147,6 +147,12 @@ def test_short_prompts_pass_a_pipelined_one_until_its_deadline():
     from pdserve.scheduler.balancers import ATTENTION_PER_TOKEN
 
     assert CostModel().prefill_slack == PREFILL_SLACK == PrefillSettings().prefill_slack
+    # and pipelines as the gateway does by default
+    from pdserve.config import GatewaySettings
+
+    gw = GatewaySettings()
+    assert (CostModel().pipeline_min_tokens, CostModel().pipeline_idle_tokens) == (
+        gw.pipeline_min_tokens, gw.pipeline_idle_tokens)
     # and the workers weigh attention against tokens as the replay's cost model does
     assert ATTENTION_PER_TOKEN == pytest.approx(CostModel().attention_s * CostModel().prefill_tps)
 
