@@ -28,7 +28,7 @@ def run(tokens: int, n: int, pipelined: bool) -> tuple[list[float], list[list[in
     from pdserve.cluster import LocalCluster
     from pdserve.config import UpSettings
 
-    env = {"PDSERVE_PIPELINE_MIN_TOKENS": "1024" if pipelined else "0"}
+    env = {"PDSERVE_PIPELINE_MIN_TOKENS": str(min(1024, tokens)) if pipelined else "0"}
     ttft, outs = [], []
     with tempfile.TemporaryDirectory() as d:
         settings = UpSettings(data_dir=Path(d), port=0, num_prefill=2, num_decode=1, threads=1,

@@ -265,10 +265,11 @@ class GatewaySettings(_Served):
                                      "least this many uncached tokens as a pipeline over "
                                      "several prefill workers, each running some of the layers, "
                                      "when that evens out their load (0 = never)")
-    pipeline_idle_tokens: int = Field(4_096, ge=0, description="prefill a prompt with at "
+    pipeline_idle_tokens: int = Field(512, ge=0, description="prefill a prompt with at "
                                       "least this many (and fewer than --pipeline-min-tokens) "
                                       "uncached tokens as a pipeline over the prefill workers "
-                                      "with nothing queued, when two or more are (0 = never)")
+                                      "where its first token comes soonest, by their queues, "
+                                      "when that beats one worker (0 = never)")
     pipeline_max_stages: int = Field(8, ge=2, le=64, description="prefill workers in one "
                                      "pipeline at most (each stage adds a chunk of latency; a "
                                      "model of L layers uses at most L)")

@@ -147,14 +147,50 @@ def pipeline_chunk(new: int, stages: int, most: int, least: int = 256) -> int:
     """Tokens per chunk of a pipelined prefill: G stages over k chunks take (k + G - 1) / k of
     the ideal time, so at least 4 chunks per stage, within [least, most] (the worker's prefill
     chunk) tokens."""
-    return max(1, min(most, max(least, -(-new // (4 * stages)))))
+    return int(_chunk_tokens(new, np.asarray(stages), most, least))
+
+
+def _chunk_tokens(new: int, stages: np.ndarray, most: int, least: int) -> np.ndarray:
+    result: np.ndarray = np.maximum(1, np.minimum(most, np.maximum(least,
+                                                                   -(-new // (4 * stages)))))
+    return result
+
+
+def pipeline_seconds(own_s: np.ndarray, new: int, stages: np.ndarray, most: int = 4096,
+                     least: int = 256) -> np.ndarray:
+    """A prompt of `own_s` seconds on one instance, pipelined over `stages` (arrays, element by
+    element): each stage takes 1/G of it, and the last stage's first chunk waits for the G - 1
+    stages before it: (k + G - 1) / k of the ideal with k chunks (pipeline_chunk's sizes)."""
+    g = np.maximum(stages, 1)
+    k = -(-new // _chunk_tokens(new, g, most, least))
+    result: np.ndarray = np.where(g > 1, own_s / g * (k + g - 1) / k, own_s)
+    return result
+
+
+def soonest_pipeline(ahead: np.ndarray, own_s: np.ndarray, rows: np.ndarray, single: int,
+                     new: int, limit: int) -> list[int]:
+    """The rows (of `rows`, at most `limit`) over which a prompt's first token comes soonest:
+    the G rows where it would wait least (`ahead`, seconds of work due before it), G
+    minimising the longest wait among them plus its pipelined time (pipeline_seconds, on the
+    slowest of them); `single` alone unless that beats its own wait plus its whole time."""
+    order = rows[np.argsort(ahead[rows], kind="stable")][:limit]
+    wait = np.maximum.accumulate(ahead[order])
+    slowest = np.maximum.accumulate(own_s[order])
+    finish = wait + pipeline_seconds(slowest, new, np.arange(1, len(order) + 1))
+    best = int(np.argmin(finish)) + 1
+    if best < 2 or finish[best - 1] >= ahead[single] + own_s[single]:
+        return [single]
+    # Stages in the order they can start: the head, which runs the last layers and starts
+    # last anyway, is the one with the longest wait.
+    chosen = [int(r) for r in order[:best]]
+    return chosen[-1:] + chosen[:-1]
 
 
 def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, new: int,
                        allowed: np.ndarray | None = None, min_pipeline_tokens: int = 0,
                        max_stages: int = 0, rng: np.random.Generator | None = None,
-                       ahead: np.ndarray | None = None, idle_pipeline_tokens: int = 0
-                       ) -> list[int]:
+                       ahead: np.ndarray | None = None, idle_pipeline_tokens: int = 0,
+                       own_s: np.ndarray | None = None) -> list[int]:
     """Rows that prefill the request: one row, or, for a prompt with at least
     `min_pipeline_tokens` new tokens (0: never), a pipeline of G rows that each run 1/G of the
     layers over the whole prompt and so take 1/G of its attention work and token volume
@@ -163,9 +199,11 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     normalised load among them once each has its share (the request is done when its slowest
     stage is), the smallest G on ties. The first row is the head (the least loaded), which
     runs the last layers and owns the result. A prompt with fewer new tokens, but at least
-    `idle_pipeline_tokens` (0: none), is pipelined over the allowed rows with nothing queued,
-    when there are two or more (at most `max_stages`; the head first, then in row order).
-    Empty when no row is allowed."""
+    `idle_pipeline_tokens` (0: none), goes over the rows where its first token comes soonest
+    (`soonest_pipeline`, from `ahead` and `own_s`, the seconds the whole prompt takes on each
+    row), or, without those estimates, over the rows with nothing queued, when there are two
+    or more (at most `max_stages`; the head first, then in row order). Empty when no row is
+    allowed."""
     n = len(attention)
     ok = np.ones(n, dtype=bool) if allowed is None else allowed
     single = pick_prefill_index(attention, tokens, cached, new, ok, rng, ahead)
@@ -178,8 +216,11 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
     if new < min_pipeline_tokens:
         if not idle_pipeline_tokens or new < idle_pipeline_tokens:
             return [single]
-        # A shorter prompt goes over the instances with nothing queued, when there are two or
-        # more: their idle time shortens its first token and takes nothing from anyone.
+        # A shorter prompt goes where its first token comes soonest: the rows' time free
+        # before its deadline shortens it and takes nothing from work due earlier.
+        if ahead is not None and own_s is not None and bool((own_s[rows] > 0).all()):
+            soonest = soonest_pipeline(ahead, own_s, rows, single, new, limit)
+            return soonest if len(soonest) > 1 else [single]
         idle = rows[(attention[rows] <= 0) & (tokens[rows] <= 0)]
         if len(idle) < 2 or single not in idle:
             return [single]

@@ -96,6 +96,7 @@ class LoadTable:
     running: np.ndarray
     due: np.ndarray = field(default_factory=lambda: np.zeros((0, len(DUE_HORIZONS_S))))
     due_per_work: np.ndarray = field(default_factory=lambda: np.zeros(0))  # slack / rate
+    seconds_per_work: np.ndarray = field(default_factory=lambda: np.zeros(0))  # 1 / rate
     row: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -105,6 +106,7 @@ class LoadTable:
                 np.zeros(n), np.zeros(n))
         t.row = {wid: i for i, wid in enumerate(t.ids)}
         t.due, t.due_per_work = np.zeros((n, len(DUE_HORIZONS_S))), np.zeros(n)
+        t.seconds_per_work = np.zeros(n)
         for i, w in enumerate(states):
             t.set(i, w.load)
         return t
@@ -114,9 +116,16 @@ class LoadTable:
         it (balancers.work_ahead over the worker's reported queue)."""
         return work_ahead(self.due, self.due_per_work * prefill_work(cached, new))
 
+    def own_seconds(self, cached: int, new: int) -> np.ndarray:
+        """Per row, the seconds the worker takes for the whole prompt at its measured rate
+        (0 where it has measured none yet)."""
+        result: np.ndarray = self.seconds_per_work * prefill_work(cached, new)
+        return result
+
     def set(self, i: int, load: Load) -> None:
         self.due[i] = load.due_s or 0.0  # not reported: nothing ahead
         self.due_per_work[i] = load.due_in(1.0)
+        self.seconds_per_work[i] = 1.0 / load.prefill_rate if load.prefill_rate > 0 else 0.0
         self.attention[i] = load.queued_attention
         self.tokens[i] = load.queued_tokens
         self.used_pages[i] = load.total_pages - load.free_pages
@@ -211,7 +220,9 @@ class WorkerRegistry:
         """(prefill, decode, pipeline) for a request, by the balancers over the load tables:
         `pipeline` lists the prefill workers that run the first layers before `prefill` runs
         the last ones (empty unless the prompt has at least `pipeline_min_tokens` uncached
-        tokens and spreading it lowers the load of its slowest stage: plan_prefill_index).
+        tokens and spreading it lowers the load of its slowest stage, or at least
+        `pipeline_idle_tokens` and spreading it gives its first token sooner, by the workers'
+        reported queues and rates: plan_prefill_index).
         Workers in `excluded` (they failed
         this request) are no candidates. NoWorker: no worker in rotation; NoRoom: no decode
         worker can hold `pages`."""
@@ -226,7 +237,8 @@ class WorkerRegistry:
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
                                   self.pipeline_min_tokens, self.pipeline_max_stages, self.rng,
                                   pt.ahead(cached, n_prompt - cached),
-                                  self.pipeline_idle_tokens)
+                                  self.pipeline_idle_tokens,
+                                  pt.own_seconds(cached, n_prompt - cached))
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
             upstream = []  # a rank of an EP group steps with its group, not as a stage

@@ -8,7 +8,8 @@ blocks) drives N prefill and M decode instances with a cost model:
   (the anchors' workers, as vLLM's and SGLang's by default), or, for `pdserve`, by deadline:
   arrival + `prefill_slack` x the prompt's own prefill time, earliest first (engine/scheduler.py
   does the same; 0: arrival order);
-- `pdserve` prefills a prompt of at least `pipeline_min_tokens` new tokens as a pipeline over
+- `pdserve` prefills a prompt of at least `pipeline_min_tokens` new tokens (or of at least
+  `pipeline_idle_tokens`, where that gives its first token sooner) as a pipeline over
   the instances the balancer picks (scheduler/balancers.py, plan_prefill_index; the workers do
   it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
   prompt, so takes 1/G of the time and work, chunk by chunk (chunks as the workers cut them,
@@ -74,7 +75,7 @@ class CostModel:
     decode_kv_tokens: int = 1_500_000  # KV capacity of one decode instance
     pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
     pipeline_max_stages: int = 0       # over at most this many instances (0: all)
-    pipeline_idle_tokens: int = 4_096  # and prompts of this many over the instances now idle
+    pipeline_idle_tokens: int = 512    # and prompts of this many where they finish soonest
     pipeline_chunk_tokens: int = 4_096  # largest chunk handed from stage to stage (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
@@ -314,7 +315,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                                           min_pipeline_tokens=cost.pipeline_min_tokens,
                                           max_stages=cost.pipeline_max_stages,
                                           rng=np_rng, ahead=ahead,
-                                          idle_pipeline_tokens=cost.pipeline_idle_tokens)
+                                          idle_pipeline_tokens=cost.pipeline_idle_tokens,
+                                          own_s=np.full(n_prefill, own_s))
             elif policy == "round_robin":
                 pw = k % n_prefill
             elif policy == "least_requests":

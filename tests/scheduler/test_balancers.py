@@ -304,6 +304,42 @@ def test_a_shorter_prompt_goes_over_the_idle_workers_only():
     assert sorted(plan_prefill_index(att, tok, 0, 5000, ok, **kw)) == [1, 4]
 
 
+def test_a_shorter_prompt_goes_where_its_first_token_comes_soonest():
+    import numpy as np
+
+    from pdserve.scheduler.balancers import pipeline_seconds, plan_prefill_index
+
+    kw = dict(min_pipeline_tokens=16_384, idle_pipeline_tokens=512)
+    att, tok = np.zeros(4), np.zeros(4)
+    own = np.full(4, 4.0)  # 4 s on any worker alone
+    # 8,000 tokens over G stages: chunks of 500 (G=4), 667 (3), 1,000 (2); (k + G - 1) / k.
+    assert pipeline_seconds(np.array([4.0]), 8000, np.array([4]))[0] == 1.0 * 19 / 16
+    assert pipeline_seconds(np.array([4.0]), 8000, np.array([1]))[0] == 4.0
+    # Waits (seconds due before it) 0, 0.2, 3, 0.5: with all four the longest wait is 3 s;
+    # over the first three (in order of wait) 0.5 + 4/3 * 14/12 = 2.06 s; over two,
+    # 0.2 + 2 * 9/8 = 2.45 s; alone 4 s. Stages in order of wait, the head (last stage) the
+    # one that waits longest.
+    ahead = np.array([0.0, 0.2, 3.0, 0.5])
+    assert plan_prefill_index(att, tok, 0, 8000, ahead=ahead, own_s=own, **kw) == [3, 0, 1]
+    assert plan_prefill_index(att, tok, 0, 8000, ahead=ahead, own_s=own, max_stages=2,
+                              **kw) == [1, 0]
+    # The slowest stage sets every stage's time: worker 1 at 40 s alone makes each pipeline
+    # through it (the first two in order of wait) slower than 4 s on worker 0 alone.
+    slow = np.array([4.0, 40.0, 4.0, 4.0])
+    assert plan_prefill_index(att, tok, 0, 8000, ahead=ahead, own_s=slow, **kw) == [0]
+    # Waits too long everywhere else: one worker (the balancer's pick).
+    far = np.array([0.0, 9.0, 9.0, 9.0])
+    assert plan_prefill_index(att, tok, 0, 8000, ahead=far, own_s=own, **kw) == [0]
+    # Below the threshold, or no rate measured on a worker: not by this rule.
+    assert len(plan_prefill_index(att, tok, 0, 500, ahead=ahead, own_s=own, **kw)) == 1
+    unknown = np.array([4.0, 0.0, 4.0, 4.0])
+    assert plan_prefill_index(att + 1, tok + 1, 0, 8000, ahead=ahead, own_s=unknown,
+                              **kw) == [plan_prefill_index(att + 1, tok + 1, 0, 8000)[0]]
+    # Excluded workers are no stages.
+    ok = np.array([True, True, True, False])
+    assert plan_prefill_index(att, tok, 0, 8000, ok, ahead=ahead, own_s=own, **kw) == [1, 0]
+
+
 def test_registry_pick_returns_the_pipeline_stages_and_the_head():
     r = WorkerRegistry(pipeline_min_tokens=1000)
     for i in range(3):
@@ -328,3 +364,14 @@ def test_registry_pick_returns_the_pipeline_stages_and_the_head():
     assert sorted([head, *upstream]) == ["p1", "p2"]
     head, upstream = pick(500)
     assert upstream == []
+    # Once the workers report their rates and queues, a prompt goes where its first token
+    # comes soonest: p0 has 5 s due before it; 700 tokens take 0.7 s alone, over p1 and p2
+    # 0.35 s x 4/3 (3 chunks of 256). The head, last in order of wait, runs the last layers.
+    due = tuple([0.0] * len(DUE_HORIZONS_S))
+    for wid, queued in (("p0", 5.0), ("p1", 0.0), ("p2", 0.0)):
+        r.report(wid, 1, Load(free_pages=100, total_pages=100, prefill_rate=1000.0,
+                              prefill_slack=3.0, due_s=tuple(v + queued for v in due)),
+                 now=0.0)
+    r.pipeline_idle_tokens = 512
+    assert pick(700) == ("p2", ["p1"])
+    assert pick(700, excluded={"p1"})[1] == []  # p2 alone beats waiting 5 s for p0

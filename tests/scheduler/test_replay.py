@@ -103,9 +103,10 @@ def test_pipeline_stages_wait_for_their_instance_and_the_stage_before():
     assert r["ttft_p99_s"] == pytest.approx(2.74)
 
 
-def test_a_mid_sized_prompt_goes_over_idle_instances_only():
+def test_a_mid_sized_prompt_goes_where_its_first_token_comes_soonest():
     """A 3,000-token prompt (3 s on one instance) below pipeline_min_tokens but above the
-    idle threshold: on two idle instances it is pipelined; behind other work it is not."""
+    idle threshold: on two idle instances it is pipelined; behind a short wait too; behind
+    a long one it goes alone to the free instance."""
     from dataclasses import replace
 
     cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=10_000,
@@ -116,9 +117,13 @@ def test_a_mid_sized_prompt_goes_over_idle_instances_only():
     assert simulate(alone, "pdserve", 2, 2, cost)["ttft_p50_s"] == pytest.approx(1.6875)
     off = replace(cost, pipeline_idle_tokens=0)
     assert simulate(alone, "pdserve", 2, 2, off)["ttft_p50_s"] == pytest.approx(3.0)
-    # Instance 0 busy with a 500-token prompt: the 3,000-token one goes to instance 1 alone.
+    # Instance 0 busy with a 500-token prompt until 0.5 s: stage 0 runs on instance 1 from
+    # 0.01 s, the head on instance 0 from 0.5 s, chunk by chunk after it: done at 2.0 s.
     busy = [TraceRequest(0.0, 500, 2, ()), TraceRequest(0.01, 3000, 2, ())]
-    assert simulate(busy, "pdserve", 2, 2, cost)["ttft_max_s"] == pytest.approx(3.0)
+    assert simulate(busy, "pdserve", 2, 2, cost)["ttft_max_s"] == pytest.approx(1.99)
+    # Busy with 1,900 tokens until 1.9 s: 1.89 + 1.69 s is later than 3 s alone on instance 1.
+    long_wait = [TraceRequest(0.0, 1900, 2, ()), TraceRequest(0.01, 3000, 2, ())]
+    assert simulate(long_wait, "pdserve", 2, 2, cost)["ttft_max_s"] == pytest.approx(3.0)
 
 
 def test_short_prompts_pass_a_pipelined_one_until_its_deadline():

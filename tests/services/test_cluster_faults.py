@@ -33,7 +33,10 @@ def fcluster(tmp_path_factory):
                      progress=False,
                      extra_env={"PDSERVE_LEASE_S": str(LEASE_S),
                                 "PDSERVE_QUARANTINE_S": str(QUARANTINE_S),
-                                "PDSERVE_WORKER_TIMEOUT_S": "2"})
+                                "PDSERVE_WORKER_TIMEOUT_S": "2",
+                                # one worker computes each prompt: these tests kill it (a
+                                # pipeline's stage dying costs only time, test_pipeline.py)
+                                "PDSERVE_PIPELINE_IDLE_TOKENS": "0"})
     c.start()
     yield c
     c.stop()
