@@ -42,7 +42,7 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
         ("pdserve, arrival order (prefill_slack 0)", "pdserve",
          replace(CostModel(), prefill_slack=0.0)),
         ("pdserve, no pipelined prefill", "pdserve", replace(CostModel(), pipeline_min_tokens=0)),
-        ("pdserve, no pipelines over idle instances", "pdserve",
+        ("pdserve, no pipelines under pipeline_min_tokens", "pdserve",
          replace(CostModel(), pipeline_idle_tokens=0)),
         ("pdserve, balance ties by load, not queue", "pdserve",
          replace(CostModel(), due_ties=False))]
@@ -128,7 +128,7 @@ def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
     optimistic bumps of the chosen workers, as the request flow does."""
     rng = random.Random(0)
     reg = WorkerRegistry(pipeline_min_tokens=32_768, pipeline_max_stages=8,
-                         pipeline_idle_tokens=4096)
+                         pipeline_idle_tokens=512)
     for role in ("prefill", "decode"):
         for i in range(workers):
             wid = f"{role}-{i}"

@@ -139,7 +139,8 @@ class WorkerRegistry:
     _tables: dict[str, LoadTable] = field(default_factory=dict)
     # Pipelined prefill (balancers.plan_prefill_index): prompts with this many uncached tokens
     # (0: none) over at most this many prefill workers (0: all in rotation), and prompts with
-    # this many (0: none) over the workers with nothing queued.
+    # this many (0: none) over the workers where their first token comes soonest (before the
+    # workers report a rate: over those with nothing queued).
     pipeline_min_tokens: int = 0
     pipeline_max_stages: int = 0
     pipeline_idle_tokens: int = 0
