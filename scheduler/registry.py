@@ -235,14 +235,18 @@ class WorkerRegistry:
                            + (" (besides the ones that failed this request)" if excluded else ""))
         cached = cached_blocks * self.workers[pt.ids[0]].spec.block_tokens
         decode = self.pick_decode(pages, excluded)
+        ahead = pt.ahead(cached, n_prompt - cached)
         plan = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached, p_ok,
                                   self.pipeline_min_tokens, self.pipeline_max_stages, self.rng,
-                                  pt.ahead(cached, n_prompt - cached),
-                                  self.pipeline_idle_tokens,
+                                  ahead, self.pipeline_idle_tokens,
                                   pt.own_seconds(cached, n_prompt - cached))
         head, *upstream = [self.workers[pt.ids[p]] for p in plan]
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
-            upstream = []  # a rank of an EP group steps with its group, not as a stage
+            # a rank of an EP group steps with its group, not as a stage: the balancer's
+            # pick alone (a pipeline's head may be the stage that waits longest)
+            single = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached,
+                                        p_ok, rng=self.rng, ahead=ahead)
+            head, upstream = self.workers[pt.ids[single[0]]], []
         return head, decode, upstream
 
     def pick_decode(self, pages: int, excluded: frozenset[str] | set[str] = frozenset()

@@ -211,6 +211,18 @@ def test_ranks_of_an_ep_group_are_never_pipeline_stages():
             r.join(s, now=0.0)
         _, _, stages = r.pick(cached_blocks=0, n_prompt=50_000, pages=1)
         assert len(stages) == (0 if ep else 1)
+    # A shorter prompt sent where it comes soonest: p1 has 1 s due before it, p0 none. The
+    # pipeline's head would be p1 (the stage that waits longest); a group's rank goes alone
+    # to the balancer's pick, p0, where nothing waits.
+    due = tuple([0.0] * len(DUE_HORIZONS_S))
+    for wid, queued in (("p0", 0.0), ("p1", 1.0)):
+        r.report(wid, 1, Load(free_pages=100, total_pages=100, prefill_rate=1000.0,
+                              prefill_slack=3.0, due_s=tuple(v + queued for v in due)),
+                 now=0.0)
+    r.pipeline_min_tokens, r.pipeline_idle_tokens = 100_000, 512
+    for _ in range(5):
+        head, _, stages = r.pick(cached_blocks=0, n_prompt=4000, pages=1)
+        assert (head.spec.worker_id, stages) == ("p0", [])
 
 
 def test_load_table_follows_reports_bumps_and_membership():
