@@ -161,9 +161,9 @@ def pipeline_seconds(own_s: np.ndarray, new: int, stages: np.ndarray, most: int 
     """A prompt of `own_s` seconds on one instance, pipelined over `stages` (arrays, element by
     element): each stage takes 1/G of it, and the last stage's first chunk waits for the G - 1
     stages before it: (k + G - 1) / k of the ideal with k chunks (pipeline_chunk's sizes)."""
-    g = np.maximum(stages, 1)
+    g = np.maximum(stages, 1)  # one stage: (k + 0) / k, its own time
     k = -(-new // _chunk_tokens(new, g, most, least))
-    result: np.ndarray = np.where(g > 1, own_s / g * (k + g - 1) / k, own_s)
+    result: np.ndarray = own_s / g * (k + g - 1) / k
     return result
 
 
@@ -219,8 +219,7 @@ def plan_prefill_index(attention: np.ndarray, tokens: np.ndarray, cached: int, n
         # A shorter prompt goes where its first token comes soonest: the rows' time free
         # before its deadline shortens it and takes nothing from work due earlier.
         if ahead is not None and own_s is not None and bool((own_s[rows] > 0).all()):
-            soonest = soonest_pipeline(ahead, own_s, rows, single, new, limit)
-            return soonest if len(soonest) > 1 else [single]
+            return soonest_pipeline(ahead, own_s, rows, single, new, limit)
         idle = rows[(attention[rows] <= 0) & (tokens[rows] <= 0)]
         if len(idle) < 2 or single not in idle:
             return [single]

@@ -15,6 +15,7 @@ from pdserve.scheduler.balancers import (
     DUE_HORIZONS_S,
     due_profile,
     pick_decode_index,
+    pick_prefill_index,
     plan_prefill_index,
     prefill_work,
     work_ahead,
@@ -244,9 +245,10 @@ class WorkerRegistry:
         if upstream and any(w.spec.ep_size > 1 for w in (head, *upstream)):
             # a rank of an EP group steps with its group, not as a stage: the balancer's
             # pick alone (a pipeline's head may be the stage that waits longest)
-            single = plan_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached,
-                                        p_ok, rng=self.rng, ahead=ahead)
-            head, upstream = self.workers[pt.ids[single[0]]], []
+            single = pick_prefill_index(pt.attention, pt.tokens, cached, n_prompt - cached,
+                                        p_ok, self.rng, ahead)
+            assert single is not None  # the plan had rows
+            head, upstream = self.workers[pt.ids[single]], []
         return head, decode, upstream
 
     def pick_decode(self, pages: int, excluded: frozenset[str] | set[str] = frozenset()
