@@ -497,13 +497,14 @@ static float softmax_unnormalised(float* p, int n) {
 }
 
 /* The next task's rows, prefetched a few cache lines at a time while this task computes. */
-typedef struct { const float* const* rows; int n, lines_per_row, at; } Ahead;
+typedef struct { const float* const* rows; int n, lines_per_row, row, line; } Ahead;
 
 static inline void ahead_some(Ahead* a, int lines) {
-    const int total = a->n * a->lines_per_row;
-    for (int i = 0; i < lines && a->at < total; i++, a->at++)
-        _mm_prefetch((const char*)a->rows[a->at / a->lines_per_row] + 64 * (a->at % a->lines_per_row),
-                     _MM_HINT_T1);
+    for (; lines > 0 && a->row < a->n; lines--) { /* a division per line cost a fifth of
+                                                     attention with its keys in cache */
+        _mm_prefetch((const char*)a->rows[a->row] + 64 * a->line, _MM_HINT_T1);
+        if (++a->line == a->lines_per_row) { a->line = 0; a->row++; }
+    }
 }
 
 /* rows[j] = row j of sequence s's context at the layer (its page's base + layer + slot) */
@@ -688,7 +689,7 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
                     for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
                         _mm_prefetch((const char*)rows[j] + b, _MM_HINT_T1);
             }
-            Ahead ah = {next, 0, lines, 0};
+            Ahead ah = {next, 0, lines, 0, 0};
             have_next = 0;
             if (t + 1 < t1) {
                 const int s2 = (t + 1) / split;
