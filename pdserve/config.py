@@ -273,6 +273,12 @@ class GatewaySettings(_Served):
     pipeline_max_stages: int = Field(8, ge=2, le=64, description="prefill workers in one "
                                      "pipeline at most (each stage adds a chunk of latency; a "
                                      "model of L layers uses at most L)")
+    prefix_wait_tokens: int = Field(512, ge=0, description="a request whose next prompt "
+                                    "blocks past the KV store's another request is computing "
+                                    "now, at least this many tokens of them, waits for that "
+                                    "request's prefill and uses its blocks instead of computing "
+                                    "them again (0 = never)")
+    prefix_wait_s: float = Field(30.0, gt=0, description="the longest such a wait lasts")
     prefill_retries: int = Field(1, ge=0, le=8, description="when a prefill worker fails or "
                                  "dies, retry the request on another one this many times")
     migrate: bool = Field(False, description="when a decode worker dies mid-stream, resume on "

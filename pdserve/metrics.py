@@ -92,6 +92,9 @@ class GatewayMetrics:
             "pdserve_reserve_refused", "decode reservations refused for room and placed on the "
             "next candidate (several gateways placed on the same loads between reports)",
             registry=r)
+        self.prefix_waits = Counter(
+            "pdserve_prefix_waits", "requests that waited for another request computing their "
+            "next prefix blocks instead of computing them again", registry=r)
         self.workers = Gauge("pdserve_workers_in_rotation", "workers taking requests", ["role"],
                              registry=r)
         self.queued_tokens = Gauge("pdserve_cluster_queued_tokens",

@@ -82,6 +82,8 @@ class CostModel:
     prefill_slack: float = 3.0         # pdserve: deadline = arrival + this x own prefill time
     due_ties: bool = True              # pdserve: balance ties go to the instance where the prompt
     # waits least for work due before it (its reported queue), else to the lower load
+    prefix_wait_tokens: int = 512      # pdserve: a prompt whose next blocks an earlier prompt is
+    # computing now, this many tokens or more, waits for them instead of computing them again
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -126,6 +128,7 @@ class _Stage:
     deadline: float        # pdserve's order: earliest first
     ends: list[float] = field(default_factory=list)  # when each of its chunks finished
     left: float = -1.0     # seconds still to compute (set from `duration`)
+    after: frozenset[int] = frozenset()  # requests computing its prefix, which it waits for
 
     def __post_init__(self) -> None:
         self.left = self.duration
@@ -134,10 +137,10 @@ class _Stage:
     def piece_s(self) -> float:
         return self.duration / self.chunks
 
-    def ready(self, t: float, hop_s: float) -> bool:
-        """Its next piece can start at `t`."""
+    def ready(self, t: float, hop_s: float, done: set[int]) -> bool:
+        """Its next piece can start at `t` (`done`: the requests whose prefill is over)."""
         k = len(self.ends)
-        if k >= self.chunks:
+        if k >= self.chunks or not self.after <= done:
             return False
         if self.stage == 0:
             return True
@@ -237,6 +240,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
     ttft: list[float] = []
     decode_of: dict[int, int] = {}
     rejected = cached_total = input_total = 0
+    done: set[int] = set()            # requests whose prefill is over
+    computing: dict[int, int] = {}    # block -> the request computing it now (pdserve's waits)
+    waited_on: set[int] = set()       # requests some other one waits for
+    wait_blocks = -(-cost.prefix_wait_tokens // BLOCK) if policy == "pdserve" else 0
 
     def sample(t: float) -> None:
         meters["prefill_attention"].advance(t, [p.work for p in prefills])
@@ -251,7 +258,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         p = prefills[w]
         if p.running is not None:
             return
-        ready = [s for s in p.queue if s.ready(t, cost.pipeline_hop_s)]
+        ready = [s for s in p.queue if s.ready(t, cost.pipeline_hop_s, done)]
         if not ready:
             return
         s = ready[0]  # first come first served
@@ -277,6 +284,17 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             full = r.input_length // BLOCK
             usable = min(full, (r.input_length - 1) // BLOCK)
             hit = store.prefix(r.hash_ids[:usable])
+            after: set[int] = set()
+            if wait_blocks and cost.prefix_wait_tokens:
+                more = hit  # the next blocks, while an earlier prompt is computing them
+                while more < min(usable, len(r.hash_ids)) and r.hash_ids[more] in computing:
+                    after.add(computing[r.hash_ids[more]])
+                    more += 1
+                if more - hit >= wait_blocks:
+                    hit = more
+                    waited_on |= after
+                else:
+                    after = set()
             c = hit * BLOCK
             n = r.input_length - c
             need = r.input_length + r.output_length
@@ -333,13 +351,17 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1
                 stages.append(_Stage(i, pw, s_idx, stages, own_s / g,
-                                     attention_work(c, n) / g, n / g, chunks, deadline))
+                                     attention_work(c, n) / g, n / g, chunks, deadline,
+                                     after=frozenset(after)))
                 prefills[pw].queue.append(stages[-1])
                 prefills[pw].work += stages[-1].work
                 prefills[pw].tokens += stages[-1].tokens
                 prefills[pw].active += r.input_length / g
             cached_total += c
             input_total += r.input_length
+            if wait_blocks:  # later prompts may wait for the blocks it computes
+                for b in r.hash_ids[hit: r.input_length // BLOCK]:
+                    computing.setdefault(b, i)
             start_next(stages[0].w, t)
         elif kind == "wake":  # a pipeline chunk reached instance w
             start_next(w, t)
@@ -365,6 +387,14 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                 continue
             r = trace[i]
             store.add(r.hash_ids[: r.input_length // BLOCK])
+            done.add(i)
+            for b in r.hash_ids[: r.input_length // BLOCK]:
+                if computing.get(b) == i:
+                    del computing[b]
+            if i in waited_on:  # the prompts that waited for its blocks may start
+                waited_on.discard(i)
+                for w2 in range(n_prefill):
+                    start_next(w2, t)
             p.served.update(r.hash_ids)
             ttft.append(t - r.arrival_s)
             d = decodes[decode_of[i]]

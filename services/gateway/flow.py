@@ -6,6 +6,10 @@
       (kvstore)   workers     (NIXL descs)   WRITten, 1st    client as text
                   (balancers)                token streamed
 
+In LOOKUP, a request whose next blocks past the store's an earlier request is computing now
+(at least `prefix_wait_tokens` of them) waits for that request's prefill and looks again
+(prefixes.py), so one burst of one new system prompt computes it once.
+
 A step that fails because of a worker raises `WorkerFailed` (which worker, which role, the
 status); the retry policy (policy.py) then starts another attempt on other workers, migrates
 the request, or fails it with that status. What the client did wrong, or a cluster with no
@@ -42,6 +46,7 @@ from pdserve.services.errors import Fault, error_for, fault_of
 from pdserve.services.gateway.accounting import Accounting, Outcome
 from pdserve.services.gateway.output import OutputText
 from pdserve.services.gateway.policy import Next, RetryBudget
+from pdserve.services.gateway.prefixes import PrefixFlights
 from pdserve.services.gateway.workers import WorkerClients, release
 from pdserve.services.kvstore_client import KVStoreClient, LookupResult
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2
@@ -54,6 +59,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 STREAM_TIMEOUT_FACTOR = 10  # a decode stream may last this many internal-call deadlines
+
+
+PUT_LAND_S = 1.0   # how long a waiter looks for blocks whose request answered (put in flight)
+PUT_POLL_S = 0.01
 
 
 class Phase(enum.Enum):
@@ -97,6 +106,8 @@ class FlowSettings:
     prefill_retries: int
     migrate: bool
     migrate_retries: int
+    prefix_wait_tokens: int = 512  # see prefixes.py; 0: never wait
+    prefix_wait_s: float = 30.0    # the longest wait for another request's prefill
 
 
 @dataclass
@@ -109,6 +120,7 @@ class Cluster:
     acct: Accounting
     metrics: GatewayMetrics | None
     settings: FlowSettings
+    flights: PrefixFlights = field(default_factory=PrefixFlights)
 
 
 @dataclass
@@ -143,14 +155,25 @@ class GenerateFlow:
         self.excluded: set[str] = set()     # workers that failed this request
         self.reason = ""
         self.phase = Phase.LOOKUP
+        self.computing: asyncio.Event | None = None  # this attempt's claim on its new blocks
+
+    def _computed(self) -> None:
+        """This attempt's prefill is over (or never comes): requests waiting for its blocks
+        look again."""
+        if self.computing is not None:
+            self.c.flights.release(self.computing)
+            self.computing = None
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         s = self.c.settings
         budget = RetryBudget.of(s.prefill_retries, s.migrate, s.migrate_retries)
         while True:
             try:
-                async for msg in self._attempt():
-                    yield msg
+                try:
+                    async for msg in self._attempt():
+                        yield msg
+                finally:
+                    self._computed()
                 break
             except WorkerFailed as e:
                 if self.flight.aborted.is_set():  # the abort broke the call: not a fault
@@ -210,6 +233,7 @@ class GenerateFlow:
                                    timeout=self.c.settings.rpc_timeout_s * STREAM_TIMEOUT_FACTOR)
             prefill_sent = True
             pre = await self._unless_aborted(self._prefill(place, iid, ctx, sampling, res))
+            self._computed()  # its blocks are on their way to the store
             self.flight.decode, self.flight.iid = decode, iid  # Abort now releases it there
             if self.flight.aborted.is_set():
                 raise Aborted
@@ -258,8 +282,10 @@ class GenerateFlow:
         bt = self.spec.block_tokens
         keys = block_hashes(self.spec.hash_namespace, self.salt, ctx, bt)
         cacheable = cacheable_blocks(len(ctx), bt)
-        found = await self.c.kvstore.lookup_detail(keys[:cacheable])
+        found = await self._after_flights(keys[:cacheable],
+                                          await self.c.kvstore.lookup_detail(keys[:cacheable]))
         hint = found.prefix or 0
+        self.computing = self.c.flights.claim(keys[hint:cacheable])
         self.phase = Phase.PLACE
         pages = request_pages(bt, len(ctx), remaining)
         reg = self.c.registry
@@ -277,6 +303,41 @@ class GenerateFlow:
                 "request_id": self.rid, "head": pw.spec.worker_id,
                 "stages": [w.spec.worker_id for w in stages]})
         return _Placement(keys, cacheable, found, pw, dw, stages)
+
+    async def _after_flights(self, keys: list[BlockHash], found: LookupResult) -> LookupResult:
+        """`found`, or, when earlier requests are computing at least prefix_wait_tokens of the
+        blocks that follow it, what the store holds once their prefills are over (each
+        request's blocks land in the store just after its answer: looked for until
+        PUT_LAND_S after it)."""
+        s, bt = self.c.settings, self.spec.block_tokens
+        have = found.prefix or 0
+        more, events = self.c.flights.pending(keys, have)
+        if not s.prefix_wait_tokens or not events or more * bt < s.prefix_wait_tokens:
+            return found
+        async def over() -> None:
+            for e in events:
+                await e.wait()
+
+        t0 = time.monotonic()
+        waits = (asyncio.ensure_future(over()), asyncio.ensure_future(self.flight.aborted.wait()))
+        try:
+            await asyncio.wait(waits, timeout=s.prefix_wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        deadline = time.monotonic() + PUT_LAND_S
+        again = found
+        while not self.flight.aborted.is_set():
+            again = await self.c.kvstore.lookup_detail(keys)
+            if (again.prefix or 0) >= have + more or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(PUT_POLL_S)
+        log.debug("waited for a prefix in flight", extra={
+            "request_id": self.rid, "blocks": more, "found": again.prefix,
+            "waited_s": round(time.monotonic() - t0, 4)})
+        if self.c.metrics:
+            self.c.metrics.prefix_waits.inc()
+        return again if (again.prefix or 0) > have else found
 
     async def _reserve_somewhere(self, place: _Placement, iid: str, ctx: list[int],
                                  sampling: common_pb2.SamplingParams, remaining: int

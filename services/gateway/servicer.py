@@ -75,7 +75,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.acct = Accounting(registry, ledger, metrics, data_dir)
         self.clients = WorkerClients()
         self.cluster = Cluster(registry, kvstore, self.clients, self.acct, metrics, FlowSettings(
-            s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries))
+            s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries,
+            s.prefix_wait_tokens, s.prefix_wait_s))
         self._inflight: dict[str, InFlight] = {}
 
     def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -184,6 +185,27 @@ def test_deadlines_let_short_prompts_through_a_queue_but_not_for_ever():
 
 
 @pytest.mark.integration
+def test_prompts_wait_for_a_prefix_an_earlier_one_is_computing():
+    # Five prompts at once share 4 new blocks (2,048 tokens) and add 513 tokens each. With
+    # the wait, one computes the prefix and the others then only their own 513 tokens; without,
+    # four instances each compute the whole 2,561 and the fifth queues behind one of them.
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=0,
+                     pipeline_idle_tokens=0)
+    trace = [TraceRequest(0.001 * i, 2561, 2, (1, 2, 3, 4, 10 + i)) for i in range(5)]
+    waits = simulate(trace, "pdserve", 4, 4, cost)
+    computes = simulate(trace, "pdserve", 4, 4, replace(cost, prefix_wait_tokens=0))
+    assert waits["hit_share"] == pytest.approx(4 * 2048 / (5 * 2561), abs=1e-4)
+    assert computes["hit_share"] == 0
+    # the four that waited all start at 2.561 s; the balancer spread their 513 tokens over the
+    # loads, two of them on one of the three free instances
+    assert waits["ttft_max_s"] == pytest.approx(2.561 + 2 * 0.513, abs=0.01)
+    assert computes["ttft_max_s"] == pytest.approx(2 * 2.561, abs=0.01)
+    # Fewer shared tokens than prefix_wait_tokens: computed again, as without.
+    assert simulate(trace, "pdserve", 4, 4, replace(cost, prefix_wait_tokens=2049)) == computes
+    # The anchors never wait.
+    assert simulate(trace, "dynamo", 4, 4, cost)["hit_share"] == 0
+
+
 def test_cli_replays_the_shared_trace_slice(tmp_path):
     import os
 

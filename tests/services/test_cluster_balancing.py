@@ -86,6 +86,33 @@ def test_a_long_prompt_is_prefilled_by_both_workers_as_a_pipeline(cluster2, load
     assert r.token_ids == eng.generate([prompt], SamplingParams(max_tokens=8))[0]
 
 
+def test_a_burst_with_one_new_prefix_computes_it_once(cluster2):
+    """Six prompts sharing 640 new tokens, sent at once: the first placed computes them; the
+    others wait for its prefill (the gateway's prefix_wait_tokens, 512) and read them from the
+    store, so the two prefill workers compute the prefix once, not up to six times."""
+    prefix = [1 + (i * 104729) % 40000 for i in range(640)]
+
+    def one(i):
+        with Client(cluster2.gateway_address) as c:
+            return c.generate(token_ids=prefix + [200 + i] * 30, max_tokens=4,
+                              cache_salt="one-new-prefix")
+
+    names = ("prefill-0", "prefill-1")
+    before = {n: service_metrics(cluster2, n) for n in (*names, "gateway")}
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    after = {n: service_metrics(cluster2, n) for n in (*names, "gateway")}
+
+    def grew(n, name):
+        return after[n].get(name, 0) - before[n].get(name, 0)
+
+    assert all(r.finish_reason in ("stop", "length") for r in results)
+    assert sorted(r.cached_tokens for r in results) == [0] + [640] * 5
+    assert grew("gateway", "pdserve_prefix_waits_total") == 5
+    computed = sum(grew(n, "pdserve_prefill_computed_tokens_total") for n in names)
+    assert computed == 640 + 6 * 30
+
+
 def test_killed_decode_leaves_rotation_and_restart_serves_again(cluster2):
     old_epoch = workers(cluster2, "decode")["decode-0"].epoch
     cluster2.kill("decode-0")
