@@ -45,7 +45,9 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
         ("pdserve, no pipelines under pipeline_min_tokens", "pdserve",
          replace(CostModel(), pipeline_idle_tokens=0)),
         ("pdserve, balance ties by load, not queue", "pdserve",
-         replace(CostModel(), due_ties=False))]
+         replace(CostModel(), due_ties=False)),
+        ("pdserve, no waiting for prefixes in flight", "pdserve",
+         replace(CostModel(), prefix_wait_tokens=0))]
     for name, policy, cost in runs:
         print(f"{label}: replaying {len(trace)} requests with {name} ...", file=sys.stderr,
               flush=True)
