@@ -285,9 +285,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             usable = min(full, (r.input_length - 1) // BLOCK)
             hit = store.prefix(r.hash_ids[:usable])
             after: set[int] = set()
-            if wait_blocks and cost.prefix_wait_tokens:
-                more = hit  # the next blocks, while an earlier prompt is computing them
-                while more < min(usable, len(r.hash_ids)) and r.hash_ids[more] in computing:
+            if wait_blocks:
+                more, most = hit, min(usable, len(r.hash_ids))
+                while more < most and r.hash_ids[more] in computing:  # an earlier one's now
                     after.add(computing[r.hash_ids[more]])
                     more += 1
                 if more - hit >= wait_blocks:

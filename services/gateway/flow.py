@@ -106,8 +106,8 @@ class FlowSettings:
     prefill_retries: int
     migrate: bool
     migrate_retries: int
-    prefix_wait_tokens: int = 512  # see prefixes.py; 0: never wait
-    prefix_wait_s: float = 30.0    # the longest wait for another request's prefill
+    prefix_wait_tokens: int  # see prefixes.py; 0: never wait
+    prefix_wait_s: float     # the longest wait for another request's prefill
 
 
 @dataclass

@@ -22,6 +22,7 @@ class PrefixFlights:
 
     def __init__(self) -> None:
         self._by_key: dict[BlockHash, asyncio.Event] = {}
+        self._claimed: dict[asyncio.Event, list[BlockHash]] = {}  # what each claim holds
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -30,17 +31,14 @@ class PrefixFlights:
         """A request will compute `keys`: those no earlier request is computing become its.
         Returns its event, for `release`."""
         done = asyncio.Event()
-        for k in keys:
-            self._by_key.setdefault(k, done)
+        self._claimed[done] = [k for k in keys if self._by_key.setdefault(k, done) is done]
         return done
 
     def release(self, done: asyncio.Event) -> None:
         """The request's prefill is over (answered or failed): its waiters look again."""
-        if done.is_set():
-            return
+        for k in self._claimed.pop(done, ()):
+            self._by_key.pop(k, None)
         done.set()
-        for k in [k for k, e in self._by_key.items() if e is done]:
-            del self._by_key[k]
 
     def pending(self, keys: Sequence[BlockHash], start: int) -> tuple[int, set[asyncio.Event]]:
         """How many of keys[start:], in order, requests are computing now, and their events."""

@@ -184,7 +184,6 @@ def test_deadlines_let_short_prompts_through_a_queue_but_not_for_ever():
     assert fifo["ttft_max_s"] < edf["ttft_max_s"]
 
 
-@pytest.mark.integration
 def test_prompts_wait_for_a_prefix_an_earlier_one_is_computing():
     # Five prompts at once share 4 new blocks (2,048 tokens) and add 513 tokens each. With
     # the wait, one computes the prefix and the others then only their own 513 tokens; without,
@@ -206,6 +205,7 @@ def test_prompts_wait_for_a_prefix_an_earlier_one_is_computing():
     assert simulate(trace, "dynamo", 4, 4, cost)["hit_share"] == 0
 
 
+@pytest.mark.integration
 def test_cli_replays_the_shared_trace_slice(tmp_path):
     import os
 

@@ -274,7 +274,7 @@ async def test_a_refused_reservation_goes_to_the_next_decode_candidate():
     registry.report("d-ok", 1, Load(free_pages=50, total_pages=100, running=5), 0.0)
     clients = WorkerClients()
     cluster = Cluster(registry, None, clients, None, None,  # type: ignore[arg-type]
-                      FlowSettings(5.0, 0, False, 1))
+                      FlowSettings(5.0, 0, False, 1, 0, 1.0))
     spec = registry.workers["d-ok"].spec
 
     def flow() -> GenerateFlow:
