@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -76,7 +77,8 @@ class CostModel:
     pipeline_min_tokens: int = 16_384  # pdserve pipelines prefills of this many new tokens (0: off)
     pipeline_max_stages: int = 0       # over at most this many instances (0: all)
     pipeline_idle_tokens: int = 512    # and prompts of this many where they finish soonest
-    pipeline_chunk_tokens: int = 4_096  # largest chunk handed from stage to stage (see
+    pipeline_chunk_tokens: int = 2_048  # largest chunk handed from stage to stage: the workers'
+    # --prefill-chunk-tokens default (see
     # balancers.pipeline_chunk: at least 4 chunks per stage when the prompt allows)
     pipeline_hop_s: float = 0.002      # one chunk's hidden states from a stage to the next
     prefill_slack: float = 3.0         # pdserve: deadline = arrival + this x own prefill time
@@ -217,6 +219,54 @@ def _pct(xs: list[float], q: float) -> float:
         return 0.0
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def pooled_reference(trace: Sequence[TraceRequest], n_prefill: int,
+                     cost: CostModel = CostModel(), order: str = "deadline") -> dict[str, float]:
+    """TTFT p50/p99/max of the prefills on one preemptive server `n_prefill` times as fast
+    (work moves between instances for free and never waits behind a started prompt), every
+    prompt's prefix a hit as far as any earlier arrival's blocks go (no store limit, nothing
+    computed twice), in `order`: "deadline" (pdserve's workers': arrival + prefill_slack x
+    the prompt's own time, earliest first) or "srpt" (shortest remaining work first). What a
+    placement could reach at best with that order: a reference for the balancers, not a policy
+    (SRPT's tail is the longest prompts', which wait for everything shorter)."""
+    if order not in ("deadline", "srpt"):
+        raise ValueError("order must be 'deadline' or 'srpt'")
+    seen: set[int] = set()
+    jobs: list[tuple[float, float]] = []  # (arrival, seconds on the pooled server)
+    for r in trace:
+        usable = min(r.input_length // BLOCK, (r.input_length - 1) // BLOCK)
+        hit = 0
+        while hit < min(usable, len(r.hash_ids)) and r.hash_ids[hit] in seen:
+            hit += 1
+        seen.update(r.hash_ids)
+        jobs.append((r.arrival_s, cost.prefill_s(hit * BLOCK, r.input_length - hit * BLOCK)
+                     / n_prefill))
+    jobs.sort(key=lambda j: j[0])
+    ttft: list[float] = []
+    queue: list[list[float]] = []  # [priority, seconds left, arrival]
+    t, k = 0.0, 0
+    while k < len(jobs) or queue:
+        if not queue:
+            t = max(t, jobs[k][0])
+        while k < len(jobs) and jobs[k][0] <= t:
+            a, s = jobs[k]
+            pri = s if order == "srpt" else a + cost.prefill_slack * s * n_prefill
+            heapq.heappush(queue, [pri, s, a])
+            k += 1
+        head = queue[0]
+        arrival = jobs[k][0] if k < len(jobs) else math.inf
+        if t + head[1] <= arrival:  # it finishes before the next arrival
+            heapq.heappop(queue)
+            t += head[1]
+            ttft.append(t - head[2])
+        else:  # it runs until the next arrival, which may take over
+            head[1] -= arrival - t
+            if order == "srpt":
+                head[0] = head[1]
+            t = arrival
+    return {"ttft_p50_s": round(_pct(ttft, 0.5), 4), "ttft_p99_s": round(_pct(ttft, 0.99), 4),
+            "ttft_max_s": round(max(ttft, default=0.0), 4)}
 
 
 def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decode: int,

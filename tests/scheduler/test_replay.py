@@ -80,8 +80,9 @@ def test_a_long_prompt_is_pipelined_over_the_idle_instances():
     piped = simulate(trace, "pdserve", 4, 1, cost)
     assert alone["ttft_p50_s"] == pytest.approx(t, abs=1e-3)
     # Four stages of a quarter of the layers start together; each later stage finishes one
-    # chunk (16 chunks of 4,000 tokens: 4 per stage) and one hop after the stage before it.
-    lag = t / 4 / 16 + cost.pipeline_hop_s
+    # chunk (32 chunks of at most 2,048 tokens, the worker's prefill chunk) and one hop after
+    # the stage before it.
+    lag = t / 4 / 32 + cost.pipeline_hop_s
     assert piped["ttft_p50_s"] == pytest.approx(t / 4 + 3 * lag, abs=1e-3)
     # One instance holds all the work alone; the pipeline spreads it.
     assert alone["prefill_load_max_over_mean"] > 3.9
@@ -300,3 +301,28 @@ def test_stress_shapes_are_seeded_and_have_their_shape():
     tenants = stress_trace("tenants", 0, 600)
     firsts = {r.hash_ids[0] for r in tenants}
     assert 10 <= len(firsts) <= 60  # Zipf-popular tenants, each behind its own prefix
+
+
+def test_the_pooled_reference_serves_one_fast_preemptive_server_in_order():
+    from pdserve.scheduler.replay import pooled_reference
+
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0)
+    # 4 s of prefill (1 s on the pooled server of 4), then 0.4 s (0.1 s) arriving at 0.1 s,
+    # and one alone much later (the median is the middle one of three).
+    trace = [TraceRequest(0.0, 4000, 2, ()), TraceRequest(0.1, 400, 2, ()),
+             TraceRequest(100.0, 10, 2, ())]
+    # By deadline (3 x own time: 12 s and 1.3 s) the short one takes over at once, as does
+    # shortest remaining first.
+    for order in ("deadline", "srpt"):
+        r = pooled_reference(trace, 4, cost, order)
+        assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(0.1), pytest.approx(1.1))
+    # In arrival order (slack 0) the long one keeps the server.
+    r = pooled_reference(trace, 4, replace(cost, prefill_slack=0.0))
+    assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(1.0), pytest.approx(1.0))
+    # A repeated prefix is a hit, its last token excepted: 1,100 tokens, two blocks cached.
+    again = [TraceRequest(0.0, 1024, 2, (1, 2)), TraceRequest(5.0, 1100, 2, (1, 2, 3)),
+             TraceRequest(9.0, 1100, 2, (1, 2, 4))]
+    r = pooled_reference(again, 1, cost)
+    assert (r["ttft_p50_s"], r["ttft_max_s"]) == (pytest.approx(0.076), pytest.approx(1.024))
+    with pytest.raises(ValueError, match="order"):
+        pooled_reference(trace, 4, cost, "fifo")
