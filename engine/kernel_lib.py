@@ -31,7 +31,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 SOURCES = (SOURCE, SOURCE.with_name("greedy_head.c"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared",
          "-fPIC", "-lm"]
-_ABI = 3
+_ABI = 4
 
 
 Fields = Sequence[tuple[str, Any]]  # a ctypes.Structure's (name, C type) list
@@ -57,7 +57,7 @@ class DecodeStepStruct(ctypes.Structure):
                 ("tables", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
                 ("page_stride", ctypes.c_longlong), ("eps", ctypes.c_float),
                 ("scale", ctypes.c_float)] + [(n, ctypes.c_int) for n in (
-                    "T", "D", "H", "KVH", "hd", "I", "L", "Bt", "nthreads")]
+                    "T", "D", "H", "KVH", "hd", "I", "L", "Bt", "nthreads", "kv_f16")]
 
 
 class _Kernel:
@@ -92,7 +92,7 @@ class _Kernel:
             raise RuntimeError(f"struct sizes differ between C {list(sizes)} and ctypes {want}")
         self.attention = lib.pdserve_decode_attention
         self.attention.restype = ctypes.c_int
-        args: list[Any] = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong,
+        args: list[Any] = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
                            ctypes.c_longlong, *[ctypes.c_int] * 5, *[ctypes.c_void_p] * 4,
                            ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
         self.attention.argtypes = args

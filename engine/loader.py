@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine import fp8, invariant
-from pdserve.engine.backend import Backend, choose_backend
+from pdserve.engine.backend import Backend, BackendError, choose_backend
 from pdserve.engine.backend import batch_invariant as invariant_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
@@ -40,6 +40,11 @@ class LoadedModel:
     ep: ExpertParallel | None = None  # a rank of an EP group: its exchanges and slots
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its hidden states; its KV pool's may differ)."""
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
@@ -55,12 +60,16 @@ def load_model(
     ep: ExpertParallel | None = None,
     batch_invariant: bool = False,
     decode_only: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
     here); `batch_invariant`: every row the same bits whatever else is in its step
     (engine/invariant.py; for the whole process). Backends whose decode products read GGUF
     blocks keep a GGUF file's Q4_1/Q8_0 blocks beside the float32 weights. `decode_only` (a
-    decode worker): those products pack no float32 weights for prefill unless one comes."""
+    decode worker): those products pack no float32 weights for prefill unless one comes.
+    `kv_dtype`: the KV pool's (default: `dtype`); the CPU kernels read float32 or float16 KV
+    (float16 halves the pool, the store's blocks and the transfers; attention then computes in
+    float32 over the rounded values)."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
@@ -123,7 +132,11 @@ def load_model(
             model.join_group(ep)
     _return_freed_memory()  # the state dict read from the files, and copies made by prepare
     phase("weight packing")
-    layout = cfg.kv_layout(dtype_name(dtype), block_tokens)
+    kv = dtype if kv_dtype is None else kv_dtype
+    if (chosen.c_attention or chosen.fused_layers) and kv not in (torch.float32, torch.float16):
+        raise BackendError(f"kv_dtype {dtype_name(kv)}: backend {chosen.name}'s CPU kernels read "
+                           "float32 or float16 KV (or run --backend torch)")
+    layout = cfg.kv_layout(dtype_name(kv), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,
                                    "seconds": round(time.perf_counter() - t0, 2)})
     return LoadedModel(model, cfg, tokenizer, model_id_of(p), layout, chosen, ep)

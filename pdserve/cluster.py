@@ -158,7 +158,7 @@ class LocalCluster:
             common += ["--metrics-port", "0"]
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
-        threads += ["--backend", self.s.backend]
+        threads += ["--backend", self.s.backend, "--kv-dtype", self.s.kv_dtype]
         if self.s.batch_invariant:
             threads.append("--batch-invariant")
         try:

@@ -69,7 +69,11 @@ class _ModelSettings(_Served):
         None, description="model to serve: a GGUF file (default: SmolLM2-135M-Instruct)")
     device: str = Field("cpu", description="torch device: cpu or cuda[:N]")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights and KV dtype")
+        "float32", description="weights dtype (and the KV cache's, see --kv-dtype)")
+    kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="KV cache dtype (auto = --dtype); float16 halves the KV pool, the "
+        "store's blocks and the transfers, attention computing in float32 over the rounded "
+        "values (llama.cpp's default cache type); the workers of a cluster must agree")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
     backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
@@ -318,6 +322,8 @@ class UpSettings(_Secured):
     threads: int = Field(0, ge=0, le=1024, description="torch threads per worker (0 = default)")
     backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
         "auto", description="the workers' execution backend (see `pdserve prefill --help`)")
+    kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the workers' KV cache dtype (see `pdserve prefill --help`)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")

@@ -63,7 +63,8 @@ def load_for(settings: WorkerSettings, decode_only: bool = False) -> LoadedModel
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
                       backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant,
-                      decode_only=decode_only)
+                      decode_only=decode_only, kv_dtype=None if settings.kv_dtype == "auto"
+                      else parse_dtype(settings.kv_dtype))
 
 
 def join_ep_group(settings: WorkerSettings) -> ExpertParallel:

@@ -43,7 +43,7 @@ enum { Q4_1_BYTES = 24, Q8_0_BYTES = 36 };
 
 static inline size_t block_bytes(int kind) { return kind == KIND_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES; }
 
-int pdserve_kernels_abi(void) { return 3; }
+int pdserve_kernels_abi(void) { return 4; }
 
 static inline float f32_at(const uint8_t* p) {
     float f;
@@ -425,7 +425,9 @@ int pdserve_fp8_dequant(const uint8_t* w, int N, int K, const float* s, int bn, 
 /* ---------------------------------------------------------------------------------------
  * Decode attention over the paged pool, read in place.
  *
- * kv: the pool, float32 [P, L, Bt, 2 * KVH * hd] (a row is [K heads | V heads]); q: [T, H, hd];
+ * kv: the pool, float32 or float16 [P, L, Bt, 2 * KVH * hd] (a row is [K heads | V heads]; a
+ * float16 pool is read 8 halves at a time, widened to float32, and computed as a float32 one
+ * holding the same values); q: [T, H, hd] float32;
  * for each decode sequence s: its query row q_rows[s], its context length ctx_lens[s] (the new
  * token's K/V already written), its pages tables[table_off[s] .. table_off[s + 1]).
  * out[q_rows[s]] = softmax(q . K^T * scale) V per query head, query head h reading KV head
@@ -460,9 +462,17 @@ static inline __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-static inline float dot_n(const float* a, const float* b, int n) {
+/* 8 values of a KV row from element i, as float32 (f16: a float16 pool; a constant at every
+   call once inlined, so each body is compiled for one element type) */
+__attribute__((always_inline)) static inline __m256 kv8(const void* row, size_t i, const int f16) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)row + i)));
+    return _mm256_loadu_ps((const float*)row + i);
+}
+
+__attribute__((always_inline)) static inline float dot_kv(const float* a, const void* row,
+                                                         size_t off, int n, const int f16) {
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv8(row, off + i, f16), acc);
     return hsum(acc);
 }
 
@@ -497,7 +507,7 @@ static float softmax_unnormalised(float* p, int n) {
 }
 
 /* The next task's rows, prefetched a few cache lines at a time while this task computes. */
-typedef struct { const float* const* rows; int n, lines_per_row, row, line; } Ahead;
+typedef struct { const void* const* rows; int n, lines_per_row, row, line; } Ahead;
 
 static inline void ahead_some(Ahead* a, int lines) {
     for (; lines > 0 && a->row < a->n; lines--) { /* a division per line cost a fifth of
@@ -507,19 +517,23 @@ static inline void ahead_some(Ahead* a, int lines) {
     }
 }
 
-/* rows[j] = row j of sequence s's context at the layer (its page's base + layer + slot) */
-static inline void task_rows(const float** rows, const float* kv, const int* pages, int ctx,
-                             long long page_stride, long long layer_offset, int Bt, int row) {
+/* rows[j] = row j of sequence s's context at the layer (its page's base + layer + slot);
+   strides in elements of `esize` bytes */
+static inline void task_rows(const void** rows, const char* kv, const int* pages, int ctx,
+                             long long page_stride, long long layer_offset, int Bt, int row,
+                             size_t esize) {
     for (int j = 0; j < ctx; j++)
-        rows[j] = kv + (size_t)pages[j / Bt] * page_stride + layer_offset + (size_t)(j % Bt) * row;
+        rows[j] = kv + ((size_t)pages[j / Bt] * page_stride + layer_offset
+                        + (size_t)(j % Bt) * row) * esize;
 }
 
 /* One KV head c of one sequence: its G query heads qh [G][hd] -> oh [G][hd]. rows[j] points at
    row j of the layer (K heads then V heads); p: G * ctx floats of scratch. Accumulators stay
    in registers (an accumulator kept in memory across rows stalled on false store-to-load
    dependencies with the rows being read). */
-static void attend_kv_head(const float* qh, const float* const* rows, int ctx, int c, int G,
-                           int hd, int half, float scale, float* p, float* oh, Ahead* ah, int per8) {
+__attribute__((always_inline)) static inline void attend_body(
+        const float* qh, const void* const* rows, int ctx, int c, int G, int hd, int half,
+        float scale, float* p, float* oh, Ahead* ah, int per8, const int f16) {
     const __m256 sc = _mm256_set1_ps(scale);
     for (int g = 0; g < G; g++) {
         const float* qg = qh + (size_t)g * hd;
@@ -531,12 +545,12 @@ static void attend_kv_head(const float* qh, const float* const* rows, int ctx, i
             for (int d = 0; d < hd; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(qg + d);
                 for (int r = 0; r < 8; r++)
-                    a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[j + r] + (size_t)c * hd + d), a[r]);
+                    a[r] = _mm256_fmadd_ps(qv, kv8(rows[j + r], (size_t)c * hd + d, f16), a[r]);
             }
             _mm256_storeu_ps(pg + j, _mm256_mul_ps(hsum8(a), sc));
             ahead_some(ah, per8);
         }
-        for (; j < ctx; j++) pg[j] = dot_n(qg, rows[j] + (size_t)c * hd, hd) * scale;
+        for (; j < ctx; j++) pg[j] = dot_kv(qg, rows[j], (size_t)c * hd, hd, f16) * scale;
     }
     for (int g = 0; g < G; g++) {
         float* pg = p + (size_t)g * ctx;
@@ -548,12 +562,19 @@ static void attend_kv_head(const float* qh, const float* const* rows, int ctx, i
             for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
             for (int jj = 0; jj < ctx; jj++) {
                 const __m256 pj = _mm256_set1_ps(pg[jj]);
-                const float* v = rows[jj] + half + (size_t)c * hd + d0;
-                for (int r = 0; r < w; r++) a[r] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * r), a[r]);
+                const size_t v = (size_t)half + (size_t)c * hd + d0;
+                for (int r = 0; r < w; r++) a[r] = _mm256_fmadd_ps(pj, kv8(rows[jj], v + 8 * r, f16), a[r]);
             }
             for (int r = 0; r < w; r++) _mm256_storeu_ps(o + d0 + 8 * r, _mm256_div_ps(a[r], total));
         }
     }
+}
+
+static void attend_kv_head(const float* qh, const void* const* rows, int ctx, int c, int G,
+                           int hd, int half, float scale, float* p, float* oh, Ahead* ah, int per8,
+                           int f16) {
+    if (f16) attend_body(qh, rows, ctx, c, G, hd, half, scale, p, oh, ah, per8, 1);
+    else attend_body(qh, rows, ctx, c, G, hd, half, scale, p, oh, ah, per8, 0);
 }
 
 /* attend_kv_head with AVX-512's 32 registers, where the CPU has it: up to 3 query heads of the
@@ -566,8 +587,8 @@ static void attend_kv_head(const float* qh, const float* const* rows, int ctx, i
 #define INLINE_WIDE __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static inline
 
 /* scores of rows j..j+7 for query heads qh[0..NG) (each hd floats apart) into p[g * ctx + j] */
-INLINE_WIDE void scores8(const int NG, const float* qh, const float* const* rows, int j,
-                         size_t koff, int hd, __m256 sc, float* p, int ctx) {
+INLINE_WIDE void scores8(const int NG, const float* qh, const void* const* rows, int j,
+                         size_t koff, int hd, __m256 sc, float* p, int ctx, const int f16) {
     __m256 a[3][8];
     for (int g = 0; g < NG; g++)
         for (int r = 0; r < 8; r++) a[g][r] = _mm256_setzero_ps();
@@ -575,7 +596,7 @@ INLINE_WIDE void scores8(const int NG, const float* qh, const float* const* rows
         __m256 qv[3];
         for (int g = 0; g < NG; g++) qv[g] = _mm256_loadu_ps(qh + (size_t)g * hd + d);
         for (int r = 0; r < 8; r++) {
-            const __m256 k = _mm256_loadu_ps(rows[j + r] + koff + d);
+            const __m256 k = kv8(rows[j + r], koff + d, f16);
             for (int g = 0; g < NG; g++) a[g][r] = _mm256_fmadd_ps(qv[g], k, a[g][r]);
         }
     }
@@ -585,15 +606,14 @@ INLINE_WIDE void scores8(const int NG, const float* qh, const float* const* rows
 
 /* lanes d0..d0+8W of the outputs of query heads [0..NG): sum over the context of p * v, / total */
 INLINE_WIDE void values32(const int NG, const int w, const float* p, int ctx,
-                          const float* const* rows, size_t voff, const float* total, float* oh,
-                          int hd) {
+                          const void* const* rows, size_t voff, const float* total, float* oh,
+                          int hd, const int f16) {
     __m256 a[3][4];
     for (int g = 0; g < NG; g++)
         for (int r = 0; r < 4; r++) a[g][r] = _mm256_setzero_ps();
     for (int jj = 0; jj < ctx; jj++) {
-        const float* v = rows[jj] + voff;
         __m256 vv[4];
-        for (int r = 0; r < w; r++) vv[r] = _mm256_loadu_ps(v + 8 * r);
+        for (int r = 0; r < w; r++) vv[r] = kv8(rows[jj], voff + 8 * r, f16);
         for (int g = 0; g < NG; g++) {
             const __m256 pj = _mm256_set1_ps(p[(size_t)g * ctx + jj]);
             for (int r = 0; r < w; r++) a[g][r] = _mm256_fmadd_ps(pj, vv[r], a[g][r]);
@@ -605,9 +625,9 @@ INLINE_WIDE void values32(const int NG, const int w, const float* p, int ctx,
     }
 }
 
-WIDE static void attend_kv_head_wide(const float* qh, const float* const* rows, int ctx, int c,
-                                     int G, int hd, int half, float scale, float* p, float* oh,
-                                     Ahead* ah, int per8) {
+INLINE_WIDE void attend_wide_body(const float* qh, const void* const* rows, int ctx, int c,
+                                  int G, int hd, int half, float scale, float* p, float* oh,
+                                  Ahead* ah, int per8, const int f16) {
     const __m256 sc = _mm256_set1_ps(scale);
     const size_t koff = (size_t)c * hd;
     for (int g0 = 0; g0 < G; g0 += 3) {
@@ -616,14 +636,14 @@ WIDE static void attend_kv_head_wide(const float* qh, const float* const* rows, 
         float* p0 = p + (size_t)g0 * ctx;
         int j = 0;
         for (; j + 8 <= ctx; j += 8) {
-            if (ng == 3) scores8(3, q0, rows, j, koff, hd, sc, p0, ctx);
-            else if (ng == 2) scores8(2, q0, rows, j, koff, hd, sc, p0, ctx);
-            else scores8(1, q0, rows, j, koff, hd, sc, p0, ctx);
+            if (ng == 3) scores8(3, q0, rows, j, koff, hd, sc, p0, ctx, f16);
+            else if (ng == 2) scores8(2, q0, rows, j, koff, hd, sc, p0, ctx, f16);
+            else scores8(1, q0, rows, j, koff, hd, sc, p0, ctx, f16);
             ahead_some(ah, per8 * ng);
         }
         for (; j < ctx; j++)
             for (int g = 0; g < ng; g++)
-                p0[(size_t)g * ctx + j] = dot_n(q0 + (size_t)g * hd, rows[j] + koff, hd) * scale;
+                p0[(size_t)g * ctx + j] = dot_kv(q0 + (size_t)g * hd, rows[j], koff, hd, f16) * scale;
     }
     float total[64];
     for (int g = 0; g < G; g++) total[g] = softmax_unnormalised(p + (size_t)g * ctx, ctx);
@@ -634,22 +654,31 @@ WIDE static void attend_kv_head_wide(const float* qh, const float* const* rows, 
             const float* p0 = p + (size_t)g0 * ctx;
             const size_t voff = (size_t)half + koff + d0;
             float* o = oh + (size_t)g0 * hd + d0;
-            if (w == 4 && ng == 3) values32(3, 4, p0, ctx, rows, voff, total + g0, o, hd);
-            else if (w == 4 && ng == 2) values32(2, 4, p0, ctx, rows, voff, total + g0, o, hd);
-            else if (w == 4) values32(1, 4, p0, ctx, rows, voff, total + g0, o, hd);
+            if (w == 4 && ng == 3) values32(3, 4, p0, ctx, rows, voff, total + g0, o, hd, f16);
+            else if (w == 4 && ng == 2) values32(2, 4, p0, ctx, rows, voff, total + g0, o, hd, f16);
+            else if (w == 4) values32(1, 4, p0, ctx, rows, voff, total + g0, o, hd, f16);
             else /* a head's last lanes (hd not a multiple of 32): 8 at a time */
                 for (int g = 0; g < ng; g++)
                     for (int r = 0; r < w; r++)
                         values32(1, 1, p0 + (size_t)g * ctx, ctx, rows, voff + 8 * r,
-                                 total + g0 + g, o + (size_t)g * hd + 8 * r, hd);
+                                 total + g0 + g, o + (size_t)g * hd + 8 * r, hd, f16);
         }
     }
 }
 
-int pdserve_decode_attention(const float* q, const float* kv, long long page_stride,
-                             long long layer_offset, int Bt, int H, int KVH, int hd, int nseq,
-                             const int* q_rows, const int* ctx_lens, const int* table_off,
-                             const int* tables, float scale, float* out, int nthreads) {
+WIDE static void attend_kv_head_wide(const float* qh, const void* const* rows, int ctx, int c,
+                                     int G, int hd, int half, float scale, float* p, float* oh,
+                                     Ahead* ah, int per8, int f16) {
+    if (f16) attend_wide_body(qh, rows, ctx, c, G, hd, half, scale, p, oh, ah, per8, 1);
+    else attend_wide_body(qh, rows, ctx, c, G, hd, half, scale, p, oh, ah, per8, 0);
+}
+
+static int decode_attention(const float* q, const void* kv_pool, int f16, long long page_stride,
+                            long long layer_offset, int Bt, int H, int KVH, int hd, int nseq,
+                            const int* q_rows, const int* ctx_lens, const int* table_off,
+                            const int* tables, float scale, float* out, int nthreads) {
+    const char* kv = kv_pool;
+    const size_t esize = f16 ? 2 : 4;
     if (hd <= 0 || hd % 8 || KVH <= 0 || H % KVH || Bt <= 0 || nseq < 0) return -1;
     const int G = H / KVH, half = KVH * hd, row = 2 * half;
     const int wide = has_avx512() && G <= 64;
@@ -675,18 +704,19 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
         }
         const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         const int t0 = (int)((long long)tasks * tid / nth), t1 = (int)((long long)tasks * (tid + 1) / nth);
-        const float** rows = p ? (const float**)(p + (size_t)G * max_ctx) : NULL;
-        const float** next = p ? rows + max_ctx : NULL;
-        const int lines = (int)(((size_t)row * sizeof(float) + 63) / 64);
+        const void** rows = p ? (const void**)(p + (size_t)G * max_ctx) : NULL;
+        const void** next = p ? rows + max_ctx : NULL;
+        const int lines = (int)(((size_t)row * esize + 63) / 64);
         int have_next = 0;
         for (int t = t0; t < t1 && p; t++) {
             const int s = t / split, ctx = ctx_lens[s];
             const int kv0 = split == 1 ? 0 : t % split, kv1 = split == 1 ? KVH : kv0 + 1;
-            if (have_next) { const float** tmp = rows; rows = next; next = tmp; }
+            if (have_next) { const void** tmp = rows; rows = next; next = tmp; }
             else { /* a thread's first task: its rows fetched ahead of its compute */
-                task_rows(rows, kv, tables + table_off[s], ctx, page_stride, layer_offset, Bt, row);
+                task_rows(rows, kv, tables + table_off[s], ctx, page_stride, layer_offset, Bt, row,
+                          esize);
                 for (int j = 0; j < ctx; j++)
-                    for (size_t b = 0; b < (size_t)row * sizeof(float); b += 64)
+                    for (size_t b = 0; b < (size_t)row * esize; b += 64)
                         _mm_prefetch((const char*)rows[j] + b, _MM_HINT_T1);
             }
             Ahead ah = {next, 0, lines, 0, 0};
@@ -694,7 +724,7 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
             if (t + 1 < t1) {
                 const int s2 = (t + 1) / split;
                 task_rows(next, kv, tables + table_off[s2], ctx_lens[s2], page_stride,
-                          layer_offset, Bt, row);
+                          layer_offset, Bt, row, esize);
                 ah.n = ctx_lens[s2];
                 have_next = 1;
             }
@@ -703,14 +733,23 @@ int pdserve_decode_attention(const float* q, const float* kv, long long page_str
             const int per8 = blocks8 ? (ah.n * lines + blocks8 - 1) / blocks8 : 0;
             for (int c = kv0; c < kv1; c++) {
                 const size_t at = (size_t)q_rows[s] * H * hd + (size_t)c * G * hd;
-                if (wide) attend_kv_head_wide(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
-                else attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8);
+                if (wide) attend_kv_head_wide(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8, f16);
+                else attend_kv_head(q + at, rows, ctx, c, G, hd, half, scale, p, out + at, &ah, per8, f16);
             }
             ahead_some(&ah, 1 << 30);
         }
         free(p);
     }
     return failed ? -2 : 0;
+}
+
+/* kv_f16: 0 for a float32 pool, 1 for a float16 one */
+int pdserve_decode_attention(const float* q, const void* kv, int kv_f16, long long page_stride,
+                             long long layer_offset, int Bt, int H, int KVH, int hd, int nseq,
+                             const int* q_rows, const int* ctx_lens, const int* table_off,
+                             const int* tables, float scale, float* out, int nthreads) {
+    return decode_attention(q, kv, kv_f16 != 0, page_stride, layer_offset, Bt, H, KVH, hd, nseq,
+                            q_rows, ctx_lens, table_off, tables, scale, out, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -736,13 +775,14 @@ typedef struct {
 typedef struct {
     float* h;                         /* [T, D] the residual stream, updated in place */
     const float* cos; const float* sin; /* [T, hd] */
-    float* kv;                        /* the pool [P, L, Bt, 2 * KVH * hd] */
+    void* kv;                         /* the pool [P, L, Bt, 2 * KVH * hd], float32 or float16 */
     const int* slot_pages; const int* slot_offsets; /* [T] where each new token's K/V goes */
     const int* q_rows; const int* ctx_lens; const int* table_off; const int* tables;
     float* scratch;                   /* T * (D + (H + 2 KVH) hd + 2 H hd + 2 I) floats */
     long long page_stride;
     float eps, scale;
     int T, D, H, KVH, hd, I, L, Bt, nthreads;
+    int kv_f16;                       /* the pool holds float16 (K/V rounded to nearest even) */
 } DecodeStep;
 
 /* the structs' sizes, checked against the ctypes mirrors at load */
@@ -808,11 +848,18 @@ int pdserve_llama_decode_layer(const LlamaLayer* w, const DecodeStep* s, int lay
         float* r = qkv + (size_t)t * nqkv;
         rope_heads(r, H + KVH, hd, s->cos + (size_t)t * hd, s->sin + (size_t)t * hd); /* q and k */
         memcpy(q + (size_t)t * nq, r, sizeof(float) * nq);
-        float* slot = s->kv + (size_t)s->slot_pages[t] * s->page_stride + layer_offset
-                      + (size_t)s->slot_offsets[t] * 2 * nk;
-        memcpy(slot, r + nq, sizeof(float) * 2 * nk); /* [K heads | V heads] */
+        const size_t slot = (size_t)s->slot_pages[t] * s->page_stride + layer_offset
+                            + (size_t)s->slot_offsets[t] * 2 * nk; /* [K heads | V heads] */
+        if (s->kv_f16) { /* as torch's float -> half: to nearest even (2 nk: a multiple of 8) */
+            uint16_t* dst = (uint16_t*)s->kv + slot;
+            for (int i = 0; i < 2 * nk; i += 8)
+                _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(r + nq + i),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        } else {
+            memcpy((float*)s->kv + slot, r + nq, sizeof(float) * 2 * nk);
+        }
     }
-    if ((rc = pdserve_decode_attention(q, s->kv, s->page_stride, layer_offset, s->Bt, H, KVH, hd, T,
+    if ((rc = pdserve_decode_attention(q, s->kv, s->kv_f16, s->page_stride, layer_offset, s->Bt, H, KVH, hd, T,
                                        s->q_rows, s->ctx_lens, s->table_off, s->tables, s->scale,
                                        att, s->nthreads)))
         return rc;

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
+import torch
 
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.sampling import SamplingParams
@@ -47,11 +48,12 @@ log = logging.getLogger(__name__)
 
 
 class PipelineHead:
-    def __init__(self, pool: KVPool, hidden_size: int, compute: Compute, endpoint: NixlEndpoint,
-                 peers: Peers, chunk_tokens: int, transfer_timeout_s: float) -> None:
+    def __init__(self, pool: KVPool, hidden: tuple[int, torch.dtype], compute: Compute,
+                 endpoint: NixlEndpoint, peers: Peers, chunk_tokens: int,
+                 transfer_timeout_s: float) -> None:
         self.pool = pool
         self.layout = pool.layout
-        self.hidden_size = hidden_size
+        self.hidden_size, self.hidden_dtype = hidden  # the model's (its KV pool's may differ)
         self.compute = compute
         self.endpoint = endpoint
         self.peers = peers
@@ -136,7 +138,7 @@ class PipelineHead:
                 continue
             if pos >= n_prompt or msg.hidden.begin != pos:
                 raise PipelineError(f"hidden chunk at {msg.hidden.begin}, expected {pos}")
-            h = hidden_tensor(msg.hidden, self.pool.kv.dtype, self.hidden_size, self.pool.kv.device)
+            h = hidden_tensor(msg.hidden, self.hidden_dtype, self.hidden_size, self.pool.kv.device)
             if pos + h.shape[0] > n_prompt:
                 raise PipelineError(f"hidden chunk past the prompt's {n_prompt} tokens")
             work.inputs.append((pos, h))

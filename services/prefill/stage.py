@@ -196,7 +196,7 @@ class PipelineStage:
                 kvs.append(msg.kv)
                 continue
             try:
-                h = hidden_tensor(msg.hidden, self.pool.kv.dtype,
+                h = hidden_tensor(msg.hidden, self.loaded.dtype,
                                   self.loaded.config.hidden_size, self.pool.kv.device)
             except PipelineError as e:
                 raise Internal(str(e)) from None

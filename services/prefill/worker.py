@@ -132,8 +132,9 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.load = PrefillLoad()
         peers = Peers()
-        self.head = PipelineHead(self.pool, loaded.config.hidden_size, self.compute,
-                                 self.endpoint, peers, chunk_tokens, transfer_timeout_s)
+        self.head = PipelineHead(self.pool, (loaded.config.hidden_size, loaded.dtype),
+                                 self.compute, self.endpoint, peers, chunk_tokens,
+                                 transfer_timeout_s)
         self.stage = PipelineStage(loaded, self.pool, self.namespace, self.compute, self.blocks,
                                    self.endpoint, peers, self.load, transfer_timeout_s)
         self.num_prefills = 0

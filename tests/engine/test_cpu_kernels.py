@@ -221,6 +221,27 @@ def test_decode_attention_matches_sdpa_over_scattered_pages(threads):
         torch.set_num_threads(before)
 
 
+def test_decode_attention_reads_a_float16_pool_as_its_float32_values():
+    """A float16 pool: the same bits as a float32 pool holding the same values (widened as
+    read, then the same chains); a bfloat16 pool is refused."""
+    torch.manual_seed(2)
+    pages, layers, bt, n_kv, heads, hd = 12, 2, 16, 2, 6, 32
+    kv16 = torch.randn(pages, layers, bt, 2 * n_kv * hd).half()
+    ctx_lens, tables = [5, 16, 40], [torch.tensor([3]), torch.tensor([7]),
+                                     torch.tensor([0, 11, 4])]
+    q = torch.randn(3, heads, hd)
+    plan = DecodePlan.build(range(3), ctx_lens, tables)
+    for layer in range(layers):
+        half_, full = torch.empty_like(q), torch.empty_like(q)
+        cpu_kernels.decode_attention(q, kv16, layer, n_kv, plan, 0.2, half_)
+        cpu_kernels.decode_attention(q, kv16.float(), layer, n_kv, plan, 0.2, full)
+        assert torch.equal(half_, full)
+        ref = reference_attention(q, kv16.float(), layer, n_kv, tables, ctx_lens, 0.2)
+        torch.testing.assert_close(half_, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        cpu_kernels.decode_attention(q, kv16.bfloat16(), 0, n_kv, plan, 0.2, torch.empty_like(q))
+
+
 def test_decode_attention_refuses_a_table_too_short():
     kv = torch.randn(4, 1, 8, 2 * 8)
     plan = DecodePlan.build([0], [9], [torch.tensor([1])])  # 9 tokens need 2 pages of 8
@@ -259,11 +280,14 @@ def decode_logits(model, kv, ctx_lens, tables, tokens, bt):
     return model(torch.tensor(tokens), kv, batch)
 
 
-def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch, kv_dtype):
     """Three sequences with their prompts' KV in the pool: one decode step through the fused
     C layers and through the torch layers (same products from blocks) give the same logits and
-    write the same K/V."""
-    model, layout = loaded.model, loaded.layout
+    write the same K/V (a float16 pool: both round the new K/V to nearest even)."""
+    from dataclasses import replace
+
+    model, layout = loaded.model, replace(loaded.layout, dtype=kv_dtype)
     bt = layout.block_tokens
     torch.manual_seed(1)
     from pdserve.engine.kv_pool import KVPool
@@ -280,8 +304,14 @@ def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch):
     monkeypatch.setattr(model, "fused_decode", None)
     kv_b = pool.kv.clone()
     plain = decode_logits(model, kv_b, ctx, tables, [11, 22, 33], bt)
-    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(kv_a, kv_b, rtol=1e-5, atol=1e-5)
+    # float16: a new K/V value rounded one half ulp apart moves a logit by up to ~3e-4
+    tol = 1e-4 if kv_dtype == "float32" else 1e-3
+    torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
+    if kv_dtype == "float32":
+        torch.testing.assert_close(kv_a, kv_b, rtol=1e-5, atol=1e-5)
+    else:  # the K/V before rounding differ as the float32 ones do (1e-5); rounded, within
+        # two halves' ulps
+        torch.testing.assert_close(kv_a.float(), kv_b.float(), rtol=1e-3, atol=2e-4)
     assert not torch.equal(kv_a, pool.kv)  # the new tokens' K/V were written
     # batch invariance of the fused step: the middle sequence alone, same bits
     monkeypatch.undo()
@@ -414,3 +444,42 @@ def test_a_decode_only_model_packs_only_when_a_prefill_comes(loaded):
     assert lean.model.head_product.packed is loaded.model.head_product.packed is None
     for a, b in zip(out[0], out[1]):
         assert torch.equal(a, b)
+
+
+def test_a_float16_kv_cache_stays_close_to_the_float32_one(loaded):
+    """The default model with its KV in float16 (--kv-dtype float16): 40 decode steps fed the
+    same tokens as over a float32 pool give logits within 0.05 (of about 40) and the same
+    greedy token at every step where float32's top two are further apart than that."""
+    from dataclasses import replace
+
+    from pdserve.engine.kv_pool import KVPool
+
+    prompt = loaded.tokenizer.encode("The history of the printing press begins in")
+    n, tokens = len(prompt), []  # float32's greedy tokens, fed to both
+
+    def run(dtype: str) -> torch.Tensor:
+        pool = KVPool(replace(loaded.layout, dtype=dtype), 4)
+        steps = [loaded.model(torch.tensor(prompt), pool.kv,
+                              AttnBatch.build([n], [n], [[0, 1]], 64))[-1]]
+        for i in range(40):
+            if len(tokens) == i:
+                tokens.append(int(steps[-1].argmax()))
+            steps.append(decode_logits(loaded.model, pool.kv, [n + i + 1], [[0, 1]],
+                                       [tokens[i]], 64)[0])
+        return torch.stack(steps)
+
+    full, half_ = run("float32"), run("float16")
+    assert (full - half_).abs().max() < 0.05
+    top2 = full.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05
+    assert clear.sum() >= 30
+    assert torch.equal(full.argmax(-1)[clear], half_.argmax(-1)[clear])
+
+
+def test_the_cpu_kernels_refuse_a_bfloat16_kv_cache():
+    from pdserve.engine.backend import BackendError
+    from pdserve.engine.loader import load_model
+
+    with pytest.raises(BackendError, match="kv_dtype bfloat16.*float32 or float16"):
+        load_model(kv_dtype=torch.bfloat16)
+    assert load_model(kv_dtype=torch.float16).layout.dtype == "float16"

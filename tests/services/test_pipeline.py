@@ -89,6 +89,40 @@ async def test_pipelined_prefill_gives_the_kv_and_token_of_one_worker(loaded, st
         await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
 
 
+async def test_a_float16_kv_cache_is_pipelined_as_it_is_computed_alone(loaded):
+    """Workers whose KV pool is float16 (--kv-dtype float16) over a float32 model: the hidden
+    states between stages stay float32 (the model's), and the head's KV and first token are
+    those of one such worker alone."""
+    from dataclasses import replace
+
+    half_ = replace(loaded, layout=replace(loaded.layout, dtype="float16"))
+    ws = []
+    for _ in range(2):
+        w = PrefillWorker(half_, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
+                          agent_name=f"pipeline-f16-{next(_names)}")
+        w.start()
+        servicer = PrefillServicer(w)
+        server, port, _ = await create_server(
+            [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
+            "127.0.0.1", 0)
+        ws.append((w, server, f"127.0.0.1:{port}"))
+    try:
+        head = ws[0][0]
+        assert head.pool.kv.dtype == torch.float16
+        ref_first, ref_kv = await alone(head)
+        pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+        first = (await head.head.prefill(request([ws[1][2]]), PROMPT, pages, 0,
+                                         SamplingParams())).token
+        kv = rows(head.pool, pages, len(PROMPT))
+        head.pool.release(pages)
+        assert head.head.num_pipelined == 1 and head.head.num_fallbacks == 0
+        assert first == ref_first and torch.equal(kv, ref_kv)
+    finally:
+        for w, server, _ in ws:
+            await server.stop(0)
+            w.thread.stop()
+
+
 async def test_stages_load_the_cached_blocks_and_only_new_pages_move(loaded, tmp_path):
     shard = await start_shard(tmp_path / "s")
     client = KVStoreClient(shard.address, timeout_s=5.0)
