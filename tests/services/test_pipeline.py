@@ -28,18 +28,24 @@ _names = itertools.count()
 _workers: list[tuple[PrefillWorker, object, str]] = []
 
 
+async def serve(loaded, name: str) -> tuple[PrefillWorker, object, str]:
+    """A prefill worker serving Prefill/PrefillStage on port 0 (prompt chunks of 256 tokens:
+    3 chunks of PROMPT)."""
+    w = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
+                      agent_name=f"{name}-{next(_names)}")
+    w.start()
+    servicer = PrefillServicer(w)
+    server, port, _ = await create_server(
+        [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
+        "127.0.0.1", 0)
+    return w, server, f"127.0.0.1:{port}"
+
+
 async def workers(loaded, n: int = 3) -> list[tuple[PrefillWorker, object, str]]:
     """n prefill workers for the module, each serving Prefill/PrefillStage on port 0; the
     first is the head in these tests. Prompt chunks of 256 tokens: 3 chunks of PROMPT."""
     while len(_workers) < n:
-        w = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
-                          agent_name=f"pipeline-{next(_names)}")
-        w.start()
-        servicer = PrefillServicer(w)
-        server, port, _ = await create_server(
-            [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
-            "127.0.0.1", 0)
-        _workers.append((w, server, f"127.0.0.1:{port}"))
+        _workers.append(await serve(loaded, "pipeline"))
     for w, _, _ in _workers:
         assert w.pool.num_free == w.pool.num_pages, "a test before this one kept pages"
         w.head.num_pipelined = w.head.num_fallbacks = w.stage.num_served = 0
@@ -96,16 +102,7 @@ async def test_a_float16_kv_cache_is_pipelined_as_it_is_computed_alone(loaded):
     from dataclasses import replace
 
     half_ = replace(loaded, layout=replace(loaded.layout, dtype="float16"))
-    ws = []
-    for _ in range(2):
-        w = PrefillWorker(half_, num_pages=24, kvstore=KVStoreClient("", 1.0), chunk_tokens=256,
-                          agent_name=f"pipeline-f16-{next(_names)}")
-        w.start()
-        servicer = PrefillServicer(w)
-        server, port, _ = await create_server(
-            [lambda s, sv=servicer: prefill_pb2_grpc.add_PrefillServicer_to_server(sv, s)], [],
-            "127.0.0.1", 0)
-        ws.append((w, server, f"127.0.0.1:{port}"))
+    ws = [await serve(half_, "pipeline-f16") for _ in range(2)]
     try:
         head = ws[0][0]
         assert head.pool.kv.dtype == torch.float16
