@@ -107,7 +107,7 @@ def test_an_fp8_row_s_product_does_not_depend_on_the_batch(k):
 def _products_digest() -> str:
     """(Run in a child process.) xxh3 of products over both GGUF kinds (batch 1, 4 and 5, a
     tail group of one row of W) and FP8 (batch 1 and 5, a row 8 past a multiple of 16), and of
-    decode attention."""
+    decode attention over a float32 and a float16 pool."""
     import xxhash
 
     h = xxhash.xxh3_64()
@@ -129,10 +129,11 @@ def _products_digest() -> str:
     for heads, n_kv, hd in ((9, 3, 64), (8, 2, 40)):
         kv = torch.randn(12, 2, 16, 2 * n_kv * hd, generator=g)
         q = torch.randn(4, heads, hd, generator=g)
-        out = torch.zeros_like(q)
-        cpu_kernels.decode_attention(q, kv, 1, n_kv, DecodePlan.build(range(4), ctx_lens, tables),
-                                     0.125, out)
-        h.update(out.numpy().tobytes())
+        for pool in (kv, kv.half()):  # a float32 and a float16 pool
+            out = torch.zeros_like(q)
+            cpu_kernels.decode_attention(q, pool, 1, n_kv,
+                                         DecodePlan.build(range(4), ctx_lens, tables), 0.125, out)
+            h.update(out.numpy().tobytes())
     return h.hexdigest()
 
 
