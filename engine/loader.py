@@ -134,7 +134,7 @@ def load_model(
     phase("weight packing")
     kv = dtype if kv_dtype is None else kv_dtype
     if (chosen.c_attention or chosen.fused_layers) and kv not in (torch.float32, torch.float16):
-        raise BackendError(f"kv_dtype {dtype_name(kv)}: backend {chosen.name}'s CPU kernels read "
+        raise BackendError(f"--kv-dtype {dtype_name(kv)}: backend {chosen.name}'s CPU kernels read "
                            "float32 or float16 KV (or run --backend torch)")
     layout = cfg.kv_layout(dtype_name(kv), block_tokens)
     log.info("model ready", extra={"model": p.name, "backend": chosen.name,

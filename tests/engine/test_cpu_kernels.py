@@ -481,6 +481,6 @@ def test_the_cpu_kernels_refuse_a_bfloat16_kv_cache():
     from pdserve.engine.backend import BackendError
     from pdserve.engine.loader import load_model
 
-    with pytest.raises(BackendError, match="kv_dtype bfloat16.*float32 or float16"):
+    with pytest.raises(BackendError, match="--kv-dtype bfloat16.*float32 or float16"):
         load_model(kv_dtype=torch.bfloat16)
     assert load_model(kv_dtype=torch.float16).layout.dtype == "float16"
