@@ -214,6 +214,12 @@ class _Meter:
         return sum(r * w for r, w in self.ratios) / total if total else 1.0
 
 
+def _usable_blocks(r: TraceRequest) -> int:
+    """Leading blocks of a prompt that may come from the store: whole ones, never its last
+    token (that one is computed for the first output token)."""
+    return (r.input_length - 1) // BLOCK
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return 0.0
@@ -235,9 +241,9 @@ def pooled_reference(trace: Sequence[TraceRequest], n_prefill: int,
     seen: set[int] = set()
     jobs: list[tuple[float, float]] = []  # (arrival, seconds on the pooled server)
     for r in trace:
-        usable = min(r.input_length // BLOCK, (r.input_length - 1) // BLOCK)
+        usable = min(_usable_blocks(r), len(r.hash_ids))
         hit = 0
-        while hit < min(usable, len(r.hash_ids)) and r.hash_ids[hit] in seen:
+        while hit < usable and r.hash_ids[hit] in seen:
             hit += 1
         seen.update(r.hash_ids)
         jobs.append((r.arrival_s, cost.prefill_s(hit * BLOCK, r.input_length - hit * BLOCK)
@@ -331,8 +337,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         sample(t)
         if kind == "arrive":
             r = trace[i]
-            full = r.input_length // BLOCK
-            usable = min(full, (r.input_length - 1) // BLOCK)
+            usable = _usable_blocks(r)
             hit = store.prefix(r.hash_ids[:usable])
             after: set[int] = set()
             if wait_blocks:
