@@ -8,12 +8,14 @@
    batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over a streaming
    read's rate, measured in the same run); at larger batches the compute ceiling (the products'
    fused multiply-adds per token over the FMA rate bench/fma_peak.c measures in the same run);
-2. prefill tokens/s;
+2. prefill tokens/s (8 prompts in one step; on CUDA also with the other prefill attention,
+   sdpa's call per sequence or flex attention's one call, engine/flex.py);
 3. the whole disaggregated system under 16 concurrent clients against the single-process
    engine on the same requests.
 
 Usage: python bench/bench_engine.py [--prompt-tokens 128] [--new-tokens 16] [--batches 1,16,64]
        [--device cuda --dtype bfloat16] [--kv-dtype float16] [--model PATH | --random-smollm2]
+       [--prefill-attention flex]
        [--out FILE]
 
 `--random-smollm2` benchmarks random weights of SmolLM2-135M's shape (what the GPU machine can
@@ -64,6 +66,13 @@ def _engine(loaded, batch: list[list[int]], new: int, graphs: bool | None) -> LL
         eng = _ENGINES[key] = LLMEngine(ModelRunner(loaded.model, pool, cuda_graphs=graphs),
                                         max_batch=len(batch), max_prefill_tokens=8192)
     return eng
+
+
+def set_varlen(model, on: bool) -> None:
+    """Every attention layer's prefill path (engine/flex.py), for an A/B in one process."""
+    for m in model.modules():
+        if hasattr(m, "varlen"):
+            m.varlen = on
 
 
 def ours_generate(loaded, batch: list[list[int]], new: int, graphs: bool | None = None) -> float:
@@ -325,6 +334,9 @@ def main() -> None:
                     help="random weights of SmolLM2-135M's shape instead of the real model")
     ap.add_argument("--backend", default="auto", help="the engine's execution backend "
                     "(engine/backend.py; auto = the fastest this machine allows)")
+    ap.add_argument("--prefill-attention", default="auto", choices=["auto", "sdpa", "flex"],
+                    help="how a step's prefill chunks attend (engine/flex.py); on CUDA the "
+                    "prefill row is also measured with the other one")
     ap.add_argument("--out", type=Path, help="also write the tables to this file")
     ap.add_argument("--llama-rounds", type=int, default=3,
                     help="alternating rounds against llama.cpp per batch (the median is kept)")
@@ -346,7 +358,7 @@ def main() -> None:
               f"tokens, {args.new_tokens} new tokens, greedy"]
     kv_dtype = None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
     loaded = load_model(path, device=args.device, dtype=dtype, backend=args.backend,
-                        kv_dtype=kv_dtype)
+                        kv_dtype=kv_dtype, prefill_attention=args.prefill_attention)
     header[-1] += f", pdserve's KV cache {loaded.layout.dtype}"
     header.append(f"pdserve backend: {loaded.backend.name}")
     print("\n".join(header) + "\n", flush=True)
@@ -423,6 +435,16 @@ def main() -> None:
         n = 8 * args.prompt_tokens * 4
         rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens", f"{n / ours_t:.0f} tok/s",
                      f"{n / ref_t:.0f} tok/s", f"{ref_t / ours_t:.2f}x"))
+        if args.device == "cuda":  # the other prefill attention, same run, same engine
+            other = not loaded.backend.varlen_prefill
+            name = "flex (one call a step)" if other else "sdpa (a call per sequence)"
+            set_varlen(loaded.model, other)
+            ours_generate(loaded, batch, 1)  # warm-up (flex: compiles)
+            other_t = min(ours_generate(loaded, batch, 1) for _ in range(3))
+            set_varlen(loaded.model, not other)
+            rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens, {name}",
+                         f"{n / other_t:.0f} tok/s", f"{n / ref_t:.0f} tok/s",
+                         f"{ref_t / other_t:.2f}x"))
         tables = table(rows, ("figure", "pdserve engine", "transformers", "ratio"))
         print(tables)
         if args.out:

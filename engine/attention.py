@@ -12,7 +12,8 @@ The new tokens' K/V are written to their slots first. Then:
   gathered whole (one index_select of page-sized rows) and one batched attention call serves the
   group, the unused tail of each table masked. Groups are merged while the padding costs at most
   a quarter more rows than exact grouping, so a batch of similar lengths is one call;
-- prefill chunks gather their context pages and attend one sequence at a time, with a causal mask.
+- prefill chunks gather their context pages and attend one sequence at a time, with a causal mask
+  (or, `varlen`, all of them in one flex attention call: engine/flex.py).
 
 On CPU in float32 (the `cpu-kernels` and `cpu-fused` backends) the decode sequences take another
 path: one call of a C kernel (engine/cpu_kernels.py) attends all of them over their pages in
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from pdserve.engine import cpu_kernels
+from pdserve.engine import cpu_kernels, flex
 
 
 @dataclass
@@ -67,6 +68,7 @@ class AttnBatch:
     # every token that can be the argmax and -inf elsewhere (engine/greedy_head.py).
     argmax_only: list[bool] | None = None
     _plan: cpu_kernels.DecodePlan | None = None
+    _varlen: flex.VarlenPlan | None = None  # engine/flex.py's, built on first use
 
     def decode_plan(self) -> cpu_kernels.DecodePlan:
         """The decode sequences for the CPU attention kernel, built on first use."""
@@ -182,6 +184,7 @@ def paged_attention(
     batch: AttnBatch,
     scale: float,
     c_kernel: bool = False,  # decode attention by the C kernel (float32 CPU; backend.py)
+    varlen: bool = False,    # every prefill chunk in one flex attention call (engine/flex.py)
 ) -> torch.Tensor:     # [T, H, hd]
     n_kv, hd = k.shape[1], k.shape[2]
     half = n_kv * hd
@@ -207,10 +210,16 @@ def paged_attention(
         out[q_idx] = o.reshape(g, n_heads, hd)
     if len(batch.decode_groups) and all(m is None for m in batch.masks):
         return out
-    # Step 3: prefill chunks, one sequence at a time over its gathered context rows.
+    # Step 3: prefill chunks, one sequence at a time over its gathered context rows (or all
+    # in one call: varlen).
     ctx_kv = batch.gather(kv, layer).to(q.dtype)                  # [N, 2*half]
     keys = ctx_kv[:, :half].view(-1, n_kv, hd).transpose(0, 1)     # [KVH, N, hd]
     values = ctx_kv[:, half:].view(-1, n_kv, hd).transpose(0, 1)
+    if varlen:
+        packed = flex.varlen_prefill(q, keys, values, batch, scale)
+        if packed is not None:
+            out[packed[0]] = packed[1]
+        return out
     for qs, cs, q_len, _, mask in batch.sequences():
         if q_len == 1:
             continue

@@ -30,7 +30,7 @@ runs `onednn`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,6 +56,9 @@ class Backend:
     cuda_graphs: bool = False     # decode steps replayed from CUDA graphs
     # every product in fixed row tiles and attention in fixed key tiles (engine/invariant.py)
     batch_invariant: bool = False
+    # a step's prefill chunks attend in one flex attention call, not one call per sequence
+    # (engine/flex.py; --prefill-attention flex, Llama models)
+    varlen_prefill: bool = False
     # the model runs decode steps only (a decode worker): a product that reads blocks there
     # packs its float32 weights for oneDNN only if a prefill ever comes (start time, memory)
     decode_only: bool = False
@@ -68,7 +71,9 @@ class Backend:
         """The backend a model actually runs when it cannot use all of this one."""
         log.info("execution backend narrowed", extra={"requested": self.name, "backend": name,
                                                       "reason": why})
-        return _TABLE[name]
+        # what the settings asked beside the backend's name stays
+        return replace(_TABLE[name], decode_only=self.decode_only,
+                       varlen_prefill=self.varlen_prefill)
 
 
 _TABLE = {
@@ -141,6 +146,25 @@ def batch_invariant(name: str, device: str | torch.device, family: str) -> Backe
             "requested": name, "backend": "torch",
             "reason": "--batch-invariant tiles torch's own products"})
     return Backend("torch", batch_invariant=True)
+
+
+PREFILL_ATTENTION = ("auto", "sdpa", "flex")
+
+
+def with_prefill_attention(b: Backend, name: str, family: str) -> Backend:
+    """`b` with the prefill attention `name` (--prefill-attention): "sdpa" one call per
+    sequence, "flex" one flex attention call for all of a step's chunks (engine/flex.py);
+    "auto" is "sdpa" until a GPU run measures flex against it (issue #23, bench/gpu.sh).
+    BackendError naming the setting where it cannot run."""
+    if name not in PREFILL_ATTENTION:
+        raise BackendError(f"--prefill-attention: {name!r}, must be one of "
+                           f"{', '.join(PREFILL_ATTENTION)}")
+    if name != "flex":
+        return b
+    if family != "llama":
+        raise BackendError("--prefill-attention flex: Llama-family models only (DeepSeek's "
+                           "MLA attends in its own path)")
+    return replace(b, varlen_prefill=True)
 
 
 def without_fusion(b: Backend, why: str) -> Backend:

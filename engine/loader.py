@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 
 from pdserve.engine import fp8, invariant
-from pdserve.engine.backend import Backend, BackendError, choose_backend
+from pdserve.engine.backend import (
+    Backend,
+    BackendError,
+    choose_backend,
+    with_prefill_attention,
+)
 from pdserve.engine.backend import batch_invariant as invariant_backend
 from pdserve.engine.cpu_kernels import QuantWeight
 from pdserve.engine.deepseek import DeepseekV3ForCausalLM
@@ -61,6 +66,7 @@ def load_model(
     batch_invariant: bool = False,
     decode_only: bool = False,
     kv_dtype: torch.dtype | None = None,
+    prefill_attention: str = "auto",
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
     here); `batch_invariant`: every row the same bits whatever else is in its step
@@ -69,7 +75,8 @@ def load_model(
     decode worker): those products pack no float32 weights for prefill unless one comes.
     `kv_dtype`: the KV pool's (default: `dtype`); the CPU kernels read float32 or float16 KV
     (float16 halves the pool, the store's blocks and the transfers; attention then computes in
-    float32 over the rounded values)."""
+    float32 over the rounded values). `prefill_attention`: "sdpa" (auto) or "flex", a step's
+    prefill chunks in one call (engine/backend.py, with_prefill_attention)."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
@@ -82,14 +89,16 @@ def load_model(
         from pdserve.engine.hf_loader import load_hf_config, load_hf_dir
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
-        chosen = (choose_backend(backend, device, dtype, family) if not batch_invariant
-                  else invariant_backend(backend, device, family))
+        chosen = with_prefill_attention(
+            choose_backend(backend, device, dtype, family) if not batch_invariant
+            else invariant_backend(backend, device, family), prefill_attention, family)
         skip = None if held is None else _not_held(held)
         cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
         blocks: dict[str, QuantWeight] | None = None
     elif p.suffix == ".gguf":
-        chosen = (choose_backend(backend, device, dtype, "llama") if not batch_invariant
-                  else invariant_backend(backend, device, "llama"))
+        chosen = with_prefill_attention(
+            choose_backend(backend, device, dtype, "llama") if not batch_invariant
+            else invariant_backend(backend, device, "llama"), prefill_attention, "llama")
         # GGUF Q4_1/Q8_0 blocks, kept for the CPU float32 decode kernel (cpu_kernels.py)
         blocks = {} if chosen.block_products else None
         from pdserve.engine.gguf_loader import load_gguf

@@ -158,7 +158,8 @@ class LocalCluster:
             common += ["--metrics-port", "0"]
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
-        threads += ["--backend", self.s.backend, "--kv-dtype", self.s.kv_dtype]
+        threads += ["--backend", self.s.backend, "--kv-dtype", self.s.kv_dtype,
+                    "--prefill-attention", self.s.prefill_attention]
         if self.s.batch_invariant:
             threads.append("--batch-invariant")
         try:

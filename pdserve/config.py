@@ -74,6 +74,10 @@ class _ModelSettings(_Served):
         "auto", description="KV cache dtype (auto = --dtype); float16 halves the KV pool, the "
         "store's blocks and the transfers, attention computing in float32 over the rounded "
         "values (llama.cpp's default cache type); the workers of a cluster must agree")
+    prefill_attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="how a step's prefill chunks attend (Llama models): sdpa = one "
+        "call per sequence; flex = all chunks in one flex attention call (compiled on CUDA; "
+        "eager, for checking, on CPU); auto = sdpa")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
     backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
@@ -324,6 +328,8 @@ class UpSettings(_Secured):
         "auto", description="the workers' execution backend (see `pdserve prefill --help`)")
     kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the workers' KV cache dtype (see `pdserve prefill --help`)")
+    prefill_attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="the workers' prefill attention (see `pdserve prefill --help`)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")

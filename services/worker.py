@@ -64,7 +64,8 @@ def load_for(settings: WorkerSettings, decode_only: bool = False) -> LoadedModel
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),
                       backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant,
                       decode_only=decode_only, kv_dtype=None if settings.kv_dtype == "auto"
-                      else parse_dtype(settings.kv_dtype))
+                      else parse_dtype(settings.kv_dtype),
+                      prefill_attention=settings.prefill_attention)
 
 
 def join_ep_group(settings: WorkerSettings) -> ExpertParallel:
