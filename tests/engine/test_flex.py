@@ -106,3 +106,14 @@ def test_the_setting_is_refused_where_it_cannot_run():
     # the setting survives a backend narrowed at load
     b = with_prefill_attention(Backend("cpu-fused"), "flex", "llama")
     assert b.narrowed("cpu-kernels", "test").varlen_prefill
+
+
+def test_compiled_kernel_takes_the_same_block_mask(monkeypatch):
+    """The path CUDA runs, compiled (here by inductor for the CPU): the block mask built for
+    the eager reference is accepted as it is and gives the same outputs."""
+    compiled = torch.compile(flex.flex_attention, dynamic=True)
+    monkeypatch.setattr(flex, "_kernel", lambda device: compiled)
+    kv, batch, q, k, v = _step(6)
+    want = paged_attention(q, k, v, kv.clone(), 0, batch, HD ** -0.5)
+    got = paged_attention(q, k, v, kv.clone(), 0, batch, HD ** -0.5, varlen=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
