@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU run (about five minutes on one H200): the GPU tests and the engine benchmark in
+# One-shot GPU run (five to nine minutes on one H200): the GPU tests and the engine benchmark in
 # bfloat16, everything written under ${OUT:-gpu-results}.
 #
 #   bench/gpu.sh            makes .venv with scripts/setup.sh (needs the package registry;
@@ -33,9 +33,9 @@ fi
   "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, torch.cuda.get_device_name(0))"; } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
-timeout "${TEST_TIMEOUT:-200}" "$py" -m pytest -q -p no:cacheprovider -m gpu \
+timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider -m gpu \
   tests/engine/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -n 30
-timeout "${BENCH_TIMEOUT:-200}" "$py" bench/bench_engine.py --device cuda --dtype bfloat16 \
+timeout "${BENCH_TIMEOUT:-300}" "$py" bench/bench_engine.py --device cuda --dtype bfloat16 \
   --random-smollm2 --batches "${BATCHES:-1,16,64,256}" --new-tokens "${NEW_TOKENS:-64}" \
   --skip-cluster --out "$out/bench_engine_cuda.md" 2>&1 | tee "$out/bench_engine_cuda.txt" \
   | tail -n 20
