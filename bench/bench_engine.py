@@ -1,6 +1,8 @@
 """Engine throughput against Hugging Face transformers, same model, same batch, same run.
 
-1. decode tokens/s at batch 1, 16, 64: the decode phase alone, timed from every sequence's
+1. decode tokens/s at batch 1, 16, 64 (on CUDA also with the other decode attention: pages
+   gathered for SDPA or read in place by engine/paged_decode.py's kernel): the decode phase
+   alone, timed from every sequence's
    first token (ours: after the prefill steps; transformers: a logits processor's first call;
    llama.cpp, when llama-cpp-python is installed and the model is a GGUF file: after the
    prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides (against
@@ -15,7 +17,7 @@
 
 Usage: python bench/bench_engine.py [--prompt-tokens 128] [--new-tokens 16] [--batches 1,16,64]
        [--device cuda --dtype bfloat16] [--kv-dtype float16] [--model PATH | --random-smollm2]
-       [--prefill-attention flex]
+       [--prefill-attention flex] [--decode-attention paged]
        [--out FILE]
 
 `--random-smollm2` benchmarks random weights of SmolLM2-135M's shape (what the GPU machine can
@@ -58,7 +60,7 @@ _ENGINES: dict[tuple[int, int, bool | None], LLMEngine] = {}
 
 def _engine(loaded, batch: list[list[int]], new: int, graphs: bool | None) -> LLMEngine:
     """One engine per batch shape, kept: its pool and its CUDA graphs are made once."""
-    key = (len(batch), max(len(p) for p in batch), graphs)
+    key = (len(batch), max(len(p) for p in batch), graphs, _paged(loaded))  # graphs capture it
     eng = _ENGINES.get(key)
     if eng is None:
         pages = len(batch) * loaded.layout.pages_for(key[1] + new + 1) + 4
@@ -68,11 +70,16 @@ def _engine(loaded, batch: list[list[int]], new: int, graphs: bool | None) -> LL
     return eng
 
 
-def set_varlen(model, on: bool) -> None:
-    """Every attention layer's prefill path (engine/flex.py), for an A/B in one process."""
+def set_attention(model, name: str, on: bool) -> None:
+    """Every attention layer's `varlen` prefill (engine/flex.py) or `paged` decode
+    (engine/paged_decode.py), for an A/B in one process."""
     for m in model.modules():
-        if hasattr(m, "varlen"):
-            m.varlen = on
+        if hasattr(m, name):
+            setattr(m, name, on)
+
+
+def _paged(loaded) -> bool:
+    return any(getattr(m, "paged", False) for m in loaded.model.modules())
 
 
 def ours_generate(loaded, batch: list[list[int]], new: int, graphs: bool | None = None) -> float:
@@ -337,6 +344,9 @@ def main() -> None:
     ap.add_argument("--prefill-attention", default="auto", choices=["auto", "sdpa", "flex"],
                     help="how a step's prefill chunks attend (engine/flex.py); on CUDA the "
                     "prefill row is also measured with the other one")
+    ap.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "paged"],
+                    help="how decode rows attend (engine/paged_decode.py); on CUDA every "
+                    "decode row is also measured with the other one")
     ap.add_argument("--out", type=Path, help="also write the tables to this file")
     ap.add_argument("--llama-rounds", type=int, default=3,
                     help="alternating rounds against llama.cpp per batch (the median is kept)")
@@ -358,7 +368,8 @@ def main() -> None:
               f"tokens, {args.new_tokens} new tokens, greedy"]
     kv_dtype = None if args.kv_dtype == "auto" else getattr(torch, args.kv_dtype)
     loaded = load_model(path, device=args.device, dtype=dtype, backend=args.backend,
-                        kv_dtype=kv_dtype, prefill_attention=args.prefill_attention)
+                        kv_dtype=kv_dtype, prefill_attention=args.prefill_attention,
+                        decode_attention=args.decode_attention)
     header[-1] += f", pdserve's KV cache {loaded.layout.dtype}"
     header.append(f"pdserve backend: {loaded.backend.name}")
     print("\n".join(header) + "\n", flush=True)
@@ -420,6 +431,20 @@ def main() -> None:
                          f"{step_fmas / 1e6:.0f} M FMAs a token / {fma / 1e9:.1f} G lanes/s",
                          f"{ours / ceiling:.2f}x"))
             print(rows[-1], flush=True)
+        if args.device == "cuda":  # the other decode attention, same run
+            other = not loaded.backend.paged_decode
+            name = "pages read in place (Triton)" if other else "pages gathered (SDPA)"
+            set_attention(loaded.model, "paged", other)
+            try:
+                alt = decode_rate(lambda bb, n: ours_decode(loaded, bb, n), batch,
+                                  args.new_tokens)
+                rows.append((f"decode, batch {b}, {name}", f"{alt:.1f} tok/s",
+                             f"{ref:.1f} tok/s", f"{alt / ref:.2f}x"))
+            except Exception as e:  # noqa: BLE001  (a one-shot device run keeps its other rows)
+                rows.append((f"decode, batch {b}, {name}", f"failed: {e!r}"[:80], "", ""))
+            finally:
+                set_attention(loaded.model, "paged", not other)
+            print(rows[-1], flush=True)
         if args.device == "cuda":
             eager = decode_rate(lambda bb, n: ours_decode(loaded, bb, n, graphs=False), batch,
                                 args.new_tokens)
@@ -438,10 +463,10 @@ def main() -> None:
         if args.device == "cuda":  # the other prefill attention, same run, same engine
             other = not loaded.backend.varlen_prefill
             name = "flex (one call a step)" if other else "sdpa (a call per sequence)"
-            set_varlen(loaded.model, other)
+            set_attention(loaded.model, "varlen", other)
             ours_generate(loaded, batch, 1)  # warm-up (flex: compiles)
             other_t = min(ours_generate(loaded, batch, 1) for _ in range(3))
-            set_varlen(loaded.model, not other)
+            set_attention(loaded.model, "varlen", not other)
             rows.append((f"prefill, 8 x {args.prompt_tokens * 4} tokens, {name}",
                          f"{n / other_t:.0f} tok/s", f"{n / ref_t:.0f} tok/s",
                          f"{ref_t / other_t:.2f}x"))

@@ -185,6 +185,7 @@ def paged_attention(
     scale: float,
     c_kernel: bool = False,  # decode attention by the C kernel (float32 CPU; backend.py)
     varlen: bool = False,    # every prefill chunk in one flex attention call (engine/flex.py)
+    paged: bool = False,     # decode rows read their pages in place (engine/paged_decode.py)
 ) -> torch.Tensor:     # [T, H, hd]
     n_kv, hd = k.shape[1], k.shape[2]
     half = n_kv * hd
@@ -200,6 +201,11 @@ def paged_attention(
         cpu_kernels.decode_attention(q, kv, layer, n_kv, batch.decode_plan(), scale, out)
         groups = []
     for q_idx, tables, valid in groups:
+        if paged:  # Triton (CUDA; tests: its interpreter): no copy, no padded rows
+            from pdserve.engine.paged_decode import paged_decode
+
+            out[q_idx] = paged_decode(q[q_idx], kv, layer, tables, valid.sum(-1), n_kv, scale)
+            continue
         g = q_idx.numel()
         pages = layer_pages(kv, layer, tables.flatten()).view(g, -1, 2 * half).to(q.dtype)
         k_g = pages[..., :half].view(g, -1, n_kv, hd).transpose(1, 2)        # [G, KVH, S, hd]

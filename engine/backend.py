@@ -59,6 +59,9 @@ class Backend:
     # a step's prefill chunks attend in one flex attention call, not one call per sequence
     # (engine/flex.py; --prefill-attention flex, Llama models)
     varlen_prefill: bool = False
+    # decode attention reads the pool's pages in place, a Triton kernel (engine/paged_decode.py;
+    # --decode-attention paged, CUDA, Llama models)
+    paged_decode: bool = False
     # the model runs decode steps only (a decode worker): a product that reads blocks there
     # packs its float32 weights for oneDNN only if a prefill ever comes (start time, memory)
     decode_only: bool = False
@@ -73,7 +76,7 @@ class Backend:
                                                       "reason": why})
         # what the settings asked beside the backend's name stays
         return replace(_TABLE[name], decode_only=self.decode_only,
-                       varlen_prefill=self.varlen_prefill)
+                       varlen_prefill=self.varlen_prefill, paged_decode=self.paged_decode)
 
 
 _TABLE = {
@@ -165,6 +168,33 @@ def with_prefill_attention(b: Backend, name: str, family: str) -> Backend:
         raise BackendError("--prefill-attention flex: Llama-family models only (DeepSeek's "
                            "MLA attends in its own path)")
     return replace(b, varlen_prefill=True)
+
+
+DECODE_ATTENTION = ("auto", "gather", "paged")
+
+
+def with_decode_attention(b: Backend, name: str, device: str | torch.device,
+                          family: str) -> Backend:
+    """`b` with the decode attention `name` (--decode-attention): "gather" copies each
+    group's pages and runs SDPA (or, on CPU, the C kernel), "paged" reads them in place
+    (engine/paged_decode.py: Triton, CUDA); "auto" is "gather" until a GPU run measures the
+    kernel (issue #23, bench/gpu.sh). BackendError naming the setting where it cannot run."""
+    if name not in DECODE_ATTENTION:
+        raise BackendError(f"--decode-attention: {name!r}, must be one of "
+                           f"{', '.join(DECODE_ATTENTION)}")
+    if name != "paged":
+        return b
+    if family != "llama":
+        raise BackendError("--decode-attention paged: Llama-family models only (DeepSeek's "
+                           "MLA attends in its own path)")
+    if torch.device(device).type != "cuda":
+        raise BackendError(f"--decode-attention paged: a Triton kernel, needs --device cuda, "
+                           f"not {torch.device(device).type}")
+    try:
+        import triton  # noqa: F401  (CUDA builds of torch bring it)
+    except ImportError as e:
+        raise BackendError(f"--decode-attention paged: needs Triton ({e})") from e
+    return replace(b, paged_decode=True)
 
 
 def without_fusion(b: Backend, why: str) -> Backend:

@@ -88,6 +88,7 @@ class Attention(nn.Module):
         self.o_product: FastLinear | None = None
         self.c_attention = False  # decode attention by the C kernel (backend.c_attention)
         self.varlen = False  # a step's prefill chunks in one call (backend.varlen_prefill)
+        self.paged = False  # decode rows read pages in place (backend.paged_decode)
 
     def prepare(self, backend: Backend, blocks: Quantized = _no_blocks) -> None:
         """After the weights are loaded: one q|k|v product, packed weights on CPU."""
@@ -98,6 +99,7 @@ class Attention(nn.Module):
                              pack=backend.pack_weights, defer_pack=backend.decode_only)
         self.c_attention = backend.c_attention and self.hd % 8 == 0
         self.varlen = backend.varlen_prefill
+        self.paged = backend.paged_decode
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
@@ -112,7 +114,8 @@ class Attention(nn.Module):
         q = Rotary.rotate(q.view(t, self.n_heads, self.hd), cos_sin)
         k = Rotary.rotate(k.view(t, self.n_kv, self.hd), cos_sin)
         o = paged_attention(q, k, v.reshape(t, self.n_kv, self.hd), kv, self.layer, batch,
-                            self.hd ** -0.5, self.c_attention, self.varlen).reshape(t, nq)
+                            self.hd ** -0.5, self.c_attention, self.varlen,
+                            self.paged).reshape(t, nq)
         if self.o_product is not None:
             return self.o_product(o, batch.decode_step)
         out: torch.Tensor = self.o_proj(o)

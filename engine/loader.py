@@ -16,6 +16,7 @@ from pdserve.engine.backend import (
     Backend,
     BackendError,
     choose_backend,
+    with_decode_attention,
     with_prefill_attention,
 )
 from pdserve.engine.backend import batch_invariant as invariant_backend
@@ -67,6 +68,7 @@ def load_model(
     decode_only: bool = False,
     kv_dtype: torch.dtype | None = None,
     prefill_attention: str = "auto",
+    decode_attention: str = "auto",
 ) -> LoadedModel:
     """`backend`: how the model runs (engine/backend.py; BackendError when that cannot be had
     here); `batch_invariant`: every row the same bits whatever else is in its step
@@ -76,7 +78,9 @@ def load_model(
     `kv_dtype`: the KV pool's (default: `dtype`); the CPU kernels read float32 or float16 KV
     (float16 halves the pool, the store's blocks and the transfers; attention then computes in
     float32 over the rounded values). `prefill_attention`: "sdpa" (auto) or "flex", a step's
-    prefill chunks in one call (engine/backend.py, with_prefill_attention)."""
+    prefill chunks in one call (engine/backend.py, with_prefill_attention); `decode_attention`:
+    "gather" (auto) or "paged", decode rows reading their pages in place (CUDA,
+    with_decode_attention)."""
     p = Path(path) if path else default_model_path()
     if not p.exists():
         raise FileNotFoundError(f"model path does not exist: {p}")
@@ -89,16 +93,18 @@ def load_model(
         from pdserve.engine.hf_loader import load_hf_config, load_hf_dir
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
-        chosen = with_prefill_attention(
+        chosen = with_decode_attention(with_prefill_attention(
             choose_backend(backend, device, dtype, family) if not batch_invariant
-            else invariant_backend(backend, device, family), prefill_attention, family)
+            else invariant_backend(backend, device, family), prefill_attention, family),
+            decode_attention, device, family)
         skip = None if held is None else _not_held(held)
         cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
         blocks: dict[str, QuantWeight] | None = None
     elif p.suffix == ".gguf":
-        chosen = with_prefill_attention(
+        chosen = with_decode_attention(with_prefill_attention(
             choose_backend(backend, device, dtype, "llama") if not batch_invariant
-            else invariant_backend(backend, device, "llama"), prefill_attention, "llama")
+            else invariant_backend(backend, device, "llama"), prefill_attention, "llama"),
+            decode_attention, device, "llama")
         # GGUF Q4_1/Q8_0 blocks, kept for the CPU float32 decode kernel (cpu_kernels.py)
         blocks = {} if chosen.block_products else None
         from pdserve.engine.gguf_loader import load_gguf
@@ -108,6 +114,12 @@ def load_model(
         raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
                          "Hugging Face directory")
     phase("model load")  # the weights read from the file
+    if chosen.paged_decode:
+        from pdserve.engine.paged_decode import supported
+
+        why = supported(cfg.head_dim if isinstance(cfg, LlamaConfig) else 0, block_tokens)
+        if why:
+            raise BackendError(f"--decode-attention paged: {why}")
     if chosen.batch_invariant:
         invariant.enable()
     if decode_only:

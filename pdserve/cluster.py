@@ -159,7 +159,8 @@ class LocalCluster:
         model = ["--model", str(self.s.model)] if self.s.model else []
         threads = ["--threads", str(self.s.threads)] if self.s.threads else []
         threads += ["--backend", self.s.backend, "--kv-dtype", self.s.kv_dtype,
-                    "--prefill-attention", self.s.prefill_attention]
+                    "--prefill-attention", self.s.prefill_attention,
+                    "--decode-attention", self.s.decode_attention]
         if self.s.batch_invariant:
             threads.append("--batch-invariant")
         try:

@@ -78,6 +78,10 @@ class _ModelSettings(_Served):
         "auto", description="how a step's prefill chunks attend (Llama models): sdpa = one "
         "call per sequence; flex = all chunks in one flex attention call (compiled on CUDA; "
         "eager, for checking, on CPU); auto = sdpa")
+    decode_attention: Literal["auto", "gather", "paged"] = Field(
+        "auto", description="how decode rows attend (Llama models): gather = each group's "
+        "pages copied, then SDPA (on CPU the C kernel reads them in place anyway); paged = a "
+        "Triton kernel reads the pages in place (CUDA); auto = gather")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
     backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
@@ -330,6 +334,8 @@ class UpSettings(_Secured):
         "auto", description="the workers' KV cache dtype (see `pdserve prefill --help`)")
     prefill_attention: Literal["auto", "sdpa", "flex"] = Field(
         "auto", description="the workers' prefill attention (see `pdserve prefill --help`)")
+    decode_attention: Literal["auto", "gather", "paged"] = Field(
+        "auto", description="the workers' decode attention (see `pdserve decode --help`)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
                           "each on a free port (listed at start-up)")

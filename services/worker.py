@@ -65,7 +65,8 @@ def load_for(settings: WorkerSettings, decode_only: bool = False) -> LoadedModel
                       backend=settings.backend, ep=ep, batch_invariant=settings.batch_invariant,
                       decode_only=decode_only, kv_dtype=None if settings.kv_dtype == "auto"
                       else parse_dtype(settings.kv_dtype),
-                      prefill_attention=settings.prefill_attention)
+                      prefill_attention=settings.prefill_attention,
+                      decode_attention=settings.decode_attention)
 
 
 def join_ep_group(settings: WorkerSettings) -> ExpertParallel:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("UCX_LOG_LEVEL", "error")
 # The test clusters' kvstores register a smaller NIXL staging buffer than the 256 MiB default
@@ -13,6 +14,10 @@ os.environ.setdefault("UCX_LOG_LEVEL", "error")
 os.environ.setdefault("PDSERVE_NIXL_STAGING_MB", "64")
 # Several gateways run at once: their HTTP edges take any free port (the default is 8000).
 os.environ.setdefault("PDSERVE_HTTP_PORT", "0")
+# Without a GPU, Triton kernels (engine/paged_decode.py) run under Triton's interpreter, which
+# must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(scope="session")
 def loaded():

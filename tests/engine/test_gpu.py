@@ -87,6 +87,31 @@ def test_cuda_flex_prefill_matches_a_call_per_sequence(smol_dir):
     assert torch.equal(out[1].argmax(-1)[clear], out[0].argmax(-1)[clear])
 
 
+def test_cuda_paged_decode_matches_the_gather_path(smol_dir):
+    """--decode-attention paged (Triton, engine/paged_decode.py) inside captured CUDA graphs:
+    the logits of the gather path step by step, both fed the same tokens (float32, IEEE
+    products in the kernel)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    lengths = [7, 64, 65, 130, 300]
+    prompts = [_prompt(n, seed=i) for i, n in enumerate(lengths)]
+    runners, tables = [], []
+    for attention in ("gather", "paged"):
+        ours = load_model(smol_dir, device="cuda", dtype=torch.float32,
+                          decode_attention=attention)
+        assert ours.backend.paged_decode == (attention == "paged")
+        pool = KVPool(ours.layout, 40, device="cuda")
+        runners.append(ModelRunner(ours.model, pool, cuda_graphs=True))
+        tables.append([pool.reserve(6) for _ in lengths])
+    outs = [r.forward_chunks([(p, 0, t) for p, t in zip(prompts, ts)])
+            for r, ts in zip(runners, tables)]
+    for step in range(4):
+        toks = outs[0].argmax(-1).tolist()
+        outs = [r.decode(toks, [n + 1 + step for n in lengths], ts)
+                for r, ts in zip(runners, tables)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=2e-3)
+    assert runners[1].graphs is not None and runners[1].graphs.steps  # replayed, not eager
+
+
 def test_cuda_graph_replay_equals_the_same_step_run_eagerly(smol_dir):
     """bfloat16: captured graphs replay exactly what the padded step computes eagerly, and
     agree with the unpadded step within bfloat16 rounding."""
