@@ -152,25 +152,30 @@ def batch_invariant(name: str, device: str | torch.device, family: str) -> Backe
 
 
 PREFILL_ATTENTION = ("auto", "sdpa", "flex")
+DECODE_ATTENTION = ("auto", "gather", "paged")
+
+
+def _asks_kernel(flag: str, name: str, choices: tuple[str, ...], kernel: str,
+                 family: str) -> bool:
+    """Whether `flag` set to `name` asks for its kernel `kernel`; BackendError naming the
+    setting for a name not in `choices` or the kernel under a model it does not serve."""
+    if name not in choices:
+        raise BackendError(f"{flag}: {name!r}, must be one of {', '.join(choices)}")
+    if name != kernel:
+        return False
+    if family != "llama":
+        raise BackendError(f"{flag} {kernel}: Llama-family models only (DeepSeek's MLA attends "
+                           "in its own path)")
+    return True
 
 
 def with_prefill_attention(b: Backend, name: str, family: str) -> Backend:
     """`b` with the prefill attention `name` (--prefill-attention): "sdpa" one call per
     sequence, "flex" one flex attention call for all of a step's chunks (engine/flex.py);
-    "auto" is "sdpa" until a GPU run measures flex against it (issue #23, bench/gpu.sh).
-    BackendError naming the setting where it cannot run."""
-    if name not in PREFILL_ATTENTION:
-        raise BackendError(f"--prefill-attention: {name!r}, must be one of "
-                           f"{', '.join(PREFILL_ATTENTION)}")
-    if name != "flex":
+    "auto" is "sdpa" until a GPU run measures flex against it (issue #23, bench/gpu.sh)."""
+    if not _asks_kernel("--prefill-attention", name, PREFILL_ATTENTION, "flex", family):
         return b
-    if family != "llama":
-        raise BackendError("--prefill-attention flex: Llama-family models only (DeepSeek's "
-                           "MLA attends in its own path)")
     return replace(b, varlen_prefill=True)
-
-
-DECODE_ATTENTION = ("auto", "gather", "paged")
 
 
 def with_decode_attention(b: Backend, name: str, device: str | torch.device,
@@ -178,15 +183,9 @@ def with_decode_attention(b: Backend, name: str, device: str | torch.device,
     """`b` with the decode attention `name` (--decode-attention): "gather" copies each
     group's pages and runs SDPA (or, on CPU, the C kernel), "paged" reads them in place
     (engine/paged_decode.py: Triton, CUDA); "auto" is "gather" until a GPU run measures the
-    kernel (issue #23, bench/gpu.sh). BackendError naming the setting where it cannot run."""
-    if name not in DECODE_ATTENTION:
-        raise BackendError(f"--decode-attention: {name!r}, must be one of "
-                           f"{', '.join(DECODE_ATTENTION)}")
-    if name != "paged":
+    kernel (issue #23, bench/gpu.sh)."""
+    if not _asks_kernel("--decode-attention", name, DECODE_ATTENTION, "paged", family):
         return b
-    if family != "llama":
-        raise BackendError("--decode-attention paged: Llama-family models only (DeepSeek's "
-                           "MLA attends in its own path)")
     if torch.device(device).type != "cuda":
         raise BackendError(f"--decode-attention paged: a Triton kernel, needs --device cuda, "
                            f"not {torch.device(device).type}")
