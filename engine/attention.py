@@ -200,12 +200,13 @@ def paged_attention(
         assert batch.exact_tables, "a padded static step (CUDA graphs) never runs on CPU"
         cpu_kernels.decode_attention(q, kv, layer, n_kv, batch.decode_plan(), scale, out)
         groups = []
-    for q_idx, tables, valid in groups:
-        if paged:  # Triton (CUDA; tests: its interpreter): no copy, no padded rows
-            from pdserve.engine.paged_decode import paged_decode
+    if groups and paged:  # Triton (CUDA; tests: its interpreter): no copy, no padded rows
+        from pdserve.engine.paged_decode import paged_decode
 
+        for q_idx, tables, valid in groups:
             out[q_idx] = paged_decode(q[q_idx], kv, layer, tables, valid.sum(-1), n_kv, scale)
-            continue
+        groups = []
+    for q_idx, tables, valid in groups:
         g = q_idx.numel()
         pages = layer_pages(kv, layer, tables.flatten()).view(g, -1, 2 * half).to(q.dtype)
         k_g = pages[..., :half].view(g, -1, n_kv, hd).transpose(1, 2)        # [G, KVH, S, hd]

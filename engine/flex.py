@@ -34,10 +34,18 @@ TILE = 128  # flex attention's default tile, queries and keys
 _compiled: Callable[..., Any] | None = None
 
 
+def _eager(*args: Any, **kwargs: Any) -> Any:
+    """flex_attention uncompiled, without its warning that this is the unfused path: here that
+    is meant (CPU, for checking)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention.*")
+        return flex_attention(*args, **kwargs)
+
+
 def _kernel(device: torch.device) -> Callable[..., Any]:
     global _compiled
     if device.type != "cuda":
-        return flex_attention
+        return _eager
     if _compiled is None:
         _compiled = torch.compile(flex_attention, dynamic=True)
     return _compiled
@@ -101,9 +109,7 @@ def varlen_prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     plan = batch._varlen
     if plan is None:
         return None
-    with warnings.catch_warnings():  # eager (not CUDA): the unfused path is meant here
-        warnings.filterwarnings("ignore", message=".*flex_attention.*")
-        out = _kernel(q.device)(q[plan.rows].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
-                                values.unsqueeze(0), block_mask=plan.mask, scale=scale,
-                                enable_gqa=True)
+    out = _kernel(q.device)(q[plan.rows].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                            values.unsqueeze(0), block_mask=plan.mask, scale=scale,
+                            enable_gqa=True)
     return plan.rows, out[0].transpose(0, 1)

@@ -90,29 +90,31 @@ def load_model(
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"unsupported model directory {p}: no config.json")
-        from pdserve.engine.hf_loader import load_hf_config, load_hf_dir
+        from pdserve.engine.hf_loader import load_hf_config
 
         family = "deepseek" if isinstance(load_hf_config(p), DeepseekV3Config) else "llama"
-        chosen = with_decode_attention(with_prefill_attention(
-            choose_backend(backend, device, dtype, family) if not batch_invariant
-            else invariant_backend(backend, device, family), prefill_attention, family),
-            decode_attention, device, family)
+    elif p.suffix == ".gguf":
+        family = "llama"
+    else:
+        raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
+                         "Hugging Face directory")
+    # The backend and the attention settings are checked before the weights are read.
+    chosen = with_decode_attention(with_prefill_attention(
+        choose_backend(backend, device, dtype, family) if not batch_invariant
+        else invariant_backend(backend, device, family), prefill_attention, family),
+        decode_attention, device, family)
+    blocks: dict[str, QuantWeight] | None = None
+    if p.is_dir():
+        from pdserve.engine.hf_loader import load_hf_dir
+
         skip = None if held is None else _not_held(held)
         cfg, state, tokenizer, _ = load_hf_dir(p, dtype=dtype, progress=progress, skip=skip)
-        blocks: dict[str, QuantWeight] | None = None
-    elif p.suffix == ".gguf":
-        chosen = with_decode_attention(with_prefill_attention(
-            choose_backend(backend, device, dtype, "llama") if not batch_invariant
-            else invariant_backend(backend, device, "llama"), prefill_attention, "llama"),
-            decode_attention, device, "llama")
+    else:
         # GGUF Q4_1/Q8_0 blocks, kept for the CPU float32 decode kernel (cpu_kernels.py)
         blocks = {} if chosen.block_products else None
         from pdserve.engine.gguf_loader import load_gguf
 
         cfg, state, tokenizer = load_gguf(p, dtype=dtype, progress=progress, blocks=blocks)
-    else:
-        raise ValueError(f"unsupported model format {p}: expected a .gguf file or a "
-                         "Hugging Face directory")
     phase("model load")  # the weights read from the file
     if chosen.paged_decode:
         from pdserve.engine.paged_decode import supported

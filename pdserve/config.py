@@ -39,6 +39,13 @@ def check_addresses(value: str) -> str:
     return ",".join(x.strip() for x in value.split(",") if x.strip())
 
 
+# Settings that the workers and `pdserve up` (which passes them on) both take.
+BackendName = Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"]
+KvDtype = Literal["auto", "float32", "bfloat16", "float16"]
+PrefillAttention = Literal["auto", "sdpa", "flex"]  # engine/backend.py, PREFILL_ATTENTION
+DecodeAttention = Literal["auto", "gather", "paged"]  # engine/backend.py, DECODE_ATTENTION
+
+
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PDSERVE_", extra="forbid")
 
@@ -70,21 +77,21 @@ class _ModelSettings(_Served):
     device: str = Field("cpu", description="torch device: cpu or cuda[:N]")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights dtype (and the KV cache's, see --kv-dtype)")
-    kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    kv_dtype: KvDtype = Field(
         "auto", description="KV cache dtype (auto = --dtype); float16 halves the KV pool, the "
         "store's blocks and the transfers, attention computing in float32 over the rounded "
         "values (llama.cpp's default cache type); the workers of a cluster must agree")
-    prefill_attention: Literal["auto", "sdpa", "flex"] = Field(
+    prefill_attention: PrefillAttention = Field(
         "auto", description="how a step's prefill chunks attend (Llama models): sdpa = one "
         "call per sequence; flex = all chunks in one flex attention call (compiled on CUDA; "
         "eager, for checking, on CPU); auto = sdpa")
-    decode_attention: Literal["auto", "gather", "paged"] = Field(
+    decode_attention: DecodeAttention = Field(
         "auto", description="how decode rows attend (Llama models): gather = each group's "
         "pages copied, then SDPA (on CPU the C kernel reads them in place anyway); paged = a "
         "Triton kernel reads the pages in place (CUDA); auto = gather")
     block_tokens: int = Field(64, ge=1, le=4096, description="tokens per KV page / store block")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
-    backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
+    backend: BackendName = Field(
         "auto", description="how the model runs, chosen once at load (engine/backend.py): auto "
         "takes the fastest the device allows; torch = plain torch; onednn = packed float32 "
         "weights; cpu-kernels = + decode products from GGUF blocks and decode attention in C; "
@@ -328,13 +335,13 @@ class UpSettings(_Secured):
     decode_pages: int = Field(512, ge=1, description="KV pages per decode worker")
     prefill_pages: int = Field(256, ge=1, description="KV pages per prefill worker")
     threads: int = Field(0, ge=0, le=1024, description="torch threads per worker (0 = default)")
-    backend: Literal["auto", "torch", "onednn", "cpu-kernels", "cpu-fused", "cuda-graphs"] = Field(
+    backend: BackendName = Field(
         "auto", description="the workers' execution backend (see `pdserve prefill --help`)")
-    kv_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    kv_dtype: KvDtype = Field(
         "auto", description="the workers' KV cache dtype (see `pdserve prefill --help`)")
-    prefill_attention: Literal["auto", "sdpa", "flex"] = Field(
+    prefill_attention: PrefillAttention = Field(
         "auto", description="the workers' prefill attention (see `pdserve prefill --help`)")
-    decode_attention: Literal["auto", "gather", "paged"] = Field(
+    decode_attention: DecodeAttention = Field(
         "auto", description="the workers' decode attention (see `pdserve decode --help`)")
     startup_timeout_s: float = Field(300.0, gt=0, description="give up starting after this")
     metrics: bool = Field(True, description="serve Prometheus /metrics from every service, "
