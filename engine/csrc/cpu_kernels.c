@@ -60,6 +60,17 @@ static inline void prefetch_block(const uint8_t* blk) {
     _mm_prefetch((const char*)blk + PREFETCH_AHEAD, _MM_HINT_T0);
 }
 
+/* The one-row products (a batch-1 decode step) spend a few cycles per block, so a line asked
+   for 256 bytes ahead came too late: every layer's products (80 MB of SmolLM2's Q4_1 blocks, in
+   a loop of their shapes) read 16-18 GB/s on two cores asking 256 bytes ahead, 20-24 GB/s asking
+   4 KB ahead (2-8 KB measured best). A matrix's rows are contiguous, so the prefetch runs on into
+   the next rows. The engine's batch-1 decode: 1.16x faster (median of 8 alternating runs). */
+#define PREFETCH_AHEAD_ROW 4096
+
+static inline void prefetch_row_block(const uint8_t* blk) {
+    _mm_prefetch((const char*)blk + PREFETCH_AHEAD_ROW, _MM_HINT_T0);
+}
+
 static int has_avx512(void) {
     static int known = -1;
     if (known < 0)
@@ -246,7 +257,7 @@ static void gguf_dots1(const float* x, int K, const GgufRows* g, int n0, int nr,
         const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
         const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
         for (int r = 0; r < nr; r++) {
-            prefetch_block(rows[r] + (size_t)b * bytes);
+            prefetch_row_block(rows[r] + (size_t)b * bytes);
             block_weights(g->kind, rows[r], b, w);
             acc[r] = _mm256_fmadd_ps(x0, w[0], acc[r]);
             acc[r] = _mm256_fmadd_ps(x1, w[1], acc[r]);
@@ -280,7 +291,7 @@ WIDE static void gguf_dots1_wide(const float* x, int K, const GgufRows* g, int n
         const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
         for (int r = 0; r < nr; r++) {
             __m256 w0, w1, w2, w3;
-            prefetch_block(rows[r] + (size_t)b * bytes);
+            prefetch_row_block(rows[r] + (size_t)b * bytes);
             if (g->kind == KIND_Q4_1) {
                 const uint8_t* blk = rows[r] + (size_t)b * Q4_1_BYTES;
                 const __m256 d = _mm256_set1_ps(f32_at(blk)), m = _mm256_set1_ps(f32_at(blk + 4));
