@@ -31,10 +31,14 @@ from pdserve.engine.cpu_kernels import KINDS, QuantWeight, kernel
 log = logging.getLogger(__name__)
 
 TILE = 16  # rows of the head per VNNI register
-# Rows of x from which the screen is used. SmolLM2's head on two cores (random x): full product
-# 1.16 / 1.90 / 2.43 / 5.92 ms at 1 / 2 / 3 / 16 rows, screen 1.11 / 1.13 / 1.18 / 2.95 ms; at
-# one row both read the head at memory speed, and the screen reads 1.25 bytes a weight.
-MIN_ROWS = 2
+# When the screen is used. SmolLM2's head on two cores (random x): full product 1.16 / 1.90 /
+# 2.43 / 5.92 ms at 1 / 2 / 3 / 16 rows, screen 1.11 / 1.13 / 1.18 / 2.95 ms. So for every row of
+# a step that asks only for the argmax, even one: a lone row 1.07-1.16 ms against 1.28-1.44
+# (the twelfth stop, alternating), the batch-1 decode step about 3 % faster (24 alternating
+# rounds). In a step that also has other rows, taking k rows out of the full product saves
+# about a third of a millisecond each and costs a screen pass: at 16 rows 7.6 ms against 7.2
+# for k = 6, 6.4 against 7.3 for k = 8. So from this many:
+MIN_SPLIT_ROWS = 8
 
 
 def usable(weight: QuantWeight) -> bool:

@@ -292,15 +292,16 @@ class LlamaForCausalLM(nn.Module):
 
     def _logits(self, h: torch.Tensor, batch: AttnBatch) -> torch.Tensor:
         """The head over h [B, D]; a decode step's argmax-only rows through the greedy head
-        (engine/greedy_head.py) when the model has one and there are enough of them."""
+        (engine/greedy_head.py) when the model has one and they are every row or enough of
+        them (MIN_SPLIT_ROWS) to pay for a pass of their own."""
         full = self._full_logits
         rows = batch.argmax_only
         if self.greedy_head is None or not batch.decode_step or rows is None:
             return full(h)
         pick = [i for i, only in enumerate(rows) if only]
-        if len(pick) < greedy_head.MIN_ROWS:
-            return full(h)
         every = len(pick) == h.shape[0]
+        if not pick or (not every and len(pick) < greedy_head.MIN_SPLIT_ROWS):
+            return full(h)
         got = self.greedy_head.logits(h if every else h[pick])
         if got is None:
             return full(h)

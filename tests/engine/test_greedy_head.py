@@ -170,32 +170,49 @@ def test_the_argmax_is_always_the_full_product_s(n, blocks, m, seed, scale, dup,
     check(head, torch.from_numpy(x).float())
 
 
-def test_greedy_generation_is_the_same_with_and_without_it(loaded):
-    """Through the engine: a batch of greedy requests, one of them asking for log-probabilities
-    and one sampling (those rows take the full product), decoded with the greedy head and
-    without it: the same tokens and log-probabilities."""
-    model = loaded.model
-    assert model.greedy_head is not None
+def _generate(model, loaded, params: list[SamplingParams]
+              ) -> tuple[list[tuple[list[int], list[float]]], list[int]]:
+    """Prefills and decodes one request per entry of `params` in one batch: each request's
+    tokens and log-probabilities, and the rows of every call to the greedy head."""
     g = torch.Generator().manual_seed(5)
-    prompts = torch.randint(100, 40000, (6, 24), generator=g).tolist()
-    params = [SamplingParams(max_tokens=6)] * 4 + [
-        SamplingParams(max_tokens=6, logprobs=True),
-        SamplingParams(max_tokens=6, temperature=0.8, seed=11)]
-
-    def run() -> list[tuple[list[int], list[float]]]:
-        pool = KVPool(loaded.layout, 6 * loaded.layout.pages_for(32) + 4)
-        eng = LLMEngine(ModelRunner(model, pool), max_batch=6)
+    prompts = torch.randint(100, 40000, (len(params), 24), generator=g).tolist()
+    calls: list[int] = []
+    head = model.greedy_head
+    if head is not None:
+        real = head.logits
+        head.logits = lambda x: (calls.append(x.shape[0]), real(x))[1]
+    try:
+        pool = KVPool(loaded.layout, len(params) * loaded.layout.pages_for(32) + 4)
+        eng = LLMEngine(ModelRunner(model, pool), max_batch=len(params))
         seqs = [eng.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
         while eng.has_work:
             eng.step()
-        return [(s.output, s.logprobs) for s in seqs]
+    finally:
+        if head is not None:
+            del head.logits
+    return [(s.output, s.logprobs) for s in seqs], calls
 
-    with_head = run()
-    calls = model.greedy_head.kept.numel()
-    assert calls == 4, "the four greedy rows went through the greedy head"
+
+@pytest.mark.parametrize("greedy, others, split", [(8, 2, True), (4, 2, False), (1, 0, True)])
+def test_greedy_generation_is_the_same_with_and_without_it(loaded, greedy, others, split):
+    """Through the engine: a batch of greedy requests, with one asking for log-probabilities
+    and one sampling when `others` (those rows take the full product), decoded with the greedy
+    head and without it: the same tokens and log-probabilities. The greedy rows go through the
+    greedy head when they are every row (a lone one included) or at least MIN_SPLIT_ROWS of
+    them; fewer among other rows stay in the full product, which costs less than a pass of
+    their own."""
+    model = loaded.model
+    assert model.greedy_head is not None
+    assert (greedy >= greedy_head.MIN_SPLIT_ROWS or others == 0) == split
+    params = [SamplingParams(max_tokens=6)] * greedy + [
+        SamplingParams(max_tokens=6, logprobs=True),
+        SamplingParams(max_tokens=6, temperature=0.8, seed=11)][:others]
+    with_head, calls = _generate(model, loaded, params)
+    # 5 decode steps after the prefill's first token; the prefill step never uses it
+    assert calls == ([greedy] * 5 if split else []), calls
     saved, model.greedy_head = model.greedy_head, None
     try:
-        without = run()
+        without, _ = _generate(model, loaded, params)
     finally:
         model.greedy_head = saved
     assert with_head == without
