@@ -7,9 +7,10 @@
    llama.cpp, when llama-cpp-python is installed and the model is a GGUF file: after the
    prompts' batch) to `--new-tokens` more, best of 2 runs after a warm-up, on all sides (against
    llama.cpp in `--llama-rounds` alternating rounds, the median kept); at
-   batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over a streaming
-   read's rate, measured in the same run); at larger batches the compute ceiling (the products'
-   fused multiply-adds per token over the FMA rate bench/fma_peak.c measures in the same run);
+   batch 1 also the memory-bandwidth ceiling (the weight bytes a step reads over the rate of a
+   plain read of as many bytes on the engine's threads, measured in the same run); at larger
+   batches the compute ceiling (the products' fused multiply-adds per token over the FMA rate
+   bench/fma_peak.c measures in the same run);
 2. prefill tokens/s (8 prompts in one step; on CUDA also with the other prefill attention,
    sdpa's call per sequence or flex attention's one call, engine/flex.py);
 3. the whole disaggregated system under 16 concurrent clients against the single-process
@@ -388,8 +389,8 @@ def main() -> None:
             print("llama.cpp baseline skipped: llama-cpp-python is not installed "
                   '(CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python)', flush=True)
     threads = torch.get_num_threads()
-    bandwidth = streaming_read_rate() if args.device == "cpu" else 0.0
     step_bytes = decode_bytes(loaded)
+    bandwidth = streaming_read_rate(step_bytes, threads) if args.device == "cpu" else 0.0
     fma = fma_rate(threads) if args.device == "cpu" else 0.0
     step_fmas = decode_fma_lanes(loaded)
     rows = []
@@ -411,7 +412,8 @@ def main() -> None:
                          f"{statistics.median(o / c for o, c in pairs):.2f}x"))
             print(rows[-1], flush=True)
         if b == 1 and args.device == "cpu":
-            rows.append(("decode, batch 1: memory-bandwidth ceiling",
+            rows.append((f"decode, batch 1: memory-bandwidth ceiling (a plain read of the "
+                         f"step's bytes, {threads} threads)",
                          f"{bandwidth / step_bytes:.1f} tok/s",
                          f"{step_bytes / 1e6:.0f} MB a step / {bandwidth / 1e9:.1f} GB/s",
                          f"{ours / (bandwidth / step_bytes):.2f}x"))

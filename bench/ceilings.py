@@ -34,18 +34,27 @@ def decode_bytes(loaded) -> int:
     return total
 
 
-def streaming_read_rate(nbytes: int = 512 << 20, runs: int = 5) -> float:
-    """Bytes/s of reading a buffer larger than the caches, one pass (numpy sum over it), the
-    best of `runs`: the memory bandwidth one decode step can have at best."""
-    import numpy as np
+def streaming_read_rate(nbytes: int, threads: int, runs: int = 10) -> float:
+    """Bytes/s of a plain read of `nbytes` (a sum over them) on `threads` threads, the engine's,
+    repeated as a decode step re-reads its weights (so it has whatever share of the caches a
+    step's weights have), the best of `runs` after one: the rate one decode step can read its
+    weights at, at best. (Until 2026-12-07 this was numpy's sum, one thread, over 512 MB: half
+    what two threads read here, so the ceiling it gave was too low.)"""
+    import torch
 
-    a = np.ones(nbytes // 8, dtype=np.float64)
-    best = 0.0
-    for _ in range(runs):
-        t0 = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(max(nbytes // 8, 1), dtype=torch.float64)
         float(a.sum())
-        best = max(best, nbytes / (time.perf_counter() - t0))
-    return best
+        best = 0.0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            float(a.sum())
+            best = max(best, a.numel() * 8 / (time.perf_counter() - t0))
+        return best
+    finally:
+        torch.set_num_threads(before)
 
 
 def fma_rate(threads: int, runs: int = 3) -> float:
