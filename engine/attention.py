@@ -45,8 +45,9 @@ class AttnBatch:
     last_indices: torch.Tensor    # [B] flat index of each sequence's last new token
     masks: list[CausalBias | None]  # per sequence: causal [q, ctx] bias, None when q_len == 1
     # Decode sequences grouped by page count: (flat query indices [G], page tables [G, n],
-    # valid rows [G, n * block_tokens]).
-    decode_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # valid rows [G, n * block_tokens]); None until `decode_groups` is first read, when
+    # `_make_groups` builds them (the CPU kernels' decode never reads them).
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     page_tables: list[torch.Tensor]  # per sequence: the pages covering its context
     block_tokens: int
     # Every sequence's pages, concatenated, built on the first gather() only: the GQA decode
@@ -68,7 +69,16 @@ class AttnBatch:
     # every token that can be the argmax and -inf elsewhere (engine/greedy_head.py).
     argmax_only: list[bool] | None = None
     _plan: cpu_kernels.DecodePlan | None = None
+    _make_groups: Callable[[], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     _varlen: flex.VarlenPlan | None = None  # engine/flex.py's, built on first use
+
+    @property
+    def decode_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The decode sequences grouped by page count (see `groups`), built on first use."""
+        if self.groups is None:
+            self.groups = self._make_groups() if self._make_groups is not None else []
+            self._make_groups = None
+        return self.groups
 
     def decode_plan(self) -> cpu_kernels.DecodePlan:
         """The decode sequences for the CPU attention kernel, built on first use."""
@@ -105,24 +115,30 @@ class AttnBatch:
             # Causal over the context, aligned to its end (the new tokens are its last q):
             # a bias object, not a [q, ctx] tensor, so SDPA can pick a fused causal kernel.
             masks.append(None if q == 1 else causal_lower_right(q, ctx))
-        decode = [i for i, q in enumerate(q_lens) if q == 1]
-        groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for members, n in decode_groups([len(tables[i]) for i in decode], decode):
-            group_table = torch.tensor([list(page_tables[i][:len(tables[i])])
-                                  + [page_tables[i][0]] * (n - len(tables[i])) for i in members],
-                                       dtype=torch.long)
-            lens = torch.tensor([ctx_lens[i] for i in members]).unsqueeze(1)
-            valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
-            groups.append((torch.tensor([last[i] for i in members], dtype=torch.long).to(device),
-                           group_table.to(device), valid.to(device)))
+
+        q_copy, ctx_copy = list(q_lens), list(ctx_lens)
+
+        def make_groups() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            # From this call's own copies: the caller's lists may have changed since.
+            decode = [i for i, q in enumerate(q_copy) if q == 1]
+            groups = []
+            for members, n in decode_groups([len(tables[i]) for i in decode], decode):
+                group_table = torch.stack([torch.cat([tables[i], tables[i][:1].expand(
+                    n - len(tables[i]))]) for i in members])
+                lens = torch.tensor([ctx_copy[i] for i in members]).unsqueeze(1)
+                valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
+                groups.append((torch.tensor([last[i] for i in members],
+                                            dtype=torch.long).to(device),
+                               group_table.to(device), valid.to(device)))
+            return groups
 
         def cat(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(xs).to(device)
 
         return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
-                   masks, groups, [t.to(device) for t in tables], block_tokens,
-                   decode_step=decode_step)
+                   masks, None, [t.to(device) for t in tables], block_tokens,
+                   decode_step=decode_step, _make_groups=make_groups)
 
     def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
         """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
