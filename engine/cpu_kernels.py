@@ -52,9 +52,10 @@ from pdserve.engine.kernel_lib import (
     why_not,
 )
 
-__all__ = ["BLOCK", "KINDS", "DecodePlan", "LlamaDecode", "LlamaLayerWeights", "QuantWeight",
-           "decode_attention", "dequantize", "fp8_dequantize", "fp8_linear", "fp8_usable",
-           "kernel", "kernel_dir", "library_path", "main", "qlinear", "why_not"]
+__all__ = ["BLOCK", "KINDS", "LAYER_PARTS", "DecodePlan", "LlamaDecode", "LlamaLayerWeights",
+           "QuantWeight", "decode_attention", "dequantize", "fp8_dequantize", "fp8_linear",
+           "fp8_usable", "kernel", "kernel_dir", "layer_timers", "library_path", "main",
+           "qlinear", "why_not"]
 
 # GGUF quantization type -> (kernel kind, bytes per block of 32 weights as the kernels take it:
 # GGUF's block with its half-float scales widened to float32, which is exact)
@@ -270,6 +271,24 @@ class LlamaLayerWeights:
     o_bias: torch.Tensor | None
     gate_up: QuantWeight
     down: QuantWeight
+
+
+# The parts of a fused decode layer (pdserve_llama_decode_layer), in its order.
+LAYER_PARTS = ("norm", "q/k/v product", "RoPE, K/V write", "attention", "output product",
+               "residual, norm", "gate/up product", "SiLU", "down product", "residual")
+
+
+def layer_timers(on: bool) -> dict[str, float]:
+    """Seconds each part of the fused decode layers took since the last call, summed over
+    layers and steps (then zeroed); timing on from now if `on`, off otherwise (off, a part
+    costs one test of a flag). For bench/step_profile.py; one engine in the process."""
+    k = kernel()
+    if k is None:
+        raise RuntimeError(f"CPU kernels unavailable: {why_not()}")
+    out = (ctypes.c_ulonglong * len(LAYER_PARTS))()
+    if k.layer_timers(int(on), ctypes.addressof(out)) != len(LAYER_PARTS):
+        raise RuntimeError("the kernel times other parts than LAYER_PARTS")
+    return {name: ns / 1e9 for name, ns in zip(LAYER_PARTS, out)}
 
 
 class LlamaDecode:

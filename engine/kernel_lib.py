@@ -90,6 +90,9 @@ class _Kernel:
         want = [ctypes.sizeof(c) for c in (QWeightStruct, LlamaLayerStruct, DecodeStepStruct)]
         if list(sizes) != want:
             raise RuntimeError(f"struct sizes differ between C {list(sizes)} and ctypes {want}")
+        self.layer_timers = lib.pdserve_layer_timers
+        self.layer_timers.restype = ctypes.c_int
+        self.layer_timers.argtypes = [ctypes.c_int, ctypes.c_void_p]
         self.attention = lib.pdserve_decode_attention
         self.attention.restype = ctypes.c_int
         args: list[Any] = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,

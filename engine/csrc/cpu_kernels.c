@@ -34,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define NR 3 /* rows of W per group */
 #define WIDE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
@@ -839,6 +840,36 @@ static void rope_heads(float* x, int n, int hd, const float* cos, const float* s
     }
 }
 
+/* Where the decode layers' time goes, while switched on (bench/step_profile.py): wall time of
+   each part of pdserve_llama_decode_layer, summed over layers and calls, read and reset by
+   pdserve_layer_timers. Off, a part costs one test of a flag. The counters are plain globals:
+   meant for one engine in a process, the only caller of the layers. */
+enum { T_NORM, T_QKV, T_ROPE_KV, T_ATTENTION, T_O, T_RESIDUAL_NORM, T_GATE_UP, T_SILU, T_DOWN,
+       T_RESIDUAL, N_TIMERS };
+static int timers_on;
+static unsigned long long timer_ns[N_TIMERS];
+
+static inline unsigned long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+
+/* out[0..N_TIMERS): nanoseconds per part since the last call (then zeroed), when out is not
+   NULL; timing on from now if on. Returns N_TIMERS. */
+int pdserve_layer_timers(int on, unsigned long long* out) {
+    if (out) {
+        memcpy(out, timer_ns, sizeof timer_ns);
+        memset(timer_ns, 0, sizeof timer_ns);
+    }
+    timers_on = on != 0;
+    return N_TIMERS;
+}
+
+/* in a layer: `timing` read once at its start, `t_` the end of the part before */
+#define MARK(part) do { if (timing) { const unsigned long long n_ = now_ns(); \
+                                      timer_ns[part] += n_ - t_; t_ = n_; } } while (0)
+
 static int qw_linear(const QWeight* w, const float* x, int M, float* y, int nthreads) {
     return pdserve_qlinear(w->kind, x, M, w->k, w->blocks, w->n, w->bias, y, nthreads);
 }
@@ -856,8 +887,12 @@ int pdserve_llama_decode_layer(const LlamaLayer* w, const DecodeStep* s, int lay
     float* q = s->scratch + (size_t)T * (D + nqkv + nq + 2 * I); /* [T, nq] contiguous queries */
     const long long layer_offset = (long long)layer * s->Bt * 2 * nk;
     int rc;
+    const int timing = timers_on;
+    unsigned long long t_ = timing ? now_ns() : 0;
     rms_norm_rows(s->h, w->in_norm, T, D, s->eps, x);
+    MARK(T_NORM);
     if ((rc = qw_linear(&w->qkv, x, T, qkv, s->nthreads))) return rc;
+    MARK(T_QKV);
     for (int t = 0; t < T; t++) {
         float* r = qkv + (size_t)t * nqkv;
         rope_heads(r, H + KVH, hd, s->cos + (size_t)t * hd, s->sin + (size_t)t * hd); /* q and k */
@@ -873,14 +908,19 @@ int pdserve_llama_decode_layer(const LlamaLayer* w, const DecodeStep* s, int lay
             memcpy((float*)s->kv + slot, r + nq, sizeof(float) * 2 * nk);
         }
     }
+    MARK(T_ROPE_KV);
     if ((rc = pdserve_decode_attention(q, s->kv, s->kv_f16, s->page_stride, layer_offset, s->Bt, H, KVH, hd, T,
                                        s->q_rows, s->ctx_lens, s->table_off, s->tables, s->scale,
                                        att, s->nthreads)))
         return rc;
+    MARK(T_ATTENTION);
     if ((rc = qw_linear(&w->o, att, T, x, s->nthreads))) return rc;
+    MARK(T_O);
     for (size_t i = 0; i < (size_t)T * D; i++) s->h[i] = s->h[i] + x[i];
     rms_norm_rows(s->h, w->post_norm, T, D, s->eps, x);
+    MARK(T_RESIDUAL_NORM);
     if ((rc = qw_linear(&w->gate_up, x, T, gu, s->nthreads))) return rc;
+    MARK(T_GATE_UP);
     for (int t = 0; t < T; t++) { /* silu(gate) * up, over the first I floats of each row */
         const float* g = gu + (size_t)t * 2 * I;
         float* a = gu + (size_t)t * 2 * I; /* in place: row t's first I floats */
@@ -895,7 +935,10 @@ int pdserve_llama_decode_layer(const LlamaLayer* w, const DecodeStep* s, int lay
     }
     /* down reads rows of I floats with a stride of 2I: compact them first */
     for (int t = 1; t < T; t++) memmove(gu + (size_t)t * I, gu + (size_t)t * 2 * I, sizeof(float) * I);
+    MARK(T_SILU);
     if ((rc = qw_linear(&w->down, gu, T, x, s->nthreads))) return rc;
+    MARK(T_DOWN);
     for (size_t i = 0; i < (size_t)T * D; i++) s->h[i] = s->h[i] + x[i];
+    MARK(T_RESIDUAL);
     return 0;
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import gguf
 import numpy as np
@@ -318,6 +319,38 @@ def test_the_fused_decode_layer_equals_the_torch_layers(loaded, monkeypatch, kv_
     monkeypatch.undo()
     alone = decode_logits(model, pool.kv.clone(), [ctx[1]], [tables[1]], [22], bt)
     assert torch.equal(alone[0], fused[1])
+
+
+def test_the_layer_timers_time_every_part_and_change_no_bit(loaded):
+    """bench/step_profile.py's timers: on, a decode step's parts add up to no more than the
+    step, the products and the attention take time; off, nothing is counted; the logits are
+    the same bits either way."""
+    model, layout = loaded.model, loaded.layout
+    from pdserve.engine.kv_pool import KVPool
+
+    pool = KVPool(layout, 4)
+    bt = layout.block_tokens
+    prompt = torch.randint(100, 40000, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    model(torch.tensor(prompt), pool.kv, AttnBatch.build([len(prompt)], [len(prompt)], [[1]], bt))
+
+    def step() -> torch.Tensor:
+        return decode_logits(model, pool.kv.clone(), [21], [[1]], [7], bt)
+
+    cpu_kernels.layer_timers(False)  # zeroed
+    off = step()
+    assert sum(cpu_kernels.layer_timers(True).values()) == 0.0
+    t0 = time.perf_counter()
+    on = step()
+    wall = time.perf_counter() - t0
+    parts = cpu_kernels.layer_timers(False)
+    assert list(parts) == list(cpu_kernels.LAYER_PARTS)
+    assert all(v >= 0 for v in parts.values()) and 0 < sum(parts.values()) <= wall
+    for name in ("q/k/v product", "attention", "output product", "gate/up product",
+                 "down product"):
+        assert parts[name] > 0, name
+    assert torch.equal(on, off)
+    step()
+    assert sum(cpu_kernels.layer_timers(False).values()) == 0.0
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
