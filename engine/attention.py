@@ -119,7 +119,8 @@ class AttnBatch:
         q_copy, ctx_copy = list(q_lens), list(ctx_lens)
 
         def make_groups() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-            # From this call's own copies: the caller's lists may have changed since.
+            # From the batch's own copies of the lists (decode_plan reads them too): the
+            # caller's may have changed since.
             decode = [i for i, q in enumerate(q_copy) if q == 1]
             groups = []
             for members, n in decode_groups([len(tables[i]) for i in decode], decode):
@@ -135,7 +136,7 @@ class AttnBatch:
         def cat(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(xs).to(device)
 
-        return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
+        return cls(q_copy, ctx_copy, cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
                    masks, None, [t.to(device) for t in tables], block_tokens,
                    decode_step=decode_step, _make_groups=make_groups)
