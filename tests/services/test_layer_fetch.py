@@ -293,14 +293,17 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     await shard.stop()
 
 
-async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(loaded, tmp_path):
+@pytest.mark.parametrize("groups", [4, 1])
+async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(loaded, tmp_path,
+                                                                            groups):
     """No staging buffer: Stage is UNIMPLEMENTED and the blocks come through the stream. A
     block damaged on disk: the store stages it (headers checked, payloads not), the reader's
     checksum stops at it, the prompt is computed from it, and the release names it: the
-    store verifies it and deletes it."""
+    store verifies it and deletes it. In layer groups, and in whole blocks, whose hashes run
+    in a helper thread while the next chunk (blocks 8 and 9) is READ."""
     plain = await start_shard(tmp_path / "plain")
     client = KVStoreClient(plain.address, timeout_s=5.0)
-    w = worker(loaded, client, groups=4, nixl=True)
+    w = worker(loaded, client, groups=groups, nixl=True)
     bt = w.layout.block_tokens
     keys, cold_first, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
