@@ -310,10 +310,11 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
     computes on the same cores: each group is hashed and counted in before the next READ
     (side by side, they slowed the forward: warm TTFT 298 against 286 ms).
 
-    A chunk is released once its last group is counted. Whole blocks, read in one group, from
-    a store that copies them into its staging buffer, hold at most three chunks of its space
-    at a time (one hashed, one READ, the next staging), so a chain longer than the buffer is
-    READ whole, in turns; staged in place, STAGE_AHEAD_IN_PLACE calls go ahead."""
+    A chunk is released once its last group is counted. Whole blocks staged in place (no
+    staging space taken) have STAGE_AHEAD_IN_PLACE Stage calls ahead of the READ. From a store
+    that copies them into its shared staging buffer, one call goes ahead, and only once the
+    chunk before is released: a reader holds at most two chunks of that space (one READ, the
+    next staging), so a chain longer than the buffer is READ whole, in turns."""
     size = STAGE_CHUNK_BLOCKS if len(load.layer_ends) == 1 else STAGE_CHUNK_BLOCKS_LAYERED
     chunks = [idx[i:i + size] for i in range(0, len(idx), size)]
     loop = asyncio.get_running_loop()
@@ -350,8 +351,11 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
     try:
         for k, chunk in enumerate(chunks):  # the leading chunks, while staged whole
             resp = await calls[k]
-            ahead = STAGE_AHEAD_IN_PLACE if resp is not None and resp.region_metadata else 1
-            while len(calls) < min(k + 1 + ahead, len(chunks)):  # while this one is READ
+            in_place = resp is not None and bool(resp.region_metadata)
+            if not in_place:  # the chunk before released first: the buffer's space is shared
+                await settle()
+            while len(calls) < min(k + 1 + (STAGE_AHEAD_IN_PLACE if in_place else 1),
+                                   len(chunks)):  # staged while this one is READ
                 calls.append(stage(len(calls)))
             if resp is None or not resp.blocks:
                 break
