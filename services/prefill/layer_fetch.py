@@ -296,9 +296,10 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
     the gRPC stream). A READ that fails ends the reading: blocks left incomplete are
     recomputed.
 
-    The blocks are staged in chunks, one `Stage` call at a time, and READ one group of a
-    chunk at a time (sent or posted all at once, the copies progressed together, and the
-    first, which the forward waits for, was done only about when the last was). The READs go
+    The blocks are staged in chunks, a `Stage` call each (sent ahead of the READs: below),
+    and READ one group of a chunk at a time (sent or posted all at once, the copies progressed
+    together, and the first, which the forward waits for, was done only about when the last
+    was). The READs go
     in layer-group order: group 0 of each chunk as soon as it is staged, then group 1 of
     every chunk, and so on (what the forward waits for first comes first).
 
