@@ -299,9 +299,8 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
     The blocks are staged in chunks, a `Stage` call each (sent ahead of the READs: below),
     and READ one group of a chunk at a time (sent or posted all at once, the copies progressed
     together, and the first, which the forward waits for, was done only about when the last
-    was). The READs go
-    in layer-group order: group 0 of each chunk as soon as it is staged, then group 1 of
-    every chunk, and so on (what the forward waits for first comes first).
+    was). The READs go in layer-group order: group 0 of each chunk as soon as it is staged,
+    then group 1 of every chunk, and so on (what the forward waits for first comes first).
 
     Whole blocks, loaded before the forward starts: a READ's pages are hashed in a helper
     thread while the next READ runs (on two cores the two passes over every byte, the READ's
