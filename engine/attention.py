@@ -45,8 +45,8 @@ class AttnBatch:
     last_indices: torch.Tensor    # [B] flat index of each sequence's last new token
     masks: list[CausalBias | None]  # per sequence: causal [q, ctx] bias, None when q_len == 1
     # Decode sequences grouped by page count: (flat query indices [G], page tables [G, n],
-    # valid rows [G, n * block_tokens]); None until `decode_groups` is first read, when
-    # `_make_groups` builds them (the CPU kernels' decode never reads them).
+    # valid rows [G, n * block_tokens]); None until `decode_groups` is first read, which
+    # builds them from the lists below (the CPU kernels' decode never reads them).
     groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     page_tables: list[torch.Tensor]  # per sequence: the pages covering its context
     block_tokens: int
@@ -69,15 +69,22 @@ class AttnBatch:
     # every token that can be the argmax and -inf elsewhere (engine/greedy_head.py).
     argmax_only: list[bool] | None = None
     _plan: cpu_kernels.DecodePlan | None = None
-    _make_groups: Callable[[], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     _varlen: flex.VarlenPlan | None = None  # engine/flex.py's, built on first use
 
     @property
     def decode_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The decode sequences grouped by page count (see `groups`), built on first use."""
         if self.groups is None:
-            self.groups = self._make_groups() if self._make_groups is not None else []
-            self._make_groups = None
+            tables, dev = self.page_tables, self.last_indices.device
+            decode = [i for i, q in enumerate(self.q_lens) if q == 1]
+            self.groups = []
+            for members, n in decode_groups([len(tables[i]) for i in decode], decode):
+                group_table = torch.stack([torch.cat([tables[i], tables[i][:1].expand(
+                    n - len(tables[i]))]) for i in members])
+                lens = torch.tensor([self.ctx_lens[i] for i in members], device=dev)
+                valid = (torch.arange(n * self.block_tokens, device=dev).unsqueeze(0)
+                         < lens.unsqueeze(1))
+                self.groups.append((self.last_indices[members], group_table, valid))
         return self.groups
 
     def decode_plan(self) -> cpu_kernels.DecodePlan:
@@ -116,30 +123,13 @@ class AttnBatch:
             # a bias object, not a [q, ctx] tensor, so SDPA can pick a fused causal kernel.
             masks.append(None if q == 1 else causal_lower_right(q, ctx))
 
-        q_copy, ctx_copy = list(q_lens), list(ctx_lens)
-
-        def make_groups() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-            # From the batch's own copies of the lists (decode_plan reads them too): the
-            # caller's may have changed since.
-            decode = [i for i, q in enumerate(q_copy) if q == 1]
-            groups = []
-            for members, n in decode_groups([len(tables[i]) for i in decode], decode):
-                group_table = torch.stack([torch.cat([tables[i], tables[i][:1].expand(
-                    n - len(tables[i]))]) for i in members])
-                lens = torch.tensor([ctx_copy[i] for i in members]).unsqueeze(1)
-                valid = torch.arange(n * block_tokens).unsqueeze(0) < lens
-                groups.append((torch.tensor([last[i] for i in members],
-                                            dtype=torch.long).to(device),
-                               group_table.to(device), valid.to(device)))
-            return groups
-
         def cat(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(xs).to(device)
 
-        return cls(q_copy, ctx_copy, cat(slot_pages), cat(slot_offsets),
+        return cls(list(q_lens), list(ctx_lens), cat(slot_pages), cat(slot_offsets),
                    cat(positions), torch.tensor(last, dtype=torch.long, device=device),
                    masks, None, [t.to(device) for t in tables], block_tokens,
-                   decode_step=decode_step, _make_groups=make_groups)
+                   decode_step=decode_step)
 
     def write(self, kv: torch.Tensor, layer: int, rows: torch.Tensor) -> None:
         """Stores the new tokens' rows [T, kv_dim] of one layer in their slots."""
