@@ -5,11 +5,12 @@
    (scheduler/replay.py: pdserve's, simple ones, and the anchors' own: Dynamo, llm-d, SGLang,
    Mooncake), ours against round robin and against the best anchor on each figure, and the
    TTFT a placement could reach at best (the instances pooled: one preemptive server four
-   times as fast, in pdserve's deadline order and shortest remaining first);
+   times as fast, in pdserve's deadline order and shortest remaining first); and the trace
+   at other loads (its arrival times scaled), pdserve against the best anchor at each;
 2. routing decision latency (prefill + decode balancer) at 1,000 workers;
 3. EPLB: max/mean GPU load with and without redundant experts, random and Zipf-skewed loads.
 
-Usage: python bench/bench_scheduler.py [--trace PATH] [--limit N]
+Usage: python bench/bench_scheduler.py [--trace PATH] [--limit N] [--time-scales 0.8,0.9,...]
 """
 
 from __future__ import annotations
@@ -134,6 +135,27 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
     return res
 
 
+def load_sweep(path: str, limit: int, scales: list[float]) -> None:
+    """The trace with its arrival times scaled by each of `scales` (under 1: more load; the
+    unscaled trace overloads four instances for its first two minutes): pdserve against the
+    best anchor on each figure, so a setting that only suits the trace's own load shows."""
+    rows = []
+    for scale in scales:
+        trace = load_trace(path, limit, time_scale=scale)
+        print(f"replaying the trace at time scale {scale:g} ...", file=sys.stderr, flush=True)
+        res = {p: simulate(trace, p, 4, 4, CostModel()) for p in ("pdserve", *ANCHORS)}
+        ours = res["pdserve"]
+        best = {k: min(ANCHORS, key=lambda a, k=k: res[a][k])
+                for k in ("ttft_p50_s", "ttft_p99_s", "ttft_max_s", "prefill_load_max_over_mean")}
+        rows.append((f"{scale:g}", *(
+            f"{ours[k]:.2f} / {res[a][k]:.2f} ({a}): {ours[k] / max(res[a][k], 1e-9):.2f}x"
+            for k, a in best.items())))
+    print("### The trace at other loads (arrival times x scale), pdserve / the best anchor\n")
+    print(table(rows, ("time scale", "TTFT p50 s", "TTFT p99 s", "TTFT max s",
+                       "prefill attn max/mean")))
+    print()
+
+
 def decision_latency(workers: int = 1000, n: int = 2000) -> tuple[float, float]:
     """One routing decision as each gateway makes it on its own registry (every worker
     reports to every gateway): `WorkerRegistry.pick` (both balancers over the load tables kept
@@ -196,6 +218,8 @@ def main() -> None:
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--shape-requests", type=int, default=1200)
+    ap.add_argument("--time-scales", default="0.8,0.9,1.1,1.25,1.5",
+                    help="replay the trace with its arrival times scaled by each ('' : none)")
     args = ap.parse_args()
     print(f"machine: {machine()}\nsettings: 4 prefill + 4 decode instances, cost model defaults "
           "(scheduler/replay.py), unbounded store\n")
@@ -206,6 +230,8 @@ def main() -> None:
             replay(stress_trace(shape, seed=seed, n=args.shape_requests),
                    f"stress shape `{shape}` ({args.shape_requests} requests, "
                    f"scheduler/traces.py, seed {seed})")
+    if args.time_scales:
+        load_sweep(args.trace, args.limit, [float(x) for x in args.time_scales.split(",")])
     p50, p99 = decision_latency()
     print(table([("routing decision (prefill + decode balancer), 1,000 workers",
                   f"p50 {p50 * 1e3:.3f} ms", f"p99 {p99 * 1e3:.3f} ms")],
