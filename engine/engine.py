@@ -32,6 +32,7 @@ from pdserve.engine.sampling import SamplingParams, finish_reason, logprob_of, s
 from pdserve.engine.scheduler import (
     PREFILL_SLACK,
     BatchKind,
+    Deferral,
     ScheduledBatch,
     ScheduledChunk,
     Scheduler,
@@ -80,12 +81,14 @@ def pages_needed(pool: KVPool, prompt_tokens: int, max_tokens: int) -> int:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, max_batch: int = 64,
                  max_prefill_tokens: int = 2048, hooks: EngineHooks | None = None,
-                 prefill_slack: float = PREFILL_SLACK) -> None:
+                 prefill_slack: float = PREFILL_SLACK,
+                 deferral: Deferral = Deferral()) -> None:
         self.runner = runner
         self.pool = runner.pool
         self.hooks = hooks or EngineHooks()
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, self.hooks.ready,
-                                   prefill_slack)
+                                   prefill_slack, deferral=deferral,
+                                   num_layers=self.pool.layout.num_layers)
         self.num_steps = 0
         self.in_step: ScheduledBatch | None = None  # the batch being run (for observers)
 

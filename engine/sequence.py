@@ -33,6 +33,7 @@ class StageWork:
     layer_end: int
     chunk_tokens: int
     inputs: deque[tuple[int, torch.Tensor]] = field(default_factory=deque)
+    begun: bool = False  # a chunk of it was planned
 
     @property
     def first(self) -> bool:
@@ -58,6 +59,9 @@ class Sequence:
     deadline: float = 0.0
     allowance: float = 0.0  # deadline - arrival (0: no estimate, first come first served)
     started_at: float | None = None
+    # Set when an overloaded worker deferred it (engine/scheduler.py, Deferral): its arrival
+    # plus the deferral's wait, when it goes first.
+    deferred_until: float | None = None
 
     @property
     def order(self) -> float:

@@ -200,6 +200,18 @@ class PrefillSettings(_Worker):
         "deadline first, a prompt's deadline being its arrival plus this many times its own "
         "prefill time: short prompts pass long ones, each long one only for so long (0 = "
         "first come first served)")
+    prefill_defer_share: float = Field(
+        0.02, ge=0, le=1, description="overloaded (the earliest-due prompt would end more than "
+        "--prefill-defer-lateness-s after its deadline), a worker defers its longest prompt "
+        "not yet begun that takes that long or more itself, at most this share of the prompts "
+        "it admits (0 = never): it goes after the others until it has waited "
+        "--prefill-defer-wait-s since its arrival, then first")
+    prefill_defer_lateness_s: float = Field(
+        5.0, ge=0, le=86400, description="how late the earliest-due prompt would end before a "
+        "worker defers its longest prompt (see --prefill-defer-share)")
+    prefill_defer_wait_s: float = Field(
+        100.0, gt=0, le=86400, description="a deferred prompt goes first once it has waited "
+        "this long since its arrival (see --prefill-defer-share)")
     kvstore_timeout_s: float = Field(2.0, gt=0, description="deadline of kvstore calls")
     kv_fetch_layer_groups: int = Field(
         4, ge=1, le=1024, description="cached blocks are fetched in this many layer groups "

@@ -249,8 +249,9 @@ class StoreReadCollector(Collector):
 
 class PrefillOrderCollector(Collector):
     """A prefill worker's deadline order (engine/scheduler.py), read at scrape time: the
-    prefill rate its deadlines are set with, and how many prompts (and pipeline stages) ended
-    after their deadline (many: the worker is overloaded, or `--prefill-slack` is tight)."""
+    prefill rate its deadlines are set with, how many prompts (and pipeline stages) ended
+    after their deadline (many: the worker is overloaded, or `--prefill-slack` is tight) and
+    how many it deferred."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -267,6 +268,11 @@ class PrefillOrderCollector(Collector):
                                 "--prefill-slack > 0, once a first prefill step measured "
                                 "the rate)")
         c.add_metric([], s.num_late)
+        yield c
+        c = CounterMetricFamily("pdserve_prefill_deferred_prompts", "prompts (and pipeline "
+                                "stages) this worker deferred while overloaded "
+                                "(--prefill-defer-share)")
+        c.add_metric([], s.num_deferred)
         yield c
 
 

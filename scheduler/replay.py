@@ -15,7 +15,8 @@ blocks) drives N prefill and M decode instances with a cost model:
   prompt, so takes 1/G of the time and work, chunk by chunk (chunks as the workers cut them,
   balancers.pipeline_chunk), a chunk once the stage before computed it and one hop passed,
   each chunk in the deadline order of its prompt (the whole prompt's own time: a long
-  pipelined prompt lets shorter ones by, but only for so long);
+  pipelined prompt lets shorter ones by, but only for so long); an overloaded instance defers
+  its longest prompts not yet begun, as engine/scheduler.py's Deferral does (`defer_*`);
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
 - a global KV store of bounded capacity (LRU over blocks) holds each prefix block once a
@@ -86,6 +87,11 @@ class CostModel:
     # waits least for work due before it (its reported queue), else to the lower load
     prefix_wait_tokens: int = 512      # pdserve: a prompt whose next blocks an earlier prompt is
     # computing now, this many tokens or more, waits for them instead of computing them again
+    defer_share: float = 0.02          # pdserve: an instance whose earliest-due prompt would end
+    defer_lateness_s: float = 5.0      # more than this late defers its longest prompt not yet
+    defer_wait_s: float = 100.0        # begun until it waited this long since its arrival,
+    defer_burst: float = 5.0           # then runs it first; at most share of its prompts, a
+    # bucket of at most burst deferrals (engine/scheduler.py's Deferral; 0 share: never)
 
     def prefill_s(self, cached: int, new: int) -> float:
         return new / self.prefill_tps + self.attention_s * attention_work(cached, new)
@@ -131,6 +137,8 @@ class _Stage:
     ends: list[float] = field(default_factory=list)  # when each of its chunks finished
     left: float = -1.0     # seconds still to compute (set from `duration`)
     after: frozenset[int] = frozenset()  # requests computing its prefix, which it waits for
+    arrival: float = 0.0
+    deferred_until: float | None = None  # deferred (pdserve, overloaded): first from then on
 
     def __post_init__(self) -> None:
         self.left = self.duration
@@ -138,6 +146,19 @@ class _Stage:
     @property
     def piece_s(self) -> float:
         return self.duration / self.chunks
+
+    @property
+    def due_at(self) -> float:
+        """When it is due in the instance's order (deferred: when it goes first)."""
+        return self.deadline if self.deferred_until is None else self.deferred_until
+
+    def rank(self, t: float) -> tuple[int, float, int]:
+        """Its place in pdserve's order (engine/scheduler.py, Scheduler._rank)."""
+        if self.deferred_until is None:
+            return (0, self.deadline, self.i)
+        if t >= self.deferred_until:
+            return (-1, self.deferred_until, self.i)
+        return (1, self.deadline, self.i)
 
     def ready(self, t: float, hop_s: float, done: set[int]) -> bool:
         """Its next piece can start at `t` (`done`: the requests whose prefill is over)."""
@@ -159,6 +180,8 @@ class _Prefill:
     tokens: float = 0.0    # outstanding new tokens
     active: float = 0.0    # outstanding prompt tokens, cached ones included (its KV in use)
     served: set[int] = field(default_factory=set)    # block ids this instance computed (affinity)
+    credit: float = 0.0    # deferrals allowed now (pdserve)
+    deferred: int = 0      # prompts (stages) it deferred
 
     def wait(self, t: float) -> float:
         """Time until this instance could start a new prefill: the running piece's rest and
@@ -171,8 +194,28 @@ class _Prefill:
         due now, each stage's other pieces at its deadline."""
         items = [(0.0, max(0.0, self.busy_until - t))]
         for s in self.queue:
-            items.append((s.deadline - t, s.left - (s.piece_s if s is self.running else 0.0)))
+            items.append((s.due_at - t, s.left - (s.piece_s if s is self.running else 0.0)))
         return due_profile(items)
+
+    def defer(self, t: float, cost: CostModel) -> None:
+        """Overloaded (its earliest-due stage not deferred would end more than
+        `defer_lateness_s` late), it defers its longest stage not yet begun whose prompt takes
+        that long or more itself, while its bucket allows (engine/scheduler.py)."""
+        while self.credit >= 1:
+            pending = [s for s in self.queue if s.deferred_until is None]
+            if not pending:
+                return
+            head = min(pending, key=lambda s: (s.deadline, s.i))
+            if t + head.left - head.deadline <= cost.defer_lateness_s:
+                return
+            idle = [s for s in pending if not s.ends and s is not self.running
+                    and s.duration * len(s.stages) >= cost.defer_lateness_s]
+            if not idle:
+                return
+            longest = max(idle, key=lambda s: (s.deadline - s.arrival, -s.i))
+            longest.deferred_until = longest.arrival + cost.defer_wait_s
+            self.credit -= 1
+            self.deferred += 1
 
 
 @dataclass
@@ -319,7 +362,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             return
         s = ready[0]  # first come first served
         if by_deadline:
-            s = min(ready, key=lambda x: (x.deadline, x.i))
+            if cost.defer_share > 0:
+                p.defer(t, cost)
+            s = min(ready, key=lambda x: x.rank(t))
         p.running, p.busy_until = s, t + s.piece_s
         heapq.heappush(events, (p.busy_until, next(seq), "piece_done", s.i, w))
 
@@ -407,8 +452,11 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1
                 stages.append(_Stage(i, pw, s_idx, stages, own_s / g,
                                      attention_work(c, n) / g, n / g, chunks, deadline,
-                                     after=frozenset(after)))
+                                     after=frozenset(after), arrival=r.arrival_s))
                 prefills[pw].queue.append(stages[-1])
+                if by_deadline:
+                    prefills[pw].credit = min(cost.defer_burst,
+                                              prefills[pw].credit + cost.defer_share)
                 prefills[pw].work += stages[-1].work
                 prefills[pw].tokens += stages[-1].tokens
                 prefills[pw].active += r.input_length / g
@@ -476,6 +524,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
         "ttft_max_s": round(max(ttft, default=0.0), 4),
         "hit_share": round(cached_total / input_total, 4) if input_total else 0.0,
         "rejected": rejected,
+        "deferred": sum(p.deferred for p in prefills),
         "prefill_load_max_over_mean": round(meters["prefill_attention"].result(), 4),
         "prefill_tokens_max_over_mean": round(meters["prefill_tokens"].result(), 4),
         "decode_kv_max_over_mean": round(meters["decode_kv"].result(), 4),

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from pdserve.cache.memory import keep_large_buffers_on_heap
 from pdserve.config import PrefillSettings
+from pdserve.engine.scheduler import Deferral
 from pdserve.metrics import (
     PrefillMetrics,
     PrefillOrderCollector,
@@ -47,7 +48,9 @@ def build(settings: PrefillSettings, kvstore: KVStoreClient) -> PrefillWorker:
         fetch_layer_groups=settings.kv_fetch_layer_groups,
         fetch_nixl=settings.kv_fetch == "nixl", turns=CpuTurns(settings.cpu_turns_path),
         wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner),
-        prefill_slack=settings.prefill_slack)
+        prefill_slack=settings.prefill_slack,
+        deferral=Deferral(settings.prefill_defer_share, settings.prefill_defer_lateness_s,
+                          settings.prefill_defer_wait_s))
 
 
 async def run(settings: PrefillSettings) -> None:

@@ -20,7 +20,7 @@ from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.engine.loader import LoadedModel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.scheduler import PREFILL_SLACK
+from pdserve.engine.scheduler import PREFILL_SLACK, Deferral
 from pdserve.engine.sequence import Sequence as EngineSequence
 from pdserve.engine.sequence import TokenEvent
 from pdserve.metrics import PrefillMetrics
@@ -105,7 +105,8 @@ class PrefillWorker:
                  batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
                  fetch_nixl: bool = False, turns: CpuTurns | None = None,
                  wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None,
-                 prefill_slack: float = PREFILL_SLACK) -> None:
+                 prefill_slack: float = PREFILL_SLACK,
+                 deferral: Deferral = Deferral()) -> None:
         self.loaded = loaded
         self.layout = loaded.layout
         self.fingerprint = loaded.layout.fingerprint()
@@ -117,7 +118,7 @@ class PrefillWorker:
         hooks = wrap_hooks(self.hooks) if wrap_hooks is not None else self.hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool, chunk_tokens),
                                 max_batch=PREFILL_MAX_BATCH, max_prefill_tokens=chunk_tokens,
-                                hooks=hooks, prefill_slack=prefill_slack)
+                                hooks=hooks, prefill_slack=prefill_slack, deferral=deferral)
         self.thread = EngineThread(self.engine, Outboxes(), name="prefill-engine",
                                    gather=GatherPolicy(batch_wait_s, chunk_tokens),
                                    group_steps=group_steps_of(hooks))
@@ -165,7 +166,7 @@ class PrefillWorker:
             free_pages=self.pool.num_free, total_pages=self.pool.num_pages,
             running=len(sched), queued_tokens=ld.queued_tokens,
             queued_attention=ld.queued_attention, num_finished=self.num_prefills,
-            draining=self.draining, due_s=sched.due(self.layout.num_layers),
+            draining=self.draining, due_s=sched.due(),
             prefill_rate=sched.rate.per_second, prefill_slack=sched.prefill_slack)
 
     def start(self) -> None:

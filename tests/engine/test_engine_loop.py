@@ -20,6 +20,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import FinishReason, SamplingParams
 from pdserve.engine.scheduler import (
     BatchKind,
+    Deferral,
     PrefillRate,
     ScheduledBatch,
     Scheduler,
@@ -187,6 +188,77 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     assert fifo.num_late == 0
     with pytest.raises(ValueError, match="prefill_slack"):
         Scheduler(prefill_slack=-1.0)
+
+
+def test_an_overloaded_worker_defers_its_longest_prompt_until_its_wait_is_over():
+    now = [0.0]
+    d = Deferral(share=0.5, lateness_s=2.0, max_wait_s=60.0, burst=1.0)
+    s = Scheduler(max_batch=8, max_prefill_tokens=100, clock=lambda: now[0], deferral=d)
+    s.rate.observe(100.0, 1.0)  # 100 tokens' worth a second: 1,000 tokens take 10.12 s
+    small, mid, big = seq("small", 10), seq("mid", 600), seq("big", 1000)
+    for q in (small, mid, big):
+        s.add(q)  # 1.5 deferrals banked, at most 1 (burst)
+    assert big.deadline == pytest.approx(3 * prefill_work(0, 1000) / 100)  # about 30 s
+    # The worker got to none of them for 20 s: `small` (due at 0.3 s) would end 19.8 s late.
+    # Its longest prompt not begun is deferred until 60 s after its arrival; the bucket has
+    # room for one.
+    now[0] = 20.0
+    batch = s.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["small", "mid"]
+    assert big.deferred_until == 60.0 and mid.deferred_until is None and s.num_deferred == 1
+    # The gateway hears it is due then, not at its deadline.
+    at = dict(zip(DUE_HORIZONS_S, s.due()))
+    assert at[32.0] == pytest.approx(s.seconds_left(small) + s.seconds_left(mid))
+    assert at[64.0] == pytest.approx(at[32.0] + s.seconds_left(big))
+    for q in (small, mid):
+        s.remove_prefilled(q)
+    # Until then it goes after later prompts, even those due after its deadline...
+    now[0] = 59.0
+    early = seq("early", 100)
+    s.add(early)
+    assert early.deadline > big.deadline
+    batch = s.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["early"]
+    s.remove_prefilled(early)
+    # ...and from then on before all of them.
+    now[0] = 61.0
+    s.add(seq("later", 10))
+    batch = s.schedule()
+    assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["big"]
+    assert s.num_deferred == 1  # the bucket refills by 0.5 a prompt: 1 after two more
+    # Not deferred: a prompt shorter than the lateness (it would wait long for little), one
+    # begun (it keeps its place), a stage whose chunks began; nor anything in arrival order.
+    now[0] = 0.0
+    s2 = Scheduler(max_batch=8, max_prefill_tokens=100, clock=lambda: now[0],
+                   deferral=Deferral(share=1.0, lateness_s=2.0, burst=5.0), num_layers=4)
+    s2.rate.observe(100.0, 1.0)
+    begun, stage = seq("begun", 1000), seq("stage", 1000, stage=StageWork(0, 2, chunk_tokens=8))
+    s2.add(stage)
+    batch = s2.schedule()  # on time: the stage's first chunk
+    assert batch is not None and batch.kind is BatchKind.STAGE and stage.stage is not None
+    assert stage.stage.begun
+    s2.stages.clear()
+    s2.add(begun)
+    now[0] = 1.0
+    batch = s2.schedule()  # the long prompt's first chunk
+    assert batch is not None and batch.seqs == [begun] and begun.started_at == 1.0
+    s2.stages.append(stage)
+    for q in [seq(f"s{k}", 100) for k in range(3)]:  # 1 s each
+        s2.add(q)
+    now[0] = 40.0  # every one late: shorts due at 3 s, the others at about 30 s
+    s2.schedule()
+    assert s2.num_deferred == 0
+    assert s2.seconds_left(stage) == pytest.approx(s2.seconds_left(seq("x", 1000)) / 2)
+    fifo = Scheduler(prefill_slack=0.0, clock=lambda: now[0], deferral=Deferral(share=1.0))
+    fifo.rate.observe(100.0, 1.0)
+    for q in (seq("a", 10), seq("b", 5000)):
+        fifo.add(q)
+    now[0] = 100.0
+    fifo.schedule()
+    assert fifo.num_deferred == 0
+    for bad in ({"share": 1.5}, {"lateness_s": -1.0}, {"max_wait_s": 0.0}, {"burst": 0.5}):
+        with pytest.raises(ValueError, match="deferral"):
+            Deferral(**bad)
 
 
 def test_a_started_prompt_is_not_passed_by_a_shorter_one():

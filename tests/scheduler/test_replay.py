@@ -154,6 +154,13 @@ def test_short_prompts_pass_a_pipelined_one_until_its_deadline():
     from pdserve.scheduler.balancers import ATTENTION_PER_TOKEN
 
     assert CostModel().prefill_slack == PREFILL_SLACK == PrefillSettings().prefill_slack
+    from pdserve.engine.scheduler import Deferral
+
+    c, d, ps = CostModel(), Deferral(), PrefillSettings()
+    assert (c.defer_share, c.defer_lateness_s, c.defer_wait_s, c.defer_burst) == (
+        d.share, d.lateness_s, d.max_wait_s, d.burst)
+    assert (d.share, d.lateness_s, d.max_wait_s) == (
+        ps.prefill_defer_share, ps.prefill_defer_lateness_s, ps.prefill_defer_wait_s)
     # and pipelines as the gateway does by default
     from pdserve.config import GatewaySettings
 
@@ -183,6 +190,36 @@ def test_deadlines_let_short_prompts_through_a_queue_but_not_for_ever():
     # The 20 s prompt waits for the short ones instead (10 s of them), no longer.
     assert edf["ttft_max_s"] == pytest.approx(10 + 10 + 20 - 0.05)
     assert fifo["ttft_max_s"] < edf["ttft_max_s"]
+
+
+def test_an_overloaded_instance_defers_a_long_prompt_and_lets_the_queue_through():
+    """One instance, 1,000 tokens a second; a 6 s prompt at 0.05 s among 199 prompts of 0.1 s,
+    one every 0.095 s: the short ones alone are more work than the instance computes, so they
+    fall behind. Without deferrals the long prompt runs at its deadline (18.05 s) and the
+    short prompts arriving then wait 6 s behind it; deferred once the queue is 0.5 s late
+    (at 14.2 s), it runs after them, when the instance is free, within its wait."""
+    cost = CostModel(prefill_tps=1000.0, attention_s=0.0, pipeline_min_tokens=0,
+                     pipeline_idle_tokens=0, defer_share=0.25, defer_burst=1.0,
+                     defer_lateness_s=0.5, defer_wait_s=30.0)
+    trace = [TraceRequest(0.0, 100, 2, ()), TraceRequest(0.05, 6000, 2, ())] + [
+        TraceRequest(0.1 + 0.095 * k, 100, 2, ()) for k in range(198)]
+    never = simulate(trace, "pdserve", 1, 1, replace(cost, defer_share=0.0))
+    deferred = simulate(trace, "pdserve", 1, 1, cost)
+    # p99 of 200 is the second longest TTFT: the slowest short prompt's.
+    assert never["deferred"] == 0 and never["ttft_p99_s"] > 6.0
+    assert deferred["deferred"] == 1 and deferred["ttft_p99_s"] < 1.5
+    # The long prompt waits longer, but no longer than its wait and its own time.
+    assert never["ttft_max_s"] < deferred["ttft_max_s"] <= 30.0 + 6.0
+    # Prompts shorter than the lateness are never deferred (each would wait for little).
+    short = simulate(trace, "pdserve", 1, 1, replace(cost, defer_lateness_s=7.0))
+    assert short["deferred"] == 0 and short["ttft_p99_s"] == never["ttft_p99_s"]
+    # Its wait over, it goes first: deferred at 14.2 s with a 16 s wait, it runs from 16.05 s
+    # (after the short prompt then running), and the short prompts then arriving wait behind
+    # it again.
+    soon = simulate(trace, "pdserve", 1, 1, replace(cost, defer_wait_s=16.0))
+    assert soon["deferred"] == 1
+    assert soon["ttft_max_s"] == pytest.approx(16.0 + 6.0 + 0.1, abs=0.15)
+    assert soon["ttft_p99_s"] > 6.0
 
 
 def test_prompts_wait_for_a_prefix_an_earlier_one_is_computing():

@@ -216,6 +216,8 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
     # The deadline order's rate, measured from the prefill steps run, and its late prompts.
     assert pre1["pdserve_prefill_rate_tokens_per_second"] > 0
     assert 0 <= pre1["pdserve_prefill_late_prompts_total"] <= 5
+    # five prompts bank 0.1 of a deferral (--prefill-defer-share 0.02): none deferred
+    assert pre1["pdserve_prefill_deferred_prompts_total"] == 0
     assert (pre1["pdserve_prefill_fetched_tokens_total"]
             - pre0["pdserve_prefill_fetched_tokens_total"]) == cached_total
     assert (pre1["pdserve_prefill_computed_tokens_total"]
