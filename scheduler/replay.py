@@ -362,7 +362,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             return
         s = ready[0]  # first come first served
         if by_deadline:
-            if cost.defer_share > 0:
+            if cost.defer_share > 0 and cost.prefill_slack > 0:  # (in arrival order: none)
                 p.defer(t, cost)
             s = min(ready, key=lambda x: x.rank(t))
         p.running, p.busy_until = s, t + s.piece_s

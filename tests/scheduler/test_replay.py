@@ -213,6 +213,8 @@ def test_an_overloaded_instance_defers_a_long_prompt_and_lets_the_queue_through(
     # Prompts shorter than the lateness are never deferred (each would wait for little).
     short = simulate(trace, "pdserve", 1, 1, replace(cost, defer_lateness_s=7.0))
     assert short["deferred"] == 0 and short["ttft_p99_s"] == never["ttft_p99_s"]
+    # In arrival order nothing is deferred, as on the workers (no deadlines to be late for).
+    assert simulate(trace, "pdserve", 1, 1, replace(cost, prefill_slack=0.0))["deferred"] == 0
     # Its wait over, it goes first: deferred at 14.2 s with a 16 s wait, it runs from 16.05 s
     # (after the short prompt then running), and the short prompts then arriving wait behind
     # it again.
