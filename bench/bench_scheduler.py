@@ -10,7 +10,7 @@
 2. routing decision latency (prefill + decode balancer) at 1,000 workers;
 3. EPLB: max/mean GPU load with and without redundant experts, random and Zipf-skewed loads.
 
-Usage: python bench/bench_scheduler.py [--trace PATH] [--limit N] [--time-scales 0.8,0.9,...]
+Usage: python bench/bench_scheduler.py [--trace PATH] [--limit N] [--time-scales 0.7,0.8,...]
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
         ("pdserve, balance ties by load, not queue", "pdserve",
          replace(CostModel(), due_ties=False)),
         ("pdserve, no waiting for prefixes in flight", "pdserve",
-         replace(CostModel(), prefix_wait_tokens=0))]
+         replace(CostModel(), prefix_wait_tokens=0)),
+        ("pdserve, no deferrals under overload", "pdserve", replace(CostModel(), defer_share=0.0))]
     for name, policy, cost in runs:
         print(f"{label}: replaying {len(trace)} requests with {name} ...", file=sys.stderr,
               flush=True)
@@ -107,7 +108,8 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
         print()
         # The pipelining threshold trades the median TTFT against balance and the tail; the
         # chunk bounds how long a short prompt waits behind a stage; the slack of the
-        # workers' deadline order trades the tail against the longest wait. Each setting
+        # workers' deadline order, and their deferrals under overload, trade the tail against
+        # the longest wait. Each setting
         # over the five tie-break seeds: the median, and p99's range.
         scans = []
         for label_, kw in [(f"pipeline_min_tokens {mt}", {"pipeline_min_tokens": mt})
@@ -115,7 +117,10 @@ def replay(trace: list, label: str, scan: bool = False) -> dict[str, dict]:
                 (f"pipeline_chunk_tokens {ct}", {"pipeline_chunk_tokens": ct})
                 for ct in (2048, 4096, 8192)] + [
                 (f"prefill_slack {a:g}", {"prefill_slack": a})
-                for a in (0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 30.0)]:
+                for a in (0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 30.0)] + [
+                (f"defer_share {f:g}", {"defer_share": f}) for f in (0.0, 0.01, 0.02, 0.03)] + [
+                (f"defer_lateness_s {x:g}", {"defer_lateness_s": x}) for x in (2.0, 5.0, 8.0)] + [
+                (f"defer_wait_s {w:g}", {"defer_wait_s": w}) for w in (80.0, 100.0, 120.0)]:
             print(f"replaying with {label_}, seeds 0-4 ...", file=sys.stderr, flush=True)
             rs = [simulate(trace, "pdserve", 4, 4, replace(CostModel(), **kw), seed=seed)
                   for seed in range(5)]
@@ -145,14 +150,17 @@ def load_sweep(path: str, limit: int, scales: list[float]) -> None:
         print(f"replaying the trace at time scale {scale:g} ...", file=sys.stderr, flush=True)
         res = {p: simulate(trace, p, 4, 4, CostModel()) for p in ("pdserve", *ANCHORS)}
         ours = res["pdserve"]
+        never = simulate(trace, "pdserve", 4, 4, replace(CostModel(), defer_share=0.0))
         best = {k: min(ANCHORS, key=lambda a, k=k: res[a][k])
                 for k in ("ttft_p50_s", "ttft_p99_s", "ttft_max_s", "prefill_load_max_over_mean")}
         rows.append((f"{scale:g}", *(
             f"{ours[k]:.2f} / {res[a][k]:.2f} ({a}): {ours[k] / max(res[a][k], 1e-9):.2f}x"
-            for k, a in best.items())))
+            for k, a in best.items()),
+            f"{never['ttft_p99_s'] / res[best['ttft_p99_s']]['ttft_p99_s']:.2f}x, "
+            f"{never['ttft_max_s']:.1f} s"))
     print("### The trace at other loads (arrival times x scale), pdserve / the best anchor\n")
     print(table(rows, ("time scale", "TTFT p50 s", "TTFT p99 s", "TTFT max s",
-                       "prefill attn max/mean")))
+                       "prefill attn max/mean", "no deferrals: p99, max")))
     print()
 
 
@@ -218,7 +226,7 @@ def main() -> None:
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--shape-requests", type=int, default=1200)
-    ap.add_argument("--time-scales", default="0.8,0.9,1.1,1.25,1.5",
+    ap.add_argument("--time-scales", default="0.7,0.8,0.9,1.1,1.25,1.5",
                     help="replay the trace with its arrival times scaled by each ('' : none)")
     args = ap.parse_args()
     print(f"machine: {machine()}\nsettings: 4 prefill + 4 decode instances, cost model defaults "
