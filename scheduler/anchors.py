@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from pdserve.scheduler.traces import BLOCK, TraceRequest
 
 if TYPE_CHECKING:
-    from pdserve.scheduler.replay import CostModel, _Decode, _Prefill
+    from pdserve.scheduler.instances import CostModel, DecodeInstance, PrefillInstance
 
 ANCHORS = ("dynamo", "llm_d", "sglang", "mooncake")
 SGLANG_CACHE_THRESHOLD, SGLANG_BALANCE_ABS, SGLANG_BALANCE_REL = 0.3, 64, 1.5
@@ -63,7 +63,7 @@ def _draw(costs: Sequence[float], allowed: Sequence[int], temperature: float,
     return rng.choices(list(allowed), weights)[0]
 
 
-def anchor_prefill(policy: str, prefills: list[_Prefill], r: TraceRequest, usable: int,
+def anchor_prefill(policy: str, prefills: list[PrefillInstance], r: TraceRequest, usable: int,
                     c: int, n: int, t: float, cost: CostModel, rng: random.Random,
                     temperature: float) -> int:
     """The prefill instance an anchor's policy picks (module docstring)."""
@@ -95,7 +95,7 @@ def anchor_prefill(policy: str, prefills: list[_Prefill], r: TraceRequest, usabl
     return min(idx, key=lambda j: (prefills[j].wait(t) + cost.prefill_s(c, n), j))
 
 
-def anchor_decode(policy: str, decodes: list[_Decode], need: int, cost: CostModel,
+def anchor_decode(policy: str, decodes: list[DecodeInstance], need: int, cost: CostModel,
                    rng: random.Random, temperature: float) -> int | None:
     """The decode instance an anchor's policy picks among those with room for `need`."""
     room = [j for j, d in enumerate(decodes)
