@@ -18,8 +18,9 @@ Overload (`Deferral`): while the earliest-due prompt here would end more than `l
 after its deadline, the worker defers its longest prompt not yet begun (if that one takes
 `lateness_s` or more itself): it goes after every prompt not deferred until it has waited
 `max_wait_s` since its arrival, and then before all of them. At most `share` of the prompts
-admitted are deferred (a bucket that fills by `share` a prompt, up to `burst`), so a long
-overload cannot defer everyone and bring them all back at once. A few long prompts wait
+admitted are deferred (a bucket that fills by `share` a prompt, up to `burst`), and none
+while a deferred prompt whose wait is over still waits, so a long overload cannot defer
+everyone and bring them all back at once. A few long prompts wait
 longer so that the many behind them do not: on the synthetic trace p99 TTFT falls from 26.8
 to 22.7 s (0.64x the best anchor's, from 0.76x) while the longest wait grows from 105 to 109
 s, and at more load (arrival times x 0.8) the longest wait shrinks from 137 to 114 s.
@@ -262,11 +263,14 @@ class Scheduler:
     def _defer(self, now: float) -> None:
         """While the earliest-due prompt (or stage) not deferred would end more than
         `lateness_s` late and the bucket allows, defer the longest one not yet begun, if its
-        own time is `lateness_s` or more (Deferral)."""
+        own time is `lateness_s` or more (Deferral); none while a deferred one whose wait is
+        over still waits (the overload outlasted it: more would only come back later, together)."""
         d = self.deferral
         while self._credit >= 1:
-            pending = [q for q in (*self.waiting, *self.stages)
-                       if q.deferred_until is None and q.allowance > 0]
+            queued = (*self.waiting, *self.stages)
+            if any(q.deferred_until is not None and q.deferred_until <= now for q in queued):
+                return  # the overload outlasted a deferral's wait: more would come back later
+            pending = [q for q in queued if q.deferred_until is None and q.allowance > 0]
             if not pending:
                 return
             head = min(pending, key=lambda q: q.order)

@@ -147,8 +147,11 @@ class PrefillInstance:
     def defer(self, t: float, cost: CostModel) -> None:
         """Overloaded (its earliest-due stage not deferred would end more than
         `defer_lateness_s` late), it defers its longest stage not yet begun whose prompt takes
-        that long or more itself, while its bucket allows (engine/scheduler.py)."""
+        that long or more itself, while its bucket allows and no deferred stage's wait is over
+        (engine/scheduler.py)."""
         while self.credit >= 1:
+            if any(s.deferred_until is not None and s.deferred_until <= t for s in self.queue):
+                return  # the overload outlasted a deferral's wait: more would come back later
             pending = [s for s in self.queue if s.deferred_until is None]
             if not pending:
                 return

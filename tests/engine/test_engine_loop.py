@@ -222,10 +222,22 @@ def test_an_overloaded_worker_defers_its_longest_prompt_until_its_wait_is_over()
     s.remove_prefilled(early)
     # ...and from then on before all of them.
     now[0] = 61.0
-    s.add(seq("later", 10))
+    later = seq("later", 10)
+    s.add(later)
     batch = s.schedule()
     assert batch is not None and [c.seq.request_id for c in batch.chunks] == ["big"]
-    assert s.num_deferred == 1  # the bucket refills by 0.5 a prompt: 1 after two more
+    assert s.num_deferred == 1
+    # While it still waits (its wait over), the overload has outlasted a deferral's wait: no
+    # more deferrals, though `later` is late, the bucket refilled (0.5 a prompt) and `long2`
+    # could be deferred; once it is done, the next one is.
+    long2 = seq("long2", 1000)
+    s.add(long2)
+    now[0] = 80.0
+    s.schedule()
+    assert s.num_deferred == 1 and long2.deferred_until is None
+    s.remove_prefilled(big)
+    s.schedule()
+    assert s.num_deferred == 2 and long2.deferred_until == 61.0 + 60.0
     # Not deferred: a prompt shorter than the lateness (it would wait long for little), one
     # begun (it keeps its place), a stage whose chunks began; nor anything in arrival order.
     now[0] = 0.0
