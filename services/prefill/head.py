@@ -136,6 +136,8 @@ class PipelineHead:
             if msg.WhichOneof("kind") == "kv":
                 kvs.append(msg.kv)
                 continue
+            if msg.WhichOneof("kind") == "waiting":  # it is there, its chunk still to come
+                continue
             if pos >= n_prompt or msg.hidden.begin != pos:
                 raise PipelineError(f"hidden chunk at {msg.hidden.begin}, expected {pos}")
             h = hidden_tensor(msg.hidden, self.hidden_dtype, self.hidden_size, self.pool.kv.device)

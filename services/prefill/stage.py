@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdserve.cache.block_hash import block_hashes
 from pdserve.engine.kv_pool import KVPool
@@ -151,8 +151,17 @@ class PipelineStage:
                       if up is not None else None)
             try:
                 pos = seq.num_computed
+                loop = asyncio.get_running_loop()
+                sent = loop.time()
                 while pos < len(seq.prompt):
-                    msg = await self._next(box, reader)
+                    # Nothing to send for a third of the timeout: tell the reader this stage
+                    # waits (queued, deferred, or waiting for its own upstream), not gone.
+                    msg = await self._next(box, reader, self.timeout_s / 3)
+                    if msg is None:
+                        yield prefill_pb2.PipelineStageOutput(waiting=prefill_pb2.StageWaiting(
+                            waited_s=loop.time() - sent))
+                        continue
+                    sent = loop.time()
                     if isinstance(msg, FailedEvent):
                         raise Internal(f"pipeline stage step failed: {msg.error}")
                     assert isinstance(msg, HiddenEvent), msg
@@ -166,18 +175,24 @@ class PipelineStage:
             yield prefill_pb2.PipelineStageOutput(kv=kv)
 
     @staticmethod
-    async def _next(box: Outbox, reader: asyncio.Task[list[prefill_pb2.StageKV]] | None
-                    ) -> OutboxMessage:
-        """The next engine event; a failed upstream reader ends the stage first."""
+    async def _next(box: Outbox, reader: asyncio.Task[list[prefill_pb2.StageKV]] | None,
+                    wait_s: float) -> OutboxMessage | None:
+        """The next engine event, or None after `wait_s` without one (it stays in the box);
+        a failed upstream reader ends the stage first."""
         get = asyncio.ensure_future(box.get())
         try:
-            while reader is not None and not reader.done():
-                await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get.done():
-                    return get.result()
-            if reader is not None and reader.exception() is not None:
+            waits: set[asyncio.Future[Any]] = {get}
+            if reader is not None:
+                waits.add(reader)
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if get.done():
+                return get.result()
+            if reader is not None and reader.done() and reader.exception() is not None:
                 reader.result()  # raises the upstream's failure
-            return await get
+            if reader is not None and reader.done():  # it has all it needs: the box alone
+                await asyncio.wait({get}, timeout=wait_s)
+                return get.result() if get.done() else None
+            return None
         finally:
             get.cancel()
 
@@ -194,6 +209,8 @@ class PipelineStage:
                 raise Unavailable(f"upstream stage {req.upstream[-1].worker_id} ended early")
             if msg.WhichOneof("kind") == "kv":
                 kvs.append(msg.kv)
+                continue
+            if msg.WhichOneof("kind") == "waiting":  # it is there, its chunk still to come
                 continue
             try:
                 h = hidden_tensor(msg.hidden, self.loaded.dtype,

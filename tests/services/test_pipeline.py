@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import grpc
 import pytest
@@ -181,6 +182,34 @@ async def test_a_stage_missing_cached_blocks_or_gone_costs_only_time(loaded, tmp
     await ws[1][0].kvstore.close()
     ws[1][0].kvstore = KVStoreClient("", 1.0)
     await shard.stop()
+    for w, _, _ in ws:
+        await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
+
+
+async def test_a_stage_that_waits_longer_than_the_timeout_keeps_its_pipeline(loaded):
+    """A stage whose worker is busy for longer than the transfer timeout (its engine thread
+    held, as by a long step, or a prompt queued behind others or deferred) sends StageWaiting
+    every third of the timeout: the head keeps the pipeline and gets the same KV and token
+    as one worker alone, instead of timing out and computing the prompt itself."""
+    ws = await workers(loaded, 2)
+    head, stage = ws[0][0], ws[1][0]
+    ref_first, ref_kv = await alone(head)
+    head.head.timeout_s = stage.stage.timeout_s = 1.0
+    busy = threading.Event()
+    stage.thread.post(lambda: busy.wait(10))  # the stage's engine thread busy until set
+    asyncio.get_running_loop().call_later(2.5, busy.set)  # 2.5 timeouts
+    try:
+        pages = head.pool.reserve(head.layout.pages_for(len(PROMPT)))
+        first = (await head.head.prefill(request([ws[1][2]]), PROMPT, pages, 0,
+                                         SamplingParams())).token
+        kv = rows(head.pool, pages, len(PROMPT))
+        head.pool.release(pages)
+        assert busy.is_set()  # it did wait
+        assert head.head.num_pipelined == 1 and head.head.num_fallbacks == 0
+        assert first == ref_first and torch.equal(kv, ref_kv)
+    finally:
+        busy.set()
+        head.head.timeout_s = stage.stage.timeout_s = 30.0
     for w, _, _ in ws:
         await async_wait_until(lambda w=w: w.pool.num_free == w.pool.num_pages, 10)
 

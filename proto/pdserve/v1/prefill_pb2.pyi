@@ -146,25 +146,54 @@ class PipelineStageOutput(_message.Message):
 
     HIDDEN_FIELD_NUMBER: _builtins.int
     KV_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hidden(self) -> Global___HiddenChunk: ...
     @_builtins.property
     def kv(self) -> Global___StageKV: ...
+    @_builtins.property
+    def waiting(self) -> Global___StageWaiting: ...
     def __init__(
         self,
         *,
         hidden: Global___HiddenChunk | None = ...,
         kv: Global___StageKV | None = ...,
+        waiting: Global___StageWaiting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden", "kind", b"kind", "kv", b"kv"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden", "kind", b"kind", "kv", b"kv", "waiting", b"waiting"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden", "kind", b"kind", "kv", b"kv"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden", b"hidden", "kind", b"kind", "kv", b"kv", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hidden", "kv"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hidden", "kv", "waiting"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___PipelineStageOutput: _TypeAlias = PipelineStageOutput  # noqa: Y015
+
+@_typing.final
+class StageWaiting(_message.Message):
+    """Sent by a stage that has had no chunk to send for a third of its transfer timeout (queued
+    behind prompts due earlier, deferred under overload, or waiting for its own upstream), so
+    that its reader tells a stage that waits from one that is gone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITED_S_FIELD_NUMBER: _builtins.int
+    waited_s: _builtins.float
+    """since its last chunk (or since it began)"""
+    def __init__(
+        self,
+        *,
+        waited_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["waited_s", b"waited_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageWaiting: _TypeAlias = StageWaiting  # noqa: Y015
 
 @_typing.final
 class HiddenChunk(_message.Message):
