@@ -20,10 +20,10 @@ after its deadline, the worker defers its longest prompt not yet begun (if that 
 `max_wait_s` since its arrival, and then before all of them. At most `share` of the prompts
 admitted are deferred (a bucket that fills by `share` a prompt, up to `burst`), and none
 while a deferred prompt whose wait is over still waits, so a long overload cannot defer
-everyone and bring them all back at once. A few long prompts wait
-longer so that the many behind them do not: on the synthetic trace p99 TTFT falls from 26.8
-to 22.7 s (0.64x the best anchor's, from 0.76x) while the longest wait grows from 105 to 109
-s, and at more load (arrival times x 0.8) the longest wait shrinks from 137 to 114 s.
+everyone and bring them all back at once. A few long prompts wait longer so that the many
+behind them do not: on the synthetic trace p99 TTFT falls from 26.8 to 22.7 s (0.64x the
+best anchor's, from 0.76x) while the longest wait grows from 105 to 109 s, and at more load
+(arrival times x 0.8) the longest wait shrinks from 137 to 114 s.
 
 1. When sequences wait and the batch has room: prompt chunks of several of them within a
    token budget (chunked prefill), by deadline; a pipeline stage's next chunk first if its
@@ -264,7 +264,7 @@ class Scheduler:
         """While the earliest-due prompt (or stage) not deferred would end more than
         `lateness_s` late and the bucket allows, defer the longest one not yet begun, if its
         own time is `lateness_s` or more (Deferral); none while a deferred one whose wait is
-        over still waits (the overload outlasted it: more would only come back later, together)."""
+        over still waits (the overload outlasted it: more would come back later, together)."""
         d = self.deferral
         while self._credit >= 1:
             queued = (*self.waiting, *self.stages)
