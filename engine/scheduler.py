@@ -231,16 +231,15 @@ class Scheduler:
         """Prompt tokens still to compute, over the waiting sequences."""
         return sum(s.prefill_left for s in self.waiting)
 
-    def seconds_left(self, seq: Sequence, num_layers: int = 0) -> float:
+    def seconds_left(self, seq: Sequence) -> float:
         """Its prompt's time still to compute here at the measured rate (a stage: its layers'
-        share of `num_layers`, by default the model's; 0 before the first measured step)."""
+        share of the model's `num_layers`; 0 before the first measured step)."""
         seconds = self.rate.seconds_for(prefill_work(seq.num_computed, seq.prefill_left))
-        layers = num_layers or self.num_layers
-        if seq.stage is not None and layers:
-            seconds *= (seq.stage.layer_end - seq.stage.layer_begin) / layers
+        if seq.stage is not None and self.num_layers:
+            seconds *= (seq.stage.layer_end - seq.stage.layer_begin) / self.num_layers
         return seconds
 
-    def due(self, num_layers: int = 0) -> list[float]:
+    def due(self) -> list[float]:
         """The prefill queued here as balancers.due_profile: the seconds of it due within each
         horizon from now, in this scheduler's order (a deferred prompt: when it goes first),
         at the measured rate (`seconds_left`; all 0 before the first measured step). What a
@@ -250,7 +249,7 @@ class Scheduler:
         items = []
         for seq in (*list(self.waiting), *list(self.stages)):
             due = seq.order if seq.deferred_until is None else seq.deferred_until
-            items.append((due - now, self.seconds_left(seq, num_layers)))
+            items.append((due - now, self.seconds_left(seq)))
         return due_profile(items)
 
     def _rank(self, seq: Sequence, now: float) -> tuple[int, float]:

@@ -182,17 +182,14 @@ class PipelineStage:
         get = asyncio.ensure_future(box.get())
         try:
             waits: set[asyncio.Future[Any]] = {get}
-            if reader is not None:
+            if reader is not None and not reader.done():
                 waits.add(reader)
             await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             if get.done():
                 return get.result()
             if reader is not None and reader.done() and reader.exception() is not None:
                 reader.result()  # raises the upstream's failure
-            if reader is not None and reader.done():  # it has all it needs: the box alone
-                await asyncio.wait({get}, timeout=wait_s)
-                return get.result() if get.done() else None
-            return None
+            return None  # (or the reader has all it needs: the caller asks again)
         finally:
             get.cancel()
 

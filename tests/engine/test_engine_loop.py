@@ -102,10 +102,10 @@ def test_the_queue_is_reported_as_seconds_due_within_each_horizon():
     """What a prefill worker tells the gateway (balancers.due_profile): its queued prefill by
     when it is due in its order, at its measured rate; a stage counts its layers' share."""
     now = [10.0]
-    s = Scheduler(prefill_slack=3.0, clock=lambda: now[0])
-    assert s.due(num_layers=4) == [0.0] * len(DUE_HORIZONS_S)
+    s = Scheduler(prefill_slack=3.0, clock=lambda: now[0], num_layers=4)
+    assert s.due() == [0.0] * len(DUE_HORIZONS_S)
     s.add(seq("unmeasured", 50))  # before any step: no estimate, no seconds
-    assert s.due(num_layers=4)[-1] == 0.0
+    assert s.due()[-1] == 0.0
     s.waiting.clear()
     s.rate.observe(100.0, 1.0)  # 100 tokens' worth a second
     short, long_ = seq("short", 10), seq("long", 1000)
@@ -113,7 +113,7 @@ def test_the_queue_is_reported_as_seconds_due_within_each_horizon():
     s.add(long_)  # about 10 s, due in about 30 s
     s.add(seq("stage", 1000, stage=StageWork(2, 4, chunk_tokens=8)))  # half of the layers
     own = prefill_work(0, 1000) / 100
-    due = s.due(num_layers=4)
+    due = s.due()
     at = dict(zip(DUE_HORIZONS_S, due))
     assert at[0.0] == 0.0
     assert at[0.5] == pytest.approx(prefill_work(0, 10) / 100)
@@ -121,7 +121,7 @@ def test_the_queue_is_reported_as_seconds_due_within_each_horizon():
     assert due == sorted(due)  # cumulative
     now[0] = 10.25  # a started prompt is due when it started
     short.started_at = 10.0
-    assert s.due(num_layers=4)[0] == pytest.approx(prefill_work(0, 10) / 100)
+    assert s.due()[0] == pytest.approx(prefill_work(0, 10) / 100)
 
 
 def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_decodes():
