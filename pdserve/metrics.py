@@ -151,6 +151,9 @@ class PrefillMetrics(_WorkerMetrics):
                                  registry=r)
         self.pipeline_stages = Counter("pdserve_prefill_pipeline_stages", "pipeline stages "
                                        "run for prompts other workers headed", registry=r)
+        self.lease_renewals = Counter("pdserve_prefill_lease_renewals", "decode reservations' "
+                                      "leases renewed while their prompts waited or computed "
+                                      "here", registry=r)
         self.fetch_seconds = Histogram("pdserve_prefill_fetch_seconds",
                                        "time reading cached blocks per request",
                                        buckets=LATENCY_BUCKETS, registry=r)

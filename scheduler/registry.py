@@ -62,10 +62,17 @@ class Load:
     due_s: tuple[float, ...] = ()
     prefill_rate: float = 0.0
     prefill_slack: float = 0.0
+    defer_wait_s: float = 0.0  # a deferred prompt may wait this long (0: it defers none)
 
     def due_in(self, work: float) -> float:
         """When a prompt of `work` (balancers.prefill_work) placed now is due on it."""
         return self.prefill_slack * work / self.prefill_rate if self.prefill_rate > 0 else 0.0
+
+    def may_hold(self, work: float) -> float:
+        """How long a prompt of `work` placed now may wait there beyond its own time before
+        the worker's order computes it: until it is due, or a deferral's wait. The gateway
+        waits that much longer for its answer."""
+        return max(self.due_in(work), self.defer_wait_s)
 
     def charged(self, work: float, share: float = 1.0) -> Load:
         """This load with `share` of a prompt of `work` placed on it (a pipeline stage's share

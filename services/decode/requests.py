@@ -159,6 +159,18 @@ class DecodeRequests:
                 freed = True
         return expired, freed
 
+    def renew(self, request_id: str) -> bool:
+        """A RESERVED request's lease, not over yet, runs from now again (the prefill worker
+        holding it asks while the prompt waits or computes). False when no such reservation
+        waits: expired, released, landed, unknown."""
+        with self.lock:
+            req = self._active.get(request_id)
+            now = self.clock()
+            if req is None or req.state is not DecodeState.RESERVED or now > req.lease_end:
+                return False
+            req.lease_end = now + self.lease_s
+        return True
+
     def release(self, request_id: str, unwritten: bool = False) -> DecodeState | None:
         """The caller is done with the request: RESERVED -> DONE with its pages quarantined
         (freed at once if `unwritten`: the caller never gave them to a prefill worker);
@@ -195,7 +207,6 @@ class DecodeRequests:
         """Quarantines a reservation's pages until no prefill may write them any more."""
         del self._active[req.request_id]
         if req.seq.pages:
-            self._held.append(_Held(req.reserved_at + self.lease_s + self.quarantine_s,
-                                    req.seq.pages))
+            self._held.append(_Held(req.lease_end + self.quarantine_s, req.seq.pages))
             self._held.sort()
             req.seq.pages = []

@@ -83,3 +83,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                       context: Context) -> decode_pb2.ReleaseResponse:
         return decode_pb2.ReleaseResponse(
             found=self.worker.release(request.request_id, unwritten=request.unwritten))
+
+    @answers_errors
+    async def Renew(self, request: decode_pb2.RenewRequest,
+                    context: Context) -> decode_pb2.RenewResponse:
+        w = self.worker
+        renewed = w.renew(request.request_id, request.epoch)
+        return decode_pb2.RenewResponse(renewed=renewed, lease_s=w.lease_s if renewed else 0.0)

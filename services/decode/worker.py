@@ -109,6 +109,11 @@ class DecodeWorker:
             page_ids=pages, pages=self.endpoint.descriptors(pages),
             layout_fingerprint=self.loaded.layout.fingerprint(), lease_s=self.lease_s)
 
+    def renew(self, request_id: str, epoch: int) -> bool:
+        """Another lease from now for a reservation of this worker's epoch still waiting for
+        its KV (DecodeRequests.renew)."""
+        return epoch == self.epoch and self.requests.renew(request_id)
+
     def outbox(self, request_id: str) -> Outbox | None:
         """The request's outbox for its Stream (also one that ended a moment before)."""
         return self.outboxes.claim(request_id)

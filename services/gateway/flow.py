@@ -131,6 +131,7 @@ class _Placement:
     prefill: WorkerState
     decode: WorkerState
     stages: list[WorkerState]
+    hold_s: float  # how long the prefill workers' order may hold the prompt (Load.may_hold)
 
 
 class GenerateFlow:
@@ -294,6 +295,7 @@ class GenerateFlow:
         # Optimistic load updates until the workers' next reports, so a burst spreads.
         reg.bump(dw.spec.worker_id, free_pages=-pages, running=1)
         new = len(ctx) - hint * bt
+        hold_s = max(w.load.may_hold(prefill_work(hint * bt, new)) for w in (pw, *stages))
         for w in (pw, *stages):  # a pipeline's stages share the work
             reg.bump(w.spec.worker_id, prefill_work(hint * bt, new), 1 / (1 + len(stages)),
                      queued_tokens=new // (1 + len(stages)),
@@ -302,7 +304,7 @@ class GenerateFlow:
             log.info("pipelined prefill", extra={
                 "request_id": self.rid, "head": pw.spec.worker_id,
                 "stages": [w.spec.worker_id for w in stages]})
-        return _Placement(keys, cacheable, found, pw, dw, stages)
+        return _Placement(keys, cacheable, found, pw, dw, stages, hold_s)
 
     async def _after_flights(self, keys: list[BlockHash], found: LookupResult) -> LookupResult:
         """`found`, or, when earlier requests are computing at least prefix_wait_tokens of the
@@ -393,7 +395,8 @@ class GenerateFlow:
                        sampling: common_pb2.SamplingParams, res: common_pb2.Reservation
                        ) -> prefill_pb2.PrefillResponse:
         """PREFILL: the prefill worker computes the context's KV, WRITEs it into the
-        reservation, and answers the first token."""
+        reservation (renewing its lease there while the prompt waits), and answers the first
+        token; its deadline is `rpc_timeout_s` beyond the wait its workers' order allows."""
         self.phase = Phase.PREFILL
         prefill = self.c.clients.prefill(place.prefill.spec.address)
         try:
@@ -402,8 +405,9 @@ class GenerateFlow:
                 cached_blocks_hint=place.found.prefix or 0, sampling=sampling, reservation=res,
                 pipeline=[prefill_pb2.PipelinePeer(worker_id=w.spec.worker_id,
                                                    address=w.spec.address)
-                          for w in place.stages]),
-                timeout=self.c.settings.rpc_timeout_s)
+                          for w in place.stages],
+                decode_address=place.decode.spec.address),
+                timeout=self.c.settings.rpc_timeout_s + place.hold_s)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise error_for(e.code(), f"prefill: {e.details()}") from None

@@ -45,7 +45,8 @@ def load_of(r: common_pb2.LoadReport) -> Load:
                 queued_attention=r.queued_attention, draining=r.draining,
                 num_finished=r.num_finished, due_s=_due_of(r),
                 prefill_rate=_nonnegative(r.prefill_rate),
-                prefill_slack=_nonnegative(r.prefill_slack))
+                prefill_slack=_nonnegative(r.prefill_slack),
+                defer_wait_s=_nonnegative(r.defer_wait_s))
 
 
 def _nonnegative(x: float) -> float:

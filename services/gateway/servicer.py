@@ -247,7 +247,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 queued_tokens=w.load.queued_tokens, num_finished=w.load.num_finished,
                 ep_group=w.spec.ep_group, ep_rank=w.spec.ep_rank, ep_size=w.spec.ep_size,
                 prefill_rate=w.load.prefill_rate, prefill_slack=w.load.prefill_slack,
-                due_s=w.load.due_s)
+                due_s=w.load.due_s, defer_wait_s=w.load.defer_wait_s)
                 for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
 
     async def close(self) -> None:

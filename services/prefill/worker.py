@@ -27,7 +27,6 @@ from pdserve.metrics import PrefillMetrics
 from pdserve.scheduler.balancers import attention_work
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.engine_thread import EngineThread, GatherPolicy, group_steps_of
-from pdserve.services.errors import TransferError
 from pdserve.services.kvstore_client import KVStoreClient
 from pdserve.services.outbox import Outboxes
 from pdserve.services.prefill import layer_fetch
@@ -36,6 +35,7 @@ from pdserve.services.prefill.compute import Compute, PrefillHooks
 from pdserve.services.prefill.guard import PageGuard
 from pdserve.services.prefill.head import PipelineHead
 from pdserve.services.prefill.layer_fetch import LayerLoad
+from pdserve.services.prefill.lease import DecodePeers, Lease
 from pdserve.services.prefill.load import PrefillLoad
 from pdserve.services.prefill.pipeline import Peers, head_share
 from pdserve.services.prefill.stage import PipelineStage
@@ -54,28 +54,17 @@ PREFILL_MAX_BATCH = 1 << 16
 WRITTEN_WAIT_S = 2.0
 
 
-def lease_over(lease_end: float | None) -> bool:
-    """Decode may reuse reserved pages after the lease: no WRITE starts after it."""
-    return lease_end is not None and time.monotonic() > lease_end
-
-
-def check_lease(lease_end: float | None, res: common_pb2.Reservation) -> None:
-    if lease_over(lease_end):
-        raise TransferError(f"KV transfer not started: the decode reservation's "
-                            f"{res.lease_s:g} s lease ended first")
-
-
 class WriteAhead:
     """The pages of a prompt's fetched prefix WRITTEN into the decode reservation's first
     pages while the rest of the prompt computes (no notice: the last WRITE's covers them),
     so only the computed pages are left to send after the first token. Their digests are
     the verified blocks' checksums."""
 
-    def __init__(self, endpoint: NixlEndpoint, res: common_pb2.Reservation,
-                 lease_end: float | None, timeout_s: float) -> None:
+    def __init__(self, endpoint: NixlEndpoint, res: common_pb2.Reservation, lease: Lease,
+                 timeout_s: float) -> None:
         self.endpoint = endpoint
         self.res = res
-        self.lease_end = lease_end
+        self.lease = lease
         self.timeout_s = timeout_s
         self.task: asyncio.Task[int] | None = None
         self.digests: list[int] = []
@@ -83,7 +72,7 @@ class WriteAhead:
     def start(self, pages: Sequence[PageId], digests: list[int]) -> None:
         """Starts the WRITE of these fetched pages (none: nothing to send ahead; a lease
         already over: the final WRITE reports it)."""
-        if not pages or self.task is not None or lease_over(self.lease_end):
+        if not pages or self.task is not None or self.lease.over():
             return
         self.digests = digests
         self.task = asyncio.create_task(self.endpoint.write(pages, self.res, None,
@@ -138,6 +127,7 @@ class PrefillWorker:
                                  transfer_timeout_s)
         self.stage = PipelineStage(loaded, self.pool, self.namespace, self.compute, self.blocks,
                                    self.endpoint, peers, self.load, transfer_timeout_s)
+        self.decode_peers = DecodePeers()  # whose reservations' leases it renews
         self.num_prefills = 0
         self.draining = False
         self.metrics: PrefillMetrics | None = None
@@ -167,7 +157,8 @@ class PrefillWorker:
             running=len(sched), queued_tokens=ld.queued_tokens,
             queued_attention=ld.queued_attention, num_finished=self.num_prefills,
             draining=self.draining, due_s=sched.due(),
-            prefill_rate=sched.rate.per_second, prefill_slack=sched.prefill_slack)
+            prefill_rate=sched.rate.per_second, prefill_slack=sched.prefill_slack,
+            defer_wait_s=sched.deferral.max_wait_s if sched.deferral.share > 0 else 0.0)
 
     def start(self) -> None:
         self.thread.start()
@@ -230,8 +221,11 @@ class PrefillWorker:
                    keys: list[BlockHash], want: int) -> prefill_pb2.PrefillResponse:
         bt = self.layout.block_tokens
         params = sampling_from_proto(req.sampling)
-        # Decode may reuse the reserved pages after its lease: never start a WRITE after it.
-        lease_end = time.monotonic() + req.reservation.lease_s if req.reservation.lease_s else None
+        # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
+        # renewed there while the prompt is here (services/prefill/lease.py).
+        lease = Lease(req.reservation)
+        keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
+                  if req.decode_address and lease.end is not None else None)
         pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
         ahead: WriteAhead | None = None
         try:
@@ -242,7 +236,7 @@ class PrefillWorker:
                 fetch_s = t1 - t0
                 first = await self.head.prefill(req, prompt, pages, n_cached, params)
             elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
-                ahead = WriteAhead(self.endpoint, req.reservation, lease_end,
+                ahead = WriteAhead(self.endpoint, req.reservation, lease,
                                    self.transfer_timeout_s)
                 first, n_cached, fetch_s = await self.compute_while_fetching(
                     req.request_id, prompt, pages, keys[:want], params, ahead)
@@ -259,7 +253,7 @@ class PrefillWorker:
             rest = await self.guard.run(page_digests, self.pool, pages[len(known):],
                                         pages=pages)
             t2 = time.perf_counter()
-            check_lease(lease_end, req.reservation)
+            lease.check()
             notice = common_pb2.TransferNotice(
                 request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
                 num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
@@ -270,6 +264,10 @@ class PrefillWorker:
             # The new blocks, with the checksums the transfer took: one copy of each page.
             new_blocks = await self.blocks.encode(keys, pages, n_cached, known + rest)
         finally:
+            if keeper is not None:
+                keeper.cancel()
+                if (m := self.metrics) is not None:
+                    m.lease_renewals.inc(lease.renewals)
             if ahead is not None and ahead.task is not None:
                 ahead.task.cancel()  # the pages stay held until its WRITE is over
                 self.guard.hold(pages, ahead.task)

@@ -60,11 +60,12 @@ def test_a_burst_spreads_over_every_worker(cluster2):
         assert len(done) == 2 and sum(done.values()) == 8
         assert min(done.values()) >= 2, f"{role} burst not spread: {done}"
     # Each prefill worker reports how it orders prompts, for the balancer's ties: the rate its
-    # steps measured, its slack, and its queue by deadline (empty now: all of it done).
+    # steps measured, its slack, and its queue by deadline (empty now: all of it done); and
+    # its deferrals' wait, for the gateway's Prefill deadline.
     idle = [0.0] * len(DUE_HORIZONS_S)
     wait_for(lambda: all(list(w.due_s) == idle for w in workers(cluster2, "prefill").values()))
     for w in workers(cluster2, "prefill").values():
-        assert w.prefill_rate > 0 and w.prefill_slack == 3.0
+        assert w.prefill_rate > 0 and w.prefill_slack == 3.0 and w.defer_wait_s == 100.0
 
 
 def test_a_long_prompt_is_prefilled_by_both_workers_as_a_pipeline(cluster2, loaded):

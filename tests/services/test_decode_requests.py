@@ -104,6 +104,33 @@ def test_no_notice_within_the_lease_expires_then_the_pages_wait_out_the_quaranti
     pool.check_integrity()
 
 
+def test_a_renewed_lease_runs_from_the_renewal_and_the_quarantine_follows_it():
+    t, pool, clock = table()
+    r = t.reserve("a", list(range(10)), SamplingParams(max_tokens=3))
+    for _ in range(3):  # three renewals, each within the lease: 3 leases past the first
+        clock.advance(LEASE_S - 0.1)
+        assert t.renew("a")
+        assert t.expire() == ([], False) and r.state is DecodeState.RESERVED
+    renewed_at = clock()
+    clock.advance(LEASE_S + 0.1)
+    assert not t.renew("a")  # over: a renewal cannot bring it back
+    expired, _ = t.expire()
+    assert expired == [r] and t.quarantined_pages == 3
+    # The pages are held for the quarantine after the last lease, not after the first one.
+    clock.advance(renewed_at + LEASE_S + QUARANTINE_S - clock() - 0.1)
+    assert t.expire() == ([], False) and t.quarantined_pages == 3
+    clock.advance(0.2)
+    assert t.expire() == ([], True) and pool.num_free == pool.num_pages
+    # Nothing else renews: an unknown id, a landed (running) or released request.
+    assert not t.renew("zzz")
+    t.reserve("b", list(range(4)), SamplingParams(max_tokens=1))
+    t.land(notice("b", 4), EPOCH, good)
+    assert not t.renew("b")
+    t.reserve("c", list(range(4)), SamplingParams(max_tokens=1))
+    t.release("c")
+    assert not t.renew("c")
+
+
 def test_release_before_the_kv_quarantines_and_release_while_running_leaves_it_to_the_engine():
     t, pool, clock = table()
     t.reserve("a", list(range(10)), SamplingParams(max_tokens=3))

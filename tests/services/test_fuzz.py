@@ -68,6 +68,7 @@ UNARY = [
     ("prefill-0", "/pdserve.v1.Prefill/Prefill", prefill_pb2.PrefillRequest),
     ("decode-0", "/pdserve.v1.Decode/Reserve", decode_pb2.ReserveRequest),
     ("decode-0", "/pdserve.v1.Decode/Release", decode_pb2.ReleaseRequest),
+    ("decode-0", "/pdserve.v1.Decode/Renew", decode_pb2.RenewRequest),
     ("kvstore", "/pdserve.v1.KVStore/Lookup", kvstore_pb2.LookupRequest),
     ("kvstore", "/pdserve.v1.KVStore/Stats", kvstore_pb2.StatsRequest),
     ("kvstore", "/pdserve.v1.KVStore/Stage", kvstore_pb2.StageRequest),

@@ -78,12 +78,18 @@ def test_a_load_report_keeps_a_prefill_queue_profile_only_when_it_is_one():
     ld = load_of(common_pb2.LoadReport(due_s=good, prefill_rate=500.0, prefill_slack=3.0))
     assert (ld.due_s, ld.prefill_rate, ld.prefill_slack) == (tuple(good), 500.0, 3.0)
     assert ld.due_in(100.0) == 0.6  # due 3 x its own 0.2 s after it is placed
+    # How long the gateway's Prefill call waits beyond rpc_timeout_s: until the prompt is
+    # due there, or, where the worker defers prompts, the deferral's wait if longer.
+    assert ld.defer_wait_s == 0 and ld.may_hold(100.0) == 0.6
+    ld = load_of(common_pb2.LoadReport(prefill_rate=500.0, prefill_slack=3.0, defer_wait_s=100))
+    assert (ld.defer_wait_s, ld.may_hold(100.0), ld.may_hold(1e6)) == (100.0, 100.0, 6000.0)
     # A profile of the wrong length, or with a value that is not a time, is dropped (it only
     # breaks ties), as are a rate or slack that are not ones; the rest of the report stands.
     for bad in (good[:-1], [float("nan")] + good[1:], [-1.0] + good[1:]):
         ld = load_of(common_pb2.LoadReport(due_s=bad, free_pages=7, prefill_rate=-5.0,
-                                           prefill_slack=float("inf")))
-        assert (ld.due_s, ld.prefill_rate, ld.prefill_slack, ld.free_pages) == ((), 0, 0, 7)
+                                           prefill_slack=float("inf"), defer_wait_s=-1))
+        assert (ld.due_s, ld.prefill_rate, ld.prefill_slack, ld.defer_wait_s,
+                ld.free_pages) == ((), 0, 0, 0, 7)
 
 
 async def test_names_resolve_to_every_address_and_literals_stay():

@@ -285,7 +285,7 @@ async def test_a_refused_reservation_goes_to_the_next_decode_candidate():
     try:
         f = flow()
         first = registry.pick_decode(1)
-        place = Placement([], 0, LookupResult(0), p, first, [])
+        place = Placement([], 0, LookupResult(0), p, first, [], 0.0)
         _, res = await f._reserve_somewhere(place, "r", [1, 2, 3], common_pb2.SamplingParams(), 4)
         assert res.request_id == "r" and place.decode.spec.worker_id == "d-ok"
         assert f.rec.decode_worker == "d-ok"
@@ -293,7 +293,7 @@ async def test_a_refused_reservation_goes_to_the_next_decode_candidate():
         # Every candidate refuses: RESOURCE_EXHAUSTED for the client (NoRoom), each asked once.
         decoders["d-ok"].full = True
         f = flow()
-        place = Placement([], 0, LookupResult(0), p, registry.pick_decode(1), [])
+        place = Placement([], 0, LookupResult(0), p, registry.pick_decode(1), [], 0.0)
         with pytest.raises(NoRoom):
             await f._reserve_somewhere(place, "r", [1, 2, 3], common_pb2.SamplingParams(), 4)
         assert [d.calls for d in decoders.values()] == [2, 2, 2]

@@ -214,3 +214,52 @@ async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the
         await client.close()
         await shard.stop()
     await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
+
+
+async def test_a_prompt_held_past_the_lease_keeps_its_reservation_by_renewing_it(
+        workers, tokenizer):
+    """A prompt that waits in the prefill worker's queue longer than the decode reservation's
+    lease (here the engine thread busy for 2.5 leases): with the decode worker's address the
+    prefill worker renews the lease over gRPC (Decode.Renew) and the KV lands, decoding the
+    same tokens as a prompt that did not wait; without it the lease ends first, no WRITE
+    starts, and decode fails the request."""
+    import threading
+
+    from pdserve.services.decode.servicer import DecodeServicer
+    from pdserve.services.server import create_server
+    from pdserve.v1 import decode_pb2_grpc
+
+    pre, dec = workers  # the decode lease: 1 s
+    server, port, _ = await create_server(
+        [lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(dec), s)], [],
+        "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Count to ten. " * 9}])
+    try:
+        res = dec.reserve("quick", prompt, SamplingParams(max_tokens=5), loop)
+        quick = await pre.prefill(request("quick", prompt, res, max_tokens=5))
+        quick_tokens = [i.token for i in await drain(dec.outbox("quick"))]
+        for renew in (True, False):
+            rid = f"held-{renew}"
+            res = dec.reserve(rid, prompt, SamplingParams(max_tokens=5), loop)
+            outbox = dec.outbox(rid)
+            busy = threading.Event()
+            pre.thread.post(lambda busy=busy: busy.wait(10))  # the engine thread held
+            loop.call_later(2.5, busy.set)
+            req = request(rid, prompt, res, max_tokens=5)
+            if renew:
+                req.decode_address = f"127.0.0.1:{port}"
+                held = await pre.prefill(req)
+                assert busy.is_set()  # it did wait, 2.5 leases
+                assert held.first_token == quick.first_token
+                assert [i.token for i in await drain(outbox)] == quick_tokens
+            else:
+                with pytest.raises(TransferError, match="lease ended first"):
+                    await pre.prefill(req)
+                items = await drain(outbox)
+                assert len(items) == 1 and isinstance(items[0], RequestFailed)
+                assert items[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await server.stop(None)
+    await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
+    pre.pool.check_integrity()

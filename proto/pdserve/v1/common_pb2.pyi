@@ -275,6 +275,7 @@ class LoadReport(_message.Message):
     DUE_S_FIELD_NUMBER: _builtins.int
     PREFILL_RATE_FIELD_NUMBER: _builtins.int
     PREFILL_SLACK_FIELD_NUMBER: _builtins.int
+    DEFER_WAIT_S_FIELD_NUMBER: _builtins.int
     free_pages: _builtins.int
     total_pages: _builtins.int
     running: _builtins.int
@@ -285,6 +286,10 @@ class LoadReport(_message.Message):
     draining: _builtins.bool
     prefill_rate: _builtins.float
     prefill_slack: _builtins.float
+    defer_wait_s: _builtins.float
+    """Its deferrals under overload: a deferred prompt may wait this long since its arrival
+    (0: it defers none). With the slack, how long the gateway waits for its Prefill answer.
+    """
     @_builtins.property
     def due_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """A prefill worker's queue, for the tie between workers the balance cannot tell apart
@@ -308,10 +313,11 @@ class LoadReport(_message.Message):
         due_s: _abc.Iterable[_builtins.float] | None = ...,
         prefill_rate: _builtins.float = ...,
         prefill_slack: _builtins.float = ...,
+        defer_wait_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "due_s", b"due_s", "free_pages", b"free_pages", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_attention", b"queued_attention", "queued_tokens", b"queued_tokens", "running", b"running", "total_pages", b"total_pages", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defer_wait_s", b"defer_wait_s", "draining", b"draining", "due_s", b"due_s", "free_pages", b"free_pages", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_attention", b"queued_attention", "queued_tokens", b"queued_tokens", "running", b"running", "total_pages", b"total_pages", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

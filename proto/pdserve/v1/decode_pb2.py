@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"l\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"7\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tunwritten\x18\x02 \x01(\x08\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xcb\x01\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x17.pdserve.v1.Reservation\x12=\n\x06Stream\x12\x19.pdserve.v1.StreamRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"l\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"7\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tunwritten\x18\x02 \x01(\x08\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"1\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"1\n\rRenewResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\x32\x89\x02\n\x06\x44\x65\x63ode\x12>\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x17.pdserve.v1.Reservation\x12=\n\x06Stream\x12\x19.pdserve.v1.StreamRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12<\n\x05Renew\x12\x18.pdserve.v1.RenewRequest\x1a\x19.pdserve.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=340
   _globals['_RELEASERESPONSE']._serialized_start=342
   _globals['_RELEASERESPONSE']._serialized_end=374
-  _globals['_DECODE']._serialized_start=377
-  _globals['_DECODE']._serialized_end=580
+  _globals['_RENEWREQUEST']._serialized_start=376
+  _globals['_RENEWREQUEST']._serialized_end=425
+  _globals['_RENEWRESPONSE']._serialized_start=427
+  _globals['_RENEWRESPONSE']._serialized_end=476
+  _globals['_DECODE']._serialized_start=479
+  _globals['_DECODE']._serialized_end=744
 # @@protoc_insertion_point(module_scope)

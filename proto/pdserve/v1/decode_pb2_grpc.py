@@ -50,6 +50,11 @@ class DecodeStub:
                 request_serializer=pdserve_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdserve.v1.Decode/Renew',
+                request_serializer=pdserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -74,6 +79,14 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Extends a reservation whose KV has not landed by another lease from now: the prefill
+        worker that holds the request calls it while the prompt waits in its queue or computes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=pdserve_dot_v1_dot_decode__pb2.ReleaseRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_decode__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=pdserve_dot_v1_dot_decode__pb2.RenewRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_decode__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class Decode:
             '/pdserve.v1.Decode/Release',
             pdserve_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
             pdserve_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Decode/Renew',
+            pdserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+            pdserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

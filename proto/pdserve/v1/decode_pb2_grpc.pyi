@@ -36,6 +36,10 @@ class DecodeStub:
     Stream: _grpc.UnaryStreamMultiCallable[_decode_pb2.StreamRequest, _decode_pb2.TokenChunk]
     """Waits for the request's KV transfer, then streams tokens after the first one."""
     Release: _grpc.UnaryUnaryMultiCallable[_decode_pb2.ReleaseRequest, _decode_pb2.ReleaseResponse]
+    Renew: _grpc.UnaryUnaryMultiCallable[_decode_pb2.RenewRequest, _decode_pb2.RenewResponse]
+    """Extends a reservation whose KV has not landed by another lease from now: the prefill
+    worker that holds the request calls it while the prompt waits in its queue or computes.
+    """
 
 @_typing.type_check_only
 class DecodeAsyncStub(DecodeStub):
@@ -44,6 +48,10 @@ class DecodeAsyncStub(DecodeStub):
     Stream: _aio.UnaryStreamMultiCallable[_decode_pb2.StreamRequest, _decode_pb2.TokenChunk]  # type: ignore[assignment]
     """Waits for the request's KV transfer, then streams tokens after the first one."""
     Release: _aio.UnaryUnaryMultiCallable[_decode_pb2.ReleaseRequest, _decode_pb2.ReleaseResponse]  # type: ignore[assignment]
+    Renew: _aio.UnaryUnaryMultiCallable[_decode_pb2.RenewRequest, _decode_pb2.RenewResponse]  # type: ignore[assignment]
+    """Extends a reservation whose KV has not landed by another lease from now: the prefill
+    worker that holds the request calls it while the prompt waits in its queue or computes.
+    """
 
 class DecodeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -67,5 +75,15 @@ class DecodeServicer(metaclass=_abc_1.ABCMeta):
         request: _decode_pb2.ReleaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_decode_pb2.ReleaseResponse, _abc.Awaitable[_decode_pb2.ReleaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _decode_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decode_pb2.RenewResponse, _abc.Awaitable[_decode_pb2.RenewResponse]]:
+        """Extends a reservation whose KV has not landed by another lease from now: the prefill
+        worker that holds the request calls it while the prompt waits in its queue or computes.
+        """
 
 def add_DecodeServicer_to_server(servicer: DecodeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -200,6 +200,7 @@ class WorkerStats(_message.Message):
     PREFILL_RATE_FIELD_NUMBER: _builtins.int
     PREFILL_SLACK_FIELD_NUMBER: _builtins.int
     DUE_S_FIELD_NUMBER: _builtins.int
+    DEFER_WAIT_S_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     address: _builtins.str
@@ -219,6 +220,8 @@ class WorkerStats(_message.Message):
     rate, its slack, and its queue's seconds due within each horizon.
     """
     prefill_slack: _builtins.float
+    defer_wait_s: _builtins.float
+    """the longest a deferred prompt waits there (0: none deferred)"""
     @_builtins.property
     def due_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
@@ -240,10 +243,11 @@ class WorkerStats(_message.Message):
         prefill_rate: _builtins.float = ...,
         prefill_slack: _builtins.float = ...,
         due_s: _abc.Iterable[_builtins.float] | None = ...,
+        defer_wait_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "due_s", b"due_s", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "defer_wait_s", b"defer_wait_s", "due_s", b"due_s", "ep_group", b"ep_group", "ep_rank", b"ep_rank", "ep_size", b"ep_size", "epoch", b"epoch", "free_pages", b"free_pages", "in_rotation", b"in_rotation", "num_finished", b"num_finished", "prefill_rate", b"prefill_rate", "prefill_slack", b"prefill_slack", "queued_tokens", b"queued_tokens", "role", b"role", "running", b"running", "total_pages", b"total_pages", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xf6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_blocks_hint\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.Reservation\x12*\n\x08pipeline\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.PipelinePeer\"2\n\x0cPipelinePeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xf2\x01\n\x14PipelineStageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x15\n\rcached_blocks\x18\x04 \x01(\x05\x12\x13\n\x0blayer_begin\x18\x05 \x01(\x05\x12\x11\n\tlayer_end\x18\x06 \x01(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x07 \x01(\x05\x12*\n\x08upstream\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.PipelinePeer\x12\x17\n\x0fupstream_layers\x18\t \x03(\x05\"\x98\x01\n\x13PipelineStageOutput\x12)\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.HiddenChunkH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.StageKVH\x00\x12+\n\x07waiting\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.StageWaitingH\x00\x42\x06\n\x04kind\" \n\x0cStageWaiting\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"M\n\x0bHiddenChunk\x12\r\n\x05\x62\x65gin\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9b\x01\n\x07StageKV\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x13\n\x0blayer_begin\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12*\n\x06ranges\x18\x05 \x03(\x0b\x32\x1a.pdserve.v1.PageDescriptor\x12\x10\n\x08mem_type\x18\x06 \x01(\t\"\xc0\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x0f\n\x07\x66\x65tch_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x15\n\rfirst_logprob\x18\x08 \x01(\x02\x32\xa4\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12U\n\x0cPrefillStage\x12 .pdserve.v1.PipelineStageRequest\x1a\x1f.pdserve.v1.PipelineStageOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x8e\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61\x63hed_blocks_hint\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.Reservation\x12*\n\x08pipeline\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.PipelinePeer\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x08 \x01(\t\"2\n\x0cPipelinePeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xf2\x01\n\x14PipelineStageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x15\n\rcached_blocks\x18\x04 \x01(\x05\x12\x13\n\x0blayer_begin\x18\x05 \x01(\x05\x12\x11\n\tlayer_end\x18\x06 \x01(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x07 \x01(\x05\x12*\n\x08upstream\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.PipelinePeer\x12\x17\n\x0fupstream_layers\x18\t \x03(\x05\"\x98\x01\n\x13PipelineStageOutput\x12)\n\x06hidden\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.HiddenChunkH\x00\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.StageKVH\x00\x12+\n\x07waiting\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.StageWaitingH\x00\x42\x06\n\x04kind\" \n\x0cStageWaiting\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"M\n\x0bHiddenChunk\x12\r\n\x05\x62\x65gin\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9b\x01\n\x07StageKV\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x13\n\x0blayer_begin\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12*\n\x06ranges\x18\x05 \x03(\x0b\x32\x1a.pdserve.v1.PageDescriptor\x12\x10\n\x08mem_type\x18\x06 \x01(\t\"\xc0\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x62ytes_transferred\x18\x04 \x01(\x04\x12\x0f\n\x07\x66\x65tch_s\x18\x05 \x01(\x01\x12\x11\n\tcompute_s\x18\x06 \x01(\x01\x12\x12\n\ntransfer_s\x18\x07 \x01(\x01\x12\x15\n\rfirst_logprob\x18\x08 \x01(\x02\x32\xa4\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12U\n\x0cPrefillStage\x12 .pdserve.v1.PipelineStageRequest\x1a\x1f.pdserve.v1.PipelineStageOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.prefill_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=66
-  _globals['_PREFILLREQUEST']._serialized_end=312
-  _globals['_PIPELINEPEER']._serialized_start=314
-  _globals['_PIPELINEPEER']._serialized_end=364
-  _globals['_PIPELINESTAGEREQUEST']._serialized_start=367
-  _globals['_PIPELINESTAGEREQUEST']._serialized_end=609
-  _globals['_PIPELINESTAGEOUTPUT']._serialized_start=612
-  _globals['_PIPELINESTAGEOUTPUT']._serialized_end=764
-  _globals['_STAGEWAITING']._serialized_start=766
-  _globals['_STAGEWAITING']._serialized_end=798
-  _globals['_HIDDENCHUNK']._serialized_start=800
-  _globals['_HIDDENCHUNK']._serialized_end=877
-  _globals['_STAGEKV']._serialized_start=880
-  _globals['_STAGEKV']._serialized_end=1035
-  _globals['_PREFILLRESPONSE']._serialized_start=1038
-  _globals['_PREFILLRESPONSE']._serialized_end=1230
-  _globals['_PREFILL']._serialized_start=1233
-  _globals['_PREFILL']._serialized_end=1397
+  _globals['_PREFILLREQUEST']._serialized_end=336
+  _globals['_PIPELINEPEER']._serialized_start=338
+  _globals['_PIPELINEPEER']._serialized_end=388
+  _globals['_PIPELINESTAGEREQUEST']._serialized_start=391
+  _globals['_PIPELINESTAGEREQUEST']._serialized_end=633
+  _globals['_PIPELINESTAGEOUTPUT']._serialized_start=636
+  _globals['_PIPELINESTAGEOUTPUT']._serialized_end=788
+  _globals['_STAGEWAITING']._serialized_start=790
+  _globals['_STAGEWAITING']._serialized_end=822
+  _globals['_HIDDENCHUNK']._serialized_start=824
+  _globals['_HIDDENCHUNK']._serialized_end=901
+  _globals['_STAGEKV']._serialized_start=904
+  _globals['_STAGEKV']._serialized_end=1059
+  _globals['_PREFILLRESPONSE']._serialized_start=1062
+  _globals['_PREFILLRESPONSE']._serialized_end=1254
+  _globals['_PREFILL']._serialized_start=1257
+  _globals['_PREFILL']._serialized_end=1421
 # @@protoc_insertion_point(module_scope)

@@ -30,10 +30,15 @@ class PrefillRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     RESERVATION_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
+    DECODE_ADDRESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     cache_salt: _builtins.str
     cached_blocks_hint: _builtins.int
     """the gateway's Lookup answer; prefill fetches at most this many"""
+    decode_address: _builtins.str
+    """The decode worker holding `reservation` (host:port): this worker renews its lease there
+    while the prompt waits or computes (Decode.Renew). Empty: no renewals, the lease as sent.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -56,10 +61,11 @@ class PrefillRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         reservation: _common_pb2.Reservation | None = ...,
         pipeline: _abc.Iterable[Global___PipelinePeer] | None = ...,
+        decode_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "cached_blocks_hint", b"cached_blocks_hint", "pipeline", b"pipeline", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "reservation", b"reservation", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "cached_blocks_hint", b"cached_blocks_hint", "decode_address", b"decode_address", "pipeline", b"pipeline", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "reservation", b"reservation", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

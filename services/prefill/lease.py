@@ -1,0 +1,89 @@
+"""A decode reservation's lease as the prefill worker writing into it sees it.
+
+The decode worker frees reserved pages whose KV has not landed within the lease
+(`Reservation.lease_s`, 60 s by default), and the prefill worker starts no WRITE after it. A
+prompt may wait longer than that here: the deadline order lets a long prompt wait up to
+`prefill_slack` times its own time, a deferral up to `--prefill-defer-wait-s` since its
+arrival. So while a request is here, `Lease.keep` renews the lease with the decode worker
+(`Decode.Renew`, at `PrefillRequest.decode_address`) every third of it, and the lease this
+worker checks before a WRITE is the last one the decode worker granted, counted from when
+this worker asked (so never later than the decode worker's own). A decode worker that no
+longer holds the reservation (expired, released, restarted) answers `renewed: false`: the
+lease is lost and no WRITE starts. The renewals stop with the request: a gateway that goes
+away cancels its Prefill call, and the reservation then runs out as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from pdserve.services.errors import TransferError
+from pdserve.services.server import channel
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodePeers:
+    """Stubs for the decode workers whose reservations this worker renews, one channel per
+    address, kept."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, decode_pb2_grpc.DecodeAsyncStub] = {}
+
+    def stub(self, address: str) -> decode_pb2_grpc.DecodeAsyncStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = decode_pb2_grpc.DecodeStub(channel(address))
+        return stub
+
+
+class Lease:
+    """The reservation `res`'s lease from now (none if its `lease_s` is 0)."""
+
+    def __init__(self, res: common_pb2.Reservation) -> None:
+        self.res = res
+        self.end: float | None = time.monotonic() + res.lease_s if res.lease_s else None
+        self.lost = False      # the decode worker said the reservation no longer waits
+        self.renewals = 0
+
+    def over(self) -> bool:
+        """No WRITE may start into the reservation's pages any more."""
+        return self.lost or (self.end is not None and time.monotonic() > self.end)
+
+    def check(self) -> None:
+        if self.lost:
+            raise TransferError("KV transfer not started: the decode worker no longer holds "
+                                "the reservation (its lease was not renewed in time)")
+        if self.over():
+            raise TransferError(f"KV transfer not started: the decode reservation's "
+                                f"{self.res.lease_s:g} s lease ended first")
+
+    async def keep(self, stub: decode_pb2_grpc.DecodeAsyncStub) -> None:
+        """Renews the lease every third of it until cancelled (the request's WRITE is over) or
+        lost. A renewal that fails to arrive is tried again a third later; the lease then ends
+        when it would have."""
+        if self.end is None:
+            return
+        every = self.res.lease_s / 3
+        while not self.over():
+            await asyncio.sleep(every)
+            asked = time.monotonic()
+            try:
+                resp = await stub.Renew(decode_pb2.RenewRequest(
+                    request_id=self.res.request_id, epoch=self.res.epoch), timeout=every)
+            except grpc.aio.AioRpcError as e:
+                log.warning("decode lease not renewed, trying again", extra={
+                    "request_id": self.res.request_id, "error": e.details()})
+                continue
+            if not resp.renewed:
+                self.lost = True
+                log.warning("decode reservation gone while the prompt waited", extra={
+                    "request_id": self.res.request_id})
+                return
+            self.end = asked + resp.lease_s
+            self.renewals += 1
