@@ -151,6 +151,9 @@ class PrefillMetrics(_WorkerMetrics):
                                  registry=r)
         self.pipeline_stages = Counter("pdserve_prefill_pipeline_stages", "pipeline stages "
                                        "run for prompts other workers headed", registry=r)
+        self.page_waits = Counter("pdserve_prefill_page_waits", "prompts that waited for this "
+                                  "worker's KV pages (more prompt queued than its pool holds, "
+                                  "--num-pages)", registry=r)
         self.lease_renewals = Counter("pdserve_prefill_lease_renewals", "decode reservations' "
                                       "leases renewed while their prompts waited or computed "
                                       "here", registry=r)

@@ -79,6 +79,8 @@ def run_live(trace: Sequence[TraceRequest], address: str, tokens_per_block: int 
                               "cached": r.cached_tokens, "ttft": r.ttft_s}
             except grpc.RpcError as e:
                 results[i] = {"status": e.code().name}
+            except Exception as e:  # noqa: BLE001 - counted as this request's outcome
+                results[i] = {"status": f"client {type(e).__name__}: {e}"}
 
     for i, r in enumerate(trace):
         delay = r.arrival_s - (time.monotonic() - t0)

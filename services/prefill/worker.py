@@ -147,6 +147,7 @@ class PrefillWorker:
     def export_metrics(self, m: PrefillMetrics) -> None:
         self.metrics = self.head.metrics = self.stage.metrics = m
         m.watch_pool(self.pool)
+        self.guard.on_wait = m.page_waits.inc
         m.queue.set_function(lambda: len(self.engine.scheduler))
         m.queued_tokens.set_function(lambda: self.load.queued_tokens)
 
@@ -219,14 +220,26 @@ class PrefillWorker:
 
     async def _run(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
                    keys: list[BlockHash], want: int) -> prefill_pb2.PrefillResponse:
-        bt = self.layout.block_tokens
-        params = sampling_from_proto(req.sampling)
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
-        # renewed there while the prompt is here (services/prefill/lease.py).
+        # renewed there while the prompt is here, waiting for pages included (lease.py).
         lease = Lease(req.reservation)
         keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
                   if req.decode_address and lease.end is not None else None)
-        pages = self.pool.reserve(self.layout.pages_for(len(prompt)))
+        try:
+            pages = await self.guard.reserve(self.layout.pages_for(len(prompt)))
+            return await self._prefill_into(req, prompt, keys, want, lease, pages)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                if (m := self.metrics) is not None:
+                    m.lease_renewals.inc(lease.renewals)
+
+    async def _prefill_into(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
+                            keys: list[BlockHash], want: int, lease: Lease,
+                            pages: list[PageId]) -> prefill_pb2.PrefillResponse:
+        """Fetches, computes and sends the prompt's KV in `pages` (freed at the end)."""
+        bt = self.layout.block_tokens
+        params = sampling_from_proto(req.sampling)
         ahead: WriteAhead | None = None
         try:
             t0 = time.perf_counter()
@@ -264,10 +277,6 @@ class PrefillWorker:
             # The new blocks, with the checksums the transfer took: one copy of each page.
             new_blocks = await self.blocks.encode(keys, pages, n_cached, known + rest)
         finally:
-            if keeper is not None:
-                keeper.cancel()
-                if (m := self.metrics) is not None:
-                    m.lease_renewals.inc(lease.renewals)
             if ahead is not None and ahead.task is not None:
                 ahead.task.cancel()  # the pages stay held until its WRITE is over
                 self.guard.hold(pages, ahead.task)
