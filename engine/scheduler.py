@@ -192,13 +192,18 @@ class Scheduler:
     # -- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """A sequence with prompt left to compute (a stage: with a layer range); its deadline
-        is set now. A stage's is its whole prompt's, as on one worker, the same on every
-        stage's worker."""
-        seq.allowance = self.prefill_slack * self.rate.seconds_for(
-            prefill_work(seq.num_computed, seq.prefill_left))
-        seq.deadline = self.clock() + seq.allowance
+        is set now, counted from its arrival (`seq.arrival`: when it reached the worker, which
+        may have waited for pages before; else now). A stage's is its whole prompt's, as on one
+        worker, the same on every stage's worker."""
+        seq.allowance = self.allowance(prefill_work(seq.num_computed, seq.prefill_left))
+        seq.deadline = (self.clock() if seq.arrival is None else seq.arrival) + seq.allowance
         (self.stages if seq.stage is not None else self.waiting).append(seq)
         self._credit = min(self.deferral.burst, self._credit + self.deferral.share)
+
+    def allowance(self, work: float) -> float:
+        """How long after its arrival a prompt of `work` (balancers.prefill_work) is due:
+        `prefill_slack` times its own time at the measured rate (0 before any step)."""
+        return self.prefill_slack * self.rate.seconds_for(work)
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence whose prompt KV is in its pages and first token sampled: decode it."""

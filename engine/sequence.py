@@ -58,6 +58,7 @@ class Sequence:
     # and when its first chunk was planned (a prompt once started keeps its place).
     deadline: float = 0.0
     allowance: float = 0.0  # deadline - arrival (0: no estimate, first come first served)
+    arrival: float | None = None  # when it reached the worker (None: when the scheduler got it)
     started_at: float | None = None
     # Set when an overloaded worker deferred it (engine/scheduler.py, Deferral): its arrival
     # plus the deferral's wait, when it goes first.

@@ -8,14 +8,16 @@ pages is held here until it completes (`hold`, `run`), and `free` releases pages
 still held only when the last holder is done.
 
 A request's pages come from here too (`reserve`): a prompt that finds too few free waits for
-the pages of those before it, first come first served, instead of failing (a burst larger
-than the pool queues here, then in the engine's deadline order).
+the pages of those before it instead of failing, earliest due first as in the engine's order
+(a burst larger than the pool queues here, then in the engine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import itertools
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,40 +35,55 @@ class PageGuard:
         self._busy: Counter[PageId] = Counter()
         self._deferred: list[list[PageId]] = []
         self._lock = threading.Lock()
-        self._turn = asyncio.Lock()  # FIFO: the first waiter for pages takes the next freed
-        self._freed: asyncio.Event | None = None  # set (on its loop) whenever pages are freed
+        # Requests waiting for pages, earliest due first: (due, arrival number, pages wanted,
+        # the future their pages are handed to). Granted on the event loop only.
+        self._waiting: list[tuple[float, int, int, asyncio.Future[list[PageId]]]] = []
+        self._numbers = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.num_waited = 0  # requests that waited for pages
         self.on_wait: Callable[[], None] | None = None  # called for each of them (a metric)
 
-    async def reserve(self, n: int) -> list[PageId]:
-        """`n` pages of the pool, waiting while fewer are free (first come first served);
-        OutOfPages at once if the pool could never hold them."""
+    async def reserve(self, n: int, due: float = 0.0) -> list[PageId]:
+        """`n` pages of the pool. While fewer are free, or a request due before `due` (then
+        one that came first) waits for pages, it waits: the earliest due takes the next pages
+        freed, and none passes it, so a large prompt is not starved by smaller ones. OutOfPages
+        at once if the pool could never hold them."""
         if n > self.pool.num_pages:
             raise OutOfPages(n, self.pool.num_pages)
-        waited = self._turn.locked()  # behind another waiter
-        async with self._turn:
-            while True:
-                if self._freed is None:
-                    self._loop, self._freed = asyncio.get_running_loop(), asyncio.Event()
-                self._freed.clear()
-                try:
-                    pages = self.pool.reserve(n)
-                except OutOfPages:
-                    waited = True
-                    await self._freed.wait()
-                    continue
-                if waited:
-                    self.num_waited += 1
-                    if self.on_wait is not None:
-                        self.on_wait()
-                return pages
+        self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[PageId]] = self._loop.create_future()
+        heapq.heappush(self._waiting, (due, next(self._numbers), n, fut))
+        self._grant()
+        if not fut.done():
+            self.num_waited += 1
+            if self.on_wait is not None:
+                self.on_wait()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted as its caller went away
+                self._release(fut.result())
+            raise
+
+    def _grant(self) -> None:
+        """Pages to the waiting requests in their order, while the first one's fit."""
+        while self._waiting:
+            _, _, n, fut = self._waiting[0]
+            if fut.done():  # its caller went away
+                heapq.heappop(self._waiting)
+                continue
+            try:
+                pages = self.pool.reserve(n)
+            except OutOfPages:
+                return
+            heapq.heappop(self._waiting)
+            fut.set_result(pages)
 
     def _release(self, pages: list[PageId]) -> None:
         self.pool.release(pages)
-        loop, freed = self._loop, self._freed
-        if loop is not None and freed is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(freed.set)
+        loop = self._loop
+        if loop is not None and self._waiting and not loop.is_closed():
+            loop.call_soon_threadsafe(self._grant)
 
     def hold(self, pages: Sequence[PageId],
              until: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> None:

@@ -64,11 +64,13 @@ class PipelineHead:
         self.num_fallbacks = 0  # ... whose pipeline failed: computed here alone
 
     async def prefill(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
-                      pages: list[PageId], n_cached: int, params: SamplingParams) -> TokenEvent:
+                      pages: list[PageId], n_cached: int, params: SamplingParams,
+                      arrival: float | None = None) -> TokenEvent:
         """The first token of a prompt prefilled with the stages in req.pipeline running the
-        first layers; computed here alone if the pipeline fails."""
+        first layers; computed here alone if the pipeline fails. Due in this worker's order as
+        from `arrival` (None: now)."""
         try:
-            out = await self._run(req, prompt, pages, n_cached, params)
+            out = await self._run(req, prompt, pages, n_cached, params, arrival)
         except (PipelineError, grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
             why = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             log.warning("pipelined prefill failed; computing the prompt here",
@@ -78,7 +80,7 @@ class PipelineHead:
                 self.metrics.pipelined.labels("fallback").inc()
             seq = EngineSequence(req.request_id, prompt, params, list(pages),
                                  num_computed=n_cached * self.layout.block_tokens,
-                                 stop_after_prefill=True)
+                                 stop_after_prefill=True, arrival=arrival)
             return await self.compute.first_token(seq)
         self.num_pipelined += 1
         if self.metrics is not None:
@@ -97,14 +99,15 @@ class PipelineHead:
             upstream=peers[:-1], upstream_layers=ends[:-2])
 
     async def _run(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
-                   pages: list[PageId], n_cached: int, params: SamplingParams) -> TokenEvent:
+                   pages: list[PageId], n_cached: int, params: SamplingParams,
+                   arrival: float | None) -> TokenEvent:
         num_layers = self.layout.num_layers
         peers = list(req.pipeline)[-(num_layers - 1):]  # a stage has one layer at least
         ends = layer_split(num_layers, len(peers) + 1)
         start = n_cached * self.layout.block_tokens
         work = StageWork(ends[-2], num_layers, self.chunk_tokens)
         seq = EngineSequence(req.request_id, prompt, params, list(pages), num_computed=start,
-                             stage=work)
+                             stage=work, arrival=arrival)
         call = self.peers.stage_call(peers[-1].address)
         released = False
         try:

@@ -24,7 +24,7 @@ from pdserve.engine.scheduler import PREFILL_SLACK, Deferral
 from pdserve.engine.sequence import Sequence as EngineSequence
 from pdserve.engine.sequence import TokenEvent
 from pdserve.metrics import PrefillMetrics
-from pdserve.scheduler.balancers import attention_work
+from pdserve.scheduler.balancers import attention_work, prefill_work
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.engine_thread import EngineThread, GatherPolicy, group_steps_of
 from pdserve.services.kvstore_client import KVStoreClient
@@ -201,6 +201,7 @@ class PrefillWorker:
 
     # -- one request -------------------------------------------------------------------------
     async def prefill(self, req: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
+        arrival = time.monotonic()  # its deadline here counts from now (engine/scheduler.py)
         prompt = list(req.prompt_token_ids)
         bt = self.layout.block_tokens
         keys = block_hashes(self.namespace, req.cache_salt, prompt, bt)
@@ -216,18 +217,23 @@ class PrefillWorker:
         share = head_share(self.layout.num_layers, len(req.pipeline))
         c, n_new = want * bt, len(prompt) - want * bt
         with self.load.charge(int(n_new * share), attention_work(c, n_new) * share):
-            return await self._run(req, prompt, keys, want)
+            return await self._run(req, prompt, keys, want, arrival)
 
     async def _run(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
-                   keys: list[BlockHash], want: int) -> prefill_pb2.PrefillResponse:
+                   keys: list[BlockHash], want: int, arrival: float
+                   ) -> prefill_pb2.PrefillResponse:
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
         # renewed there while the prompt is here, waiting for pages included (lease.py).
         lease = Lease(req.reservation)
         keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
                   if req.decode_address and lease.end is not None else None)
         try:
-            pages = await self.guard.reserve(self.layout.pages_for(len(prompt)))
-            return await self._prefill_into(req, prompt, keys, want, lease, pages)
+            # In the engine's order while the pool is short: due as it will be there.
+            bt = self.layout.block_tokens
+            due = arrival + self.engine.scheduler.allowance(
+                prefill_work(want * bt, len(prompt) - want * bt))
+            pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
+            return await self._prefill_into(req, prompt, keys, want, lease, pages, arrival)
         finally:
             if keeper is not None:
                 keeper.cancel()
@@ -236,7 +242,8 @@ class PrefillWorker:
 
     async def _prefill_into(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
                             keys: list[BlockHash], want: int, lease: Lease,
-                            pages: list[PageId]) -> prefill_pb2.PrefillResponse:
+                            pages: list[PageId], arrival: float
+                            ) -> prefill_pb2.PrefillResponse:
         """Fetches, computes and sends the prompt's KV in `pages` (freed at the end)."""
         bt = self.layout.block_tokens
         params = sampling_from_proto(req.sampling)
@@ -247,19 +254,20 @@ class PrefillWorker:
                 n_cached = await self.blocks.load(keys[:want], pages)
                 t1 = time.perf_counter()
                 fetch_s = t1 - t0
-                first = await self.head.prefill(req, prompt, pages, n_cached, params)
+                first = await self.head.prefill(req, prompt, pages, n_cached, params,
+                                                arrival=arrival)
             elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
                 ahead = WriteAhead(self.endpoint, req.reservation, lease,
                                    self.transfer_timeout_s)
                 first, n_cached, fetch_s = await self.compute_while_fetching(
-                    req.request_id, prompt, pages, keys[:want], params, ahead)
+                    req.request_id, prompt, pages, keys[:want], params, ahead, arrival)
                 t1 = t0  # computing started at once
             else:
                 n_cached = await self.blocks.load(keys[:want], pages)
                 t1 = time.perf_counter()
                 fetch_s = t1 - t0
                 first = await self.compute_prompt(req.request_id, prompt, pages, n_cached * bt,
-                                                  params)
+                                                  params, arrival=arrival)
             # Pages written ahead (fetched ones, while the rest computed) are verified store
             # blocks: their digests are their headers' checksums; the rest are hashed here.
             early, known = (await ahead.done()) if ahead is not None else (0, [])
@@ -297,17 +305,20 @@ class PrefillWorker:
 
     async def compute_prompt(self, request_id: str, prompt: list[int], pages: list[PageId],
                              start: int = 0, params: SamplingParams | None = None,
-                             load: LayerLoad | None = None) -> TokenEvent:
+                             load: LayerLoad | None = None, arrival: float | None = None
+                             ) -> TokenEvent:
         """Computes the prompt into its pages from token `start` (KV before it in place, or,
-        with `load`, arriving) and returns its first token."""
+        with `load`, arriving) and returns its first token; due in the engine's order as from
+        `arrival` (None: now)."""
         seq = EngineSequence(request_id, prompt, params or SamplingParams(), list(pages),
-                             num_computed=start, stop_after_prefill=True)
+                             num_computed=start, stop_after_prefill=True, arrival=arrival)
         return await self.compute.first_token(seq, load)
 
     async def compute_while_fetching(self, request_id: str, prompt: list[int],
                                      pages: list[PageId], keys: Sequence[BlockHash],
                                      params: SamplingParams | None = None,
-                                     ahead: WriteAhead | None = None
+                                     ahead: WriteAhead | None = None,
+                                     arrival: float | None = None
                                      ) -> tuple[TokenEvent, int, float]:
         """Computes the prompt's uncached part while its cached blocks stream in by layer
         group (layer_fetch.py); returns the first token, the blocks used from the store and the
@@ -328,7 +339,8 @@ class PrefillWorker:
         task = asyncio.create_task(fetch())
         try:
             first = await self.compute_prompt(request_id, prompt, pages,
-                                              len(keys) * self.layout.block_tokens, params, load)
+                                              len(keys) * self.layout.block_tokens, params, load,
+                                              arrival)
         finally:
             task.cancel()  # no more writes into the pages once this returns
         end = load.settled_at or time.perf_counter()

@@ -145,6 +145,13 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     assert waiting.deadline == pytest.approx(105 + 3 * prefill_work(0, 10) / 100)
     s.remove_prefilled(waiting)
     assert s.num_late == 0  # done at 105 s, due at 105.3 s
+    # One that reached the worker before (it waited for KV pages there) is due as from then.
+    came = seq("came", 10)
+    came.arrival = 104.0
+    s.add(came)
+    assert came.deadline == pytest.approx(104 + s.allowance(prefill_work(0, 10)))
+    assert s.allowance(prefill_work(0, 10)) == pytest.approx(3 * prefill_work(0, 10) / 100)
+    s.waiting.remove(came)
     now[0] = 106.0
     big = seq("big", 5000)  # a longer prompt after it: its deadline is later
     s.add(big)
