@@ -4,15 +4,16 @@ Policy (pure: no model, no threads; the clock is a parameter):
 
 Prompts (whole ones and pipeline stages) go earliest deadline first, a prompt's deadline
 being when it arrived plus `prefill_slack` times its own prefill time (its new tokens and
-their attention over the cached prefix, at the rate this worker's prefill steps measured):
-a short prompt passes a long one that came shortly before it, but a long one is passed only
-until its deadline, so nothing waits for ever. 0 is first come first served. In a queue that
-builds up (more prompt work arriving than the workers compute), arrival order makes every
-prompt wait as long as the queue, the shortest included; by deadline the short ones (most of
-them) wait little and the longest wait longer: on the synthetic trace (no deferrals) p99 TTFT
-falls from 33.8 to 26.8 s and the median from 0.50 to 0.06 s, while the longest wait grows
-from 38 to 105 s (scheduler/replay.py, README's Scheduler). `due` tells the gateway how long
-a new prompt would wait here, in that order.
+their attention over the cached prefix, at the rate this worker's prefill steps measured; a
+pipeline stage: its layers' share of that, the time it takes here): a short prompt passes a
+long one that came shortly before it, but a long one is passed only until its deadline, so
+nothing waits for ever. 0 is first come first served. In a queue that builds up (more prompt
+work arriving than the workers compute), arrival order makes every prompt wait as long as
+the queue, the shortest included; by deadline the short ones (most of them) wait little and
+the longest wait longer: on the synthetic trace (no deferrals) the median TTFT falls from
+0.50 to 0.07 s and p99 from 33.8 to 32.2 s, while the longest wait grows from 38 to 45 s
+(scheduler/replay.py, README's Scheduler). `due` tells the gateway how long a new prompt
+would wait here, in that order.
 
 Overload (`Deferral`): while the earliest-due prompt here would end more than `lateness_s`
 after its deadline, the worker defers its longest prompt not yet begun (if that one takes
@@ -21,9 +22,8 @@ after its deadline, the worker defers its longest prompt not yet begun (if that 
 admitted are deferred (a bucket that fills by `share` a prompt, up to `burst`), and none
 while a deferred prompt whose wait is over still waits, so a long overload cannot defer
 everyone and bring them all back at once. A few long prompts wait longer so that the many
-behind them do not: on the synthetic trace p99 TTFT falls from 26.8 to 22.7 s (0.64x the
-best anchor's, from 0.76x) while the longest wait grows from 105 to 109 s, and at more load
-(arrival times x 0.8) the longest wait shrinks from 137 to 114 s.
+behind them do not: on the synthetic trace p99 TTFT falls from 32.2 to 21.4 s (0.60x the
+best anchor's) while the longest wait grows from 45 to 110 s.
 
 1. When sequences wait and the batch has room: prompt chunks of several of them within a
    token budget (chunked prefill), by deadline; a pipeline stage's next chunk first if its
@@ -193,9 +193,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """A sequence with prompt left to compute (a stage: with a layer range); its deadline
         is set now, counted from its arrival (`seq.arrival`: when it reached the worker, which
-        may have waited for pages before; else now). A stage's is its whole prompt's, as on one
-        worker, the same on every stage's worker."""
-        seq.allowance = self.allowance(prefill_work(seq.num_computed, seq.prefill_left))
+        may have waited for pages before; else now). A pipeline stage's allowance is the slack
+        times its own share of the prompt's time (its layers' share), as it takes that long
+        here: a prompt pipelined over G workers is as patient as one of 1/G of its length."""
+        seq.allowance = self.prefill_slack * self.seconds_left(seq)
         seq.deadline = (self.clock() if seq.arrival is None else seq.arrival) + seq.allowance
         (self.stages if seq.stage is not None else self.waiting).append(seq)
         self._credit = min(self.deferral.burst, self._credit + self.deferral.share)
@@ -281,13 +282,14 @@ class Scheduler:
             if now + self.seconds_left(head) - head.deadline <= d.lateness_s:
                 return
             # (a prompt shorter than the lateness is not worth it: it would wait long for
-            # little; allowance / slack is its own time, a stage's its whole prompt's)
+            # little; a stage's prompt counts whole)
             idle = [q for q in pending if q.started_at is None
                     and (q.stage is None or not q.stage.begun)
-                    and q.allowance >= d.lateness_s * self.prefill_slack]
+                    and self.rate.seconds_for(prefill_work(q.num_computed, q.prefill_left))
+                    >= d.lateness_s]
             if not idle:
                 return
-            longest = max(idle, key=lambda q: q.allowance)
+            longest = max(idle, key=lambda q: q.allowance)  # the latest due
             longest.deferred_until = longest.deadline - longest.allowance + d.max_wait_s
             self._credit -= 1
             self.num_deferred += 1

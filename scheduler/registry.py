@@ -76,10 +76,10 @@ class Load:
 
     def charged(self, work: float, share: float = 1.0) -> Load:
         """This load with `share` of a prompt of `work` placed on it (a pipeline stage's share
-        is due when its whole prompt is), until its next report says so."""
+        is due as slack x that share's own time), until its next report says so."""
         if not self.due_s or self.prefill_rate <= 0:
             return self
-        added = due_profile([(self.due_in(work), share * work / self.prefill_rate)])
+        added = due_profile([(self.due_in(share * work), share * work / self.prefill_rate)])
         return replace(self, due_s=tuple(v + a for v, a in zip(self.due_s, added)))
 
 

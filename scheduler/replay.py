@@ -14,8 +14,9 @@ blocks) drives N prefill and M decode instances with a cost model:
   it as services/pipeline.py describes): each of G stages runs 1/G of the layers over the whole
   prompt, so takes 1/G of the time and work, chunk by chunk (chunks as the workers cut them,
   balancers.pipeline_chunk), a chunk once the stage before computed it and one hop passed,
-  each chunk in the deadline order of its prompt (the whole prompt's own time: a long
-  pipelined prompt lets shorter ones by, but only for so long); an overloaded instance defers
+  each chunk in the deadline order of its prompt (a stage's allowance is the slack times its
+  own share of the prompt's time, 1/G of it: a long pipelined prompt lets shorter ones by,
+  but only for so long); an overloaded instance defers
   its longest prompts not yet begun, as engine/scheduler.py's Deferral does (`defer_*`);
 - a decode instance advances all its running requests one token per step; a step takes
   step_s + per_req_s * batch + per_kv_s * (KV tokens held);
@@ -262,6 +263,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, n_prefill: int, n_decod
             if policy != "pdserve":
                 plan = [pw]
             g = len(plan)
+            if g > 1:  # each stage is due as slack x its own share of the prompt's time
+                deadline = r.arrival_s + cost.prefill_slack * own_s / g
             stages: list[Stage] = []
             for s_idx, pw in enumerate(plan[1:] + plan[:1]):  # the head runs the last layers
                 chunks = -(-n // pipeline_chunk(n, g, cost.pipeline_chunk_tokens)) if g > 1 else 1

@@ -216,11 +216,13 @@ class PrefillWorker:
         # Queue accounting assumes the hint holds; a pipeline's head does its share of layers.
         share = head_share(self.layout.num_layers, len(req.pipeline))
         c, n_new = want * bt, len(prompt) - want * bt
+        # While the pool is short, in the engine's order: due as it will be there.
+        due = arrival + self.engine.scheduler.allowance(prefill_work(c, n_new) * share)
         with self.load.charge(int(n_new * share), attention_work(c, n_new) * share):
-            return await self._run(req, prompt, keys, want, arrival)
+            return await self._run(req, prompt, keys, want, arrival, due)
 
     async def _run(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
-                   keys: list[BlockHash], want: int, arrival: float
+                   keys: list[BlockHash], want: int, arrival: float, due: float
                    ) -> prefill_pb2.PrefillResponse:
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
         # renewed there while the prompt is here, waiting for pages included (lease.py).
@@ -228,10 +230,6 @@ class PrefillWorker:
         keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
                   if req.decode_address and lease.end is not None else None)
         try:
-            # In the engine's order while the pool is short: due as it will be there.
-            bt = self.layout.block_tokens
-            due = arrival + self.engine.scheduler.allowance(
-                prefill_work(want * bt, len(prompt) - want * bt))
             pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
             return await self._prefill_into(req, prompt, keys, want, lease, pages, arrival)
         finally:

@@ -111,13 +111,15 @@ def test_the_queue_is_reported_as_seconds_due_within_each_horizon():
     short, long_ = seq("short", 10), seq("long", 1000)
     s.add(short)  # 0.1 s of work, due in 0.3 s
     s.add(long_)  # about 10 s, due in about 30 s
-    s.add(seq("stage", 1000, stage=StageWork(2, 4, chunk_tokens=8)))  # half of the layers
+    # A stage of half of the layers: about 5 s here, due in about 15 s (its own share).
+    s.add(seq("stage", 1000, stage=StageWork(2, 4, chunk_tokens=8)))
     own = prefill_work(0, 1000) / 100
     due = s.due()
     at = dict(zip(DUE_HORIZONS_S, due))
     assert at[0.0] == 0.0
     assert at[0.5] == pytest.approx(prefill_work(0, 10) / 100)
-    assert at[16.0] == at[0.5] and at[32.0] == pytest.approx(at[0.5] + own + own / 2)
+    assert at[8.0] == at[0.5] and at[16.0] == pytest.approx(at[0.5] + own / 2)
+    assert at[32.0] == pytest.approx(at[0.5] + own / 2 + own)
     assert due == sorted(due)  # cumulative
     now[0] = 10.25  # a started prompt is due when it started
     short.started_at = 10.0
@@ -128,8 +130,8 @@ def test_prompts_and_stage_chunks_go_earliest_deadline_first_and_a_full_batch_de
     now = [100.0]
     s = Scheduler(max_batch=2, max_prefill_tokens=100, prefill_slack=3.0, clock=lambda: now[0])
     s.rate.observe(100.0, 1.0)  # this worker prefills 100 tokens' worth a second
-    # A pipelined 1,000-token prompt: its deadline is the whole prompt's, as on one worker:
-    # 100 + 3 x (1,000 + its attention) / 100 s.
+    # A pipelined 1,000-token prompt, on a scheduler not told the model's layers (so a stage
+    # counts as the whole prompt): 100 + 3 x (1,000 + its attention) / 100 s.
     later = seq("later", 1000, stage=StageWork(2, 4, chunk_tokens=8))
     first = seq("first", 1000, stage=StageWork(0, 2, chunk_tokens=8))
     s.add(later)
