@@ -49,7 +49,12 @@ class Lease:
         self.res = res
         self.end: float | None = time.monotonic() + res.lease_s if res.lease_s else None
         self.lost = False      # the decode worker said the reservation no longer waits
+        self.writing = False   # the final WRITE started (within the lease): renewals are over
         self.renewals = 0
+
+    def renewed_enough(self) -> bool:
+        """The final WRITE has started within the lease: no renewal is needed any more."""
+        return self.writing
 
     def over(self) -> bool:
         """No WRITE may start into the reservation's pages any more."""
@@ -72,6 +77,8 @@ class Lease:
         every = self.res.lease_s / 3
         while not self.over():
             await asyncio.sleep(every)
+            if self.renewed_enough():
+                return
             asked = time.monotonic()
             try:
                 resp = await stub.Renew(decode_pb2.RenewRequest(
@@ -80,6 +87,8 @@ class Lease:
                 log.warning("decode lease not renewed, trying again", extra={
                     "request_id": self.res.request_id, "error": e.details()})
                 continue
+            if self.renewed_enough():  # it may have landed meanwhile: decode runs it now
+                return
             if not resp.renewed:
                 self.lost = True
                 log.warning("decode reservation gone while the prompt waited", extra={

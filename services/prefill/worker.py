@@ -273,6 +273,7 @@ class PrefillWorker:
                                         pages=pages)
             t2 = time.perf_counter()
             lease.check()
+            lease.writing = True  # it starts within the lease: no more renewals
             notice = common_pb2.TransferNotice(
                 request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
                 num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
