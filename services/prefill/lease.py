@@ -9,7 +9,9 @@ arrival. So while a request is here, `Lease.keep` renews the lease with the deco
 worker checks before a WRITE is the last one the decode worker granted, counted from when
 this worker asked (so never later than the decode worker's own). A decode worker that no
 longer holds the reservation (expired, released, restarted) answers `renewed: false`: the
-lease is lost and no WRITE starts. The renewals stop with the request: a gateway that goes
+lease is lost, no WRITE starts, and the worker fails the request at once (`UNAVAILABLE`,
+blamed on decode, so the gateway tries another) instead of computing it for nothing. The
+renewals stop with the request: a gateway that goes
 away cancels its Prefill call, and the reservation then runs out as before.
 """
 

@@ -230,13 +230,33 @@ class PrefillWorker:
         keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
                   if req.decode_address and lease.end is not None else None)
         try:
-            pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
-            return await self._prefill_into(req, prompt, keys, want, lease, pages, arrival)
+            if keeper is None:
+                return await self._take_pages_and_prefill(req, prompt, keys, want, lease,
+                                                          arrival, due)
+            work = asyncio.ensure_future(self._take_pages_and_prefill(
+                req, prompt, keys, want, lease, arrival, due))
+            try:
+                await asyncio.wait({work, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                work.cancel()
+                raise
+            if not work.done() and lease.over() and not lease.writing:
+                # The reservation is gone (the decode worker restarted or let it expire): no
+                # WRITE may start, so stop now rather than compute the prompt for nothing.
+                work.cancel()
+                lease.check()
+            return await work
         finally:
             if keeper is not None:
                 keeper.cancel()
                 if (m := self.metrics) is not None:
                     m.lease_renewals.inc(lease.renewals)
+
+    async def _take_pages_and_prefill(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
+                                      keys: list[BlockHash], want: int, lease: Lease,
+                                      arrival: float, due: float) -> prefill_pb2.PrefillResponse:
+        pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
+        return await self._prefill_into(req, prompt, keys, want, lease, pages, arrival)
 
     async def _prefill_into(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
                             keys: list[BlockHash], want: int, lease: Lease,

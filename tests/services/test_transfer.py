@@ -216,13 +216,14 @@ async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the
     await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
 
 
-async def test_a_prompt_held_past_the_lease_keeps_its_reservation_by_renewing_it(
+async def test_a_held_prompt_renews_its_lease_and_fails_at_once_when_the_reservation_is_gone(
         workers, tokenizer):
     """A prompt that waits in the prefill worker's queue longer than the decode reservation's
     lease (here the engine thread busy for 2.5 leases): with the decode worker's address the
     prefill worker renews the lease over gRPC (Decode.Renew) and the KV lands, decoding the
     same tokens as a prompt that did not wait; without it the lease ends first, no WRITE
-    starts, and decode fails the request."""
+    starts, and decode fails the request; and a reservation the decode worker no longer holds
+    fails the request at the next renewal, before its prompt is computed."""
     import threading
 
     from pdserve.services.decode.servicer import DecodeServicer
@@ -259,7 +260,25 @@ async def test_a_prompt_held_past_the_lease_keeps_its_reservation_by_renewing_it
                 items = await drain(outbox)
                 assert len(items) == 1 and isinstance(items[0], RequestFailed)
                 assert items[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The decode worker lets the reservation go while the prompt waits (here: released, as
+        # a restarted worker would hold nothing): the next renewal hears it, and the prefill
+        # worker fails the request at once, while its engine thread is still busy, instead of
+        # computing the prompt for nothing.
+        res = dec.reserve("gone", prompt, SamplingParams(max_tokens=5), loop)
+        busy = threading.Event()
+        pre.thread.post(lambda: busy.wait(10))
+        req = request("gone", prompt, res, max_tokens=5)
+        req.decode_address = f"127.0.0.1:{port}"
+        call = asyncio.create_task(pre.prefill(req))
+        dec.release("gone")
+        try:
+            with pytest.raises(TransferError, match="no longer holds the reservation"):
+                await asyncio.wait_for(call, 5)
+            assert not busy.is_set()  # failed before the engine got to it
+        finally:
+            busy.set()
     finally:
         await server.stop(None)
+    await async_wait_until(lambda: pre.pool.num_free == pre.pool.num_pages, 10)
     await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
     pre.pool.check_integrity()
