@@ -295,9 +295,10 @@ class GenerateFlow:
         # Optimistic load updates until the workers' next reports, so a burst spreads.
         reg.bump(dw.spec.worker_id, free_pages=-pages, running=1)
         new = len(ctx) - hint * bt
-        hold_s = max(w.load.may_hold(prefill_work(hint * bt, new)) for w in (pw, *stages))
+        work = prefill_work(hint * bt, new)
+        hold_s = max(w.load.may_hold(work) for w in (pw, *stages))
         for w in (pw, *stages):  # a pipeline's stages share the work
-            reg.bump(w.spec.worker_id, prefill_work(hint * bt, new), 1 / (1 + len(stages)),
+            reg.bump(w.spec.worker_id, work, 1 / (1 + len(stages)),
                      queued_tokens=new // (1 + len(stages)),
                      queued_attention=attention_work(hint * bt, new) / (1 + len(stages)))
         if stages:

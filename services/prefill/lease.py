@@ -54,13 +54,15 @@ class Lease:
         self.writing = False   # the final WRITE started (within the lease): renewals are over
         self.renewals = 0
 
-    def renewed_enough(self) -> bool:
-        """The final WRITE has started within the lease: no renewal is needed any more."""
-        return self.writing
-
     def over(self) -> bool:
         """No WRITE may start into the reservation's pages any more."""
         return self.lost or (self.end is not None and time.monotonic() > self.end)
+
+    def begin_write(self) -> None:
+        """The final WRITE starts now: TransferError if the lease is over, else no renewal
+        is needed any more."""
+        self.check()
+        self.writing = True
 
     def check(self) -> None:
         if self.lost:
@@ -70,17 +72,16 @@ class Lease:
             raise TransferError(f"KV transfer not started: the decode reservation's "
                                 f"{self.res.lease_s:g} s lease ended first")
 
-    async def keep(self, stub: decode_pb2_grpc.DecodeAsyncStub) -> None:
-        """Renews the lease every third of it until cancelled (the request's WRITE is over) or
-        lost. A renewal that fails to arrive is tried again a third later; the lease then ends
-        when it would have."""
-        if self.end is None:
+    async def keep(self, stub: decode_pb2_grpc.DecodeAsyncStub | None) -> None:
+        """Renews the lease every third of it until the final WRITE starts, the lease is
+        over or lost, or it is cancelled; nothing without a lease or a decode worker to ask.
+        A renewal that fails to arrive is tried again a third later; the lease then ends when
+        it would have."""
+        if self.end is None or stub is None:
             return
         every = self.res.lease_s / 3
         while not self.over():
             await asyncio.sleep(every)
-            if self.renewed_enough():
-                return
             asked = time.monotonic()
             try:
                 resp = await stub.Renew(decode_pb2.RenewRequest(
@@ -89,7 +90,7 @@ class Lease:
                 log.warning("decode lease not renewed, trying again", extra={
                     "request_id": self.res.request_id, "error": e.details()})
                 continue
-            if self.renewed_enough():  # it may have landed meanwhile: decode runs it now
+            if self.writing:  # it may have landed meanwhile: decode runs it now
                 return
             if not resp.renewed:
                 self.lost = True

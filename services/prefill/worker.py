@@ -227,12 +227,9 @@ class PrefillWorker:
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
         # renewed there while the prompt is here, waiting for pages included (lease.py).
         lease = Lease(req.reservation)
-        keeper = (asyncio.create_task(lease.keep(self.decode_peers.stub(req.decode_address)))
-                  if req.decode_address and lease.end is not None else None)
+        keeper = asyncio.create_task(lease.keep(
+            self.decode_peers.stub(req.decode_address) if req.decode_address else None))
         try:
-            if keeper is None:
-                return await self._take_pages_and_prefill(req, prompt, keys, want, lease,
-                                                          arrival, due)
             work = asyncio.ensure_future(self._take_pages_and_prefill(
                 req, prompt, keys, want, lease, arrival, due))
             try:
@@ -247,10 +244,9 @@ class PrefillWorker:
                 lease.check()
             return await work
         finally:
-            if keeper is not None:
-                keeper.cancel()
-                if (m := self.metrics) is not None:
-                    m.lease_renewals.inc(lease.renewals)
+            keeper.cancel()
+            if (m := self.metrics) is not None:
+                m.lease_renewals.inc(lease.renewals)
 
     async def _take_pages_and_prefill(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
                                       keys: list[BlockHash], want: int, lease: Lease,
@@ -292,8 +288,7 @@ class PrefillWorker:
             rest = await self.guard.run(page_digests, self.pool, pages[len(known):],
                                         pages=pages)
             t2 = time.perf_counter()
-            lease.check()
-            lease.writing = True  # it starts within the lease: no more renewals
+            lease.begin_write()
             notice = common_pb2.TransferNotice(
                 request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
                 num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
