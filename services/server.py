@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # the asyncio servicer (absent from the stubs)
@@ -175,6 +175,24 @@ def channel(address: str, options: list[tuple[str, Any]] | None = None) -> grpc.
     if creds is None:
         return grpc.aio.insecure_channel(address, options=opts)
     return grpc.aio.secure_channel(address, creds, options=opts + extra)
+
+
+S = TypeVar("S")
+
+
+class Stubs(Generic[S]):
+    """Stubs to other pdserve services, one kept channel per address (`make` builds a stub
+    on a channel)."""
+
+    def __init__(self, make: Callable[[grpc.aio.Channel], S]) -> None:
+        self._make = make
+        self._stubs: dict[str, S] = {}
+
+    def get(self, address: str) -> S:
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = self._make(channel(address))
+        return stub
 
 
 def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:

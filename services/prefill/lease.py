@@ -24,24 +24,15 @@ import time
 import grpc
 
 from pdserve.services.errors import TransferError
-from pdserve.services.server import channel
+from pdserve.services.server import Stubs
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class DecodePeers:
-    """Stubs for the decode workers whose reservations this worker renews, one channel per
-    address, kept."""
-
-    def __init__(self) -> None:
-        self._stubs: dict[str, decode_pb2_grpc.DecodeAsyncStub] = {}
-
-    def stub(self, address: str) -> decode_pb2_grpc.DecodeAsyncStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = decode_pb2_grpc.DecodeStub(channel(address))
-        return stub
+def decode_peers() -> Stubs[decode_pb2_grpc.DecodeAsyncStub]:
+    """Stubs for the decode workers whose reservations this worker renews."""
+    return Stubs(lambda ch: decode_pb2_grpc.DecodeStub(ch))
 
 
 class Lease:

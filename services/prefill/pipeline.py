@@ -41,7 +41,7 @@ from pdserve.cache.block_hash import cacheable_blocks
 from pdserve.engine.kv_pool import KVPool, PageId
 from pdserve.services.errors import InvalidArgument
 from pdserve.services.limits import MAX_CHUNK_TOKENS
-from pdserve.services.server import EOF, channel
+from pdserve.services.server import EOF, Stubs
 from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 
@@ -148,12 +148,11 @@ class Peers:
     """Stubs for the other prefill workers of pipelines, one channel per peer, kept."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, prefill_pb2_grpc.PrefillAsyncStub] = {}
+        self._stubs: Stubs[prefill_pb2_grpc.PrefillAsyncStub] = Stubs(
+            lambda ch: prefill_pb2_grpc.PrefillStub(ch))
 
     def stage_call(self, address: str) -> StageCall:
         stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = prefill_pb2_grpc.PrefillStub(channel(address))
         # The call's requests are written one by one (call.write); grpc-stubs 1.53 wants an
         # iterator here, which grpc.aio does not.
         return stub.PrefillStage()  # type: ignore[call-arg]

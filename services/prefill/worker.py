@@ -35,7 +35,7 @@ from pdserve.services.prefill.compute import Compute, PrefillHooks
 from pdserve.services.prefill.guard import PageGuard
 from pdserve.services.prefill.head import PipelineHead
 from pdserve.services.prefill.layer_fetch import LayerLoad
-from pdserve.services.prefill.lease import DecodePeers, Lease
+from pdserve.services.prefill.lease import Lease, decode_peers
 from pdserve.services.prefill.load import PrefillLoad
 from pdserve.services.prefill.pipeline import Peers, head_share
 from pdserve.services.prefill.stage import PipelineStage
@@ -127,7 +127,7 @@ class PrefillWorker:
                                  transfer_timeout_s)
         self.stage = PipelineStage(loaded, self.pool, self.namespace, self.compute, self.blocks,
                                    self.endpoint, peers, self.load, transfer_timeout_s)
-        self.decode_peers = DecodePeers()  # whose reservations' leases it renews
+        self.decode_peers = decode_peers()  # whose reservations' leases it renews
         self.num_prefills = 0
         self.draining = False
         self.metrics: PrefillMetrics | None = None
@@ -228,7 +228,7 @@ class PrefillWorker:
         # renewed there while the prompt is here, waiting for pages included (lease.py).
         lease = Lease(req.reservation)
         keeper = asyncio.create_task(lease.keep(
-            self.decode_peers.stub(req.decode_address) if req.decode_address else None))
+            self.decode_peers.get(req.decode_address) if req.decode_address else None))
         try:
             work = asyncio.ensure_future(self._take_pages_and_prefill(
                 req, prompt, keys, want, lease, arrival, due))
