@@ -126,9 +126,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def unpark(self, request_id: str, num_computed: int) -> bool:
+        """A called prompt has its pages (Scheduler.unpark)."""
+        return self.scheduler.unpark(request_id, num_computed)
+
     @property
     def waiting(self) -> list[Sequence]:
-        return list(self.scheduler.waiting)
+        """The prompts waiting to be computed that have their pages."""
+        return [s for s in self.scheduler.waiting if not s.parked]
 
     @property
     def running(self) -> list[Sequence]:

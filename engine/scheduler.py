@@ -37,6 +37,14 @@ best anchor's) while the longest wait grows from 45 to 110 s.
 3. Otherwise, prompts whose KV is still arriving (the step waits for it).
 4. Otherwise, when sequences run: one decode step for up to `max_batch` of them.
 
+A prefill worker's prompt joins the order on arrival but takes its KV pages only when its
+turn is near (`Sequence.parked`; `_call`): about one step's prompt tokens before it would run,
+the scheduler calls it, the worker reserves its pages and starts fetching its cached prefix,
+and `unpark` lets it run. Until then it holds no pages, so a prompt that waits long (behind
+earlier-due ones, or deferred) does not keep them from the prompts that run first (as vLLM's
+and SGLang's schedulers allocate KV blocks when they schedule a request, not when it
+arrives).
+
     waiting ──prefill chunks──> (prompt done) ──> running ──decode steps──> finished
        │                              └── stop_after_prefill: leaves with its first token
     stages ──one chunk per step──> (last chunk) ──> leaves
@@ -200,6 +208,7 @@ class Scheduler:
         seq.deadline = (self.clock() if seq.arrival is None else seq.arrival) + seq.allowance
         (self.stages if seq.stage is not None else self.waiting).append(seq)
         self._credit = min(self.deferral.burst, self._credit + self.deferral.share)
+        self._call()
 
     def allowance(self, work: float) -> float:
         """How long after its arrival a prompt of `work` (balancers.prefill_work) is due:
@@ -215,8 +224,36 @@ class Scheduler:
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
+                    self._call()
                     return seq
         return None
+
+    def unpark(self, request_id: str, num_computed: int) -> bool:
+        """A called prompt has its pages, KV of positions < `num_computed` in them (or on its
+        way: `ready`): it runs in its turn from now on. False if it is not here (aborted)."""
+        for seq in self.waiting:
+            if seq.request_id == request_id and seq.parked:
+                seq.parked = False
+                seq.num_computed = num_computed
+                return True
+        return False
+
+    def _call(self) -> None:
+        """Calls the parked prompts (Sequence.parked) whose turn is near: in the prefill
+        order, while less than a step's prompt tokens (`max_prefill_tokens`) are ahead of them
+        among the prompts that have pages or were called. So a prompt takes its pages (and
+        fetches its cached prefix) about a step before it runs, not when it arrives, and one
+        that waits (behind others, or deferred) holds none meanwhile."""
+        now = self.clock()
+        ahead = 0
+        for seq in sorted(self.waiting, key=lambda q: self._rank(q, now)):
+            if seq.parked and not seq.called:
+                if ahead >= self.max_prefill_tokens:
+                    return
+                seq.called = True
+                if seq.on_call is not None:
+                    seq.on_call()
+            ahead += seq.prefill_left
 
     def remove_prefilled(self, seq: Sequence) -> None:
         """A sequence whose prompt is done leaves the prefill queues (counted in `num_late`
@@ -225,6 +262,7 @@ class Scheduler:
         (self.stages if seq.stage is not None else self.waiting).remove(seq)
         if seq.allowance > 0 and self.clock() > seq.deadline:
             self.num_late += 1
+        self._call()
 
     def drop_finished(self) -> None:
         self.running = [s for s in self.running if not s.finished]
@@ -297,19 +335,20 @@ class Scheduler:
     # -- the plan ----------------------------------------------------------------------------
     def has_work(self) -> bool:
         """Whether `schedule` would plan a step now."""
-        return bool(self.waiting or self.running
+        return bool(any(not s.parked for s in self.waiting) or self.running
                     or any(self._stage_chunk(s) is not None for s in self.stages))
 
     def schedule(self) -> ScheduledBatch | None:
         now = self.clock()
         if self.deferral.share > 0:
             self._defer(now)
+        self._call()  # the work ahead shrank, or a deferral moved a prompt back
         chunks = [c for c in map(self._stage_chunk, self.stages) if c is not None]
         stage = (min(chunks, key=lambda c: self._rank(c.seq, now))  # stable
                  if chunks else None)
         room = self.max_batch - len(self.running)
-        candidates = (sorted(self.waiting, key=lambda s: self._rank(s, now))[:room]
-                      if room > 0 else [])
+        candidates = (sorted((s for s in self.waiting if not s.parked),
+                             key=lambda s: self._rank(s, now))[:room] if room > 0 else [])
         ready = [s for s in candidates if self.ready(s)]
         if stage is not None and (
                 not ready or self._rank(stage.seq, now) < self._rank(ready[0], now)):

@@ -12,6 +12,7 @@ A sequence is one of three kinds, by what the engine does with it:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,12 @@ class Sequence:
     # Set when an overloaded worker deferred it (engine/scheduler.py, Deferral): its arrival
     # plus the deferral's wait, when it goes first.
     deferred_until: float | None = None
+    # A prefill worker's prompt that takes its pages only when the scheduler calls it
+    # (`parked` until the caller has them and its cached KV is on its way): `on_call` runs
+    # once, on the engine thread, when its turn is near.
+    parked: bool = False
+    on_call: Callable[[], None] | None = None
+    called: bool = False
 
     @property
     def order(self) -> float:

@@ -4,10 +4,11 @@ Lifecycle of one request (each step in one module):
 1. The gateway calls `Prefill` (servicer.py: checked, INVALID_ARGUMENT naming the field) with the
    prompt, its cache salt, how many leading blocks the kvstore holds (a hint), the sampling
    parameters and a decode worker's `Reservation`.
-2. Pages for the prompt are taken from this worker's pool (worker.py); the cached leading blocks
-   are fetched from the kvstore, verified (checksum, key and layout) and copied into them
-   (blocks.py). Whatever could not be fetched is computed: a store that is down or slow only
-   costs recompute.
+2. The prompt joins the engine's order (by deadline, engine/scheduler.py) and takes pages from
+   this worker's pool when its turn is about a step away (worker.py; a pipelined prompt: on
+   arrival); the cached leading blocks are fetched from the kvstore, verified (checksum, key
+   and layout) and copied into them (blocks.py). Whatever could not be fetched is computed:
+   a store that is down or slow only costs recompute.
 3. The rest of the prompt joins the engine (compute.py), whose thread runs prompt chunks of
    several requests per step within a token budget (chunked prefill); when its last chunk is
    done the first token is sampled. By default 2 and 3 overlap: the blocks arrive in layer

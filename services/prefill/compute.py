@@ -77,11 +77,44 @@ class Compute:
             self.hooks.loads.pop(rid, None)
             self.guard.hold(seq.pages, self.thread.call(lambda: engine.abort(rid)))
 
+    @contextlib.asynccontextmanager
+    async def park(self, seq: Sequence) -> AsyncIterator[tuple[Outbox, asyncio.Future[None]]]:
+        """`submit` for a prompt without pages yet: it takes its place in the engine's order
+        now (parked) and the future is done when the engine calls it (its turn is about a
+        step away, engine/scheduler.py); then the caller gives it pages (seq.pages) and
+        `unpark`s it."""
+        loop = asyncio.get_running_loop()
+        called: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not called.done():
+                called.set_result(None)
+
+        def on_call() -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(wake)
+        seq.parked, seq.on_call = True, on_call
+        async with self.submit(seq) as box:
+            yield box, called
+
+    def unpark(self, seq: Sequence, num_computed: int, load: LayerLoad | None = None) -> None:
+        """A called prompt runs in its turn from now on: its pages are seq.pages, the KV of
+        its first `num_computed` positions in them (with `load`: on its way)."""
+        if load is not None:
+            self.hooks.loads[seq.request_id] = load
+        engine = self.thread.engine
+        self.thread.post(lambda: engine.unpark(seq.request_id, num_computed))
+
     async def first_token(self, seq: Sequence, load: LayerLoad | None = None) -> TokenEvent:
         """Computes the prompt from seq.num_computed (with `load`: while its cached prefix
         arrives) and returns its first token."""
         async with self.submit(seq, load) as box:
-            msg = await box.get()
+            return await self.token(box)
+
+    @staticmethod
+    async def token(box: Outbox) -> TokenEvent:
+        """The first token from a prompt's outbox."""
+        msg = await box.get()
         if isinstance(msg, FailedEvent):
             raise Internal(f"prefill step failed: {msg.error}")
         assert isinstance(msg, TokenEvent), msg

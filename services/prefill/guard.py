@@ -8,8 +8,10 @@ pages is held here until it completes (`hold`, `run`), and `free` releases pages
 still held only when the last holder is done.
 
 A request's pages come from here too (`reserve`): a prompt that finds too few free waits for
-the pages of those before it instead of failing, earliest due first as in the engine's order
-(a burst larger than the pool queues here, then in the engine).
+the pages of those before it instead of failing, earliest due first as in the engine's order.
+A whole prompt asks only once the engine calls it (its turn about a step away: a burst larger
+than the pool queues in the engine's order, holding no pages); a pipeline's head asks on
+arrival.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -85,6 +86,15 @@ class WriteAhead:
         if self.task is None:
             return 0, []
         return await self.task, self.digests
+
+
+@dataclass
+class _Held:
+    """What a request holds while it is here: its pages once taken, and the WRITE of its
+    fetched pages sent ahead, if any (freed and awaited at the end)."""
+
+    pages: list[PageId] = field(default_factory=list)
+    ahead: WriteAhead | None = None
 
 
 class PrefillWorker:
@@ -251,58 +261,87 @@ class PrefillWorker:
     async def _take_pages_and_prefill(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
                                       keys: list[BlockHash], want: int, lease: Lease,
                                       arrival: float, due: float) -> prefill_pb2.PrefillResponse:
-        pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
-        return await self._prefill_into(req, prompt, keys, want, lease, pages, arrival)
-
-    async def _prefill_into(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
-                            keys: list[BlockHash], want: int, lease: Lease,
-                            pages: list[PageId], arrival: float
-                            ) -> prefill_pb2.PrefillResponse:
-        """Fetches, computes and sends the prompt's KV in `pages` (freed at the end)."""
-        bt = self.layout.block_tokens
-        params = sampling_from_proto(req.sampling)
-        ahead: WriteAhead | None = None
+        """Takes the prompt's pages, fetches its cached blocks into them, computes the rest,
+        and sends the pages' KV to decode (the pages are freed at the end)."""
+        held = _Held()
         try:
-            t0 = time.perf_counter()
             if req.pipeline:  # the stages load the same cached blocks: whole, first
-                n_cached = await self.blocks.load(keys[:want], pages)
+                held.pages = await self.guard.reserve(self.layout.pages_for(len(prompt)), due)
+                t0 = time.perf_counter()
+                n_cached = await self.blocks.load(keys[:want], held.pages)
                 t1 = time.perf_counter()
                 fetch_s = t1 - t0
-                first = await self.head.prefill(req, prompt, pages, n_cached, params,
+                first = await self.head.prefill(req, prompt, held.pages, n_cached,
+                                                sampling_from_proto(req.sampling),
                                                 arrival=arrival)
-            elif want and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
-                ahead = WriteAhead(self.endpoint, req.reservation, lease,
-                                   self.transfer_timeout_s)
-                first, n_cached, fetch_s = await self.compute_while_fetching(
-                    req.request_id, prompt, pages, keys[:want], params, ahead, arrival)
-                t1 = t0  # computing started at once
             else:
-                n_cached = await self.blocks.load(keys[:want], pages)
-                t1 = time.perf_counter()
-                fetch_s = t1 - t0
-                first = await self.compute_prompt(req.request_id, prompt, pages, n_cached * bt,
-                                                  params, arrival=arrival)
-            # Pages written ahead (fetched ones, while the rest computed) are verified store
-            # blocks: their digests are their headers' checksums; the rest are hashed here.
-            early, known = (await ahead.done()) if ahead is not None else (0, [])
-            rest = await self.guard.run(page_digests, self.pool, pages[len(known):],
-                                        pages=pages)
-            t2 = time.perf_counter()
-            lease.begin_write()
-            notice = common_pb2.TransferNotice(
-                request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
-                num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
-            nbytes = early + await self.endpoint.write(
-                pages[len(known):], req.reservation, notice, self.transfer_timeout_s,
-                first=len(known))
-            t3 = time.perf_counter()
-            # The new blocks, with the checksums the transfer took: one copy of each page.
-            new_blocks = await self.blocks.encode(keys, pages, n_cached, known + rest)
+                first, n_cached, fetch_s, t1 = await self._compute_parked(
+                    req, prompt, keys[:want], lease, arrival, due, held)
+            return await self._send(req, prompt, keys, lease, held, first, n_cached, fetch_s,
+                                    t1)
         finally:
-            if ahead is not None and ahead.task is not None:
-                ahead.task.cancel()  # the pages stay held until its WRITE is over
-                self.guard.hold(pages, ahead.task)
-            self.guard.free(pages)
+            if held.ahead is not None and held.ahead.task is not None:
+                held.ahead.task.cancel()  # the pages stay held until its WRITE is over
+                self.guard.hold(held.pages, held.ahead.task)
+            if held.pages:
+                self.guard.free(held.pages)
+
+    async def _compute_parked(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
+                              keys: Sequence[BlockHash], lease: Lease, arrival: float,
+                              due: float, held: _Held) -> tuple[TokenEvent, int, float, float]:
+        """A whole prompt: it takes its place in the engine's order at once and its pages only
+        when the engine calls it, about a step before its turn (engine/scheduler.py); then its
+        cached blocks are fetched into them (by layer group while it computes, or whole before)
+        and it runs. Returns the first token, the blocks used from the store, the fetch's
+        duration and when computing began."""
+        bt = self.layout.block_tokens
+        seq = EngineSequence(req.request_id, prompt, sampling_from_proto(req.sampling), [],
+                             num_computed=len(keys) * bt, stop_after_prefill=True,
+                             arrival=arrival)
+        async with self.compute.park(seq) as (box, called):
+            await called
+            seq.pages = held.pages = await self.guard.reserve(
+                self.layout.pages_for(len(prompt)), due)
+            t0 = time.perf_counter()
+            if keys and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
+                held.ahead = WriteAhead(self.endpoint, req.reservation, lease,
+                                        self.transfer_timeout_s)
+                load = LayerLoad(self.pool, self.fingerprint, keys, held.pages,
+                                 self.fetch_layer_groups)
+                task = asyncio.create_task(self._fetch_layers(load, held.pages, held.ahead))
+                try:
+                    self.compute.unpark(seq, len(keys) * bt, load)
+                    first = await self.compute.token(box)
+                finally:
+                    task.cancel()  # no more writes into the pages once this returns
+                end = load.settled_at or time.perf_counter()
+                return first, load.good or 0, end - load.started, t0  # computing began at once
+            n_cached = await self.blocks.load(keys, held.pages)
+            t1 = time.perf_counter()
+            self.compute.unpark(seq, n_cached * bt)
+            return await self.compute.token(box), n_cached, t1 - t0, t1
+
+    async def _send(self, req: prefill_pb2.PrefillRequest, prompt: list[int],
+                    keys: list[BlockHash], lease: Lease, held: _Held, first: TokenEvent,
+                    n_cached: int, fetch_s: float, t1: float) -> prefill_pb2.PrefillResponse:
+        """WRITEs the prompt's KV to the decode reservation with its notice, then queues its
+        new blocks for the store."""
+        bt, pages = self.layout.block_tokens, held.pages
+        # Pages written ahead (fetched ones, while the rest computed) are verified store
+        # blocks: their digests are their headers' checksums; the rest are hashed here.
+        early, known = (await held.ahead.done()) if held.ahead is not None else (0, [])
+        rest = await self.guard.run(page_digests, self.pool, pages[len(known):], pages=pages)
+        t2 = time.perf_counter()
+        lease.begin_write()
+        notice = common_pb2.TransferNotice(
+            request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
+            num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
+        nbytes = early + await self.endpoint.write(
+            pages[len(known):], req.reservation, notice, self.transfer_timeout_s,
+            first=len(known))
+        t3 = time.perf_counter()
+        # The new blocks, with the checksums the transfer took: one copy of each page.
+        new_blocks = await self.blocks.encode(keys, pages, n_cached, known + rest)
         self.blocks.put_later(new_blocks)  # before the answer: a next request finds them
         self.num_prefills += 1
         if (m := self.metrics) is not None:
@@ -316,6 +355,19 @@ class PrefillWorker:
             computed_tokens=len(prompt) - n_cached * bt, bytes_transferred=nbytes,
             fetch_s=fetch_s, compute_s=t2 - t1, transfer_s=t3 - t2,
             first_logprob=first.logprob or 0.0)
+
+    async def _fetch_layers(self, load: LayerLoad, pages: Sequence[PageId],
+                            ahead: WriteAhead | None) -> None:
+        """The cached blocks into `load`'s pages by layer group; with `ahead`, the fetched
+        pages are WRITTEN to decode once they are all in and verified."""
+        try:
+            await layer_fetch.fetch(load, self.kvstore,
+                                    self.endpoint if self.fetch_nixl else None,
+                                    self.kvstore.timeout_s)
+        finally:
+            load.finish()  # whatever happened: releases a forward waiting for it
+        if ahead is not None:
+            ahead.start(pages[:load.good or 0], load.digests())
 
     async def compute_prompt(self, request_id: str, prompt: list[int], pages: list[PageId],
                              start: int = 0, params: SamplingParams | None = None,
@@ -339,18 +391,7 @@ class PrefillWorker:
         fetch's duration. With `ahead`, the fetched pages are WRITTEN to decode as soon as they
         are all in and verified, while the rest computes."""
         load = LayerLoad(self.pool, self.fingerprint, keys, pages, self.fetch_layer_groups)
-
-        async def fetch() -> None:
-            try:
-                await layer_fetch.fetch(load, self.kvstore,
-                                        self.endpoint if self.fetch_nixl else None,
-                                        self.kvstore.timeout_s)
-            finally:
-                load.finish()  # whatever happened: releases a forward waiting for it
-            if ahead is not None:
-                ahead.start(pages[:load.good or 0], load.digests())
-
-        task = asyncio.create_task(fetch())
+        task = asyncio.create_task(self._fetch_layers(load, pages, ahead))
         try:
             first = await self.compute_prompt(request_id, prompt, pages,
                                               len(keys) * self.layout.block_tokens, params, load,

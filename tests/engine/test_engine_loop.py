@@ -306,6 +306,59 @@ def test_a_started_prompt_is_not_passed_by_a_shorter_one():
         ("short", 10), ("long", 90)]
 
 
+def test_a_parked_prompt_is_called_a_step_before_its_turn_and_runs_once_unparked():
+    now = [0.0]
+    called: list[str] = []
+    s = Scheduler(max_batch=8, max_prefill_tokens=100, clock=lambda: now[0])
+
+    def parked(rid: str, n: int) -> Sequence:
+        return seq(rid, n, parked=True, on_call=lambda: called.append(rid))
+
+    s.add(parked("alone", 40))  # nothing ahead: called at once, but holds no pages yet
+    assert called == ["alone"] and not s.has_work() and s.schedule() is None
+    assert s.remove("alone") is not None
+    called.clear()
+    a = seq("a", 250)
+    s.add(a)
+    now[0] = 1.0
+    s.add(parked("b", 50))
+    s.add(parked("c", 50))
+    assert called == []  # 250 tokens ahead of them: more than a step's 100
+    batch = s.schedule()
+    assert batch is not None and [ch.seq.request_id for ch in batch.chunks] == ["a"]
+    a.num_computed = 200  # 50 left: b's turn is within a step, c's (100 ahead) is not
+    batch = s.schedule()
+    assert called == ["b"]
+    assert batch is not None and [ch.seq.request_id for ch in batch.chunks] == ["a"]
+    assert s.unpark("b", 10) and not s.unpark("c-gone", 0)
+    batch = s.schedule()
+    assert batch is not None and [(ch.seq.request_id, ch.start, ch.num_tokens)
+                                  for ch in batch.chunks] == [("a", 200, 50), ("b", 10, 40)]
+    s.remove_prefilled(a)  # b is left with 40 of its tokens: c's turn is near
+    assert called == ["b", "c"]
+    assert len(s) == 2 and s.queued_tokens == 90  # parked prompts count in the queue
+
+
+def test_a_deferred_parked_prompt_is_not_called_while_others_are_due():
+    now = [0.0]
+    called: list[str] = []
+    d = Deferral(share=1.0, lateness_s=1.0, max_wait_s=50.0, burst=5.0)
+    s = Scheduler(max_batch=8, max_prefill_tokens=100, clock=lambda: now[0], deferral=d)
+    s.rate.observe(100.0, 1.0)  # 100 tokens a second
+    s.add(seq("first", 400))  # due at 12 s; takes 4 s
+    s.add(seq("long", 600, parked=True, on_call=lambda: called.append("long")))
+    for i in range(3):
+        s.add(seq(f"s{i}", 90))
+    now[0] = 11.0  # "first" would end 3 s late: the longest one not begun is deferred
+    s.schedule()
+    long = next(q for q in s.waiting if q.request_id == "long")
+    assert long.deferred_until == 50.0 and called == []
+    for q in list(s.waiting):
+        if q.request_id != "long":
+            s.remove_prefilled(q)
+    assert called == ["long"]  # nothing else left: its turn
+
+
 def test_the_prefill_rate_weighs_steps_by_their_work_and_follows_the_recent_ones():
     r = PrefillRate(decay=0.9)
     assert r.seconds_for(100.0) == 0.0  # nothing measured: deadlines are arrival times

@@ -282,3 +282,57 @@ async def test_a_held_prompt_renews_its_lease_and_fails_at_once_when_the_reserva
     await async_wait_until(lambda: pre.pool.num_free == pre.pool.num_pages, 10)
     await async_wait_until(lambda: dec.pool.num_free == dec.pool.num_pages, 10)
     pre.pool.check_integrity()
+
+
+async def test_a_prompt_takes_its_pages_only_when_its_turn_is_near(loaded, workers, tokenizer):
+    """A prompt that arrives while a long one computes joins the engine's order at once but
+    holds no pages until the long one has less than a step left (engine/scheduler.py: parked,
+    then called); then it takes them, and decodes the same tokens as when it came alone."""
+    from pdserve.services.decode.servicer import DecodeServicer
+    from pdserve.services.server import create_server
+    from pdserve.v1 import decode_pb2_grpc
+
+    _, dec = workers  # its lease: 1 s, renewed over gRPC
+    server, port, _ = await create_server(
+        [lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(dec), s)], [],
+        "127.0.0.1", 0)
+    pre = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0),
+                        agent_name="t-prefill-turns", chunk_tokens=64)
+    pre.start()
+    loop = asyncio.get_running_loop()
+    long_prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the sea and its ships. " * 60}])
+    short_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    assert len(long_prompt) > 8 * 64
+
+    async def prefill(rid, prompt):
+        res = dec.reserve(rid, prompt, SamplingParams(max_tokens=4), loop)
+        req = request(rid, prompt, res, max_tokens=4)
+        req.decode_address = f"127.0.0.1:{port}"
+        first = await pre.prefill(req)
+        return first.first_token, [i.token for i in await drain(dec.outbox(rid))]
+
+    def parked_short():
+        return next((s for s in list(pre.engine.scheduler.waiting)
+                     if s.request_id == "short" and s.parked and not s.called), None)
+
+    try:
+        alone = await prefill("alone", short_prompt)
+        long_pages = pre.layout.pages_for(len(long_prompt))
+        long_call = asyncio.create_task(prefill("long", long_prompt))
+        await async_wait_until(lambda: pre.pool.num_free == pre.pool.num_pages - long_pages,
+                               what="the long prompt took its pages")
+        short_call = asyncio.create_task(prefill("short", short_prompt))
+        short = await async_wait_until(parked_short, what="the short prompt in the order")
+        # Behind the long one's chunks (more than a step of 64 tokens left), it holds nothing.
+        assert pre.pool.num_free == pre.pool.num_pages - long_pages
+        long_seq = next(s for s in list(pre.engine.scheduler.waiting) if s.request_id == "long")
+        assert long_seq.started_at is not None and long_seq.prefill_left > 64
+        assert await short_call == alone
+        assert short.called and not short.parked
+        await long_call
+    finally:
+        await server.stop(None)
+        await async_wait_until(lambda: pre.pool.num_free == pre.pool.num_pages, 10)
+        pre.thread.stop()
+    pre.pool.check_integrity()
