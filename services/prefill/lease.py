@@ -36,10 +36,13 @@ def decode_peers() -> Stubs[decode_pb2_grpc.DecodeAsyncStub]:
 
 
 class Lease:
-    """The reservation `res`'s lease from now (none if its `lease_s` is 0)."""
+    """The reservation `res`'s lease from now (none if its `lease_s` is 0), renewed with the
+    decode worker at `stub` (None: not renewed)."""
 
-    def __init__(self, res: common_pb2.Reservation) -> None:
+    def __init__(self, res: common_pb2.Reservation,
+                 stub: decode_pb2_grpc.DecodeAsyncStub | None = None) -> None:
         self.res = res
+        self.stub = stub
         self.end: float | None = time.monotonic() + res.lease_s if res.lease_s else None
         self.lost = False      # the decode worker said the reservation no longer waits
         self.writing = False   # the final WRITE started (within the lease): renewals are over
@@ -49,9 +52,14 @@ class Lease:
         """No WRITE may start into the reservation's pages any more."""
         return self.lost or (self.end is not None and time.monotonic() > self.end)
 
-    def begin_write(self) -> None:
+    async def begin_write(self) -> None:
         """The final WRITE starts now: TransferError if the lease is over, else no renewal
-        is needed any more."""
+        is needed any more. With less than a third of the lease left (the renewals ran late:
+        a busy worker), it is renewed first, so that the WRITE and its notice land within it
+        rather than at its edge, after the decode worker let the reservation go."""
+        if (self.stub is not None and self.end is not None and not self.over()
+                and self.end - time.monotonic() < self.res.lease_s / 3):
+            await self._renew(self.stub)
         self.check()
         self.writing = True
 
@@ -63,30 +71,37 @@ class Lease:
             raise TransferError(f"KV transfer not started: the decode reservation's "
                                 f"{self.res.lease_s:g} s lease ended first")
 
-    async def keep(self, stub: decode_pb2_grpc.DecodeAsyncStub | None) -> None:
+    async def keep(self) -> None:
         """Renews the lease every third of it until the final WRITE starts, the lease is
         over or lost, or it is cancelled; nothing without a lease or a decode worker to ask.
         A renewal that fails to arrive is tried again a third later; the lease then ends when
         it would have."""
-        if self.end is None or stub is None:
+        if self.end is None or self.stub is None:
             return
+        while not self.over() and not self.writing:
+            await asyncio.sleep(self.res.lease_s / 3)
+            if not self.writing and not await self._renew(self.stub):
+                return
+
+    async def _renew(self, stub: decode_pb2_grpc.DecodeAsyncStub) -> bool:
+        """One renewal; False once renewing is over (the reservation is lost, or the final
+        WRITE started meanwhile)."""
         every = self.res.lease_s / 3
-        while not self.over():
-            await asyncio.sleep(every)
-            asked = time.monotonic()
-            try:
-                resp = await stub.Renew(decode_pb2.RenewRequest(
-                    request_id=self.res.request_id, epoch=self.res.epoch), timeout=every)
-            except grpc.aio.AioRpcError as e:
-                log.warning("decode lease not renewed, trying again", extra={
-                    "request_id": self.res.request_id, "error": e.details()})
-                continue
-            if self.writing:  # it may have landed meanwhile: decode runs it now
-                return
-            if not resp.renewed:
-                self.lost = True
-                log.warning("decode reservation gone while the prompt waited", extra={
-                    "request_id": self.res.request_id})
-                return
-            self.end = asked + resp.lease_s
-            self.renewals += 1
+        asked = time.monotonic()
+        try:
+            resp = await stub.Renew(decode_pb2.RenewRequest(
+                request_id=self.res.request_id, epoch=self.res.epoch), timeout=every)
+        except grpc.aio.AioRpcError as e:
+            log.warning("decode lease not renewed, trying again", extra={
+                "request_id": self.res.request_id, "error": e.details()})
+            return True
+        if self.writing:  # it may have landed meanwhile: decode runs it now
+            return False
+        if not resp.renewed:
+            self.lost = True
+            log.warning("decode reservation gone while the prompt waited", extra={
+                "request_id": self.res.request_id})
+            return False
+        self.end = asked + resp.lease_s
+        self.renewals += 1
+        return True

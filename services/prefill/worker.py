@@ -236,9 +236,9 @@ class PrefillWorker:
                    ) -> prefill_pb2.PrefillResponse:
         # Decode may reuse the reserved pages after its lease: never start a WRITE after it;
         # renewed there while the prompt is here, waiting for pages included (lease.py).
-        lease = Lease(req.reservation)
-        keeper = asyncio.create_task(lease.keep(
-            self.decode_peers.get(req.decode_address) if req.decode_address else None))
+        lease = Lease(req.reservation,
+                      self.decode_peers.get(req.decode_address) if req.decode_address else None)
+        keeper = asyncio.create_task(lease.keep())
         try:
             work = asyncio.ensure_future(self._take_pages_and_prefill(
                 req, prompt, keys, want, lease, arrival, due))
@@ -332,7 +332,7 @@ class PrefillWorker:
         early, known = (await held.ahead.done()) if held.ahead is not None else (0, [])
         rest = await self.guard.run(page_digests, self.pool, pages[len(known):], pages=pages)
         t2 = time.perf_counter()
-        lease.begin_write()
+        await lease.begin_write()
         notice = common_pb2.TransferNotice(
             request_id=req.request_id, epoch=req.reservation.epoch, first_token=first.token,
             num_prompt_tokens=len(prompt), kv_checksum=combine_digests(known + rest))
