@@ -3,6 +3,7 @@ than the prefill worker computes in a decode lease, against `pdserve up` (1 pref
 decode worker, the default model).
 
     python bench/bench_overload.py [--requests 40] [--time-scale 0.01] [--lease-s 4]
+                                   [--defer SHARE,LATENESS_S,WAIT_S]
 
 The requests arrive within a fraction of a second (the trace's arrival times x
 `--time-scale`), so most wait in the prefill worker's queue far longer than the decode
@@ -33,7 +34,8 @@ from pdserve.scheduler.traces import load_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 COUNTERS = ("pdserve_request_retries_total", "pdserve_prefill_lease_renewals_total",
-            "pdserve_prefill_page_waits_total", 'pdserve_decode_failed_total')
+            "pdserve_prefill_page_waits_total", "pdserve_decode_failed_total",
+            "pdserve_prefill_deferred_prompts_total", "pdserve_prefill_deferred_prompts")
 
 
 def counters(cluster: LocalCluster) -> dict[str, float]:
@@ -55,15 +57,22 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--time-scale", type=float, default=0.01)
     ap.add_argument("--lease-s", type=float, default=4.0)
+    ap.add_argument("--defer", default="", metavar="SHARE,LATENESS_S,WAIT_S",
+                    help="the prefill worker's deferral settings (default: its own)")
     args = ap.parse_args()
+    env = {"PDSERVE_LEASE_S": str(args.lease_s)}
+    if args.defer:
+        share, lateness, wait = args.defer.split(",")
+        env.update(PDSERVE_PREFILL_DEFER_SHARE=share, PDSERVE_PREFILL_DEFER_LATENESS_S=lateness,
+                   PDSERVE_PREFILL_DEFER_WAIT_S=wait)
     trace = load_trace(args.trace, args.requests, time_scale=args.time_scale)
     print(f"machine: {machine()}\nsettings: pdserve up (1 prefill + 1 decode, default model and "
-          f"pools), decode lease {args.lease_s:g} s; the trace's first {len(trace)} requests "
-          f"within {trace[-1].arrival_s:.2f} s, all at once (64 tokens per trace block, at "
-          "most 16 blocks, 4 output tokens)\n")
+          f"pools), decode lease {args.lease_s:g} s, deferrals {args.defer or 'default'}; "
+          f"the trace's first {len(trace)} requests within {trace[-1].arrival_s:.2f} s, all "
+          "at once (64 tokens per trace block, at most 16 blocks, 4 output tokens)\n")
     with tempfile.TemporaryDirectory() as d:
         cluster = LocalCluster(UpSettings(data_dir=Path(d), port=0, http_port=-1),
-                               progress=False, extra_env={"PDSERVE_LEASE_S": str(args.lease_s)})
+                               progress=False, extra_env=env)
         cluster.start()
         try:
             r = run_live(trace, cluster.gateway_address, max_tokens=4, concurrency=len(trace))
@@ -76,7 +85,8 @@ def main() -> int:
                  ("attempts retried (gateway)", int(c.get(COUNTERS[0], 0))),
                  ("decode leases renewed (prefill)", int(c.get(COUNTERS[1], 0))),
                  ("prompts that waited for KV pages (prefill)", int(c.get(COUNTERS[2], 0))),
-                 ("requests failed on the decode worker", int(c.get(COUNTERS[3], 0)))],
+                 ("requests failed on the decode worker", int(c.get(COUNTERS[3], 0))),
+                 ("prompts deferred (prefill)", int(c.get(COUNTERS[4], c.get(COUNTERS[5], 0))))],
                 ("overload", "value")))
     return 0 if r["succeeded"] == r["requests"] and not c.get(COUNTERS[0]) else 1
 

@@ -29,6 +29,8 @@ from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 0.25  # a renewal that failed is asked again this soon (at most a third of the lease)
+
 
 def decode_peers() -> Stubs[decode_pb2_grpc.DecodeAsyncStub]:
     """Stubs for the decode workers whose reservations this worker renews."""
@@ -74,23 +76,30 @@ class Lease:
     async def keep(self) -> None:
         """Renews the lease every third of it until the final WRITE starts, the lease is
         over or lost, or it is cancelled; nothing without a lease or a decode worker to ask.
-        A renewal that fails to arrive is tried again a third later; the lease then ends when
-        it would have."""
+        A renewal that fails to arrive (a busy or unreachable decode worker) is tried again
+        after RETRY_S while the lease lasts, not a third later: two thirds of the lease are
+        left then, and one late answer must not use them up."""
         if self.end is None or self.stub is None:
             return
-        while not self.over() and not self.writing:
-            await asyncio.sleep(self.res.lease_s / 3)
-            if not self.writing and not await self._renew(self.stub):
+        every = self.res.lease_s / 3
+        wait = every
+        while True:
+            await asyncio.sleep(wait)
+            if self.over() or self.writing:
                 return
+            renewals = self.renewals
+            if not await self._renew(self.stub):
+                return
+            wait = every if self.renewals > renewals else min(every, RETRY_S)
 
     async def _renew(self, stub: decode_pb2_grpc.DecodeAsyncStub) -> bool:
         """One renewal; False once renewing is over (the reservation is lost, or the final
-        WRITE started meanwhile)."""
-        every = self.res.lease_s / 3
+        WRITE started meanwhile). The call waits at most a third of the lease."""
         asked = time.monotonic()
         try:
             resp = await stub.Renew(decode_pb2.RenewRequest(
-                request_id=self.res.request_id, epoch=self.res.epoch), timeout=every)
+                request_id=self.res.request_id, epoch=self.res.epoch),
+                timeout=self.res.lease_s / 3)
         except grpc.aio.AioRpcError as e:
             log.warning("decode lease not renewed, trying again", extra={
                 "request_id": self.res.request_id, "error": e.details()})

@@ -69,3 +69,38 @@ async def test_without_a_decode_address_a_lease_that_ended_stops_the_write():
     lease2.end = time.monotonic() - 0.01
     with pytest.raises(TransferError, match="lease ended first"):
         await lease2.begin_write()
+
+
+async def test_a_renewal_that_failed_is_asked_again_soon_not_a_third_of_the_lease_later(
+        monkeypatch):
+    """(A decode worker too busy to answer in time, then answering.) The waits between
+    renewals are recorded instead of slept."""
+    import types
+
+    import grpc
+
+    from pdserve.services.prefill import lease as lease_module
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(lease_module, "asyncio", types.SimpleNamespace(sleep=sleep))
+    answers = iter(["busy", True, False])
+
+    class Busy(Decode):
+        async def Renew(self, req, timeout):
+            self.calls.append(req.request_id)
+            answer = next(answers)
+            if answer == "busy":
+                raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                           grpc.aio.Metadata(), grpc.aio.Metadata(), "busy")
+            return decode_pb2.RenewResponse(renewed=answer, lease_s=3.0 if answer else 0.0)
+
+    decode = Busy()
+    lease = Lease(reservation(3.0), decode)  # type: ignore[arg-type]  # (the stand-in stub)
+    await lease.keep()
+    assert decode.calls == ["r", "r", "r"]
+    assert waits == [1.0, lease_module.RETRY_S, 1.0]  # a third, soon after the failure, a third
+    assert lease.renewals == 1 and lease.lost
