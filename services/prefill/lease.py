@@ -5,9 +5,11 @@ The decode worker frees reserved pages whose KV has not landed within the lease
 prompt may wait longer than that here: the deadline order lets a long prompt wait up to
 `prefill_slack` times its own time, a deferral up to `--prefill-defer-wait-s` since its
 arrival. So while a request is here, `Lease.keep` renews the lease with the decode worker
-(`Decode.Renew`, at `PrefillRequest.decode_address`) every third of it, and the lease this
-worker checks before a WRITE is the last one the decode worker granted, counted from when
-this worker asked (so never later than the decode worker's own). A decode worker that no
+(`Decode.Renew`, at `PrefillRequest.decode_address`) every third of it (one that failed:
+again soon), and the lease this worker checks before a WRITE is the last one the decode
+worker granted, counted from when this worker asked (so never later than the decode worker's
+own); with under a third of it left, the final WRITE renews it first, so the KV lands inside
+it, not at its edge. A decode worker that no
 longer holds the reservation (expired, released, restarted) answers `renewed: false`: the
 lease is lost, no WRITE starts, and the worker fails the request at once (`UNAVAILABLE`,
 blamed on decode, so the gateway tries another) instead of computing it for nothing. The
