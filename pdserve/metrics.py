@@ -141,6 +141,9 @@ class PrefillMetrics(_WorkerMetrics):
                            registry=r)
         self.queued_tokens = Gauge("pdserve_prefill_queued_tokens",
                                    "prompt tokens still to compute", registry=r)
+        self.parked = Gauge("pdserve_prefill_parked_requests", "prompts in the compute queue "
+                            "that hold no KV pages yet (their turn is more than a step away)",
+                            registry=r)
         self.computed_tokens = Counter("pdserve_prefill_computed_tokens",
                                        "prompt tokens computed", registry=r)
         self.fetched_tokens = Counter("pdserve_prefill_fetched_tokens",

@@ -160,6 +160,8 @@ class PrefillWorker:
         self.guard.on_wait = m.page_waits.inc
         m.queue.set_function(lambda: len(self.engine.scheduler))
         m.queued_tokens.set_function(lambda: self.load.queued_tokens)
+        m.parked.set_function(
+            lambda: sum(1 for s in list(self.engine.scheduler.waiting) if s.parked))
 
     def report(self) -> common_pb2.LoadReport:
         ld, sched = self.load, self.engine.scheduler

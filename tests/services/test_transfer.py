@@ -288,6 +288,9 @@ async def test_a_prompt_takes_its_pages_only_when_its_turn_is_near(loaded, worke
     """A prompt that arrives while a long one computes joins the engine's order at once but
     holds no pages until the long one has less than a step left (engine/scheduler.py: parked,
     then called); then it takes them, and decodes the same tokens as when it came alone."""
+    from prometheus_client import CollectorRegistry
+
+    from pdserve.metrics import PrefillMetrics
     from pdserve.services.decode.servicer import DecodeServicer
     from pdserve.services.server import create_server
     from pdserve.v1 import decode_pb2_grpc
@@ -298,6 +301,12 @@ async def test_a_prompt_takes_its_pages_only_when_its_turn_is_near(loaded, worke
         "127.0.0.1", 0)
     pre = PrefillWorker(loaded, num_pages=24, kvstore=KVStoreClient("", 1.0),
                         agent_name="t-prefill-turns", chunk_tokens=64)
+    registry = CollectorRegistry()
+    pre.export_metrics(PrefillMetrics(registry))
+
+    def parked_gauge():
+        return registry.get_sample_value("pdserve_prefill_parked_requests")
+
     pre.start()
     loop = asyncio.get_running_loop()
     long_prompt = tokenizer.apply_chat_template(
@@ -326,10 +335,11 @@ async def test_a_prompt_takes_its_pages_only_when_its_turn_is_near(loaded, worke
         short = await async_wait_until(parked_short, what="the short prompt in the order")
         # Behind the long one's chunks (more than a step of 64 tokens left), it holds nothing.
         assert pre.pool.num_free == pre.pool.num_pages - long_pages
+        assert parked_gauge() == 1  # as a scrape reads it
         long_seq = next(s for s in list(pre.engine.scheduler.waiting) if s.request_id == "long")
         assert long_seq.started_at is not None and long_seq.prefill_left > 64
         assert await short_call == alone
-        assert short.called and not short.parked
+        assert short.called and not short.parked and parked_gauge() == 0
         await long_call
     finally:
         await server.stop(None)
