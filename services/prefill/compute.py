@@ -28,8 +28,8 @@ from pdserve.services.prefill.layer_fetch import LayerLoad
 class PrefillHooks(TakeTurns):
     def __init__(self, turns: CpuTurns) -> None:
         super().__init__(turns)
-        # Cached blocks still arriving, by request id: set before the sequence joins the
-        # engine, dropped after its first step (`settle`) or when it leaves.
+        # Cached blocks still arriving, by request id: set when a called prompt is unparked,
+        # dropped after its first step (`settle`) or when it leaves.
         self.loads: dict[str, LayerLoad] = {}
 
     def ready(self, seq: Sequence) -> bool:
@@ -59,15 +59,12 @@ class Compute:
         self.guard = guard
 
     @contextlib.asynccontextmanager
-    async def submit(self, seq: Sequence, load: LayerLoad | None = None
-                     ) -> AsyncIterator[Outbox]:
+    async def submit(self, seq: Sequence) -> AsyncIterator[Outbox]:
         """Adds `seq` to the engine and yields the outbox of its events. On exit the sequence is
         taken out of the engine if it is still there, and its pages stay held (PageGuard) until
         that is done."""
         rid = seq.request_id
         box = self.thread.outboxes.open(rid, asyncio.get_running_loop())
-        if load is not None:
-            self.hooks.loads[rid] = load
         engine = self.thread.engine
         self.thread.post(lambda: engine.add(seq))
         try:
@@ -105,10 +102,10 @@ class Compute:
         engine = self.thread.engine
         self.thread.post(lambda: engine.unpark(seq.request_id, num_computed))
 
-    async def first_token(self, seq: Sequence, load: LayerLoad | None = None) -> TokenEvent:
-        """Computes the prompt from seq.num_computed (with `load`: while its cached prefix
-        arrives) and returns its first token."""
-        async with self.submit(seq, load) as box:
+    async def first_token(self, seq: Sequence) -> TokenEvent:
+        """Computes the prompt from seq.num_computed (its KV before that in its pages) and
+        returns its first token."""
+        async with self.submit(seq) as box:
             return await self.token(box)
 
     @staticmethod

@@ -29,7 +29,7 @@ from pdserve.scheduler.balancers import attention_work, prefill_work
 from pdserve.services.cpu_turns import CpuTurns
 from pdserve.services.engine_thread import EngineThread, GatherPolicy, group_steps_of
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.outbox import Outboxes
+from pdserve.services.outbox import Outbox, Outboxes
 from pdserve.services.prefill import layer_fetch
 from pdserve.services.prefill.blocks import BlockIO
 from pdserve.services.prefill.compute import Compute, PrefillHooks
@@ -308,16 +308,9 @@ class PrefillWorker:
             if keys and (self.fetch_layer_groups > 1 or self.fetch_nixl) and self.kvstore.enabled:
                 held.ahead = WriteAhead(self.endpoint, req.reservation, lease,
                                         self.transfer_timeout_s)
-                load = LayerLoad(self.pool, self.fingerprint, keys, held.pages,
-                                 self.fetch_layer_groups)
-                task = asyncio.create_task(self._fetch_layers(load, held.pages, held.ahead))
-                try:
-                    self.compute.unpark(seq, len(keys) * bt, load)
-                    first = await self.compute.token(box)
-                finally:
-                    task.cancel()  # no more writes into the pages once this returns
-                end = load.settled_at or time.perf_counter()
-                return first, load.good or 0, end - load.started, t0  # computing began at once
+                first, n_cached, fetch_s = await self._compute_fetching(seq, box, keys,
+                                                                        held.ahead)
+                return first, n_cached, fetch_s, t0  # computing began at once
             n_cached = await self.blocks.load(keys, held.pages)
             t1 = time.perf_counter()
             self.compute.unpark(seq, n_cached * bt)
@@ -358,47 +351,55 @@ class PrefillWorker:
             fetch_s=fetch_s, compute_s=t2 - t1, transfer_s=t3 - t2,
             first_logprob=first.logprob or 0.0)
 
-    async def _fetch_layers(self, load: LayerLoad, pages: Sequence[PageId],
-                            ahead: WriteAhead | None) -> None:
-        """The cached blocks into `load`'s pages by layer group; with `ahead`, the fetched
-        pages are WRITTEN to decode once they are all in and verified."""
-        try:
-            await layer_fetch.fetch(load, self.kvstore,
-                                    self.endpoint if self.fetch_nixl else None,
-                                    self.kvstore.timeout_s)
-        finally:
-            load.finish()  # whatever happened: releases a forward waiting for it
-        if ahead is not None:
-            ahead.start(pages[:load.good or 0], load.digests())
-
-    async def compute_prompt(self, request_id: str, prompt: list[int], pages: list[PageId],
-                             start: int = 0, params: SamplingParams | None = None,
-                             load: LayerLoad | None = None, arrival: float | None = None
-                             ) -> TokenEvent:
-        """Computes the prompt into its pages from token `start` (KV before it in place, or,
-        with `load`, arriving) and returns its first token; due in the engine's order as from
-        `arrival` (None: now)."""
-        seq = EngineSequence(request_id, prompt, params or SamplingParams(), list(pages),
-                             num_computed=start, stop_after_prefill=True, arrival=arrival)
-        return await self.compute.first_token(seq, load)
-
-    async def compute_while_fetching(self, request_id: str, prompt: list[int],
-                                     pages: list[PageId], keys: Sequence[BlockHash],
-                                     params: SamplingParams | None = None,
-                                     ahead: WriteAhead | None = None,
-                                     arrival: float | None = None
-                                     ) -> tuple[TokenEvent, int, float]:
-        """Computes the prompt's uncached part while its cached blocks stream in by layer
-        group (layer_fetch.py); returns the first token, the blocks used from the store and the
-        fetch's duration. With `ahead`, the fetched pages are WRITTEN to decode as soon as they
-        are all in and verified, while the rest computes."""
+    async def _compute_fetching(self, seq: EngineSequence, box: Outbox,
+                                keys: Sequence[BlockHash], ahead: WriteAhead | None
+                                ) -> tuple[TokenEvent, int, float]:
+        """A called prompt (Compute.park) computes its uncached part while its cached blocks
+        stream into seq.pages by layer group (layer_fetch.py); returns the first token, the
+        blocks used from the store and the fetch's duration. With `ahead`, the fetched pages
+        are WRITTEN to decode as soon as they are all in and verified, while the rest
+        computes."""
+        pages = seq.pages
         load = LayerLoad(self.pool, self.fingerprint, keys, pages, self.fetch_layer_groups)
-        task = asyncio.create_task(self._fetch_layers(load, pages, ahead))
+
+        async def fetch() -> None:
+            try:
+                await layer_fetch.fetch(load, self.kvstore,
+                                        self.endpoint if self.fetch_nixl else None,
+                                        self.kvstore.timeout_s)
+            finally:
+                load.finish()  # whatever happened: releases a forward waiting for it
+            if ahead is not None:
+                ahead.start(pages[:load.good or 0], load.digests())
+
+        task = asyncio.create_task(fetch())
         try:
-            first = await self.compute_prompt(request_id, prompt, pages,
-                                              len(keys) * self.layout.block_tokens, params, load,
-                                              arrival)
+            self.compute.unpark(seq, len(keys) * self.layout.block_tokens, load)
+            first = await self.compute.token(box)
         finally:
             task.cancel()  # no more writes into the pages once this returns
         end = load.settled_at or time.perf_counter()
         return first, load.good or 0, end - load.started
+
+    async def compute_prompt(self, request_id: str, prompt: list[int], pages: list[PageId],
+                             start: int = 0, params: SamplingParams | None = None
+                             ) -> TokenEvent:
+        """Computes the prompt into its pages from token `start` (KV before it in place) and
+        returns its first token."""
+        seq = EngineSequence(request_id, prompt, params or SamplingParams(), list(pages),
+                             num_computed=start, stop_after_prefill=True)
+        return await self.compute.first_token(seq)
+
+    async def compute_while_fetching(self, request_id: str, prompt: list[int],
+                                     pages: list[PageId], keys: Sequence[BlockHash],
+                                     params: SamplingParams | None = None
+                                     ) -> tuple[TokenEvent, int, float]:
+        """The worker's own path for a prompt with cached blocks (`_compute_fetching`) into
+        pages already taken: it waits for its turn, then computes while they stream in."""
+        seq = EngineSequence(request_id, prompt, params or SamplingParams(), [],
+                             num_computed=len(keys) * self.layout.block_tokens,
+                             stop_after_prefill=True)
+        async with self.compute.park(seq) as (box, called):
+            await called
+            seq.pages = list(pages)
+            return await self._compute_fetching(seq, box, keys, None)
