@@ -24,12 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table
+from common import best_of, machine, table
 
 from pdserve.cache.block_hash import block_hashes
 from pdserve.cache.codec import encode_block
@@ -68,18 +67,9 @@ def file_io(path: Path, blocks, batch: int) -> tuple[float, float, float]:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+    # Every read figure is a best of 3, as the NIXL READ's is: no ratio sets a best against
+    # a single pass (whose reads into new objects also fault their memory in).
     return t_write, best_of(3, read), best_of(3, read_into)
-
-
-def best_of(n: int, fn: Callable[[], None]) -> float:
-    """The shortest of `n` timed calls: each read figure is a best of 3, as the NIXL READ's
-    is, so no ratio sets a best against a single pass."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def store_io(path: Path, blocks, batch: int) -> tuple[float, float, float]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table
+from common import best_of, machine, table
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.layout import KVLayout
@@ -60,13 +60,10 @@ def receiver(pages: int) -> None:
 
 def memcpy_rate(src: KVPool, dst: KVPool, n: int, repeats: int) -> float:
     """Seconds per copy of `n` pages from one pool to the other (best of `repeats`)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    def copy() -> None:
         for p in range(n):
             dst.page_bytes(p).numpy()[:] = src.page_bytes(p).numpy()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_of(repeats, copy)
 
 
 def start_receiver(n: int) -> tuple[subprocess.Popen[bytes], bytes]:

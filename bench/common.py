@@ -1,10 +1,12 @@
-"""Helpers shared by the benchmarks: machine description and table printing."""
+"""Helpers shared by the benchmarks: machine description, best-of timing and table printing."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 
 
 def machine() -> str:
@@ -18,6 +20,16 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, python {sys.version.split()[0]}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def best_of(n: int, fn: Callable[[], object]) -> float:
+    """The shortest of `n` timed calls of `fn`, in seconds."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def table(rows: list[tuple], header: tuple) -> str:

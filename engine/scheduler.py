@@ -244,6 +244,8 @@ class Scheduler:
         among the prompts that have pages or were called. So a prompt takes its pages (and
         fetches its cached prefix) about a step before it runs, not when it arrives, and one
         that waits (behind others, or deferred) holds none meanwhile."""
+        if not any(q.parked and not q.called for q in self.waiting):
+            return  # (every step calls this: no sort when nobody waits to be called)
         now = self.clock()
         ahead = 0
         for seq in sorted(self.waiting, key=lambda q: self._rank(q, now)):

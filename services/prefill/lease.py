@@ -89,14 +89,14 @@ class Lease:
             await asyncio.sleep(wait)
             if self.over() or self.writing:
                 return
-            renewals = self.renewals
-            if not await self._renew(self.stub):
+            renewed = await self._renew(self.stub)
+            if self.lost or self.writing:
                 return
-            wait = every if self.renewals > renewals else min(every, RETRY_S)
+            wait = every if renewed else min(every, RETRY_S)
 
     async def _renew(self, stub: decode_pb2_grpc.DecodeAsyncStub) -> bool:
-        """One renewal; False once renewing is over (the reservation is lost, or the final
-        WRITE started meanwhile). The call waits at most a third of the lease."""
+        """One renewal; True when the decode worker granted it. A reservation it no longer
+        holds sets `lost`. The call waits at most a third of the lease."""
         asked = time.monotonic()
         try:
             resp = await stub.Renew(decode_pb2.RenewRequest(
@@ -105,7 +105,7 @@ class Lease:
         except grpc.aio.AioRpcError as e:
             log.warning("decode lease not renewed, trying again", extra={
                 "request_id": self.res.request_id, "error": e.details()})
-            return True
+            return False
         if self.writing:  # it may have landed meanwhile: decode runs it now
             return False
         if not resp.renewed:
