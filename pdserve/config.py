@@ -221,6 +221,11 @@ class PrefillSettings(_Worker):
         "nixl", description="how cached blocks come from the kvstore: one-sided NIXL READs "
         "from its staging buffer (the gRPC stream where a store cannot stage), or the gRPC "
         "stream only")
+    kv_read_lanes: int = Field(
+        2, ge=0, le=16, description="NIXL agents of their own, each on a thread of its own, "
+        "that READ cached blocks from the kvstore and hash them, side by side where the "
+        "forward waits (whole blocks, layer group 0), one where it computes meanwhile (0 = "
+        "the worker's own agent READs, on its event loop)")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV transfer")
     worker_id: str = Field("", description="worker id (default: prefill-<pid>)")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "

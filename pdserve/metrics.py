@@ -237,20 +237,26 @@ class StagingCollector(Collector):
 
 
 class StoreReadCollector(Collector):
-    """A prefill worker's NIXL READs from the kvstores (services/transfer.py), read at scrape
-    time: READs that failed (their blocks then computed again: a hit lost), and the times a
-    store's regions were forgotten because it had closed some (a reload, not an error)."""
+    """A prefill worker's NIXL READs (services/transfer.py; its own agent's and its read
+    lanes'), read at scrape time: READs that landed, READs of staged blocks that failed (those
+    blocks then computed again: a hit lost), and the times a store's regions were forgotten
+    because it had closed some (a reload, not an error)."""
 
     def __init__(self, endpoint: NixlEndpoint) -> None:
         self._endpoint = endpoint
 
     def collect(self) -> Iterator[Metric]:
-        e = self._endpoint
+        readers = [self._endpoint, *(lane.endpoint for lane in self._endpoint.lanes)]
+        eps = [e for e in readers if e is not None]  # with its read lanes, once made
         for name, help_, value in (
+                ("store_reads", "NIXL READs that landed (blocks staged by a kvstore; a "
+                 "pipeline stage's pages from the stage before)",
+                 sum(e.reads for e in eps)),
                 ("store_read_failures", "NIXL READs of staged blocks that failed or timed out "
-                 "(those blocks then computed again)", e.read_failures),
+                 "(those blocks then computed again)", sum(e.read_failures for e in eps)),
                 ("store_regions_forgotten", "times a kvstore's regions were forgotten, it "
-                 "having closed some since they were loaded", e.regions_forgotten)):
+                 "having closed some since they were loaded",
+                 sum(e.regions_forgotten for e in eps))):
             c = CounterMetricFamily(f"pdserve_prefill_{name}", help_)
             c.add_metric([], value)
             yield c

@@ -102,7 +102,8 @@ class PrefillWorker:
                  chunk_tokens: int = 2048, transfer_timeout_s: float = 30.0,
                  device: str = "cpu", agent_name: str = "prefill",
                  batch_wait_s: float = 0.0, fetch_layer_groups: int = 1,
-                 fetch_nixl: bool = False, turns: CpuTurns | None = None,
+                 fetch_nixl: bool = False, read_lanes: int = 2,
+                 turns: CpuTurns | None = None,
                  wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None,
                  prefill_slack: float = PREFILL_SLACK,
                  deferral: Deferral = Deferral()) -> None:
@@ -127,7 +128,8 @@ class PrefillWorker:
         # Parts per fetched block (layer groups); 1 = whole blocks, loaded before compute.
         self.fetch_layer_groups = fetch_layer_groups
         self.fetch_nixl = fetch_nixl  # READ blocks from the stores' staging buffers over NIXL
-        self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool)
+        self.endpoint = NixlEndpoint(f"{agent_name}-{self.epoch}", self.pool,
+                                     read_lanes if fetch_nixl else 0)
         phase("NIXL registration")
         self.transfer_timeout_s = transfer_timeout_s
         self.load = PrefillLoad()
@@ -181,10 +183,11 @@ class PrefillWorker:
         self.thread.stop()
 
     async def connect_stores(self, within_s: float = 60.0) -> int:
-        """Connects this worker's NIXL agent to every kvstore shard's staging agent ahead of
-        the first fetch (a `Stage` of no blocks answers the agent's metadata): the first READ
-        from a store otherwise sets up the connection on a request's time. Shards not up yet
-        are asked again until `within_s`; returns how many were connected."""
+        """Connects this worker's NIXL agent (and its read lanes) to every kvstore shard's
+        staging agent ahead of the first fetch (a `Stage` of no blocks answers the agent's
+        metadata): the first READ from a store otherwise sets up the connection on a
+        request's time. Shards not up yet are asked again until `within_s`; returns how many
+        were connected."""
         if not self.fetch_nixl or not self.kvstore.enabled:
             return 0
         todo = set(range(len(self.kvstore.shards)))
@@ -202,6 +205,8 @@ class PrefillWorker:
                 try:
                     name = self.endpoint.remote(resp.agent_name, resp.agent_metadata)
                     self.endpoint.agent.make_connection(name)
+                    for lane in self.endpoint.lanes:
+                        await lane.connect(resp.agent_name, resp.agent_metadata)
                     connected += 1
                 except Exception as e:  # noqa: BLE001 - the first READ connects instead
                     log.info("kvstore NIXL agent not connected ahead",

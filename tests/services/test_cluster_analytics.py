@@ -212,6 +212,9 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
             assert not any(k.startswith("pdserve_cached_tokens") for k in after[name]), name
     pre0, pre1 = before["prefill-0"], after["prefill-0"]
     assert pre1["pdserve_prefill_store_read_failures_total"] == 0  # no hit lost to a READ
+    # the hits came by NIXL READ (on the worker's read lanes, by default)
+    assert (pre1["pdserve_prefill_store_reads_total"]
+            > pre0.get("pdserve_prefill_store_reads_total", 0))
     assert "pdserve_prefill_store_regions_forgotten_total" in pre1
     # The deadline order's rate, measured from the prefill steps run, and its late prompts.
     assert pre1["pdserve_prefill_rate_tokens_per_second"] > 0

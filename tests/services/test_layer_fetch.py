@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from pdserve.cache.block_hash import BlockHash, block_hashes, cacheable_blocks
 from pdserve.cache.codec import HEADER_SIZE, encode_block
 from pdserve.cache.store import BlockStore
 from pdserve.services.kvstore_client import KVStoreClient, rendezvous
+from pdserve.services.prefill import layer_fetch
 from pdserve.services.prefill.layer_fetch import (
     STAGE_CHUNK_BLOCKS,
     STAGE_CHUNK_BLOCKS_LAYERED,
@@ -22,6 +24,7 @@ from pdserve.services.prefill.layer_fetch import (
     layer_groups,
 )
 from pdserve.services.prefill.worker import PrefillWorker
+from pdserve.services.transfer import ReadLane
 from pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from tests.helpers import async_wait_until, start_shard
 from tests.helpers import kv_rows as rows
@@ -31,17 +34,30 @@ _ids = itertools.count()
 _worker: list[PrefillWorker] = []
 
 
-def worker(loaded, kvstore: KVStoreClient, groups: int, nixl: bool = False) -> PrefillWorker:
-    """One prefill worker for the module (its pool and NIXL agent live as long as the test
-    session), pointed at this test's store with this test's fetch settings."""
+_lanes: list[ReadLane] = []
+
+
+def worker(loaded, kvstore: KVStoreClient, groups: int, nixl: bool = False,
+           lanes: int = 2) -> PrefillWorker:
+    """One prefill worker for the module (its pool, NIXL agent and two read lanes live as long
+    as the test session), pointed at this test's store with this test's fetch settings: READs
+    on `lanes` of its read lanes (0: on its own agent)."""
     if not _worker:
-        w = PrefillWorker(loaded, num_pages=40, kvstore=kvstore, agent_name="layer-fetch")
+        w = PrefillWorker(loaded, num_pages=40, kvstore=kvstore, agent_name="layer-fetch",
+                          fetch_nixl=True, read_lanes=2)
         w.start()
         _worker.append(w)
+        _lanes.extend(w.endpoint.lanes)
     w = _worker[0]
     assert w.pool.num_free == w.pool.num_pages, "a test before this one kept pages"
     w.kvstore, w.fetch_layer_groups, w.fetch_nixl = kvstore, groups, nixl
+    w.endpoint.lanes = _lanes[:lanes]
     return w
+
+
+def reads(w: PrefillWorker) -> tuple[int, list[int]]:
+    """READs landed on the worker's own agent, and on each of its read lanes."""
+    return w.endpoint.reads, [lane.endpoint.reads if lane.endpoint else 0 for lane in _lanes]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -248,10 +264,12 @@ async def test_bad_part_cuts_are_refused_naming_the_field(tmp_path):
     await shard.stop()
 
 
-@pytest.mark.parametrize(("staging_mb", "groups", "in_place"), [
-    (64, 4, True), (64, 1, True), (64, 4, False), (4, 4, False), (64, 1, False)])
+@pytest.mark.parametrize(("staging_mb", "groups", "in_place", "lanes"), [
+    (64, 4, True, 2), (64, 1, True, 2), (64, 4, False, 2), (4, 4, False, 2), (64, 1, False, 2),
+    (64, 4, True, 0), (64, 1, True, 0)])
 async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, monkeypatch,
-                                                             staging_mb, groups, in_place):
+                                                             staging_mb, groups, in_place,
+                                                             lanes):
     """In place (the default): the store maps the blocks' segment files and every block is
     READ over NIXL where it lies, the buffer unused. Copied: 64 MiB holds the whole chain:
     every block is READ over NIXL (in 4 layer groups: one Stage of all 10 blocks; whole
@@ -259,11 +277,13 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
     READ), nothing goes through the gRPC stream, and each staged chunk's space is released by
     the reader's notification. 4 MiB holds one block: that one over NIXL, the rest through
     the stream, the space released. Every way the bytes and the token are those of whole
-    blocks loaded before computing."""
+    blocks loaded before computing. The READs are shared out among the worker's two read
+    lanes (all of whole blocks, group 0 of layer groups; a READ of one block goes to one
+    lane), or made by its own agent (no lanes)."""
     shard = await start_shard(tmp_path / "s", staging_mb=staging_mb, map_segments=in_place)
     staging = shard.staging
     client = KVStoreClient(shard.address, timeout_s=5.0)
-    w = worker(loaded, client, groups=groups, nixl=True)
+    w = worker(loaded, client, groups=groups, nixl=True, lanes=lanes)
     bt = w.layout.block_tokens
     keys, _, _ = await cold_then_store(w)
     want = cacheable_blocks(len(PROMPT), bt)
@@ -279,8 +299,19 @@ async def test_blocks_read_over_nixl_from_the_staging_buffer(loaded, tmp_path, m
 
     monkeypatch.setattr(KVStoreClient, "get_parts_from", count)
     p2 = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    own0, lanes0 = reads(w)
     first2, n2, _ = await fetch_and_compute(w, p2, keys[:want])
     assert n2 == want and first2 == first1
+    own1, lanes1 = reads(w)
+    # READs: one per group of each chunk staged (one chunk in layer groups, two of whole
+    # blocks), made by the agent, or by each lane that has a share of the chunk's blocks (the
+    # one block staged in 4 MiB: the second lane's share) in group 0, and by the first lane
+    # in later groups (READ while the forward computes).
+    chunk_reads = (1 if groups > 1 else 2) * groups
+    per_lane = ([groups - 1, 1] if staging_mb == 4 else [groups, 1] if groups > 1
+                else [chunk_reads] * 2)
+    assert (own1 - own0, [b - a for a, b in zip(lanes0, lanes1)]) == (
+        (0, per_lane) if lanes else (chunk_reads, [0, 0]))
     assert torch.equal(rows(w.pool, p1, len(PROMPT)), rows(w.pool, p2, len(PROMPT)))
     assert streamed == ([] if staging_mb == 64 else [want - 1])
     assert STAGE_CHUNK_BLOCKS == 8 and STAGE_CHUNK_BLOCKS_LAYERED >= want
@@ -407,6 +438,42 @@ async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path, monk
         r4 = await kvstore_pb2_grpc.KVStoreStub(ch).Stage(
             kvstore_pb2.StageRequest(keys=keys[3:4]))
         assert len(r4.blocks) == 1 and r4.regions_closed == 1
+    await shard.stop()
+
+
+async def test_a_cancelled_fetch_ends_only_once_its_lanes_reads_have(loaded, tmp_path,
+                                                                      monkeypatch):
+    """A read lane READs and hashes on a thread of its own: a fetch cancelled meanwhile (its
+    request gone) ends only once that READ has ended, so the request's pages are never given
+    back while a lane still writes into them."""
+    shard = await start_shard(tmp_path / "s", staging_mb=64)
+    client = KVStoreClient(shard.address, timeout_s=5.0)
+    w = worker(loaded, client, groups=1, nixl=True)
+    keys, _, _ = await cold_then_store(w)
+    want = cacheable_blocks(len(PROMPT), w.layout.block_tokens)
+    entered, go = threading.Event(), threading.Event()
+    real = LayerLoad.hash_landed
+
+    def held(self, blocks, part):  # on a lane's thread, right after its READ landed
+        entered.set()
+        go.wait(10)
+        real(self, blocks, part)
+
+    monkeypatch.setattr(LayerLoad, "hash_landed", held)
+    pages = w.pool.reserve(w.layout.pages_for(len(PROMPT)))
+    load = LayerLoad(w.pool, w.fingerprint, keys[:want], pages, 1)
+    task = asyncio.create_task(layer_fetch.fetch(load, client, w.endpoint, 5.0))
+    await async_wait_until(entered.is_set, 10)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=0.3)
+    assert not done and any(lane.busy for lane in _lanes)  # waits for the lane
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(lane.busy for lane in _lanes)
+    await async_wait_until(lambda: shard.staging.leased == 0, 10)  # its chunks released
+    w.pool.release(pages)
+    await client.close()
     await shard.stop()
 
 
@@ -545,14 +612,16 @@ async def test_a_slow_fetch_holds_up_no_prompt_queued_with_it(loaded, tmp_path):
 
 async def test_the_worker_connects_to_the_stores_staging_agents_ahead(loaded, tmp_path):
     """At start a prefill worker asks each shard for its staging agent (a Stage of no blocks:
-    nothing staged, nothing leased) and connects to it, so the first READ does not; a shard
-    without staging is left to the stream; a worker that does not fetch over NIXL skips it."""
+    nothing staged, nothing leased) and connects to it, its read lanes too, so the first READ
+    does not; a shard without staging is left to the stream; a worker that does not fetch over
+    NIXL skips it."""
     shard = await start_shard(tmp_path / "s", staging_mb=4)
     plain = await start_shard(tmp_path / "p")
     client = KVStoreClient(f"{shard.address},{plain.address}", timeout_s=5.0)
     w = worker(loaded, client, groups=4, nixl=True)
     assert await w.connect_stores(within_s=1.0) == 1
     assert shard.staging.name in w.endpoint._remote_md
+    assert all(shard.staging.name in lane.endpoint._remote_md for lane in _lanes)  # each lane
     assert shard.staging.leased == 0 and shard.staging.staged_blocks == 0
     w.fetch_nixl = False
     assert await w.connect_stores(within_s=1.0) == 0
