@@ -8,9 +8,11 @@
 2. Lookup latency of a 256-block chain through gRPC;
 3. warm / cold time to first token of a 2,048-token prompt (>= 1,920 tokens cached), with the
    cached blocks fetched whole before computing, in layer groups while computing, and by NIXL
-   READ from the kvstore's staging buffer in layer groups (the default).
+   READ from the kvstore's staging buffer in layer groups (the default), against its floor
+   (a plain read of the cached blocks' bytes + the suffix's prefill alone), the floor timed
+   both back to back and after the same quiet as the warm request (IDLE_S).
 
-Usage: python bench/bench_store.py [--blocks 64] [--batch 8] [--skip-ttft]
+Usage: python bench/bench_store.py [--blocks 64] [--batch 8] [--read-lanes 2] [--skip-ttft]
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def store_io(path: Path, blocks, batch: int) -> tuple[float, float, float]:
     return t_put, t_get, t_into
 
 
-async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[float]]:
+async def grpc_io(path: Path, blocks, batch: int, read_lanes: int
+                  ) -> tuple[float, float, float, list[float]]:
     """The kvstore service in its own process (as deployed), the client here."""
     from pdserve.services.kvstore_client import KVStoreClient, StoreBlock
 
@@ -120,7 +123,7 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
         for i in range(0, len(keys), batch):
             assert len(await client.get(keys[i:i + batch])) == len(keys[i:i + batch])
         t_get = time.perf_counter() - t0
-        t_nixl = await nixl_reads(client, keys)
+        t_nixl = await nixl_reads(client, keys, read_lanes)
         chain = block_hashes("bench", "lookup", list(range(64 * 256)), 64)
         lat = []
         for _ in range(200):
@@ -134,18 +137,19 @@ async def grpc_io(path: Path, blocks, batch: int) -> tuple[float, float, list[fl
     return t_put, t_get, t_nixl, lat
 
 
-async def nixl_reads(client, keys) -> float:
+async def nixl_reads(client, keys, read_lanes: int) -> float:
     """The bulk read prefill makes (services/prefill/layer_fetch.py, whole blocks): Stage
     calls of a few blocks each, the next staged while this one is READ over NIXL straight into
     KV pages; each page checked against its header's checksum, each chunk's staging space
-    released. Best of 3 passes over the chain."""
+    released; the READs shared out among `read_lanes` read lanes, as a prefill worker's
+    (`--kv-read-lanes`). Best of 3 passes over the chain."""
     from pdserve.engine.kv_pool import KVPool
     from pdserve.services.prefill.layer_fetch import LayerLoad, fetch
     from pdserve.services.transfer import NixlEndpoint
 
     pool = KVPool(LAYOUT, len(keys))
     pool.prefault()  # as a serving worker's pool is
-    ep = NixlEndpoint("bench-reader", pool)
+    ep = NixlEndpoint("bench-reader", pool, read_lanes)
     times = []
     for _ in range(3):
         load = LayerLoad(pool, LAYOUT.fingerprint(), keys, list(range(len(keys))), 1)
@@ -189,8 +193,9 @@ def ttft(repeats: int, groups: int, how: str) -> tuple[float, float, int, int]:
                            and time.monotonic() < deadline):
                         time.sleep(0.1)
                     # ... and the end of that write (the prefill's Put call, the store's sync
-                    # after its last block counts): the warm request is timed on its own.
-                    time.sleep(0.5)
+                    # after its last block counts): the warm request is timed on its own,
+                    # arriving after IDLE_S of quiet, as its floor's runs are.
+                    time.sleep(IDLE_S)
                     b = c.generate(token_ids=prompt, max_tokens=1, cache_salt=salt)
                     if i >= 0:
                         cold.append(a.ttft_s)
@@ -202,7 +207,8 @@ def suffix_alone(tokens: int, cached: int, runs: int) -> None:
     """(A child process, set up as a prefill worker is: the model loaded in a passing thread,
     the engine stepping on its own thread, `pdserve up`'s OpenMP settings.) Prints the
     median seconds of computing the last `tokens - cached` tokens of the TTFT prompt with
-    the KV of the first `cached` in place."""
+    the KV of the first `cached` in place: of `runs` back to back, then of `runs` each after
+    IDLE_S of quiet."""
     import threading
 
     from pdserve.engine.engine import LLMEngine
@@ -226,9 +232,11 @@ def suffix_alone(tokens: int, cached: int, runs: int) -> None:
     times: list[float] = []
 
     def run() -> None:
-        for i in range(runs + 1):  # the first warms up
+        for i in range(2 * runs + 1):  # the first warms up
             seq = Sequence(f"s{i}", prompt, SamplingParams(max_tokens=1), pages,
                            num_computed=cached, stop_after_prefill=True)
+            if i > runs:
+                time.sleep(IDLE_S)
             t0 = time.perf_counter()
             eng.add(seq)
             while eng.has_work:
@@ -238,30 +246,44 @@ def suffix_alone(tokens: int, cached: int, runs: int) -> None:
     t = threading.Thread(target=run, name="engine")
     t.start()
     t.join()
-    print(statistics.median(times[1:]))
+    print(statistics.median(times[1:runs + 1]), statistics.median(times[runs + 1:]))
 
 
-def ttft_floor(tokens: int, cached: int, runs: int = 5) -> tuple[float, float]:
+# The quiet before each warm request and each idle floor run. On these 2-core VMs work that
+# starts after a pause runs slower (the suffix alone: 233-283 ms after 0.5 s of quiet against
+# 184-212 ms back to back; a 189 MB file read 2.4x slower after 0.2 s), so a floor timed
+# back to back is not the floor of a request that arrives at an idle cluster.
+IDLE_S = 0.5
+
+
+def ttft_floor(tokens: int, cached: int, runs: int = 5) -> tuple[float, float, float, float]:
     """The warm TTFT's floor, measured here: a plain read of the cached blocks' bytes (a file
     on the same disk, page cache warm as the store's is; best of 3) and the suffix's prefill
-    alone (a child process set up as a prefill worker; median of `runs`)."""
+    alone (a child process set up as a prefill worker; median of `runs`). Returns (read,
+    suffix) back to back, then (read, suffix) each run after IDLE_S of quiet, as the warm
+    request is."""
     from pdserve.cluster import PREFILL_OMP_ENV
 
     blocks = make_blocks(cached // LAYOUT.block_tokens)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         path = Path(d) / "cached.bin"
         path.write_bytes(b"".join(v for _, v in blocks))
-        reads = []
-        for _ in range(3):
+
+        def read(idle: float) -> float:
+            time.sleep(idle)
             t0 = time.perf_counter()
             with open(path, "rb") as f:
                 for _, v in blocks:
                     assert len(f.read(len(v))) == len(v)
-            reads.append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+        hot = min(read(0) for _ in range(3))
+        idle = min(read(IDLE_S) for _ in range(3))
     out = subprocess.run([sys.executable, __file__, "--suffix-alone", str(tokens), str(cached),
                           str(runs)], env={**os.environ, **PREFILL_OMP_ENV}, check=True,
                          capture_output=True, text=True).stdout
-    return min(reads), float(out.split()[-1])
+    suffix_hot, suffix_idle = (float(x) for x in out.split()[-2:])
+    return hot, suffix_hot, idle, suffix_idle
 
 
 def main() -> None:
@@ -270,6 +292,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--read-lanes", type=int, default=2,
+                    help="read lanes of the NIXL bulk read (a prefill worker's --kv-read-lanes; "
+                    "the TTFT clusters' workers take theirs from PDSERVE_KV_READ_LANES)")
     ap.add_argument("--rounds", type=int, default=2, help="TTFT rounds (each: both fetch modes)")
     ap.add_argument("--suffix-alone", type=int, nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -286,7 +311,7 @@ def main() -> None:
         fw, fr, fri = file_io(Path(d) / "plain.bin", blocks, args.batch)
         sp, sg, sgi = store_io(Path(d) / "store", blocks, args.batch)
         gp, gg, gn, lat = asyncio.run(grpc_io(Path(d) / "grpc", make_blocks(args.blocks),
-                                              args.batch))
+                                              args.batch, args.read_lanes))
     gbps = lambda t: f"{total / t / 1e9:.2f} GB/s ({args.blocks / t:.0f} blocks/s)"  # noqa: E731
     rows = [
         ("put, store (segment + RocksDB, synced)", gbps(sp), f"{fw / sp:.2f}x file write"),
@@ -295,7 +320,8 @@ def main() -> None:
         ("get, store (verified), new bytes objects, best of 3", gbps(sg),
          f"{fr / sg:.2f}x file read"),
         ("get, through gRPC (kvstore process)", gbps(gg), f"{fr / gg:.2f}x file read"),
-        ("get, NIXL READ from kvstore staging (verified), best of 3", gbps(gn),
+        (f"get, NIXL READ from kvstore staging (verified), {args.read_lanes} read lanes, "
+         "best of 3", gbps(gn),
          f"{fr / gn:.2f}x file read"),
         ("plain file read, new bytes objects, best of 3", gbps(fr), "1.00x"),
         ("get_into, store (verified), into a buffer, best of 3", gbps(sgi),
@@ -314,7 +340,8 @@ def main() -> None:
                  (4, "grpc"): "gRPC, 4 layer groups, overlapped",
                  (4, "nixl"): "NIXL READ, 4 layer groups, overlapped (default)"}
         res: dict[tuple[int, str], list[tuple[float, float]]] = {m: [] for m in modes}
-        floors: list[tuple[float, float]] = []  # (read, suffix) measured in each round
+        # (read, suffix) back to back, then (read, suffix) after quiet, measured in each round
+        floors: list[tuple[float, float, float, float]] = []
         for _ in range(args.rounds):
             for groups, how in modes:
                 print(f"TTFT, {modes[groups, how]} ...", file=sys.stderr, flush=True)
@@ -331,18 +358,20 @@ def main() -> None:
             rows += [(f"TTFT cold, {n} tokens ({label})", f"{c * 1000:.0f} ms", ""),
                      (f"TTFT warm, {cached} cached ({label})", f"{w * 1000:.0f} ms",
                       f"{w / c:.2f}x cold, {w / whole:.2f}x whole-block warm")]
-        read_s = statistics.median(r for r, _ in floors)
-        suffix_s = statistics.median(x for _, x in floors)
         w = statistics.median(x for _, x in res[4, "nixl"])
-        ratios = [wr / (r + x) for (_, wr), (r, x) in zip(res[4, "nixl"], floors)]
-        rows += [(f"floor: plain read of the {cached} cached tokens' blocks",
-                  f"{read_s * 1e3:.0f} ms", ""),
-                 (f"floor: the last {n - cached} tokens' prefill alone",
-                  f"{suffix_s * 1e3:.0f} ms", ""),
-                 ("TTFT warm (default) against its floor (read + suffix), median of the "
-                  f"rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios)})",
-                  f"{w * 1e3:.0f} / {(read_s + suffix_s) * 1e3:.0f} ms",
-                  f"{statistics.median(ratios):.2f}x floor")]
+        for label, at in ((f"after {IDLE_S} s of quiet, as the warm request", 2),
+                          ("back to back", 0)):
+            read_s = statistics.median(f[at] for f in floors)
+            suffix_s = statistics.median(f[at + 1] for f in floors)
+            ratios = [wr / (f[at] + f[at + 1]) for (_, wr), f in zip(res[4, "nixl"], floors)]
+            rows += [(f"floor ({label}): plain read of the {cached} cached tokens' blocks",
+                      f"{read_s * 1e3:.0f} ms", ""),
+                     (f"floor ({label}): the last {n - cached} tokens' prefill alone",
+                      f"{suffix_s * 1e3:.0f} ms", ""),
+                     (f"TTFT warm (default) against its floor ({label}), median of the "
+                      f"rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios)})",
+                      f"{w * 1e3:.0f} / {(read_s + suffix_s) * 1e3:.0f} ms",
+                      f"{statistics.median(ratios):.2f}x floor")]
         print()
         print(table(rows, ("figure", "value", "ratio")))
 
