@@ -351,7 +351,9 @@ class ReadLane:
 
     A lane knows the peer and its regions as an endpoint does (`remote`, `load_regions_now`:
     loaded in its thread before each READ; a lane READs one at a time, so it forgets regions
-    with none of its READs in flight). Notifications still go from the endpoint's agent."""
+    with none of its READs in flight). A stage's release goes from the first lane too
+    (`notify`), after that lane's READs. A lane whose agent could not be made fails its READs
+    (their blocks are computed) and logs why."""
 
     def __init__(self, name: str, pool: KVPool) -> None:
         self.name = name
@@ -376,8 +378,18 @@ class ReadLane:
         nothing from the store, may hold no connection to it)."""
         self._thread.submit(self._notify, peer, message)
 
+    def _made(self) -> NixlEndpoint | None:
+        """The lane's endpoint, on its thread; None (logged) if it could not be made."""
+        try:
+            return self._endpoint.result()
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own types
+            log.warning("read lane has no NIXL agent", extra={"lane": self.name,
+                                                              "error": str(e)})
+            return None
+
     def _notify(self, peer: kvstore_pb2.StageResponse, message: bytes) -> None:
-        ep = self._endpoint.result()
+        if (ep := self._made()) is None:
+            return
         try:
             remote = ep.remote(peer.agent_name, peer.agent_metadata)
         except Exception as e:  # noqa: BLE001 - unusable metadata: the lease frees it
@@ -406,7 +418,8 @@ class ReadLane:
 
     def _read_now(self, peer: kvstore_pb2.StageResponse, group: ReadGroup,
                   timeout_s: float) -> bool:
-        ep = self._endpoint.result()
+        if (ep := self._made()) is None:
+            return False
         try:
             remote = ep.remote(peer.agent_name, peer.agent_metadata)
             ep.load_regions_now(remote, peer.region_metadata, peer.regions_closed)
@@ -420,4 +433,5 @@ class ReadLane:
     @property
     def endpoint(self) -> NixlEndpoint | None:
         """The lane's endpoint once made (its counters; used by the lane's thread only)."""
-        return self._endpoint.result() if self._endpoint.done() else None
+        done = self._endpoint.done() and self._endpoint.exception() is None
+        return self._endpoint.result() if done else None

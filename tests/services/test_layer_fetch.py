@@ -477,6 +477,25 @@ async def test_a_cancelled_fetch_ends_only_once_its_lanes_reads_have(loaded, tmp
     await shard.stop()
 
 
+async def test_a_read_lane_without_an_agent_fails_its_reads_and_says_why(monkeypatch, caplog):
+    """A lane whose NIXL agent could not be made (on its thread, as the worker started) fails
+    each READ, so its blocks are computed, runs nothing after it, and logs why."""
+    from pdserve.engine.kv_pool import KVLayout, KVPool
+    from pdserve.services import transfer
+
+    def broken(name, pool):
+        raise RuntimeError("NIXL_ERR_BACKEND")
+
+    monkeypatch.setattr(transfer, "NixlEndpoint", broken)
+    lane = transfer.ReadLane("broken-lane", KVPool(KVLayout(1, 64, "float32"), num_pages=1))
+    ran: list[int] = []
+    peer = kvstore_pb2.StageResponse(agent_name="store", agent_metadata=b"md")
+    assert not await lane.read(peer, ([], []), 1.0, then=lambda: ran.append(1))
+    lane.notify(peer, b"release")  # dropped, logged
+    await async_wait_until(lambda: caplog.text.count("read lane has no NIXL agent") == 2, 5)
+    assert ran == [] and lane.busy == 0 and lane.endpoint is None
+
+
 async def test_a_reader_forgets_regions_the_store_closed(tmp_path):
     """A closed region's address range can be mapped again by a larger region. NIXL finds a
     remote address by the entry at or just before it, so an old entry inside the new region
