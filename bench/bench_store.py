@@ -256,12 +256,15 @@ def suffix_alone(tokens: int, cached: int, runs: int) -> None:
 IDLE_S = 0.5
 
 
-def ttft_floor(tokens: int, cached: int, runs: int = 5) -> tuple[float, float, float, float]:
+QUIET, BACK_TO_BACK = f"after {IDLE_S} s of quiet, as the warm request", "back to back"
+
+
+def ttft_floor(tokens: int, cached: int, runs: int = 5) -> dict[str, tuple[float, float]]:
     """The warm TTFT's floor, measured here: a plain read of the cached blocks' bytes (a file
     on the same disk, page cache warm as the store's is; best of 3) and the suffix's prefill
     alone (a child process set up as a prefill worker; median of `runs`). Returns (read,
-    suffix) back to back, then (read, suffix) each run after IDLE_S of quiet, as the warm
-    request is."""
+    suffix) timed each way: BACK_TO_BACK, and QUIET (each run after IDLE_S of quiet, as the
+    warm request is)."""
     from pdserve.cluster import PREFILL_OMP_ENV
 
     blocks = make_blocks(cached // LAYOUT.block_tokens)
@@ -283,7 +286,7 @@ def ttft_floor(tokens: int, cached: int, runs: int = 5) -> tuple[float, float, f
                           str(runs)], env={**os.environ, **PREFILL_OMP_ENV}, check=True,
                          capture_output=True, text=True).stdout
     suffix_hot, suffix_idle = (float(x) for x in out.split()[-2:])
-    return hot, suffix_hot, idle, suffix_idle
+    return {BACK_TO_BACK: (hot, suffix_hot), QUIET: (idle, suffix_idle)}
 
 
 def main() -> None:
@@ -340,8 +343,7 @@ def main() -> None:
                  (4, "grpc"): "gRPC, 4 layer groups, overlapped",
                  (4, "nixl"): "NIXL READ, 4 layer groups, overlapped (default)"}
         res: dict[tuple[int, str], list[tuple[float, float]]] = {m: [] for m in modes}
-        # (read, suffix) back to back, then (read, suffix) after quiet, measured in each round
-        floors: list[tuple[float, float, float, float]] = []
+        floors: list[dict[str, tuple[float, float]]] = []  # measured in each round
         for _ in range(args.rounds):
             for groups, how in modes:
                 print(f"TTFT, {modes[groups, how]} ...", file=sys.stderr, flush=True)
@@ -359,11 +361,10 @@ def main() -> None:
                      (f"TTFT warm, {cached} cached ({label})", f"{w * 1000:.0f} ms",
                       f"{w / c:.2f}x cold, {w / whole:.2f}x whole-block warm")]
         w = statistics.median(x for _, x in res[4, "nixl"])
-        for label, at in ((f"after {IDLE_S} s of quiet, as the warm request", 2),
-                          ("back to back", 0)):
-            read_s = statistics.median(f[at] for f in floors)
-            suffix_s = statistics.median(f[at + 1] for f in floors)
-            ratios = [wr / (f[at] + f[at + 1]) for (_, wr), f in zip(res[4, "nixl"], floors)]
+        for label in (QUIET, BACK_TO_BACK):
+            read_s = statistics.median(f[label][0] for f in floors)
+            suffix_s = statistics.median(f[label][1] for f in floors)
+            ratios = [wr / sum(f[label]) for (_, wr), f in zip(res[4, "nixl"], floors)]
             rows += [(f"floor ({label}): plain read of the {cached} cached tokens' blocks",
                       f"{read_s * 1e3:.0f} ms", ""),
                      (f"floor ({label}): the last {n - cached} tokens' prefill alone",

@@ -298,19 +298,21 @@ class _Staged:
         the store verifies them."""
         if not self.released:
             self.released = True
-            _release(self.endpoint, self.remote, self.resp, [
+            _release(self.endpoint, self.resp, [
                 j for j, i in enumerate(self.blocks) if i in self.load.mismatched])
 
 
-def _release(endpoint: NixlEndpoint, remote: str, resp: kvstore_pb2.StageResponse,
+def _release(endpoint: NixlEndpoint, resp: kvstore_pb2.StageResponse,
              mismatched: list[int]) -> None:
-    """Tells the store a staged chunk is READ (from the first read lane, if any)."""
+    """Tells the store a staged chunk is READ: from the first read lane, after its READs, if
+    there are lanes (the endpoint's own agent, having READ nothing from the store, may hold no
+    connection to it); else from the endpoint. Raises when the store's agent is unusable."""
     message = kvstore_pb2.StageRelease(stage_id=resp.stage_id,
                                        mismatched=mismatched).SerializeToString()
     if endpoint.lanes:
         endpoint.lanes[0].notify(resp, message)
     else:
-        endpoint.notify(remote, message)
+        endpoint.notify(endpoint.remote(resp.agent_name, resp.agent_metadata), message)
 
 
 async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: list[int],
@@ -412,7 +414,7 @@ async def _read_staged(load: LayerLoad, client: KVStoreClient, shard: int, idx: 
                   and (r := call.result()) is not None and r.blocks
                   and not any(s.resp is r for s in staged)):
                 try:
-                    _release(endpoint, endpoint.remote(r.agent_name, r.agent_metadata), r, [])
+                    _release(endpoint, r, [])
                 except Exception:  # noqa: BLE001 - unusable metadata: the lease frees it
                     log.warning("staged blocks left to their lease", extra={"shard": shard})
 
