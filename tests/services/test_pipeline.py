@@ -218,20 +218,24 @@ async def test_a_stage_never_released_frees_its_pages_after_the_timeout(loaded):
     ws = await workers(loaded)
     stage = ws[1][0]
     stage.stage.timeout_s = 1.0
+    call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
     try:
-        call = prefill_pb2_grpc.PrefillStub(channel(ws[1][2])).PrefillStage()
         await call.write(prefill_pb2.PipelineStageRequest(
             request_id="held", prompt_token_ids=PROMPT, layer_begin=0, layer_end=15,
             chunk_tokens=256))
         kinds = []
         while not kinds or kinds[-1] != "kv":
             kinds.append((await call.read()).WhichOneof("kind"))
-        assert kinds == ["hidden"] * 3 + ["kv"]
+        # A chunk slower than a third of the timeout is announced by a "waiting" message
+        # (a slow machine): the stage is there, and the order of what it sends is the same.
+        assert [k for k in kinds if k != "waiting"] == ["hidden"] * 3 + ["kv"]
         assert stage.pool.num_free < stage.pool.num_pages  # held for the caller's READ
         # The caller neither READs nor closes: after the timeout the stage lets go.
         assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
         await async_wait_until(lambda: stage.pool.num_free == stage.pool.num_pages, 10)
     finally:
+        call.cancel()  # (a failure above leaves the call open: the stage must still let go)
+        await async_wait_until(lambda: stage.pool.num_free == stage.pool.num_pages, 10)
         stage.stage.timeout_s = 30.0
 
 
