@@ -365,14 +365,14 @@ async def test_a_store_without_staging_or_a_corrupt_block_falls_back_safely(load
 
 
 async def test_staged_blocks_never_released_are_dropped_when_the_lease_ends(tmp_path):
-    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.2, map_segments=False)
+    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=1.0, map_segments=False)
     staging = shard.staging
     keys = block_hashes("ns", "", list(range(128)), 64)
     shard.store.put_many([(k, encode_block(k, "fp", 64, bytes(300_000))) for k in keys])
     async with grpc.aio.insecure_channel(shard.address) as ch:
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
         r = await stub.Stage(kvstore_pb2.StageRequest(keys=keys))
-        assert len(r.blocks) == 2 and r.agent_name == staging.name and r.lease_s == 0.2
+        assert len(r.blocks) == 2 and r.agent_name == staging.name and r.lease_s == 1.0
         assert [b.length for b in r.blocks] == [300_000, 300_000]
         assert staging.extents.free_bytes == (1 << 20) - 2 * (HEADER_SIZE + 300_000)
         # Full: the next request is refused, naming the way around.
@@ -399,7 +399,7 @@ async def test_blocks_staged_in_place_lie_in_mapped_segment_files(tmp_path, monk
     from pdserve.services.kvstore import staging as staging_module
 
     monkeypatch.setattr(staging_module, "MAX_MAPPED_SEGMENTS", 1)
-    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=0.3,
+    shard = await start_shard(tmp_path / "s", staging_mb=1, lease_s=1.0,
                               segment_bytes=1_000_000)
     staging = shard.staging
     keys = block_hashes("ns", "", list(range(512)), 64)
