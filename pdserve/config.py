@@ -264,6 +264,9 @@ class GatewaySettings(_Served):
     lookup_timeout_s: float = Field(1.0, gt=0, description="deadline of a kvstore Lookup")
     worker_timeout_s: float = Field(3.0, gt=0, description="drop a worker silent this long")
     rpc_timeout_s: float = Field(120.0, gt=0, description="deadline of internal calls")
+    drain_timeout_s: float = Field(25.0, ge=0, description="on SIGTERM, out of readiness on "
+                                   "both ports, wait this long for the requests in flight "
+                                   "(gRPC and HTTP) to finish before stopping")
     data_dir: Path = Field(Path("data"), description="directory holding the request ledger "
                            "(DATA_DIR/ledger)")
     ledger: bool = Field(True, description="write one ledger row per request")

@@ -97,9 +97,18 @@ async def run(settings: GatewaySettings) -> None:
                                          "http_port": edge.port if edge else None})
 
     async def drain() -> None:
-        readiness.draining = True  # GET /health answers 503 from now on
+        # Out of readiness on both ports (GET /health 503, gRPC health NOT_SERVING), then the
+        # requests in flight finish, whichever edge they came by: HTTP requests run on the
+        # servicer, not on the gRPC server, whose stop would not wait for them.
+        readiness.draining = True
+        left = await gateway.requests_ended(settings.drain_timeout_s)
+        if left:
+            log.warning("requests still running when the drain timed out: they are cancelled",
+                        extra={"requests": left, "drain_timeout_s": settings.drain_timeout_s})
 
     async def cleanup() -> None:
+        if edge is not None:  # before the channels close: what still runs ends first
+            await edge.stop()
         stop.set()
         await watcher
         if sampler is not None:
@@ -110,7 +119,5 @@ async def run(settings: GatewaySettings) -> None:
             await asyncio.to_thread(ledger.close)  # every queued row is written
         if internal is not None:
             await internal.stop(2)
-        if edge is not None:
-            await edge.stop()  # in-flight HTTP requests finish (uvicorn's graceful shutdown)
 
     await serve_until_signal(server, health, cleanup, drain=drain)

@@ -114,8 +114,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
 
 class Readiness:
-    """Whether the gateway serves, for the HTTP edge's GET /health: ready (a prefill and a
-    decode worker in rotation, the store reachable) and not draining."""
+    """Whether the gateway serves, for the HTTP edge's GET /health and the gRPC health
+    service: ready (a prefill and a decode worker in rotation, the store reachable) and not
+    draining."""
 
     def __init__(self) -> None:
         self.ready = False
@@ -143,6 +144,7 @@ async def watch_readiness(registry: WorkerRegistry, health_servicer: HealthServi
                  and bool(registry.active(Role.DECODE)))
         if readiness is not None:
             readiness.ready = ready
+            ready = readiness.serving()  # a draining gateway is not ready either
         if ready != last:
             status = SERVING if ready else NOT_SERVING
             await health_servicer.set("", status)

@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.cache.ledger import run_query
 from pdserve.client import Client
@@ -176,23 +177,33 @@ def test_a_client_that_goes_away_cancels_its_request(cluster, api, model):
 
 
 def test_sigterm_drains_http_and_grpc_gracefully(tmp_path):
-    """A stream in flight when the gateway gets SIGTERM finishes; meanwhile /health says 503;
-    then both ports close and the gateway exits 0."""
-    with local_cluster(tmp_path) as c:
+    """Streams in flight when the gateway gets SIGTERM, one by HTTP and one by gRPC, finish
+    whole; meanwhile /health says 503; then both ports close and the gateway exits 0. (HTTP
+    requests run on the gateway's servicer, not on its gRPC server: on a slow machine the
+    channels to the workers once closed under a stream the gRPC server's stop did not wait
+    for.) The drain may take long here: a slow machine streams a few tokens a second."""
+    with local_cluster(tmp_path, extra_env={"PDSERVE_DRAIN_TIMEOUT_S": "120"}) as c:
         api = openai.OpenAI(base_url=c.http_url + "/v1", api_key="unused", max_retries=0)
         model = api.models.list().data[0].id
         got: dict = {}
 
         def stream() -> None:
-            got["text"] = "".join(
-                ch.choices[0].delta.content or "" for ch in api.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": QUESTION}],
-                    max_tokens=60, temperature=0, stream=True, extra_body={"ignore_eos": True})
-                if ch.choices)
+            chunks = list(api.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=60, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True}))
+            got["finish"] = [ch.choices[0].finish_reason for ch in chunks
+                             if ch.choices and ch.choices[0].finish_reason]
+            got["tokens"] = chunks[-1].usage.completion_tokens
 
-        t = threading.Thread(target=stream)
-        t.start()
-        wait_until(lambda: busy(c), 30, interval_s=0.02, what="the stream running")
+        def grpc_stream() -> None:
+            with Client(c.gateway_address) as g:
+                got["grpc"] = g.generate(prompt=QUESTION, max_tokens=60, ignore_eos=True)
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=grpc_stream)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: busy(c, 2), 30, interval_s=0.02, what="both streams running")
         gw = c.service("gateway").proc
         gw.send_signal(signal.SIGTERM)
         codes = []
@@ -206,21 +217,35 @@ def test_sigterm_drains_http_and_grpc_gracefully(tmp_path):
             except OSError:
                 return -1
 
+        def grpc_health() -> int:
+            try:
+                with grpc.insecure_channel(c.gateway_address) as ch:
+                    return health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            except grpc.RpcError:
+                return -1
+
         wait_until(lambda: codes.append(health()) or codes[-1] != 200, 10, interval_s=0.02,
                    what="/health leaving 200")
-        t.join(60)
+        # Out of readiness on the gRPC port too (the server stops only once the streams
+        # have ended).
+        wait_until(lambda: grpc_health() == health_pb2.HealthCheckResponse.NOT_SERVING, 10,
+                   interval_s=0.02, what="gRPC health NOT_SERVING")
+        for t in threads:
+            t.join(60)
         assert 503 in codes, codes
-        assert len(got.get("text", "")) > 0  # the stream in flight finished
+        assert got.get("finish") == ["length"] and got.get("tokens") == 60, got  # whole
+        assert got["grpc"].completion_tokens == 60 and got["grpc"].finish_reason == "length"
         assert wait_until(lambda: gw.poll() is not None, 30, what="the gateway exits") \
             is not None
         assert gw.returncode == 0
         assert health() == -1  # the HTTP port is closed
 
 
-def busy(c) -> bool:
+def busy(c, n: int = 1) -> bool:
     with grpc.insecure_channel(c.gateway_address) as ch:
         st = gateway_pb2_grpc.GatewayStub(ch).Stats(gateway_pb2.ClusterStatsRequest())
-    return st.requests_in_flight > 0
+    return st.requests_in_flight >= n
 
 
 def test_an_error_after_the_stream_started_is_an_error_event(tmp_path):
