@@ -203,6 +203,19 @@ def write_ready_file(path: Path | None, port: int, **extra: Any) -> None:
     tmp.replace(path)  # atomic: readers never see half a file
 
 
+async def wait_until_idle(busy: Callable[[], bool], timeout_s: float,
+                          settle_s: float = 0.0) -> bool:
+    """Draining: after `settle_s` (for a worker, the time for its load report to take it out
+    of rotation), waits until nothing accepted is left, or `timeout_s`; returns whether
+    nothing is."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    await asyncio.sleep(settle_s)
+    while busy() and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    return not busy()
+
+
 async def serve_until_signal(
     server: grpc.aio.Server,
     health_servicer: HealthServicer,

@@ -28,7 +28,13 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.metrics import serve_metrics
 from pdserve.services.errors import InvalidArgument
 from pdserve.services.registration import Registrations
-from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.server import (
+    SERVING,
+    create_server,
+    serve_until_signal,
+    wait_until_idle,
+    write_ready_file,
+)
 from pdserve.startup import PHASES, phase
 from pdserve.v1 import common_pb2
 
@@ -147,16 +153,6 @@ def _group_failed(e: BaseException) -> None:
     os._exit(70)
 
 
-async def wait_until_idle(busy: Callable[[], bool], timeout_s: float) -> None:
-    """Draining: once out of rotation (the load report says so), waits until nothing accepted
-    is left, or `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    await asyncio.sleep(DRAIN_SETTLE_S)
-    while busy() and loop.time() < deadline:
-        await asyncio.sleep(0.1)
-
-
 def in_passing_thread(fn: Callable[[], T]) -> T:
     """Runs fn in a thread that then exits, and returns its result.
 
@@ -257,7 +253,7 @@ async def serve_worker(role: str, settings: WorkerSettings, worker: ServedWorker
         worker.draining = True
         if changed is not None:
             changed.set()
-        await wait_until_idle(busy, settings.drain_timeout_s)
+        await wait_until_idle(busy, settings.drain_timeout_s, settle_s=DRAIN_SETTLE_S)
 
     async def stop_all() -> None:
         stop.set()

@@ -26,7 +26,13 @@ from pdserve.services.gateway.http_edge import Edge, HTTPEdge, bind
 from pdserve.services.gateway.membership import Readiness, RegistryServicer, watch_readiness
 from pdserve.services.gateway.servicer import GatewayServicer
 from pdserve.services.kvstore_client import KVStoreClient
-from pdserve.services.server import SERVING, create_server, serve_until_signal, write_ready_file
+from pdserve.services.server import (
+    SERVING,
+    create_server,
+    serve_until_signal,
+    wait_until_idle,
+    write_ready_file,
+)
 from pdserve.startup import PHASES, phase
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 
@@ -101,10 +107,11 @@ async def run(settings: GatewaySettings) -> None:
         # requests in flight finish, whichever edge they came by: HTTP requests run on the
         # servicer, not on the gRPC server, whose stop would not wait for them.
         readiness.draining = True
-        left = await gateway.requests_ended(settings.drain_timeout_s)
-        if left:
+        if not await wait_until_idle(lambda: gateway.requests_in_flight > 0,
+                                     settings.drain_timeout_s):
             log.warning("requests still running when the drain timed out: they are cancelled",
-                        extra={"requests": left, "drain_timeout_s": settings.drain_timeout_s})
+                        extra={"requests": gateway.requests_in_flight,
+                               "drain_timeout_s": settings.drain_timeout_s})
 
     async def cleanup() -> None:
         if edge is not None:  # before the channels close: what still runs ends first

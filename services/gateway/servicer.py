@@ -5,7 +5,6 @@ outcome, leaves one ledger row and its Prometheus counts (accounting.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -79,9 +78,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             s.rpc_timeout_s, s.prefill_retries, s.migrate, s.migrate_retries,
             s.prefix_wait_tokens, s.prefix_wait_s))
         self._inflight: dict[str, InFlight] = {}
-        self._running = 0  # generate() calls not yet ended, from either edge
-        self._none_running = asyncio.Event()
-        self._none_running.set()
 
     def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant | None:
         """The tenant of a call's headers (Unauthenticated without a known token), None when
@@ -114,8 +110,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         client = None
         if self.metrics:
             self.metrics.in_flight.inc()
-        self._running += 1
-        self._none_running.clear()
         try:
             tenant = self.tenant_of(metadata)
             if tenant is not None:
@@ -149,9 +143,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if self.metrics:
                 self.metrics.in_flight.dec()
             self.acct.record(rec)
-            self._running -= 1
-            if not self._running:
-                self._none_running.set()
 
     def _flow(self, request: gateway_pb2.GenerateRequest, rec: Outcome,
               tenant: Tenant | None) -> GenerateFlow:
@@ -247,7 +238,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._tenant(context)
         active = [w for role in Role for w in self.registry.active(role.value)]
         return gateway_pb2.ClusterStatsResponse(
-            requests_in_flight=len(self._inflight),
+            requests_in_flight=self.requests_in_flight,
             workers=[gateway_pb2.WorkerStats(
                 worker_id=w.spec.worker_id, role=w.spec.role.value, address=w.spec.address,
                 epoch=w.spec.epoch, in_rotation=w.in_rotation and w in active,
@@ -259,12 +250,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 due_s=w.load.due_s, defer_wait_s=w.load.defer_wait_s)
                 for w in sorted(self.registry.workers.values(), key=lambda w: w.spec.worker_id)])
 
-    async def requests_ended(self, within_s: float) -> int:
-        """Waits up to `within_s` for every request running here to end, whichever edge it
-        came by; returns how many still run."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._none_running.wait(), max(within_s, 0.0))
-        return self._running
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests running through the cluster from either edge (admitted, not yet ended)."""
+        return len(self._inflight)
 
     async def close(self) -> None:
         await self.clients.close()
