@@ -1,10 +1,12 @@
 """`pdserve up` on a machine whose cores other work also uses: two concurrent 60-token
 streams (ignore_eos) through a local cluster, with the machine idle and with one process
-spinning on a core, for the workers' default OpenMP settings and the ones that trade idle
-speed for a busy machine (PDSERVE_THREADS=1, OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=10000).
-Each setting in its own cluster: one untimed round, then the median of `--rounds`.
+spinning on a core, for the workers' defaults (decode's thread governor on:
+services/cpu_share.py), the governor off (PDSERVE_ADAPT_THREADS=0), and the settings that
+trade idle speed for a busy machine (PDSERVE_THREADS=1, OMP_WAIT_POLICY=PASSIVE,
+GOMP_SPINCOUNT=10000; `--all`). Each setting in its own cluster: one untimed round, then the
+median of `--rounds`.
 
-Usage: python bench/bench_shared_cores.py [--rounds 3]
+Usage: python bench/bench_shared_cores.py [--rounds 3] [--all]
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table
 
 SPIN = "import time\nwhile True:\n    time.time()\n"
-SETTINGS = [("idle", {}), ("idle", {"OMP_WAIT_POLICY": "PASSIVE"}),
-            ("one core busy", {}), ("one core busy", {"PDSERVE_THREADS": "1"}),
-            ("one core busy", {"OMP_WAIT_POLICY": "PASSIVE"}),
-            ("one core busy", {"GOMP_SPINCOUNT": "10000"})]
+OFF = {"PDSERVE_ADAPT_THREADS": "0"}
+SETTINGS = [("idle", {}), ("idle", OFF), ("one core busy", {}), ("one core busy", OFF),
+            ("one core busy", {"PDSERVE_THREADS": "1"})]
+MORE = [("idle", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("one core busy", {**OFF, "OMP_WAIT_POLICY": "PASSIVE"}),
+        ("one core busy", {**OFF, "GOMP_SPINCOUNT": "10000"})]
 
 
 def two_streams_s(env: dict[str, str], rounds: int) -> float:
@@ -61,10 +65,11 @@ def two_streams_s(env: dict[str, str], rounds: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--all", action="store_true", help="the OpenMP settings too")
     args = ap.parse_args()
     print(machine())
     rows = []
-    for load, env in SETTINGS:
+    for load, env in SETTINGS + (MORE if args.all else []):
         spin = (subprocess.Popen([sys.executable, "-c", SPIN]) if load != "idle" else None)
         try:
             s = two_streams_s(env, args.rounds)

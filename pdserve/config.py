@@ -242,6 +242,10 @@ class DecodeSettings(_Worker):
     worker_id: str = Field("", description="worker id (default: decode-<pid>)")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, wait this long for "
                                    "running requests to finish before stopping")
+    adapt_threads: bool = Field(True, description="step with fewer OpenMP threads while other "
+                                "work holds the cores: when the team waits for cores, a trial "
+                                "with fewer, kept if the steps get faster; probes back up "
+                                "(services/cpu_share.py)")
 
 
 class GatewaySettings(_Served):

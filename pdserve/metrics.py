@@ -178,6 +178,9 @@ class DecodeMetrics(_WorkerMetrics):
                                  registry=r)
         self.failed = Counter("pdserve_decode_failed", "requests failed on this worker",
                               ["reason"], registry=r)
+        self.threads = Gauge("pdserve_decode_threads", "OpenMP threads decode steps run with "
+                             "(--adapt-threads lowers it while other work holds the cores; 0 "
+                             "before the first step)", registry=r)
 
 
 class StoreCollector(Collector):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pdserve.engine.hooks import EngineHooks
 from pdserve.engine.scheduler import BatchKind
+from pdserve.services.cpu_share import ThreadGovernor
 
 
 class CpuTurns:
@@ -84,10 +85,18 @@ class CpuTurns:
 
 class TakeTurns(EngineHooks):
     """Engine hooks of a worker that takes turns: prefill and stage steps as prefill, decode
-    steps as decode."""
+    steps as decode; a `governor` (services/cpu_share.py) times each step once its turn has
+    come and may change the thread count after it."""
 
-    def __init__(self, turns: CpuTurns) -> None:
+    def __init__(self, turns: CpuTurns, governor: ThreadGovernor | None = None) -> None:
         self.turns = turns
+        self.governor = governor
 
-    def turn(self, kind: BatchKind) -> contextlib.AbstractContextManager[None]:
-        return self.turns.decode() if kind is BatchKind.DECODE else self.turns.prefill()
+    @contextlib.contextmanager
+    def turn(self, kind: BatchKind) -> Iterator[None]:
+        with self.turns.decode() if kind is BatchKind.DECODE else self.turns.prefill():
+            if self.governor is None:
+                yield
+            else:
+                with self.governor.step():
+                    yield

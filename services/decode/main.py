@@ -35,6 +35,7 @@ def build(settings: DecodeSettings) -> DecodeWorker:
                         settings.device, agent_name=settings.worker_id or "decode",
                         quarantine_s=settings.quarantine_s,
                         turns=CpuTurns(settings.cpu_turns_path),
+                        adapt_threads=settings.adapt_threads,
                         wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner))
 
 

@@ -21,6 +21,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampling import FinishReason, SamplingParams
 from pdserve.engine.sequence import EngineEvent, FailedEvent, FinishEvent, TokenEvent
 from pdserve.metrics import DecodeMetrics
+from pdserve.services.cpu_share import ThreadGovernor
 from pdserve.services.cpu_turns import CpuTurns, TakeTurns
 from pdserve.services.decode.requests import DecodeRequest, DecodeRequests, DecodeState
 from pdserve.services.engine_thread import EngineThread, group_steps_of
@@ -47,16 +48,18 @@ def _ends(e: EngineEvent) -> bool:
 class DecodeWorker:
     def __init__(self, loaded: LoadedModel, num_pages: int, max_batch: int, lease_s: float,
                  device: str = "cpu", agent_name: str = "decode", quarantine_s: float = 60.0,
-                 turns: CpuTurns | None = None,
+                 turns: CpuTurns | None = None, adapt_threads: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  wrap_hooks: Callable[[EngineHooks], EngineHooks] | None = None) -> None:
         """`wrap_hooks`: what a rank of an EP group puts around the worker's engine hooks
-        (services/worker.py, ep_hooks)."""
+        (services/worker.py, ep_hooks); `adapt_threads`: fewer OpenMP threads while other work
+        holds the cores (services/cpu_share.py)."""
         self.loaded = loaded
         self.epoch = new_epoch()
         self.pool = KVPool(loaded.layout, num_pages, device)
         phase("KV pool allocation")
-        hooks: EngineHooks = TakeTurns(turns or CpuTurns(None))
+        self.governor = ThreadGovernor() if adapt_threads else None
+        hooks: EngineHooks = TakeTurns(turns or CpuTurns(None), self.governor)
         hooks = wrap_hooks(hooks) if wrap_hooks is not None else hooks
         self.engine = LLMEngine(ModelRunner(loaded.model, self.pool), max_batch=max_batch,
                                 hooks=hooks)
@@ -78,6 +81,8 @@ class DecodeWorker:
 
     def export_metrics(self, m: DecodeMetrics) -> None:
         self.metrics = m
+        if (g := self.governor) is not None:
+            m.threads.set_function(lambda: g.threads)
         m.watch_pool(self.pool)
         m.running.set_function(lambda: self.requests.count(DecodeState.RUNNING))
         m.waiting.set_function(lambda: self.requests.count(DecodeState.RESERVED))

@@ -228,6 +228,8 @@ def test_known_requests_give_exact_counts_everywhere(acluster):
     d1 = after["decode-0"]
     assert d1["pdserve_kv_pages_total"] == 512 and d1["pdserve_kv_pages_used"] == 0
     assert d1["pdserve_decode_transfer_bytes_total"] > 0
+    # decode steps ran, so the thread governor read the team's count (torch's default)
+    assert 1 <= d1["pdserve_decode_threads"] <= (os.cpu_count() or 1)
     blocks_fetched = cached_total // BT  # every hit block was read once from the store
     assert (store_metrics["pdserve_store_hits_total"]
             - before["kvstore"]["pdserve_store_hits_total"]) == blocks_fetched
