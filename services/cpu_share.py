@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -205,3 +207,56 @@ class _Backoff:
     def result(self, won: bool, now: float) -> None:
         self.interval = self.s.probe_s if won else min(2 * self.interval, self.s.max_probe_s)
         self.at = now + self.interval
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup"
+                     ) -> int | None:
+    """The cores this process's cgroup may use: its CPU quota ÷ period, rounded up, the
+    smallest over the cgroup and its parents (a Kubernetes `limits.cpu`); None without one.
+    cgroup v2 (`cpu.max`), else v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`). torch takes
+    its default thread count from the cores it sees, not from the quota: 2 CPUs of a 64-core
+    node would get 64 threads, throttled most of every period."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    v2 = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+    v1 = next((ln.split(":", 2)[2] for ln in lines
+               if "cpu" in ln.split(":", 2)[1].split(",") and ln.count(":") >= 2), None)
+    if (Path(root) / "cpu.max").exists() or (v2 is not None and v1 is None):
+        return _smallest(Path(root), v2 or "/", _v2_limit)
+    for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        if (Path(root) / sub).is_dir():
+            return _smallest(Path(root) / sub, v1 or "/", _v1_limit)
+    return None
+
+
+def _smallest(mount: Path, cgroup: str, limit: Callable[[Path], float | None]) -> int | None:
+    """The smallest limit from the cgroup's directory up to the mount (a container sees its
+    own cgroup as the mount, so its path there may not exist: then the mount alone)."""
+    found: list[float] = []
+    d = mount / cgroup.strip("/")
+    while True:
+        if (got := limit(d)) is not None:
+            found.append(got)
+        if d == mount or mount not in d.parents:
+            break
+        d = d.parent
+    return math.ceil(min(found)) if found else None
+
+
+def _v2_limit(d: Path) -> float | None:
+    try:
+        quota, period = (d / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_limit(d: Path) -> float | None:
+    try:
+        quota = int((d / "cpu.cfs_quota_us").read_text())
+        period = int((d / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 else quota / period

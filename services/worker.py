@@ -26,6 +26,7 @@ from pdserve.engine.layout import parse_dtype
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.sampling import SamplingParams
 from pdserve.metrics import serve_metrics
+from pdserve.services.cpu_share import cgroup_cpu_limit
 from pdserve.services.errors import InvalidArgument
 from pdserve.services.registration import Registrations
 from pdserve.services.server import (
@@ -61,10 +62,22 @@ def check_prompt(ids: Iterable[int], vocab_size: int, field: str = "prompt_token
         raise InvalidArgument(f"{field}: token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
+def threads_within_cpu_limit() -> int:
+    """With no --threads: torch's default (the cores it sees), or the cgroup's CPU limit where
+    that is fewer (services/cpu_share.py); 0 = leave torch's default."""
+    limit = cgroup_cpu_limit()
+    if limit is None or limit >= torch.get_num_threads():
+        return 0
+    log.info("threads from the CPU limit", extra={"threads": limit,
+                                                  "cores": torch.get_num_threads()})
+    return max(1, limit)
+
+
 def load_for(settings: WorkerSettings, decode_only: bool = False) -> LoadedModel:
     """The worker's model; `decode_only` for a decode worker (engine/loader.py)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    threads = settings.threads or threads_within_cpu_limit()
+    if threads:
+        torch.set_num_threads(threads)
     ep = join_ep_group(settings) if settings.ep_size > 1 else None
     return load_model(settings.model, device=settings.device, dtype=parse_dtype(settings.dtype),
                       block_tokens=settings.block_tokens, progress=sys.stderr.isatty(),

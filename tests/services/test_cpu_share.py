@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.services.cpu_share import GovernorSettings, ThreadGovernor, team_run_delay_ns
+from pdserve.services.cpu_share import (
+    GovernorSettings,
+    ThreadGovernor,
+    cgroup_cpu_limit,
+    team_run_delay_ns,
+)
 
 
 class Script:
@@ -220,3 +225,34 @@ def test_the_cores_taken_then_freed_steps_down_to_one_thread_and_back():
     assert r.returncode == 0, r.stderr
     cap, down, up, torch_threads = map(int, r.stdout.split())
     assert (cap, down, up, torch_threads) == (2, 1, 2, 2)
+
+
+def cgroup_tree(tmp_path: Path, files: dict[str, str], self_cgroup: str) -> tuple[str, str]:
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    (tmp_path / "cgroup").write_text(self_cgroup)
+    return str(tmp_path / "fs"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("files, self_cgroup, cores", [
+    # a container's own cgroup (v2, namespaced): 2.5 CPUs is 3 threads
+    ({"cpu.max": "250000 100000\n"}, "0::/\n", 3),
+    ({"cpu.max": "max 100000\n"}, "0::/\n", None),
+    # v2 on the host: the smallest limit from the process's cgroup up
+    ({"kubepods/cpu.max": "800000 100000\n", "kubepods/pod1/cpu.max": "max 100000\n",
+      "kubepods/pod1/c1/cpu.max": "200000 100000\n"}, "0::/kubepods/pod1/c1\n", 2),
+    ({"kubepods/cpu.max": "100000 100000\n", "kubepods/pod1/cpu.max": "400000 100000\n"},
+     "0::/kubepods/pod1\n", 1),
+    # v1 (this machine's kind): cpu controller, -1 = no quota
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+     "4:memory:/x\n1:cpu:/\n0::/\n", None),
+    ({"cpu,cpuacct/docker/c/cpu.cfs_quota_us": "150000\n",
+      "cpu,cpuacct/docker/c/cpu.cfs_period_us": "100000\n"},
+     "3:cpu,cpuacct:/docker/c\n", 2),
+    ({}, "", None),  # no cgroup files at all
+])
+def test_the_cgroup_cpu_limit_in_cores(tmp_path: Path, files, self_cgroup, cores):
+    root, self_file = cgroup_tree(tmp_path, files, self_cgroup)
+    assert cgroup_cpu_limit(root, self_file) == cores
