@@ -244,8 +244,8 @@ class DecodeSettings(_Worker):
                                    "running requests to finish before stopping")
     adapt_threads: bool = Field(True, description="step with fewer OpenMP threads while other "
                                 "work holds the cores: when the team waits for cores, a trial "
-                                "with fewer, kept if the steps get faster; probes back up "
-                                "(services/cpu_share.py)")
+                                "with fewer, kept if the steps get faster; probes back up; "
+                                "off with --batch-invariant (services/cpu_share.py)")
 
 
 class GatewaySettings(_Served):

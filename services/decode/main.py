@@ -35,7 +35,8 @@ def build(settings: DecodeSettings) -> DecodeWorker:
                         settings.device, agent_name=settings.worker_id or "decode",
                         quarantine_s=settings.quarantine_s,
                         turns=CpuTurns(settings.cpu_turns_path),
-                        adapt_threads=settings.adapt_threads,
+                        # a thread count that changes could change a product's bits
+                        adapt_threads=settings.adapt_threads and not settings.batch_invariant,
                         wrap_hooks=lambda inner: ep_hooks(settings, loaded, inner))
 
 
