@@ -216,6 +216,37 @@ t.join()
 """
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_decode_steps_give_the_same_bits_at_any_thread_count(loaded, rows):
+    """The governor's premise: changing the thread count between two decode steps changes no
+    bit of their results (the C products split outputs, never a sum, over threads; decode
+    attention splits sequences or KV heads), full logits and greedy rows alike."""
+    import torch
+
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.engine.runner import ModelRunner
+
+    pool = KVPool(loaded.layout, 96)
+    runner = ModelRunner(loaded.model, pool)
+    prompts = [[1 + (i * 37 + j * 11) % 40000 for j in range(40 + 13 * i)] for i in range(rows)]
+    tables = [pool.reserve(pool.layout.pages_for(len(p) + 1)) for p in prompts]
+    before = torch.get_num_threads()
+    try:
+        for p, t in zip(prompts, tables):
+            runner.prefill(p, t)
+        last, ctx = [p[-1] for p in prompts], [len(p) + 1 for p in prompts]
+        out: dict[tuple[int, bool], torch.Tensor] = {}
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for greedy in (False, True):
+                out[threads, greedy] = runner.decode(last, ctx, tables, [greedy] * rows).clone()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1, False], out[2, False])
+    assert torch.equal(out[1, True], out[2, True])
+    assert torch.equal(out[1, True].argmax(-1), out[1, False].argmax(-1))
+
+
 @pytest.mark.integration
 def test_the_cores_taken_then_freed_steps_down_to_one_thread_and_back():
     """One spinning process per core: the team waits for cores and goes down to one thread;
