@@ -109,7 +109,6 @@ class ThreadGovernor:
         self.cap = 0  # the configured count, read on the first step
         self.threads = 0
         self.off = False
-        self.changes = 0  # thread-count changes so far
         self._tid = 0
         self._w = _Window()
         self._trial: tuple[int, float] | None = None  # (threads before, their mean step)
@@ -188,7 +187,6 @@ class ThreadGovernor:
             "step_ms": round(1e3 * mean_step, 2)})
         self._set_threads(threads)
         self.threads = threads
-        self.changes += 1
 
 
 class _Backoff:
