@@ -4,6 +4,7 @@ bytes prefill computed, and a transfer that is wrong or missing never starts dec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -67,6 +68,19 @@ async def send_raw(pre, res, prompt, epoch=None, checksum_xor=0):
         pre.pool.release(pages)
 
 
+@contextlib.contextmanager
+def lease_of(dec, seconds):
+    """Reservations made inside get a lease of `seconds`: the module's decode worker keeps
+    1 s for the tests of its expiry, which a prefill that nothing renews can outlast on a
+    loaded machine (a CI run's cold prefill here once did)."""
+    saved = dec.requests.lease_s
+    dec.requests.lease_s = seconds
+    try:
+        yield
+    finally:
+        dec.requests.lease_s = saved
+
+
 def request(rid, prompt, res, max_tokens=6):
     return prefill_pb2.PrefillRequest(
         request_id=rid, prompt_token_ids=prompt, cached_blocks_hint=0, reservation=res,
@@ -78,7 +92,8 @@ async def test_kv_bytes_arrive_identical_and_decode_continues(workers, tokenizer
     loop = asyncio.get_running_loop()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story. " * 12}])
     params = SamplingParams(max_tokens=6)
-    res = dec.reserve("r1", prompt, params, loop)
+    with lease_of(dec, 30.0):
+        res = dec.reserve("r1", prompt, params, loop)
     n = pre.layout.pages_for(len(prompt))
     assert len(res.pages) >= n and res.pages[0].length == pre.pool.page_nbytes
     resp = await pre.prefill(request("r1", prompt, res))
@@ -184,7 +199,8 @@ async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the
     cached = cacheable_blocks(len(prompt), bt)
     assert cached >= 2 and n > cached
     try:
-        res = dec.reserve("cold", prompt, SamplingParams(max_tokens=6), loop)
+        with lease_of(dec, 30.0):
+            res = dec.reserve("cold", prompt, SamplingParams(max_tokens=6), loop)
         cold = await pre.prefill(request("cold", prompt, res))
         cold_rows = prompt_rows(dec.pool, list(res.page_ids)[:n], len(prompt))
         cold_tokens = [i.token for i in await drain(dec.outbox("cold"))]
@@ -198,7 +214,8 @@ async def test_a_warm_prefill_writes_its_fetched_pages_ahead_and_decode_gets_the
             return await real(self, pages, res, notice, timeout_s, first)
 
         monkeypatch.setattr(NixlEndpoint, "write", spy)
-        res = dec.reserve("warm", prompt, SamplingParams(max_tokens=6), loop)
+        with lease_of(dec, 30.0):
+            res = dec.reserve("warm", prompt, SamplingParams(max_tokens=6), loop)
         req = request("warm", prompt, res)
         req.cached_blocks_hint = cached
         warm = await pre.prefill(req)
